@@ -1,0 +1,236 @@
+"""The usage ledger (`usage_log`): one JSON line per finished request.
+
+What it is for: appending one whole line per request, when the request ends,
+with a single `os.write` on an `O_APPEND` descriptor, so that concurrent
+requests - threads, or several processes sharing the file - never
+interleave or tear lines, and a crash loses at most the requests in flight.
+`reopen()` (on SIGHUP) lets logrotate move the file away. `record_line()`
+is the pure serializer; `cost` is written as an exact decimal literal.
+
+What it must never do: raise into request handling. A ledger that cannot be
+opened or written is logged loudly (at most once per 10 s, on the
+`sidecar.ledger` logger) and counted in the metrics, and traffic goes on.
+It never records secrets: a record has no header or body fields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from decimal import Decimal
+from typing import TYPE_CHECKING, Any
+
+import orjson
+
+from sidecar.usage import cost_literal
+
+if TYPE_CHECKING:
+    from sidecar.metrics import Metrics
+
+__all__ = ["Ledger", "LedgerRecord", "record_line", "utc_timestamp"]
+
+log = logging.getLogger("sidecar.ledger")
+
+LOG_INTERVAL_S = 10.0  # at most one error log line per this many seconds
+REOPEN_RETRY_S = 1.0  # a ledger that failed to open is retried at most this often
+FILE_MODE = 0o640
+
+
+def utc_timestamp(epoch_s: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds: "2026-11-27T15:11:43.123Z"."""
+    t = time.time() if epoch_s is None else epoch_s
+    dt = datetime.fromtimestamp(t, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+@dataclass(slots=True)
+class LedgerRecord:
+    """One ledger line: exactly the SPEC's fields, in the SPEC's order."""
+
+    ts: str
+    request_id: str
+    route: str | None
+    model: str | None
+    request_model: str | None
+    client_stream: bool | None
+    upstream_stream: bool | None  # what the worker actually sent: True = SSE
+    outcome: str
+    status: int | None
+    prompt_tokens: int | None
+    completion_tokens: int | None
+    cached_tokens: int | None
+    reasoning_tokens: int | None
+    cost: Decimal | None
+    ttfb_ms: float | None
+    duration_ms: float | None
+    usage_estimated: bool
+    dialect: str | None
+
+
+def _ms(value: float | None) -> float | None:
+    return None if value is None else round(float(value), 3)
+
+
+def _clean(value: Any) -> Any:
+    """Strings that orjson refuses (lone surrogates) are made valid UTF-8."""
+    if isinstance(value, str):
+        return value.encode("utf-8", "replace").decode("utf-8")
+    return value
+
+
+def _dumps(obj: dict[str, Any]) -> bytes:
+    try:
+        return orjson.dumps(obj, default=str)
+    except orjson.JSONEncodeError:
+        return orjson.dumps({k: _clean(v) for k, v in obj.items()}, default=str)
+
+
+def record_line(record: LedgerRecord) -> bytes:
+    """The exact bytes of one ledger line, newline included (pure)."""
+    head = _dumps(
+        {
+            "ts": record.ts,
+            "request_id": record.request_id,
+            "route": record.route,
+            "model": record.model,
+            "request_model": record.request_model,
+            "client_stream": record.client_stream,
+            "upstream_stream": record.upstream_stream,
+            "outcome": record.outcome,
+            "status": record.status,
+            "prompt_tokens": record.prompt_tokens,
+            "completion_tokens": record.completion_tokens,
+            "cached_tokens": record.cached_tokens,
+            "reasoning_tokens": record.reasoning_tokens,
+        }
+    )
+    tail = _dumps(
+        {
+            "ttfb_ms": _ms(record.ttfb_ms),
+            "duration_ms": _ms(record.duration_ms),
+            "usage_estimated": record.usage_estimated,
+            "dialect": record.dialect,
+        }
+    )
+    cost = b"null" if record.cost is None else cost_literal(record.cost)
+    # head ends with "}", tail starts with "{": splice the exact cost literal between.
+    return head[:-1] + b',"cost":' + cost + b"," + tail[1:] + b"\n"
+
+
+class Ledger:
+    """Appends ledger lines to `path`; `path=None` is a ledger that writes nothing."""
+
+    def __init__(self, path: str | None, metrics: Metrics | None = None) -> None:
+        self.path = path
+        self.metrics = metrics
+        self.errors = 0  # lines lost (also counted in metrics)
+        self._fd: int | None = None
+        self._lock = threading.Lock()
+        self._last_log = -LOG_INTERVAL_S
+        self._suppressed = 0
+        self._last_open_try = -REOPEN_RETRY_S
+        if path is not None:
+            with self._lock:
+                self._fd = self._open()
+
+    # -- internals -------------------------------------------------------------
+
+    def _open(self) -> int | None:
+        """Open the ledger file; on failure report and return None."""
+        assert self.path is not None
+        self._last_open_try = time.monotonic()
+        try:
+            return os.open(
+                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
+            )
+        except OSError as exc:
+            self._report(f"cannot open usage_log {self.path!r}: {exc}", count=False)
+            return None
+
+    def _report(self, message: str, count: bool = True) -> None:
+        """Log an error (rate-limited) and, for a lost line, count it."""
+        if count:
+            self.errors += 1
+            if self.metrics is not None:
+                # metrics must not break traffic either
+                with contextlib.suppress(Exception):
+                    self.metrics.ledger_error()
+        now = time.monotonic()
+        if now - self._last_log >= LOG_INTERVAL_S:
+            suppressed = self._suppressed
+            self._suppressed = 0
+            self._last_log = now
+            extra = f" ({suppressed} similar errors suppressed)" if suppressed else ""
+            with contextlib.suppress(Exception):
+                log.error("usage ledger: %s%s", message, extra)
+        else:
+            self._suppressed += 1
+
+    def _write_all(self, fd: int, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            try:
+                n = os.write(fd, view)
+            except InterruptedError:
+                continue
+            if n <= 0:
+                raise OSError(errno.EIO, "write returned 0")
+            view = view[n:]
+
+    # -- public ----------------------------------------------------------------
+
+    def write(self, record: LedgerRecord) -> None:
+        """Append one record as one line. Never raises."""
+        if self.path is None:
+            return
+        try:
+            line = record_line(record)
+        except Exception as exc:
+            with self._lock:
+                self._report(f"cannot serialize record {getattr(record, 'request_id', '?')!r}: {exc!r}")
+            return
+        with self._lock:
+            if self._fd is None:
+                if time.monotonic() - self._last_open_try < REOPEN_RETRY_S:
+                    self._report(f"usage_log {self.path!r} is not open; line lost")
+                    return
+                self._fd = self._open()
+                if self._fd is None:
+                    self._report(f"usage_log {self.path!r} is not open; line lost")
+                    return
+            try:
+                self._write_all(self._fd, line)
+            except Exception as exc:
+                self._report(f"cannot write usage_log {self.path!r}: {exc}")
+
+    def reopen(self) -> None:
+        """Reopen the file by path (SIGHUP, after logrotate moved it). Never raises.
+
+        The new file is opened before the old descriptor is closed; if it
+        cannot be opened, writes go on to the old file.
+        """
+        if self.path is None:
+            return
+        with self._lock:
+            fd = self._open()
+            if fd is None:
+                return
+            old, self._fd = self._fd, fd
+            if old is not None:
+                with contextlib.suppress(OSError):
+                    os.close(old)
+
+    def close(self) -> None:
+        """Close the file; later writes reopen it."""
+        with self._lock:
+            fd, self._fd = self._fd, None
+            self._last_open_try = -REOPEN_RETRY_S
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)

@@ -1,0 +1,267 @@
+"""Token usage and cost arithmetic.
+
+What it is for: turning the usage objects that workers report (OpenAI chat /
+completions, OpenAI Responses, Anthropic Messages) into one `Usage` record,
+merging the several usage reports a stream may carry, and pricing a `Usage`
+exactly with `Decimal` per the SPEC's formulas (prices are per 1,000,000
+tokens).
+
+What it must never do: I/O of any kind, import asyncio or socket, or use
+binary floats in the arithmetic. Floats appear only in `cost_json_number`,
+the value injected into the client's JSON; the ledger and the metrics keep
+exact decimals.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Context, Decimal
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # only attribute access is needed at run time
+    from sidecar.config import Price
+
+__all__ = [
+    "Usage",
+    "anthropic_cost",
+    "cost_header_value",
+    "cost_json_number",
+    "cost_literal",
+    "estimated_usage",
+    "openai_cost",
+    "usage_from_anthropic",
+    "usage_from_openai",
+    "usage_from_responses",
+    "usage_or_estimate",
+]
+
+# Exact arithmetic: token counts are ints and prices are short decimals, so
+# 60 significant digits never round; scaleb(-6) is an exact exponent shift.
+_CTX = Context(prec=60)
+_ZERO = Decimal(0)
+
+_COUNT_FIELDS = (
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "reasoning_tokens",
+    "cache_write_tokens",
+    "input_tokens_uncached",
+)
+
+
+@dataclass(slots=True)
+class Usage:
+    """Token counts of one request, as reported by the worker (or estimated).
+
+    `prompt_tokens` is the dialect's whole input: for Anthropic it is
+    input + cache read + cache creation (the SPEC's ledger rule), and the raw
+    uncached `input_tokens` is kept in `input_tokens_uncached` for pricing.
+    `None` means "not reported".
+    """
+
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None  # prompt_tokens_details.cached_tokens / cache_read_input_tokens
+    reasoning_tokens: int | None = None  # completion_tokens_details.reasoning_tokens
+    cache_write_tokens: int | None = None  # anthropic cache_creation_input_tokens
+    estimated: bool = False  # counted from the stream, not reported by the worker
+    input_tokens_uncached: int | None = None  # anthropic raw input_tokens
+
+    def merge_max(self, other: Usage) -> None:
+        """Merge another report into this one: per field the largest value wins.
+
+        `None` loses to any int. For Anthropic-shaped usage the derived
+        `prompt_tokens` is recomputed from the merged parts, so reports that
+        each carry only some of the parts still add up.
+        """
+        was_seen = self.seen
+        for name in _COUNT_FIELDS:
+            theirs = getattr(other, name)
+            if theirs is None:
+                continue
+            mine = getattr(self, name)
+            if mine is None or theirs > mine:
+                setattr(self, name, theirs)
+        if self.input_tokens_uncached is not None:
+            derived = (
+                self.input_tokens_uncached
+                + (self.cached_tokens or 0)
+                + (self.cache_write_tokens or 0)
+            )
+            if self.prompt_tokens is None or derived > self.prompt_tokens:
+                self.prompt_tokens = derived
+        if other.seen:
+            # Estimated only while every report that counted was an estimate.
+            self.estimated = other.estimated and (self.estimated or not was_seen)
+
+    @property
+    def seen(self) -> bool:
+        """True when any count was reported."""
+        return any(getattr(self, name) is not None for name in _COUNT_FIELDS)
+
+
+def _count(obj: Any, key: str) -> int | None:
+    """A non-negative int at obj[key], else None (missing, null, bool, float, str...)."""
+    if not isinstance(obj, Mapping):
+        return None
+    value = obj.get(key)
+    if type(value) is not int or value < 0:  # bool is a subclass of int: excluded
+        return None
+    return value
+
+
+def _sub(obj: Any, key: str) -> Any:
+    return obj.get(key) if isinstance(obj, Mapping) else None
+
+
+def usage_from_openai(obj: Mapping[str, Any]) -> Usage:
+    """Usage from an OpenAI chat/completions `usage` object.
+
+    Reads prompt_tokens, completion_tokens,
+    prompt_tokens_details.cached_tokens and
+    completion_tokens_details.reasoning_tokens; anything missing, null or of
+    the wrong type is treated as not reported.
+    """
+    return Usage(
+        prompt_tokens=_count(obj, "prompt_tokens"),
+        completion_tokens=_count(obj, "completion_tokens"),
+        cached_tokens=_count(_sub(obj, "prompt_tokens_details"), "cached_tokens"),
+        reasoning_tokens=_count(_sub(obj, "completion_tokens_details"), "reasoning_tokens"),
+    )
+
+
+def usage_from_responses(obj: Mapping[str, Any]) -> Usage:
+    """Usage from an OpenAI Responses `response.usage` object.
+
+    input_tokens (which already includes the cached ones), output_tokens,
+    input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens.
+    """
+    return Usage(
+        prompt_tokens=_count(obj, "input_tokens"),
+        completion_tokens=_count(obj, "output_tokens"),
+        cached_tokens=_count(_sub(obj, "input_tokens_details"), "cached_tokens"),
+        reasoning_tokens=_count(_sub(obj, "output_tokens_details"), "reasoning_tokens"),
+    )
+
+
+def usage_from_anthropic(obj: Mapping[str, Any]) -> Usage:
+    """Usage from an Anthropic Messages `usage` object.
+
+    `prompt_tokens` = input + cache_read + cache_creation (when any of them is
+    reported), `cached_tokens` = cache_read_input_tokens,
+    `cache_write_tokens` = cache_creation_input_tokens, raw input_tokens in
+    `input_tokens_uncached`; `reasoning_tokens` stays None (thinking is output).
+    """
+    raw_input = _count(obj, "input_tokens")
+    cache_read = _count(obj, "cache_read_input_tokens")
+    cache_write = _count(obj, "cache_creation_input_tokens")
+    parts = (raw_input, cache_read, cache_write)
+    prompt = None if all(p is None for p in parts) else sum(p or 0 for p in parts)
+    return Usage(
+        prompt_tokens=prompt,
+        completion_tokens=_count(obj, "output_tokens"),
+        cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
+        input_tokens_uncached=raw_input,
+    )
+
+
+def estimated_usage(content_deltas: int) -> Usage:
+    """Usage counted from the stream: one completion token per content-bearing delta."""
+    return Usage(completion_tokens=max(content_deltas, 0), estimated=True)
+
+
+def usage_or_estimate(usage: Usage, content_deltas: int) -> Usage:
+    """The worker's usage if it reported any, else an estimate from the stream."""
+    return usage if usage.seen else estimated_usage(content_deltas)
+
+
+def _price(value: Decimal | None, fallback: Decimal) -> Decimal:
+    return fallback if value is None else value
+
+
+def _per_million(total: Decimal) -> Decimal:
+    # Exact: shifting the exponent never rounds.
+    return total.scaleb(-6, _CTX)
+
+
+def openai_cost(usage: Usage, price: Price) -> Decimal:
+    """Exact cost of an OpenAI-shaped usage (chat, completions, responses).
+
+    ((prompt - cached) x prompt + cached x cached_prompt
+     + (completion - reasoning) x completion + reasoning x reasoning) / 1e6,
+    `cached_prompt` defaulting to `prompt` and `reasoning` to `completion`;
+    missing counts are 0. A cached (reasoning) count above the prompt
+    (completion) count is a worker bug; the uncached part is then taken as 0,
+    so a cost is never negative.
+    """
+    prompt = usage.prompt_tokens or 0
+    cached = usage.cached_tokens or 0
+    completion = usage.completion_tokens or 0
+    reasoning = usage.reasoning_tokens or 0
+    c = _CTX
+    total = c.add(
+        c.add(
+            c.multiply(Decimal(max(prompt - cached, 0)), price.prompt),
+            c.multiply(Decimal(cached), _price(price.cached_prompt, price.prompt)),
+        ),
+        c.add(
+            c.multiply(Decimal(max(completion - reasoning, 0)), price.completion),
+            c.multiply(Decimal(reasoning), _price(price.reasoning, price.completion)),
+        ),
+    )
+    return _per_million(total)
+
+
+def anthropic_cost(usage: Usage, price: Price) -> Decimal:
+    """Exact cost of an Anthropic-shaped usage.
+
+    (input x prompt + cache_read x cached_prompt + cache_creation x cache_write
+     + output x completion) / 1e6, `cached_prompt` and `cache_write` defaulting
+    to `prompt`; `reasoning` is not used. `input` is the raw uncached
+    input_tokens, else prompt_tokens minus the cache parts.
+    """
+    cache_read = usage.cached_tokens or 0
+    cache_write = usage.cache_write_tokens or 0
+    if usage.input_tokens_uncached is not None:
+        raw_input = usage.input_tokens_uncached
+    else:
+        raw_input = max((usage.prompt_tokens or 0) - cache_read - cache_write, 0)
+    output = usage.completion_tokens or 0
+    c = _CTX
+    total = c.add(
+        c.add(
+            c.multiply(Decimal(raw_input), price.prompt),
+            c.multiply(Decimal(cache_read), _price(price.cached_prompt, price.prompt)),
+        ),
+        c.add(
+            c.multiply(Decimal(cache_write), _price(price.cache_write, price.prompt)),
+            c.multiply(Decimal(output), price.completion),
+        ),
+    )
+    return _per_million(total)
+
+
+def cost_header_value(cost: Decimal) -> str:
+    """Fixed-point text of a cost: no exponent, no needless trailing zeros.
+
+    Decimal("0.0000103") -> "0.0000103", Decimal("1.50") -> "1.5", 0 -> "0".
+    Exact: every digit of the Decimal is kept.
+    """
+    if not cost.is_finite():
+        raise ValueError(f"cost is not finite: {cost!r}")
+    if cost.is_zero():
+        return "0"
+    return format(cost.normalize(_CTX), "f")
+
+
+def cost_json_number(cost: Decimal) -> float:
+    """The value injected as `usage.cost` in a client's JSON."""
+    return float(cost)
+
+
+def cost_literal(cost: Decimal) -> bytes:
+    """The exact JSON number literal of a cost, for the ledger (b"0.0000103")."""
+    return cost_header_value(cost).encode("ascii")

@@ -1,0 +1,311 @@
+"""Tests for sidecar.usage: reading usage objects, merging, exact cost arithmetic."""
+
+from __future__ import annotations
+
+import json
+import random
+from decimal import Decimal
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.config import Price
+from sidecar.usage import (
+    Usage,
+    anthropic_cost,
+    cost_header_value,
+    cost_json_number,
+    cost_literal,
+    estimated_usage,
+    openai_cost,
+    usage_from_anthropic,
+    usage_from_openai,
+    usage_from_responses,
+    usage_or_estimate,
+)
+
+D = Decimal
+QWEN = Price(prompt=D("0.10"), completion=D("0.30"), cached_prompt=D("0.05"), reasoning=D("0.30"))
+CLAUDE = Price(prompt=D("3.0"), completion=D("15.0"), cached_prompt=D("0.30"), cache_write=D("3.75"))
+
+
+# -- reading usage objects -------------------------------------------------------
+
+
+def test_openai_usage_full() -> None:
+    u = usage_from_openai(
+        {
+            "prompt_tokens": 100,
+            "completion_tokens": 50,
+            "total_tokens": 150,
+            "prompt_tokens_details": {"cached_tokens": 40},
+            "completion_tokens_details": {"reasoning_tokens": 20},
+        }
+    )
+    assert u == Usage(prompt_tokens=100, completion_tokens=50, cached_tokens=40, reasoning_tokens=20)
+    assert u.seen and not u.estimated
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        {},
+        {"prompt_tokens": None, "completion_tokens": None},
+        {"prompt_tokens": "12", "completion_tokens": 3.0},
+        {"prompt_tokens": True, "completion_tokens": False},
+        {"prompt_tokens": -1},
+        {"prompt_tokens_details": None, "completion_tokens_details": None},
+        {"prompt_tokens_details": [1], "completion_tokens_details": "x"},
+        {"prompt_tokens_details": {"cached_tokens": None}},
+        {"prompt_tokens_details": {"cached_tokens": True}},
+    ],
+)
+def test_openai_usage_tolerates_junk(obj: dict) -> None:
+    u = usage_from_openai(obj)
+    assert u == Usage()
+    assert not u.seen
+
+
+def test_openai_usage_partial() -> None:
+    u = usage_from_openai({"prompt_tokens": 7, "completion_tokens": "x", "prompt_tokens_details": {}})
+    assert u == Usage(prompt_tokens=7)
+    assert u.seen
+
+
+def test_responses_usage() -> None:
+    u = usage_from_responses(
+        {
+            "input_tokens": 36,
+            "input_tokens_details": {"cached_tokens": 6},
+            "output_tokens": 87,
+            "output_tokens_details": {"reasoning_tokens": 12},
+            "total_tokens": 123,
+        }
+    )
+    assert u == Usage(prompt_tokens=36, completion_tokens=87, cached_tokens=6, reasoning_tokens=12)
+    assert usage_from_responses({"input_tokens": None, "output_tokens_details": None}) == Usage()
+
+
+def test_anthropic_usage_prompt_is_sum_of_parts() -> None:
+    u = usage_from_anthropic(
+        {
+            "input_tokens": 10,
+            "output_tokens": 5,
+            "cache_read_input_tokens": 100,
+            "cache_creation_input_tokens": 30,
+        }
+    )
+    assert u.prompt_tokens == 140
+    assert u.completion_tokens == 5
+    assert u.cached_tokens == 100
+    assert u.cache_write_tokens == 30
+    assert u.input_tokens_uncached == 10
+    assert u.reasoning_tokens is None
+    assert usage_from_anthropic({"output_tokens": 3}) == Usage(completion_tokens=3)
+    assert usage_from_anthropic({"input_tokens": None, "cache_read_input_tokens": "1"}) == Usage()
+
+
+# -- merging -----------------------------------------------------------------------
+
+
+def test_merge_max_per_field() -> None:
+    u = Usage()
+    u.merge_max(Usage(prompt_tokens=10, completion_tokens=1))
+    u.merge_max(Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3))
+    u.merge_max(Usage(completion_tokens=5))  # a smaller later value never wins
+    u.merge_max(Usage())
+    assert u == Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3)
+
+
+def test_merge_max_anthropic_start_then_delta() -> None:
+    # message_start carries input and cache parts, message_delta the output
+    u = usage_from_anthropic(
+        {"input_tokens": 10, "output_tokens": 1, "cache_read_input_tokens": 100,
+         "cache_creation_input_tokens": 0}
+    )
+    u.merge_max(usage_from_anthropic({"output_tokens": 42}))
+    assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens) == (110, 42, 100)
+    # parts arriving in different reports still add up
+    v = usage_from_anthropic({"input_tokens": 200})
+    v.merge_max(usage_from_anthropic({"input_tokens": 5, "cache_read_input_tokens": 100}))
+    assert v.prompt_tokens == 300
+    assert anthropic_cost(v, CLAUDE) == D("0.00063")  # 200*3 + 100*0.30 = 630 / 1e6
+
+
+def test_merge_estimated_flag() -> None:
+    u = Usage()
+    u.merge_max(estimated_usage(3))
+    assert u.estimated and u.completion_tokens == 3
+    u.merge_max(Usage(completion_tokens=2))  # a real report: no longer an estimate
+    assert not u.estimated
+    u.merge_max(estimated_usage(9))
+    assert not u.estimated and u.completion_tokens == 9
+    r = Usage(prompt_tokens=1)
+    r.merge_max(estimated_usage(1))
+    assert not r.estimated
+
+
+def test_usage_or_estimate() -> None:
+    real = Usage(prompt_tokens=3, completion_tokens=4)
+    assert usage_or_estimate(real, 99) is real
+    est = usage_or_estimate(Usage(), 17)
+    assert est == Usage(completion_tokens=17, estimated=True)
+    assert est.seen
+    assert usage_or_estimate(Usage(), 0) == Usage(completion_tokens=0, estimated=True)
+
+
+# -- cost -------------------------------------------------------------------------
+
+
+def test_openai_cost_cached_and_reasoning() -> None:
+    u = Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=400, reasoning_tokens=200)
+    # (600*0.10 + 400*0.05 + 300*0.30 + 200*0.30) / 1e6 = (60 + 20 + 90 + 60) / 1e6
+    assert openai_cost(u, QWEN) == D("0.00023")
+    distinct = Price(prompt=D("1"), completion=D("2"), cached_prompt=D("0.5"), reasoning=D("7"))
+    # 600*1 + 400*0.5 + 300*2 + 200*7 = 600 + 200 + 600 + 1400 = 2800
+    assert openai_cost(u, distinct) == D("0.0028")
+
+
+def test_openai_cost_defaults() -> None:
+    price = Price(prompt=D("0.2"), completion=D("0.6"))  # cached -> prompt, reasoning -> completion
+    u = Usage(prompt_tokens=1000, completion_tokens=500, cached_tokens=400, reasoning_tokens=200)
+    assert openai_cost(u, price) == D("0.0005")  # 1000*0.2 + 500*0.6 = 500
+    assert openai_cost(Usage(), price) == 0
+    assert openai_cost(Usage(completion_tokens=10), price) == D("0.000006")
+    assert openai_cost(Usage(prompt_tokens=7), price) == D("0.0000014")
+
+
+def test_openai_cost_never_negative() -> None:
+    # a worker reporting more cached than prompt tokens: the uncached part is 0
+    u = Usage(prompt_tokens=10, cached_tokens=50, completion_tokens=1, reasoning_tokens=5)
+    assert openai_cost(u, QWEN) == (50 * D("0.05") + 5 * D("0.30")) / 1000000
+
+
+def test_openai_cost_spec_example_header() -> None:
+    price = Price(prompt=D("0.10"), completion=D("0.30"))
+    u = Usage(prompt_tokens=13, completion_tokens=30)
+    cost = openai_cost(u, price)
+    assert cost == D("0.0000103")
+    assert cost_header_value(cost) == "0.0000103"
+    assert cost_literal(cost) == b"0.0000103"
+    assert cost_json_number(cost) == 1.03e-05
+
+
+def test_anthropic_cost_formula() -> None:
+    u = usage_from_anthropic(
+        {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 100,
+         "cache_creation_input_tokens": 30}
+    )
+    # 10*3 + 100*0.30 + 30*3.75 + 5*15 = 30 + 30 + 112.5 + 75 = 247.5
+    assert anthropic_cost(u, CLAUDE) == D("0.0002475")
+    plain = Price(prompt=D("3"), completion=D("15"))  # cached_prompt, cache_write -> prompt
+    assert anthropic_cost(u, plain) == D("0.000495")  # (10 + 100 + 30)*3 + 5*15 = 495
+    # thinking is output: reasoning is never used
+    with_reasoning = Price(prompt=D("3"), completion=D("15"), reasoning=D("1000"))
+    assert anthropic_cost(u, with_reasoning) == anthropic_cost(u, plain)
+
+
+def test_anthropic_cost_without_raw_input() -> None:
+    # a Usage built by hand (no input_tokens_uncached): input = prompt - parts
+    u = Usage(prompt_tokens=140, completion_tokens=5, cached_tokens=100, cache_write_tokens=30)
+    assert anthropic_cost(u, CLAUDE) == D("0.0002475")
+
+
+@pytest.mark.parametrize(
+    ("cost", "text"),
+    [
+        (D("0.0000103"), "0.0000103"),
+        (D("1.03E-5"), "0.0000103"),
+        (D(0), "0"),
+        (D("0E-12"), "0"),
+        (D("-0"), "0"),
+        (D("1.50"), "1.5"),
+        (D("100"), "100"),
+        (D("1E+2"), "100"),
+        (D("2.000000"), "2"),
+        (D("1E-10"), "0.0000000001"),
+        (D("1.23456789012345E-14"), "0.0000000000000123456789012345"),
+    ],
+)
+def test_cost_header_value(cost: Decimal, text: str) -> None:
+    assert cost_header_value(cost) == text
+    assert cost_literal(cost) == text.encode()
+
+
+def test_cost_header_value_rejects_non_finite() -> None:
+    with pytest.raises(ValueError):
+        cost_header_value(D("NaN"))
+
+
+@given(
+    st.decimals(min_value=0, max_value=10**6, allow_nan=False, allow_infinity=False, places=None)
+)
+def test_cost_header_value_is_exact_fixed_point(cost: Decimal) -> None:
+    text = cost_header_value(cost)
+    assert "e" not in text.lower()
+    assert D(text) == cost  # exact, nothing rounded
+    if "." in text:
+        assert not text.endswith("0") and not text.endswith(".")
+    lit = cost_literal(cost)
+    assert json.loads(lit, parse_float=Decimal, parse_int=Decimal) == cost
+
+
+@given(
+    prompt=st.integers(0, 10**7),
+    cached=st.integers(0, 10**7),
+    completion=st.integers(0, 10**6),
+    reasoning=st.integers(0, 10**6),
+    prices=st.lists(st.integers(0, 100_000_000), min_size=4, max_size=4),
+)
+def test_openai_cost_matches_integer_arithmetic(
+    prompt: int, cached: int, completion: int, reasoning: int, prices: list[int]
+) -> None:
+    pp, pc, pcache, preas = prices  # micro-units per 1M tokens
+    price = Price(
+        prompt=D(pp).scaleb(-6), completion=D(pc).scaleb(-6),
+        cached_prompt=D(pcache).scaleb(-6), reasoning=D(preas).scaleb(-6),
+    )
+    u = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+              reasoning_tokens=reasoning)
+    exact = (max(prompt - cached, 0) * pp + cached * pcache
+             + max(completion - reasoning, 0) * pc + reasoning * preas)  # units of 1e-12
+    cost = openai_cost(u, price)
+    assert cost == D(exact).scaleb(-12)
+    assert D(cost_header_value(cost)) * 10**12 == exact
+
+
+def _int_cost(u: tuple[int, int, int, int], micro: tuple[int, int, int, int]) -> int:
+    prompt, completion, cached, reasoning = u
+    pp, pc, pcache, preas = micro
+    return (prompt - cached) * pp + cached * pcache + (completion - reasoning) * pc + reasoning * preas
+
+
+def test_million_request_total_is_exact() -> None:
+    """A million requests' costs add up exactly (no binary-float drift)."""
+    rng = random.Random(20261127)
+    prices_text = ("0.10", "0.30", "0.05", "0.70")  # per 1M tokens; 0.1 is no binary fraction
+    price = Price(prompt=D(prices_text[0]), completion=D(prices_text[1]),
+                  cached_prompt=D(prices_text[2]), reasoning=D(prices_text[3]))
+    micro = tuple(int(D(p) * 10**6) for p in prices_text)
+    pool = []
+    for _ in range(5000):
+        prompt = rng.randrange(0, 40000)
+        completion = rng.randrange(0, 4000)
+        pool.append((prompt, completion, rng.randrange(0, prompt + 1), rng.randrange(0, completion + 1)))
+    # Every distinct request goes through the real functions and is checked exactly.
+    literals = []
+    ints = []
+    for u in pool:
+        cost = openai_cost(Usage(*u), price)
+        exact = _int_cost(u, micro)
+        assert cost.scaleb(12) == exact
+        literals.append(D(cost_literal(cost).decode()))  # what the ledger holds
+        ints.append(exact)
+    # A million requests drawn from the pool, summed the ledger's way (Decimal from the
+    # exact literals) and as integers (units of 1e-12).
+    picks = [rng.randrange(len(pool)) for _ in range(1_000_000)]
+    total = sum((literals[i] for i in picks), D(0))
+    exact_total = sum(ints[i] for i in picks)
+    assert total.scaleb(12) == exact_total
+    assert D(cost_header_value(total)).scaleb(12) == exact_total
