@@ -1,0 +1,88 @@
+"""The command line: `sidecar run | check | demo`, `sidecar --version`.
+
+Parses arguments and turns startup problems into one-line messages and exit
+codes (2 for a bad config, 1 for anything else that stops startup).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from sidecar import __version__
+
+DEFAULT_CONFIG = "config/sidecar.yaml"
+
+
+def default_config_path() -> str:
+    """`$SIDECAR_CONFIG`, else config/sidecar.yaml (here, else beside the source tree)."""
+    env = os.environ.get("SIDECAR_CONFIG")
+    if env:
+        return env
+    if Path(DEFAULT_CONFIG).exists():
+        return DEFAULT_CONFIG
+    bundled = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+    return str(bundled) if bundled.exists() else DEFAULT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sidecar",
+        description="A daemon beside an LLM worker that makes its HTTP streams correct.",
+    )
+    parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser("run", help="run the daemon in the foreground")
+    run.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG, then config/sidecar.yaml)")
+    check = commands.add_parser("check", help="validate a config file; exit 0 or 2")
+    check.add_argument("-c", "--config", help="config file (default as for run)")
+    demo = commands.add_parser("demo", help="run a demo worker and the daemon in front of it")
+    demo.add_argument("-c", "--config", help="config file (default: the bundled config/sidecar.yaml)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help(sys.stderr)
+        return 2
+    path = args.config or default_config_path()
+    if args.command == "check":
+        return check(path)
+    from sidecar.daemon import StartupError
+
+    try:
+        if args.command == "demo":
+            from sidecar.demo import run_demo
+
+            return run_demo(path)
+        return run(path)
+    except StartupError as exc:
+        print(f"sidecar: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+def check(path: str) -> int:
+    from sidecar.config import ConfigError, load_config
+
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    print(f"{path}: ok ({len(config.routes)} routes, worker {config.upstream.url})")
+    return 0
+
+
+def run(path: str) -> int:
+    from sidecar.daemon import load_or_exit, run_daemon
+    from sidecar.logs import setup_logging
+
+    config = load_or_exit(path)
+    setup_logging(config.log_format, config.log_level)
+    return run_daemon(config)

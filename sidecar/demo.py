@@ -1,0 +1,52 @@
+"""`sidecar demo`: the bundled demo worker and the daemon in front of it, in one process.
+
+Ports come from the environment (SIDECAR_LISTEN, SIDECAR_ADMIN_LISTEN,
+SIDECAR_DEMO_WORKER_PORT) or are free ones. The daemon's URL is printed
+before any other URL, then a curl line to try. Ctrl-C or SIGTERM stops both.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import uvloop
+
+from sidecar.daemon import bound_address, load_or_exit, open_sockets, serve
+from sidecar.demo_worker import start_demo_worker
+from sidecar.logs import setup_logging
+from sidecar.systemd import Notifier
+
+
+async def _demo(path: str) -> int:
+    worker = await start_demo_worker(port=int(os.environ.get("SIDECAR_DEMO_WORKER_PORT", "0")))
+    worker_port = worker.sockets[0].getsockname()[1]
+    os.environ["SIDECAR_UPSTREAM"] = f"http://127.0.0.1:{worker_port}"
+    os.environ.setdefault("SIDECAR_LISTEN", "127.0.0.1:0")
+    os.environ.setdefault("SIDECAR_ADMIN_LISTEN", "127.0.0.1:0")
+    config = load_or_exit(path)
+    setup_logging(config.log_format, config.log_level)
+    sockets = open_sockets(config)
+    url = "http://" + bound_address(sockets.listen)
+    out = sys.stdout
+    out.write(f"sidecar demo: the daemon is at {url}\n")
+    out.write(f"  demo worker: http://127.0.0.1:{worker_port}\n")
+    if sockets.admin is not None:
+        out.write(f"  admin:       http://{bound_address(sockets.admin)}/metrics\n")
+    if config.usage_log:
+        out.write(f"  ledger:      {config.usage_log}\n")
+    out.write(
+        "try:\n"
+        f"  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
+        '-d \'{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}\'\n'
+        "Ctrl-C stops both.\n"
+    )
+    out.flush()
+    try:
+        return await serve(config, sockets, Notifier())
+    finally:
+        worker.close()
+
+
+def run_demo(path: str) -> int:
+    return uvloop.run(_demo(path))

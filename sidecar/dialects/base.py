@@ -1,0 +1,115 @@
+"""The small interface every dialect implements, and the types it speaks in.
+
+Pure: no sockets, no asyncio. The exchange drives a dialect through exactly
+these methods and never tests a dialect's name, so a new API shape (Anthropic
+Messages, OpenAI Responses, ...) is one new module implementing `Dialect`,
+`StreamTranslator` and `DocumentTranslator`.
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from decimal import Decimal
+
+from sidecar.config import Pricing
+from sidecar.failures import Failure
+from sidecar.sse import Event
+from sidecar.usage import Usage
+
+
+class BadRequest(Exception):
+    """The client's request body cannot be adapted (malformed JSON): answered 400, never forwarded."""
+
+
+class StreamProtocolError(Exception):
+    """The worker's stream or document is not what the dialect can read (not JSON, wrong shape)."""
+
+
+@dataclass(slots=True)
+class RequestPlan:
+    """What the dialect read from the client's request, and the body to send the worker."""
+
+    request_id: str
+    client_stream: bool
+    include_usage: bool  # the client asked to see usage in its stream
+    request_model: str | None
+    body: bytes  # what to forward to the worker
+    asked_stream: bool  # what the worker was asked for
+    created: int = 0  # the request's arrival (epoch seconds), for synthesized ids
+
+    def __post_init__(self) -> None:
+        if not self.created:
+            self.created = int(time.time())
+
+
+class Outcome:
+    """What a translator knows when the worker's response ends: usage, model, cost."""
+
+    usage: Usage
+    model: str | None
+    cost: Decimal | None
+    worker_error: bool  # the worker reported an error inside a 2xx body
+
+
+class StreamTranslator(Outcome, ABC):
+    """Reads a worker's SSE events one at a time, for a streaming or an aggregating client.
+
+    In relay mode `feed` returns the bytes to write to the client for this event
+    (the event's own raw bytes whenever nothing changes), or None to hide it.
+    In aggregate mode `feed` returns None and `document()` builds the client's
+    one JSON document at the end.
+    """
+
+    complete: bool  # the worker sent its success terminator (or finish)
+
+    @abstractmethod
+    def feed(self, event: Event) -> bytes | None: ...
+
+    @abstractmethod
+    def document(self) -> bytes:
+        """Aggregate mode: the merged JSON document (usage and cost included)."""
+
+    @abstractmethod
+    def error_frame(self, failure: Failure, message: str) -> bytes:
+        """The synthetic SSE error event that ends a failed stream."""
+
+
+class DocumentTranslator(Outcome, ABC):
+    """A worker's one JSON document, for a non-streaming client (JSON) or a streaming one (SSE)."""
+
+    @abstractmethod
+    def json(self) -> bytes:
+        """The document as the client gets it, with `usage.cost` injected."""
+
+    @abstractmethod
+    def sse(self) -> bytes:
+        """The document as a complete SSE stream (JSON -> SSE), terminator included."""
+
+
+class Dialect(ABC):
+    """One API shape: how to adapt its requests and translate its responses."""
+
+    name: str
+    reads_body: bool = True  # False: bytes pass through untouched (no JSON, no usage)
+
+    @abstractmethod
+    def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
+        """Read the client's JSON body and decide what the worker is asked; raises BadRequest."""
+
+    @abstractmethod
+    def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
+        """A translator for one worker SSE response."""
+
+    @abstractmethod
+    def document(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> DocumentTranslator:
+        """A translator for one worker JSON response; raises StreamProtocolError if unreadable."""
+
+    @abstractmethod
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        """The JSON error body for failures before the response head."""
+
+    def error_frame(self, plan: RequestPlan, failure: Failure, message: str) -> bytes:
+        """The synthetic error event for a stream that fails before any worker event was read."""
+        return self.stream(plan, Pricing(), aggregate=False).error_frame(failure, message)

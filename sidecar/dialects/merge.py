@@ -1,0 +1,66 @@
+"""Merging streamed deltas back into one object: strings concatenated, lists by index.
+
+Pure: no I/O. Shared by every dialect that aggregates a stream into a
+document (OpenAI choices and tool calls, Anthropic content blocks, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+#: Keys whose repeated value is the same thing said again, not a continuation.
+REPLACED_KEYS = frozenset({"role", "id", "type", "index", "object"})
+
+
+def merge_value(key: str, old: Any, new: Any) -> Any:
+    """How one field of an accumulated delta absorbs the same field of the next delta."""
+    if new is None:
+        return old
+    if old is None:
+        return _copy(new)
+    if isinstance(old, str) and isinstance(new, str):
+        if key in REPLACED_KEYS or (key == "name" and old == new):
+            return new
+        return old + new
+    if isinstance(old, dict) and isinstance(new, dict):
+        merge_into(old, new)
+        return old
+    if isinstance(old, list) and isinstance(new, list):
+        if key == "tool_calls":
+            return merge_indexed(old, new)
+        return old + new
+    return new
+
+
+def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> None:
+    """Merge `delta` into `acc` in place, field by field."""
+    for key, value in delta.items():
+        if key in acc:
+            acc[key] = merge_value(key, acc[key], value)
+        else:
+            acc[key] = _copy(value)
+
+
+def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
+    """Merge a list of `{"index": i, ...}` deltas into `acc` (entries keep their `index`)."""
+    by_index = {item.get("index"): item for item in acc if isinstance(item, dict)}
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index", len(by_index))
+        if index in by_index:
+            merge_into(by_index[index], delta)
+        else:
+            entry = _copy(delta)
+            entry.setdefault("index", index)
+            by_index[index] = entry
+            acc.append(entry)
+    return acc
+
+
+def _copy(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _copy(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_copy(v) for v in value]
+    return value

@@ -1,0 +1,388 @@
+"""The OpenAI dialects: `openai-chat` (/v1/chat/completions) and `openai-completions` (/v1/completions).
+
+Pure: no sockets, no asyncio. Knows where OpenAI-compatible workers (vLLM,
+SGLang, llama.cpp, Ollama, TGI) put usage and finish_reason, how to turn one
+`chat.completion` / `text_completion` document into chunks and back, and the
+SPEC's synthetic error frame. Pass-through events are returned as the exact
+bytes they arrived as; only events that must change are re-encoded.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from sidecar.config import Pricing
+from sidecar.dialects.base import (
+    BadRequest,
+    Dialect,
+    DocumentTranslator,
+    RequestPlan,
+    StreamProtocolError,
+    StreamTranslator,
+)
+from sidecar.dialects.merge import merge_into
+from sidecar.failures import Failure, error_type_for
+from sidecar.sse import Event
+from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
+
+DONE = b"data: [DONE]\n\n"
+_CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
+
+
+@dataclass(frozen=True, slots=True)
+class Shape:
+    """What differs between chat completions and legacy completions."""
+
+    chunk_object: str
+    document_object: str
+    id_prefix: str
+    chat: bool  # choices carry `delta`/`message` (chat) rather than `text`
+
+
+CHAT = Shape("chat.completion.chunk", "chat.completion", "chatcmpl-", chat=True)
+COMPLETIONS = Shape("text_completion", "text_completion", "cmpl-", chat=False)
+
+
+def _dumps_event(obj: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _price_cost(pricing: Pricing, model: str | None, usage: Usage) -> Decimal | None:
+    if not usage.seen:
+        return None
+    price = pricing.price_for(model)
+    return None if price is None else openai_cost(usage, price)
+
+
+def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[str, Any]:
+    if cost is None:
+        return usage_obj
+    return {**usage_obj, "cost": cost_json_number(cost)}
+
+
+def _content_bearing(choice: dict[str, Any], chat: bool) -> bool:
+    if chat:
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            return False
+        return bool(
+            delta.get("content")
+            or delta.get("reasoning_content")
+            or delta.get("reasoning")
+            or delta.get("tool_calls")
+        )
+    return bool(choice.get("text"))
+
+
+class OpenAIStream(StreamTranslator):
+    """One worker SSE response in an OpenAI shape, relayed or aggregated."""
+
+    def __init__(self, shape: Shape, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
+        self.shape = shape
+        self.plan = plan
+        self.pricing = pricing
+        self.aggregate = aggregate
+        self.usage = Usage()
+        self.model: str | None = None
+        self.cost: Decimal | None = None
+        self.worker_error = False
+        self.complete = False
+        self.id: str | None = None
+        self.created: int | None = None
+        self._done = False
+        self._content_events = 0
+        self._usage_obj: dict[str, Any] | None = None
+        self._choices: dict[int, dict[str, Any]] = {}
+        self._extras: dict[str, Any] = {}
+        self._error_obj: Any = None
+
+    # -- reading events ---------------------------------------------------------
+    def feed(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None or self._done:
+            # comments and keep-alives pass; nothing after [DONE] is ours to read
+            return None if self.aggregate else (event.raw or None)
+        if data == "[DONE]":
+            self._done = True
+            self.complete = True
+            self._finish_usage()
+            return None if self.aggregate else event.raw
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise StreamProtocolError("event data is not a JSON object")
+        if obj.get("error") is not None or event.event == "error":
+            self.worker_error = True
+            self._error_obj = obj
+            return None if self.aggregate else event.raw
+        return self._read_chunk(obj, event.raw)
+
+    def _read_chunk(self, obj: dict[str, Any], raw: bytes) -> bytes | None:
+        rewrite = False
+        if self.id is None:
+            self.id = obj.get("id") if isinstance(obj.get("id"), str) else None
+            created = obj.get("created")
+            self.created = created if isinstance(created, int) else None
+            model = obj.get("model")
+            self.model = model if isinstance(model, str) and model else self.model
+        for key, fill in (
+            ("id", self.id or self.shape.id_prefix + self.plan.request_id),
+            ("created", self.created or self.plan.created),
+            ("model", self.model or self.plan.request_model),
+        ):
+            if obj.get(key) is None and fill is not None:
+                obj[key] = fill
+                rewrite = True
+        if "object" not in obj:
+            obj["object"] = self.shape.chunk_object
+            rewrite = True
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            choices = []
+        final = not choices
+        for choice in choices:
+            if not isinstance(choice, dict):
+                raise StreamProtocolError("a choice is not a JSON object")
+            if choice.get("finish_reason") is not None:
+                self.complete = True
+                final = True
+            if _content_bearing(choice, self.shape.chat):
+                self._content_events += 1
+        usage_obj = obj.get("usage")
+        if isinstance(usage_obj, dict):
+            self.usage.merge_max(usage_from_openai(usage_obj))
+            self._usage_obj = usage_obj
+            if final:
+                self._finish_usage()
+        if self.aggregate:
+            self._absorb(obj, choices)
+            return None
+        if isinstance(usage_obj, dict):
+            if not self.plan.include_usage:
+                if not choices:
+                    return None  # the usage chunk we asked for on the client's behalf
+                del obj["usage"]
+                rewrite = True
+            elif final and self.cost is not None:
+                obj["usage"] = _usage_with_cost(usage_obj, self.cost)
+                rewrite = True
+        return _dumps_event(obj) if rewrite else raw
+
+    def _finish_usage(self) -> None:
+        if not self.usage.seen and self._content_events:
+            self.usage = Usage(completion_tokens=self._content_events, estimated=True)
+        self.cost = _price_cost(self.pricing, self.model or self.plan.request_model, self.usage)
+
+    def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
+        for key, value in obj.items():
+            if key not in _CHUNK_KEYS and value is not None:
+                self._extras[key] = value
+        for choice in choices:
+            index = choice.get("index", 0)
+            acc = self._choices.setdefault(index, {"index": index})
+            delta = choice.get("delta") if self.shape.chat else None
+            rest = {k: v for k, v in choice.items() if k not in ("delta", "index")}
+            if isinstance(delta, dict):
+                merge_into(acc.setdefault("message", {}), delta)
+            merge_into(acc, rest)
+
+    # -- results ------------------------------------------------------------------
+    def document(self) -> bytes:
+        if not self.usage.seen:
+            self._finish_usage()
+        if self._error_obj is not None:
+            return orjson.dumps(self._error_obj)
+        doc: dict[str, Any] = {
+            "id": self.id or self.shape.id_prefix + self.plan.request_id,
+            "object": self.shape.document_object,
+            "created": self.created or self.plan.created,
+            "model": self.model or self.plan.request_model,
+            "choices": [self._final_choice(self._choices[i]) for i in sorted(self._choices)],
+        }
+        doc.update(self._extras)
+        if self._usage_obj is not None:
+            merged = dict(self._usage_obj)
+            for key, value in (
+                ("prompt_tokens", self.usage.prompt_tokens),
+                ("completion_tokens", self.usage.completion_tokens),
+            ):
+                if value is not None:
+                    merged[key] = value
+            doc["usage"] = _usage_with_cost(merged, self.cost)
+        return orjson.dumps(doc)
+
+    def _final_choice(self, acc: dict[str, Any]) -> dict[str, Any]:
+        choice = dict(acc)
+        if self.shape.chat:
+            message = choice.setdefault("message", {})
+            message.setdefault("role", "assistant")
+            message.setdefault("content", None)
+            calls = message.get("tool_calls")
+            if isinstance(calls, list):
+                message["tool_calls"] = [
+                    {k: v for k, v in call.items() if k != "index"}
+                    for call in sorted(calls, key=lambda c: c.get("index", 0))
+                ]
+        else:
+            choice.setdefault("text", "")
+        choice.setdefault("finish_reason", None)
+        return choice
+
+    def error_frame(self, failure: Failure, message: str) -> bytes:
+        choice: dict[str, Any] = {"index": 0, "finish_reason": "error"}
+        if self.shape.chat:
+            choice["delta"] = {}
+        else:
+            choice["text"] = ""
+        return _dumps_event(
+            {
+                "id": self.id or self.shape.id_prefix + self.plan.request_id,
+                "object": self.shape.chunk_object,
+                "created": self.created or int(time.time()),
+                "model": self.model or self.plan.request_model,
+                "choices": [choice],
+                "error": {"message": message, "type": "upstream_error", "code": failure.code},
+            }
+        )
+
+
+class OpenAIDocument(DocumentTranslator):
+    """One worker JSON document in an OpenAI shape, returned as JSON or replayed as SSE."""
+
+    def __init__(self, shape: Shape, plan: RequestPlan, pricing: Pricing, body: bytes) -> None:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise StreamProtocolError("the worker's document is not a JSON object")
+        self.shape = shape
+        self.plan = plan
+        self.doc = doc
+        self.worker_error = doc.get("error") is not None
+        model = doc.get("model")
+        self.model = model if isinstance(model, str) and model else None
+        usage_obj = doc.get("usage")
+        self.usage = usage_from_openai(usage_obj) if isinstance(usage_obj, dict) else Usage()
+        self.cost = _price_cost(pricing, self.model or plan.request_model, self.usage)
+        if isinstance(usage_obj, dict) and self.cost is not None:
+            doc["usage"] = _usage_with_cost(usage_obj, self.cost)
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.doc)
+
+    def sse(self) -> bytes:
+        doc = self.doc
+        if self.worker_error:
+            return _dumps_event(doc)
+        chat = self.shape.chat
+        base: dict[str, Any] = {
+            "id": doc.get("id") or self.shape.id_prefix + self.plan.request_id,
+            "object": self.shape.chunk_object,
+            "created": doc.get("created") or self.plan.created,
+            "model": doc.get("model") or self.plan.request_model,
+        }
+        base.update(
+            (k, v) for k, v in doc.items() if k not in _CHUNK_KEYS and k != "object"
+        )
+        out: list[bytes] = []
+        choices = doc.get("choices")
+        for choice in choices if isinstance(choices, list) else []:
+            if not isinstance(choice, dict):
+                continue
+            index = choice.get("index", 0)
+            extras = {
+                k: v
+                for k, v in choice.items()
+                if k not in ("index", "message", "text", "logprobs", "finish_reason")
+            }
+            if chat:
+                message = dict(choice.get("message") or {})
+                role = message.pop("role", "assistant")
+                calls = message.get("tool_calls")
+                if isinstance(calls, list):
+                    message["tool_calls"] = [
+                        {"index": i, **call} if isinstance(call, dict) else call
+                        for i, call in enumerate(calls)
+                    ]
+                out.append(_chunk(base, {"index": index, "delta": {"role": role}, "finish_reason": None}))
+                content: dict[str, Any] = {"index": index, "delta": message}
+            else:
+                content = {"index": index, "text": choice.get("text", "")}
+            if "logprobs" in choice:
+                content["logprobs"] = choice["logprobs"]
+            content["finish_reason"] = None
+            out.append(_chunk(base, content))
+            finish: dict[str, Any] = {"index": index}
+            finish["delta" if chat else "text"] = {} if chat else ""
+            finish["finish_reason"] = choice.get("finish_reason")
+            finish.update(extras)
+            out.append(_chunk(base, finish))
+        usage_obj = doc.get("usage")
+        if self.plan.include_usage and isinstance(usage_obj, dict):
+            out.append(_dumps_event({**base, "choices": [], "usage": usage_obj}))
+        out.append(DONE)
+        return b"".join(out)
+
+
+def _chunk(base: dict[str, Any], choice: dict[str, Any]) -> bytes:
+    return _dumps_event({**base, "choices": [choice]})
+
+
+class OpenAIDialect(Dialect):
+    """`openai-chat` or `openai-completions`, depending on its `Shape`."""
+
+    def __init__(self, name: str, shape: Shape) -> None:
+        self.name = name
+        self.shape = shape
+
+    def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("request body must be a JSON object")
+        client_stream = request.get("stream") is True
+        options = request.get("stream_options")
+        include_usage = (
+            client_stream and isinstance(options, dict) and options.get("include_usage") is True
+        )
+        model = request.get("model")
+        asked = {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+        if asked:
+            request["stream"] = True
+            opts = dict(options) if isinstance(options, dict) else {}
+            opts["include_usage"] = True
+            request["stream_options"] = opts
+        else:
+            request["stream"] = False
+            request.pop("stream_options", None)
+        return RequestPlan(
+            request_id=request_id,
+            client_stream=client_stream,
+            include_usage=include_usage,
+            request_model=model if isinstance(model, str) else None,
+            body=orjson.dumps(request),
+            asked_stream=asked,
+        )
+
+    def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
+        return OpenAIStream(self.shape, plan, pricing, aggregate)
+
+    def document(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> DocumentTranslator:
+        return OpenAIDocument(self.shape, plan, pricing, body)
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
+
+
+OPENAI_CHAT = OpenAIDialect("openai-chat", CHAT)
+OPENAI_COMPLETIONS = OpenAIDialect("openai-completions", COMPLETIONS)

@@ -1,0 +1,161 @@
+"""Request-head hygiene and header rewriting between client and worker.
+
+Pure functions over bytes: no I/O. h11 accepts some heads that a reverse proxy
+must refuse (request smuggling vectors), so `check_raw_head` looks at the raw
+bytes before h11 ever sees them; the rest rewrites header lists in both
+directions (hop-by-hop headers dropped, the request id carried along).
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Sequence
+
+Header = tuple[bytes, bytes]
+
+#: Headers that describe one connection, not the message (RFC 9110 7.6.1),
+#: plus the framing headers the proxy recomputes itself.
+HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"proxy-authenticate",
+        b"proxy-authorization",
+        b"te",
+        b"trailer",
+        b"transfer-encoding",
+        b"upgrade",
+        b"content-length",
+        b"expect",
+        b"host",
+    }
+)
+
+_FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+
+
+def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
+    """Offset just past the blank line ending an HTTP head, or -1 if not there yet."""
+    end = buffer.find(b"\r\n\r\n", start)
+    if end >= 0:
+        return end + 4
+    end = buffer.find(b"\n\n", start)
+    return end + 2 if end >= 0 else -1
+
+
+def check_raw_head(head: bytes) -> str | None:
+    """Return why a raw request head must be refused with 400, or None if it is acceptable.
+
+    Refuses what SPEC lists under "The client side": both Content-Length and
+    Transfer-Encoding, differing Content-Lengths, a transfer coding other than a
+    single `chunked`, obsolete line folding, whitespace before a colon, and
+    absolute-form or authority-form targets (including CONNECT).
+    """
+    lines = head.split(b"\n")
+    request_line = lines[0].rstrip(b"\r")
+    parts = request_line.split(b" ")
+    if len(parts) != 3:
+        return "malformed request line"
+    method, target, _version = parts
+    if method == b"CONNECT":
+        return "CONNECT is not supported: this is a reverse proxy"
+    if not target.startswith(b"/") and target != b"*":
+        return "absolute-form and authority-form targets are not accepted"
+    content_lengths: set[bytes] = set()
+    transfer_encodings: list[bytes] = []
+    for raw_line in lines[1:]:
+        line = raw_line.rstrip(b"\r")
+        if not line:
+            continue
+        if line[0] in b" \t":
+            return "obsolete line folding is not accepted"
+        colon = line.find(b":")
+        if colon <= 0:
+            return "malformed header line"
+        name = line[:colon]
+        if not _FIELD_NAME.fullmatch(name):
+            return "whitespace or an invalid character in a header name"
+        lowered = name.lower()
+        value = line[colon + 1 :].strip(b" \t")
+        if lowered == b"content-length":
+            content_lengths.update(v.strip() for v in value.split(b","))
+        elif lowered == b"transfer-encoding":
+            transfer_encodings.extend(v.strip().lower() for v in value.split(b","))
+    if len(content_lengths) > 1:
+        return "differing Content-Length headers"
+    if transfer_encodings:
+        if content_lengths:
+            return "both Content-Length and Transfer-Encoding"
+        if transfer_encodings != [b"chunked"]:
+            return "only a single Transfer-Encoding: chunked is accepted"
+    return None
+
+
+def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
+    """Header names listed in `Connection:`; they are hop-by-hop too."""
+    tokens: set[bytes] = set()
+    for name, value in headers:
+        if name.lower() == b"connection":
+            tokens.update(t.strip().lower() for t in value.split(b","))
+    return tokens
+
+
+def end_to_end(headers: Sequence[Header]) -> list[Header]:
+    """The headers that travel on to the other side: hop-by-hop ones removed."""
+    extra = connection_tokens(headers)
+    return [
+        (name, value)
+        for name, value in headers
+        if (low := name.lower()) not in HOP_BY_HOP and low not in extra
+    ]
+
+
+def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
+    """First value of header `name` (lower-case), or None."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value
+    return None
+
+
+_REQUEST_ID_OK = re.compile(rb"[!-~]{1,200}")
+
+
+def request_id_from(headers: Iterable[Header]) -> str:
+    """The client's `x-request-id` when it is a sane token, else a fresh one."""
+    given = header_value(headers, b"x-request-id")
+    if given is not None and _REQUEST_ID_OK.fullmatch(given):
+        return given.decode("ascii")
+    return uuid.uuid4().hex
+
+
+def without(headers: Iterable[Header], *names: bytes) -> list[Header]:
+    """`headers` minus every header named in `names` (lower-case)."""
+    return [(k, v) for k, v in headers if k.lower() not in names]
+
+
+_REASONS = {
+    100: b"Continue",
+    200: b"OK",
+    400: b"Bad Request",
+    404: b"Not Found",
+    408: b"Request Timeout",
+    413: b"Content Too Large",
+    431: b"Request Header Fields Too Large",
+    500: b"Internal Server Error",
+    502: b"Bad Gateway",
+    503: b"Service Unavailable",
+    504: b"Gateway Timeout",
+}
+
+
+def simple_response(status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
+    """A complete `Connection: close` response, for answers given outside any h11 exchange."""
+    reason = _REASONS.get(status, b"Error")
+    return (
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
+        % (status, reason, content_type, len(body))
+        + body
+    )

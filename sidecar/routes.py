@@ -1,0 +1,52 @@
+"""Route matching: (method, raw request target) -> the first matching route.
+
+Pure: no I/O. Matches the raw path before `?`, never a normalized one, and
+refuses to match paths that a normalizing worker might read differently
+(dot segments, `//`, encoded slashes), so a route can never be bypassed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TypeVar
+
+from sidecar.config import RouteConfig
+
+R = TypeVar("R", bound=RouteConfig)
+
+
+def split_target(target: bytes) -> tuple[bytes, bytes]:
+    """Split a request target into (path, query) at the first `?` (query keeps no `?`)."""
+    path, _, query = target.partition(b"?")
+    return path, query
+
+
+def is_ambiguous_path(path: bytes) -> bool:
+    """True for paths that must match no route: `.`/`..` segments, `//`, `%2F`, backslashes."""
+    if not path.startswith(b"/") or b"//" in path or b"\\" in path:
+        return True
+    lowered = path.lower()
+    if b"%2f" in lowered or b"%5c" in lowered or b"%2e" in lowered:
+        return True
+    return any(segment in (b".", b"..") for segment in path.split(b"/"))
+
+
+def match_route(routes: Sequence[R], method: str, target: bytes) -> R | None:
+    """The first route whose `match` accepts this method and raw target, else None."""
+    path_bytes, _ = split_target(target)
+    if is_ambiguous_path(path_bytes):
+        return None
+    try:
+        path = path_bytes.decode("ascii")
+    except UnicodeDecodeError:
+        return None
+    for route in routes:
+        match = route.match
+        if match.methods is not None and method not in match.methods:
+            continue
+        if match.path is not None and path != match.path:
+            continue
+        if match.path_prefix is not None and not path.startswith(match.path_prefix):
+            continue
+        return route
+    return None

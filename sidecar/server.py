@@ -1,0 +1,249 @@
+"""The client side: one asyncio protocol per client connection, one h11 SERVER state per request.
+
+I/O shell only. It enforces the connection limits of SPEC's "The client side"
+(raw-head checks before h11 sees a byte, header/body/keep-alive timeouts,
+sizes, max_connections) and hands each request to an `Exchange`. A fresh h11
+connection per request cycle keeps pipelined bytes in order: what h11 did not
+consume is carried over to the next cycle.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, cast
+
+import h11
+
+from sidecar.dialects import get_dialect
+from sidecar.headers import find_head_end, simple_response
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Runtime
+
+log = logging.getLogger("sidecar.server")
+
+#: Read no more from a client while this much of its input waits unprocessed.
+_INPUT_HIGH_WATER = 256 * 1024
+_CLIENT_WRITE_HIGH_WATER = 64 * 1024
+
+
+class ClientGone(Exception):
+    """The client closed its connection."""
+
+
+class ClientTimeout(Exception):
+    """The client did not send its head or body in time."""
+
+
+class StreamListener:
+    """What an exchange that is streaming wants to hear about its client."""
+
+    def client_paused(self) -> None: ...
+    def client_resumed(self) -> None: ...
+    def client_lost(self) -> None: ...
+
+
+class ClientConnection(asyncio.Protocol):
+    """One client connection: reads requests, runs exchanges, writes responses."""
+
+    def __init__(
+        self,
+        runtime: Runtime,
+        connections: set[ClientConnection],
+        serve: Callable[[ClientConnection], Awaitable[None]],
+    ) -> None:
+        self.runtime = runtime
+        self.serve = serve
+        self.connections = connections
+        self.transport: asyncio.Transport | None = None
+        self.buffer = bytearray()
+        self.eof = False
+        self.closed = False
+        self.paused_writing = False
+        self.listener: StreamListener | None = None
+        self.h11: h11.Connection | None = None
+        self.busy = False  # inside an exchange (for graceful drain)
+        self._reading_paused = False
+        self._waiter: asyncio.Future[None] | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._task: asyncio.Task[None] | None = None
+
+    # -- asyncio.Protocol -----------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        runtime = self.runtime
+        limits = runtime.config.limits
+        if runtime.connections >= limits.max_connections or runtime.draining:
+            self._refuse(503, "too many connections" if not runtime.draining else "shutting down")
+            return
+        runtime.connections += 1
+        runtime.metrics.connection_opened()
+        self.connections.add(self)
+        transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH_WATER)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._task = asyncio.get_running_loop().create_task(self.serve(self))
+
+    def _refuse(self, status: int, message: str) -> None:
+        body = get_dialect("passthrough").error_body(status, "overloaded", message)
+        assert self.transport is not None
+        self.transport.write(simple_response(status, body))
+        self.transport.close()
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        if len(self.buffer) > _INPUT_HIGH_WATER and not self._reading_paused:
+            self._reading_paused = True
+            assert self.transport is not None
+            self.transport.pause_reading()
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        self._wake()
+        return True  # keep writing the response to a client that half-closed
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.closed:
+            self.closed = True
+            if self in self.connections:
+                self.connections.discard(self)
+                self.runtime.connections -= 1
+                self.runtime.metrics.connection_closed()
+        self._wake()
+        self._wake_drain()
+        listener = self.listener
+        if listener is not None:
+            self.listener = None
+            listener.client_lost()
+
+    def pause_writing(self) -> None:
+        self.paused_writing = True
+        if self.listener is not None:
+            self.listener.client_paused()
+
+    def resume_writing(self) -> None:
+        self.paused_writing = False
+        self._wake_drain()
+        if self.listener is not None:
+            self.listener.client_resumed()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _wake_drain(self) -> None:
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- reading ------------------------------------------------------------------------
+    async def _more(self, deadline: float | None) -> None:
+        """Wait until new bytes (or EOF) arrive; ClientTimeout past `deadline`."""
+        if self._reading_paused:
+            self._reading_paused = False
+            assert self.transport is not None
+            self.transport.resume_reading()
+        loop = asyncio.get_running_loop()
+        self._waiter = loop.create_future()
+        try:
+            if deadline is None:
+                await self._waiter
+            else:
+                async with asyncio.timeout_at(deadline):
+                    await self._waiter
+        except TimeoutError:
+            raise ClientTimeout() from None
+        finally:
+            self._waiter = None
+
+    async def read_head(self, idle_deadline: float, head_deadline: float | None) -> bytes | None:
+        """The next raw request head (up to and including its blank line), or None at a clean EOF.
+
+        Waits for the first byte until `idle_deadline` (ClientTimeout(False): close quietly),
+        then for the whole head until `head_deadline`, or header_timeout after that first byte
+        when `head_deadline` is None (ClientTimeout(True): answer 408). Returns b"" when the
+        head grows past max_header_bytes, and raises ClientGone on EOF inside a head.
+        """
+        loop = asyncio.get_running_loop()
+        limits = self.runtime.config.limits
+        started = False
+        deadline = idle_deadline
+        scanned = 0
+        while True:
+            # RFC 9112 2.2: ignore empty lines before a request line
+            while self.buffer[:1] == b"\n" or self.buffer[:2] == b"\r\n":
+                del self.buffer[: 1 if self.buffer[:1] == b"\n" else 2]
+            if self.buffer and not started:
+                started = True
+                deadline = head_deadline or loop.time() + limits.header_timeout
+            end = find_head_end(self.buffer, max(0, scanned - 3))
+            if end >= 0:
+                return b"" if end > limits.max_header_bytes else bytes(self.buffer[:end])
+            if len(self.buffer) > limits.max_header_bytes:
+                return b""
+            scanned = len(self.buffer)
+            if self.eof or self.closed:
+                if self.buffer:
+                    raise ClientGone()
+                return None
+            try:
+                await self._more(deadline)
+            except ClientTimeout:
+                raise ClientTimeout(started) from None
+
+    def feed_h11(self, conn: h11.Connection) -> None:
+        """Move everything buffered into `conn`."""
+        if self.buffer:
+            conn.receive_data(bytes(self.buffer))
+            self.buffer.clear()
+        if self.eof:
+            conn.receive_data(b"")
+
+    async def next_request_event(self, conn: h11.Connection, deadline: float) -> h11.Event:
+        """The next h11 event of the request body; sends 100 Continue when the client waits."""
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self.closed:
+                raise ClientGone()
+            if conn.they_are_waiting_for_100_continue:
+                self.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            if self.eof:
+                conn.receive_data(b"")
+                continue
+            await self._more(deadline)
+            self.feed_h11(conn)
+
+    # -- writing ------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.write(data)
+
+    async def drain(self) -> None:
+        """Wait until the transport's write buffer is below its high-water mark."""
+        while self.paused_writing and not self.closed:
+            loop = asyncio.get_running_loop()
+            self._drain_waiter = loop.create_future()
+            try:
+                await self._drain_waiter
+            finally:
+                self._drain_waiter = None
+
+    def close(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+    def abort(self) -> None:
+        """Drop the connection without finishing the response (the client sees the break)."""
+        if self.transport is not None:
+            self.transport.abort()

@@ -1,0 +1,245 @@
+"""The worker side: h11 CLIENT connections over TCP or a unix socket, and their keep-alive pool.
+
+I/O shell only: it moves bytes between a transport and an h11 state machine
+and reports what happened; deciding what a failure means is the exchange's
+job. A body consumer (the exchange's response pump) is fed synchronously from
+`data_received`, so a streamed token crosses no task switch on its way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from collections import deque
+from typing import Protocol, cast
+
+import h11
+
+from sidecar import failures
+from sidecar.config import UpstreamConfig
+from sidecar.failures import UpstreamFailure
+
+
+class BodyConsumer(Protocol):
+    """Receives a worker connection's bytes once the response head has been read."""
+
+    def upstream_data(self, data: bytes) -> None: ...
+    def upstream_eof(self) -> None: ...
+    def upstream_lost(self, exc: Exception | None) -> None: ...
+
+
+class UpstreamConnection(asyncio.Protocol):
+    """One connection to the worker with its h11 CLIENT state machine."""
+
+    def __init__(self, max_head: int) -> None:
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
+        self.transport: asyncio.Transport | None = None
+        self.consumer: BodyConsumer | None = None
+        self.closed = False
+        self.eof = False
+        self.response_started = False  # a byte of the current response has arrived
+        self._pending: deque[bytes] = deque()
+        self._waiter: asyncio.Future[None] | None = None
+        self._pool_timer: asyncio.TimerHandle | None = None
+
+    # -- asyncio.Protocol -------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def data_received(self, data: bytes) -> None:
+        self.response_started = True
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.upstream_data(data)
+            return
+        self._pending.append(data)
+        self._wake()
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.consumer is not None:
+            self.consumer.upstream_eof()
+        else:
+            self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._pool_timer is not None:
+            self._pool_timer.cancel()
+        if self.consumer is not None:
+            self.consumer.upstream_lost(exc)
+        else:
+            self._wake()
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- used by the exchange ------------------------------------------------------
+    @property
+    def reusable(self) -> bool:
+        """Open, not at EOF, and both sides of h11 finished with the last exchange."""
+        return (
+            not self.closed
+            and not self.eof
+            and not self._pending
+            and self.h11.our_state is h11.DONE
+            and self.h11.their_state is h11.DONE
+        )
+
+    def write(self, data: bytes) -> None:
+        assert self.transport is not None
+        self.transport.write(data)
+
+    def send(self, event: h11.Event) -> None:
+        """Serialize an h11 event and write it; raises UpstreamFailure if the socket is gone."""
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
+        data = self.h11.send(event)
+        if data:
+            self.transport.write(data)
+
+    async def next_event(self) -> h11.Event | type[h11.NEED_DATA]:
+        """The next h11 event of the response, waiting for bytes as needed (head phase)."""
+        while True:
+            event = self.h11.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            if self._pending:
+                self.h11.receive_data(b"".join(self._pending))
+                self._pending.clear()
+                continue
+            if self.eof or self.closed:
+                self.h11.receive_data(b"")
+                event = self.h11.next_event()
+                if event is h11.NEED_DATA:  # pragma: no cover - h11 always concludes
+                    raise h11.RemoteProtocolError("connection closed")
+                return event
+            loop = asyncio.get_running_loop()
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def attach(self, consumer: BodyConsumer) -> None:
+        """Hand the body over to `consumer`: buffered bytes first, then every new read."""
+        self.consumer = consumer
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            consumer.upstream_data(data)
+        if self.eof and not self.closed:
+            consumer.upstream_eof()
+        elif self.closed:
+            consumer.upstream_lost(None)
+
+    def detach(self) -> None:
+        self.consumer = None
+
+    def pause_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.resume_reading()
+
+    def close(self) -> None:
+        """Close at once (RST-free FIN); the worker sees the disconnect and stops generating."""
+        self.consumer = None
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+        self.closed = True
+
+
+class UpstreamPool:
+    """Keep-alive connections to one worker address, newest first."""
+
+    def __init__(self, config: UpstreamConfig, max_head: int) -> None:
+        self.config = config
+        self.max_head = max_head
+        self._idle: list[UpstreamConnection] = []
+
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
+        """A connection and whether it was reused from the pool (only those may be retried)."""
+        while self._idle:
+            conn = self._idle.pop()
+            if conn._pool_timer is not None:
+                conn._pool_timer.cancel()
+                conn._pool_timer = None
+            if conn.reusable:
+                conn.h11.start_next_cycle()
+                conn.response_started = False
+                return conn, True
+            conn.close()
+        return await self.connect(), False
+
+    async def connect(self) -> UpstreamConnection:
+        """A new connection, within connect_timeout; failures are UpstreamFailure."""
+        loop = asyncio.get_running_loop()
+        address = self.config.address
+
+        def factory() -> UpstreamConnection:
+            return UpstreamConnection(self.max_head)
+
+        try:
+            async with asyncio.timeout(self.config.connect_timeout):
+                if address.kind == "unix":
+                    _, conn = await loop.create_unix_connection(factory, address.path)
+                else:
+                    _, conn = await loop.create_connection(factory, address.host, address.port)
+        except TimeoutError:
+            raise UpstreamFailure(failures.CONNECT_TIMEOUT) from None
+        except OSError as exc:
+            raise UpstreamFailure(failures.UPSTREAM_UNAVAILABLE, exc.strerror or str(exc)) from None
+        return conn
+
+    def release(self, conn: UpstreamConnection) -> None:
+        """Return a finished connection to the pool, or close it if it cannot be reused."""
+        conn.detach()
+        if not conn.reusable or len(self._idle) >= self.config.max_idle_connections:
+            conn.close()
+            return
+        loop = asyncio.get_running_loop()
+        conn._pool_timer = loop.call_later(self.config.pool_idle_timeout, self._expire, conn)
+        self._idle.append(conn)
+
+    def _expire(self, conn: UpstreamConnection) -> None:
+        with contextlib.suppress(ValueError):
+            self._idle.remove(conn)
+        conn.close()
+
+    def close(self) -> None:
+        """Close every idle connection (config reload, shutdown)."""
+        while self._idle:
+            self._idle.pop().close()
+
+    @property
+    def idle_count(self) -> int:
+        return len(self._idle)
+
+
+async def probe(config: UpstreamConfig) -> bool:
+    """True when the worker accepts a connection now (for /readyz)."""
+    loop = asyncio.get_running_loop()
+    address = config.address
+    try:
+        async with asyncio.timeout(min(config.connect_timeout, 2.0)):
+            if address.kind == "unix":
+                transport, _ = await loop.create_unix_connection(asyncio.Protocol, address.path)
+            else:
+                transport, _ = await loop.create_connection(
+                    asyncio.Protocol, address.host, address.port
+                )
+    except (OSError, TimeoutError):
+        return False
+    transport.close()
+    return True
