@@ -5,9 +5,13 @@ which refuses the same W+X mappings the unit's seccomp filter does)."""
 
 from __future__ import annotations
 
+import dataclasses
+import fcntl
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -139,14 +143,10 @@ def _seconds(value: str) -> float:
 def test_stop_timeout_above_default_drain_timeout() -> None:
     svc = {k: v[-1] for k, v in parse_unit(SERVICE)["Service"].items()}
     stop = _seconds(svc["TimeoutStopSec"])
-    drain = 30.0
-    try:
-        from sidecar import config
-    except ImportError:
-        config = None  # type: ignore[assignment]
-    default = getattr(config, "DEFAULT_DRAIN_TIMEOUT", None)
-    if isinstance(default, int | float):
-        drain = float(default)
+    from sidecar.config import Config
+
+    drain = next(f.default for f in dataclasses.fields(Config) if f.name == "drain_timeout")
+    assert isinstance(drain, float)
     assert drain < stop <= drain + 30
 
 
@@ -223,3 +223,112 @@ def test_runtime_works_under_memory_deny_write_execute() -> None:
         pytest.skip(f"kernel without PR_SET_MDWE: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip() == "ok"
+
+
+# --- the real daemon under a simulated systemd ---------------------------------------
+#
+# What sidecar.service + sidecar.socket give the daemon, done by hand: the listening
+# socket at fd 3 with LISTEN_FDS=1 / LISTEN_PID, NOTIFY_SOCKET, WATCHDOG_USEC, and
+# (where the kernel has it) PR_SET_MDWE standing in for MemoryDenyWriteExecute=yes.
+
+_DAEMON_WRAPPER = textwrap.dedent(
+    r"""
+    import ctypes, runpy, sys
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(65, 1, 0, 0, 0)  # PR_SET_MDWE, PR_MDWE_REFUSE_EXEC_GAIN; harmless if refused
+    sys.path.insert(0, sys.argv[1])
+    sys.argv = ["sidecar", "run", "-c", sys.argv[2]]
+    runpy.run_module("sidecar", run_name="__main__", alter_sys=True)
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _next_states(sock: socket.socket, wanted: str) -> list[str]:
+    """Datagrams until one has the `wanted` line, skipping watchdog pings."""
+    while True:
+        lines = sock.recv(4096).decode().split("\n")
+        if wanted in lines:
+            return lines
+        assert lines == ["WATCHDOG=1"], lines
+
+
+def _http_get(port: int, path: str) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+        conn.sendall(f"GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := conn.recv(65536):
+            data += chunk
+    return data
+
+
+def test_daemon_speaks_notify_and_takes_the_activated_socket(tmp_path: Path) -> None:
+    try:
+        import sidecar.cli  # noqa: F401
+    except ImportError:
+        pytest.skip("sidecar.cli not written yet")
+    activated = socket.socket()
+    activated.bind(("127.0.0.1", 0))
+    activated.listen(64)
+    port = activated.getsockname()[1]
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(20)
+    admin_port = _free_port()
+    unused_port = _free_port()  # what `listen` says; the activated socket wins
+    env = dict(
+        os.environ,
+        NOTIFY_SOCKET=str(tmp_path / "notify"),
+        WATCHDOG_USEC="200000",
+        SIDECAR_LISTEN=f"127.0.0.1:{unused_port}",
+        SIDECAR_ADMIN_LISTEN=f"127.0.0.1:{admin_port}",
+        SIDECAR_UPSTREAM=f"http://127.0.0.1:{_free_port()}",  # nothing listens: 502
+        SIDECAR_USAGE_LOG=str(tmp_path / "usage.jsonl"),
+        LISTEN_FDS="1",
+    )
+    env.pop("LISTEN_PID", None)
+    env.pop("WATCHDOG_PID", None)
+    high = fcntl.fcntl(activated.fileno(), fcntl.F_DUPFD_CLOEXEC, 20)
+    # bash keeps its pid across exec, so LISTEN_PID=$$ is the daemon's pid
+    script = f'export LISTEN_PID=$$; exec 3<&{high} {high}<&-; exec "$0" -c "$1" "$2" "$3"'
+    proc = subprocess.Popen(
+        ["bash", "-c", script, sys.executable, _DAEMON_WRAPPER, str(REPO),
+         str(REPO / "config" / "sidecar.yaml")],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        pass_fds=(high,),
+    )
+    os.close(high)
+    try:
+        ready = _next_states(notify, "READY=1")
+        assert f"STATUS=listening on 127.0.0.1:{port}" in ready
+        # the watchdog pings (every WATCHDOG_USEC/2)
+        assert notify.recv(4096) == b"WATCHDOG=1"
+        assert notify.recv(4096) == b"WATCHDOG=1"
+        # the activated socket is served (no worker: 502); `listen`'s port is not bound
+        assert _http_get(port, "/v1/models").startswith(b"HTTP/1.1 502")
+        with pytest.raises(ConnectionRefusedError):
+            socket.create_connection(("127.0.0.1", unused_port), timeout=5).close()
+        assert _http_get(admin_port, "/healthz").startswith(b"HTTP/1.1 200")
+        # SIGHUP: RELOADING=1 with MONOTONIC_USEC, then READY=1
+        proc.send_signal(signal.SIGHUP)
+        reloading = _next_states(notify, "RELOADING=1")
+        assert any(line.startswith("MONOTONIC_USEC=") for line in reloading)
+        _next_states(notify, "READY=1")
+        # SIGTERM: STOPPING=1, then exit 0
+        proc.send_signal(signal.SIGTERM)
+        _next_states(notify, "STOPPING=1")
+        _out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 0, err.decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        activated.close()
+        notify.close()
