@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
@@ -58,6 +59,14 @@ HEARTBEAT = encode_comment("keep-alive")
 #: Largest JSON document accepted from the worker (it is held whole to translate it).
 MAX_DOCUMENT = 64 * 1024 * 1024
 _SSE_FIRST_BYTES = frozenset(b"deir:")
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase for `status` (h11 sends none unless told)."""
+    try:
+        return HTTPStatus(status).phrase.encode()
+    except ValueError:
+        return b""
 
 
 class TooLarge(Exception):
@@ -151,7 +160,7 @@ class Exchange(StreamListener):
         generation: Generation,
     ) -> None:
         self.loop = asyncio.get_running_loop()
-        self.started = self.loop.time()
+        self.started = time.perf_counter()
         self.wall_start = time.time()
         self.client = client
         self.conn = conn
@@ -184,11 +193,13 @@ class Exchange(StreamListener):
         headers = [*headers, (b"x-request-id", self.request_id.encode())]
         if self.close_after:
             headers.append((b"connection", b"close"))
-        self.client.write(self.conn.send(h11.Response(status_code=status, headers=headers)))
+        self.client.write(
+            self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
+        )
         self.status = status
         self.head_sent = True
         if self.ttfb is None:
-            self.ttfb = self.loop.time() - self.started
+            self.ttfb = time.perf_counter() - self.started
 
     def write_data(self, data: bytes) -> None:
         self.client.write(self.conn.send(h11.Data(data=data)))
@@ -453,8 +464,7 @@ class Exchange(StreamListener):
 
     # -- the end ---------------------------------------------------------------------------
     def _finish(self) -> None:
-        now = self.loop.time()
-        duration = now - self.started
+        duration = time.perf_counter() - self.started
         route_name = self.route.name if self.route else ""
         source = self.outcome_source
         usage = source.usage if source is not None else Usage()
