@@ -38,13 +38,15 @@ COPY --from=builder /opt/venv /opt/venv
 COPY config/ /etc/sidecar/
 # Inside a container the ports must listen on all interfaces; the worker is
 # reached at SIDECAR_UPSTREAM (127.0.0.1:8000 fits a pod that shares the
-# worker's network namespace, or --network host).
+# worker's network namespace, or --network host). The ledger goes to the
+# /var/lib/sidecar volume.
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     SIDECAR_CONFIG=/etc/sidecar/sidecar.yaml \
     SIDECAR_LISTEN=0.0.0.0:8080 \
-    SIDECAR_ADMIN_LISTEN=0.0.0.0:9090
+    SIDECAR_ADMIN_LISTEN=0.0.0.0:9090 \
+    SIDECAR_USAGE_LOG=/var/lib/sidecar/usage.jsonl
 USER 10001:10001
 WORKDIR /var/lib/sidecar
 EXPOSE 8080 9090

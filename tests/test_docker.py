@@ -123,6 +123,7 @@ def test_final_stage_shape() -> None:
     env = args["ENV"]
     assert "SIDECAR_LISTEN=0.0.0.0:8080" in env
     assert "SIDECAR_ADMIN_LISTEN=0.0.0.0:9090" in env
+    assert "SIDECAR_USAGE_LOG=/var/lib/sidecar/usage.jsonl" in env
     assert "/opt/venv/bin" in env
     assert any(k == "COPY" and "--from=builder" in a and "/opt/venv" in a for k, a in stage)
 
