@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from sidecar import failures
+from sidecar.chunked import ChunkedDecoder, ChunkedError, frame
 from sidecar.dialects import get_dialect
 from sidecar.dialects.base import (
     BadRequest,
@@ -35,6 +36,7 @@ from sidecar.failures import Failure, UpstreamFailure
 from sidecar.headers import (
     Header,
     check_raw_head,
+    connection_tokens,
     end_to_end,
     header_value,
     request_id_from,
@@ -177,6 +179,7 @@ class Exchange(StreamListener):
         self.upstream: UpstreamConnection | None = None
         self.pump: ResponsePump | None = None
         self.head_sent = False
+        self.chunked_out = False
         self.close_after = False
         self.status: int | None = None
         self.outcome = "ok"
@@ -198,11 +201,20 @@ class Exchange(StreamListener):
         )
         self.status = status
         self.head_sent = True
+        self.chunked_out = (
+            self.conn.their_http_version == b"1.1"
+            and self.method != "HEAD"
+            and status not in (204, 304)
+            and header_value(headers, b"content-length") is None
+        )
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
 
     def write_data(self, data: bytes) -> None:
-        self.client.write(self.conn.send(h11.Data(data=data)))
+        if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
+            self.client.write(frame(data))
+        else:
+            self.client.write(self.conn.send(h11.Data(data=data)))
 
     def end_response(self) -> None:
         self.client.write(self.conn.send(h11.EndOfMessage()))
@@ -443,6 +455,10 @@ class Exchange(StreamListener):
     async def _handle_response(self, pool: UpstreamPool, response: h11.Response) -> None:
         assert self.upstream is not None and self.route is not None
         status = response.status_code
+        self.upstream.keep_alive = (
+            response.http_version == b"1.1" and b"close" not in connection_tokens(response.headers)
+        )
+        chunked = header_value(response.headers, b"transfer-encoding") is not None
         worker_headers = end_to_end(response.headers)
         plan = self.plan
         handler: BodyHandler
@@ -453,7 +469,7 @@ class Exchange(StreamListener):
         else:
             kind = _body_kind(header_value(response.headers, b"content-type"))
             handler = SniffHandler(self, worker_headers, kind)
-        pump = ResponsePump(self, self.upstream, handler, self.route)
+        pump = ResponsePump(self, self.upstream, handler, self.route, chunked)
         self.pump = pump
         pump.start()
         await pump.done
@@ -793,9 +809,12 @@ class ResponsePump:
         upstream: UpstreamConnection,
         handler: BodyHandler,
         route: RouteConfig,
+        chunked: bool,
     ) -> None:
         self.ex = exchange
         self.up = upstream
+        # chunked bodies (every streamed token) skip h11's event machinery
+        self.decoder = ChunkedDecoder() if chunked else None
         self.handler = handler
         self.loop = exchange.loop
         self.idle_timeout = route.upstream.idle_timeout
@@ -813,20 +832,48 @@ class ResponsePump:
         self._schedule()
         if self.ex.client.paused_writing:
             self.client_paused()
-        self.up.attach(self)
-        if not self.finished:
+        if self.decoder is not None:
+            buffered, closed = self.up.h11.trailing_data
+            if buffered:
+                self.upstream_data(buffered)
+            if closed and not self.finished:
+                self.upstream_eof()
+        elif not self.finished:
             self._drain()
+        if not self.finished:
+            self.up.attach(self)
 
     # -- the worker side (BodyConsumer) ---------------------------------------------
     def upstream_data(self, data: bytes) -> None:
         self.last_rx = self.loop.time()
-        self.up.h11.receive_data(data)
-        self._drain()
+        decoder = self.decoder
+        if decoder is None:
+            self.up.h11.receive_data(data)
+            self._drain()
+            return
+        try:
+            pieces = decoder.feed(data)
+        except ChunkedError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return
+        if pieces:
+            try:
+                self.handler.data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+            except StreamProtocolError as exc:
+                self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+                return
+        if decoder.done and not self.finished:
+            if decoder.trailing:
+                self.up.keep_alive = False
+            self._end()
 
     def upstream_eof(self) -> None:
         if self.finished:
             return
         self.eof = True
+        if self.decoder is not None:
+            self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
+            return
         self.up.h11.receive_data(b"")
         self._drain()
 
@@ -875,6 +922,7 @@ class ResponsePump:
             self.fail(failures.UPSTREAM_INCOMPLETE, "")
             return
         self.clean = True
+        self.up.response_complete = True
         self._close()
 
     def fail(self, failure: Failure, detail: str) -> None:

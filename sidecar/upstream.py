@@ -33,12 +33,15 @@ class UpstreamConnection(asyncio.Protocol):
     """One connection to the worker with its h11 CLIENT state machine."""
 
     def __init__(self, max_head: int) -> None:
+        self.max_head = max_head
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
         self.transport: asyncio.Transport | None = None
         self.consumer: BodyConsumer | None = None
         self.closed = False
         self.eof = False
         self.response_started = False  # a byte of the current response has arrived
+        self.response_complete = False  # the current response's body ended cleanly
+        self.keep_alive = True  # the worker did not ask to close after this response
         self._pending: deque[bytes] = deque()
         self._waiter: asyncio.Future[None] | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
@@ -85,14 +88,22 @@ class UpstreamConnection(asyncio.Protocol):
     # -- used by the exchange ------------------------------------------------------
     @property
     def reusable(self) -> bool:
-        """Open, not at EOF, and both sides of h11 finished with the last exchange."""
+        """Open, not at EOF, the request sent and the response read whole, keep-alive agreed."""
         return (
             not self.closed
             and not self.eof
             and not self._pending
+            and self.response_complete
+            and self.keep_alive
             and self.h11.our_state is h11.DONE
-            and self.h11.their_state is h11.DONE
         )
+
+    def new_cycle(self) -> None:
+        """Start a fresh h11 state machine for the next request on this connection."""
+        self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=self.max_head)
+        self.response_started = False
+        self.response_complete = False
+        self.keep_alive = True
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -176,8 +187,7 @@ class UpstreamPool:
                 conn._pool_timer.cancel()
                 conn._pool_timer = None
             if conn.reusable:
-                conn.h11.start_next_cycle()
-                conn.response_started = False
+                conn.new_cycle()
                 return conn, True
             conn.close()
         return await self.connect(), False

@@ -1,0 +1,115 @@
+"""HTTP/1.1 chunked transfer coding for streamed bodies: a sans-I/O decoder and the framing.
+
+Pure: no sockets, no asyncio. h11 reads and writes every head; once a worker's
+response head says `Transfer-Encoding: chunked`, its body is decoded here
+instead of through h11's general event machinery, because this is the path
+every token takes and a chunk that arrives whole should cost one `find` and
+one slice. Framing errors raise `ChunkedError`; nothing grows without bound
+(a size line or the trailer section longer than `max_line` is an error).
+"""
+
+from __future__ import annotations
+
+import re
+
+_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_END = b"0\r\n\r\n"
+
+
+class ChunkedError(Exception):
+    """The bytes break chunked framing (bad size line, missing CRLF, oversized line)."""
+
+
+def frame(data: bytes) -> bytes:
+    """One chunk carrying `data` (which must not be empty)."""
+    return b"%x\r\n%b\r\n" % (len(data), data)
+
+
+LAST_CHUNK = _END
+
+
+class ChunkedDecoder:
+    """Decodes a chunked body fed in arbitrary pieces; `feed` returns the payload pieces.
+
+    `done` turns True after the last chunk and its trailer section; bytes after
+    that are kept in `trailing` (a worker that sends them cannot be reused).
+    """
+
+    __slots__ = ("_buf", "_remaining", "_state", "done", "max_line", "trailing")
+
+    # states: 0 = expecting a size line, 1 = inside chunk data (`_remaining` bytes left),
+    # 2 = expecting the CRLF after chunk data, 3 = inside the trailer section
+    def __init__(self, max_line: int = 4096) -> None:
+        self._buf = b""
+        self._remaining = 0
+        self._state = 0
+        self.done = False
+        self.max_line = max_line
+        self.trailing = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            self.trailing += data
+            return []
+        buf = self._buf + data if self._buf else data
+        out: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        state = self._state
+        while pos < end:
+            if state == 0:
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    if end - pos > self.max_line:
+                        raise ChunkedError("chunk size line too long")
+                    break
+                line = buf[pos:nl]
+                semi = line.find(b";")
+                size_text = (line if semi < 0 else line[:semi]).strip(b" \t")
+                if not _SIZE.fullmatch(size_text):
+                    raise ChunkedError(f"bad chunk size line {line[:40]!r}")
+                size = int(size_text, 16)
+                pos = nl + 2
+                if size == 0:
+                    state = 3
+                    continue
+                # fast path: the whole chunk and its CRLF are here
+                stop = pos + size
+                if stop + 2 <= end:
+                    if buf[stop : stop + 2] != b"\r\n":
+                        raise ChunkedError("chunk data not followed by CRLF")
+                    out.append(buf[pos:stop])
+                    pos = stop + 2
+                    continue
+                self._remaining = size
+                state = 1
+            elif state == 1:
+                take = min(self._remaining, end - pos)
+                out.append(buf[pos : pos + take])
+                pos += take
+                self._remaining -= take
+                if self._remaining == 0:
+                    state = 2
+            elif state == 2:
+                if end - pos < 2:
+                    break
+                if buf[pos : pos + 2] != b"\r\n":
+                    raise ChunkedError("chunk data not followed by CRLF")
+                pos += 2
+                state = 0
+            else:  # trailer section: lines until an empty one
+                nl = buf.find(b"\r\n", pos)
+                if nl < 0:
+                    if end - pos > self.max_line:
+                        raise ChunkedError("trailer section too long")
+                    break
+                if nl == pos:
+                    self.done = True
+                    self.trailing = buf[nl + 2 :]
+                    self._buf = b""
+                    self._state = state
+                    return out
+                pos = nl + 2
+        self._buf = buf[pos:] if pos < end else b""
+        self._state = state
+        return out

@@ -1,0 +1,91 @@
+"""The chunked decoder: whole, split at every byte, against h11's own encoder, and fuzzed."""
+
+from __future__ import annotations
+
+import h11
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.chunked import LAST_CHUNK, ChunkedDecoder, ChunkedError, frame
+
+
+def decode(data: bytes, splits: list[int] | None = None) -> tuple[bytes, ChunkedDecoder]:
+    decoder = ChunkedDecoder()
+    out: list[bytes] = []
+    points = [0, *(splits or []), len(data)]
+    for a, b in zip(points, points[1:], strict=False):
+        out.extend(decoder.feed(data[a:b]))
+    return b"".join(out), decoder
+
+
+def h11_chunked(pieces: list[bytes]) -> bytes:
+    conn = h11.Connection(h11.SERVER)
+    conn.receive_data(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+    conn.next_event()
+    conn.next_event()
+    conn.send(h11.Response(status_code=200, headers=[]))
+    body = b"".join(conn.send(h11.Data(data=p)) or b"" for p in pieces)
+    return body + conn.send(h11.EndOfMessage())
+
+
+def test_whole_body() -> None:
+    body, decoder = decode(frame(b"hello ") + frame(b"world") + LAST_CHUNK)
+    assert body == b"hello world" and decoder.done and decoder.trailing == b""
+
+
+def test_extensions_trailers_and_trailing_bytes() -> None:
+    data = b"5;name=value\r\nhello\r\n0\r\nx-trailer: 1\r\n\r\nEXTRA"
+    body, decoder = decode(data)
+    assert body == b"hello" and decoder.done and decoder.trailing == b"EXTRA"
+
+
+def test_not_done_until_the_blank_line() -> None:
+    body, decoder = decode(frame(b"abc") + b"0\r\n")
+    assert body == b"abc" and not decoder.done
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"-1\r\n", b"\r\n", b"12345678901234567\r\n"],
+)
+def test_bad_framing_raises(bad: bytes) -> None:
+    with pytest.raises(ChunkedError):
+        decode(bad)
+
+
+def test_size_line_is_bounded() -> None:
+    decoder = ChunkedDecoder(max_line=64)
+    with pytest.raises(ChunkedError):
+        for _ in range(100):
+            decoder.feed(b"0" * 10)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=6))
+def test_every_split_point_matches_h11(pieces: list[bytes]) -> None:
+    data = h11_chunked(pieces)
+    for cut in range(len(data) + 1):
+        body, decoder = decode(data, [cut])
+        assert body == b"".join(pieces)
+        assert decoder.done
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=40), max_size=6), st.data())
+def test_random_multi_splits(pieces: list[bytes], data: st.DataObject) -> None:
+    raw = b"".join(frame(p) for p in pieces) + LAST_CHUNK
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=8)))
+    body, decoder = decode(raw, cuts)
+    assert body == b"".join(pieces) and decoder.done
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=200))
+def test_fuzz_only_chunked_error(data: bytes) -> None:
+    decoder = ChunkedDecoder(max_line=64)
+    try:
+        out = decoder.feed(data)
+    except ChunkedError:
+        return
+    assert sum(map(len, out)) <= len(data)
