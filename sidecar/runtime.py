@@ -7,6 +7,9 @@ flight. The ledger and metrics live across generations.
 
 from __future__ import annotations
 
+import logging
+import resource
+import time
 from dataclasses import dataclass, field
 
 from sidecar.config import Config, UpstreamConfig
@@ -33,6 +36,30 @@ class Generation:
             pool.close()
 
 
+log = logging.getLogger("sidecar.runtime")
+
+#: File descriptors kept back for listeners, the ledger, logs and the admin port.
+FD_RESERVE = 64
+
+
+def connection_cap() -> int:
+    """How many client connections the fd limit allows (each may hold a worker connection too).
+
+    Raises the soft RLIMIT_NOFILE to the hard limit first, as daemons do, so that
+    `max_connections` rather than the fd table sheds load: a client refused with 503
+    is better than one left unaccepted in the backlog while accept() fails with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard == resource.RLIM_INFINITY or hard > soft:
+        target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+        except (ValueError, OSError):
+            pass
+    return max((soft - FD_RESERVE) // 2, 1)
+
+
 class Runtime:
     """The daemon's shared state, as seen by connections and exchanges."""
 
@@ -42,6 +69,28 @@ class Runtime:
         self.current = Generation(config)
         self.connections = 0
         self.draining = False
+        self.fd_cap = connection_cap()
+        self._last_shed_log = 0.0
+        if self.fd_cap < config.limits.max_connections:
+            log.warning(
+                "the file descriptor limit allows %d client connections, below max_connections %d",
+                self.fd_cap,
+                config.limits.max_connections,
+            )
+
+    @property
+    def max_connections(self) -> int:
+        """The effective connection limit: max_connections, capped by the fd limit."""
+        return min(self.config.limits.max_connections, self.fd_cap)
+
+    def shedding(self) -> None:
+        """Note a refused connection; logged at most every 10 s."""
+        now = time.monotonic()
+        if now - self._last_shed_log >= 10.0:
+            self._last_shed_log = now
+            log.warning(
+                "at the connection limit (%d open): refusing new clients with 503", self.connections
+            )
 
     @property
     def config(self) -> Config:

@@ -76,8 +76,9 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         runtime = self.runtime
-        limits = runtime.config.limits
-        if runtime.connections >= limits.max_connections or runtime.draining:
+        if runtime.connections >= runtime.max_connections or runtime.draining:
+            if not runtime.draining:
+                runtime.shedding()
             self._refuse(503, "too many connections" if not runtime.draining else "shutting down")
             return
         runtime.connections += 1

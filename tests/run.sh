@@ -21,6 +21,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
 
+echo "== Dockerfile RUN steps, run as a plain script"
+sh deploy/docker-run-steps.sh ci
+
 echo "== building the real worker (llama.cpp llama-server; cached)"
 bash tests/realworker/build.sh
 export SIDECAR_REQUIRE_REALWORKER="${SIDECAR_REQUIRE_REALWORKER:-1}"

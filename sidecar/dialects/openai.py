@@ -127,7 +127,8 @@ class OpenAIStream(StreamTranslator):
     def _read_chunk(self, obj: dict[str, Any], raw: bytes) -> bytes | None:
         rewrite = False
         if self.id is None:
-            self.id = obj.get("id") if isinstance(obj.get("id"), str) else None
+            ident = obj.get("id")
+            self.id = ident if isinstance(ident, str) and ident else None
             created = obj.get("created")
             self.created = created if isinstance(created, int) else None
             model = obj.get("model")
@@ -137,7 +138,7 @@ class OpenAIStream(StreamTranslator):
             ("created", self.created or self.plan.created),
             ("model", self.model or self.plan.request_model),
         ):
-            if obj.get(key) is None and fill is not None:
+            if not obj.get(key) and fill is not None:
                 obj[key] = fill
                 rewrite = True
         if "object" not in obj:
