@@ -273,6 +273,12 @@ class Exchange(StreamListener):
             self._client_disconnected()
         except ClientGone:
             self._client_disconnected()
+        except TooLarge:
+            self.close_after = True
+            self.respond_error(413, "request_too_large", "request body too large", "bad_request")
+        except BadFraming as exc:
+            self.close_after = True
+            self.respond_error(400, "invalid_request", str(exc), "bad_request")
         except ClientTimeout:
             self.close_after = True
             if not self.head_sent:
@@ -327,16 +333,7 @@ class Exchange(StreamListener):
         body_parts: list[bytes] = []
         body_complete = False
         if dialect.reads_body:
-            try:
-                body = await self._read_body(limits.max_request_body, body_deadline)
-            except TooLarge:
-                self.close_after = True
-                self.respond_error(413, "request_too_large", "request body too large", "bad_request")
-                return
-            except BadFraming as exc:
-                self.close_after = True
-                self.respond_error(400, "invalid_request", str(exc), "bad_request")
-                return
+            body = await self._read_body(limits.max_request_body, body_deadline)
             try:
                 self.plan = dialect.plan(body, route.upstream_stream, self.request_id)
             except BadRequest as exc:
@@ -431,6 +428,8 @@ class Exchange(StreamListener):
             raise BadFraming(str(exc)) from None
         if type(event) is h11.Data:
             sent.append(event.data)
+            if sum(map(len, sent)) > self.generation.config.limits.max_request_body:
+                raise TooLarge()
             conn.send(h11.Data(data=event.data))
             return False
         if type(event) is h11.EndOfMessage:
