@@ -69,7 +69,9 @@ def write_model(tree: Path, out: Path, *, layers: int = 2, width: int = 64, seed
     tmp = out.with_name(out.name + f".tmp{os.getpid()}")
     writer = gguf.GGUFWriter(str(tmp), "llama")
     writer.add_name("sidecar-tiny-llama")
-    writer.add_description(f"random weights, seed {seed}, {layers} layers, width {width}; for tests only")
+    writer.add_description(
+        f"random weights, seed {seed}, {layers} layers, width {width}; for tests only"
+    )
     writer.add_context_length(2048)
     writer.add_embedding_length(width)
     writer.add_block_count(layers)
@@ -125,7 +127,9 @@ def write_model(tree: Path, out: Path, *, layers: int = 2, width: int = 64, seed
     return out
 
 
-def ensure_model(tree: Path, cache_dir: Path, *, layers: int = 2, width: int = 64, seed: int = 42) -> Path:
+def ensure_model(
+    tree: Path, cache_dir: Path, *, layers: int = 2, width: int = 64, seed: int = 42
+) -> Path:
     """Return the cached model of this shape and seed, writing it first if missing."""
     cache_dir.mkdir(parents=True, exist_ok=True)
     out = cache_dir / model_file_name(layers, width, seed)
@@ -137,7 +141,9 @@ def ensure_model(tree: Path, cache_dir: Path, *, layers: int = 2, width: int = 6
 def main(argv: list[str] | None = None) -> int:
     """Command line: write one model, print its path."""
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tree", type=Path, required=True, help="the llama.cpp tree (…/vendor/llama.cpp)")
+    ap.add_argument(
+        "--tree", type=Path, required=True, help="the llama.cpp tree (…/vendor/llama.cpp)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--width", type=int, default=64)

@@ -140,14 +140,22 @@ class LlamaServer:
         # -c is the total context, split over -np slots; -v logs every request and each cancel.
         args = [
             str(binary_path()),
-            "-m", str(self.model),
-            "--host", "127.0.0.1",
-            "--port", str(self.port),
-            "-c", str(self.ctx * self.slots),
-            "-np", str(self.slots),
-            "--seed", "42",
-            "--alias", ALIAS,
-            "-t", "1",
+            "-m",
+            str(self.model),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "-c",
+            str(self.ctx * self.slots),
+            "-np",
+            str(self.slots),
+            "--seed",
+            "42",
+            "--alias",
+            ALIAS,
+            "-t",
+            "1",
             "--no-warmup",
             "--no-webui",
             *self.extra,
@@ -171,7 +179,9 @@ class LlamaServer:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise RuntimeError(f"llama-server not healthy within {timeout}s:\n{self.log_text()[-3000:]}")
+        raise RuntimeError(
+            f"llama-server not healthy within {timeout}s:\n{self.log_text()[-3000:]}"
+        )
 
     def log_text(self) -> str:
         """Everything the server logged so far."""
