@@ -1,0 +1,88 @@
+"""Shared pytest fixtures: fake workers and real daemons (see tests/harness.py).
+
+- `worker`: a started `FakeWorker` for one test; its script errors fail the test.
+- `make_daemon(config=None, *, worker=None, **overrides)`: start a real daemon
+  for one test (config from `harness.daemon_config(worker.url, **overrides)`
+  unless a whole `config` dict is given); stopped at teardown, and a daemon
+  that logged an error or a traceback fails the test.
+- `module_worker` / `make_module_daemon`: the same, shared by a whole module
+  (a daemon start costs ~0.5 s); tests reset the worker with `worker.reset()`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import Daemon, FakeWorker, daemon_config
+
+
+class DaemonFactory:
+    """Starts daemons into one directory and stops them all at the end."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.daemons: list[Daemon] = []
+
+    def __call__(
+        self,
+        config: dict[str, Any] | None = None,
+        *,
+        worker: FakeWorker | None = None,
+        env: dict[str, str] | None = None,
+        **overrides: Any,
+    ) -> Daemon:
+        if config is None:
+            if worker is None:
+                raise TypeError("make_daemon needs a config or a worker")
+            config = daemon_config(worker.url, **overrides)
+        elif overrides:
+            raise TypeError("give either a whole config or overrides, not both")
+        name = f"sidecar{len(self.daemons)}"
+        daemon = Daemon(config, self.directory, env=env, name=name)
+        self.daemons.append(daemon)
+        return daemon.start()
+
+    def close(self) -> list[str]:
+        """Stop every daemon; return the error lines they logged."""
+        errors: list[str] = []
+        for daemon in self.daemons:
+            daemon.stop()
+            errors += daemon.errors()
+        return errors
+
+
+@pytest.fixture
+def worker() -> Iterator[FakeWorker]:
+    w = FakeWorker().start()
+    try:
+        yield w
+    finally:
+        w.stop()
+    assert not w.errors, f"fake worker errors: {w.errors}"
+
+
+@pytest.fixture
+def make_daemon(tmp_path: Path) -> Iterator[Callable[..., Daemon]]:
+    factory = DaemonFactory(tmp_path)
+    yield factory
+    errors = factory.close()
+    assert not errors, "the daemon logged errors:\n" + "\n".join(errors)
+
+
+@pytest.fixture(scope="module")
+def module_worker() -> Iterator[FakeWorker]:
+    w = FakeWorker().start()
+    yield w
+    w.stop()
+
+
+@pytest.fixture(scope="module")
+def make_module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., Daemon]]:
+    factory = DaemonFactory(tmp_path_factory.mktemp("daemon"))
+    yield factory
+    errors = factory.close()
+    assert not errors, "the daemon logged errors:\n" + "\n".join(errors)
