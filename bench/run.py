@@ -71,6 +71,7 @@ class Settings:
     driver_cpus: set[int] = field(default_factory=lambda: {0})
     python: str = sys.executable
     ledger: bool = False
+    nginx_access_log: bool = True  # sidecar logs a line per request too
     scale: bool = True
     targets: tuple[str, ...] = ("direct", "nginx", "sidecar")
 
@@ -206,7 +207,7 @@ events {{
     worker_connections 8192;
 }}
 http {{
-    access_log off;
+    access_log {access_log};
     client_body_temp_path {dir}/nginx-body;
     proxy_temp_path {dir}/nginx-proxy;
     keepalive_requests 1000000;
@@ -258,7 +259,10 @@ def start_nginx(s: Settings, tmp: Path, wport: int) -> tuple[Proc, int]:
     port = free_port()
     user = "user root root;" if os.geteuid() == 0 else ""
     conf = tmp / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=tmp, wport=wport, port=port, user=user))
+    access_log = f"{tmp}/nginx-access.log" if s.nginx_access_log else "off"
+    conf.write_text(
+        NGINX_CONF.format(dir=tmp, wport=wport, port=port, user=user, access_log=access_log)
+    )
     proc = Proc(
         "nginx",
         [find_nginx(), "-p", str(tmp), "-e", str(tmp / "nginx-error.log"), "-c", str(conf)],
@@ -966,6 +970,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rss-tick-ms", type=int, help="tick of the many-streams phase")
     ap.add_argument("--sat-batch", type=int, default=8, help="events per worker write, saturation")
     ap.add_argument("--ledger", action="store_true", help="sidecar writes a usage ledger")
+    ap.add_argument(
+        "--no-access-log", action="store_true", help="nginx without its (default) access log"
+    )
     ap.add_argument("--no-nginx", action="store_true")
     ap.add_argument("--no-sidecar", action="store_true")
     ap.add_argument("--no-scale", action="store_true", help="skip workers: 1 vs 2")
@@ -984,6 +991,7 @@ def main(argv: list[str] | None = None) -> int:
     s.rss_tick_ms = args.rss_tick_ms or args.tick_ms
     s.sat_batch = args.sat_batch
     s.ledger = args.ledger
+    s.nginx_access_log = not args.no_access_log
     s.window_s = args.window or (1.2 if args.quick else 5.0)
     s.ttfe_samples = 60 if args.quick else 400
     s.scale = not (args.no_scale or args.quick)
@@ -1012,7 +1020,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"sidecar bench: {ncpu} CPUs, proxy on CPU {cpulist(s.proxy_cpus)}, fake worker + load "
         f"generator on CPU {cpulist(s.driver_cpus)}; tick {s.tick_ms} ms, {s.streams} streams x "
-        f"{s.tokens} tokens, window {s.window_s:g} s, {time.monotonic() - t0:.0f} s total"
+        f"{s.tokens} tokens, window {s.window_s:g} s, {time.monotonic() - t0:.0f} s total; "
+        f"nginx access_log {'on' if s.nginx_access_log else 'off'}, "
+        f"sidecar usage_log {'on' if s.ledger else 'off'}"
     )
     print(render(rows))
     for note in notes:
