@@ -1,0 +1,326 @@
+"""Unit tests of sidecar.headers (raw-head hygiene, header rewriting) and sidecar.routes (matching).
+
+Pure: no sockets, no event loop. The integration tests in test_proxy_core.py
+check the same rules through the real daemon.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from sidecar.config import config_from_dict
+from sidecar.headers import (
+    HOP_BY_HOP,
+    check_raw_head,
+    connection_tokens,
+    end_to_end,
+    find_head_end,
+    header_value,
+    request_id_from,
+    simple_response,
+    without,
+)
+from sidecar.routes import is_ambiguous_path, match_route, split_target
+
+
+def head(*lines: str, request_line: str = "POST /v1/chat/completions HTTP/1.1", eol: str = "\r\n") -> bytes:
+    return (eol.join([request_line, *lines]) + eol + eol).encode("latin-1")
+
+
+# ---------------------------------------------------------------------------- check_raw_head
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        head("Host: x", "Content-Length: 5"),
+        head("Host: x", "Transfer-Encoding: chunked"),
+        head("Host: x", "Transfer-Encoding: Chunked"),
+        head("Host: x", "Content-Length: 5", "Content-Length: 5"),
+        head("Host: x", "Content-Length: 5, 5"),
+        head("Host: x", eol="\n"),
+        head("Host: x", request_line="OPTIONS * HTTP/1.1"),
+        head("Host: x", request_line="GET /v1/models?x=http://a/b HTTP/1.1"),
+        head("Host: x", "X-Empty:", "x-tab:\tv"),
+    ],
+)
+def test_acceptable_heads(raw: bytes) -> None:
+    assert check_raw_head(raw) is None
+
+
+@pytest.mark.parametrize(
+    ("raw", "why"),
+    [
+        (head("Host: x", "Content-Length: 5", "Transfer-Encoding: chunked"), "both"),
+        (head("Host: x", "Transfer-Encoding: chunked", "Content-Length: 5"), "both"),
+        (head("Host: x", "Content-Length: 5", "Content-Length: 6"), "differing"),
+        (head("Host: x", "Content-Length: 5, 6"), "differing"),
+        (head("Host: x", "Transfer-Encoding: gzip"), "chunked"),
+        (head("Host: x", "Transfer-Encoding: gzip, chunked"), "chunked"),
+        (head("Host: x", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"), "chunked"),
+        (head("Host: x", "Transfer-Encoding: chunked, identity"), "chunked"),
+        (head("Host: x", "X-A: 1", " folded"), "folding"),
+        (head("Host: x", "X-A: 1", "\tfolded"), "folding"),
+        (head("Host : x"), "whitespace"),
+        (head("Host\t: x"), "whitespace"),
+        (head("Host: x", request_line="GET http://evil.example/v1/models HTTP/1.1"), "absolute-form"),
+        (head("Host: x", request_line="GET evil.example:443 HTTP/1.1"), "absolute-form"),
+        (head("Host: x", request_line="CONNECT evil.example:443 HTTP/1.1"), "CONNECT"),
+        (head("Host: x", request_line="GET  /v1/models HTTP/1.1"), "request line"),
+        (head("Host: x", request_line="GET /v1/models"), "request line"),
+        (head("Host: x", "no colon here"), "header line"),
+        (head("Host: x", ": empty name"), "header line"),
+        (head("Ho(st: x"), "header name"),
+    ],
+)
+def test_refused_heads(raw: bytes, why: str) -> None:
+    problem = check_raw_head(raw)
+    assert problem is not None
+    assert why.lower() in problem.lower()
+
+
+@given(st.binary(max_size=300))
+def test_check_raw_head_never_raises(raw: bytes) -> None:
+    result = check_raw_head(raw + b"\r\n\r\n")
+    assert result is None or isinstance(result, str)
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.text(string.ascii_letters, min_size=1, max_size=1)
+            .flatmap(lambda first: st.text(string.ascii_letters + string.digits + "-", max_size=15)
+                     .map(lambda rest: first + rest)),
+            st.text(string.printable[:95], max_size=20).map(str.strip),
+        ),
+        max_size=8,
+    )
+)
+def test_plain_token_headers_are_accepted(headers: list[tuple[str, str]]) -> None:
+    headers = [(k, v) for k, v in headers
+               if k.lower() not in ("content-length", "transfer-encoding")]
+    raw = head(*(f"{k}: {v}" for k, v in headers))
+    assert check_raw_head(raw) is None
+
+
+# ---------------------------------------------------------------------------- header rewriting
+
+
+def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers() -> None:
+    headers = [
+        (b"Host", b"a"),
+        (b"Connection", b"keep-alive, X-Secret-Hop"),
+        (b"Keep-Alive", b"timeout=5"),
+        (b"TE", b"trailers"),
+        (b"Trailer", b"x"),
+        (b"Transfer-Encoding", b"chunked"),
+        (b"Upgrade", b"h2c"),
+        (b"Proxy-Connection", b"keep-alive"),
+        (b"Proxy-Authorization", b"Basic x"),
+        (b"Proxy-Authenticate", b"Basic"),
+        (b"Content-Length", b"3"),
+        (b"Expect", b"100-continue"),
+        (b"x-secret-hop", b"1"),
+        (b"Authorization", b"Bearer sk-1"),
+        (b"Cookie", b"a=b"),
+        (b"X-Custom", b"kept"),
+        (b"Content-Type", b"application/json"),
+        (b"x-api-key", b"k"),
+    ]
+    assert end_to_end(headers) == [
+        (b"Authorization", b"Bearer sk-1"),
+        (b"Cookie", b"a=b"),
+        (b"X-Custom", b"kept"),
+        (b"Content-Type", b"application/json"),
+        (b"x-api-key", b"k"),
+    ]
+
+
+def test_hop_by_hop_names_are_lower_case() -> None:
+    assert all(name == name.lower() for name in HOP_BY_HOP)
+    for name in (b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"):
+        assert name in HOP_BY_HOP
+
+
+def test_connection_tokens_over_several_headers() -> None:
+    headers = [(b"Connection", b" Close ,X-A"), (b"connection", b"x-b,,"), (b"X-A", b"1")]
+    assert connection_tokens(headers) == {b"close", b"x-a", b"x-b", b""}
+
+
+def test_header_value_first_match_case_insensitive() -> None:
+    headers = [(b"X-Request-ID", b"one"), (b"x-request-id", b"two")]
+    assert header_value(headers, b"x-request-id") == b"one"
+    assert header_value(headers, b"x-missing") is None
+
+
+def test_without_is_case_insensitive_and_keeps_order() -> None:
+    headers = [(b"A", b"1"), (b"b", b"2"), (b"C", b"3"), (b"a", b"4")]
+    assert without(headers, b"a") == [(b"b", b"2"), (b"C", b"3")]
+    assert without(headers) == headers
+
+
+@pytest.mark.parametrize("given_id", ["abc-123", "x" * 200, "req_01H~!#$%&'*+.^`|"])
+def test_request_id_taken_from_client(given_id: str) -> None:
+    assert request_id_from([(b"X-Request-Id", given_id.encode())]) == given_id
+
+
+@pytest.mark.parametrize("bad", [b"", b"x" * 201, b"has space", "caf\u00e9".encode(), b"a\tb"])
+def test_request_id_generated_when_absent_or_insane(bad: bytes) -> None:
+    rid = request_id_from([(b"x-request-id", bad)])
+    assert re.fullmatch(r"[0-9a-f]{32}", rid)
+
+
+def test_generated_request_ids_are_unique() -> None:
+    ids = {request_id_from([]) for _ in range(100)}
+    assert len(ids) == 100
+
+
+@pytest.mark.parametrize("status", [400, 404, 408, 413, 431, 503, 599])
+def test_simple_response_is_a_complete_closing_response(status: int) -> None:
+    body = b'{"error":{"message":"m","type":"t","code":"c"}}'
+    raw = simple_response(status, body)
+    head_bytes, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head_bytes.split(b"\r\n")
+    assert re.fullmatch(rb"HTTP/1\.1 %d [A-Za-z ]+" % status, lines[0])
+    fields = dict(line.split(b": ", 1) for line in lines[1:])
+    assert fields[b"content-length"] == str(len(body)).encode()
+    assert fields[b"connection"] == b"close"
+    assert fields[b"content-type"] == b"application/json"
+    assert rest == body
+
+
+@pytest.mark.parametrize(
+    ("buffer", "start", "end"),
+    [
+        (b"GET / HTTP/1.1\r\nA: b\r\n\r\nBODY", 0, 24),
+        # the first blank line ends the head, whatever line ends the rest uses
+        (b"GET / HTTP/1.1\nA: b\n\nab\r\n\r\ncd", 0, 21),
+        (b"GET / HTTP/1.1\r\nA: b\n\r\n", 0, 23),
+        (b"GET / HTTP/1.1\nA: b\n\nBODY", 0, 21),
+        (b"GET / HTTP/1.1\r\nA: b\r\n", 0, -1),
+        (b"GET / HTTP/1.1\r\nA: b\r\n\r\n", 20, 24),
+        (b"", 0, -1),
+    ],
+)
+def test_find_head_end(buffer: bytes, start: int, end: int) -> None:
+    assert find_head_end(buffer, start) == end
+    assert find_head_end(bytearray(buffer), start) == end
+
+
+# ---------------------------------------------------------------------------- routes
+
+
+def routes_from(raw_routes: list[dict]) -> tuple:
+    config = config_from_dict(
+        {"upstream": {"url": "http://127.0.0.1:9"}, "routes": raw_routes}, env={}
+    )
+    return config.routes
+
+
+ROUTES = routes_from(
+    [
+        {"name": "chat", "match": {"path": "/v1/chat/completions", "methods": ["POST"]},
+         "dialect": "openai-chat"},
+        {"name": "chat-get", "match": {"path": "/v1/chat/completions", "methods": ["get"]},
+         "dialect": "passthrough"},
+        {"name": "models", "match": {"path": "/v1/models"}, "dialect": "passthrough"},
+        {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"},
+    ]
+)
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "name"),
+    [
+        ("POST", b"/v1/chat/completions", "chat"),
+        ("POST", b"/v1/chat/completions?api-version=2024&x=/y", "chat"),
+        ("GET", b"/v1/chat/completions", "chat-get"),
+        ("DELETE", b"/v1/chat/completions", "rest"),
+        ("GET", b"/v1/models", "models"),
+        ("POST", b"/v1/models", "models"),
+        ("GET", b"/v1/models/", "rest"),
+        ("POST", b"/v1/chat/completions/", "rest"),
+        ("GET", b"/v1/embeddings", "rest"),
+        ("GET", b"/v1/", "rest"),
+        ("GET", b"/v1/a.b/c...d", "rest"),
+        ("GET", b"/v1/%41", "rest"),
+        ("GET", b"/v1", None),
+        ("GET", b"/v2/chat/completions", None),
+        ("GET", b"/", None),
+        ("GET", b"/V1/models", None),
+    ],
+)
+def test_first_matching_route_wins(method: str, target: bytes, name: str | None) -> None:
+    route = match_route(ROUTES, method, target)
+    assert (route.name if route else None) == name
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        b"/v1/../v1/chat/completions",
+        b"/v1/./chat/completions",
+        b"/v1/chat/completions/..",
+        b"/v1/chat/./completions",
+        b"//v1/chat/completions",
+        b"/v1//chat/completions",
+        b"/v1/chat%2Fcompletions",
+        b"/v1/chat%2fcompletions",
+        b"/v1/%2e%2e/admin",
+        b"/v1/%2E/models",
+        b"/v1\\chat/completions",
+        b"/v1/chat%5ccompletions",
+        b"v1/chat/completions",
+        b"*",
+        "/v1/caf\u00e9".encode(),
+    ],
+)
+def test_ambiguous_paths_match_no_route(target: bytes) -> None:
+    assert match_route(ROUTES, "POST", target) is None
+    assert match_route(ROUTES, "GET", target) is None
+
+
+def test_query_is_not_part_of_the_path() -> None:
+    assert split_target(b"/v1/models?a=1?b=2") == (b"/v1/models", b"a=1?b=2")
+    assert split_target(b"/v1/models") == (b"/v1/models", b"")
+    assert split_target(b"/v1/models?") == (b"/v1/models", b"")
+    # an ambiguous-looking query does not make the path ambiguous
+    assert match_route(ROUTES, "GET", b"/v1/models?next=/../x//y%2F").name == "models"
+
+
+@pytest.mark.parametrize(
+    ("path", "ambiguous"),
+    [
+        (b"/v1/models", False),
+        (b"/", False),
+        (b"/v1/a.b", False),
+        (b"/v1/...", False),
+        (b"/v1/..", True),
+        (b"/.", True),
+        (b"", True),
+        (b"relative", True),
+    ],
+)
+def test_is_ambiguous_path(path: bytes, ambiguous: bool) -> None:
+    assert is_ambiguous_path(path) is ambiguous
+
+
+@given(st.lists(st.sampled_from(["v1", "chat", "completions", ".", "..", "", "%2F", "a.b"]),
+                min_size=1, max_size=6))
+def test_a_matched_route_never_sees_dot_segments_or_empty_segments(segments: list[str]) -> None:
+    target = ("/" + "/".join(segments)).encode()
+    route = match_route(ROUTES, "GET", target)
+    if route is not None:
+        parts = target.split(b"/")[1:]
+        assert b"." not in parts and b".." not in parts
+        assert b"" not in parts[:-1]
+        assert b"%2f" not in target.lower()
+
+
+def test_no_routes_no_match() -> None:
+    assert match_route((), "GET", b"/v1/models") is None
