@@ -6,11 +6,16 @@ ever tests which dialect it holds.
 
 from __future__ import annotations
 
+from sidecar.dialects.anthropic import ANTHROPIC_MESSAGES
 from sidecar.dialects.base import Dialect
 from sidecar.dialects.openai import OPENAI_CHAT, OPENAI_COMPLETIONS
+from sidecar.dialects.openai_responses import OPENAI_RESPONSES
 from sidecar.dialects.passthrough import PASSTHROUGH
 
-_REGISTRY: dict[str, Dialect] = {d.name: d for d in (OPENAI_CHAT, OPENAI_COMPLETIONS, PASSTHROUGH)}
+_REGISTRY: dict[str, Dialect] = {
+    d.name: d
+    for d in (OPENAI_CHAT, OPENAI_COMPLETIONS, ANTHROPIC_MESSAGES, OPENAI_RESPONSES, PASSTHROUGH)
+}
 
 
 def get_dialect(name: str) -> Dialect:

@@ -1,0 +1,401 @@
+"""The `anthropic-messages` dialect: Anthropic Messages (`POST /v1/messages`).
+
+Pure: no sockets, no asyncio. Knows the Messages stream (`message_start`,
+`content_block_start`, `content_block_delta`, `content_block_stop`,
+`message_delta`, `message_stop`, `ping`, `error`), where it carries usage
+(`message_start.message.usage` and `message_delta.usage`, the largest value
+per field wins), how to fold a stream into one `message` and to replay one
+`message` as a stream, and the SPEC's `event: error` frame.
+
+Pass-through events are returned as the exact bytes they arrived as. Only the
+`message_delta` that gets `usage.cost`, and an event whose `event:` line is
+missing or differs from its data's `type`, are re-encoded (every event the
+sidecar writes has an `event:` line equal to its `type`: the Anthropic SDKs
+ignore unnamed events). It never adds `stream_options` to a request:
+Anthropic streams always carry usage.
+"""
+
+from __future__ import annotations
+
+from decimal import Decimal
+from typing import Any
+
+import orjson
+
+from sidecar.config import Pricing
+from sidecar.dialects.base import (
+    BadRequest,
+    Dialect,
+    DocumentTranslator,
+    RequestPlan,
+    StreamProtocolError,
+    StreamTranslator,
+)
+from sidecar.dialects.merge import merge_into
+from sidecar.failures import Failure
+from sidecar.sse import Event, encode_event
+from sidecar.usage import Usage, anthropic_cost, cost_json_number, usage_from_anthropic
+
+#: Content block types whose `input` is streamed as `input_json_delta` fragments.
+_JSON_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
+#: Delta types that are generated content (counted when the worker reports no usage).
+_CONTENT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
+#: Message fields a `message_delta` carries (set when generation ends), not `message_start`.
+_DELTA_FIELDS = ("stop_reason", "stop_sequence", "stop_details", "container")
+#: Block types implied by a delta when a worker sends a delta without its block start.
+_DELTA_BLOCK_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_use"}
+
+
+def _named(obj: dict[str, Any], kind: str) -> bytes:
+    """One event written by the sidecar: `event: <type>` and the JSON data."""
+    return encode_event(orjson.dumps(obj), event=kind)
+
+
+def _price_cost(pricing: Pricing, model: str | None, usage: Usage) -> Decimal | None:
+    if not usage.seen:
+        return None
+    price = pricing.price_for(model)
+    return None if price is None else anthropic_cost(usage, price)
+
+
+def merge_usage(acc: dict[str, Any], report: dict[str, Any]) -> None:
+    """Fold one `usage` report into `acc`: integer counts keep the largest, others the latest."""
+    for key, value in report.items():
+        if value is None:
+            continue
+        old = acc.get(key)
+        if type(value) is int and type(old) is int:
+            if value > old:
+                acc[key] = value
+        else:
+            acc[key] = value
+
+
+def error_object(error_type: str, message: str, code: str) -> dict[str, Any]:
+    """An Anthropic error object carrying the sidecar's code."""
+    return {"type": "error", "error": {"type": error_type, "message": message, "code": code}}
+
+
+def error_type_for(status: int) -> str:
+    """Anthropic `error.type` for a status the sidecar answers itself."""
+    if status == 404:
+        return "not_found_error"
+    if status == 413:
+        return "request_too_large"
+    if status >= 500:
+        return "api_error"
+    return "invalid_request_error"
+
+
+class AnthropicStream(StreamTranslator):
+    """One worker Messages stream, relayed event by event or folded into one `message`."""
+
+    def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
+        self.plan = plan
+        self.pricing = pricing
+        self.aggregate = aggregate
+        self.usage = Usage()
+        self.model: str | None = None
+        self.cost: Decimal | None = None
+        self.worker_error = False
+        self.complete = False
+        self._usage_obj: dict[str, Any] | None = None
+        self._content_events = 0
+        self._message: dict[str, Any] = {}
+        self._delta: dict[str, Any] = {}
+        self._blocks: dict[int, dict[str, Any]] = {}
+        self._pieces: dict[tuple[int, str], list[str]] = {}
+        self._error_obj: dict[str, Any] | None = None
+
+    # -- reading events ---------------------------------------------------------
+    def feed(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None or self.complete:
+            # comments pass; nothing after message_stop is ours to read
+            return None if self.aggregate else (event.raw or None)
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError as exc:
+            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
+        if not isinstance(obj, dict):
+            raise StreamProtocolError("event data is not a JSON object")
+        kind = obj.get("type")
+        if not isinstance(kind, str):
+            if not event.event:
+                return None if self.aggregate else event.raw  # nothing to name it by
+            kind = obj["type"] = event.event
+        rewrite = event.event != kind
+        if kind == "content_block_delta":
+            self._read_delta(obj)
+        elif kind == "message_delta":
+            rewrite = self._read_message_delta(obj) or rewrite
+        elif kind == "message_start":
+            self._read_message_start(obj)
+        elif kind == "content_block_start":
+            if self.aggregate:
+                index, block = obj.get("index"), obj.get("content_block")
+                if isinstance(index, int) and isinstance(block, dict):
+                    self._blocks[index] = dict(block)
+        elif kind == "message_stop":
+            self.complete = True
+            self._finish_usage()
+        elif kind == "error":
+            self.worker_error = True
+            self._error_obj = obj
+        if self.aggregate:
+            return None
+        return _named(obj, kind) if rewrite else event.raw
+
+    def _read_message_start(self, obj: dict[str, Any]) -> None:
+        message = obj.get("message")
+        if not isinstance(message, dict):
+            raise StreamProtocolError("message_start carries no message object")
+        self._message = message
+        model = message.get("model")
+        if isinstance(model, str) and model:
+            self.model = model
+        usage = message.get("usage")
+        if isinstance(usage, dict):
+            self._add_usage(usage)
+
+    def _read_delta(self, obj: dict[str, Any]) -> None:
+        delta = obj.get("delta")
+        if not isinstance(delta, dict):
+            return
+        dtype = delta.get("type")
+        field = _CONTENT_DELTAS.get(dtype) if isinstance(dtype, str) else None
+        if field is not None and delta.get(field):
+            self._content_events += 1
+        if not self.aggregate:
+            return
+        index = obj.get("index")
+        if not isinstance(index, int):
+            raise StreamProtocolError("content_block_delta has no integer index")
+        block = self._blocks.get(index)
+        if block is None:
+            block = self._blocks[index] = {"type": _DELTA_BLOCK_TYPE.get(dtype, "text")}
+        if field is not None:
+            value = delta.get(field)
+            if isinstance(value, str) and value:
+                self._pieces.setdefault((index, field), []).append(value)
+        elif dtype == "signature_delta":
+            block["signature"] = delta.get("signature")
+        elif dtype == "citations_delta":
+            if not isinstance(block.get("citations"), list):
+                block["citations"] = []
+            block["citations"].append(delta.get("citation"))
+        else:
+            merge_into(block, {k: v for k, v in delta.items() if k != "type"})
+
+    def _read_message_delta(self, obj: dict[str, Any]) -> bool:
+        """Record stop fields and usage; in relay mode inject the cost (True: re-encode)."""
+        delta = obj.get("delta")
+        if isinstance(delta, dict):
+            self._delta.update(delta)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self._add_usage(usage)
+        self._finish_usage()
+        if self.aggregate or self.cost is None:
+            return False
+        out = dict(usage) if isinstance(usage, dict) else {}
+        if "output_tokens" not in out and self.usage.completion_tokens is not None:
+            out["output_tokens"] = self.usage.completion_tokens
+        out["cost"] = cost_json_number(self.cost)
+        obj["usage"] = out
+        return True
+
+    def _add_usage(self, report: dict[str, Any]) -> None:
+        if self._usage_obj is None:
+            self._usage_obj = {}
+        merge_usage(self._usage_obj, report)
+        self.usage = usage_from_anthropic(self._usage_obj)
+
+    def _finish_usage(self) -> None:
+        if not self.usage.seen and self._content_events:
+            self.usage = Usage(completion_tokens=self._content_events, estimated=True)
+        self.cost = _price_cost(self.pricing, self.model or self.plan.request_model, self.usage)
+
+    # -- results ------------------------------------------------------------------
+    def document(self) -> bytes:
+        """The folded `message`; raises StreamProtocolError for a tool input that is not JSON."""
+        if self._error_obj is not None:
+            return orjson.dumps(self._error_obj)
+        self._finish_usage()
+        doc: dict[str, Any] = {
+            "id": None,
+            "type": "message",
+            "role": "assistant",
+            "model": None,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+        }
+        doc.update((k, v) for k, v in self._message.items() if v is not None or k not in doc)
+        for key, fill in (
+            ("id", "msg_" + self.plan.request_id),
+            ("type", "message"),
+            ("role", "assistant"),
+            ("model", self.model or self.plan.request_model),
+        ):
+            if doc[key] is None:
+                doc[key] = fill
+        doc["content"] = [self._final_block(i) for i in sorted(self._blocks)]
+        doc.update(self._delta)
+        usage = dict(self._usage_obj) if self._usage_obj is not None else None
+        if usage is None and self.usage.estimated:
+            usage = {"output_tokens": self.usage.completion_tokens}
+        if usage is not None:
+            if self.cost is not None:
+                usage["cost"] = cost_json_number(self.cost)
+            doc["usage"] = usage
+        return orjson.dumps(doc)
+
+    def _final_block(self, index: int) -> dict[str, Any]:
+        block = dict(self._blocks[index])
+        for field in ("text", "thinking"):
+            pieces = self._pieces.get((index, field))
+            if pieces:
+                start = block.get(field)
+                block[field] = (start if isinstance(start, str) else "") + "".join(pieces)
+        pieces = self._pieces.get((index, "partial_json"))
+        if pieces:
+            raw = "".join(pieces)
+            try:
+                block["input"] = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise StreamProtocolError(
+                    f"the tool input of content block {index} is not valid JSON: {raw[:200]!r}"
+                ) from None
+        return block
+
+    def error_frame(self, failure: Failure, message: str) -> bytes:
+        return _named(error_object("api_error", message, failure.code), "error")
+
+
+class AnthropicDocument(DocumentTranslator):
+    """One worker `message` document, returned as JSON or replayed as a Messages stream."""
+
+    def __init__(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> None:
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
+        if not isinstance(doc, dict):
+            raise StreamProtocolError("the worker's document is not a JSON object")
+        self.plan = plan
+        self.doc = doc
+        self.worker_error = doc.get("type") == "error"
+        model = doc.get("model")
+        self.model = model if isinstance(model, str) and model else None
+        usage_obj = doc.get("usage")
+        self.usage = usage_from_anthropic(usage_obj) if isinstance(usage_obj, dict) else Usage()
+        self.cost = _price_cost(pricing, self.model or plan.request_model, self.usage)
+        if isinstance(usage_obj, dict) and self.cost is not None:
+            doc["usage"] = {**usage_obj, "cost": cost_json_number(self.cost)}
+
+    def json(self) -> bytes:
+        return orjson.dumps(self.doc)
+
+    def sse(self) -> bytes:
+        doc = self.doc
+        if self.worker_error:
+            return _named(doc, "error")
+        message = {k: v for k, v in doc.items() if k not in ("content", "usage", *_DELTA_FIELDS)}
+        message.setdefault("id", "msg_" + self.plan.request_id)
+        message.setdefault("type", "message")
+        message.setdefault("role", "assistant")
+        message.setdefault("model", self.model or self.plan.request_model)
+        message["content"] = []
+        for key in ("stop_reason", "stop_sequence"):
+            if key in doc:
+                message[key] = None
+        usage = doc.get("usage")
+        if isinstance(usage, dict):
+            start_usage = {k: v for k, v in usage.items() if k != "cost"}
+            if "output_tokens" in start_usage:
+                start_usage["output_tokens"] = 0
+            message["usage"] = start_usage
+        out = [_named({"type": "message_start", "message": message}, "message_start")]
+        content = doc.get("content")
+        for index, block in enumerate(content if isinstance(content, list) else []):
+            if isinstance(block, dict):
+                out.extend(_block_events(index, block))
+        delta = {"stop_reason": doc.get("stop_reason"), "stop_sequence": doc.get("stop_sequence")}
+        delta.update((k, doc[k]) for k in _DELTA_FIELDS[2:] if k in doc)
+        final: dict[str, Any] = {"type": "message_delta", "delta": delta}
+        final["usage"] = usage if isinstance(usage, dict) else {}
+        out.append(_named(final, "message_delta"))
+        out.append(_named({"type": "message_stop"}, "message_stop"))
+        return b"".join(out)
+
+
+def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
+    """content_block_start / _delta(s) / _stop replaying one finished content block."""
+    start = dict(block)
+    deltas: list[dict[str, Any]] = []
+    btype = block.get("type")
+    if btype == "text" and isinstance(block.get("text"), str):
+        start["text"] = ""
+        if block["text"]:
+            deltas.append({"type": "text_delta", "text": block["text"]})
+    elif btype == "thinking":
+        if isinstance(block.get("thinking"), str):
+            start["thinking"] = ""
+            if block["thinking"]:
+                deltas.append({"type": "thinking_delta", "thinking": block["thinking"]})
+        if isinstance(block.get("signature"), str):
+            start["signature"] = ""
+            if block["signature"]:
+                deltas.append({"type": "signature_delta", "signature": block["signature"]})
+    elif btype in _JSON_INPUT_BLOCKS and "input" in block:
+        start["input"] = {}
+        if block["input"] != {}:
+            deltas.append({"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()})
+    out = [_named({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start")]
+    out.extend(
+        _named({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
+        for d in deltas
+    )
+    out.append(_named({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    return out
+
+
+class AnthropicDialect(Dialect):
+    """`anthropic-messages`: only the request's `stream` flag is ever changed."""
+
+    name = "anthropic-messages"
+
+    def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
+        try:
+            request = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise BadRequest(f"request body is not valid JSON: {exc}") from None
+        if not isinstance(request, dict):
+            raise BadRequest("request body must be a JSON object")
+        client_stream = request.get("stream") is True
+        asked = {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+        if request.get("stream", False) is not asked:
+            request["stream"] = asked
+            body = orjson.dumps(request)
+        model = request.get("model")
+        return RequestPlan(
+            request_id=request_id,
+            client_stream=client_stream,
+            include_usage=client_stream,  # Messages streams always carry usage
+            request_model=model if isinstance(model, str) else None,
+            body=body,
+            asked_stream=asked,
+        )
+
+    def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
+        return AnthropicStream(plan, pricing, aggregate)
+
+    def document(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> DocumentTranslator:
+        return AnthropicDocument(plan, pricing, body)
+
+    def error_body(self, status: int, code: str, message: str) -> bytes:
+        return orjson.dumps(error_object(error_type_for(status), message, code))
+
+
+ANTHROPIC_MESSAGES = AnthropicDialect()

@@ -1,0 +1,477 @@
+"""The anthropic-messages dialect, driven with real SSE bytes through sidecar's own parser."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import failures
+from sidecar.config import Price, Pricing
+from sidecar.dialects import get_dialect
+from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.sse import Event, SSEParser
+
+DIALECT = get_dialect("anthropic-messages")
+MODEL = "claude-like"
+PRICING = Pricing(
+    models=MappingProxyType(
+        {MODEL: Price(Decimal("3"), Decimal("15"), cached_prompt=Decimal("0.3"), cache_write=Decimal("3.75"))}
+    )
+)
+
+
+def ev(kind: str, obj: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode()
+
+
+def worker_stream(*, usage_start: dict[str, Any] | None = None, usage_end: dict[str, Any] | None = None) -> list[bytes]:
+    """A Messages stream as the Anthropic API sends it (with a ping)."""
+    start_usage = usage_start if usage_start is not None else {"input_tokens": 25, "output_tokens": 1}
+    end_usage = usage_end if usage_end is not None else {"output_tokens": 15}
+    return [
+        ev(
+            "message_start",
+            {
+                "type": "message_start",
+                "message": {
+                    "id": "msg_01",
+                    "type": "message",
+                    "role": "assistant",
+                    "content": [],
+                    "model": MODEL,
+                    "stop_reason": None,
+                    "stop_sequence": None,
+                    "usage": start_usage,
+                },
+            },
+        ),
+        ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        ev("ping", {"type": "ping"}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "Hel"}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "lo"}}),
+        ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ev(
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": end_usage},
+        ),
+        ev("message_stop", {"type": "message_stop"}),
+    ]
+
+
+def plan(client_stream: bool = True, model: str | None = MODEL, mode: str = "auto") -> RequestPlan:
+    body: dict[str, Any] = {"max_tokens": 10, "messages": [{"role": "user", "content": "hi"}]}
+    if model is not None:
+        body["model"] = model
+    if client_stream:
+        body["stream"] = True
+    return DIALECT.plan(orjson.dumps(body), mode, "req1")
+
+
+def parse(data: bytes) -> list[Event]:
+    return SSEParser().feed(data)
+
+
+def relay(chunks: list[bytes], pricing: Pricing = PRICING) -> tuple[list[bytes | None], Any]:
+    translator = DIALECT.stream(plan(), pricing, aggregate=False)
+    out = [translator.feed(e) for e in parse(b"".join(chunks))]
+    return out, translator
+
+
+def aggregate(data: bytes, pricing: Pricing = PRICING, p: RequestPlan | None = None) -> Any:
+    translator = DIALECT.stream(p or plan(client_stream=False), pricing, aggregate=True)
+    for e in parse(data):
+        assert translator.feed(e) is None
+    return translator
+
+
+def names_match_types(data: bytes) -> None:
+    for e in parse(data):
+        if e.data is not None:
+            assert e.event == json.loads(e.data)["type"]
+
+
+# -- relay -----------------------------------------------------------------------------------
+
+
+def test_relay_passes_every_event_raw_except_the_priced_message_delta() -> None:
+    chunks = worker_stream()
+    out, t = relay(chunks)
+    for i, (sent, got) in enumerate(zip(chunks, out, strict=True)):
+        if i == 6:
+            assert got is not None and got != sent
+            (event,) = parse(got)
+            assert event.event == "message_delta"
+            obj = json.loads(event.data or "")
+            assert obj["usage"] == {"output_tokens": 15, "cost": pytest.approx((25 * 3 + 15 * 15) / 1e6)}
+            assert obj["delta"] == {"stop_reason": "end_turn", "stop_sequence": None}
+        else:
+            assert got == sent  # the same bytes, not re-encoded
+    assert t.complete and not t.worker_error
+    assert t.cost == Decimal(25 * 3 + 15 * 15) / Decimal(10**6)
+    assert t.usage.prompt_tokens == 25 and t.usage.completion_tokens == 15 and not t.usage.estimated
+    assert t.model == MODEL
+
+
+def test_unpriced_model_passes_every_event_untouched() -> None:
+    chunks = worker_stream()
+    out, t = relay(chunks, Pricing())
+    assert out == chunks
+    assert t.cost is None and t.complete
+
+
+def test_complete_only_after_message_stop() -> None:
+    chunks = worker_stream()
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    for e in parse(b"".join(chunks[:-1])):
+        t.feed(e)
+    assert not t.complete  # message_delta with a stop_reason is not the end
+    (stop,) = parse(chunks[-1])
+    t.feed(stop)
+    assert t.complete
+
+
+def test_usage_largest_value_per_field_wins() -> None:
+    start = {"input_tokens": 40, "output_tokens": 1, "cache_read_input_tokens": 100, "cache_creation_input_tokens": 7}
+    end = {"input_tokens": 3, "output_tokens": 50, "cache_read_input_tokens": 0}
+    _, t = relay(worker_stream(usage_start=start, usage_end=end))
+    u = t.usage
+    assert (u.input_tokens_uncached, u.cached_tokens, u.cache_write_tokens) == (40, 100, 7)
+    assert u.prompt_tokens == 147 and u.completion_tokens == 50 and u.reasoning_tokens is None
+    assert t.cost == Decimal(40 * 3 * 1000 + 100 * 300 + 7 * 3750 + 50 * 15 * 1000) / Decimal(10**9)
+    final = json.loads(aggregate(b"".join(worker_stream(usage_start=start, usage_end=end))).document())
+    assert final["usage"]["input_tokens"] == 40 and final["usage"]["output_tokens"] == 50
+    assert final["usage"]["cache_read_input_tokens"] == 100
+
+
+def test_event_without_event_line_is_named() -> None:
+    data = b'data: {"type":"message_start","message":{"id":"m","model":"claude-like","usage":{"input_tokens":1}}}\n\n'
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    (out,) = [t.feed(e) for e in parse(data)]
+    assert out is not None
+    (event,) = parse(out)
+    assert event.event == "message_start" and json.loads(event.data or "")["message"]["id"] == "m"
+
+
+def test_comments_pass_and_after_message_stop_nothing_is_read() -> None:
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    (c,) = parse(b": keep-alive\n\n")
+    assert t.feed(c) == b": keep-alive\n\n"
+    for e in parse(b"".join(worker_stream())):
+        t.feed(e)
+    (late,) = parse(b"event: x\ndata: not json\n\n")
+    assert t.feed(late) == late.raw
+
+
+def test_bad_json_is_a_protocol_error() -> None:
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    (e,) = parse(b"event: content_block_delta\ndata: {nope\n\n")
+    with pytest.raises(StreamProtocolError):
+        t.feed(e)
+
+
+def test_worker_error_event_is_forwarded_as_is() -> None:
+    chunks = worker_stream()[:4]
+    err = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    out, t = relay([*chunks, err])
+    assert out[-1] == err
+    assert t.worker_error and not t.complete
+    agg = aggregate(b"".join([*chunks, err]))
+    assert agg.worker_error
+    assert json.loads(agg.document()) == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
+
+
+def test_usage_estimated_from_content_deltas_when_the_worker_sends_none() -> None:
+    chunks = [
+        ev("message_start", {"type": "message_start", "message": {"id": "m", "model": MODEL, "content": []}}),
+        ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+        *[
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": w}})
+            for w in ("a", "b", "c", "")
+        ],
+        ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}}),
+        ev("message_stop", {"type": "message_stop"}),
+    ]
+    out, t = relay(chunks)
+    assert t.usage.estimated and t.usage.completion_tokens == 3
+    assert t.cost == Decimal(45) / Decimal(10**6)
+    delta = json.loads(parse(out[-2] or b"")[0].data or "")
+    assert delta["usage"] == {"output_tokens": 3, "cost": pytest.approx(45e-6)}
+    doc = json.loads(aggregate(b"".join(chunks)).document())
+    assert doc["usage"] == {"output_tokens": 3, "cost": pytest.approx(45e-6)}
+    assert doc["content"] == [{"type": "text", "text": "abc"}]
+
+
+# -- error frames and bodies -------------------------------------------------------------------
+
+
+def test_error_frame() -> None:
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    for e in parse(b"".join(worker_stream()[:4])):
+        t.feed(e)
+    frame = t.error_frame(failures.UPSTREAM_DISCONNECTED, "the worker closed the connection")
+    (event,) = parse(frame)
+    assert frame.startswith(b"event: error\n")
+    assert event.event == "error"
+    assert json.loads(event.data or "") == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "the worker closed the connection", "code": "upstream_disconnected"},
+    }
+    fresh = DIALECT.error_frame(plan(), failures.UPSTREAM_TIMEOUT, "silent")
+    assert json.loads(parse(fresh)[0].data or "")["error"]["code"] == "upstream_timeout"
+
+
+@pytest.mark.parametrize(
+    ("status", "etype"),
+    [
+        (400, "invalid_request_error"),
+        (404, "not_found_error"),
+        (413, "request_too_large"),
+        (408, "invalid_request_error"),
+        (500, "api_error"),
+        (502, "api_error"),
+        (503, "api_error"),
+        (504, "api_error"),
+    ],
+)
+def test_error_body(status: int, etype: str) -> None:
+    body = json.loads(DIALECT.error_body(status, "some_code", "msg"))
+    assert body == {"type": "error", "error": {"type": etype, "message": "msg", "code": "some_code"}}
+
+
+# -- the request -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "mode", "asked"),
+    [
+        (True, "auto", True),
+        (False, "auto", False),
+        (True, "always", True),
+        (False, "always", True),
+        (True, "never", False),
+        (False, "never", False),
+    ],
+)
+def test_plan_sets_only_stream(client: bool, mode: str, asked: bool) -> None:
+    request: dict[str, Any] = {"model": MODEL, "max_tokens": 5, "messages": [], "metadata": {"user_id": "u"}}
+    if client:
+        request["stream"] = True
+    raw = orjson.dumps(request)
+    p = DIALECT.plan(raw, mode, "rid")
+    sent = json.loads(p.body)
+    assert p.client_stream is client and p.asked_stream is asked
+    assert sent.pop("stream", False) is asked
+    request.pop("stream", None)
+    assert sent == request and "stream_options" not in sent
+    assert p.request_model == MODEL and p.request_id == "rid"
+    if client == asked:
+        assert p.body == raw  # nothing to change: the client's bytes go as they are
+
+
+@pytest.mark.parametrize("body", [b"{nope", b"[1,2]", b""])
+def test_plan_refuses_bad_json(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        DIALECT.plan(body, "auto", "rid")
+
+
+# -- SSE -> JSON -------------------------------------------------------------------------------
+
+
+def test_aggregate_merges_blocks_and_fills_type_and_role() -> None:
+    data = b"".join(
+        [
+            ev("message_start", {"type": "message_start", "message": {"id": "msg_9", "model": MODEL, "usage": {"input_tokens": 4}}}),
+            ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "thinking", "thinking": "", "signature": ""}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "let me "}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "thinking_delta", "thinking": "think"}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "signature_delta", "signature": "SIG"}}),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ev("content_block_start", {"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "toolu_1", "name": "get", "input": {}}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": ""}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": '{"city": "Par'}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": 'is", "n": [1, 2]}'}}),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 1}),
+            ev("content_block_start", {"type": "content_block_start", "index": 2, "content_block": {"type": "text", "text": ""}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "citations_delta", "citation": {"type": "char_location", "cited_text": "x"}}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 2, "delta": {"type": "text_delta", "text": "done"}}),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 2}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use", "stop_sequence": None}, "usage": {"output_tokens": 9}}),
+            ev("message_stop", {"type": "message_stop"}),
+        ]
+    )
+    t = aggregate(data)
+    assert t.complete
+    doc = json.loads(t.document())
+    assert doc == {
+        "id": "msg_9",
+        "type": "message",
+        "role": "assistant",
+        "model": MODEL,
+        "content": [
+            {"type": "thinking", "thinking": "let me think", "signature": "SIG"},
+            {"type": "tool_use", "id": "toolu_1", "name": "get", "input": {"city": "Paris", "n": [1, 2]}},
+            {"type": "text", "text": "done", "citations": [{"type": "char_location", "cited_text": "x"}]},
+        ],
+        "stop_reason": "tool_use",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 4, "output_tokens": 9, "cost": pytest.approx((4 * 3 + 9 * 15) / 1e6)},
+    }
+
+
+def test_aggregate_unparsable_tool_input_is_a_protocol_error() -> None:
+    data = b"".join(
+        [
+            ev("message_start", {"type": "message_start", "message": {"id": "m", "model": MODEL}}),
+            ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+            ev("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": '{"a": '}}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 2}}),
+            ev("message_stop", {"type": "message_stop"}),
+        ]
+    )
+    t = aggregate(data)
+    assert t.complete
+    with pytest.raises(StreamProtocolError, match="not valid JSON"):
+        t.document()
+
+
+def test_aggregate_fills_id_and_model_from_the_request() -> None:
+    data = b"".join(
+        [
+            ev("message_start", {"type": "message_start", "message": {"usage": {"input_tokens": 1}}}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 1}}),
+            ev("message_stop", {"type": "message_stop"}),
+        ]
+    )
+    doc = json.loads(aggregate(data).document())
+    assert doc["id"] == "msg_req1" and doc["model"] == MODEL
+    assert doc["type"] == "message" and doc["role"] == "assistant" and doc["content"] == []
+
+
+# -- JSON documents --------------------------------------------------------------------------
+
+
+MESSAGE = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": MODEL,
+    "content": [{"type": "text", "text": "Hi there"}],
+    "stop_reason": "end_turn",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 10, "output_tokens": 2, "cache_creation_input_tokens": 4},
+}
+
+
+def test_document_json_gets_cost() -> None:
+    d = DIALECT.document(plan(client_stream=False), PRICING, orjson.dumps(MESSAGE))
+    doc = json.loads(d.json())
+    cost = (10 * 3 + 4 * 3.75 + 2 * 15) / 1e6
+    assert doc["usage"] == {**MESSAGE["usage"], "cost": pytest.approx(cost)}
+    assert d.cost == Decimal("0.000075") and d.model == MODEL and not d.worker_error
+    assert d.usage.prompt_tokens == 14 and d.usage.cache_write_tokens == 4
+    unpriced = DIALECT.document(plan(client_stream=False), Pricing(), orjson.dumps(MESSAGE))
+    assert json.loads(unpriced.json()) == MESSAGE and unpriced.cost is None
+
+
+def test_document_sse_is_a_complete_named_stream() -> None:
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(MESSAGE))
+    data = d.sse()
+    names_match_types(data)
+    kinds = [e.event for e in parse(data)]
+    assert kinds == [
+        "message_start",
+        "content_block_start",
+        "content_block_delta",
+        "content_block_stop",
+        "message_delta",
+        "message_stop",
+    ]
+    start = json.loads(parse(data)[0].data or "")["message"]
+    assert start["content"] == [] and start["usage"]["output_tokens"] == 0 and start["usage"]["input_tokens"] == 10
+    assert start["stop_reason"] is None
+
+
+def test_worker_error_document() -> None:
+    err = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(err))
+    assert d.worker_error
+    (event,) = parse(d.sse())
+    assert event.event == "error" and json.loads(event.data or "") == err
+
+
+def test_unreadable_document() -> None:
+    with pytest.raises(StreamProtocolError):
+        DIALECT.document(plan(), PRICING, b"<html>")
+
+
+# -- round trip ------------------------------------------------------------------------------
+
+_text = st.text(max_size=30)
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.floats(allow_nan=False, allow_infinity=False) | _text,
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(_text, children, max_size=3),
+    max_leaves=8,
+)
+_block = st.one_of(
+    st.builds(lambda t: {"type": "text", "text": t}, _text),
+    st.builds(lambda t, s: {"type": "thinking", "thinking": t, "signature": s}, _text, _text),
+    st.builds(
+        lambda i, n, inp: {"type": "tool_use", "id": i, "name": n, "input": inp},
+        _text,
+        _text,
+        st.dictionaries(_text, _json, max_size=4),
+    ),
+    st.builds(lambda d: {"type": "redacted_thinking", "data": d}, _text),
+)
+_count = st.integers(0, 10**7)
+_usage = st.fixed_dictionaries(
+    {"input_tokens": _count, "output_tokens": _count},
+    optional={"cache_read_input_tokens": _count, "cache_creation_input_tokens": _count, "service_tier": st.just("standard")},
+)
+_message = st.fixed_dictionaries(
+    {
+        "id": _text,
+        "type": st.just("message"),
+        "role": st.just("assistant"),
+        "model": st.sampled_from([MODEL, "unpriced"]),
+        "content": st.lists(_block, max_size=4),
+        "stop_reason": st.sampled_from(["end_turn", "max_tokens", "stop_sequence", "tool_use", None]),
+        "stop_sequence": st.none() | _text,
+        "usage": _usage,
+    }
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_message, st.lists(st.integers(1, 64), max_size=20))
+def test_round_trip_json_sse_json(message: dict[str, Any], cuts: list[int]) -> None:
+    p = plan(client_stream=True)
+    d = DIALECT.document(p, PRICING, orjson.dumps(message))
+    data = d.sse()
+    names_match_types(data)
+    # feed the synthesized stream in arbitrary pieces
+    parser = SSEParser()
+    t = DIALECT.stream(p, PRICING, aggregate=True)
+    pos = 0
+    for size in [*cuts, len(data)]:
+        for e in parser.feed(data[pos : pos + size]):
+            t.feed(e)
+        pos += size
+    for e in parser.feed(data[pos:]):
+        t.feed(e)
+    assert t.complete and not t.worker_error
+    back = json.loads(t.document())
+    expected = json.loads(d.json())  # the original plus usage.cost when priced
+    assert back == expected
+    if message["model"] == MODEL:
+        assert "cost" in back["usage"] and t.cost == d.cost
+    else:
+        assert "cost" not in back["usage"] and t.cost is None
+    assert t.usage == d.usage

@@ -1,0 +1,421 @@
+"""The openai-responses dialect, driven with real SSE bytes through sidecar's own parser."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+from types import MappingProxyType
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import failures
+from sidecar.config import Price, Pricing
+from sidecar.dialects import get_dialect
+from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.sse import Event, SSEParser
+
+DIALECT = get_dialect("openai-responses")
+MODEL = "gpt-like"
+PRICING = Pricing(
+    models=MappingProxyType(
+        {MODEL: Price(Decimal("1"), Decimal("2"), cached_prompt=Decimal("0.5"), reasoning=Decimal("4"))}
+    )
+)
+USAGE = {
+    "input_tokens": 10,
+    "input_tokens_details": {"cached_tokens": 4},
+    "output_tokens": 6,
+    "output_tokens_details": {"reasoning_tokens": 2},
+    "total_tokens": 16,
+}
+#: (10-4)*1 + 4*0.5 + (6-2)*2 + 2*4 = 24 per million
+COST = Decimal(24) / Decimal(10**6)
+
+
+def response(status: str = "in_progress", output: list[Any] | None = None, usage: Any = None) -> dict[str, Any]:
+    return {
+        "id": "resp_1",
+        "object": "response",
+        "created_at": 1_700_000_000,
+        "model": MODEL,
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "output": output if output is not None else [],
+        "usage": usage,
+    }
+
+
+MESSAGE_ITEM = {
+    "id": "msg_1",
+    "type": "message",
+    "status": "completed",
+    "role": "assistant",
+    "content": [{"type": "output_text", "text": "Hello", "annotations": [], "logprobs": []}],
+}
+
+
+def worker_events(*, numbered: bool = True, terminal: str = "response.completed") -> list[dict[str, Any]]:
+    """A Responses stream as OpenAI sends it (sequence numbers when `numbered`)."""
+    added = {**MESSAGE_ITEM, "status": "in_progress", "content": []}
+    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    at = {"item_id": "msg_1", "output_index": 0, "content_index": 0}
+    final_status = {"response.completed": "completed", "response.incomplete": "incomplete"}.get(terminal, "failed")
+    events: list[dict[str, Any]] = [
+        {"type": "response.created", "response": response()},
+        {"type": "response.in_progress", "response": response()},
+        {"type": "response.output_item.added", "output_index": 0, "item": added},
+        {"type": "response.content_part.added", **at, "part": part},
+        {"type": "response.output_text.delta", **at, "delta": "Hel", "logprobs": []},
+        {"type": "response.output_text.delta", **at, "delta": "lo", "logprobs": []},
+        {"type": "response.output_text.done", **at, "text": "Hello", "logprobs": []},
+        {"type": "response.content_part.done", **at, "part": {**part, "text": "Hello"}},
+        {"type": "response.output_item.done", "output_index": 0, "item": MESSAGE_ITEM},
+        {"type": terminal, "response": response(final_status, [MESSAGE_ITEM], USAGE)},
+    ]
+    if numbered:
+        for i, e in enumerate(events):
+            e["sequence_number"] = i
+    return events
+
+
+def encode(events: list[dict[str, Any]], named: bool = True) -> list[bytes]:
+    out = []
+    for e in events:
+        head = f"event: {e['type']}\n" if named else ""
+        out.append(f"{head}data: {json.dumps(e)}\n\n".encode())
+    return out
+
+
+def plan(client_stream: bool = True, mode: str = "auto") -> RequestPlan:
+    body: dict[str, Any] = {"model": MODEL, "input": "hi"}
+    if client_stream:
+        body["stream"] = True
+    return DIALECT.plan(orjson.dumps(body), mode, "req1")
+
+
+def parse(data: bytes) -> list[Event]:
+    return SSEParser().feed(data)
+
+
+def loads(frame: bytes | None) -> tuple[str | None, dict[str, Any]]:
+    assert frame is not None
+    (event,) = parse(frame)
+    return event.event, json.loads(event.data or "")
+
+
+def relay(chunks: list[bytes], pricing: Pricing = PRICING) -> tuple[list[bytes | None], Any]:
+    t = DIALECT.stream(plan(), pricing, aggregate=False)
+    return [t.feed(e) for e in parse(b"".join(chunks))], t
+
+
+def aggregate(chunks: list[bytes], pricing: Pricing = PRICING) -> Any:
+    t = DIALECT.stream(plan(client_stream=False), pricing, aggregate=True)
+    for e in parse(b"".join(chunks)):
+        assert t.feed(e) is None
+    return t
+
+
+# -- relay -------------------------------------------------------------------------------------
+
+
+def test_numbered_stream_passes_raw_except_the_completed_event() -> None:
+    chunks = encode(worker_events())
+    out, t = relay(chunks)
+    assert out[:-1] == chunks[:-1]  # the same bytes, sequence numbers untouched
+    name, obj = loads(out[-1])
+    assert name == "response.completed" and obj["sequence_number"] == 9
+    assert obj["response"]["usage"] == {**USAGE, "cost": pytest.approx(float(COST))}
+    assert t.complete and not t.worker_error and t.cost == COST and t.model == MODEL
+    u = t.usage
+    assert (u.prompt_tokens, u.completion_tokens, u.cached_tokens, u.reasoning_tokens) == (10, 6, 4, 2)
+
+
+def test_unpriced_stream_is_untouched() -> None:
+    chunks = encode(worker_events())
+    out, t = relay(chunks, Pricing())
+    assert out == chunks and t.cost is None and t.complete
+
+
+def test_unnumbered_stream_is_numbered_from_zero() -> None:
+    events = worker_events(numbered=False)
+    out, t = relay(encode(events, named=False))
+    for i, (frame, sent) in enumerate(zip(out, events, strict=True)):
+        name, obj = loads(frame)
+        assert name == sent["type"] == obj["type"]
+        assert obj["sequence_number"] == i
+    frame = t.error_frame(failures.UPSTREAM_DISCONNECTED, "x")  # after the end: still continues
+    assert loads(frame)[1]["sequence_number"] == len(events)
+
+
+def test_missing_event_line_is_added_without_renumbering() -> None:
+    events = worker_events()
+    out, _ = relay(encode(events, named=False))
+    for frame, sent in zip(out[:-1], events, strict=False):
+        name, obj = loads(frame)
+        assert name == sent["type"] and obj == sent
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_error_frame_mid_stream(numbered: bool) -> None:
+    events = worker_events(numbered=numbered)
+    first = 6 if numbered else 0
+    if numbered:  # a worker whose numbers do not start at 0
+        for e in events:
+            e["sequence_number"] += first
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    for e in parse(b"".join(encode(events[:5]))):  # up to the first text delta
+        t.feed(e)
+    name, obj = loads(t.error_frame(failures.UPSTREAM_DISCONNECTED, "the worker went away"))
+    assert name == "response.failed" == obj["type"]
+    assert obj["sequence_number"] == first + 5
+    failed = obj["response"]
+    created = events[0]["response"]
+    assert (failed["id"], failed["model"], failed["created_at"]) == (created["id"], created["model"], created["created_at"])
+    assert failed["status"] == "failed"
+    assert failed["error"] == {"code": "upstream_disconnected", "message": "the worker went away"}
+    (item,) = failed["output"]
+    assert item["id"] == "msg_1" and item["content"][0]["text"] == "Hel"  # the output so far
+    assert not t.complete
+
+
+def test_error_frame_before_any_event() -> None:
+    frame = DIALECT.error_frame(plan(), failures.UPSTREAM_TIMEOUT, "silent")
+    name, obj = loads(frame)
+    assert name == "response.failed" and obj["sequence_number"] == 0
+    r = obj["response"]
+    assert r["id"] == "resp_req1" and r["model"] == MODEL and r["status"] == "failed"
+    assert r["error"] == {"code": "upstream_timeout", "message": "silent"} and r["output"] == []
+    assert isinstance(r["created_at"], int)
+
+
+def test_worker_response_failed_is_forwarded_as_is() -> None:
+    events = worker_events(terminal="response.failed")
+    events[-1]["response"]["error"] = {"code": "server_error", "message": "boom"}
+    chunks = encode(events)
+    out, t = relay(chunks)
+    assert out == chunks
+    assert t.worker_error and t.complete
+    agg = aggregate(chunks)
+    assert agg.worker_error
+    assert json.loads(agg.document())["error"] == {"code": "server_error", "message": "boom"}
+
+
+def test_worker_error_event() -> None:
+    chunks = [*encode(worker_events()[:3]), b'event: error\ndata: {"type":"error","code":"server_error","message":"bad","param":null,"sequence_number":3}\n\n']
+    out, t = relay(chunks)
+    assert out == chunks and t.worker_error and not t.complete
+    doc = json.loads(aggregate(chunks).document())
+    assert doc == {"error": {"message": "bad", "type": "upstream_error", "code": "server_error", "param": None}}
+
+
+def test_incomplete_is_a_terminal_event_with_cost() -> None:
+    out, t = relay(encode(worker_events(terminal="response.incomplete")))
+    name, obj = loads(out[-1])
+    assert name == "response.incomplete" and obj["response"]["usage"]["cost"] == pytest.approx(float(COST))
+    assert t.complete and not t.worker_error
+
+
+def test_usage_estimated_when_the_worker_sends_none() -> None:
+    events = worker_events()
+    events[-1]["response"]["usage"] = None
+    out, t = relay(encode(events))
+    assert t.usage.estimated and t.usage.completion_tokens == 2
+    assert t.cost == Decimal(4) / Decimal(10**6)
+    assert out[-1] == encode(events)[-1]  # no usage object to put a cost in
+
+
+def test_bad_json_is_a_protocol_error() -> None:
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    (e,) = parse(b"event: response.created\ndata: {\n\n")
+    with pytest.raises(StreamProtocolError):
+        t.feed(e)
+
+
+# -- SSE -> JSON -------------------------------------------------------------------------------
+
+
+def test_aggregate_returns_the_completed_response_with_cost() -> None:
+    t = aggregate(encode(worker_events()))
+    assert t.complete
+    doc = json.loads(t.document())
+    assert doc == {**response("completed", [MESSAGE_ITEM], {**USAGE, "cost": pytest.approx(float(COST))})}
+
+
+def test_aggregate_builds_output_from_items_when_completed_has_none() -> None:
+    events = worker_events(numbered=False)
+    del events[-1]["response"]["output"]
+    doc = json.loads(aggregate(encode(events)).document())
+    assert doc["output"] == [MESSAGE_ITEM] and doc["status"] == "completed"
+
+
+# -- JSON documents ----------------------------------------------------------------------------
+
+FUNCTION_ITEM = {
+    "id": "fc_1",
+    "type": "function_call",
+    "call_id": "call_1",
+    "name": "lookup",
+    "arguments": '{"q": 1}',
+    "status": "completed",
+}
+REASONING_ITEM = {
+    "id": "rs_1",
+    "type": "reasoning",
+    "summary": [{"type": "summary_text", "text": "thought"}],
+    "content": [{"type": "reasoning_text", "text": "deep"}],
+}
+
+
+def test_document_json_and_sse() -> None:
+    doc = response("completed", [REASONING_ITEM, MESSAGE_ITEM, FUNCTION_ITEM], USAGE)
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(doc))
+    assert json.loads(d.json()) == {**doc, "usage": {**USAGE, "cost": pytest.approx(float(COST))}}
+    assert d.cost == COST and not d.worker_error
+    events = parse(d.sse())
+    objs = [json.loads(e.data or "") for e in events]
+    assert [e.event for e in events] == [o["type"] for o in objs]
+    assert [o["sequence_number"] for o in objs] == list(range(len(objs)))
+    kinds = [o["type"] for o in objs]
+    assert kinds[:3] == ["response.created", "response.in_progress", "response.output_item.added"]
+    assert kinds[-1] == "response.completed"
+    assert objs[0]["response"]["status"] == "in_progress" and objs[0]["response"]["output"] == []
+    assert objs[0]["response"]["usage"] is None
+    deltas = [o["delta"] for o in objs if o["type"].endswith(".delta")]
+    assert deltas == ["thought", "deep", "Hello", '{"q": 1}']
+    assert "response.output_text.done" in kinds and "response.content_part.done" in kinds
+    assert objs[-1]["response"] == json.loads(d.json())
+
+
+def test_document_status_picks_the_terminal_event() -> None:
+    doc = response("incomplete", [MESSAGE_ITEM], USAGE)
+    doc["incomplete_details"] = {"reason": "max_output_tokens"}
+    last = parse(DIALECT.document(plan(), PRICING, orjson.dumps(doc)).sse())[-1]
+    assert last.event == "response.incomplete"
+
+
+def test_worker_error_documents() -> None:
+    failed = response("failed", [], None)
+    failed["error"] = {"code": "server_error", "message": "boom"}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(failed))
+    assert d.worker_error
+    assert parse(d.sse())[-1].event == "response.failed"
+    plain = DIALECT.document(plan(), PRICING, b'{"error": {"message": "nope", "type": "x", "code": "c"}}')
+    assert plain.worker_error
+    (event,) = parse(plain.sse())
+    assert event.event == "error"
+    assert json.loads(event.data or "") == {"type": "error", "code": "c", "message": "nope", "param": None, "sequence_number": 0}
+
+
+def test_error_body() -> None:
+    assert json.loads(DIALECT.error_body(502, "upstream_unavailable", "down")) == {
+        "error": {"message": "down", "type": "upstream_error", "code": "upstream_unavailable"}
+    }
+    assert json.loads(DIALECT.error_body(400, "invalid_request_error", "bad"))["error"]["type"] == "invalid_request_error"
+
+
+# -- the request -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("client", "mode", "asked"),
+    [(True, "auto", True), (False, "auto", False), (False, "always", True), (True, "never", False)],
+)
+def test_plan_sets_only_stream(client: bool, mode: str, asked: bool) -> None:
+    request: dict[str, Any] = {"model": MODEL, "input": "hi"}
+    if client:
+        request["stream"] = True
+        request["stream_options"] = {"include_obfuscation": False}
+    raw = orjson.dumps(request)
+    p = DIALECT.plan(raw, mode, "rid")
+    sent = json.loads(p.body)
+    assert p.client_stream is client and p.asked_stream is asked
+    assert sent.get("stream", False) is asked
+    if asked:
+        assert sent.get("stream_options") == request.get("stream_options")  # never added, never changed
+    else:
+        assert "stream_options" not in sent
+    if client == asked:
+        assert p.body == raw
+
+
+def test_plan_refuses_bad_json() -> None:
+    with pytest.raises(BadRequest):
+        DIALECT.plan(b"{", "auto", "rid")
+
+
+# -- round trip --------------------------------------------------------------------------------
+
+_text = st.text(max_size=20)
+_part = st.one_of(
+    st.builds(lambda t: {"type": "output_text", "text": t, "annotations": [], "logprobs": []}, _text),
+    st.builds(lambda t: {"type": "refusal", "refusal": t}, _text),
+)
+_item = st.one_of(
+    st.builds(
+        lambda i, parts: {"id": i, "type": "message", "status": "completed", "role": "assistant", "content": parts},
+        _text,
+        st.lists(_part, max_size=3),
+    ),
+    st.builds(
+        lambda i, a: {"id": i, "type": "function_call", "call_id": "c" + i, "name": "f", "arguments": a, "status": "completed"},
+        _text,
+        _text,
+    ),
+    st.builds(
+        lambda i, s: {"id": i, "type": "reasoning", "summary": [{"type": "summary_text", "text": x} for x in s]},
+        _text,
+        st.lists(_text, max_size=2),
+    ),
+)
+_count = st.integers(0, 10**6)
+_usage = st.none() | st.builds(
+    lambda i, c, o, r: {
+        "input_tokens": i,
+        "input_tokens_details": {"cached_tokens": min(c, i)},
+        "output_tokens": o,
+        "output_tokens_details": {"reasoning_tokens": min(r, o)},
+        "total_tokens": i + o,
+    },
+    _count,
+    _count,
+    _count,
+    _count,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(_item, max_size=4),
+    _usage,
+    st.sampled_from(["completed", "incomplete"]),
+    st.sampled_from([MODEL, "unpriced"]),
+)
+def test_round_trip_json_sse_json(output: list[Any], usage: Any, status: str, model: str) -> None:
+    doc = {**response(status, output, usage), "model": model}
+    p = plan()
+    d = DIALECT.document(p, PRICING, orjson.dumps(doc))
+    data = d.sse()
+    t = DIALECT.stream(p, PRICING, aggregate=True)
+    numbers = []
+    for e in parse(data):
+        obj = json.loads(e.data or "")
+        assert e.event == obj["type"]
+        numbers.append(obj["sequence_number"])
+        t.feed(e)
+    assert numbers == list(range(len(numbers)))
+    assert t.complete and not t.worker_error
+    back = json.loads(t.document())
+    assert back == json.loads(d.json())
+    if usage is not None:
+        assert t.cost == d.cost and t.usage == d.usage
+    else:  # a document without usage reports none; its stream is counted (an estimate)
+        assert d.cost is None and not d.usage.seen and (t.usage.estimated or not t.usage.seen)
+    # the relayed stream gives the same final response too
+    r = DIALECT.stream(p, PRICING, aggregate=False)
+    frames = [r.feed(e) for e in parse(data)]
+    assert loads(frames[-1])[1]["response"] == back
