@@ -1,0 +1,646 @@
+"""Unit tests of sidecar.dialects.openai: request plans, stream relay/aggregation, JSON -> SSE.
+
+Pure: no sockets, no event loop. Includes hypothesis round trips
+(JSON document -> SSE -> JSON document, and byte-exact relay of unchanged
+events under any chunking). The same behaviour through the real daemon is in
+test_e2e_openai.py.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from decimal import Decimal
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar import failures
+from sidecar.config import Price, Pricing
+from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.dialects.openai import (
+    OPENAI_CHAT,
+    OPENAI_COMPLETIONS,
+    OpenAIDocument,
+    OpenAIStream,
+)
+from sidecar.sse import Event, SSEParser
+from tests.harness import (
+    DONE,
+    MODEL,
+    USAGE,
+    chat_completion,
+    chat_stream_events,
+    sse_data,
+    sse_payloads,
+    text_completion,
+    text_completion_events,
+)
+
+NO_PRICES = Pricing()
+PRICES = Pricing(models={MODEL: Price(prompt=Decimal(1), completion=Decimal(2))})
+# 11 prompt x 1 + 3 completion x 2 = 17 per million
+COST = 17e-6
+
+
+def plan(body: dict[str, Any], mode: str = "auto", rid: str = "rid1", dialect=OPENAI_CHAT) -> RequestPlan:
+    return dialect.plan(json.dumps(body).encode(), mode, rid)
+
+
+def events(data: bytes) -> list[Event]:
+    parser = SSEParser()
+    out = parser.feed(data)
+    assert not parser.has_partial
+    return out
+
+
+def relay(translator: OpenAIStream, data: bytes) -> bytes:
+    return b"".join(translator.feed(e) or b"" for e in events(data))
+
+
+def stream_for(body: dict[str, Any], *, aggregate: bool = False, pricing: Pricing = NO_PRICES,
+               mode: str = "auto", dialect=OPENAI_CHAT) -> OpenAIStream:
+    translator = dialect.stream(plan(body, mode, dialect=dialect), pricing, aggregate=aggregate)
+    assert isinstance(translator, OpenAIStream)
+    return translator
+
+
+def payloads(data: bytes) -> list[Any]:
+    return [p if p == "[DONE]" else json.loads(p) for p in sse_payloads(data)]
+
+
+STREAMING = {"model": MODEL, "messages": [], "stream": True}
+STREAMING_USAGE = {**STREAMING, "stream_options": {"include_usage": True}}
+NON_STREAMING = {"model": MODEL, "messages": []}
+
+# ============================================================================ plan
+
+
+def test_plan_auto_streaming_client_asks_the_worker_for_usage() -> None:
+    p = plan({**STREAMING, "stream_options": {"continuous_usage_stats": True}, "n": 2, "x": [1]})
+    sent = orjson.loads(p.body)
+    assert sent["stream"] is True
+    assert sent["stream_options"] == {"continuous_usage_stats": True, "include_usage": True}
+    assert sent["n"] == 2 and sent["x"] == [1] and sent["messages"] == []
+    assert p.client_stream is True and p.asked_stream is True
+    assert p.include_usage is False  # the client did not ask to see it
+    assert p.request_model == MODEL and p.request_id == "rid1"
+
+
+def test_plan_auto_streaming_client_that_asked_for_usage() -> None:
+    p = plan(STREAMING_USAGE)
+    assert p.include_usage is True
+    assert orjson.loads(p.body)["stream_options"] == {"include_usage": True}
+
+
+def test_plan_auto_non_streaming_client() -> None:
+    p = plan({**NON_STREAMING, "stream_options": {"include_usage": True}})
+    sent = orjson.loads(p.body)
+    assert sent["stream"] is False
+    assert "stream_options" not in sent
+    assert p.client_stream is False and p.asked_stream is False and p.include_usage is False
+
+
+def test_plan_always_streams_for_a_non_streaming_client() -> None:
+    p = plan(NON_STREAMING, "always")
+    sent = orjson.loads(p.body)
+    assert sent["stream"] is True and sent["stream_options"] == {"include_usage": True}
+    assert p.client_stream is False and p.asked_stream is True
+
+
+def test_plan_never_asks_for_one_document() -> None:
+    p = plan(STREAMING_USAGE, "never")
+    sent = orjson.loads(p.body)
+    assert sent["stream"] is False and "stream_options" not in sent
+    assert p.client_stream is True and p.asked_stream is False and p.include_usage is True
+
+
+@pytest.mark.parametrize("flag", ["true", 1, None, False])
+def test_only_json_true_is_a_streaming_client(flag: Any) -> None:
+    assert plan({**NON_STREAMING, "stream": flag}).client_stream is False
+
+
+def test_plan_keeps_other_fields_and_tolerates_missing_model() -> None:
+    p = plan({"messages": [{"role": "user", "content": "\u00e9\U0001f600"}], "tools": [{"a": 1}]})
+    sent = orjson.loads(p.body)
+    assert sent["messages"][0]["content"] == "\u00e9\U0001f600"
+    assert sent["tools"] == [{"a": 1}]
+    assert p.request_model is None
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"not json", b"[1,2]", b'"s"', b"null", b"\xff\xfe"])
+def test_plan_refuses_what_is_not_a_json_object(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        OPENAI_CHAT.plan(body, "auto", "r")
+    with pytest.raises(BadRequest):
+        OPENAI_COMPLETIONS.plan(body, "auto", "r")
+
+
+def test_error_body_shape() -> None:
+    body = orjson.loads(OPENAI_CHAT.error_body(502, "upstream_unavailable", "worker down"))
+    assert body == {"error": {"message": "worker down", "type": body["error"]["type"],
+                              "code": "upstream_unavailable"}}
+    assert isinstance(body["error"]["type"], str) and body["error"]["type"]
+    assert orjson.loads(OPENAI_CHAT.error_body(400, "x", "m"))["error"]["type"] == "invalid_request_error"
+
+
+# ============================================================================ stream, relay
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang", "llamacpp", "ollama", "tgi"])
+def test_relay_forwards_unchanged_events_as_their_exact_bytes(flavor: str) -> None:
+    data = b"".join(chat_stream_events(flavor=flavor, id="gen-1"))
+    t = stream_for(STREAMING_USAGE)
+    out = relay(t, data)
+    assert out == data
+    assert t.complete
+    assert t.usage.prompt_tokens == 11 and t.usage.completion_tokens == 3
+    assert not t.usage.estimated and not t.worker_error
+
+
+def test_relay_returns_the_very_bytes_object_for_a_pass_through_event() -> None:
+    t = stream_for(STREAMING_USAGE)
+    ev = events(chat_stream_events()[1])[0]
+    assert t.feed(ev) is ev.raw
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang", "ollama"])
+def test_usage_chunk_recorded_but_hidden_from_a_client_that_did_not_ask(flavor: str) -> None:
+    data = b"".join(chat_stream_events(flavor=flavor))
+    t = stream_for(STREAMING)
+    out = payloads(relay(t, data))
+    assert out[-1] == "[DONE]"
+    chunks = out[:-1]
+    assert all(c["choices"] for c in chunks), "the usage-only chunk was forwarded"
+    assert not any(c.get("usage") for c in chunks)
+    assert t.usage.prompt_tokens == 11 and t.usage.completion_tokens == 3
+
+
+@pytest.mark.parametrize("flavor", ["llamacpp", "tgi"])
+def test_usage_on_the_finish_chunk_is_removed_but_the_finish_kept(flavor: str) -> None:
+    data = b"".join(chat_stream_events(flavor=flavor))
+    t = stream_for(STREAMING)
+    out = payloads(relay(t, data))
+    finish = [c for c in out[:-1] if c["choices"][0]["finish_reason"] is not None]
+    assert len(finish) == 1
+    assert not finish[0].get("usage")
+    if flavor == "llamacpp":
+        assert finish[0]["timings"]["predicted_n"] == 3  # extra fields kept
+    assert t.usage.prompt_tokens == 11
+
+
+def test_continuous_usage_largest_value_wins_and_is_hidden_unless_asked() -> None:
+    evs = []
+    for i, piece in enumerate(["a", "b", "c"]):
+        evs.append(sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                             "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}],
+                             "usage": {"prompt_tokens": 11, "completion_tokens": i + 1}}))
+    evs.append(sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                         "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 11, "completion_tokens": 3}}))
+    evs.append(sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                         "choices": [], "usage": {"prompt_tokens": 11, "completion_tokens": 3}}))
+    evs.append(DONE)
+    data = b"".join(evs)
+    hidden = stream_for(STREAMING)
+    out = payloads(relay(hidden, data))
+    assert [c["choices"][0]["delta"].get("content") for c in out[:3]] == ["a", "b", "c"]
+    assert not any("usage" in c for c in out[:-1])
+    assert len(out) == 5  # 3 content, finish, [DONE]; the usage-only chunk hidden
+    assert (hidden.usage.prompt_tokens, hidden.usage.completion_tokens) == (11, 3)
+    shown = stream_for(STREAMING_USAGE, pricing=PRICES)
+    out = payloads(relay(shown, data))
+    assert out[0]["usage"] == {"prompt_tokens": 11, "completion_tokens": 1}
+    assert out[-2]["usage"]["cost"] == pytest.approx(COST)
+
+
+def test_cost_injected_in_the_usage_chunk_when_priced() -> None:
+    t = stream_for(STREAMING_USAGE, pricing=PRICES)
+    out = payloads(relay(t, b"".join(chat_stream_events())))
+    usage_chunk = out[-2]
+    assert usage_chunk["choices"] == []
+    assert usage_chunk["usage"]["cost"] == pytest.approx(COST)
+    assert usage_chunk["usage"]["prompt_tokens"] == 11
+    assert t.cost == Decimal("0.000017")
+
+
+def test_unpriced_model_gets_no_cost() -> None:
+    body = {**STREAMING_USAGE, "model": "other"}
+    t = stream_for(body, pricing=PRICES)
+    out = payloads(relay(t, b"".join(chat_stream_events(model="other"))))
+    assert "cost" not in out[-2]["usage"]
+    assert t.cost is None
+
+
+def test_response_model_is_priced_before_the_request_model() -> None:
+    t = stream_for({**STREAMING_USAGE, "model": "alias"}, pricing=PRICES)
+    relay(t, b"".join(chat_stream_events(model=MODEL)))
+    assert t.model == MODEL and t.cost == Decimal("0.000017")
+
+
+def test_missing_id_created_model_are_filled_in() -> None:
+    before = int(time.time())
+    t = stream_for({**STREAMING_USAGE, "model": "asked-model"})
+    out = payloads(relay(t, b"".join(chat_stream_events(id=None, created=None, model=None))))
+    for c in out[:-1]:
+        assert c["id"] == "chatcmpl-rid1"
+        assert before - 1 <= c["created"] <= int(time.time()) + 1
+        assert c["model"] == "asked-model"
+        assert c["object"] == "chat.completion.chunk"
+
+
+def test_empty_id_is_filled_consistently() -> None:
+    t = stream_for(STREAMING_USAGE)
+    out = payloads(relay(t, b"".join(chat_stream_events(flavor="tgi"))))  # TGI sends "id": ""
+    assert {c["id"] for c in out[:-1]} == {"chatcmpl-rid1"}
+    assert out[-1] == "[DONE]"
+
+
+def test_comments_and_crlf_pass_through_untouched() -> None:
+    data = b": ping\r\n\r\n" + b"".join(chat_stream_events(eol=b"\r\n")) + b": bye\n\n"
+    t = stream_for(STREAMING_USAGE)
+    assert relay(t, data) == data
+    assert t.complete
+
+
+def test_nothing_after_done_is_read() -> None:
+    data = b"".join(chat_stream_events()) + b"data: not json at all\n\n"
+    t = stream_for(STREAMING_USAGE)
+    out = relay(t, data)  # must not raise: what follows [DONE] is not parsed
+    assert out.startswith(b"".join(chat_stream_events()))
+    assert t.complete and not t.worker_error
+
+
+def test_finish_reason_alone_completes_the_stream() -> None:
+    t = stream_for(STREAMING_USAGE)
+    relay(t, b"".join(chat_stream_events(done=False)))
+    assert t.complete
+
+
+def test_a_stream_without_finish_or_done_is_not_complete() -> None:
+    t = stream_for(STREAMING_USAGE)
+    relay(t, b"".join(chat_stream_events(finish_reason=None, done=False, include_usage=False)))
+    assert not t.complete
+
+
+@pytest.mark.parametrize("data", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b'data: "x"\n\n',
+                                  b'data: {"choices": [1]}\n\n'])
+def test_data_that_is_not_a_chunk_is_a_protocol_error(data: bytes) -> None:
+    t = stream_for(STREAMING_USAGE)
+    with pytest.raises(StreamProtocolError):
+        relay(t, data)
+
+
+def test_worker_error_event_is_forwarded_and_noted() -> None:
+    err = sse_data({"error": {"message": "overloaded", "type": "server_error", "code": 503}})
+    data = chat_stream_events()[1] + err
+    t = stream_for(STREAMING_USAGE)
+    assert relay(t, data) == data
+    assert t.worker_error
+
+
+def test_usage_estimated_from_content_events_when_the_worker_sends_none() -> None:
+    t = stream_for(STREAMING)
+    relay(t, b"".join(chat_stream_events(usage=None)))
+    assert t.usage.estimated
+    assert t.usage.completion_tokens == 3
+
+
+# ============================================================================ error frame
+
+
+def test_error_frame_after_worker_chunks_uses_the_workers_id() -> None:
+    t = stream_for(STREAMING_USAGE)
+    relay(t, chat_stream_events()[0])
+    frame = t.error_frame(failures.UPSTREAM_DISCONNECTED, "gone")
+    assert frame.startswith(b"data: ") and frame.endswith(b"\n\n") and frame.count(b"\n\n") == 1
+    obj = payloads(frame)[0]
+    assert obj == {
+        "id": "chatcmpl-abc123",
+        "object": "chat.completion.chunk",
+        "created": 1_700_000_000,
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": {}, "finish_reason": "error"}],
+        "error": {"message": "gone", "type": "upstream_error", "code": "upstream_disconnected"},
+    }
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [failures.UPSTREAM_DISCONNECTED, failures.UPSTREAM_TIMEOUT,
+     failures.UPSTREAM_PROTOCOL_ERROR, failures.UPSTREAM_INCOMPLETE],
+)
+def test_error_frame_before_any_chunk(failure: failures.Failure) -> None:
+    before = int(time.time())
+    p = plan({**STREAMING, "model": "m1"}, rid="req-9")
+    obj = payloads(OPENAI_CHAT.error_frame(p, failure, "msg"))[0]
+    assert obj["id"] == "chatcmpl-req-9"
+    assert obj["model"] == "m1"
+    assert before - 1 <= obj["created"] <= int(time.time()) + 1
+    assert obj["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+    assert obj["error"]["code"] == failure.code
+    assert obj["error"]["type"] == "upstream_error"
+    assert "[DONE]" not in sse_payloads(OPENAI_CHAT.error_frame(p, failure, "msg"))
+
+
+def test_completions_error_frame() -> None:
+    p = plan({**STREAMING, "prompt": "x"}, dialect=OPENAI_COMPLETIONS)
+    obj = payloads(OPENAI_COMPLETIONS.error_frame(p, failures.UPSTREAM_TIMEOUT, "slow"))[0]
+    assert obj["object"] == "text_completion"
+    assert obj["choices"][0]["finish_reason"] == "error"
+    assert obj["error"]["code"] == "upstream_timeout"
+
+
+# ============================================================================ stream, aggregate
+
+
+def test_aggregate_two_choices_with_tool_calls_and_reasoning() -> None:
+    calls = [{"id": "call_1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'},
+             {"id": "call_2", "name": "get_time", "arguments": '{"tz": "Europe/Paris"}'}]
+    data = b"".join(chat_stream_events(["Hel", "lo"], n=2, tool_calls=calls, reasoning=["th", "ink"]))
+    t = stream_for(NON_STREAMING, aggregate=True, pricing=PRICES, mode="always")
+    assert relay(t, data) == b""
+    assert t.complete
+    doc = orjson.loads(t.document())
+    assert doc["object"] == "chat.completion"
+    assert doc["id"] == "chatcmpl-abc123" and doc["created"] == 1_700_000_000 and doc["model"] == MODEL
+    assert [c["index"] for c in doc["choices"]] == [0, 1]
+    for i, choice in enumerate(doc["choices"]):
+        msg = choice["message"]
+        assert msg["role"] == "assistant"
+        assert msg["content"] == f"Hel{i}lo{i}"
+        assert msg["reasoning_content"] == "think"
+        assert msg["tool_calls"] == [
+            {"id": "call_1", "type": "function",
+             "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "c"}'}},
+            {"id": "call_2", "type": "function",
+             "function": {"name": "get_time", "arguments": '{"tz": "Europe/Paris"}'}},
+        ]
+        assert choice["finish_reason"] == "tool_calls"
+    assert doc["usage"]["prompt_tokens"] == 11 and doc["usage"]["completion_tokens"] == 3
+    assert doc["usage"]["cost"] == pytest.approx(COST)
+
+
+@pytest.mark.parametrize("flavor", ["vllm", "sglang", "llamacpp", "ollama", "tgi"])
+def test_aggregate_every_flavor(flavor: str) -> None:
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, b"".join(chat_stream_events(flavor=flavor)))
+    doc = orjson.loads(t.document())
+    assert doc["choices"][0]["message"]["content"] == "Hello!"
+    assert doc["choices"][0]["message"]["role"] == "assistant"
+    assert doc["choices"][0]["finish_reason"] == "stop"
+    assert doc["usage"]["total_tokens"] == 14
+    if flavor in ("llamacpp", "ollama", "tgi"):
+        assert doc["system_fingerprint"]
+    if flavor == "llamacpp":
+        assert doc["timings"]["predicted_n"] == 3
+
+
+def test_aggregate_concatenates_logprobs() -> None:
+    def ev(tok: str, finish: str | None = None) -> bytes:
+        return sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                         "choices": [{"index": 0, "delta": {"content": tok}, "finish_reason": finish,
+                                      "logprobs": {"content": [{"token": tok, "logprob": -0.1}]}}]})
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, ev("a") + ev("b") + ev("c", "length") + DONE)
+    choice = orjson.loads(t.document())["choices"][0]
+    assert [e["token"] for e in choice["logprobs"]["content"]] == ["a", "b", "c"]
+    assert choice["finish_reason"] == "length"
+
+
+def test_aggregate_of_a_worker_error_returns_the_error() -> None:
+    err = {"error": {"message": "boom", "type": "server_error", "code": 500}}
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, chat_stream_events()[0] + sse_data(err))
+    assert t.worker_error
+    assert orjson.loads(t.document()) == err
+
+
+def test_aggregate_completions() -> None:
+    body = {"model": MODEL, "prompt": "x"}
+    t = stream_for(body, aggregate=True, mode="always", dialect=OPENAI_COMPLETIONS)
+    relay(t, b"".join(text_completion_events(["Hel", "lo"])))
+    doc = orjson.loads(t.document())
+    assert doc["object"] == "text_completion"
+    assert doc["choices"][0]["text"] == "Hello"
+    assert doc["choices"][0]["finish_reason"] == "stop"
+    assert doc["usage"]["prompt_tokens"] == 11
+
+
+# ============================================================================ document (JSON -> SSE)
+
+
+def document(doc: dict[str, Any], body: dict[str, Any] = STREAMING_USAGE, *, pricing=NO_PRICES,
+             dialect=OPENAI_CHAT) -> OpenAIDocument:
+    d = dialect.document(plan(body, "never", dialect=dialect), pricing, orjson.dumps(doc))
+    assert isinstance(d, OpenAIDocument)
+    return d
+
+
+def test_json_to_sse_chunk_sequence() -> None:
+    doc = chat_completion("Hello!", extra={"system_fingerprint": "fp_1"})
+    out = payloads(document(doc).sse())
+    assert out[-1] == "[DONE]"
+    chunks = out[:-1]
+    for c in chunks:
+        assert c["object"] == "chat.completion.chunk"
+        assert (c["id"], c["created"], c["model"]) == ("chatcmpl-doc123", 1_700_000_000, MODEL)
+        assert c["system_fingerprint"] == "fp_1"
+    assert chunks[0]["choices"] == [{"index": 0, "delta": {"role": "assistant"}, "finish_reason": None}]
+    assert chunks[1]["choices"][0]["delta"]["content"] == "Hello!"
+    assert chunks[1]["choices"][0]["finish_reason"] is None
+    assert chunks[2]["choices"][0]["finish_reason"] == "stop"
+    assert chunks[3]["choices"] == [] and chunks[3]["usage"]["prompt_tokens"] == 11
+    assert len(chunks) == 4
+
+
+def test_json_to_sse_without_usage_when_the_client_did_not_ask() -> None:
+    out = payloads(document(chat_completion(), STREAMING).sse())
+    assert not any(isinstance(c, dict) and "usage" in c for c in out)
+    assert out[-1] == "[DONE]"
+
+
+def test_json_to_sse_cost_in_usage_chunk_and_json() -> None:
+    d = document(chat_completion(), pricing=PRICES)
+    out = payloads(d.sse())
+    assert out[-2]["usage"]["cost"] == pytest.approx(COST)
+    assert orjson.loads(d.json())["usage"]["cost"] == pytest.approx(COST)
+    assert d.cost == Decimal("0.000017")
+
+
+def test_json_to_sse_two_choices_and_tool_calls() -> None:
+    calls = [{"id": "c1", "name": "f", "arguments": "{}"}]
+    out = payloads(document(chat_completion(None, n=2, tool_calls=calls)).sse())
+    finishes = [c["choices"][0] for c in out[:-1] if c["choices"] and c["choices"][0]["finish_reason"]]
+    assert sorted(f["index"] for f in finishes) == [0, 1]
+    assert all(f["finish_reason"] == "tool_calls" for f in finishes)
+    content = [c["choices"][0]["delta"] for c in out[:-1]
+               if c["choices"] and "tool_calls" in c["choices"][0].get("delta", {})]
+    assert content[0]["tool_calls"] == [{"index": 0, "id": "c1", "type": "function",
+                                         "function": {"name": "f", "arguments": "{}"}}]
+
+
+def test_json_worker_error_document() -> None:
+    err = {"error": {"message": "bad", "type": "x", "code": 1}}
+    d = document(err)
+    assert d.worker_error
+    assert payloads(d.sse()) == [err]
+
+
+@pytest.mark.parametrize("body", [b"", b"{", b"[]", b"nope"])
+def test_unreadable_worker_document(body: bytes) -> None:
+    with pytest.raises(StreamProtocolError):
+        OPENAI_CHAT.document(plan(STREAMING), NO_PRICES, body)
+
+
+def test_completions_json_to_sse() -> None:
+    d = document(text_completion("Hello"), {"model": MODEL, "prompt": "x", "stream": True},
+                 dialect=OPENAI_COMPLETIONS)
+    out = payloads(d.sse())
+    assert out[-1] == "[DONE]"
+    assert all(c["object"] == "text_completion" for c in out[:-1])
+    assert "".join(c["choices"][0]["text"] for c in out[:-1]) == "Hello"
+    assert out[-2]["choices"][0]["finish_reason"] == "stop"
+
+
+# ============================================================================ round trips (hypothesis)
+
+_text = st.text(max_size=12)
+_tool_call = st.fixed_dictionaries(
+    {"id": st.text(min_size=1, max_size=8), "type": st.just("function"),
+     "function": st.fixed_dictionaries({"name": st.text(min_size=1, max_size=8),
+                                        "arguments": st.text(max_size=30)})}
+)
+_logprobs = st.one_of(
+    st.none(),
+    st.fixed_dictionaries({"content": st.lists(st.fixed_dictionaries(
+        {"token": _text, "logprob": st.floats(-20, 0), "top_logprobs": st.just([])}), max_size=3)}),
+)
+_message = st.fixed_dictionaries(
+    {"role": st.just("assistant"), "content": st.one_of(st.none(), _text)},
+    optional={"reasoning_content": _text, "tool_calls": st.lists(_tool_call, min_size=1, max_size=3),
+              "refusal": st.none()},
+)
+_usage = st.fixed_dictionaries(
+    {"prompt_tokens": st.integers(0, 10**6), "completion_tokens": st.integers(0, 10**6)},
+    optional={"total_tokens": st.integers(0, 10**6),
+              "prompt_tokens_details": st.fixed_dictionaries({"cached_tokens": st.integers(0, 100)})},
+)
+
+
+@st.composite
+def chat_documents(draw: st.DrawFn) -> dict[str, Any]:
+    n = draw(st.integers(1, 3))
+    choices = []
+    for i in range(n):
+        choice: dict[str, Any] = {"index": i, "message": draw(_message),
+                                  "finish_reason": draw(st.sampled_from(["stop", "length", "tool_calls"]))}
+        if draw(st.booleans()):
+            choice["logprobs"] = draw(_logprobs)
+        if draw(st.booleans()):
+            choice["stop_reason"] = draw(st.one_of(st.none(), st.integers(0, 10**5)))
+        choices.append(choice)
+    doc: dict[str, Any] = {
+        "id": draw(st.text(min_size=1, max_size=10)),
+        "object": "chat.completion",
+        "created": draw(st.integers(1, 2**40)),
+        "model": draw(st.text(min_size=1, max_size=10)),
+        "choices": choices,
+    }
+    if draw(st.booleans()):
+        doc["usage"] = draw(_usage)
+    if draw(st.booleans()):
+        doc["system_fingerprint"] = draw(st.text(min_size=1, max_size=10))
+    return doc
+
+
+def _split(data: bytes, cuts: list[int]) -> list[bytes]:
+    points = sorted({c % (len(data) + 1) for c in cuts})
+    pieces, last = [], 0
+    for p in points:
+        pieces.append(data[last:p])
+        last = p
+    pieces.append(data[last:])
+    return pieces
+
+
+@settings(max_examples=150, deadline=None)
+@given(chat_documents(), st.lists(st.integers(0, 10**6), max_size=8))
+def test_round_trip_json_to_sse_to_json(doc: dict[str, Any], cuts: list[int]) -> None:
+    body = {"model": "requested", "messages": [], "stream": True, "stream_options": {"include_usage": True}}
+    sse = document(doc, body).sse()
+    assert sse.endswith(DONE)
+    t = stream_for({"model": "requested", "messages": []}, aggregate=True, mode="always")
+    parser = SSEParser()
+    for piece in _split(sse, cuts):
+        for event in parser.feed(piece):
+            assert t.feed(event) is None
+    assert not parser.has_partial
+    assert t.complete
+    back = orjson.loads(t.document())
+    assert back == doc
+
+
+@st.composite
+def completion_documents(draw: st.DrawFn) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "id": draw(st.text(min_size=1, max_size=10)),
+        "object": "text_completion",
+        "created": draw(st.integers(1, 2**40)),
+        "model": draw(st.text(min_size=1, max_size=10)),
+        "choices": [{"index": i, "text": draw(_text), "logprobs": None,
+                     "finish_reason": draw(st.sampled_from(["stop", "length"]))}
+                    for i in range(draw(st.integers(1, 2)))],
+    }
+    if draw(st.booleans()):
+        doc["usage"] = draw(_usage)
+    return doc
+
+
+@settings(max_examples=60, deadline=None)
+@given(completion_documents())
+def test_round_trip_completions(doc: dict[str, Any]) -> None:
+    body = {"model": "m", "prompt": "p", "stream": True, "stream_options": {"include_usage": True}}
+    sse = document(doc, body, dialect=OPENAI_COMPLETIONS).sse()
+    t = stream_for({"model": "m", "prompt": "p"}, aggregate=True, mode="always",
+                   dialect=OPENAI_COMPLETIONS)
+    relay(t, sse)
+    assert orjson.loads(t.document()) == doc
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=6),
+    st.sampled_from(["vllm", "sglang", "llamacpp", "ollama", "tgi"]),
+    st.lists(st.integers(0, 10**6), max_size=10),
+    st.booleans(),
+)
+def test_relay_is_byte_exact_under_any_chunking(
+    content: list[str], flavor: str, cuts: list[int], crlf: bool
+) -> None:
+    data = b"".join(
+        chat_stream_events(content, flavor=flavor, id="gen-1", eol=b"\r\n" if crlf else b"\n")
+    )
+    t = stream_for(STREAMING_USAGE)
+    parser = SSEParser()
+    out = bytearray()
+    for piece in _split(data, cuts):
+        for event in parser.feed(piece):
+            out += t.feed(event) or b""
+    assert bytes(out) == data
+    assert t.complete
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=6),
+       st.sampled_from(["vllm", "sglang", "ollama"]))
+def test_hidden_usage_removes_exactly_the_usage_chunk(content: list[str], flavor: str) -> None:
+    evs = chat_stream_events(content, flavor=flavor)
+    usage_chunk = evs[-2]
+    assert b'"choices":[]' in usage_chunk
+    t = stream_for(STREAMING)
+    assert relay(t, b"".join(evs)) == b"".join(e for e in evs if e is not usage_chunk)
+    assert t.usage.completion_tokens == USAGE["completion_tokens"]
