@@ -192,13 +192,18 @@ class Exchange(StreamListener):
         self._client_gone = False
 
     # -- the client side, as the pump and handlers see it ------------------------------
-    def start_response(self, status: int, headers: list[Header]) -> None:
+    def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
+        """Send the response head; with `body`, the whole response in one write."""
         headers = [*headers, (b"x-request-id", self.request_id.encode())]
-        if self.close_after:
+        if self.close_after or self.runtime.draining:
             headers.append((b"connection", b"close"))
-        self.client.write(
-            self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
-        )
+        conn = self.conn
+        data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
+        if body is not None:
+            if body and self.method != "HEAD":
+                data += conn.send(h11.Data(data=body))
+            data += conn.send(h11.EndOfMessage())
+        self.client.write(data)
         self.status = status
         self.head_sent = True
         self.chunked_out = (
@@ -220,10 +225,7 @@ class Exchange(StreamListener):
         self.client.write(self.conn.send(h11.EndOfMessage()))
 
     def respond(self, status: int, headers: list[Header], body: bytes) -> None:
-        self.start_response(status, [*headers, (b"content-length", str(len(body)).encode())])
-        if body and self.method != "HEAD":
-            self.write_data(body)
-        self.end_response()
+        self.start_response(status, [*headers, (b"content-length", str(len(body)).encode())], body)
 
     def respond_error(self, status: int, code: str, message: str, outcome: str) -> None:
         """An error answered by the sidecar itself, before any response head went out."""
@@ -395,12 +397,16 @@ class Exchange(StreamListener):
             conn, reused = await pool.acquire()
             self.upstream = conn
             try:
-                conn.send(head)
-                for part in body_parts:
-                    conn.send(h11.Data(data=part))
-                while not body_complete:
-                    body_complete = await self._forward_body_part(conn, body_parts, body_deadline)
-                conn.send(h11.EndOfMessage())
+                events: list[h11.Event] = [head, *(h11.Data(data=p) for p in body_parts)]
+                if body_complete:  # the common case: one write for the whole request
+                    conn.send(*events, h11.EndOfMessage())
+                else:
+                    conn.send(*events)
+                    while not body_complete:
+                        body_complete = await self._forward_body_part(
+                            conn, body_parts, body_deadline
+                        )
+                    conn.send(h11.EndOfMessage())
                 async with asyncio.timeout(timeout):
                     return await self._response_head(conn)
             except TimeoutError:

@@ -109,11 +109,11 @@ class UpstreamConnection(asyncio.Protocol):
         assert self.transport is not None
         self.transport.write(data)
 
-    def send(self, event: h11.Event) -> None:
-        """Serialize an h11 event and write it; raises UpstreamFailure if the socket is gone."""
+    def send(self, *events: h11.Event) -> None:
+        """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
         if self.closed or self.transport is None or self.transport.is_closing():
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
-        data = self.h11.send(event)
+        data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
             self.transport.write(data)
 

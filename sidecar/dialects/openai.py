@@ -100,6 +100,25 @@ class OpenAIStream(StreamTranslator):
         self._choices: dict[int, dict[str, Any]] = {}
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
+        self._missing: tuple[str, ...] | None = None  # chunk keys the worker leaves out
+        self._fill: dict[str, Any] = {}
+
+    def _first_chunk(self, obj: dict[str, Any]) -> None:
+        """Take id/created/model from the first chunk and note which keys chunks lack."""
+        ident, created, model = obj.get("id"), obj.get("created"), obj.get("model")
+        self.id = ident if isinstance(ident, str) and ident else None
+        self.created = created if isinstance(created, int) and created else None
+        self.model = model if isinstance(model, str) and model else None
+        self._fill = {
+            "id": self.id or self.shape.id_prefix + self.plan.request_id,
+            "object": self.shape.chunk_object,
+            "created": self.created or self.plan.created,
+            "model": self.model or self.plan.request_model,
+        }
+        # workers that omit a key omit it on every chunk: only those keys are checked later
+        self._missing = tuple(
+            k for k, v in self._fill.items() if v is not None and not obj.get(k)
+        )
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
@@ -126,24 +145,13 @@ class OpenAIStream(StreamTranslator):
 
     def _read_chunk(self, obj: dict[str, Any], raw: bytes) -> bytes | None:
         rewrite = False
-        if self.id is None:
-            ident = obj.get("id")
-            self.id = ident if isinstance(ident, str) and ident else None
-            created = obj.get("created")
-            self.created = created if isinstance(created, int) else None
-            model = obj.get("model")
-            self.model = model if isinstance(model, str) and model else self.model
-        for key, fill in (
-            ("id", self.id or self.shape.id_prefix + self.plan.request_id),
-            ("created", self.created or self.plan.created),
-            ("model", self.model or self.plan.request_model),
-        ):
-            if not obj.get(key) and fill is not None:
-                obj[key] = fill
-                rewrite = True
-        if "object" not in obj:
-            obj["object"] = self.shape.chunk_object
-            rewrite = True
+        if self._missing is None:
+            self._first_chunk(obj)
+        if self._missing:
+            for key in self._missing:
+                if not obj.get(key):
+                    obj[key] = self._fill[key]
+                    rewrite = True
         choices = obj.get("choices")
         if not isinstance(choices, list):
             choices = []
