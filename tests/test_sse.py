@@ -132,6 +132,10 @@ TABLE = [
     ("data no colon", b"data\n\n", [E("")]),
     ("data no colon twice", b"data\ndata\n\n", [E("\n")]),
     ("event", b"event: delta\ndata: {}\n\n", [E("{}", event="delta")]),
+    ("event data no space", b"event: a\ndata:xy\n\n", [E("xy", event="a")]),
+    ("event data two spaces", b"event:  a\ndata:  x\n\n", [E(" x", event=" a")]),
+    ("event two data lines", b"event: a\ndata: x\ndata: y\n\n", [E("x\ny", event="a")]),
+    ("event then id", b"event: a\nid: 1\n\n", [E(None, event="a", id="1")]),
     ("event last wins", b"event: a\nevent: b\ndata: x\n\n", [E("x", event="b")]),
     ("event empty", b"event:\ndata: x\n\n", [E("x", event="")]),
     ("event only not dispatched", b"event: ping\n\n", [E(None, event="ping")]),
@@ -173,6 +177,11 @@ def test_table(stream: bytes, expected: list[tuple]) -> None:
     for i in range(len(stream) + 1):
         check_stream(stream, [stream[:i], stream[i:]])
     check_stream(stream, [stream[i : i + 1] for i in range(len(stream))])
+    # and the same through the whole-chunk fast paths (parser already past the BOM check)
+    if not stream.startswith(BOM):
+        p = SSEParser()
+        assert fields(p.feed(b": warm-up\n\n")) == [E(comments=True)]
+        assert fields(p.feed(stream)) == expected
 
 
 def test_raw_is_exact_bytes() -> None:
