@@ -1,0 +1,533 @@
+"""anthropic-messages and openai-responses end to end: the real daemon, a fake worker, the real SDKs.
+
+The worker answers each request from its own `stream` flag (SSE or one JSON
+document), as the Anthropic API and OpenAI Responses API do. The clients are
+the real `anthropic` and `openai` SDKs (test dependencies); byte-level checks
+use the harness's raw client.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+
+from tests.harness import (
+    Daemon,
+    FakeWorker,
+    Reset,
+    Step,
+    WorkerRequest,
+    free_port,
+    json_reply,
+    post,
+    sse_payloads,
+    sse_reply,
+)
+
+CLAUDE = "claude-like"
+GPT = "gpt-like"
+PRICES = {CLAUDE: {"prompt": 3.0, "completion": 15.0, "cached_prompt": 0.3, "cache_write": 3.75},
+          GPT: {"prompt": 1.0, "completion": 2.0, "cached_prompt": 0.5, "reasoning": 4.0}}
+
+
+def _route(name: str, path: str, dialect: str, mode: str) -> dict[str, Any]:
+    return {"name": name, "match": {"path": path, "methods": ["POST"]}, "dialect": dialect,
+            "upstream_stream": mode}
+
+
+ROUTES = [
+    _route(f"{dialect}-{mode}", f"{prefix}/v1/{tail}", dialect, mode)
+    for dialect, tail in (("anthropic-messages", "messages"), ("openai-responses", "responses"))
+    for mode, prefix in (("auto", ""), ("never", "/never"), ("always", "/always"))
+] + [
+    {**_route(f"{dialect}-dead", f"/dead/v1/{tail}", dialect, "auto"),
+     "upstream": {"url": f"http://127.0.0.1:{free_port()}"}}
+    for dialect, tail in (("anthropic-messages", "messages"), ("openai-responses", "responses"))
+]
+_ids = itertools.count(1)
+
+
+def request_id() -> str:
+    return f"req-e2e-{next(_ids)}"
+
+
+@pytest.fixture(scope="module")
+def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_module_daemon(worker=module_worker, routes=ROUTES, pricing={"models": PRICES})
+
+
+@pytest.fixture
+def worker(module_worker: FakeWorker) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    yield module_worker
+    assert not module_worker.errors, module_worker.errors
+
+
+# =============================================================================================
+# Anthropic Messages
+# =============================================================================================
+
+MESSAGE: dict[str, Any] = {
+    "id": "msg_01XYZ",
+    "type": "message",
+    "role": "assistant",
+    "model": CLAUDE,
+    "content": [
+        {"type": "thinking", "thinking": "The user greets me.", "signature": "EqQBCgIYAhIM"},
+        {"type": "text", "text": "Hello! How can I help?"},
+        {"type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {"city": "Paris", "days": [1, 2]}},
+    ],
+    "stop_reason": "tool_use",
+    "stop_sequence": None,
+    "usage": {"input_tokens": 120, "output_tokens": 42, "cache_read_input_tokens": 1000,
+              "cache_creation_input_tokens": 20},
+}
+#: 120*3 + 1000*0.3 + 20*3.75 + 42*15 = 1365 per million
+MESSAGE_COST = 1365 / 1e6
+
+
+def ev(kind: str, obj: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {json.dumps(obj)}\n\n".encode()
+
+
+def anthropic_events(message: dict[str, Any]) -> list[bytes]:
+    """The message as the Anthropic API streams it: small deltas, a ping, usage at both ends."""
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
+             "usage": {**usage, "output_tokens": 1}}
+    out = [ev("message_start", {"type": "message_start", "message": start}), ev("ping", {"type": "ping"})]
+    for index, block in enumerate(message["content"]):
+        def delta(d: dict[str, Any], index: int = index) -> bytes:
+            return ev("content_block_delta", {"type": "content_block_delta", "index": index, "delta": d})
+
+        if block["type"] == "text":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {"type": "text", "text": ""}}))
+            text = block["text"]
+            out += [delta({"type": "text_delta", "text": text[i:i + 5]}) for i in range(0, len(text), 5)]
+        elif block["type"] == "thinking":
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {"type": "thinking", "thinking": ""}}))
+            out.append(delta({"type": "thinking_delta", "thinking": block["thinking"]}))
+            out.append(delta({"type": "signature_delta", "signature": block["signature"]}))
+        else:
+            out.append(ev("content_block_start", {"type": "content_block_start", "index": index,
+                                                  "content_block": {**block, "input": {}}}))
+            raw = json.dumps(block["input"])
+            out += [delta({"type": "input_json_delta", "partial_json": raw[i:i + 7]}) for i in range(0, len(raw), 7)]
+        out.append(ev("content_block_stop", {"type": "content_block_stop", "index": index}))
+    out.append(ev("message_delta", {"type": "message_delta",
+                                    "delta": {"stop_reason": message["stop_reason"],
+                                              "stop_sequence": message["stop_sequence"]},
+                                    "usage": {"output_tokens": usage["output_tokens"]}}))
+    out.append(ev("message_stop", {"type": "message_stop"}))
+    return out
+
+
+def anthropic_worker(message: dict[str, Any] = MESSAGE, cut_after: int | None = None
+                     ) -> Callable[[WorkerRequest], list[Step]]:
+    """Answers like the Anthropic API from the request's `stream`; `cut_after` events, then RST."""
+    def handle(request: WorkerRequest) -> list[Step]:
+        if request.json().get("stream") is True:
+            events = anthropic_events(message)
+            if cut_after is not None:
+                return [*sse_reply(events[:cut_after], end=False), Reset()]
+            return sse_reply(events)
+        return json_reply(message)
+    return handle
+
+
+def anthropic_client(daemon: Daemon, prefix: str = "") -> anthropic.Anthropic:
+    return anthropic.Anthropic(api_key="sk-ant-test", base_url=daemon.url + prefix, max_retries=0, timeout=10)
+
+
+def ask() -> dict[str, Any]:
+    return {"model": CLAUDE, "max_tokens": 256, "messages": [{"role": "user", "content": "Hello"}]}
+
+
+def expected_message() -> dict[str, Any]:
+    out = copy.deepcopy(MESSAGE)
+    out["usage"]["cost"] = pytest.approx(MESSAGE_COST)
+    return out
+
+
+def check_anthropic_ledger(daemon: Daemon, rid: str, *, client_stream: bool, upstream_sse: bool,
+                           outcome: str = "ok") -> dict[str, Any]:
+    record = daemon.ledger_for(rid)
+    assert record["dialect"] == "anthropic-messages"
+    assert record["outcome"] == outcome
+    assert record["client_stream"] is client_stream and record["upstream_stream"] is upstream_sse
+    assert record["model"] == CLAUDE and record["request_model"] == CLAUDE
+    assert record["prompt_tokens"] == 120 + 1000 + 20
+    assert record["cached_tokens"] == 1000 and record["reasoning_tokens"] is None
+    if outcome == "ok":
+        assert record["completion_tokens"] == 42
+        assert record["cost"] == pytest.approx(MESSAGE_COST)
+        assert record["usage_estimated"] is False
+    return record
+
+
+def test_anthropic_stream_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = anthropic_worker()
+    rid = request_id()
+    client = anthropic_client(daemon)
+    deltas = []
+    with client.messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream:
+        for event in stream:
+            if event.type == "message_delta":
+                deltas.append(event.usage.to_dict())
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    assert final.stop_reason == "tool_use" and final.id == MESSAGE["id"]
+    assert final.usage.input_tokens == 120 and final.usage.output_tokens == 42
+    assert deltas == [{"output_tokens": 42, "cost": pytest.approx(MESSAGE_COST)}]
+    (request,) = worker.requests
+    sent = request.json()
+    assert sent["stream"] is True and "stream_options" not in sent
+    # the client's credential reaches the worker unchanged (this SDK sends it as a bearer token)
+    assert "sk-ant-test" in (request.header("x-api-key") or request.header("authorization") or "")
+    check_anthropic_ledger(daemon, rid, client_stream=True, upstream_sse=True)
+
+
+def test_anthropic_stream_bytes_pass_through(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = anthropic_worker()
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    assert response.status == 200 and response.header("content-type") == "text/event-stream"
+    sent = anthropic_events(MESSAGE)
+    delta_at = len(sent) - 2
+    body = response.body
+    assert body.startswith(b"".join(sent[:delta_at]))  # every event before it: the worker's own bytes
+    assert body.endswith(sent[-1])
+    middle = body[len(b"".join(sent[:delta_at])):-len(sent[-1])]
+    assert middle.startswith(b"event: message_delta\n")
+    obj = json.loads(sse_payloads(middle)[0])
+    assert obj["usage"] == {"output_tokens": 42, "cost": pytest.approx(MESSAGE_COST)}
+
+
+def test_anthropic_json_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = anthropic_worker()
+    rid = request_id()
+    raw = anthropic_client(daemon).messages.with_raw_response.create(
+        **ask(), extra_headers={"x-request-id": rid})
+    message = raw.parse()
+    assert message.to_dict() == expected_message()
+    assert raw.headers["x-sidecar-cost"] == "0.001365"
+    assert worker.requests[0].json().get("stream", False) is False
+    check_anthropic_ledger(daemon, rid, client_stream=False, upstream_sse=False)
+
+
+def test_anthropic_json_to_sse(daemon: Daemon, worker: FakeWorker) -> None:
+    """upstream_stream: never: the worker answers one document, the SDK streams it."""
+    worker.default = anthropic_worker()
+    rid = request_id()
+    with anthropic_client(daemon, "/never").messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert worker.requests[0].json()["stream"] is False
+    assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    assert final.usage.output_tokens == 42 and final.stop_reason == "tool_use"
+    assert kinds[0] == "message_start" and kinds[-1] == "message_stop"
+    check_anthropic_ledger(daemon, rid, client_stream=True, upstream_sse=False)
+    raw = post(daemon, {**ask(), "stream": True}, "/never/v1/messages")
+    for payload, block in zip(sse_payloads(raw.body), raw.body.split(b"\n\n"), strict=False):
+        assert block.startswith(b"event: " + json.loads(payload)["type"].encode() + b"\n")
+
+
+def test_anthropic_sse_to_json(daemon: Daemon, worker: FakeWorker) -> None:
+    """upstream_stream: always: the worker streams, the SDK gets one message."""
+    worker.default = anthropic_worker()
+    rid = request_id()
+    raw = anthropic_client(daemon, "/always").messages.with_raw_response.create(
+        **ask(), extra_headers={"x-request-id": rid})
+    assert raw.parse().to_dict() == expected_message()
+    assert raw.headers["x-sidecar-cost"] == "0.001365"
+    sent = worker.requests[0].json()
+    assert sent["stream"] is True and "stream_options" not in sent
+    check_anthropic_ledger(daemon, rid, client_stream=False, upstream_sse=True)
+
+
+def test_anthropic_worker_killed_mid_stream(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = anthropic_worker(cut_after=6)
+    rid = request_id()
+    seen = []
+    client = anthropic_client(daemon)
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        client.messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        seen.extend(event.type for event in stream)
+    assert "upstream_disconnected" in str(info.value)
+    assert "message_stop" not in seen
+    check_anthropic_ledger(daemon, rid, client_stream=True, upstream_sse=True, outcome="upstream_error")
+    # the bytes: the events that arrived, then the error frame, then nothing
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    assert response.complete  # the body is ended cleanly
+    sent = anthropic_events(MESSAGE)[:6]
+    assert response.body.startswith(b"".join(sent))
+    tail = response.body[len(b"".join(sent)):]
+    assert tail.startswith(b"event: error\n")
+    (frame,) = sse_payloads(tail)
+    assert json.loads(frame) == {"type": "error", "error": {
+        "type": "api_error", "message": json.loads(frame)["error"]["message"], "code": "upstream_disconnected"}}
+    assert b"message_stop" not in response.body and b"stop_reason\": \"tool_use" not in response.body
+
+
+def test_anthropic_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = anthropic_worker(cut_after=6)
+    with pytest.raises(anthropic.InternalServerError) as info:
+        anthropic_client(daemon, "/always").messages.create(**ask())
+    assert info.value.status_code == 502
+    assert info.value.body == {"type": "error", "error": {
+        "type": "api_error", "message": info.value.body["error"]["message"], "code": "upstream_disconnected"}}
+
+
+def test_anthropic_bad_json_is_a_400_in_the_dialect_shape(daemon: Daemon, worker: FakeWorker) -> None:
+    response = post(daemon, b'{"model": ', "/v1/messages")
+    assert response.status == 400
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    assert body["error"]["code"] == "invalid_request_error"
+    assert worker.requests == []
+
+
+def test_anthropic_worker_error_event_is_forwarded(daemon: Daemon, worker: FakeWorker) -> None:
+    error = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
+    worker.default = sse_reply([*anthropic_events(MESSAGE)[:3], error])
+    rid = request_id()
+    client = anthropic_client(daemon)
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        client.messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert "overloaded_error" in str(info.value)
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+
+
+# =============================================================================================
+# OpenAI Responses
+# =============================================================================================
+
+RESPONSE: dict[str, Any] = {
+    "id": "resp_abc",
+    "object": "response",
+    "created_at": 1_741_476_542,
+    "model": GPT,
+    "status": "completed",
+    "error": None,
+    "incomplete_details": None,
+    "instructions": None,
+    "parallel_tool_calls": True,
+    "tool_choice": "auto",
+    "tools": [],
+    "output": [
+        {"id": "rs_1", "type": "reasoning", "summary": [{"type": "summary_text", "text": "Simple greeting."}]},
+        {"id": "msg_1", "type": "message", "status": "completed", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hi! What can I do for you?", "annotations": [],
+                      "logprobs": []}]},
+    ],
+    "usage": {"input_tokens": 36, "input_tokens_details": {"cached_tokens": 16}, "output_tokens": 87,
+              "output_tokens_details": {"reasoning_tokens": 40}, "total_tokens": 123},
+}
+#: (36-16)*1 + 16*0.5 + (87-40)*2 + 40*4 = 282 per million
+RESPONSE_COST = 282 / 1e6
+
+
+def responses_events(doc: dict[str, Any], *, numbered: bool = True) -> list[bytes]:
+    """The response as the Responses API streams it (`sequence_number` when `numbered`)."""
+    pending = {**doc, "status": "in_progress", "output": [], "usage": None}
+    events: list[dict[str, Any]] = [{"type": "response.created", "response": pending},
+                                    {"type": "response.in_progress", "response": pending}]
+    for index, item in enumerate(doc["output"]):
+        if item["type"] == "message":
+            events.append({"type": "response.output_item.added", "output_index": index,
+                           "item": {**item, "status": "in_progress", "content": []}})
+            for ci, part in enumerate(item["content"]):
+                at = {"item_id": item["id"], "output_index": index, "content_index": ci}
+                events.append({"type": "response.content_part.added", **at,
+                               "part": {**part, "text": "", "annotations": [], "logprobs": []}})
+                text = part["text"]
+                events += [{"type": "response.output_text.delta", **at, "delta": text[i:i + 4], "logprobs": []}
+                           for i in range(0, len(text), 4)]
+                events.append({"type": "response.output_text.done", **at, "text": text, "logprobs": []})
+                events.append({"type": "response.content_part.done", **at, "part": part})
+        else:
+            events.append({"type": "response.output_item.added", "output_index": index,
+                           "item": {**item, "summary": []}})
+        events.append({"type": "response.output_item.done", "output_index": index, "item": item})
+    events.append({"type": "response.completed", "response": doc})
+    out = []
+    for i, event in enumerate(events):
+        if numbered:
+            event = {**event, "sequence_number": i}
+        out.append(ev(event["type"], event))
+    return out
+
+
+def responses_worker(doc: dict[str, Any] = RESPONSE, *, numbered: bool = True, cut_after: int | None = None
+                     ) -> Callable[[WorkerRequest], list[Step]]:
+    def handle(request: WorkerRequest) -> list[Step]:
+        if request.json().get("stream") is True:
+            events = responses_events(doc, numbered=numbered)
+            if cut_after is not None:
+                return [*sse_reply(events[:cut_after], end=False), Reset()]
+            return sse_reply(events)
+        return json_reply(doc)
+    return handle
+
+
+def openai_client(daemon: Daemon, prefix: str = "") -> openai.OpenAI:
+    return openai.OpenAI(api_key="sk-test", base_url=daemon.url + prefix + "/v1", max_retries=0, timeout=10)
+
+
+def expected_response() -> dict[str, Any]:
+    out = copy.deepcopy(RESPONSE)
+    out["usage"]["cost"] = pytest.approx(RESPONSE_COST)
+    return out
+
+
+def check_responses_ledger(daemon: Daemon, rid: str, *, client_stream: bool, upstream_sse: bool,
+                           outcome: str = "ok") -> dict[str, Any]:
+    record = daemon.ledger_for(rid)
+    assert record["dialect"] == "openai-responses" and record["outcome"] == outcome
+    assert record["client_stream"] is client_stream and record["upstream_stream"] is upstream_sse
+    if outcome == "ok":
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (36, 87)
+        assert (record["cached_tokens"], record["reasoning_tokens"]) == (16, 40)
+        assert record["cost"] == pytest.approx(RESPONSE_COST) and record["model"] == GPT
+    return record
+
+
+def test_responses_stream_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = responses_worker()
+    rid = request_id()
+    events = list(openai_client(daemon).responses.create(
+        model=GPT, input="Hello", stream=True, extra_headers={"x-request-id": rid}))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[0].type == "response.created"
+    completed = events[-1]
+    assert isinstance(completed, openai.types.responses.ResponseCompletedEvent)
+    assert completed.response.to_dict() == expected_response()
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == "Hi! What can I do for you?"
+    sent = worker.requests[0].json()
+    assert sent["stream"] is True and "stream_options" not in sent
+    check_responses_ledger(daemon, rid, client_stream=True, upstream_sse=True)
+
+
+def test_responses_json_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = responses_worker()
+    rid = request_id()
+    raw = openai_client(daemon).responses.with_raw_response.create(
+        model=GPT, input="Hello", extra_headers={"x-request-id": rid})
+    assert raw.parse().to_dict() == expected_response()
+    assert raw.headers["x-sidecar-cost"] == "0.000282"
+    check_responses_ledger(daemon, rid, client_stream=False, upstream_sse=False)
+
+
+def test_responses_json_to_sse(daemon: Daemon, worker: FakeWorker) -> None:
+    """upstream_stream: never: the SDK's stream helper rebuilds the response from our events."""
+    worker.default = responses_worker()
+    rid = request_id()
+    with openai_client(daemon, "/never").responses.stream(
+            model=GPT, input="Hello", extra_headers={"x-request-id": rid}) as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert worker.requests[0].json()["stream"] is False
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "Hi! What can I do for you?"
+    assert final.usage is not None and final.usage.to_dict() == expected_response()["usage"]
+    check_responses_ledger(daemon, rid, client_stream=True, upstream_sse=False)
+
+
+def test_responses_sse_to_json(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = responses_worker()
+    rid = request_id()
+    raw = openai_client(daemon, "/always").responses.with_raw_response.create(
+        model=GPT, input="Hello", extra_headers={"x-request-id": rid})
+    assert raw.parse().to_dict() == expected_response()
+    assert worker.requests[0].json()["stream"] is True
+    check_responses_ledger(daemon, rid, client_stream=False, upstream_sse=True)
+
+
+def test_responses_unnumbered_worker_is_numbered(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = responses_worker(numbered=False)
+    with openai_client(daemon).responses.stream(model=GPT, input="Hello") as stream:
+        events = list(stream)
+        final = stream.get_final_response()
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "Hi! What can I do for you?"
+
+
+@pytest.mark.parametrize("numbered", [True, False])
+def test_responses_worker_killed_mid_stream(daemon: Daemon, worker: FakeWorker, numbered: bool) -> None:
+    cut = 7  # created, in_progress, reasoning added+done, message added, part added, one delta
+    worker.default = responses_worker(numbered=numbered, cut_after=cut)
+    rid = request_id()
+    events = list(openai_client(daemon).responses.create(
+        model=GPT, input="Hello", stream=True, extra_headers={"x-request-id": rid}))
+    assert len(events) == cut + 1
+    failed = events[-1]
+    assert isinstance(failed, openai.types.responses.ResponseFailedEvent)
+    assert failed.sequence_number == cut
+    assert failed.response.status == "failed"
+    assert (failed.response.id, failed.response.model, failed.response.created_at) == (
+        RESPONSE["id"], GPT, RESPONSE["created_at"])
+    error = failed.response.to_dict()["error"]
+    assert error["code"] == "upstream_disconnected" and error["message"]
+    output = failed.response.to_dict()["output"]
+    assert [item["id"] for item in output] == ["rs_1", "msg_1"]
+    assert output[1]["content"][0]["text"] == "Hi! "  # the output so far
+    assert not any(e.type == "response.completed" for e in events)
+    check_responses_ledger(daemon, rid, client_stream=True, upstream_sse=True, outcome="upstream_error")
+    response = post(daemon, {"model": GPT, "input": "x", "stream": True}, "/v1/responses")
+    assert response.complete
+    tail = response.body.rsplit(b"\n\n", 2)[-2] + b"\n\n"
+    assert tail.startswith(b"event: response.failed\n")
+    assert b"response.completed" not in response.body
+
+
+def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker) -> None:
+    worker.default = responses_worker(cut_after=5)
+    with pytest.raises(openai.InternalServerError) as info:
+        openai_client(daemon, "/always").responses.create(model=GPT, input="Hello")
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_disconnected"  # the SDK unwraps {"error": {...}}
+
+
+# =============================================================================================
+# Both: errors before the head, in each dialect's shape
+# =============================================================================================
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_errors_before_the_head(daemon: Daemon, worker: FakeWorker, tail: str) -> None:
+    body = {"model": "m", "input": "x", "stream": True}
+    unreachable = post(daemon, body, f"/dead/v1/{tail}")
+    too_large = post(daemon, {**body, "pad": "x" * (1 << 20)}, f"/v1/{tail}")
+    assert (unreachable.status, too_large.status) == (502, 413)
+    for response, code, anthropic_type in ((unreachable, "upstream_unavailable", "api_error"),
+                                           (too_large, "request_too_large", "request_too_large")):
+        obj = response.json()
+        if tail == "messages":
+            assert obj["type"] == "error" and obj["error"]["type"] == anthropic_type
+        assert (obj["error"]["code"], bool(obj["error"]["message"])) == (code, True)
+    assert worker.requests == []
+
+
+def test_anthropic_unparsable_tool_input_aggregated_is_a_502(daemon: Daemon, worker: FakeWorker) -> None:
+    events = anthropic_events(MESSAGE)
+    bad = ev("content_block_delta", {"type": "content_block_delta", "index": 2,
+                                     "delta": {"type": "input_json_delta", "partial_json": "{oops"}})
+    stop = next(i for i, e in enumerate(events) if b'"content_block_stop", "index": 2' in e)
+    worker.default = sse_reply([*events[:stop], bad, *events[stop:]])
+    response = post(daemon, ask(), "/always/v1/messages")
+    assert response.status == 502
+    assert response.json()["error"]["code"] == "upstream_protocol_error"
