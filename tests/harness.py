@@ -413,8 +413,8 @@ class _WorkerProtocol(asyncio.Protocol):
                 return None
             if event is h11.NEED_DATA:
                 if self.eof or self.lost:
-                    if head is not None:
-                        self.worker._error(f"connection {self.info.id}: request cut short")
+                    if head is not None or fed:
+                        self.worker._cut(raw_head or bytes(self.buffer[:200]))
                     return None
                 await self.changed()
                 continue
@@ -458,6 +458,8 @@ class FakeWorker:
         self.requests: list[WorkerRequest] = []
         self.connections: list[WorkerConnection] = []
         self.errors: list[str] = []
+        #: heads (or first bytes) of requests whose connection closed before they were complete
+        self.incomplete: list[bytes] = []
         self.port = 0
         self._cond = threading.Condition()
         self._handlers: deque[Handler] = deque()
@@ -575,6 +577,7 @@ class FakeWorker:
             self.requests.clear()
             self.connections.clear()
             self.errors.clear()
+            self.incomplete.clear()
 
     # -- what it saw
     @property
@@ -666,6 +669,11 @@ class FakeWorker:
     def _received(self, request: WorkerRequest) -> None:
         with self._cond:
             self.requests.append(request)
+            self._cond.notify_all()
+
+    def _cut(self, head: bytes) -> None:
+        with self._cond:
+            self.incomplete.append(head)
             self._cond.notify_all()
 
     def _error(self, message: str) -> None:

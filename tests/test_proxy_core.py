@@ -1,0 +1,760 @@
+"""Integration tests of the proxy core (issue 2): the real daemon, a fake worker, real HTTP.
+
+Keep-alive on both sides, request and response framing, every error status
+the sidecar answers itself (with its body), the client-side limits and
+timeouts, backpressure with a slow reader, client disconnects, a unix-socket
+worker, `sidecar check`, header hygiene, x-request-id and the admin port.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import (
+    DEFAULT_ROUTES,
+    MODEL,
+    Blast,
+    Close,
+    Daemon,
+    FakeWorker,
+    RawClient,
+    RawResponse,
+    Send,
+    Stall,
+    chat_body,
+    chat_completion,
+    chat_route,
+    chat_stream_events,
+    chunk,
+    daemon_config,
+    free_port,
+    http_response,
+    json_reply,
+    openai_handler,
+    post,
+    raw_exchange,
+    request_bytes,
+    response_head,
+    run_cli,
+    sse_reply,
+)
+
+MiB = 1024 * 1024
+
+# A chat route whose worker timeouts are short, for tests that wait for them.
+SHORT_ROUTE = chat_route(
+    "short",
+    match={"path": "/short/v1/chat/completions", "methods": ["POST"]},
+    upstream={"response_timeout": "300ms", "idle_timeout": "300ms"},
+)
+
+
+@pytest.fixture(scope="module")
+def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    """One daemon for the module, in front of `module_worker`."""
+    return make_module_daemon(worker=module_worker, routes=[*DEFAULT_ROUTES[:2], SHORT_ROUTE,
+                                                            DEFAULT_ROUTES[2]])
+
+
+@pytest.fixture
+def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
+    """The module's worker, reset for this test (its script errors fail the test)."""
+    module_worker.reset()
+    yield module_worker
+    errors = list(module_worker.errors)
+    module_worker.reset()
+    assert not errors, errors
+
+
+def error_of(response: RawResponse) -> dict[str, Any]:
+    """The OpenAI-shaped error object of a response (asserting its shape)."""
+    assert response.header("content-type") == "application/json", response.headers
+    body = response.json()
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+    assert isinstance(error["code"], str) and error["code"]
+    return error
+
+
+def models_handler(request: Any) -> bytes:
+    return http_response(200, json.dumps({"object": "list", "path": request.target}).encode())
+
+
+# ============================================================================ keep-alive, framing
+
+
+def test_keepalive_reuse_on_both_sides(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
+    worker.default = openai_handler("vllm")
+    daemon = make_daemon(worker=worker)
+    with RawClient(daemon.address) as client:
+        for i in range(4):
+            client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=i % 2 == 1)))
+            response = client.read_response()
+            assert response.status == 200 and response.complete
+            assert response.header("connection") != "close"
+        client.send(request_bytes("GET", "/v1/models"))
+        worker.reply(models_handler)
+        assert client.read_response().status == 200
+    requests = worker.wait_requests(5)
+    assert worker.accepted == 1, "the daemon opened more than one worker connection"
+    assert {r.connection for r in requests} == {requests[0].connection}
+    assert [r.index for r in requests] == [0, 1, 2, 3, 4]
+
+
+def test_pipelined_requests_are_answered_in_order(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(models_handler, models_handler, models_handler)
+    with RawClient(proxy.address) as client:
+        client.send(b"".join(request_bytes("GET", f"/v1/models?n={i}") for i in range(3)))
+        paths = [client.read_response().json()["path"] for _ in range(3)]
+    assert paths == ["/v1/models?n=0", "/v1/models?n=1", "/v1/models?n=2"]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_passthrough_request_body_both_framings(w: FakeWorker, proxy: Daemon, chunked: bool) -> None:
+    body = bytes(range(256)) * 1000  # binary, 256 KB
+    w.reply(http_response(200, b"{}"))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/embeddings", body,
+                                  [("content-type", "application/octet-stream")], chunked=chunked))
+        assert client.read_response().status == 200
+    (request,) = w.wait_requests(1)
+    assert request.body == body
+    if chunked:
+        assert request.header("transfer-encoding") == "chunked"
+        assert request.header("content-length") is None
+    else:
+        assert request.header("content-length") == str(len(body))
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_openai_request_body_both_framings_reach_the_worker_length_framed(
+    w: FakeWorker, proxy: Daemon, chunked: bool
+) -> None:
+    w.reply(json_reply(chat_completion()))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(temperature=0.5),
+                                  chunked=chunked))
+        assert client.read_response().status == 200
+    (request,) = w.wait_requests(1)
+    assert request.header("content-length") == str(len(request.body))
+    assert request.header("transfer-encoding") is None
+    sent = request.json()
+    assert sent["temperature"] == 0.5 and sent["model"] == MODEL
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked", "close"])
+def test_passthrough_response_body_every_framing(w: FakeWorker, proxy: Daemon, framing: str) -> None:
+    body = bytes(range(256)) * 2000  # 512 KB
+    if framing == "length":
+        w.reply(http_response(200, body, [("content-type", "application/octet-stream")]))
+    elif framing == "chunked":
+        w.reply([Send(response_head(200, [("transfer-encoding", "chunked")]))]
+                + [Send(chunk(body[i:i + 70000])) for i in range(0, len(body), 70000)]
+                + [Send(b"0\r\n\r\n")])
+    else:
+        w.reply([Send(response_head(200, [("connection", "close")])), Send(body[:1000]),
+                 Send(body[1000:]), Close()])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", "/v1/files/x"))
+        response = client.read_response()
+    assert response.status == 200
+    assert response.complete
+    assert response.body == body
+
+
+def test_worker_connection_close_is_honoured_and_the_client_kept(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    daemon = make_daemon(worker=worker)
+    worker.reply(http_response(200, b"{}", [("connection", "close")]), models_handler)
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/models"))
+        first = client.read_response()
+        assert first.status == 200 and first.header("connection") is None
+        client.send(request_bytes("GET", "/v1/models"))
+        assert client.read_response().status == 200
+    a, b = worker.wait_requests(2)
+    assert a.connection != b.connection
+
+
+# ============================================================================ errors before the head
+
+
+def test_404_no_route(w: FakeWorker, proxy: Daemon) -> None:
+    for target in ("/nothing", "/v2/chat/completions", "/v1/../v1/chat/completions",
+                   "/v1//models", "/v1/chat%2Fcompletions"):
+        response = post(proxy, chat_body(), target=target)
+        assert response.status == 404, target
+        assert error_of(response)["code"] == "not_found"
+    assert w.requests == []
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/completions"])
+def test_400_bad_json_on_openai_routes_is_never_forwarded(
+    w: FakeWorker, proxy: Daemon, body: bytes, target: str
+) -> None:
+    response = post(proxy, body, target=target)
+    assert response.status == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error"
+    assert w.requests == []
+    assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
+
+
+def test_bad_json_on_a_passthrough_route_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(http_response(422, b'{"detail":"bad"}'))
+    response = post(proxy, b"{not json", target="/v1/embeddings")
+    assert response.status == 422 and response.body == b'{"detail":"bad"}'
+    assert w.wait_requests(1)[0].body == b"{not json"
+
+
+def test_413_declared_length_without_contacting_the_worker(w: FakeWorker, proxy: Daemon) -> None:
+    for target in ("/v1/chat/completions", "/v1/embeddings"):
+        with RawClient(proxy.address) as client:
+            client.send(f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                        f"content-length: {2 * MiB}\r\n\r\n".encode() + b"{" * 1000)
+            response = client.read_response()
+            assert response.status == 413, target
+            assert error_of(response)["code"] == "request_too_large"
+            assert client.closed_by_peer(2.0)
+    assert w.requests == [] and w.accepted == 0
+
+
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/embeddings"])
+def test_413_chunked_body_over_the_limit(w: FakeWorker, proxy: Daemon, target: str) -> None:
+    w.default = http_response(200, b"{}")
+    body = b"[" + b"1," * (MiB // 2 + 1000) + b"1]"  # a bit over 1 MiB
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", target, body, chunked=True))
+        response = client.read_response()
+    assert response.status == 413, response.raw[:300]
+    assert error_of(response)["code"] == "request_too_large"
+    assert w.requests == []  # a passthrough body may have started to flow: never completed
+    assert w.wait_until(lambda: all(c.peer_closed for c in w.connections), 2.0), \
+        "a worker connection that carried part of the body was left open"
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n" + b"x-big: " + b"a" * 20000 + b"\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\nhost: x\r\n"
+        + b"".join(b"x-h%d: %s\r\n" % (i, b"b" * 100) for i in range(200)) + b"\r\n",
+        b"GET /v1/models?" + b"q" * 20000 + b" HTTP/1.1\r\nhost: x\r\n\r\n",
+    ],
+    ids=["one-header", "many-headers", "long-target"],
+)
+def test_oversize_heads_are_refused(w: FakeWorker, proxy: Daemon, head: bytes) -> None:
+    with RawClient(proxy.address) as client:
+        client.send(head)
+        response = client.read_response()
+        assert response.status in (431, 400)
+        error_of(response)
+        assert client.closed_by_peer(2.0)
+    assert w.requests == []
+
+
+def test_oversize_head_that_never_ends_is_cut_off(w: FakeWorker, proxy: Daemon) -> None:
+    with RawClient(proxy.address) as client:
+        client.send(b"GET /v1/models HTTP/1.1\r\nx-a: ")
+        try:
+            for _ in range(40):  # 40 x 1 KiB, without ever ending the head
+                client.send(b"a" * 1024)
+        except OSError:
+            pass  # closed under us: that is the point
+        raw = client.read_until_close(3.0)
+    assert raw.startswith(b"HTTP/1.1 431") or raw.startswith(b"HTTP/1.1 400") or raw == b""
+    assert w.requests == []
+
+
+SMUGGLING = {
+    "absolute-form": b"GET http://127.0.0.1:1/v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+    "authority-form": b"OPTIONS 127.0.0.1:1 HTTP/1.1\r\nhost: x\r\n\r\n",
+    "connect": b"CONNECT 127.0.0.1:1 HTTP/1.1\r\nhost: 127.0.0.1:1\r\n\r\n",
+    "cl-and-te": b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: 4\r\n"
+                 b"transfer-encoding: chunked\r\n\r\n0\r\n\r\n",
+    "two-lengths": b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+                   b"content-length: 3\r\n\r\n{}",
+    "te-gzip": b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ntransfer-encoding: gzip, chunked\r\n\r\n"
+               b"0\r\n\r\n",
+    "te-identity": b"POST /v1/embeddings HTTP/1.1\r\nhost: x\r\ntransfer-encoding: identity\r\n\r\n",
+    "obs-fold": b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-a: 1\r\n  continued\r\n\r\n",
+    "space-before-colon": b"GET /v1/models HTTP/1.1\r\nhost: x\r\ncontent-length : 0\r\n\r\n",
+    "bad-request-line": b"GET  /v1/models HTTP/1.1\r\nhost: x\r\n\r\n",
+}
+
+
+@pytest.mark.parametrize("raw", list(SMUGGLING.values()), ids=list(SMUGGLING))
+def test_refused_heads_get_400_are_closed_and_never_forwarded(
+    w: FakeWorker, proxy: Daemon, raw: bytes
+) -> None:
+    w.default = models_handler
+    with RawClient(proxy.address) as client:
+        client.send(raw)
+        response = client.read_response()
+        assert response.status == 400, response.raw
+        error_of(response)
+        assert client.closed_by_peer(2.0)
+    assert w.requests == []
+
+
+def test_502_worker_unreachable(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(daemon_config(f"http://127.0.0.1:{free_port()}"))
+    for body in (chat_body(), chat_body(stream=True)):
+        response = post(daemon, body)
+        assert response.status == 502
+        error = error_of(response)
+        assert error["code"] == "upstream_unavailable"
+        assert response.header("x-request-id")
+        record = daemon.ledger_for(response.header("x-request-id"))
+        assert record["outcome"] == "upstream_error" and record["status"] == 502
+    response = post(daemon, b"", target="/v1/models")
+    assert response.status == 502 and error_of(response)["code"] == "upstream_unavailable"
+
+
+def test_504_response_timeout_before_head(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([Stall()])
+    started = time.monotonic()
+    response = post(proxy, chat_body(stream=True), target="/short/v1/chat/completions")
+    elapsed = time.monotonic() - started
+    assert response.status == 504
+    assert error_of(response)["code"] == "upstream_timeout"
+    assert 0.2 < elapsed < 3.0  # response_timeout is 300 ms (loose bounds)
+    assert w.wait_peer_closed(1, timeout=1.0), "the timed-out worker connection was not closed"
+
+
+def test_worker_non_2xx_is_passed_through_with_status_and_body(w: FakeWorker, proxy: Daemon) -> None:
+    body = b'{"error":{"message":"model not found","type":"NotFoundError","code":404}}'
+    w.reply(http_response(404, body), http_response(429, b'{"detail":"slow down"}',
+                                                     [("retry-after", "3")]))
+    response = post(proxy, chat_body(stream=True))
+    assert response.status == 404 and response.body == body
+    assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "upstream_http_error"
+    response = post(proxy, chat_body())
+    assert response.status == 429 and response.body == b'{"detail":"slow down"}'
+    assert response.header("retry-after") == "3"
+
+
+# ============================================================================ client-side timeouts
+
+
+@pytest.fixture
+def strict(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> Daemon:
+    worker.default = models_handler
+    return make_daemon(worker=worker, limits={"header_timeout": "500ms", "body_timeout": "500ms",
+                                              "keepalive_timeout": "500ms"})
+
+
+def test_slow_loris_head_is_cut_off_at_header_timeout(strict: Daemon, worker: FakeWorker) -> None:
+    started = time.monotonic()
+    with RawClient(strict.address) as client:
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        closed = False
+        for _ in range(60):  # one header byte every 100 ms: never enough to finish the head
+            try:
+                client.send(b"x")
+            except OSError:
+                closed = True
+                break
+            if client.closed_by_peer(0.1):
+                closed = True
+                break
+        assert closed, "the daemon kept a slow-loris connection open"
+        rest = client.read_until_close(2.0)
+    elapsed = time.monotonic() - started
+    assert 0.4 < elapsed < 3.0
+    raw = bytes(client.buffer) + rest
+    assert raw == b"" or raw.startswith(b"HTTP/1.1 408")
+    assert worker.requests == []
+
+
+def test_slow_body_is_cut_off_at_body_timeout(strict: Daemon, worker: FakeWorker) -> None:
+    with RawClient(strict.address) as client:
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n{")
+        started = time.monotonic()
+        response = client.read_response(5.0)
+        assert response.status == 408
+        assert client.closed_by_peer(2.0)
+    assert 0.3 < time.monotonic() - started < 3.0
+    assert worker.requests == []
+
+
+def test_silent_and_idle_connections_are_closed(strict: Daemon, worker: FakeWorker) -> None:
+    with RawClient(strict.address) as silent, RawClient(strict.address) as idle:
+        idle.send(request_bytes("GET", "/v1/models"))
+        assert idle.read_response().status == 200
+        assert silent.closed_by_peer(3.0)
+        assert idle.closed_by_peer(3.0)
+        assert silent.buffer == b"" or bytes(silent.buffer).startswith(b"HTTP/1.1 408")
+        assert idle.buffer == b""  # nothing written on an idle keep-alive connection
+
+
+def test_expect_100_continue(strict: Daemon, worker: FakeWorker) -> None:
+    worker.default = openai_handler()
+    body = json.dumps(chat_body()).encode()
+    with RawClient(strict.address) as client:
+        client.send(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json"
+                    b"\r\nexpect: 100-continue\r\ncontent-length: %d\r\n\r\n" % len(body))
+        assert client.read_until(b"\r\n\r\n", 2.0).startswith(b"HTTP/1.1 100")
+        client.send(body)
+        response = client.read_response()
+    assert response.status == 200
+    assert worker.wait_requests(1)[0].header("expect") is None
+
+
+def test_max_connections_refuses_at_once(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(worker=worker, limits={"max_connections": 2})
+    worker.default = models_handler
+    with RawClient(daemon.address) as a, RawClient(daemon.address) as b:
+        a.send(request_bytes("GET", "/v1/models"))
+        assert a.read_response().status == 200
+        b.send(request_bytes("GET", "/v1/models"))
+        assert b.read_response().status == 200
+        with RawClient(daemon.address) as c:
+            response = c.read_response(2.0)
+            assert response.status == 503
+            error_of(response)
+            assert c.closed_by_peer(2.0)
+    # the slots come back once the connections close
+    deadline = time.monotonic() + 5
+    while True:
+        with RawClient(daemon.address) as d:
+            d.send(request_bytes("GET", "/v1/models"))
+            if d.read_response().status == 200:
+                break
+        assert time.monotonic() < deadline, "connection slots were not released"
+
+
+# ============================================================================ backpressure, disconnects
+
+
+def test_slow_reader_memory_bound_and_worker_throttled(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    total = 200 * MiB
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "500ms"})
+    worker.reply(models_handler)
+    assert post(daemon, b"", "/v1/models").status == 200  # warm up the allocator and the pool
+    baseline = daemon.rss_kib()
+    worker.reply([Send(response_head(200, [("content-type", "application/octet-stream"),
+                                           ("content-length", str(total))])),
+                  Blast(total, 256 * 1024)])
+    with RawClient(daemon.address, rcvbuf=64 * 1024) as client:
+        client.send(request_bytes("GET", "/v1/big"))
+        client.read_until(b"\r\n\r\n")
+        client.read_exactly(MiB)
+        sent = worker.wait_quiet(0.3)  # the worker cannot write any more: it is throttled
+        assert sent < 64 * MiB, f"worker wrote {sent} bytes to a client that read 1 MiB"
+        growth = daemon.rss_kib() - baseline
+        assert growth < 30 * 1024, f"RSS grew by {growth} KiB"
+        # a paused client is not a silent worker: wait past idle_timeout, the stream goes on
+        time.sleep(1.0)
+        client.read_exactly(8 * MiB, timeout=10)
+        assert worker.wait_until(lambda: worker.bytes_sent > sent, 5.0)
+        assert daemon.rss_kib() - baseline < 30 * 1024
+    assert worker.wait_peer_closed(1, timeout=1.0), "the worker connection outlived the client"
+    assert worker.bytes_sent < total
+
+
+@pytest.mark.parametrize("route", ["chat", "passthrough"])
+def test_client_disconnect_mid_stream_closes_the_worker_connection(
+    w: FakeWorker, proxy: Daemon, route: str
+) -> None:
+    events = chat_stream_events()
+    w.reply([*sse_reply(events[:2], end=False), Stall()])
+    target = "/v1/chat/completions" if route == "chat" else "/v1/stream"
+    rid = f"disconnect-{route}"
+    client = RawClient(proxy.address)
+    client.send(request_bytes("POST", target, chat_body(stream=True), [("x-request-id", rid)]))
+    client.read_until(b"\r\n\r\n")
+    client.read_until(b'"content":"Hel"')
+    client.close()
+    assert w.wait_peer_closed(1, timeout=1.0), "worker connection still open 1 s after the client left"
+    record = proxy.ledger_for(rid)
+    assert record["outcome"] == "client_disconnect"
+
+
+def test_client_disconnect_before_the_head_closes_the_worker_connection(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    w.reply([Stall()])
+    client = RawClient(proxy.address)
+    client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                              [("x-request-id", "gone-early")]))
+    w.wait_requests(1)
+    client.close()
+    assert w.wait_peer_closed(1, timeout=1.0)
+    assert proxy.ledger_for("gone-early")["outcome"] == "client_disconnect"
+
+
+def test_client_reset_mid_stream_closes_the_worker_connection(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([*sse_reply(chat_stream_events()[:2], end=False), Stall()])
+    client = RawClient(proxy.address)
+    client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+    client.read_until(b'"content":"Hel"')
+    client.reset()
+    assert w.wait_peer_closed(1, timeout=1.0)
+
+
+# ============================================================================ unix-socket worker
+
+
+def test_unix_socket_worker(tmp_path: Path, make_daemon: Callable[..., Daemon]) -> None:
+    path = tmp_path / "worker.sock"
+    with FakeWorker(unix_path=path, tcp=False) as worker:
+        worker.default = openai_handler("llamacpp")
+        daemon = make_daemon(daemon_config(worker.unix_url))
+        response = post(daemon, chat_body(stream=True, include_usage=True))
+        assert response.status == 200
+        chunks = response.sse_json()
+        assert chunks[-1] == "[DONE]"
+        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks[:-1] if c["choices"])
+        assert text == "Hello!"
+        assert worker.connections[0].transport == "unix"
+        assert worker.requests[0].header("host")  # a Host header is always sent
+        ready = httpx.get(daemon.admin_url + "/readyz", timeout=5)
+        assert ready.status_code == 200
+        assert not worker.errors
+
+
+# ============================================================================ sidecar check
+
+
+def test_check_good_configs(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(json.dumps(daemon_config("http://127.0.0.1:8000")))
+    result = run_cli("check", "-c", str(good))
+    assert result.returncode == 0, result.stderr
+    assert "ok" in result.stdout
+    bundled = run_cli("check", "-c", "config/sidecar.yaml")
+    assert bundled.returncode == 0, bundled.stderr
+
+
+def test_check_bad_config_prints_every_problem_with_its_key_path(tmp_path: Path) -> None:
+    bad = daemon_config("ftp://nowhere")
+    bad["upstream"]["idle_timeout"] = "soon"
+    bad["limits"]["max_request_body"] = "lots"
+    bad["bogus_key"] = 1
+    bad["routes"] = [
+        {"name": "a", "match": {"path": "v1/chat"}, "dialect": "openai-chat"},
+        {"name": "b", "match": {"path_prefix": "/v1/"}, "dialect": "klingon"},
+        {"name": "c", "match": {"path": "/x"}, "dialect": "passthrough", "upstream_stream": "maybe"},
+    ]
+    path = tmp_path / "bad.yaml"
+    path.write_text(json.dumps(bad))
+    result = run_cli("check", "-c", str(path))
+    assert result.returncode == 2
+    out = result.stdout + result.stderr
+    for key in ("upstream.url", "upstream.idle_timeout", "limits.max_request_body", "bogus_key",
+                "routes[0].match.path", "routes[1].dialect", "routes[2].upstream_stream"):
+        assert key in out, f"{key} missing from:\n{out}"
+    assert 'routes[0].match.path: must start with "/"' in out
+
+
+def test_check_missing_file_and_bad_yaml(tmp_path: Path) -> None:
+    assert run_cli("check", "-c", str(tmp_path / "nope.yaml")).returncode == 2
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("listen: [unclosed\n")
+    result = run_cli("check", "-c", str(broken))
+    assert result.returncode == 2 and result.stderr.strip()
+
+
+def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("upstream: {url: 'http://127.0.0.1:1'}\nlimits: {max_connections: 0}\n")
+    result = run_cli("run", "-c", str(bad), timeout=15)
+    assert result.returncode == 2
+    assert "limits.max_connections" in result.stderr
+
+
+# ============================================================================ headers, request id
+
+
+CLIENT_HOP = [
+    ("connection", "keep-alive, x-hop-client"),
+    ("keep-alive", "timeout=30"),
+    ("te", "trailers"),
+    ("proxy-connection", "keep-alive"),
+    ("proxy-authorization", "Basic cHJveHk6cGFzcw=="),
+    ("trailer", "x-t"),
+    ("x-hop-client", "1"),
+]
+CLIENT_E2E = [
+    ("authorization", "Bearer sk-test-secret-1234"),
+    ("cookie", "session=abc"),
+    ("x-api-key", "key-5678"),
+    ("x-custom", "kept"),
+    ("accept", "application/json"),
+]
+WORKER_HOP = [
+    ("connection", "x-hop-worker"),
+    ("keep-alive", "timeout=5, max=100"),
+    ("proxy-authenticate", "Basic"),
+    ("trailer", "x-t"),
+    ("upgrade", "h2c"),
+    ("x-hop-worker", "1"),
+]
+WORKER_E2E = [("x-worker-custom", "kept"), ("set-cookie", "a=b"), ("x-ratelimit-remaining", "9")]
+
+
+@pytest.mark.parametrize("target", ["/v1/embeddings", "/v1/chat/completions"])
+def test_hop_by_hop_headers_dropped_both_ways(w: FakeWorker, proxy: Daemon, target: str) -> None:
+    body = json.dumps(chat_completion()).encode()
+    w.reply(http_response(200, body, [("content-type", "application/json"), *WORKER_HOP, *WORKER_E2E]))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", target, chat_body(), [*CLIENT_HOP, *CLIENT_E2E]))
+        response = client.read_response()
+    assert response.status == 200
+    (request,) = w.wait_requests(1)
+    names = request.header_names()
+    for name, _ in CLIENT_HOP:
+        assert name not in names, f"{name} reached the worker"
+    for name, value in CLIENT_E2E:
+        assert request.header(name) == value, f"{name} changed or dropped"
+    assert request.header("host") and request.header("host") != "sidecar.test"
+    got = response.header_names()
+    for name, _ in WORKER_HOP:
+        if name == "connection":
+            assert "x-hop-worker" not in (response.header("connection") or "")
+        else:
+            assert name not in got, f"{name} reached the client"
+    for name, value in WORKER_E2E:
+        assert response.header(name) == value
+
+
+def test_secrets_appear_in_no_log_ledger_or_metric(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler())
+    response = post(proxy, chat_body(), headers=[("authorization", "Bearer sk-very-secret-42"),
+                                                  ("x-api-key", "xk-secret-43"),
+                                                  ("cookie", "sid=secret-44")])
+    assert response.status == 200
+    (request,) = w.wait_requests(1)
+    assert request.header("authorization") == "Bearer sk-very-secret-42"
+    proxy.ledger_for(response.header("x-request-id"))
+    metrics = httpx.get(proxy.admin_url + "/metrics", timeout=5).text
+    everything = "\n".join(proxy.lines) + proxy.ledger_path.read_text() + metrics
+    for secret in ("sk-very-secret-42", "xk-secret-43", "secret-44"):
+        assert secret not in everything
+
+
+def test_request_id_taken_from_the_client(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler())
+    response = post(proxy, chat_body(stream=True), headers=[("X-Request-ID", "client-id-77")])
+    assert response.header("x-request-id") == "client-id-77"
+    (request,) = w.wait_requests(1)
+    assert [v for k, v in request.headers if k == "x-request-id"] == ["client-id-77"]
+    assert proxy.ledger_for("client-id-77")["status"] == 200
+
+
+def test_request_id_generated_when_absent(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler(), openai_handler())
+    first = post(proxy, chat_body())
+    second = post(proxy, chat_body(stream=True))
+    ids = [first.header("x-request-id"), second.header("x-request-id")]
+    assert all(ids) and ids[0] != ids[1]
+    requests = w.wait_requests(2)
+    assert [r.header("x-request-id") for r in requests] == ids
+    for rid in ids:
+        assert proxy.ledger_for(rid)["request_id"] == rid
+
+
+def test_request_id_on_errors_the_sidecar_answers(w: FakeWorker, proxy: Daemon) -> None:
+    response = post(proxy, chat_body(), target="/nope", headers=[("x-request-id", "err-1")])
+    assert response.status == 404 and response.header("x-request-id") == "err-1"
+    response = post(proxy, b"{", headers=[("x-request-id", "err-2")])
+    assert response.status == 400 and response.header("x-request-id") == "err-2"
+
+
+def test_query_string_forwarded_unchanged(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(models_handler)
+    target = "/v1/models?a=1&b=%2F%2e&c=caf%C3%A9&&d"
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", target))
+        assert client.read_response().status == 200
+    assert w.wait_requests(1)[0].target == target
+
+
+# ============================================================================ admin port
+
+
+def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return out
+
+
+def test_admin_healthz_readyz_metrics(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
+    worker.default = openai_handler()
+    daemon = make_daemon(worker=worker)
+    admin = daemon.admin_url
+    assert httpx.get(admin + "/healthz", timeout=5).status_code == 200
+    assert httpx.get(admin + "/readyz", timeout=5).status_code == 200
+    for stream in (False, True, True):
+        assert post(daemon, chat_body(stream=stream, include_usage=stream or None)).status == 200
+    daemon.wait_ledger(3)
+    response = httpx.get(admin + "/metrics", timeout=5)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain")
+    families = {f.name: f for f in text_string_to_metric_families(response.text)}
+    samples = metric_samples(response.text)
+    requests_ok = sum(v for (name, labels), v in samples.items()
+                      if name == "sidecar_requests_total" and ("route", "chat") in labels
+                      and ("outcome", "ok") in labels)
+    assert requests_ok == 3
+    tokens = {dict(labels)["kind"]: v for (name, labels), v in samples.items()
+              if name == "sidecar_tokens_total" and ("model", MODEL) in labels}
+    assert tokens["prompt"] == 33 and tokens["completion"] == 9
+    cost = [v for (name, labels), v in samples.items() if name == "sidecar_cost_total"]
+    assert cost and sum(cost) == pytest.approx(3 * 17e-6)
+    assert samples[("sidecar_active_streams", frozenset())] == 0
+    assert any(name.startswith("sidecar_time_to_first_byte_seconds") for name, _ in samples)
+    assert "sidecar_upstream_errors" in families
+    # a failure shows up by code
+    worker.reply([Send(response_head(200, [("content-type", "text/event-stream"),
+                                           ("transfer-encoding", "chunked")])),
+                  Send(chunk(chat_stream_events()[0])), Close()])
+    post(daemon, chat_body(stream=True))
+    daemon.wait_ledger(4)
+    samples = metric_samples(httpx.get(admin + "/metrics", timeout=5).text)
+    assert samples[("sidecar_upstream_errors_total",
+                    frozenset({("code", "upstream_disconnected")}))] == 1
+    assert httpx.head(admin + "/healthz", timeout=5).status_code == 200
+    assert httpx.get(admin + "/nope", timeout=5).status_code == 404
+
+
+def test_readyz_503_when_the_worker_refuses(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(daemon_config(f"http://127.0.0.1:{free_port()}"))
+    assert httpx.get(daemon.admin_url + "/healthz", timeout=5).status_code == 200
+    assert httpx.get(daemon.admin_url + "/readyz", timeout=5).status_code == 503
+
+
+def test_readyz_follows_the_worker(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(worker=worker)
+    assert httpx.get(daemon.admin_url + "/readyz", timeout=5).status_code == 200
+    worker.stop_listening()
+    assert httpx.get(daemon.admin_url + "/readyz", timeout=5).status_code == 503
+    assert httpx.get(daemon.admin_url + "/healthz", timeout=5).status_code == 200
+
+
+def test_admin_port_is_separate_from_client_traffic(w: FakeWorker, proxy: Daemon) -> None:
+    raw = raw_exchange(proxy.address, request_bytes("GET", "/metrics"), timeout=2.0)
+    assert raw.startswith(b"HTTP/1.1 404")
+    assert w.requests == []
+
+
+def test_sigterm_exits_0(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(worker=worker)
+    assert daemon.stop() == 0
