@@ -1,0 +1,456 @@
+"""End-to-end tests of the OpenAI dialects (issue 3) through the real daemon.
+
+Clients are the real `openai` SDK, `httpx` + `httpx-sse`, and raw sockets for
+byte-level checks; the worker is `tests.harness.FakeWorker` speaking the
+stream flavours of vLLM, SGLang, llama.cpp, Ollama and TGI. Failure paths
+(error frames, retries) are in test_failures.py.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import httpx_sse
+import openai
+import pytest
+
+from tests.harness import (
+    DEFAULT_ROUTES,
+    DONE,
+    FLAVORS,
+    MODEL,
+    Daemon,
+    Drip,
+    FakeWorker,
+    RawClient,
+    Send,
+    Sleep,
+    chat_body,
+    chat_completion,
+    chat_route,
+    chat_stream_events,
+    http_response,
+    json_reply,
+    openai_handler,
+    post,
+    request_bytes,
+    sse_data,
+    sse_reply,
+    text_completion,
+)
+
+COST = 17e-6  # 11 prompt x 1.0 + 3 completion x 2.0, per million
+WEATHER = {"id": "call_w1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
+CLOCK = {"id": "call_c2", "name": "get_time", "arguments": '{"tz": "Europe/Paris"}'}
+TOOLS = [{"type": "function", "function": {"name": n, "parameters": {"type": "object"}}}
+         for n in ("get_weather", "get_time")]
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+ROUTES = [
+    DEFAULT_ROUTES[0],
+    DEFAULT_ROUTES[1],
+    chat_route("always", match={"path": "/always/v1/chat/completions"}, upstream_stream="always"),
+    chat_route("never", match={"path": "/never/v1/chat/completions"}, upstream_stream="never"),
+    chat_route("beat", match={"path": "/beat/v1/chat/completions"}, heartbeat="150ms",
+               upstream={"idle_timeout": "3s"}),
+    {"name": "completions-always", "match": {"path": "/always/v1/completions"},
+     "dialect": "openai-completions", "upstream_stream": "always"},
+    DEFAULT_ROUTES[2],
+]
+
+
+@pytest.fixture(scope="module")
+def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_module_daemon(worker=module_worker, routes=ROUTES)
+
+
+@pytest.fixture
+def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    yield module_worker
+    errors = list(module_worker.errors)
+    module_worker.reset()
+    assert not errors, errors
+
+
+def sdk(proxy: Daemon, prefix: str = "") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{proxy.url}{prefix}/v1", api_key="sk-test", max_retries=0,
+                         timeout=10)
+
+
+def content_of(chunks: list[Any], index: int = 0) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks
+                   if c.choices and c.choices[0].index == index)
+
+
+def finish_of(chunks: list[Any]) -> list[str]:
+    return [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+
+
+# ============================================================================ JSON -> SSE
+
+
+@pytest.mark.parametrize("prefix", ["", "/never"])
+@pytest.mark.parametrize("include_usage", [False, True])
+def test_json_worker_streamed_to_an_sdk_client(
+    w: FakeWorker, proxy: Daemon, prefix: str, include_usage: bool
+) -> None:
+    w.reply(openai_handler(mode="json"))
+    kwargs: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    stream = sdk(proxy, prefix).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True,
+                                                        **kwargs)
+    chunks = list(stream)
+    assert content_of(chunks) == "Hello!"
+    assert finish_of(chunks) == ["stop"]
+    assert {c.id for c in chunks} == {"chatcmpl-doc123"}
+    assert {c.object for c in chunks} == {"chat.completion.chunk"}
+    assert {c.model for c in chunks} == {MODEL} and {c.created for c in chunks} == {1_700_000_000}
+    assert chunks[0].choices[0].delta.role == "assistant"
+    usage_chunks = [c for c in chunks if c.usage is not None]
+    if include_usage:
+        assert len(usage_chunks) == 1 and usage_chunks[0].choices == []
+        usage = usage_chunks[0].usage
+        assert (usage.prompt_tokens, usage.completion_tokens) == (11, 3)
+        assert usage.model_extra["cost"] == pytest.approx(COST)
+    else:
+        assert usage_chunks == []
+    rid = stream.response.headers["x-request-id"]
+    record = proxy.ledger_for(rid)
+    assert record["client_stream"] is True and record["upstream_stream"] is False
+    assert record["outcome"] == "ok" and record["prompt_tokens"] == 11
+    assert record["cost"] == pytest.approx(COST)
+
+
+def test_json_to_sse_raw_bytes(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(json_reply(chat_completion(extra={"system_fingerprint": "fp_x"})))
+    response = post(proxy, chat_body(stream=True, include_usage=True))
+    assert response.status == 200
+    assert response.header("content-type").startswith("text/event-stream")
+    assert response.header("x-sidecar-cost") is None  # the cost is in the usage chunk
+    assert response.body.endswith(DONE)
+    assert b"\xef\xbb\xbf" not in response.body
+    payloads = response.sse_json()
+    assert payloads[-1] == "[DONE]"
+    for chunk in payloads[:-1]:
+        assert chunk["system_fingerprint"] == "fp_x"
+    assert payloads[-2]["usage"]["cost"] == pytest.approx(COST)
+
+
+def test_json_to_sse_two_choices_with_tool_calls(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(json_reply(chat_completion(None, n=2, tool_calls=[WEATHER, CLOCK])))
+    chunks = list(sdk(proxy, "/never").chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, n=2, tools=TOOLS))
+    for index in (0, 1):
+        calls: dict[int, dict[str, str]] = {}
+        for c in chunks:
+            if c.choices and c.choices[0].index == index and c.choices[0].delta.tool_calls:
+                for call in c.choices[0].delta.tool_calls:
+                    entry = calls.setdefault(call.index, {"id": "", "name": "", "arguments": ""})
+                    entry["id"] += call.id or ""
+                    entry["name"] += call.function.name or ""
+                    entry["arguments"] += call.function.arguments or ""
+        assert calls == {0: {k: WEATHER[k] for k in ("id", "name", "arguments")},
+                         1: {k: CLOCK[k] for k in ("id", "name", "arguments")}}
+    assert sorted(finish_of(chunks)) == ["tool_calls", "tool_calls"]
+
+
+def test_completions_json_worker_streamed(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(json_reply(text_completion("Hello there")))
+    chunks = list(sdk(proxy).completions.create(model=MODEL, prompt="x", stream=True))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == "Hello there"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] \
+        == ["stop"]
+
+
+# ============================================================================ SSE -> JSON
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_streaming_worker_aggregated_for_a_non_streaming_sdk_client(
+    w: FakeWorker, proxy: Daemon, flavor: str
+) -> None:
+    w.reply(openai_handler(flavor, mode="sse", tool_calls=[WEATHER, CLOCK], reasoning=["Let me ", "see"]))
+    raw = sdk(proxy, "/always").chat.completions.with_raw_response.create(
+        model=MODEL, messages=MESSAGES, n=2, tools=TOOLS)
+    completion = raw.parse()
+    assert completion.object == "chat.completion"
+    assert completion.model == MODEL
+    assert [c.index for c in completion.choices] == [0, 1]
+    for choice in completion.choices:
+        i = choice.index
+        assert choice.message.role == "assistant"
+        assert choice.message.content == f"Hel{i}lo{i}!{i}"
+        assert choice.message.model_extra["reasoning_content"] == "Let me see"
+        assert [(c.id, c.function.name, c.function.arguments) for c in choice.message.tool_calls] == [
+            (WEATHER["id"], WEATHER["name"], WEATHER["arguments"]),
+            (CLOCK["id"], CLOCK["name"], CLOCK["arguments"]),
+        ]
+        assert choice.finish_reason == "tool_calls"
+    assert completion.usage.prompt_tokens == 11 and completion.usage.completion_tokens == 3
+    assert completion.usage.model_extra["cost"] == pytest.approx(COST)
+    assert raw.headers["x-sidecar-cost"] == "0.000017"
+    assert raw.headers["content-type"] == "application/json"
+    (request,) = w.wait_requests(1)
+    assert request.json()["stream"] is True
+    record = proxy.ledger_for(raw.headers["x-request-id"])
+    assert record["client_stream"] is False and record["upstream_stream"] is True
+    assert record["outcome"] == "ok" and record["completion_tokens"] == 3
+
+
+def test_aggregated_document_keeps_extra_fields(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler("llamacpp", mode="sse"))
+    response = post(proxy, chat_body(), target="/always/v1/chat/completions")
+    doc = response.json()
+    assert doc["system_fingerprint"] == "b4000-abc"
+    assert doc["timings"]["predicted_n"] == 3
+    assert doc["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+    assert int(response.header("content-length")) == len(response.body)
+
+
+def test_completions_aggregated(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler(mode="sse"))
+    completion = sdk(proxy, "/always").completions.create(model=MODEL, prompt="x")
+    assert completion.choices[0].text == "Hello!"
+    assert completion.usage.total_tokens == 14
+
+
+# ============================================================================ byte by byte
+
+
+def test_worker_writing_one_byte_per_send_streaming(w: FakeWorker, proxy: Daemon) -> None:
+    steps = sse_reply(chat_stream_events(flavor="vllm"))
+    whole = b"".join(s.data for s in steps)  # type: ignore[attr-defined]
+    w.reply([Drip(whole, size=1)])
+    chunks = list(sdk(proxy).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert content_of(chunks) == "Hello!"
+    assert finish_of(chunks) == ["stop"]
+    assert chunks[-1].usage.prompt_tokens == 11
+
+
+def test_worker_writing_one_byte_per_send_aggregated_and_json(w: FakeWorker, proxy: Daemon) -> None:
+    sse = b"".join(s.data for s in sse_reply(chat_stream_events(flavor="sglang")))  # type: ignore[attr-defined]
+    doc = http_response(200, json.dumps(chat_completion("Bytewise")).encode())
+    w.reply([Drip(sse, size=1)], [Drip(doc, size=1)])
+    completion = sdk(proxy, "/always").chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert completion.choices[0].message.content == "Hello!"
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Bytewise"
+
+
+# ============================================================================ upstream_stream
+
+
+@pytest.mark.parametrize(
+    ("prefix", "stream", "include_usage", "asked"),
+    [
+        ("", True, None, True),
+        ("", True, False, True),
+        ("", True, True, True),
+        ("", False, None, False),
+        ("/always", False, None, True),
+        ("/always", True, False, True),
+        ("/never", True, True, False),
+        ("/never", True, None, False),
+        ("/never", False, None, False),
+    ],
+)
+def test_upstream_stream_modes(
+    w: FakeWorker, proxy: Daemon, prefix: str, stream: bool, include_usage: bool | None, asked: bool
+) -> None:
+    w.reply(openai_handler())  # honours what it is asked, like a real worker
+    body = chat_body(stream=stream, include_usage=include_usage, temperature=0.1)
+    response = post(proxy, body, target=f"{prefix}/v1/chat/completions")
+    assert response.status == 200
+    (request,) = w.wait_requests(1)
+    sent = request.json()
+    assert sent["stream"] is asked
+    if asked:
+        assert sent["stream_options"]["include_usage"] is True
+    else:
+        assert "stream_options" not in sent
+    assert sent["temperature"] == 0.1 and sent["messages"] == body["messages"]
+    if stream:
+        assert response.header("content-type").startswith("text/event-stream")
+        payloads = response.sse_json()
+        assert payloads[-1] == "[DONE]"
+        text = "".join(p["choices"][0]["delta"].get("content") or ""
+                       for p in payloads[:-1] if p["choices"])
+        assert text == "Hello!"
+        has_usage_chunk = any(p["choices"] == [] and p.get("usage") for p in payloads[:-1])
+        assert has_usage_chunk is bool(include_usage)
+    else:
+        doc = response.json()
+        assert doc["object"] == "chat.completion"
+        assert doc["choices"][0]["message"]["content"] == "Hello!"
+        assert doc["usage"]["cost"] == pytest.approx(COST)
+
+
+# ============================================================================ usage
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_usage_hidden_from_clients_that_did_not_ask(w: FakeWorker, proxy: Daemon, flavor: str) -> None:
+    w.reply(openai_handler(flavor))
+    response = post(proxy, chat_body(stream=True), headers=[("x-request-id", f"hide-{flavor}")])
+    payloads = response.sse_json()
+    assert payloads[-1] == "[DONE]"
+    for chunk in payloads[:-1]:
+        assert chunk["choices"], f"usage-only chunk forwarded: {chunk}"
+        assert not chunk.get("usage"), f"usage forwarded: {chunk}"
+    (request,) = w.wait_requests(1)
+    assert request.json()["stream_options"] == {"include_usage": True}
+    record = proxy.ledger_for(f"hide-{flavor}")
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3)
+    assert record["cost"] == pytest.approx(COST) and record["usage_estimated"] is False
+
+
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_usage_and_cost_shown_to_clients_that_asked(w: FakeWorker, proxy: Daemon, flavor: str) -> None:
+    w.reply(openai_handler(flavor))
+    chunks = list(sdk(proxy).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert content_of(chunks) == "Hello!"
+    with_usage = [c for c in chunks if c.usage is not None]
+    assert with_usage, "no usage reached the client"
+    last = with_usage[-1]
+    assert (last.usage.prompt_tokens, last.usage.completion_tokens) == (11, 3)
+    assert last.usage.model_extra["cost"] == pytest.approx(COST)
+
+
+def test_continuous_usage_stats_hidden_unless_asked(w: FakeWorker, proxy: Daemon) -> None:
+    events = chat_stream_events(usage_on_every_chunk=True)
+    w.reply(sse_reply(events), sse_reply(events))
+    hidden = post(proxy, chat_body(stream=True)).sse_json()
+    assert not any(p.get("usage") for p in hidden[:-1])
+    shown = post(proxy, chat_body(stream=True, include_usage=True)).sse_json()
+    assert all(p.get("usage") for p in shown[:-1])
+
+
+def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(sse_reply(chat_stream_events(usage=None)))
+    response = post(proxy, chat_body(stream=True), headers=[("x-request-id", "estimated-1")])
+    assert response.sse_json()[-1] == "[DONE]"
+    record = proxy.ledger_for("estimated-1")
+    assert record["usage_estimated"] is True
+    assert record["completion_tokens"] == 3
+
+
+# ============================================================================ heartbeats
+
+
+def test_heartbeat_comments_while_the_worker_is_silent(w: FakeWorker, proxy: Daemon) -> None:
+    events = chat_stream_events()
+    w.reply([*sse_reply(events[:2], end=False), Sleep(0.8), *sse_reply(events[2:])[1:]])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/beat/v1/chat/completions", chat_body(stream=True)))
+        response = client.read_response()
+    body = response.body
+    beats = body.count(b": keep-alive\n\n")
+    assert beats >= 2, body
+    assert body.endswith(DONE)
+    first, _, _ = body.partition(b": keep-alive\n\n")
+    assert b'"content":"Hel"' in first and b'"content":"lo"' not in first
+    assert b"data: \n" not in body and b"data:\n" not in body  # never an empty data event
+    text = "".join(p["choices"][0]["delta"].get("content") or ""
+                   for p in response.sse_json()[:-1] if p["choices"])
+    assert text == "Hello!"
+
+
+def test_heartbeats_are_harmless_to_sdk_and_httpx_sse(w: FakeWorker, proxy: Daemon) -> None:
+    events = chat_stream_events()
+    w.reply([*sse_reply(events[:1], end=False), Sleep(0.4), *sse_reply(events[1:])[1:]],
+            [*sse_reply(events[:1], end=False), Sleep(0.4), *sse_reply(events[1:])[1:]])
+    chunks = list(sdk(proxy, "/beat").chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                              stream=True))
+    assert content_of(chunks) == "Hello!"
+    with httpx.Client(timeout=10) as client, httpx_sse.connect_sse(
+        client, "POST", proxy.url + "/beat/v1/chat/completions", json=chat_body(stream=True)
+    ) as source:
+        data = [event.data for event in source.iter_sse()]
+    assert data[-1] == "[DONE]"
+    assert all(d for d in data), "an event with empty data reached the client"
+
+
+# ============================================================================ worker variety
+
+
+def test_missing_id_created_model_are_filled(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(sse_reply(chat_stream_events(id=None, created=None, model=None)))
+    stream = sdk(proxy).chat.completions.create(model="asked-model", messages=MESSAGES, stream=True)
+    chunks = list(stream)
+    rid = stream.response.headers["x-request-id"]
+    assert {c.id for c in chunks} == {f"chatcmpl-{rid}"}
+    assert {c.model for c in chunks} == {"asked-model"}
+    assert all(isinstance(c.created, int) and c.created > 1_600_000_000 for c in chunks)
+    assert content_of(chunks) == "Hello!"
+
+
+def test_extra_fields_are_kept(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(sse_reply(chat_stream_events(flavor="llamacpp")), sse_reply(chat_stream_events(flavor="vllm")))
+    payloads = post(proxy, chat_body(stream=True)).sse_json()
+    assert all(p["system_fingerprint"] == "b4000-abc" for p in payloads[:-1])
+    assert payloads[-2]["timings"]["predicted_n"] == 3
+    payloads = post(proxy, chat_body(stream=True)).sse_json()
+    finish = [p for p in payloads[:-1] if p["choices"][0]["finish_reason"]]
+    assert "stop_reason" in finish[0]["choices"][0]
+
+
+def test_ping_comments_crlf_and_bom(w: FakeWorker, proxy: Daemon) -> None:
+    events = chat_stream_events(eol=b"\r\n")
+    body = [b"\xef\xbb\xbf: ping\r\n\r\n", *events[:2], b": ping\r\n\r\n", *events[2:]]
+    w.reply(sse_reply(body), sse_reply(body))
+    response = post(proxy, chat_body(stream=True))
+    assert b"\xef\xbb\xbf" not in response.body
+    assert response.body.count(b"data:") == len(events) - 1  # the usage chunk is hidden
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Hello!"
+    assert finish_of(chunks) == ["stop"]
+
+
+def test_data_without_space_and_empty_id(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(sse_reply(chat_stream_events(flavor="tgi", finish_reason="eos_token")))
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Hello!"
+    assert finish_of(chunks) == ["eos_token"]
+    assert all(c.id for c in chunks)
+
+
+def test_worker_content_type_missing_first_byte_decides(w: FakeWorker, proxy: Daemon) -> None:
+    sse = b"".join(chat_stream_events())
+    doc = json.dumps(chat_completion("Sniffed")).encode()
+    w.reply(
+        [Send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % len(sse) + sse)],
+        [Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: %d\r\n\r\n"
+              % (len(doc) + 3) + b" \n\n" + doc)],
+    )
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Hello!"
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Sniffed"
+
+
+def test_worker_error_event_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
+    err = {"error": {"message": "out of memory", "type": "server_error", "code": 500}}
+    w.reply(sse_reply([chat_stream_events()[0], sse_data(err)]))
+    stream = sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "out of memory" in info.value.message
+    rid = stream.response.headers["x-request-id"]
+    assert proxy.ledger_for(rid)["outcome"] == "upstream_error"
+
+
+def test_many_events_in_one_write_and_one_event_over_many_writes(w: FakeWorker, proxy: Daemon) -> None:
+    events = chat_stream_events([f"t{i} " for i in range(200)])
+    whole = b"".join(events)
+    head = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: %d\r\n\r\n"
+            % len(whole))
+    w.reply([Send(head + whole)], [Send(head), Drip(whole, size=7)])
+    expected = "".join(f"t{i} " for i in range(200))
+    for _ in range(2):
+        chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+        assert content_of(chunks) == expected
