@@ -36,13 +36,13 @@ HOP_BY_HOP = frozenset(
 _FIELD_NAME = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 
 
+_BLANK_LINE = re.compile(rb"\n\r?\n")
+
+
 def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     """Offset just past the blank line ending an HTTP head, or -1 if not there yet."""
-    end = buffer.find(b"\r\n\r\n", start)
-    if end >= 0:
-        return end + 4
-    end = buffer.find(b"\n\n", start)
-    return end + 2 if end >= 0 else -1
+    match = _BLANK_LINE.search(buffer, start)
+    return match.end() if match else -1
 
 
 def check_raw_head(head: bytes) -> str | None:

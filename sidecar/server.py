@@ -109,7 +109,10 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        return True  # keep writing the response to a client that half-closed
+        # During an exchange a client's FIN means it went away, as nginx takes it: closing
+        # here reaches connection_lost, which closes the worker connection at once. Between
+        # requests the connection stays open so buffered pipelined requests are answered.
+        return self.listener is None
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:
