@@ -1611,3 +1611,34 @@ def iter_chunks(data: bytes, size: int) -> Iterator[bytes]:
 
 def all_payload_objects(responses: Iterable[RawResponse]) -> list[Any]:
     return [obj for r in responses for obj in r.sse_json()]
+
+
+# =============================================================================================
+# Held streams (added for test_signals / test_workers / test_ledger_soak: a stream the test
+# keeps open until it says so)
+# =============================================================================================
+
+
+def held_stream(
+    events: Sequence[bytes], release: threading.Event, *, first: int = 2,
+    started: threading.Event | None = None, poll: float = 0.01,
+) -> Callable[[WorkerRequest, WorkerIO], Awaitable[None]]:
+    """A handler that streams `events[:first]` (chunked), waits for `release`, then the rest.
+
+    `started` is set once the first events are written. The wait polls `release`
+    without blocking the worker's loop; it ends early if the daemon hangs up.
+    """
+
+    async def handle(request: WorkerRequest, io: WorkerIO) -> None:
+        head = response_head(200, [("content-type", "text/event-stream"),
+                                   ("transfer-encoding", "chunked")])
+        await io.send(head + b"".join(chunk(e) for e in events[:first]))
+        if started is not None:
+            started.set()
+        while not release.is_set():
+            if not io.open or io.info.peer_closed:
+                return
+            await asyncio.sleep(poll)
+        await io.send(b"".join(chunk(e) for e in events[first:]) + LAST_CHUNK)
+
+    return handle
