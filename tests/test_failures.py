@@ -1,0 +1,408 @@
+"""Worker failures through the real daemon (issue 3): error frames, errors before the head, retries.
+
+For every way a worker can fail after the client's response head was sent
+(close, reset, broken chunked framing, broken Content-Length framing, silence
+past idle_timeout, a clean end with no terminator, data that is not JSON),
+the openai SDK raises an APIError with the SPEC's code, and the raw bytes
+end with one synthetic error frame: no `"finish_reason":"stop"`, no
+`[DONE]`, no half-received event, and the broken worker connection closed.
+Before the head the same failures are 502/504 with an OpenAI-shaped body.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import openai
+import pytest
+
+from tests.harness import (
+    LAST_CHUNK,
+    MODEL,
+    Close,
+    Daemon,
+    FakeWorker,
+    RawClient,
+    RawResponse,
+    Reset,
+    Send,
+    Sleep,
+    Stall,
+    Step,
+    chat_body,
+    chat_completion,
+    chat_route,
+    chat_stream_events,
+    chunk,
+    daemon_config,
+    http_response,
+    json_reply,
+    openai_handler,
+    post,
+    request_bytes,
+    response_head,
+)
+
+EV = chat_stream_events()  # role, "Hel", "lo", "!", finish(stop), usage, [DONE]
+SSE = ("content-type", "text/event-stream")
+HEAD_CHUNKED = response_head(200, [SSE, ("transfer-encoding", "chunked")])
+HALF_EVENT = b'data: {"id":"chatcmpl-abc123","choices":[{"index":0,"delta":{"content":"HALF'
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def head_length(n: int, content_type: tuple[str, str] = SSE) -> bytes:
+    return response_head(200, [content_type, ("content-length", str(n))])
+
+
+def started(*events: bytes) -> list[Step]:
+    """A chunked SSE head and these events, each its own chunk."""
+    return [Send(HEAD_CHUNKED), *(Send(chunk(e)) for e in events)]
+
+
+# name -> (script, the error frame's code)
+AFTER_HEAD: dict[str, tuple[list[Step], str]] = {
+    "close": ([*started(EV[0], EV[1]), Close()], "upstream_disconnected"),
+    "reset": ([*started(EV[0], EV[1]), Reset()], "upstream_disconnected"),
+    "close-inside-event": ([*started(EV[0], EV[1]), Send(chunk(HALF_EVENT)), Close()],
+                           "upstream_disconnected"),
+    "close-inside-chunk": ([*started(EV[0], EV[1]), Send(b"%x\r\n" % 500 + HALF_EVENT), Close()],
+                           "upstream_disconnected"),
+    "bad-chunk-size": ([*started(EV[0], EV[1]), Sleep(0.05), Send(b"zz\r\n" + EV[2] + b"\r\n"),
+                        Stall()], "upstream_protocol_error"),
+    "bad-chunk-end": ([*started(EV[0], EV[1]), Sleep(0.05),
+                       Send(b"%x\r\n" % len(EV[2]) + EV[2] + b"XX"), Stall()],
+                      "upstream_protocol_error"),
+    "short-content-length": ([Send(head_length(100_000)), Send(EV[0]), Send(EV[1]), Close()],
+                             "upstream_disconnected"),
+    "content-length-ends-inside-event": (
+        [Send(head_length(len(EV[0]) + len(EV[1]) + 20)), Send(EV[0] + EV[1] + EV[2] + EV[3]),
+         Stall()],
+        "upstream_incomplete",
+    ),
+    "silent": ([*started(EV[0], EV[1]), Stall()], "upstream_timeout"),
+    "no-terminator": ([*started(EV[0], EV[1]), Send(LAST_CHUNK)], "upstream_incomplete"),
+    "not-json": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: {oops\n\n")),
+                  Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
+    "not-a-chunk-object": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: [1, 2]\n\n")),
+                            Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
+    # the same breakages arriving in the same read as the good events before them
+    "bad-chunk-size-same-read": (
+        [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + b"zz\r\n" + EV[2] + b"\r\n"),
+         Stall()], "upstream_protocol_error"),
+    "bad-chunk-end-same-read": (
+        [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + b"%x\r\n" % len(EV[2]) + EV[2]
+                                  + b"XX"), Stall()], "upstream_protocol_error"),
+    "not-json-same-read": (
+        [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + chunk(b"data: {oops\n\n")
+                                  + chunk(EV[2])), Stall()], "upstream_protocol_error"),
+    "not-json-same-chunk": (
+        [Send(HEAD_CHUNKED), Send(chunk(EV[0] + EV[1] + b"data: {oops\n\n" + EV[2])), Stall()],
+        "upstream_protocol_error"),
+}
+
+# name -> (script, status, code): the worker fails before its response head is complete
+BEFORE_HEAD: dict[str, tuple[list[Step], int, str]] = {
+    "close": ([Close()], 502, "upstream_disconnected"),
+    "reset": ([Reset(settle=0)], 502, "upstream_disconnected"),
+    "garbage": ([Send(b"SSH-2.0-OpenSSH_9.6\r\n\r\n"), Stall()], 502, "upstream_protocol_error"),
+    "bad-status-line": ([Send(b"HTTP/1.1 2OO OK\r\n\r\n"), Stall()], 502, "upstream_protocol_error"),
+    "partial-head-close": ([Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/ev"), Close()], 502,
+                           "upstream_disconnected"),
+    "partial-head-silent": ([Send(b"HTTP/1.1 200 OK\r\n"), Stall()], 504, "upstream_timeout"),
+    "silent": ([Stall()], 504, "upstream_timeout"),
+}
+
+
+@pytest.fixture(scope="module")
+def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    """No pooling (every request on a fresh worker connection: no retries); short timeouts."""
+    return make_module_daemon(
+        worker=module_worker,
+        upstream={"idle_timeout": "500ms", "response_timeout": "500ms", "max_idle_connections": 0},
+        routes=[chat_route(),
+                chat_route("always", match={"path": "/always/v1/chat/completions"},
+                           upstream_stream="always"),
+                {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"}],
+    )
+
+
+@pytest.fixture
+def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    yield module_worker
+    errors = list(module_worker.errors)
+    module_worker.reset()
+    assert not errors, errors
+
+
+def sdk(daemon: Daemon, prefix: str = "") -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{daemon.url}{prefix}/v1", api_key="sk-test", max_retries=0,
+                         timeout=10)
+
+
+def all_worker_connections_closed(w: FakeWorker, timeout: float = 2.0) -> bool:
+    return w.wait_until(lambda: all(c.peer_closed or c.closed_by_us for c in w.connections), timeout)
+
+
+def assert_error_frame_ending(response: RawResponse, code: str) -> dict[str, Any]:
+    """The body ends with exactly one synthetic error frame, after which nothing; never a success."""
+    assert response.status == 200
+    assert response.complete, "the HTTP body was not ended cleanly after the error frame"
+    body = response.body
+    assert b"[DONE]" not in body, body
+    assert b'"finish_reason":"stop"' not in body, body
+    assert b"HALF" not in body, "a half-received event was forwarded"
+    payloads = response.sse_json()
+    frame = payloads[-1]
+    assert frame["error"]["code"] == code, frame
+    assert frame["error"]["type"] == "upstream_error"
+    assert isinstance(frame["error"]["message"], str) and frame["error"]["message"]
+    assert frame["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}]
+    assert frame["object"] == "chat.completion.chunk"
+    assert (frame["id"], frame["created"], frame["model"]) == ("chatcmpl-abc123", 1_700_000_000, MODEL)
+    assert sum(1 for p in payloads if isinstance(p, dict) and "error" in p) == 1
+    assert body.endswith(b"\n\n")
+    return frame
+
+
+# ============================================================================ after the head
+
+
+@pytest.mark.parametrize("name", list(AFTER_HEAD))
+def test_failure_after_head_raw_bytes(w: FakeWorker, proxy: Daemon, name: str) -> None:
+    script, code = AFTER_HEAD[name]
+    w.reply(script)
+    rid = f"after-{name}"
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                                  [("x-request-id", rid)]))
+        response = client.read_response(5.0)
+    assert_error_frame_ending(response, code)
+    contents = [p["choices"][0]["delta"].get("content") for p in response.sse_json()[:-1]
+                if p["choices"]]
+    assert contents[:2] == ["", "Hel"], "the events before the failure were not forwarded"
+    assert "!" not in contents, "an event after the failure was forwarded"
+    assert all_worker_connections_closed(w), "the broken worker connection was left open"
+    record = proxy.ledger_for(rid)
+    assert record["outcome"] == ("upstream_timeout" if code == "upstream_timeout" else "upstream_error")
+    assert record["status"] == 200
+
+
+@pytest.mark.parametrize("name", list(AFTER_HEAD))
+def test_failure_after_head_sdk_raises(w: FakeWorker, proxy: Daemon, name: str) -> None:
+    script, code = AFTER_HEAD[name]
+    w.reply(script)
+    seen: list[Any] = []
+    stream = sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        for item in stream:
+            seen.append(item)
+    assert info.value.code == code
+    assert not isinstance(info.value, openai.APIConnectionError)
+    assert [c.choices[0].delta.content for c in seen] == ["", "Hel"]
+    assert not any(c.choices[0].finish_reason for c in seen)
+
+
+def test_failure_after_head_of_a_json_worker(w: FakeWorker, proxy: Daemon) -> None:
+    """JSON -> SSE: the client's head went out when the worker's did; the document is cut."""
+    doc = json.dumps(chat_completion()).encode()
+    w.reply([Send(head_length(len(doc), ("content-type", "application/json"))), Send(doc[:40]),
+             Close()])
+    response = post(proxy, chat_body(stream=True))
+    frame = response.sse_json()[-1]
+    assert frame["error"]["code"] == "upstream_disconnected"
+    assert b"[DONE]" not in response.body and response.complete
+    assert frame["id"] == f"chatcmpl-{response.header('x-request-id')}"
+    assert frame["model"] == MODEL
+
+
+def test_failure_with_nothing_forwarded_yet_uses_the_request_for_the_frame(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    w.reply([*started(), Close()])
+    response = post(proxy, chat_body(stream=True, model="asked-model"),
+                    headers=[("x-request-id", "frame-ids")])
+    frame = response.sse_json()[-1]
+    assert frame["id"] == "chatcmpl-frame-ids"
+    assert frame["model"] == "asked-model"
+    assert isinstance(frame["created"], int) and frame["created"] > 1_600_000_000
+    assert frame["error"]["code"] == "upstream_disconnected"
+
+
+# ============================================================================ before the head
+
+
+def assert_openai_error(response: RawResponse, status: int, code: str) -> None:
+    assert response.status == status, response.raw[:500]
+    assert response.header("content-type") == "application/json"
+    error = response.json()["error"]
+    assert error["code"] == code
+    assert isinstance(error["message"], str) and error["message"]
+    assert isinstance(error["type"], str) and error["type"]
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("name", list(BEFORE_HEAD))
+def test_failure_before_head(w: FakeWorker, proxy: Daemon, name: str, stream: bool) -> None:
+    script, status, code = BEFORE_HEAD[name]
+    w.reply(script)
+    rid = f"before-{name}-{stream}"
+    response = post(proxy, chat_body(stream=stream), headers=[("x-request-id", rid)])
+    assert_openai_error(response, status, code)
+    assert len(w.requests) == 1
+    assert all_worker_connections_closed(w)
+    record = proxy.ledger_for(rid)
+    assert record["status"] == status
+    assert record["outcome"] == ("upstream_timeout" if status == 504 else "upstream_error")
+
+
+def test_failure_before_head_sdk(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([Close()], [Stall()])
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    assert info.value.status_code == 502 and info.value.code == "upstream_disconnected"
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert info.value.status_code == 504 and info.value.code == "upstream_timeout"
+
+
+# ============================================================================ non-streaming clients
+
+
+@pytest.mark.parametrize("name", list(AFTER_HEAD))
+def test_aggregated_stream_failure_is_an_http_error(w: FakeWorker, proxy: Daemon, name: str) -> None:
+    script, code = AFTER_HEAD[name]
+    w.reply(script)
+    rid = f"aggregated-{name}"
+    response = post(proxy, chat_body(), target="/always/v1/chat/completions",
+                    headers=[("x-request-id", rid)])
+    status = 504 if code == "upstream_timeout" else 502
+    assert_openai_error(response, status, code)
+    assert b"Hel" not in response.body
+    assert all_worker_connections_closed(w)
+    assert proxy.ledger_for(rid)["status"] == status
+
+
+def test_aggregated_stream_failure_sdk(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(AFTER_HEAD["reset"][0])
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(proxy, "/always").chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert info.value.status_code == 502
+    assert info.value.code == "upstream_disconnected"
+
+
+def test_json_document_cut_for_a_non_streaming_client(w: FakeWorker, proxy: Daemon) -> None:
+    doc = json.dumps(chat_completion()).encode()
+    w.reply([Send(head_length(len(doc), ("content-type", "application/json"))), Send(doc[:40]),
+             Close()],
+            [Send(head_length(len(doc), ("content-type", "application/json"))), Send(b"{" + doc[1:30]),
+             Send(b"x" * (len(doc) - 30))])
+    assert_openai_error(post(proxy, chat_body()), 502, "upstream_disconnected")
+    assert_openai_error(post(proxy, chat_body()), 502, "upstream_protocol_error")
+
+
+def test_passthrough_failure_after_head_breaks_the_client_framing(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([Send(response_head(200, [("content-length", "1000")])), Send(b"x" * 100), Close()])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", "/v1/files/1"))
+        response = client.read_response(5.0)
+        assert response.status == 200
+        assert not response.complete, "a cut passthrough body was presented as complete"
+        assert client.closed_by_peer(2.0)
+
+
+# ============================================================================ retry once
+
+
+@pytest.fixture
+def pooled(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_daemon(worker=worker, upstream={"response_timeout": "1s"})
+
+
+def _ok(text: str) -> list[Step]:
+    return json_reply(chat_completion(text))
+
+
+@pytest.mark.parametrize("how", [Close, Reset])
+def test_dead_pooled_connection_is_retried_once_on_a_new_one(
+    worker: FakeWorker, pooled: Daemon, how: type[Step]
+) -> None:
+    worker.reply(_ok("first"), [how()], _ok("second"))
+    assert post(pooled, chat_body()).json()["choices"][0]["message"]["content"] == "first"
+    response = post(pooled, chat_body(), headers=[("x-request-id", "retried")])
+    assert response.status == 200
+    assert response.json()["choices"][0]["message"]["content"] == "second"
+    first, dead, retry = worker.wait_requests(3)
+    assert dead.connection == first.connection, "the second request did not use the pooled connection"
+    assert retry.connection != dead.connection
+    assert retry.body == dead.body
+    assert retry.header("x-request-id") == dead.header("x-request-id") == "retried"
+
+
+def test_retry_happens_only_once(worker: FakeWorker, pooled: Daemon) -> None:
+    worker.reply(_ok("first"), [Close()], [Close()], _ok("never"))
+    post(pooled, chat_body())
+    response = post(pooled, chat_body())
+    assert response.status == 502
+    assert response.json()["error"]["code"] == "upstream_disconnected"
+    assert len(worker.requests) == 3
+
+
+def test_no_retry_after_a_response_byte(worker: FakeWorker, pooled: Daemon) -> None:
+    worker.reply(_ok("first"), [Send(b"HTTP/1.1 200 OK\r\n"), Close()], _ok("never"))
+    post(pooled, chat_body())
+    response = post(pooled, chat_body(stream=True))
+    assert response.status == 502
+    assert response.json()["error"]["code"] == "upstream_disconnected"
+    assert len(worker.requests) == 2
+
+
+def test_no_retry_on_a_fresh_connection(worker: FakeWorker, pooled: Daemon) -> None:
+    worker.reply([Close()], _ok("never"))
+    response = post(pooled, chat_body())
+    assert response.status == 502
+    assert len(worker.requests) == 1
+
+
+def test_pooled_connection_closed_while_idle_is_not_used(worker: FakeWorker, pooled: Daemon) -> None:
+    worker.reply([*_ok("first"), Close()], _ok("second"))
+    post(pooled, chat_body())
+    assert worker.wait_until(lambda: worker.connections and worker.connections[0].closed_by_us)
+    response = post(pooled, chat_body())
+    assert response.json()["choices"][0]["message"]["content"] == "second"
+    first, second = worker.wait_requests(2)
+    assert first.connection != second.connection
+    assert worker.incomplete == []
+
+
+def test_llamacpp_style_close_after_each_stream(worker: FakeWorker, pooled: Daemon) -> None:
+    worker.default = lambda request: [*openai_handler("llamacpp")(request), Close()]
+    client = sdk(pooled)
+    for _ in range(3):
+        chunks = list(client.chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello!"
+    assert len(worker.wait_requests(3)) == 3
+
+
+def test_bytes_after_a_complete_response_are_never_taken_as_the_next_one(
+    worker: FakeWorker, pooled: Daemon
+) -> None:
+    smuggled = http_response(200, b'{"smuggled":true}')
+    worker.reply([Send(http_response(200, json.dumps(chat_completion("first")).encode()) + smuggled)],
+                 _ok("second"), _ok("third"))
+    assert post(pooled, chat_body()).json()["choices"][0]["message"]["content"] == "first"
+    second = post(pooled, chat_body())
+    assert b"smuggled" not in second.body
+    assert second.status == 200
+    assert second.json()["choices"][0]["message"]["content"] == "second"
+
+
+def test_a_worker_that_is_down_gives_502_not_a_hang(make_daemon: Callable[..., Daemon]) -> None:
+    from tests.harness import free_port
+
+    daemon = make_daemon(daemon_config(f"http://127.0.0.1:{free_port()}"))
+    with pytest.raises(openai.APIStatusError) as info:
+        sdk(daemon).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    assert info.value.status_code == 502 and info.value.code == "upstream_unavailable"
