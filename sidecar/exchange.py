@@ -174,7 +174,9 @@ class Exchange(StreamListener):
         self.route: RouteConfig | None = match_route(
             generation.config.routes, self.method, request.target
         )
-        self.dialect: Dialect = get_dialect(self.route.dialect if self.route else "passthrough")
+        # with no route, errors still speak the shape of the API the path belongs to
+        shape_route = self.route or match_route(generation.config.routes, None, request.target)
+        self.dialect: Dialect = get_dialect(shape_route.dialect if shape_route else "passthrough")
         self.plan: RequestPlan | None = None
         self.upstream: UpstreamConnection | None = None
         self.pump: ResponsePump | None = None

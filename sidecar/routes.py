@@ -31,8 +31,8 @@ def is_ambiguous_path(path: bytes) -> bool:
     return any(segment in (b".", b"..") for segment in path.split(b"/"))
 
 
-def match_route(routes: Sequence[R], method: str, target: bytes) -> R | None:
-    """The first route whose `match` accepts this method and raw target, else None."""
+def match_route(routes: Sequence[R], method: str | None, target: bytes) -> R | None:
+    """The first route whose `match` accepts this method (None: any) and raw target, else None."""
     path_bytes, _ = split_target(target)
     if is_ambiguous_path(path_bytes):
         return None
@@ -42,7 +42,7 @@ def match_route(routes: Sequence[R], method: str, target: bytes) -> R | None:
         return None
     for route in routes:
         match = route.match
-        if match.methods is not None and method not in match.methods:
+        if method is not None and match.methods is not None and method not in match.methods:
             continue
         if match.path is not None and path != match.path:
             continue
