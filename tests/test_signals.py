@@ -1,0 +1,262 @@
+"""SIGHUP and SIGTERM on the real daemon (SPEC "Process").
+
+SIGHUP reloads the config: new requests get the new one (here: a new price)
+while a stream that started before goes on with the old one untouched; a bad
+config is refused, logged, and the old one kept. SIGTERM drains: the listener
+closes at once, streams in flight finish (up to `drain_timeout`), idle
+keep-alive connections are closed, and the process exits 0; a second SIGTERM
+exits at once. The systemd notifications around these (READY, RELOADING,
+STOPPING, WATCHDOG) are tested in test_systemd_units.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from tests.harness import (
+    MODEL,
+    Daemon,
+    FakeWorker,
+    RawClient,
+    RawResponse,
+    chat_body,
+    chat_stream_events,
+    daemon_config,
+    deep_merge,
+    held_stream,
+    openai_handler,
+    post,
+    request_bytes,
+)
+
+OLD_COST = Decimal("0.000017")  # 11 x 1 + 3 x 2 per million (the harness's USAGE and price)
+NEW_COST = Decimal("0.00017")  # 11 x 10 + 3 x 20 per million
+NEW_PRICE = {"pricing": {"models": {MODEL: {"prompt": 10.0, "completion": 20.0}}}}
+
+
+def write_config(daemon: Daemon, config: dict[str, Any] | str) -> None:
+    text = config if isinstance(config, str) else yaml.safe_dump(config, sort_keys=False)
+    daemon.config_path.write_text(text)
+
+
+def reloaded(daemon: Daemon, after: int) -> dict[str, Any] | None:
+    """The first 'config reloaded' log entry past index `after`."""
+    return daemon.wait_log(
+        lambda e: daemon.logs.index(e) >= after and str(e.get("msg", "")).startswith("config reloaded")
+    )
+
+
+def stream_in_background(daemon: Daemon, request_id: str) -> Future[RawResponse]:
+    """A streaming chat request read to its end on another thread."""
+
+    def run() -> RawResponse:
+        with RawClient(daemon.address, timeout=20) as client:
+            client.send(request_bytes(body=chat_body(stream=True, include_usage=True),
+                                      headers=[("x-request-id", request_id)]))
+            return client.read_response(timeout=20)
+
+    pool = ThreadPoolExecutor(1)
+    future = pool.submit(run)
+    pool.shutdown(wait=False)
+    return future
+
+
+def wait_refused(daemon: Daemon, timeout: float = 5.0) -> bool:
+    """True once a new connection to the client port is refused (the listener is closed)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(daemon.address, timeout=1).close()
+        except ConnectionRefusedError:
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def usage_cost(response: RawResponse) -> Decimal:
+    chunks = [c for c in response.sse_json() if c != "[DONE]" and c.get("usage")]
+    assert chunks, response.body
+    return Decimal(str(chunks[-1]["usage"]["cost"]))
+
+
+# =============================================================================================
+# SIGHUP
+# =============================================================================================
+
+
+def test_sighup_new_price_for_new_requests_while_old_stream_finishes(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    release, started = threading.Event(), threading.Event()
+    worker.reply(held_stream(chat_stream_events(("old", " stream")), release, started=started))
+    worker.default = openai_handler()
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "10s"})
+
+    old = stream_in_background(daemon, "old-stream")
+    assert started.wait(5)
+    mark = len(daemon.logs)
+    write_config(daemon, deep_merge(daemon.config, NEW_PRICE))
+    daemon.send_signal(signal.SIGHUP)
+    assert reloaded(daemon, mark) is not None
+
+    new = post(daemon, chat_body(), headers=[("x-request-id", "new-json")])
+    assert new.status == 200
+    assert Decimal(new.header("x-sidecar-cost") or "nan") == NEW_COST
+    new_stream = post(daemon, chat_body(stream=True, include_usage=True),
+                      headers=[("x-request-id", "new-stream")])
+    assert usage_cost(new_stream) == NEW_COST
+    assert not old.done(), "the old stream should still be held open"
+
+    release.set()
+    response = old.result(10)
+    assert response.status == 200 and response.complete
+    payloads = response.sse()
+    assert payloads[-1] == "[DONE]"
+    assert not any('"error"' in p for p in payloads)
+    content = "".join(c["choices"][0]["delta"].get("content") or ""
+                      for c in response.sse_json()[:-1] if c["choices"])
+    assert content == "old stream"
+    assert usage_cost(response) == OLD_COST
+
+    assert daemon.ledger_path is not None
+    records = {r["request_id"]: r for r in daemon.wait_ledger(3)}
+    assert records["old-stream"]["outcome"] == "ok"
+    assert Decimal(str(records["old-stream"]["cost"])) == OLD_COST
+    assert Decimal(str(records["new-json"]["cost"])) == NEW_COST
+    assert Decimal(str(records["new-stream"]["cost"])) == NEW_COST
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        pytest.param("listen: [unclosed\n", id="yaml-syntax"),
+        pytest.param(None, id="invalid-values"),
+    ],
+)
+def test_sighup_with_a_bad_config_keeps_the_old_one(
+    worker: FakeWorker, tmp_path: Path, bad: str | None
+) -> None:
+    worker.default = openai_handler()
+    config = daemon_config(worker.url)
+    with Daemon(config, tmp_path) as daemon:
+        if bad is None:
+            broken = deep_merge(config, {"pricing": {"models": {MODEL: {"prompt": "lots"}}},
+                                         "no_such_key": 1})
+            write_config(daemon, broken)
+        else:
+            write_config(daemon, bad)
+        mark = len(daemon.logs)
+        daemon.send_signal(signal.SIGHUP)
+        refusal = daemon.wait_log(lambda e: daemon.logs.index(e) >= mark and e.get("level") == "error")
+        assert refusal is not None, daemon.lines
+        assert "exc" not in refusal and "\n" not in refusal["msg"], refusal
+        if bad is None:
+            assert "no_such_key" in refusal["msg"] and "pricing" in refusal["msg"], refusal
+        # still serving, with the old price
+        r = post(daemon, chat_body(), headers=[("x-request-id", "after-bad-reload")])
+        assert r.status == 200
+        assert Decimal(r.header("x-sidecar-cost") or "nan") == OLD_COST
+        assert daemon.alive()
+        # and a good config is taken on the next SIGHUP
+        write_config(daemon, deep_merge(config, NEW_PRICE))
+        mark = len(daemon.logs)
+        daemon.send_signal(signal.SIGHUP)
+        assert reloaded(daemon, mark) is not None
+        r = post(daemon, chat_body(), headers=[("x-request-id", "after-good-reload")])
+        assert Decimal(r.header("x-sidecar-cost") or "nan") == NEW_COST
+        unexpected = [e for e in daemon.errors() if e != json.dumps(refusal)]
+        assert not unexpected, unexpected
+        assert daemon.stop() == 0
+
+
+# =============================================================================================
+# SIGTERM
+# =============================================================================================
+
+
+def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    release, started = threading.Event(), threading.Event()
+    worker.default = openai_handler()
+    daemon = make_daemon(worker=worker, drain_timeout="10s", upstream={"idle_timeout": "10s"})
+    idle = RawClient(daemon.address)  # a keep-alive connection, idle at SIGTERM
+    idle.send(request_bytes(body=chat_body()))
+    assert idle.read_response().status == 200
+    worker.reply(held_stream(chat_stream_events(("drain", "ed")), release, started=started))
+
+    stream = stream_in_background(daemon, "in-flight")
+    assert started.wait(5)
+    daemon.send_signal(signal.SIGTERM)
+    assert wait_refused(daemon), "new connections are still accepted while draining"
+    assert idle.closed_by_peer(5), "an idle keep-alive connection stays open while draining"
+    idle.close()
+    assert daemon.alive(), "the daemon exited with a stream in flight"
+    assert not stream.done()
+
+    release.set()
+    response = stream.result(10)
+    assert response.status == 200 and response.complete
+    assert response.sse()[-1] == "[DONE]"
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
+    record = daemon.ledger_for("in-flight")
+    assert record["outcome"] == "ok"
+    assert any(e.get("msg") == "stopped" for e in daemon.logs)
+
+
+def test_second_sigterm_exits_at_once(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    release, started = threading.Event(), threading.Event()
+    worker.reply(held_stream(chat_stream_events(), release, started=started))
+    daemon = make_daemon(worker=worker, drain_timeout="60s", upstream={"idle_timeout": "60s"})
+    stream = stream_in_background(daemon, "never-finishes")
+    assert started.wait(5)
+    daemon.send_signal(signal.SIGTERM)
+    assert wait_refused(daemon)  # the first one was handled: draining
+    time.sleep(0.2)
+    assert daemon.alive(), "the first SIGTERM should wait for the stream (drain_timeout 60s)"
+    began = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(5) == 0
+    assert time.monotonic() - began < 3.0  # loose: "at once"
+    response = stream.result(5)
+    assert "[DONE]" not in response.sse()
+    release.set()
+
+
+def test_drain_timeout_bounds_the_wait(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    release, started = threading.Event(), threading.Event()
+    worker.reply(held_stream(chat_stream_events(), release, started=started))
+    daemon = make_daemon(worker=worker, drain_timeout="1s", upstream={"idle_timeout": "60s"})
+    stream = stream_in_background(daemon, "cut-by-drain")
+    assert started.wait(5)
+    began = time.monotonic()
+    daemon.send_signal(signal.SIGTERM)
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
+    waited = time.monotonic() - began
+    assert 0.8 <= waited < 5.0, waited  # loose bounds around drain_timeout: 1s
+    response = stream.result(5)
+    assert not response.complete or "[DONE]" not in response.sse()
+    assert worker.wait_peer_closed(1, timeout=2), "the worker connection was left open"
+    # every request has its ledger line, whatever the outcome (SPEC "Ledger")
+    record = daemon.ledger_for("cut-by-drain", timeout=2)
+    assert record["outcome"] != "ok"
+    release.set()
