@@ -1,0 +1,262 @@
+"""`workers: 2`: two processes share the client port; ledger, SIGHUP and SIGTERM cover them all.
+
+The daemon does not say which process answered a request, so the tests look
+at the processes from outside: the children of the daemon's pid in /proc, and
+which of them holds each established client connection (socket inodes of
+/proc/net/tcp matched against /proc/PID/fd).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.harness import (
+    MODEL,
+    Daemon,
+    FakeWorker,
+    RawClient,
+    RawResponse,
+    chat_body,
+    chat_stream_events,
+    deep_merge,
+    held_stream,
+    openai_handler,
+    post,
+    request_bytes,
+)
+
+OLD_COST = Decimal("0.000017")  # the harness's USAGE at prompt 1, completion 2 per million
+NEW_COST = Decimal("0.00017")
+CONNECTIONS = 24  # both processes get some: all on one has odds 2 x 2^-24
+
+
+def children(pid: int) -> set[int]:
+    """Pids whose parent is `pid`."""
+    found = set()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid:
+            found.add(int(entry))
+    return found
+
+
+def wait_children(pid: int, count: int, timeout: float = 5.0) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = children(pid)
+        if len(found) == count or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.02)
+
+
+def established_by_process(pids: set[int], port: int) -> Counter[int]:
+    """How many established TCP connections on local `port` each of `pids` holds."""
+    inodes: dict[str, int] = {}
+    for name in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(name) as f:
+            next(f)
+            for line in f:
+                parts = line.split()
+                local, state, inode = parts[1], parts[3], parts[9]
+                if state == "01" and int(local.rsplit(":", 1)[1], 16) == port:
+                    inodes[inode] = 0
+    owners: Counter[int] = Counter()
+    for pid in pids:
+        fd_dir = f"/proc/{pid}/fd"
+        for fd in os.listdir(fd_dir):
+            try:
+                target = os.readlink(f"{fd_dir}/{fd}")
+            except OSError:
+                continue
+            if target.startswith("socket:[") and target[8:-1] in inodes:
+                owners[pid] += 1
+    return owners
+
+
+def open_kept(daemon: Daemon, stack: ExitStack, count: int, prefix: str) -> list[RawResponse]:
+    """`count` keep-alive connections, one request each, answered concurrently; left open."""
+    clients = [stack.enter_context(RawClient(daemon.address)) for _ in range(count)]
+
+    def one(i: int) -> RawResponse:
+        clients[i].send(request_bytes(body=chat_body(), headers=[("x-request-id", f"{prefix}-{i}")]))
+        return clients[i].read_response()
+
+    with ThreadPoolExecutor(8) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def write_config(daemon: Daemon, config: dict[str, Any]) -> None:
+    daemon.config_path.write_text(yaml.safe_dump(config, sort_keys=False))
+
+
+@pytest.fixture(scope="module")
+def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_module_daemon(worker=module_worker, workers=2,
+                              limits={"max_connections": 512},
+                              upstream={"max_idle_connections": 64})
+
+
+@pytest.fixture
+def worker(module_worker: FakeWorker) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    module_worker.default = openai_handler()
+    yield module_worker
+    assert not module_worker.errors, module_worker.errors
+
+
+def test_two_processes_share_the_port_and_both_serve(daemon: Daemon, worker: FakeWorker) -> None:
+    kids = wait_children(daemon.pid, 2)
+    assert len(kids) == 2, kids
+    with ExitStack() as stack:
+        responses = open_kept(daemon, stack, CONNECTIONS, "share")
+        assert [r.status for r in responses] == [200] * CONNECTIONS
+        owners = established_by_process(kids | {daemon.pid}, daemon.port)
+    assert sum(owners.values()) == CONNECTIONS, owners
+    assert owners[daemon.pid] == 0, "the supervising parent serves clients itself"
+    assert all(owners[k] > 0 for k in kids), f"only one process serves: {owners}"
+
+
+def test_ledger_whole_lines_across_processes(daemon: Daemon, worker: FakeWorker) -> None:
+    assert daemon.ledger_path is not None
+    before = len(daemon.ledger())
+    # long ids make long lines: a torn or interleaved append would show
+    ids = [f"w-{i:03d}-" + "x" * 150 for i in range(200)]
+
+    def one(i: int) -> int:
+        body = chat_body(stream=i % 2 == 0, include_usage=True if i % 2 == 0 else None)
+        return post(daemon, body, headers=[("x-request-id", ids[i])]).status
+
+    with ThreadPoolExecutor(32) as pool:
+        statuses = list(pool.map(one, range(len(ids))))
+    assert statuses == [200] * len(ids)
+    records = daemon.wait_ledger(before + len(ids))
+    text = daemon.ledger_path.read_text()
+    assert text.endswith("\n")
+    assert len(text.splitlines()) == len(records) == before + len(ids)  # every line parsed
+    mine = Counter(r["request_id"] for r in records[before:])
+    assert mine == Counter(ids)
+    assert all(r["outcome"] == "ok" and Decimal(str(r["cost"])) == OLD_COST
+               for r in records[before:])
+
+
+def test_sighup_reaches_every_worker(daemon: Daemon, worker: FakeWorker) -> None:
+    kids = wait_children(daemon.pid, 2)
+    mark = len(daemon.logs)
+    write_config(daemon, deep_merge(daemon.config,
+                                    {"pricing": {"models": {MODEL: {"prompt": 10.0, "completion": 20.0}}}}))
+    try:
+        daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            reloads = [e for e in daemon.logs[mark:] if str(e.get("msg", "")).startswith("config reloaded")]
+            if len(reloads) >= 2:
+                break
+            time.sleep(0.02)
+        assert len(reloads) == 2, daemon.lines[mark:]
+        with ExitStack() as stack:
+            responses = open_kept(daemon, stack, CONNECTIONS, "hup")
+            owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        costs = {Decimal(r.header("x-sidecar-cost") or "nan") for r in responses}
+        assert costs == {NEW_COST}, costs
+        assert wait_children(daemon.pid, 2) == kids  # reloaded, not restarted
+    finally:
+        mark = len(daemon.logs)
+        write_config(daemon, daemon.config)
+        daemon.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and sum(
+            str(e.get("msg", "")).startswith("config reloaded") for e in daemon.logs[mark:]
+        ) < 2:
+            time.sleep(0.02)
+
+
+def test_metrics_count_the_requests_of_every_worker(daemon: Daemon, worker: FakeWorker) -> None:
+    """/metrics describes the daemon, not whichever process happened to accept the scrape."""
+    kids = wait_children(daemon.pid, 2)
+    with ExitStack() as stack:
+        open_kept(daemon, stack, CONNECTIONS, "metrics")
+        owners = established_by_process(kids, daemon.port)
+    assert all(owners[k] > 0 for k in kids), owners
+    finished = len(daemon.wait_ledger(CONNECTIONS))
+    totals = []
+    for _ in range(6):
+        text = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+        totals.append(sum(
+            s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if s.name == "sidecar_requests_total"
+        ))
+    assert totals == [finished] * len(totals), (
+        f"the ledger has {finished} requests; scrapes of /metrics counted {totals}")
+
+
+def test_sigterm_stops_every_worker_after_their_streams(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    release = threading.Event()
+    streams = 12
+    started = [threading.Event() for _ in range(streams)]
+    worker.default = None
+    for i in range(streams):
+        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
+    daemon = make_daemon(worker=worker, workers=2, drain_timeout="10s",
+                         upstream={"idle_timeout": "10s"})
+    kids = wait_children(daemon.pid, 2)
+    assert len(kids) == 2
+    with ExitStack() as stack:
+        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
+        for i, client in enumerate(clients):
+            client.send(request_bytes(body=chat_body(stream=True),
+                                      headers=[("x-request-id", f"term-{i}")]))
+        assert all(e.wait(5) for e in started)
+        owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+
+        daemon.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        refused = False
+        while not refused and time.monotonic() < deadline:
+            try:
+                socket.create_connection(daemon.address, timeout=1).close()
+                time.sleep(0.02)
+            except ConnectionRefusedError:
+                refused = True
+        assert refused, "new connections are still accepted while draining"
+        assert daemon.alive() and all(Path(f"/proc/{k}").exists() for k in kids)
+
+        release.set()
+        for client in clients:
+            response = client.read_response(timeout=10)
+            assert response.status == 200 and response.complete
+            assert response.sse()[-1] == "[DONE]"
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
+    assert not children(daemon.pid)
+    for kid in kids:
+        assert not Path(f"/proc/{kid}").exists() or "Z" in Path(f"/proc/{kid}/stat").read_text().split()[2]
+    records = daemon.wait_ledger(streams)
+    assert sorted(r["request_id"] for r in records) == sorted(f"term-{i}" for i in range(streams))
+    assert all(r["outcome"] == "ok" for r in records)
