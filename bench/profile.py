@@ -34,13 +34,14 @@ PHASES = {
     "sat": (run.PATH_SAT, True, False),
 }
 _LINE = re.compile(r":\d+\)$")
+_LOOP_LEAVES = ("Runner.run (", "run (uvloop/", "run_forever (", "_run_once (")
 
 
 def summarize(raw: str, top: int) -> str:
     """Top functions by self and inclusive samples from py-spy's raw (collapsed) output."""
     self_c: collections.Counter[str] = collections.Counter()
     incl_c: collections.Counter[str] = collections.Counter()
-    total = 0
+    total = loop = py_total = 0
     for line in raw.splitlines():
         stack, _, count = line.rpartition(" ")
         if not stack or not count.isdigit():
@@ -52,14 +53,22 @@ def summarize(raw: str, top: int) -> str:
         frames = [f for f in frames if " (" in f]
         if not frames:
             continue
+        if frames[-1].startswith(_LOOP_LEAVES):
+            loop += n
+            continue
+        py_total += n
         self_c[frames[-1]] += n
         for f in set(frames):
             incl_c[f] += n
-    out = [f"{total} busy samples"]
+    out = [
+        f"{total} samples; {loop} in the event loop's own C code or runnable but waiting for a "
+        f"CPU (leaf frame is the loop runner), {py_total} in Python callbacks; percentages "
+        "below are of the latter"
+    ]
     for title, counter in (("self", self_c), ("inclusive", incl_c)):
         out.append(f"top {top} by {title}:")
         for f, n in counter.most_common(top):
-            out.append(f"  {100 * n / max(total, 1):5.1f}%  {f}")
+            out.append(f"  {100 * n / max(py_total, 1):5.1f}%  {f}")
     return "\n".join(out)
 
 

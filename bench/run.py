@@ -73,6 +73,7 @@ class Settings:
     ledger: bool = False
     nginx_access_log: bool = True  # sidecar logs a line per request too
     scale: bool = True
+    rounds: int = 1  # interleaved repetitions of the stream, TTFE and JSON phases
     targets: tuple[str, ...] = ("direct", "nginx", "sidecar")
 
     @property
@@ -450,6 +451,7 @@ class Bench:
         await gen.abort()
         samples = gen.counters.ttfe_ns[warm:]
         return {
+            "samples_ns": samples,
             "samples": len(samples),
             "p50_ms": percentile(samples, 50) / 1e6,
             "p90_ms": percentile(samples, 90) / 1e6,
@@ -489,58 +491,81 @@ class Bench:
             "error_samples": c.error_samples[:3],
         }
 
-    async def all_phases(self, kind: str, proxy: Proc | None, port: int) -> dict[str, Any]:
-        """Every phase that applies to this kind of target, in a fixed order."""
+    async def phase(self, name: str, kind: str, proxy: Proc | None, port: int) -> dict[str, Any]:
+        """Run one phase against one target."""
         s = self.s
-        out: dict[str, Any] = {}
-        stagger = s.period_s
         paced_warm = s.period_s + 0.3
-        if proxy:
-            out["rss_idle"] = proxy.rss()
-        log(f"  {kind}: {s.rss_streams} streams at once")
-        out["many"] = await self.many(proxy, port)
-        log(f"  {kind}: {s.streams} paced streams")
-        out["stream"] = await self.windowed(
-            proxy,
-            port,
-            Workload(path=PATH_AUTO, stream=True, tokens=s.tokens, expect_events=s.tokens + 3),
-            s.streams,
-            stagger=stagger,
-            warmup=paced_warm,
-        )
-        log(f"  {kind}: time to first event")
-        out["ttfe"] = await self.ttfe(port)
-        log(f"  {kind}: non-streaming JSON")
-        out["json"] = await self.windowed(
-            proxy,
-            port,
-            Workload(path=PATH_AUTO, stream=False, tokens=s.tokens, expect_cost=kind == "sidecar"),
-            s.streams,
-        )
-        if kind == "sidecar":
-            log(f"  {kind}: JSON -> SSE")
-            out["json_sse"] = await self.windowed(
-                proxy, port, Workload(path=PATH_NEVER, stream=True, tokens=s.tokens), s.streams
+        tokens = s.tokens
+        if name == "many":
+            return await self.many(proxy, port)
+        if name == "ttfe":
+            return await self.ttfe(port)
+        if name == "stream":
+            wl = Workload(path=PATH_AUTO, stream=True, tokens=tokens, expect_events=tokens + 3)
+            return await self.windowed(
+                proxy, port, wl, s.streams, stagger=s.period_s, warmup=paced_warm
             )
-            log(f"  {kind}: SSE -> JSON")
-            out["sse_json"] = await self.windowed(
-                proxy,
-                port,
-                Workload(path=PATH_ALWAYS, stream=False, tokens=s.tokens, expect_cost=True),
-                s.streams,
-                stagger=stagger,
-                warmup=paced_warm,
+        if name == "json":
+            wl = Workload(
+                path=PATH_AUTO, stream=False, tokens=tokens, expect_cost=kind == "sidecar"
             )
-        log(f"  {kind}: saturation")
-        out["sat"] = await self.windowed(
-            proxy,
-            port,
-            Workload(path=PATH_SAT, stream=True, tokens=s.tokens, expect_events=s.tokens + 3),
-            s.sat_conns,
+            return await self.windowed(proxy, port, wl, s.streams)
+        if name == "json_sse":
+            wl = Workload(path=PATH_NEVER, stream=True, tokens=tokens)
+            return await self.windowed(proxy, port, wl, s.streams)
+        if name == "sse_json":
+            wl = Workload(path=PATH_ALWAYS, stream=False, tokens=tokens, expect_cost=True)
+            return await self.windowed(
+                proxy, port, wl, s.streams, stagger=s.period_s, warmup=paced_warm
+            )
+        if name == "sat":
+            wl = Workload(path=PATH_SAT, stream=True, tokens=tokens, expect_events=tokens + 3)
+            return await self.windowed(proxy, port, wl, s.sat_conns)
+        raise ValueError(name)
+
+
+# phase name, targets it applies to, whether it is repeated in interleaved rounds
+PHASES: list[tuple[str, tuple[str, ...], bool]] = [
+    ("many", ("direct", "nginx", "sidecar"), False),
+    ("stream", ("direct", "nginx", "sidecar"), True),
+    ("ttfe", ("direct", "nginx", "sidecar"), True),
+    ("json", ("direct", "nginx", "sidecar"), True),
+    ("json_sse", ("sidecar",), False),
+    ("sse_json", ("sidecar",), False),
+    ("sat", ("direct", "nginx", "sidecar"), False),
+]
+PHASE_TITLES = {
+    "many": "streams at once",
+    "stream": "paced streams",
+    "ttfe": "time to first event",
+    "json": "non-streaming JSON",
+    "json_sse": "JSON -> SSE",
+    "sse_json": "SSE -> JSON",
+    "sat": "saturation",
+}
+_PER_KEY = {"stream": "events", "json": "responses"}
+
+
+def combine(name: str, rounds: list[dict[str, Any]]) -> dict[str, Any]:
+    """One figure from interleaved rounds: the median round (TTFE: all samples pooled)."""
+    if len(rounds) == 1:
+        return rounds[0]
+    if name == "ttfe":
+        samples = [x for r in rounds for x in r["samples_ns"]]
+        out = dict(rounds[0])
+        out.update(
+            samples=len(samples),
+            samples_ns=samples,
+            p50_ms=percentile(samples, 50) / 1e6,
+            p90_ms=percentile(samples, 90) / 1e6,
+            errors=sum(r["errors"] for r in rounds),
         )
-        if proxy:
-            out["rss_after"] = proxy.rss()
         return out
+    key = _PER_KEY[name]
+    ranked = sorted(rounds, key=lambda r: r["proxy_cpu_ns"] / max(r[key], 1))
+    out = dict(ranked[len(ranked) // 2])
+    out["rounds"] = [r["proxy_cpu_ns"] / max(r[key], 1) for r in rounds]
+    return out
 
 
 T0 = time.monotonic()
@@ -813,6 +838,16 @@ def build_table(s: Settings, res: dict[str, Any], notes: list[str]) -> tuple[lis
                     " this load; a saturated proxy reads bigger batches, so it is a lower bound)"
                 )
             )
+    for phase in ("stream", "json"):
+        spread = []
+        for name, t in (("nginx", n), ("sidecar", sc)):
+            rr = get(t, phase, "rounds")
+            if rr:
+                spread.append(f"{name} " + " / ".join(f"{x / 1000:.1f}" for x in rr))
+        if spread:
+            notes.append(
+                f"{phase}: proxy CPU us per unit in each round (median used): " + "; ".join(spread)
+            )
     dr = get(d, "stream")
     if dr and dr["events"]:
         notes.append(
@@ -915,49 +950,66 @@ async def run_all(s: Settings, tmp: Path) -> tuple[dict[str, Any], list[str]]:
     wport = int(line.split()[1])
     bench = Bench(s, worker, wport)
     res: dict[str, Any] = {}
+    targets: dict[str, tuple[Proc | None, int]] = {}
     try:
         if "direct" in s.targets:
-            log("direct (no proxy)")
-            res["direct"] = await bench.all_phases("direct", None, wport)
+            targets["direct"] = (None, wport)
         if "nginx" in s.targets:
-            log("nginx")
+            log("starting nginx")
             proc, port = start_nginx(s, tmp, wport)
-            try:
-                res["nginx"] = await bench.all_phases("nginx", proc, port)
-            finally:
-                proc.stop()
+            targets["nginx"] = (proc, port)
         if "sidecar" in s.targets:
-            log("sidecar")
-            proc, port, why = start_sidecar(s, tmp, wport)
-            if proc is None:
+            log("starting sidecar")
+            sproc, sport, why = start_sidecar(s, tmp, wport)
+            if sproc is None:
                 notes.append(f"sidecar: n/a ({why})")
                 log(f"  {why}")
             else:
-                try:
-                    res["sidecar"] = await bench.all_phases("sidecar", proc, port)
-                finally:
-                    proc.stop()
-                if s.scale:
-                    log("sidecar workers: 1 vs 2")
-                    res["scale"] = await scale_phase(s, bench, tmp, wport)
-                    sc = res["scale"]
-                    if sc.get("error"):
-                        notes.append(f"workers scaling: n/a ({sc['error']})")
-                    else:
-                        notes.append(f"workers scaling: {sc['how']}")
-                        if sc.get("ceiling"):
-                            notes.append(
-                                f"workers scaling: with the driver on the same cores the best "
-                                f"possible ratio here is about {sc['ceiling']:.2f}x; measured "
-                                f"{fmt_ratio(sc.get('ratio'))}"
-                            )
-                        cpu = (sc.get("w2") or {}).get("proxy_cpu_ns_by_process") or []
-                        if len(cpu) > 1:
-                            secs = sc["w2"]["seconds"]
-                            notes.append(
-                                "workers: 2, cores used per sidecar process (parent first): "
-                                + ", ".join(f"{c / 1e9 / secs:.2f}" for c in cpu)
-                            )
+                targets["sidecar"] = (sproc, sport)
+        for kind, (proc, _) in targets.items():
+            res[kind] = {"rss_idle": proc.rss()} if proc else {}
+        for name, applies, repeated in PHASES:
+            todo = [k for k in targets if k in applies]
+            rounds: dict[str, list[dict[str, Any]]] = {k: [] for k in todo}
+            for _ in range(s.rounds if repeated else 1):
+                for kind in todo:
+                    proc, port = targets[kind]
+                    title = PHASE_TITLES[name]
+                    if name == "many":
+                        title = f"{s.rss_streams} {title}"
+                    log(f"{kind}: {title}")
+                    rounds[kind].append(await bench.phase(name, kind, proc, port))
+            for kind in todo:
+                res[kind][name] = combine(name, rounds[kind])
+        for kind, (proc, _) in targets.items():
+            if proc:
+                res[kind]["rss_after"] = proc.rss()
+    finally:
+        for proc, _ in targets.values():
+            if proc:
+                proc.stop()
+    try:
+        if "sidecar" in targets and s.scale:
+            log("sidecar workers: 1 vs 2")
+            res["scale"] = await scale_phase(s, bench, tmp, wport)
+            sc = res["scale"]
+            if sc.get("error"):
+                notes.append(f"workers scaling: n/a ({sc['error']})")
+            else:
+                notes.append(f"workers scaling: {sc['how']}")
+                if sc.get("ceiling"):
+                    notes.append(
+                        f"workers scaling: with the driver on the same cores the best "
+                        f"possible ratio here is about {sc['ceiling']:.2f}x; measured "
+                        f"{fmt_ratio(sc.get('ratio'))}"
+                    )
+                cpu = (sc.get("w2") or {}).get("proxy_cpu_ns_by_process") or []
+                if len(cpu) > 1:
+                    secs = sc["w2"]["seconds"]
+                    notes.append(
+                        "workers: 2, cores used per sidecar process (parent first): "
+                        + ", ".join(f"{c / 1e9 / secs:.2f}" for c in cpu)
+                    )
     finally:
         worker.stop()
     return res, notes
@@ -968,6 +1020,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description="sidecar vs nginx benchmark")
     ap.add_argument("--quick", action="store_true", help="short windows, under a minute")
     ap.add_argument("--window", type=float, help="measurement window per phase, seconds")
+    ap.add_argument("--rounds", type=int, help="interleaved repetitions (default 1 quick, 3)")
     ap.add_argument("--tick-ms", type=int, default=20)
     ap.add_argument("--tokens", type=int, default=64, help="content events per stream")
     ap.add_argument("--streams", type=int, default=64)
@@ -998,7 +1051,8 @@ def main(argv: list[str] | None = None) -> int:
     s.ledger = args.ledger
     s.nginx_access_log = not args.no_access_log
     s.window_s = args.window or (1.2 if args.quick else 5.0)
-    s.ttfe_samples = 60 if args.quick else 400
+    s.rounds = args.rounds or (1 if args.quick else 3)
+    s.ttfe_samples = 60 if args.quick else 150
     s.scale = not (args.no_scale or args.quick)
     s.targets = tuple(
         t
