@@ -54,6 +54,7 @@ from tests.harness import (
     post,
     request_bytes,
     sse_data,
+    sse_payloads,
     sse_reply,
 )
 
@@ -222,7 +223,7 @@ class Seen:
 
 async def soak_one(client: httpx.AsyncClient, base: str, plan: Plan) -> Seen:
     headers = {"x-request-id": plan.request_id}
-    if plan.kind in ("json_ok",):
+    if plan.kind == "json_ok":
         body = chat_body(model=plan.model)
         r = await client.post(base + "/v1/chat/completions", json=body, headers=headers)
         return Seen(r.status_code, "ok" if r.status_code == 200 else "upstream_error", r.content,
@@ -243,22 +244,13 @@ async def soak_one(client: httpx.AsyncClient, base: str, plan: Plan) -> Seen:
             data += piece
             if plan.kind == "client_leaves" and plan.content[0].encode() in data:
                 return Seen(r.status_code, "client_disconnect", bytes(data))
-    payloads = [p for p in _payloads(bytes(data))]
+    payloads = sse_payloads(bytes(data))
     if payloads and payloads[-1] == "[DONE]":
         return Seen(r.status_code, "ok", bytes(data))
     last = json.loads(payloads[-1]) if payloads else {}
+    assert "[DONE]" not in payloads and last["choices"][0]["finish_reason"] == "error", payloads
     code = (last.get("error") or {}).get("code")
     return Seen(r.status_code, "upstream_error", bytes(data), error_code=code)
-
-
-def _payloads(body: bytes) -> list[str]:
-    text = body.decode().replace("\r\n", "\n")
-    out = []
-    for block in text.split("\n\n"):
-        data = [line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:")]
-        if data:
-            out.append("\n".join(data))
-    return out
 
 
 async def soak_clients(base: str, plans: list[Plan]) -> list[Seen]:
@@ -323,7 +315,7 @@ def test_soak_one_ledger_line_per_request(
         assert record["cost"] == cost, where
         assert record["ttfb_ms"] is not None and record["ttfb_ms"] <= record["duration_ms"], where
         if plan.kind == "stream_ok":
-            chunks = [json.loads(p) for p in _payloads(saw.body) if p != "[DONE]"]
+            chunks = [json.loads(p) for p in sse_payloads(saw.body) if p != "[DONE]"]
             usage_chunks = [c for c in chunks if c.get("usage") and not c["choices"]]
             assert len(usage_chunks) == 1, where
             assert Decimal(str(usage_chunks[0]["usage"]["cost"])) == cost, where
@@ -378,17 +370,19 @@ def test_soak_one_ledger_line_per_request(
 # One line per outcome (one daemon for the module)
 # =============================================================================================
 
-PRICED_ROUTES = [
-    chat_route(),
-    {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"},
-]
+#: Chat with short worker timeouts (the timeout tests), beside the ordinary chat route.
+HASTY_PATH = "/hasty/v1/chat/completions"
 
 
 @pytest.fixture(scope="module")
 def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    hasty = chat_route("hasty", match={"path": HASTY_PATH, "methods": ["POST"]},
+                       upstream={"idle_timeout": "500ms", "response_timeout": "500ms"})
+    routes = [chat_route(), hasty,
+              {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"}]
     return make_module_daemon(
-        worker=module_worker, pricing=pricing_config(), routes=PRICED_ROUTES,
-        upstream={"idle_timeout": "400ms", "response_timeout": "400ms"},
+        worker=module_worker, pricing=pricing_config(), routes=routes,
+        upstream={"idle_timeout": "10s", "response_timeout": "10s"},
     )
 
 
@@ -446,7 +440,7 @@ def test_idle_timeout_mid_stream_is_an_upstream_timeout_line(
 ) -> None:
     events = chat_stream_events(("Hel", "lo"), model="model-a")
     worker.reply([*sse_reply(events[:2], end=False), Stall()])
-    r = post(daemon, chat_body(stream=True, model="model-a"),
+    r = post(daemon, chat_body(stream=True, model="model-a"), target=HASTY_PATH,
              headers=[("x-request-id", "idle-timeout-1")])
     assert r.status == 200
     last = r.sse_json()[-1]
@@ -463,12 +457,12 @@ def test_client_closing_while_the_worker_is_silent_is_a_client_disconnect(
     """SPEC: when the client goes away mid-response the worker connection is closed at once.
 
     The client closes (FIN) while the worker is thinking: nothing is written to
-    the client, so only the EOF tells the daemon that it left.
+    the client, so only the EOF tells the daemon that it left (before idle_timeout does).
     """
     events = chat_stream_events(("Hel", "lo"), model="model-a")
     worker.reply([*sse_reply(events[:2], end=False), Stall()])
     with RawClient(daemon.address) as client:
-        client.send(request_bytes(body=chat_body(stream=True, model="model-a"),
+        client.send(request_bytes(target=HASTY_PATH, body=chat_body(stream=True, model="model-a"),
                                   headers=[("x-request-id", "leaves-silent")]))
         client.read_until(b"Hel")
     record = exact_record(daemon, "leaves-silent")
@@ -477,7 +471,8 @@ def test_client_closing_while_the_worker_is_silent_is_a_client_disconnect(
 
 def test_response_timeout_is_an_upstream_timeout_line(daemon: Daemon, worker: FakeWorker) -> None:
     worker.reply([Stall()])
-    r = post(daemon, chat_body(model="model-a"), headers=[("x-request-id", "resp-timeout-1")])
+    r = post(daemon, chat_body(model="model-a"), target=HASTY_PATH,
+             headers=[("x-request-id", "resp-timeout-1")])
     assert r.status == 504
     assert r.json()["error"]["code"] == "upstream_timeout"
     record = exact_record(daemon, "resp-timeout-1")

@@ -252,7 +252,7 @@ def test_drain_timeout_bounds_the_wait(
     assert daemon.proc is not None
     assert daemon.proc.wait(10) == 0
     waited = time.monotonic() - began
-    assert 0.8 <= waited < 5.0, waited  # loose bounds around drain_timeout: 1s
+    assert 0.8 <= waited < 8.0, waited  # loose bounds around drain_timeout: 1s
     response = stream.result(5)
     assert not response.complete or "[DONE]" not in response.sse()
     assert worker.wait_peer_closed(1, timeout=2), "the worker connection was left open"
