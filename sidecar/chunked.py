@@ -17,7 +17,15 @@ _END = b"0\r\n\r\n"
 
 
 class ChunkedError(Exception):
-    """The bytes break chunked framing (bad size line, missing CRLF, oversized line)."""
+    """The bytes break chunked framing (bad size line, missing CRLF, oversized line).
+
+    `pieces` holds the payload decoded by the same `feed` call before the break, so a
+    caller can still deliver what arrived intact.
+    """
+
+    def __init__(self, message: str, pieces: list[bytes] | None = None) -> None:
+        super().__init__(message)
+        self.pieces: list[bytes] = pieces or []
 
 
 def frame(data: bytes) -> bytes:
@@ -48,11 +56,18 @@ class ChunkedDecoder:
         self.trailing = b""
 
     def feed(self, data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            return self._feed(data, out)
+        except ChunkedError as exc:
+            exc.pieces = out
+            raise
+
+    def _feed(self, data: bytes, out: list[bytes]) -> list[bytes]:
         if self.done:
             self.trailing += data
             return []
         buf = self._buf + data if self._buf else data
-        out: list[bytes] = []
         pos = 0
         end = len(buf)
         state = self._state
@@ -67,7 +82,7 @@ class ChunkedDecoder:
                 semi = line.find(b";")
                 size_text = (line if semi < 0 else line[:semi]).strip(b" \t")
                 if not _SIZE.fullmatch(size_text):
-                    raise ChunkedError(f"bad chunk size line {line[:40]!r}")
+                    raise ChunkedError("bad chunk size line")
                 size = int(size_text, 16)
                 pos = nl + 2
                 if size == 0:

@@ -46,7 +46,7 @@ from sidecar.headers import (
 from sidecar.ledger import LedgerRecord, utc_timestamp
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
-from sidecar.sse import SSEParser, SSEProtocolError, encode_comment
+from sidecar.sse import Event, SSEParser, SSEProtocolError, encode_comment
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
 
@@ -677,23 +677,30 @@ class RelayHandler(BodyHandler):
         exchange.start_event_stream(headers)
 
     def data(self, chunk: bytes) -> None:
-        feed = self.translator.feed
         try:
             events = self.parser.feed(chunk)
         except SSEProtocolError as exc:
-            self._write([feed(e) for e in exc.events])
+            self._relay(exc.events)
             raise StreamProtocolError(str(exc)) from None
         if len(events) == 1:
-            out = feed(events[0])
+            out = self.translator.feed(events[0])
             if out:
                 self.ex.write_data(out)
             return
-        self._write([feed(e) for e in events])
+        self._relay(events)
 
-    def _write(self, pieces: list[bytes | None]) -> None:
-        data = b"".join(p for p in pieces if p)
-        if data:
-            self.ex.write_data(data)
+    def _relay(self, events: list[Event]) -> None:
+        """Translate events and write the result at once; events before a bad one still go out."""
+        feed = self.translator.feed
+        pieces: list[bytes] = []
+        try:
+            for event in events:
+                out = feed(event)
+                if out:
+                    pieces.append(out)
+        finally:
+            if pieces:
+                self.ex.write_data(b"".join(pieces))
 
     def end(self) -> bool:
         translator = self.translator
@@ -861,18 +868,25 @@ class ResponsePump:
         try:
             pieces = decoder.feed(data)
         except ChunkedError as exc:
+            if exc.pieces:  # what arrived intact before the break still goes out
+                self._deliver(b"".join(exc.pieces))
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return
-        if pieces:
-            try:
-                self.handler.data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-            except StreamProtocolError as exc:
-                self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-                return
+        if pieces and not self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces)):
+            return
         if decoder.done and not self.finished:
             if decoder.trailing:
                 self.up.keep_alive = False
             self._end()
+
+    def _deliver(self, payload: bytes) -> bool:
+        """Hand body bytes to the handler; False (and the exchange failed) if they break it."""
+        try:
+            self.handler.data(payload)
+        except StreamProtocolError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return False
+        return True
 
     def upstream_eof(self) -> None:
         if self.finished:
@@ -891,7 +905,6 @@ class ResponsePump:
 
     def _drain(self) -> None:
         h = self.up.h11
-        handler = self.handler
         while not self.finished:
             try:
                 event = h.next_event()
@@ -903,10 +916,7 @@ class ResponsePump:
                 return
             kind = type(event)
             if kind is h11.Data:
-                try:
-                    handler.data(event.data)  # type: ignore[union-attr]
-                except StreamProtocolError as exc:
-                    self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+                if not self._deliver(event.data):  # type: ignore[union-attr]
                     return
             elif kind is h11.EndOfMessage:
                 self._end()

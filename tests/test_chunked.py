@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import h11
 import pytest
 from hypothesis import given, settings
@@ -14,7 +16,7 @@ def decode(data: bytes, splits: list[int] | None = None) -> tuple[bytes, Chunked
     decoder = ChunkedDecoder()
     out: list[bytes] = []
     points = [0, *(splits or []), len(data)]
-    for a, b in zip(points, points[1:], strict=False):
+    for a, b in itertools.pairwise(points):
         out.extend(decoder.feed(data[a:b]))
     return b"".join(out), decoder
 
