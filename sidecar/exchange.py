@@ -490,6 +490,8 @@ class Exchange(StreamListener):
         duration = time.perf_counter() - self.started
         route_name = self.route.name if self.route else ""
         source = self.outcome_source
+        if isinstance(source, StreamTranslator):
+            source.settle()  # a failed or cut stream is recorded with what was seen
         usage = source.usage if source is not None else Usage()
         model = (source.model if source is not None else None) or (
             self.plan.request_model if self.plan else None

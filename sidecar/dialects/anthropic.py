@@ -30,6 +30,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    price_usage,
 )
 from sidecar.dialects.merge import merge_into
 from sidecar.failures import Failure
@@ -50,12 +51,6 @@ def _named(obj: dict[str, Any], kind: str) -> bytes:
     """One event written by the sidecar: `event: <type>` and the JSON data."""
     return encode_event(orjson.dumps(obj), event=kind)
 
-
-def _price_cost(pricing: Pricing, model: str | None, usage: Usage) -> Decimal | None:
-    if not usage.seen:
-        return None
-    price = pricing.price_for(model)
-    return None if price is None else anthropic_cost(usage, price)
 
 
 def merge_usage(acc: dict[str, Any], report: dict[str, Any]) -> None:
@@ -89,6 +84,9 @@ def error_type_for(status: int) -> str:
 
 class AnthropicStream(StreamTranslator):
     """One worker Messages stream, relayed event by event or folded into one `message`."""
+
+    cost_of = staticmethod(anthropic_cost)
+
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         self.plan = plan
@@ -138,7 +136,7 @@ class AnthropicStream(StreamTranslator):
                     self._blocks[index] = dict(block)
         elif kind == "message_stop":
             self.complete = True
-            self._finish_usage()
+            self.settle()
         elif kind == "error":
             self.worker_error = True
             self._error_obj = obj
@@ -195,7 +193,7 @@ class AnthropicStream(StreamTranslator):
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self._add_usage(usage)
-        self._finish_usage()
+        self.settle()
         if self.aggregate or self.cost is None:
             return False
         out = dict(usage) if isinstance(usage, dict) else {}
@@ -211,17 +209,12 @@ class AnthropicStream(StreamTranslator):
         merge_usage(self._usage_obj, report)
         self.usage = usage_from_anthropic(self._usage_obj)
 
-    def _finish_usage(self) -> None:
-        if not self.usage.seen and self._content_events:
-            self.usage = Usage(completion_tokens=self._content_events, estimated=True)
-        self.cost = _price_cost(self.pricing, self.model or self.plan.request_model, self.usage)
-
     # -- results ------------------------------------------------------------------
     def document(self) -> bytes:
         """The folded `message`; raises StreamProtocolError for a tool input that is not JSON."""
         if self._error_obj is not None:
             return orjson.dumps(self._error_obj)
-        self._finish_usage()
+        self.settle()
         doc: dict[str, Any] = {
             "id": None,
             "type": "message",
@@ -290,7 +283,7 @@ class AnthropicDocument(DocumentTranslator):
         self.model = model if isinstance(model, str) and model else None
         usage_obj = doc.get("usage")
         self.usage = usage_from_anthropic(usage_obj) if isinstance(usage_obj, dict) else Usage()
-        self.cost = _price_cost(pricing, self.model or plan.request_model, self.usage)
+        self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, anthropic_cost)
         if isinstance(usage_obj, dict) and self.cost is not None:
             doc["usage"] = {**usage_obj, "cost": cost_json_number(self.cost)}
 

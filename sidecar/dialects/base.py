@@ -10,13 +10,26 @@ from __future__ import annotations
 
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
 
-from sidecar.config import Pricing
+from sidecar.config import Price, Pricing
 from sidecar.failures import Failure
 from sidecar.sse import Event
-from sidecar.usage import Usage
+from sidecar.usage import Usage, estimated_usage, openai_cost
+
+CostFunction = Callable[[Usage, Price], Decimal]
+
+
+def price_usage(
+    pricing: Pricing, model: str | None, usage: Usage, cost_of: CostFunction
+) -> Decimal | None:
+    """The cost of `usage` at `model`'s price, or None (no usage, or no price and no default)."""
+    if not usage.seen:
+        return None
+    price = pricing.price_for(model)
+    return None if price is None else cost_of(usage, price)
 
 
 class BadRequest(Exception):
@@ -63,6 +76,17 @@ class StreamTranslator(Outcome, ABC):
     """
 
     complete: bool  # the worker sent its success terminator (or finish)
+    plan: RequestPlan
+    pricing: Pricing
+    _content_events: int  # content-bearing deltas seen, for usage estimates
+    cost_of: CostFunction = staticmethod(openai_cost)
+
+    def settle(self) -> None:
+        """The stream ended, whichever way: estimate usage if none was reported, and price it."""
+        if not self.usage.seen and self._content_events:
+            self.usage = estimated_usage(self._content_events)
+        model = self.model or self.plan.request_model
+        self.cost = price_usage(self.pricing, model, self.usage, self.cost_of)
 
     @abstractmethod
     def feed(self, event: Event) -> bytes | None: ...

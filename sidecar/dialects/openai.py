@@ -24,6 +24,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    price_usage,
 )
 from sidecar.dialects.merge import merge_into
 from sidecar.failures import Failure, error_type_for
@@ -51,12 +52,6 @@ COMPLETIONS = Shape("text_completion", "text_completion", "cmpl-", chat=False)
 def _dumps_event(obj: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
 
-
-def _price_cost(pricing: Pricing, model: str | None, usage: Usage) -> Decimal | None:
-    if not usage.seen:
-        return None
-    price = pricing.price_for(model)
-    return None if price is None else openai_cost(usage, price)
 
 
 def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[str, Any]:
@@ -129,7 +124,7 @@ class OpenAIStream(StreamTranslator):
         if data == "[DONE]":
             self._done = True
             self.complete = True
-            self._finish_usage()
+            self.settle()
             return None if self.aggregate else event.raw
         try:
             obj = orjson.loads(data)
@@ -169,7 +164,7 @@ class OpenAIStream(StreamTranslator):
             self.usage.merge_max(usage_from_openai(usage_obj))
             self._usage_obj = usage_obj
             if final:
-                self._finish_usage()
+                self.settle()
         if self.aggregate:
             self._absorb(obj, choices)
             return None
@@ -183,11 +178,6 @@ class OpenAIStream(StreamTranslator):
                 obj["usage"] = _usage_with_cost(usage_obj, self.cost)
                 rewrite = True
         return _dumps_event(obj) if rewrite else raw
-
-    def _finish_usage(self) -> None:
-        if not self.usage.seen and self._content_events:
-            self.usage = Usage(completion_tokens=self._content_events, estimated=True)
-        self.cost = _price_cost(self.pricing, self.model or self.plan.request_model, self.usage)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():
@@ -205,7 +195,7 @@ class OpenAIStream(StreamTranslator):
     # -- results ------------------------------------------------------------------
     def document(self) -> bytes:
         if not self.usage.seen:
-            self._finish_usage()
+            self.settle()
         if self._error_obj is not None:
             return orjson.dumps(self._error_obj)
         doc: dict[str, Any] = {
@@ -280,7 +270,7 @@ class OpenAIDocument(DocumentTranslator):
         self.model = model if isinstance(model, str) and model else None
         usage_obj = doc.get("usage")
         self.usage = usage_from_openai(usage_obj) if isinstance(usage_obj, dict) else Usage()
-        self.cost = _price_cost(pricing, self.model or plan.request_model, self.usage)
+        self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, openai_cost)
         if isinstance(usage_obj, dict) and self.cost is not None:
             doc["usage"] = _usage_with_cost(usage_obj, self.cost)
 

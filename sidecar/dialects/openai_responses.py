@@ -31,6 +31,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    price_usage,
 )
 from sidecar.failures import Failure, error_type_for
 from sidecar.sse import Event, encode_event
@@ -68,12 +69,6 @@ def _named(obj: dict[str, Any], kind: str) -> bytes:
     """One event written by the sidecar: `event: <type>` and the JSON data."""
     return encode_event(orjson.dumps(obj), event=kind)
 
-
-def _price_cost(pricing: Pricing, model: str | None, usage: Usage) -> Decimal | None:
-    if not usage.seen:
-        return None
-    price = pricing.price_for(model)
-    return None if price is None else openai_cost(usage, price)
 
 
 def _with_cost(response: dict[str, Any], cost: Decimal | None) -> bool:
@@ -232,16 +227,11 @@ class ResponsesStream(StreamTranslator):
         usage = response.get("usage")
         if isinstance(usage, dict):
             self.usage.merge_max(usage_from_responses(usage))
-        self._finish_usage()
+        self.settle()
         if kind == "response.failed":
             self.worker_error = True  # forwarded as it is
             return False
         return not self.aggregate and _with_cost(response, self.cost)
-
-    def _finish_usage(self) -> None:
-        if not self.usage.seen and self._content_events:
-            self.usage = Usage(completion_tokens=self._content_events, estimated=True)
-        self.cost = _price_cost(self.pricing, self.model or self.plan.request_model, self.usage)
 
     # -- results ------------------------------------------------------------------
     def _base(self) -> dict[str, Any]:
@@ -277,7 +267,7 @@ class ResponsesStream(StreamTranslator):
                 }
             )
         if self._final is None:
-            self._finish_usage()
+            self.settle()
         base = self._base()
         doc = dict(self._final) if self._final is not None else base
         for key in ("id", "object", "created_at", "model"):
@@ -316,7 +306,7 @@ class ResponsesDocument(DocumentTranslator):
         self.model = model if isinstance(model, str) and model else None
         usage_obj = doc.get("usage")
         self.usage = usage_from_responses(usage_obj) if isinstance(usage_obj, dict) else Usage()
-        self.cost = _price_cost(pricing, self.model or plan.request_model, self.usage)
+        self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, openai_cost)
         if not self.worker_error:
             _with_cost(doc, self.cost)
 
