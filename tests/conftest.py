@@ -6,7 +6,11 @@
   unless a whole `config` dict is given); stopped at teardown, and a daemon
   that logged an error or a traceback fails the test.
 - `module_worker` / `make_module_daemon`: the same, shared by a whole module
-  (a daemon start costs ~0.5 s); tests reset the worker with `worker.reset()`.
+  (a daemon start costs ~0.5 s).
+- `w`: `module_worker`, reset for one test (queued handlers, default and
+  records cleared); its script errors fail the test.
+
+A daemon's stderr is printed at teardown, so a failing test shows its log.
 """
 
 from __future__ import annotations
@@ -47,10 +51,12 @@ class DaemonFactory:
         return daemon.start()
 
     def close(self) -> list[str]:
-        """Stop every daemon; return the error lines they logged."""
+        """Stop every daemon; return the error lines they logged (and print their logs)."""
         errors: list[str] = []
         for daemon in self.daemons:
-            daemon.stop()
+            code = daemon.stop()
+            print(f"--- {daemon.config_path.name} (exit {code}) ---")
+            print("\n".join(daemon.lines))
             errors += daemon.errors()
         return errors
 
@@ -86,3 +92,12 @@ def make_module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
     yield factory
     errors = factory.close()
     assert not errors, "the daemon logged errors:\n" + "\n".join(errors)
+
+
+@pytest.fixture
+def w(module_worker: FakeWorker) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    yield module_worker
+    errors = list(module_worker.errors)
+    module_worker.reset()
+    assert not errors, f"fake worker errors: {errors}"

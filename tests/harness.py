@@ -24,6 +24,20 @@ worker on loopback sockets and speak real HTTP/1.1 to both, down to the byte.
   lines, RSS and signals.
 - `RawClient` / `raw_exchange` / `read_response` for byte-level client checks.
 
+A typical test (fixtures from tests/conftest.py)::
+
+    def test_usage_hidden(worker, make_daemon):
+        worker.default = openai_handler("vllm")          # answers like vLLM
+        daemon = make_daemon(worker=worker, upstream={"idle_timeout": "1s"})
+        response = post(daemon, chat_body(stream=True))   # raw socket, whole response
+        assert response.sse_json()[-1] == "[DONE]"
+        (request,) = worker.wait_requests(1)
+        assert request.json()["stream_options"] == {"include_usage": True}
+
+    worker.reply([*sse_reply(events[:2], end=False), Reset()])   # a worker that dies
+    worker.reply([Stall()])                                      # ... or never answers
+    assert worker.wait_peer_closed(1, timeout=1.0)               # the daemon hung up
+
 What it must never do: mock a socket or a process, or import anything from
 `sidecar` (the daemon is tested from the outside, as an operator runs it).
 """
@@ -463,6 +477,7 @@ class FakeWorker:
         self.port = 0
         self._cond = threading.Condition()
         self._handlers: deque[Handler] = deque()
+        self._by_id: dict[int, WorkerConnection] = {}  # every connection ever, kept by reset()
         self._ids = itertools.count(1)
         self._protocols: set[_WorkerProtocol] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -523,7 +538,10 @@ class FakeWorker:
                 proto.closing = True
                 proto.transport.abort()
                 proto._wake()
-            await asyncio.sleep(0)
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
 
         if loop.is_running():
             with contextlib.suppress(Exception):
@@ -627,6 +645,20 @@ class FakeWorker:
             lambda: sum(1 for c in self.connections if c.peer_closed) >= count, timeout
         )
 
+    def connection_of(self, request: WorkerRequest) -> WorkerConnection:
+        """The connection `request` arrived on (also one accepted before the last reset)."""
+        with self._cond:
+            return self._by_id[request.connection]
+
+    def wait_connection_closed(self, request: WorkerRequest, timeout: float = WAIT) -> bool:
+        """Wait until the daemon closed the connection that carried `request`.
+
+        Use this rather than `wait_peer_closed` when the daemon may have sent the
+        request on a pooled connection accepted before the last `reset()`.
+        """
+        info = self.connection_of(request)
+        return self.wait_until(lambda: info.peer_closed, timeout)
+
     def wait_quiet(self, seconds: float = 0.3, timeout: float = WAIT) -> int:
         """Wait until `bytes_sent` stops growing for `seconds`; return it (writes are blocked)."""
         deadline = time.monotonic() + timeout
@@ -650,6 +682,7 @@ class FakeWorker:
         info = WorkerConnection(next(self._ids), kind)
         with self._cond:
             self.connections.append(info)
+            self._by_id[info.id] = info
             self._cond.notify_all()
         return info
 

@@ -9,7 +9,7 @@ stream flavours of vLLM, SGLang, llama.cpp, Ollama and TGI. Failure paths
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
@@ -28,6 +28,7 @@ from tests.harness import (
     RawClient,
     Send,
     Sleep,
+    Stall,
     chat_body,
     chat_completion,
     chat_route,
@@ -66,14 +67,6 @@ ROUTES = [
 def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
     return make_module_daemon(worker=module_worker, routes=ROUTES)
 
-
-@pytest.fixture
-def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
 
 
 def sdk(proxy: Daemon, prefix: str = "") -> openai.OpenAI:
@@ -454,3 +447,14 @@ def test_many_events_in_one_write_and_one_event_over_many_writes(w: FakeWorker, 
     for _ in range(2):
         chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
         assert content_of(chunks) == expected
+
+
+def test_client_head_is_sent_when_the_worker_head_arrives(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([*sse_reply([], end=False), Stall()])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        head = client.read_until(b"\r\n\r\n", timeout=2.0)  # the worker has sent no event yet
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"text/event-stream" in head
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 1.0)

@@ -12,7 +12,7 @@ Before the head the same failures are 502/504 with an OpenAI-shaped body.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import openai
@@ -127,14 +127,6 @@ def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) 
                 {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"}],
     )
 
-
-@pytest.fixture
-def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
 
 
 def sdk(daemon: Daemon, prefix: str = "") -> openai.OpenAI:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,15 +63,6 @@ def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) 
     return make_module_daemon(worker=module_worker, routes=[*DEFAULT_ROUTES[:2], SHORT_ROUTE,
                                                             DEFAULT_ROUTES[2]])
 
-
-@pytest.fixture
-def w(module_worker: FakeWorker, proxy: Daemon) -> Iterator[FakeWorker]:
-    """The module's worker, reset for this test (its script errors fail the test)."""
-    module_worker.reset()
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
 
 
 def error_of(response: RawResponse) -> dict[str, Any]:
@@ -331,7 +322,8 @@ def test_504_response_timeout_before_head(w: FakeWorker, proxy: Daemon) -> None:
     assert response.status == 504
     assert error_of(response)["code"] == "upstream_timeout"
     assert 0.2 < elapsed < 3.0  # response_timeout is 300 ms (loose bounds)
-    assert w.wait_peer_closed(1, timeout=1.0), "the timed-out worker connection was not closed"
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 1.0), "the timed-out worker connection was not closed"
 
 
 def test_worker_non_2xx_is_passed_through_with_status_and_body(w: FakeWorker, proxy: Daemon) -> None:
@@ -480,7 +472,9 @@ def test_client_disconnect_mid_stream_closes_the_worker_connection(
     client.read_until(b"\r\n\r\n")
     client.read_until(b'"content":"Hel"')
     client.close()
-    assert w.wait_peer_closed(1, timeout=1.0), "worker connection still open 1 s after the client left"
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 1.0), \
+        "worker connection still open 1 s after the client left"
     record = proxy.ledger_for(rid)
     assert record["outcome"] == "client_disconnect"
 
@@ -492,9 +486,9 @@ def test_client_disconnect_before_the_head_closes_the_worker_connection(
     client = RawClient(proxy.address)
     client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
                               [("x-request-id", "gone-early")]))
-    w.wait_requests(1)
+    (request,) = w.wait_requests(1)
     client.close()
-    assert w.wait_peer_closed(1, timeout=1.0)
+    assert w.wait_connection_closed(request, 1.0)
     assert proxy.ledger_for("gone-early")["outcome"] == "client_disconnect"
 
 
@@ -504,7 +498,8 @@ def test_client_reset_mid_stream_closes_the_worker_connection(w: FakeWorker, pro
     client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
     client.read_until(b'"content":"Hel"')
     client.reset()
-    assert w.wait_peer_closed(1, timeout=1.0)
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 1.0)
 
 
 # ============================================================================ unix-socket worker
