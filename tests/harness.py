@@ -195,6 +195,7 @@ class Blast(Step):
     total: int
     chunk: int = 64 * 1024
     fill: bytes = b"x"
+    # stops early once the peer has closed (a real worker sees the disconnect and stops)
 
     async def run(self, io: WorkerIO) -> None:
         await io.blast(self.total, self.chunk, self.fill)
@@ -246,7 +247,7 @@ class WorkerIO:
     async def blast(self, total: int, chunk: int, fill: bytes) -> None:
         piece = (fill * (chunk // max(1, len(fill)) + 1))[:chunk]
         left = total
-        while left > 0 and self.open:
+        while left > 0 and self.open and not self.info.peer_closed:
             data = piece if left >= chunk else piece[:left]
             await self.send(data)
             left -= len(data)
