@@ -1,13 +1,17 @@
 """The admin port: GET /healthz, /readyz and /metrics over a minimal h11 server.
 
 I/O shell only. It answers one request per connection and never touches the
-client-facing traffic; /readyz asks the worker for a TCP connection.
+client-facing traffic; /readyz asks the worker for a TCP connection. It is
+served by the one process with `workers: 1`, and by the supervising parent
+with `workers: N`, where /metrics is the sum over every worker process (the
+caller passes how metrics are rendered, see `local_metrics`).
 """
 
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, cast
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Protocol, cast
 
 import h11
 
@@ -15,23 +19,64 @@ from sidecar.metrics import CONTENT_TYPE
 from sidecar.upstream import probe
 
 if TYPE_CHECKING:
+    from sidecar.config import Config
     from sidecar.runtime import Runtime
 
 _MAX_HEAD = 16 * 1024
 
+#: Renders the Prometheus text of a scrape (may ask other processes first).
+RenderMetrics = Callable[[], Awaitable[bytes]]
+
+
+class AdminState(Protocol):
+    """What the admin port reads: the running config (for /readyz's probe of the
+    worker) and whether the daemon is draining (then /readyz answers 503)."""
+
+    @property
+    def config(self) -> Config: ...
+
+    @property
+    def draining(self) -> bool: ...
+
+
+def local_metrics(runtime: Runtime) -> RenderMetrics:
+    """/metrics of one process: its own registry (the `workers: 1` daemon)."""
+
+    async def render() -> bytes:
+        return runtime.metrics.render()
+
+    return render
+
 
 class AdminConnection(asyncio.Protocol):
-    """One admin connection: reads one request head, answers, closes."""
+    """One admin connection: reads one request head, answers, closes.
 
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    `live`, when given, holds the connections open right now (the supervising
+    process closes its copies of them in a worker process it forks).
+    """
+
+    def __init__(
+        self,
+        state: AdminState,
+        render_metrics: RenderMetrics,
+        live: set[AdminConnection] | None = None,
+    ) -> None:
+        self.state = state
+        self.render_metrics = render_metrics
+        self.live = live
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self.transport: asyncio.Transport | None = None
         self.handled = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        if self.live is not None:
+            self.live.add(self)
         asyncio.get_running_loop().call_later(10.0, self._expire)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.live is not None:
+            self.live.discard(self)
 
     def _expire(self) -> None:
         if self.transport is not None and not self.handled:
@@ -57,13 +102,13 @@ class AdminConnection(asyncio.Protocol):
         elif path == b"/healthz":
             self._reply(200, b"ok\n")
         elif path == b"/readyz":
-            ready = await probe(self.runtime.config.upstream)
-            if self.runtime.draining:
+            ready = await probe(self.state.config.upstream)
+            if self.state.draining:
                 self._reply(503, b"draining\n")
             else:
                 self._reply(200 if ready else 503, b"ready\n" if ready else b"worker unreachable\n")
         elif path == b"/metrics":
-            self._reply(200, self.runtime.metrics.render(), CONTENT_TYPE.encode())
+            self._reply(200, await self.render_metrics(), CONTENT_TYPE.encode())
         else:
             self._reply(404, b"not found\n")
 

@@ -10,9 +10,7 @@ one slice. Framing errors raise `ChunkedError`; nothing grows without bound
 
 from __future__ import annotations
 
-import re
-
-_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_HEX_DIGITS = b"0123456789abcdefABCDEF"
 _END = b"0\r\n\r\n"
 
 
@@ -28,9 +26,13 @@ class ChunkedError(Exception):
         self.pieces: list[bytes] = pieces or []
 
 
+_SIZE_LINES = [b"%x\r\n" % n for n in range(4096)]
+
+
 def frame(data: bytes) -> bytes:
     """One chunk carrying `data` (which must not be empty)."""
-    return b"%x\r\n%b\r\n" % (len(data), data)
+    n = len(data)
+    return (_SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n) + data + b"\r\n"
 
 
 LAST_CHUNK = _END
@@ -56,6 +58,16 @@ class ChunkedDecoder:
         self.trailing = b""
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._buf and self._state == 0 and not self.done:
+            # fast path: `data` is exactly one whole chunk, as a worker writes one per token
+            nl = data.find(b"\r\n", 0, 18)
+            if nl > 0:
+                size_text = data[:nl]
+                if not size_text.translate(None, _HEX_DIGITS):
+                    start = nl + 2
+                    size = int(size_text, 16)
+                    if size and start + size + 2 == len(data) and data.endswith(b"\r\n"):
+                        return [data[start:-2]]
         out: list[bytes] = []
         try:
             return self._feed(data, out)
@@ -81,7 +93,7 @@ class ChunkedDecoder:
                 line = buf[pos:nl]
                 semi = line.find(b";")
                 size_text = (line if semi < 0 else line[:semi]).strip(b" \t")
-                if not _SIZE.fullmatch(size_text):
+                if not size_text or len(size_text) > 16 or size_text.translate(None, _HEX_DIGITS):
                     raise ChunkedError("bad chunk size line")
                 size = int(size_text, 16)
                 pos = nl + 2

@@ -82,7 +82,9 @@ def check(path: str) -> int:
 def run(path: str) -> int:
     from sidecar.daemon import load_or_exit, run_daemon
     from sidecar.logs import setup_logging
+    from sidecar.runtime import tune_gc
 
     config = load_or_exit(path)
     setup_logging(config.log_format, config.log_level)
+    tune_gc()
     return run_daemon(config)

@@ -15,13 +15,17 @@ import signal
 import socket
 import stat
 import sys
-from dataclasses import dataclass, field
+import time
+from dataclasses import dataclass, field, replace
+from typing import NoReturn
 
+import orjson
 import uvloop
 
-from sidecar.admin import AdminConnection
+from sidecar.admin import AdminConnection, local_metrics
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.exchange import serve_connection
+from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 from sidecar.server import ClientConnection
 from sidecar.systemd import Notifier, listen_fds
@@ -132,7 +136,9 @@ class Service:
         )
         if self.sockets.admin is not None:
             self.servers.append(
-                await loop.create_server(lambda: AdminConnection(runtime), sock=self.sockets.admin)
+                await loop.create_server(
+                    lambda: AdminConnection(runtime, local_metrics(runtime)), sock=self.sockets.admin
+                )
             )
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self.terminate)
@@ -220,64 +226,514 @@ def run_daemon(config: Config) -> int:
     return supervise(config, sockets, notifier)
 
 
-def supervise(config: Config, sockets: Sockets, notifier: Notifier) -> int:
-    """Fork `workers` processes sharing the sockets; relay signals; exit when they all have."""
-    children: set[int] = set()
-    for _ in range(config.workers):
-        pid = os.fork()
-        if pid == 0:
-            os.environ.pop("NOTIFY_SOCKET", None)
-            code = 1
-            try:
-                code = uvloop.run(serve(config, worker_sockets(sockets), Notifier({}), ready=False))
-            finally:
-                os._exit(code)
-        children.add(pid)
-    notifier.ready(f"listening on {bound_address(sockets.listen)} with {config.workers} workers")
-    terminations = 0
+# -- workers: N ---------------------------------------------------------------
+#
+# The parent forks N worker processes and serves no client itself. Each worker
+# is a `Service` without the admin port; it shares the client port with the
+# others and keeps its own Runtime (pools, ledger handle, metrics). The parent
+# runs its own uvloop loop: it serves the admin port, relays signals, reaps and
+# replaces workers, and answers /metrics with the sum of what every worker
+# counts, asked over one AF_UNIX socketpair per worker at scrape time.
+#
+# The socketpair carries one JSON line per message:
+#   worker -> parent  {"ready": pid}                  listening; counted from now on
+#   parent -> worker  {"id": n}                       a scrape asks for the metrics
+#   worker -> parent  {"id": n, "metrics": snapshot}  (Metrics.snapshot())
+#   worker -> parent  {"final": snapshot}             after its drain, before it exits
+# EOF on the parent's end: the worker process is gone. EOF on the worker's
+# end: the parent is gone, and the worker drains and exits.
 
-    def relay(signum: int, _frame: object) -> None:
-        nonlocal terminations
-        if signum == signal.SIGHUP:
-            notifier.reloading()
-            try:
-                load_config(config.source)
-            except ConfigError as exc:
-                log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
-                notifier.ready("reload refused")
-                return
-            for pid in children:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(pid, signal.SIGHUP)
-            notifier.ready("config reloaded")
-            return
-        terminations += 1
-        if terminations == 1:
-            notifier.stopping()
-        for pid in children:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGTERM)
+#: How long a scrape waits for each worker process's metrics.
+SCRAPE_TIMEOUT = 1.0
+#: How long the worker processes may take to start listening.
+START_TIMEOUT = 30.0
+#: A worker process that dies younger than this counts towards the restart backoff.
+QUICK_DEATH = 10.0
+#: How much longer than drain_timeout a stopping worker process may take before SIGKILL.
+KILL_GRACE = 10.0
+#: The longest pause between attempts to replace worker processes that keep dying.
+MAX_BACKOFF = 30.0
 
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, relay)
-    interval = notifier.watchdog_interval()
-    if interval:
-        signal.signal(signal.SIGALRM, lambda *_: notifier.watchdog())
-        signal.setitimer(signal.ITIMER_REAL, interval, interval)
-    worst = 0
-    while children:
+_LINE_LIMIT = 64 * 1024 * 1024
+_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+
+# In a forked worker process: the parent's supervisor, kept referenced so that
+# nothing of the parent's event loop is ever finalized (and closes an fd) here.
+_inherited: object = None
+
+
+def _line(message: dict[str, object]) -> bytes:
+    return orjson.dumps(message) + b"\n"
+
+
+def _exit_text(code: int) -> str:
+    if code < 0:
         try:
-            pid, status = os.wait()
-        except ChildProcessError:
-            break
-        except InterruptedError:  # pragma: no cover - PEP 475 retries
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+class WorkerLink:
+    """The parent's end of one worker process's socketpair (see the message list above).
+
+    It learns when the worker listens (`ready`), asks it for its metrics on each
+    scrape (`ask`), and keeps the last registry it got (`last`: the worker's
+    final one after a drain), which the supervisor keeps counting once the
+    process is gone so that counters never go backwards.
+    """
+
+    def __init__(self, pid: int, sock: socket.socket, supervisor: Supervisor) -> None:
+        self.pid = pid
+        self.sock = sock
+        self.supervisor = supervisor
+        self.started = time.monotonic()
+        self.ready = False
+        self.closed = False
+        self.last: Metrics | None = None
+        self._writer: asyncio.StreamWriter | None = None
+        self._pending: dict[int, asyncio.Future[object]] = {}
+        self._next_id = 0
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        """Start reading the worker's messages (in the parent's loop)."""
+        self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            reader, self._writer = await asyncio.open_unix_connection(
+                sock=self.sock, limit=_LINE_LIMIT
+            )
+            while True:
+                line = await reader.readline()
+                if not line.endswith(b"\n"):
+                    break
+                self._received(line)
+        except (OSError, ValueError) as exc:
+            log.warning("lost the link to worker process %d: %s", self.pid, exc)
+        finally:
+            self.closed = True
+            for future in self._pending.values():
+                if not future.done():
+                    future.set_result(None)
+            self._pending.clear()
+            if self._writer is not None:
+                self._writer.close()
+            self.supervisor.link_closed(self)
+
+    def _received(self, line: bytes) -> None:
+        try:
+            message = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            log.warning("worker process %d sent a line that is not JSON", self.pid)
+            return
+        if not isinstance(message, dict):
+            return
+        if "ready" in message and not self.ready:
+            self.ready = True
+            self.supervisor.worker_ready(self)
+        elif "id" in message:
+            future = self._pending.pop(message["id"], None)
+            if future is not None and not future.done():
+                future.set_result(message.get("metrics"))
+        elif "final" in message:
+            with contextlib.suppress(ValueError):
+                self.last = Metrics.from_snapshot(message["final"])
+
+    async def ask(self, timeout: float) -> Metrics | None:
+        """The worker's metrics now, or None (gone, not answering within `timeout`)."""
+        if self.closed or self._writer is None:
+            return None
+        self._next_id += 1
+        ident = self._next_id
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        self._writer.write(_line({"id": ident}))
+        try:
+            async with asyncio.timeout(timeout):
+                answer = await future
+        except TimeoutError:
+            self._pending.pop(ident, None)
+            log.warning(
+                "worker process %d did not answer for /metrics within %g s: "
+                "its counters are those of its last answer", self.pid, timeout,
+            )
+            return None
+        if answer is None:
+            return None
+        try:
+            self.last = Metrics.from_snapshot(answer)
+        except ValueError as exc:
+            log.warning("worker process %d sent unusable metrics: %s", self.pid, exc)
+            return None
+        return self.last
+
+
+class Supervisor:
+    """The parent process of `workers: N` (N > 1).
+
+    Forks the worker processes and replaces one that dies while the daemon is
+    not stopping; serves the admin port, where /metrics sums every worker's
+    registry; relays SIGHUP (after validating the config) and SIGTERM/SIGINT to
+    the workers; speaks sd_notify (READY, RELOADING, STOPPING, WATCHDOG) from
+    its event loop; exits 0 after every worker drained, 1 when one failed.
+    """
+
+    def __init__(self, config: Config, sockets: Sockets, notifier: Notifier) -> None:
+        self.config = config
+        self.sockets = sockets
+        self.notifier = notifier
+        self.workers = config.workers
+        self.children: dict[int, WorkerLink] = {}  # live worker processes by pid
+        self.links: set[WorkerLink] = set()  # links not at EOF yet (may outlive the process)
+        self.retired = Metrics(config.pricing.currency)  # counters of workers that are gone
+        self.admin_connections: set[AdminConnection] = set()
+        self.starting = True
+        self.stopping = False
+        self.failed = False
+        self.terminations = 0
+        self.quick_deaths = 0
+        self.changed = asyncio.Event()
+        self.done = asyncio.Event()
+        self.respawns: dict[object, asyncio.Handle] = {}  # replacements not started yet
+
+    @property
+    def draining(self) -> bool:
+        """True once a termination signal arrived (/readyz answers 503)."""
+        return self.stopping
+
+    # -- the run
+
+    async def run(self) -> int:
+        """Start the workers and the admin port, then wait until every worker exited."""
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        loop.add_signal_handler(signal.SIGTERM, self.terminate)
+        loop.add_signal_handler(signal.SIGINT, self.terminate)
+        # uvloop keeps SIGCHLD to itself in add_signal_handler: a plain handler wakes the loop
+        signal.signal(signal.SIGCHLD, lambda *_: loop.call_soon_threadsafe(self.reap))
+        interval = self.notifier.watchdog_interval()
+        if interval:
+            self._watchdog(interval)
+        try:
+            for _ in range(self.workers):
+                self.spawn()
+        except OSError as exc:
+            log.error("cannot start a worker process: %s", exc)
+            self.fail()
+        await self._started()
+        self.starting = False
+        server = None
+        if not self.stopping:
+            if self.sockets.admin is not None:
+                server = await loop.create_server(
+                    lambda: AdminConnection(self, self.render_metrics, self.admin_connections),
+                    sock=self.sockets.admin,
+                )
+            log.info(
+                "listening on %s%s, worker %s (%d processes)",
+                bound_address(self.sockets.listen),
+                f", admin on {bound_address(self.sockets.admin)}" if self.sockets.admin else "",
+                self.config.upstream.url,
+                self.workers,
+            )
+            self.notifier.ready(
+                f"listening on {bound_address(self.sockets.listen)} with {self.workers} workers"
+            )
+        await self.done.wait()
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        if server is not None:
+            server.close()
+        log.info("stopped")
+        return 1 if self.failed else 0
+
+    async def _started(self) -> None:
+        """Wait until every worker process listens, the start failed or a stop began."""
+        deadline = asyncio.get_running_loop().time() + START_TIMEOUT
+        while not self.stopping and not all(link.ready for link in self.children.values()):
+            self.changed.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self.changed.wait()
+            except TimeoutError:
+                log.error("the worker processes did not start within %g s", START_TIMEOUT)
+                self.fail()
+
+    def _watchdog(self, interval: float) -> None:
+        self.notifier.watchdog()
+        asyncio.get_running_loop().call_later(interval, self._watchdog, interval)
+
+    # -- worker processes
+
+    def spawn(self) -> None:
+        """Fork one worker process on the current config and the shared sockets."""
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        mask = signal.pthread_sigmask(signal.SIG_BLOCK, _SIGNALS)
+        try:
+            pid = os.fork()
+        except OSError:
+            signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+            parent_end.close()
+            child_end.close()
+            raise
+        if pid == 0:
+            self._become_worker(parent_end, child_end)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+        child_end.close()
+        link = WorkerLink(pid, parent_end, self)
+        self.children[pid] = link
+        self.links.add(link)
+        link.start()
+
+    def _become_worker(self, parent_end: socket.socket, child_end: socket.socket) -> NoReturn:
+        """In the forked child: drop what belongs to the parent, serve, exit. Never returns.
+
+        Signals stay blocked (from `spawn`) until the worker's own handlers are in place.
+        """
+        global _inherited
+        _inherited = self
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGCHLD):
+                signal.signal(signum, signal.SIG_DFL)
+            # a terminal's Ctrl-C reaches the whole process group; the parent relays it
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            asyncio._set_running_loop(None)
+            os.environ.pop("NOTIFY_SOCKET", None)
+            parent_end.close()
+            self._release_parent_fds(child_end)
+            sockets = worker_sockets(replace(self.sockets, admin=None))
+            code = uvloop.run(serve_worker(self.config, sockets, child_end))
+        except StartupError as exc:
+            log.error("worker process %d cannot start: %s", os.getpid(), exc)
+        except BaseException:
+            log.exception("worker process %d failed", os.getpid())
+        finally:
+            os._exit(code)
+
+    def _release_parent_fds(self, keep: socket.socket) -> None:
+        """Let go of the parent's admin port and links in a new worker process.
+
+        Each is replaced by /dev/null rather than closed: objects of the parent's
+        loop still name these numbers, and a number that stays taken can never be
+        closed by mistake under something this process opens later.
+        """
+        fds = {link.sock.fileno() for link in self.links if not link.closed}
+        if self.sockets.admin is not None:
+            fds.add(self.sockets.admin.fileno())
+        for conn in self.admin_connections:
+            sock = conn.transport.get_extra_info("socket") if conn.transport else None
+            if sock is not None:
+                fds.add(sock.fileno())
+        fds -= {0, 1, 2, -1, keep.fileno(), self.sockets.listen.fileno()}
+        fds -= {s.fileno() for s in self.sockets.extra}
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.dup2(null, fd, inheritable=False)
+        os.close(null)
+
+    def worker_ready(self, link: WorkerLink) -> None:
+        """A worker process listens now."""
+        if not self.starting:
+            log.info("worker process %d is ready", link.pid)
+        self.changed.set()
+
+    def link_closed(self, link: WorkerLink) -> None:
+        """A worker's link reached EOF: its last counters stay in the daemon's totals."""
+        self.links.discard(link)
+        if link.last is not None:
+            self.retired.add(link.last, gauges=False)
+
+    def reap(self) -> None:
+        """SIGCHLD: collect every exited worker process; replace it unless stopping."""
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                break
+            if pid == 0:
+                break
+            link = self.children.pop(pid, None)
+            if link is None:
+                continue
+            self.changed.set()
+            code = os.waitstatus_to_exitcode(status)
+            if self.stopping:
+                if code != 0:
+                    log.error("worker process %d %s while stopping", pid, _exit_text(code))
+                    self.failed = True
+            elif self.starting:
+                log.error("worker process %d %s while starting", pid, _exit_text(code))
+                self.fail()
+            else:
+                log.error("worker process %d %s: starting a replacement", pid, _exit_text(code))
+                self._replace(link)
+        if self.stopping and not self.children:
+            self.done.set()
+
+    def _replace(self, dead: WorkerLink | None) -> None:
+        """Fork a replacement now, or after a pause when workers keep dying young."""
+        young = dead is None or not dead.ready or time.monotonic() - dead.started < QUICK_DEATH
+        self.quick_deaths = self.quick_deaths + 1 if young else 0
+        delay = 0.0 if self.quick_deaths <= 1 else min(2.0 ** (self.quick_deaths - 2), MAX_BACKOFF)
+        if delay:
+            log.warning("worker processes keep dying: the next one starts in %g s", delay)
+        token = object()
+        self.respawns[token] = asyncio.get_running_loop().call_later(delay, self._respawn, token)
+
+    def _respawn(self, token: object) -> None:
+        self.respawns.pop(token, None)
+        if self.stopping:
+            return
+        try:
+            self.spawn()
+        except OSError as exc:
+            log.error("cannot start a replacement worker process: %s", exc)
+            self._replace(None)
+
+    def signal_workers(self, signum: int) -> None:
+        """Send `signum` to every live worker process."""
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    # -- signals
+
+    def reload(self) -> None:
+        """SIGHUP: validate the config, then have every worker reload it; a bad one is refused."""
+        self.notifier.reloading()
+        try:
+            config = load_config(self.config.source)
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            self.notifier.ready("reload refused: config invalid")
+            return
+        if config.workers != self.workers:
+            log.warning("a change of workers takes effect only after a restart")
+        self.config = config  # for /readyz and for replacement workers
+        self.signal_workers(signal.SIGHUP)
+        self.notifier.ready("config reloaded")
+
+    def terminate(self) -> None:
+        """SIGTERM/SIGINT: the workers drain; a second one makes everything exit at once."""
+        self.terminations += 1
+        if self.terminations > 1:
+            log.warning("second termination signal: exiting now")
+            self.signal_workers(signal.SIGTERM)
+            os._exit(0)
+        self.stop()
+
+    def fail(self) -> None:
+        """The start failed: stop what runs and exit non-zero."""
+        self.failed = True
+        self.stop()
+
+    def stop(self) -> None:
+        """Drain every worker process (no more replacements)."""
+        if self.stopping:
+            return
+        self.stopping = True
+        self.notifier.stopping()
+        for handle in self.respawns.values():
+            handle.cancel()
+        self.respawns.clear()
+        self.signal_workers(signal.SIGTERM)
+        self.changed.set()
+        if not self.children:
+            self.done.set()
+        grace = self.config.drain_timeout + KILL_GRACE
+        asyncio.get_running_loop().call_later(grace, self._kill_stragglers, grace)
+
+    def _kill_stragglers(self, grace: float) -> None:
+        if self.children:
+            log.error("%d worker processes still run %g s after SIGTERM: killing them",
+                      len(self.children), grace)
+            self.signal_workers(signal.SIGKILL)
+
+    # -- metrics
+
+    async def render_metrics(self) -> bytes:
+        """/metrics: the sum of every worker's registry, asked now.
+
+        A worker that does not answer within SCRAPE_TIMEOUT counts with its last
+        answer (counters only); workers that are gone count with their last
+        counters too, so no counter of the daemon ever goes backwards.
+        """
+        links = [link for link in self.links if link.ready]
+        answers = await asyncio.gather(*(link.ask(SCRAPE_TIMEOUT) for link in links))
+        merged = Metrics(self.config.pricing.currency)
+        merged.add(self.retired, gauges=False)
+        for link, answer in zip(links, answers, strict=True):
+            if link.closed:
+                continue  # its last counters are in self.retired by now
+            if answer is not None:
+                merged.add(answer)
+            elif link.last is not None:
+                merged.add(link.last, gauges=False)
+        return merged.render()
+
+
+async def serve_worker(config: Config, sockets: Sockets, channel: socket.socket) -> int:
+    """One worker process of `workers: N`: a Service without the admin port.
+
+    It tells the parent when it listens, answers its metrics requests over
+    `channel` until it exits, sends its final registry after the drain, and
+    drains by itself when the parent is gone.
+    """
+    service = Service(config, sockets, Notifier({}))
+    await service.start()
+    loop = asyncio.get_running_loop()
+    loop.remove_signal_handler(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    reader, writer = await asyncio.open_unix_connection(sock=channel)
+    answering = loop.create_task(_answer_parent(service, reader, writer))
+    log.info("worker process %d accepting clients on %s", os.getpid(), bound_address(sockets.listen))
+    writer.write(_line({"ready": os.getpid()}))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
+    await service.stopping.wait()
+    await service.drain()
+    answering.cancel()
+    with contextlib.suppress(OSError, TimeoutError):
+        writer.write(_line({"final": service.runtime.metrics.snapshot()}))
+        async with asyncio.timeout(SCRAPE_TIMEOUT):
+            await writer.drain()
+    writer.close()
+    log.info("worker process %d stopped", os.getpid())
+    return 0
+
+
+async def _answer_parent(
+    service: Service, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> None:
+    """Answer each `{"id": n}` with this process's metrics; at EOF (parent gone) drain."""
+    while True:
+        try:
+            line = await reader.readline()
+        except (OSError, ValueError):
+            line = b""
+        if not line.endswith(b"\n"):
+            if not service.stopping.is_set():
+                log.warning("the supervising process is gone: draining")
+                service.terminate()
+            return
+        try:
+            ident = orjson.loads(line)["id"]
+        except (ValueError, KeyError, TypeError):
             continue
-        children.discard(pid)
-        code = os.waitstatus_to_exitcode(status)
-        if code != 0 and terminations == 0:
-            log.error("worker process %d exited with %d", pid, code)
-        worst = max(worst, abs(code))
-    return 0 if terminations else worst
+        try:
+            answer = _line({"id": ident, "metrics": service.runtime.metrics.snapshot()})
+        except TypeError as exc:  # a label orjson cannot encode
+            answer = _line({"id": ident, "error": str(exc)})
+        writer.write(answer)
+
+
+def supervise(config: Config, sockets: Sockets, notifier: Notifier) -> int:
+    """Run `workers` processes sharing the sockets under a supervising parent (see Supervisor)."""
+    return uvloop.run(Supervisor(config, sockets, notifier).run())
 
 
 def load_or_exit(path: str) -> Config:

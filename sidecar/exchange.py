@@ -562,6 +562,9 @@ def _body_kind(content_type: bytes | None) -> str | None:
 class BodyHandler:
     """What to do with a worker's response body; the pump calls these synchronously."""
 
+    def bind(self, pump: ResponsePump) -> None:
+        """Called once by the pump that feeds this handler."""
+
     def data(self, chunk: bytes) -> None:
         raise NotImplementedError
 
@@ -609,9 +612,15 @@ class SniffHandler(BodyHandler):
         self.ex = exchange
         self.headers = headers
         self.inner: BodyHandler | None = None
+        self.pump: ResponsePump | None = None
         self.held = b""
         if kind is not None:
             self._choose(kind)
+
+    def bind(self, pump: ResponsePump) -> None:
+        self.pump = pump
+        if self.inner is not None:
+            pump.handler = self.inner
 
     def _choose(self, kind: str) -> None:
         ex = self.ex
@@ -629,6 +638,8 @@ class SniffHandler(BodyHandler):
                 self.inner = AggregateHandler(ex, translator, parser)
         else:
             self.inner = DocumentHandler(ex, self.headers)
+        if self.pump is not None:  # from now on the pump feeds the chosen handler directly
+            self.pump.handler = self.inner
 
     def data(self, chunk: bytes) -> None:
         if self.inner is None:
@@ -832,7 +843,9 @@ class ResponsePump:
         # chunked bodies (every streamed token) skip h11's event machinery
         self.decoder = ChunkedDecoder() if chunked else None
         self.handler = handler
+        handler.bind(self)
         self.loop = exchange.loop
+        self._now = self.loop.time
         self.idle_timeout = route.upstream.idle_timeout
         self.heartbeat = route.heartbeat
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -861,7 +874,8 @@ class ResponsePump:
 
     # -- the worker side (BodyConsumer) ---------------------------------------------
     def upstream_data(self, data: bytes) -> None:
-        self.last_rx = self.loop.time()
+        # the hot path: every token of every stream passes here, keep it flat
+        self.last_rx = self._now()
         decoder = self.decoder
         if decoder is None:
             self.up.h11.receive_data(data)
@@ -869,12 +883,15 @@ class ResponsePump:
             return
         try:
             pieces = decoder.feed(data)
+            if pieces:
+                self.handler.data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
         except ChunkedError as exc:
             if exc.pieces:  # what arrived intact before the break still goes out
                 self._deliver(b"".join(exc.pieces))
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return
-        if pieces and not self._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces)):
+        except StreamProtocolError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return
         if decoder.done and not self.finished:
             if decoder.trailing:

@@ -3,7 +3,10 @@
 What it is for: plain-dict counters, gauges and histograms that the daemon
 updates once per finished request (and on stream / connection open and
 close), rendered as Prometheus text exposition format 0.0.4 for the admin
-port's `/metrics`.
+port's `/metrics`. With `workers: N` every worker process keeps its own
+registry; `snapshot()` turns one into plain JSON-ready data and
+`from_snapshot()` / `add()` / `from_snapshots()` sum them in the supervising
+process, so that one scrape shows the whole daemon.
 
 What it must never do: I/O, per-event work on the hot path, or depend on
 prometheus_client at run time. It never sees secrets: labels are route
@@ -15,12 +18,21 @@ from __future__ import annotations
 
 import math
 from bisect import bisect_left
-from decimal import Context, Decimal
+from collections.abc import Iterable, Mapping
+from decimal import Context, Decimal, InvalidOperation
+from typing import Any
 
 from sidecar import __version__
 from sidecar.usage import Usage, cost_header_value
 
-__all__ = ["CONTENT_TYPE", "DURATION_BUCKETS", "TTFB_BUCKETS", "Histogram", "Metrics"]
+__all__ = [
+    "CONTENT_TYPE",
+    "DURATION_BUCKETS",
+    "SNAPSHOT_FORMAT",
+    "TTFB_BUCKETS",
+    "Histogram",
+    "Metrics",
+]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -36,6 +48,9 @@ MAX_MODELS = 256
 OTHER_MODEL = "other"
 
 _SUM_CTX = Context(prec=80)  # exact sums of exact costs
+
+#: The layout of `Metrics.snapshot()`; a snapshot of another layout is refused.
+SNAPSHOT_FORMAT = 1
 
 Labels = tuple[tuple[str, str], ...]
 
@@ -65,6 +80,33 @@ def _num(value: float | int) -> str:
     return repr(float(value))
 
 
+def _check(ok: bool, problem: str) -> None:
+    if not ok:
+        raise ValueError(f"bad metrics snapshot: {problem}")
+
+
+def _count(value: Any) -> int:
+    _check(type(value) is int and value >= 0, f"{value!r} is not a count")
+    return int(value)
+
+
+def _float(value: Any) -> float:
+    _check(type(value) in (int, float), f"{value!r} is not a number")
+    return float(value)
+
+
+def _label(value: Any) -> str:
+    _check(isinstance(value, str), f"{value!r} is not a label value")
+    return str(value)
+
+
+def _rows(data: Any, width: int) -> list[list[Any]]:
+    _check(isinstance(data, list), "a family is not a list")
+    for row in data:
+        _check(isinstance(row, list) and len(row) == width, f"bad row {row!r}")
+    return data
+
+
 class Histogram:
     """A fixed-bucket histogram of one label set (counts per bucket, sum, count)."""
 
@@ -83,6 +125,34 @@ class Histogram:
         self.counts[bisect_left(self.bounds, value)] += 1
         self.total += value
         self.count += 1
+
+    def add(self, other: Histogram) -> None:
+        """Add another histogram's observations (same bounds) to this one."""
+        if other.bounds != self.bounds:
+            raise ValueError("histograms with different buckets cannot be added")
+        for i, n in enumerate(other.counts):
+            self.counts[i] += n
+        self.total += other.total
+        self.count += other.count
+
+    def snapshot(self) -> dict[str, Any]:
+        """Bounds, per-bucket counts (not cumulative), sum and count, as JSON-ready data."""
+        return {"bounds": list(self.bounds), "counts": list(self.counts),
+                "sum": self.total, "count": self.count}
+
+    @classmethod
+    def from_snapshot(cls, data: Any, bounds: tuple[float, ...]) -> Histogram:
+        """The histogram of a `snapshot()`; ValueError unless its buckets are `bounds`."""
+        _check(isinstance(data, Mapping), "a histogram is not an object")
+        _check(tuple(data["bounds"]) == bounds, "histogram buckets differ")
+        counts = [_count(n) for n in data["counts"]]
+        _check(len(counts) == len(bounds) + 1, "histogram bucket counts do not match its bounds")
+        h = cls(bounds)
+        h.counts = counts
+        h.total = _float(data["sum"])
+        h.count = _count(data["count"])
+        _check(h.count == sum(counts), "histogram count is not the sum of its buckets")
+        return h
 
     def render(self, name: str, labels: Labels, out: list[str]) -> None:
         """Append the _bucket/_sum/_count sample lines."""
@@ -193,6 +263,106 @@ class Metrics:
     def ledger_error(self) -> None:
         """A ledger line could not be written."""
         self.ledger_write_errors += 1
+
+    # -- across processes ------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        """Everything this registry counts as plain data (orjson/json-serializable).
+
+        Label tuples become lists, costs exact decimal strings, histograms their
+        per-bucket counts. `Metrics.from_snapshot(m.snapshot())` renders as `m` does.
+        """
+        return {
+            "format": SNAPSHOT_FORMAT,
+            "version": self.version,
+            "currency": self.currency,
+            "requests": [[*k, n] for k, n in self.requests.items()],
+            "tokens": [[*k, n] for k, n in self.tokens.items()],
+            "cost": [[*k, str(total)] for k, total in self.cost.items()],
+            "estimated": [[k, n] for k, n in self.estimated.items()],
+            "upstream_errors": [[k, n] for k, n in self.upstream_errors.items()],
+            "ttfb": [[k, h.snapshot()] for k, h in self.ttfb.items()],
+            "duration": [[k, h.snapshot()] for k, h in self.duration.items()],
+            "active_streams": self.active_streams,
+            "client_connections": self.client_connections,
+            "ledger_write_errors": self.ledger_write_errors,
+        }
+
+    @classmethod
+    def from_snapshot(cls, data: Any) -> Metrics:
+        """The registry a `snapshot()` describes; ValueError when `data` is not one."""
+        try:
+            _check(isinstance(data, Mapping), "not an object")
+            _check(data.get("format") == SNAPSHOT_FORMAT, f"format {data.get('format')!r}")
+            m = cls(_label(data["currency"]), _label(data["version"]))
+            for route, outcome, status, n in _rows(data["requests"], 4):
+                m.requests[(_label(route), _label(outcome), _label(status))] = _count(n)
+            for model, kind, n in _rows(data["tokens"], 3):
+                m.tokens[(_label(model), _label(kind))] = _count(n)
+            for model, currency, text in _rows(data["cost"], 3):
+                total = Decimal(_label(text))
+                _check(total.is_finite(), f"cost {text!r}")
+                m.cost[(_label(model), _label(currency))] = total
+            for route, n in _rows(data["estimated"], 2):
+                m.estimated[_label(route)] = _count(n)
+            for code, n in _rows(data["upstream_errors"], 2):
+                m.upstream_errors[_label(code)] = _count(n)
+            for route, h in _rows(data["ttfb"], 2):
+                m.ttfb[_label(route)] = Histogram.from_snapshot(h, TTFB_BUCKETS)
+            for route, h in _rows(data["duration"], 2):
+                m.duration[_label(route)] = Histogram.from_snapshot(h, DURATION_BUCKETS)
+            m.active_streams = _count(data["active_streams"])
+            m.client_connections = _count(data["client_connections"])
+            m.ledger_write_errors = _count(data["ledger_write_errors"])
+        except (KeyError, TypeError, InvalidOperation) as exc:
+            raise ValueError(f"bad metrics snapshot: {exc!r}") from None
+        m._models = {model for model, _ in (*m.tokens, *m.cost) if model}
+        return m
+
+    def _merged_model(self, label: str) -> str:
+        return label if label in ("", OTHER_MODEL) else self._model_label(label)
+
+    def add(self, other: Metrics, gauges: bool = True) -> None:
+        """Sum `other` into this registry: counters, histograms and (unless `gauges`
+        is False) the gauges, which count per process (streams, connections).
+
+        Label sets are united; model labels stay capped at MAX_MODELS here too.
+        `gauges=False` keeps only the counters of a process that is gone.
+        """
+        for k, n in other.requests.items():
+            self.requests[k] = self.requests.get(k, 0) + n
+        for (model, kind), n in sorted(other.tokens.items()):
+            tk = (self._merged_model(model), kind)
+            self.tokens[tk] = self.tokens.get(tk, 0) + n
+        for (model, currency), total in sorted(other.cost.items()):
+            ck = (self._merged_model(model), currency)
+            self.cost[ck] = _SUM_CTX.add(self.cost.get(ck, Decimal(0)), total)
+        for route, n in other.estimated.items():
+            self.estimated[route] = self.estimated.get(route, 0) + n
+        for code, n in other.upstream_errors.items():
+            self.upstream_errors[code] = self.upstream_errors.get(code, 0) + n
+        for mine, theirs, bounds in ((self.ttfb, other.ttfb, TTFB_BUCKETS),
+                                     (self.duration, other.duration, DURATION_BUCKETS)):
+            for route, h in theirs.items():
+                if route not in mine:
+                    mine[route] = Histogram(bounds)
+                mine[route].add(h)
+        self.ledger_write_errors += other.ledger_write_errors
+        if gauges:
+            self.active_streams += other.active_streams
+            self.client_connections += other.client_connections
+
+    @classmethod
+    def from_snapshots(cls, snapshots: Iterable[Any], currency: str = "USD") -> Metrics:
+        """A fresh registry holding the sum of `snapshots` (one per worker process).
+
+        ValueError if any of them is not a snapshot; nothing is summed then.
+        """
+        parts = [cls.from_snapshot(s) for s in snapshots]
+        merged = cls(currency)
+        for part in parts:
+            merged.add(part)
+        return merged
 
     # -- rendering -------------------------------------------------------------
 

@@ -60,18 +60,16 @@ def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[st
     return {**usage_obj, "cost": cost_json_number(cost)}
 
 
-def _content_bearing(choice: dict[str, Any], chat: bool) -> bool:
-    if chat:
-        delta = choice.get("delta")
-        if not isinstance(delta, dict):
-            return False
+def _content_bearing(part: Any) -> bool:
+    """A chat `delta` or a completions `text` that carries generated content."""
+    if type(part) is dict:
         return bool(
-            delta.get("content")
-            or delta.get("reasoning_content")
-            or delta.get("reasoning")
-            or delta.get("tool_calls")
+            part.get("content")
+            or part.get("reasoning_content")
+            or part.get("reasoning")
+            or part.get("tool_calls")
         )
-    return bool(choice.get("text"))
+    return bool(part) and type(part) is str
 
 
 class OpenAIStream(StreamTranslator):
@@ -96,6 +94,7 @@ class OpenAIStream(StreamTranslator):
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
         self._missing: tuple[str, ...] | None = None  # chunk keys the worker leaves out
+        self._content_key = "delta" if shape.chat else "text"
         self._fill: dict[str, Any] = {}
 
     def _first_chunk(self, obj: dict[str, Any]) -> None:
@@ -136,9 +135,6 @@ class OpenAIStream(StreamTranslator):
             self.worker_error = True
             self._error_obj = obj
             return None if self.aggregate else event.raw
-        return self._read_chunk(obj, event.raw)
-
-    def _read_chunk(self, obj: dict[str, Any], raw: bytes) -> bytes | None:
         rewrite = False
         if self._missing is None:
             self._first_chunk(obj)
@@ -148,19 +144,20 @@ class OpenAIStream(StreamTranslator):
                     obj[key] = self._fill[key]
                     rewrite = True
         choices = obj.get("choices")
-        if not isinstance(choices, list):
+        if type(choices) is not list:
             choices = []
         final = not choices
+        content_key = self._content_key
         for choice in choices:
-            if not isinstance(choice, dict):
+            if type(choice) is not dict:
                 raise StreamProtocolError("a choice is not a JSON object")
             if choice.get("finish_reason") is not None:
                 self.complete = True
                 final = True
-            if _content_bearing(choice, self.shape.chat):
+            if _content_bearing(choice.get(content_key)):
                 self._content_events += 1
         usage_obj = obj.get("usage")
-        if isinstance(usage_obj, dict):
+        if type(usage_obj) is dict:
             self.usage.merge_max(usage_from_openai(usage_obj))
             self._usage_obj = usage_obj
             if final:
@@ -168,7 +165,7 @@ class OpenAIStream(StreamTranslator):
         if self.aggregate:
             self._absorb(obj, choices)
             return None
-        if isinstance(usage_obj, dict):
+        if type(usage_obj) is dict:
             if not self.plan.include_usage:
                 if not choices:
                     return None  # the usage chunk we asked for on the client's behalf
@@ -177,7 +174,7 @@ class OpenAIStream(StreamTranslator):
             elif final and self.cost is not None:
                 obj["usage"] = _usage_with_cost(usage_obj, self.cost)
                 rewrite = True
-        return _dumps_event(obj) if rewrite else raw
+        return _dumps_event(obj) if rewrite else event.raw
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():
