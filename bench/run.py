@@ -382,7 +382,7 @@ class Bench:
 
     def driver_cpu(self) -> int:
         """On-CPU time of the load generator (this process) and the fake worker."""
-        return procstat.tree_cpu_ns(os.getpid()) + self.worker.cpu_ns()
+        return procstat.cpu_ns([os.getpid()]) + self.worker.cpu_ns()
 
     async def snap(self, proxy: Proc | None, gen: LoadGen) -> Snap:
         """Snapshot every counter (the worker's over a socket, first)."""
