@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
@@ -222,6 +223,18 @@ class Exchange(StreamListener):
             self.client.write(frame(data))
         else:
             self.client.write(self.conn.send(h11.Data(data=data)))
+
+    def body_writer(self) -> Callable[[bytes], None]:
+        """`write_data` for the hot path: once the head is out, one call per event batch.
+
+        Writes go straight to the transport (after the client is gone the pump stops
+        feeding, and a closed transport drops writes).
+        """
+        transport = self.client.transport
+        if not self.chunked_out or transport is None:
+            return self.write_data
+        write = transport.write
+        return lambda data: write(frame(data))
 
     def end_response(self) -> None:
         self.client.write(self.conn.send(h11.EndOfMessage()))
@@ -688,6 +701,7 @@ class RelayHandler(BodyHandler):
         self.translator = translator
         self.parser = parser
         exchange.start_event_stream(headers)
+        self.write = exchange.body_writer()
 
     def data(self, chunk: bytes) -> None:
         try:
@@ -698,7 +712,7 @@ class RelayHandler(BodyHandler):
         if len(events) == 1:
             out = self.translator.feed(events[0])
             if out:
-                self.ex.write_data(out)
+                self.write(out)
             return
         self._relay(events)
 
@@ -713,7 +727,7 @@ class RelayHandler(BodyHandler):
                     pieces.append(out)
         finally:
             if pieces:
-                self.ex.write_data(b"".join(pieces))
+                self.write(b"".join(pieces))
 
     def end(self) -> bool:
         translator = self.translator
