@@ -64,12 +64,12 @@ MAX_DOCUMENT = 64 * 1024 * 1024
 _SSE_FIRST_BYTES = frozenset(b"deir:")
 
 
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
 def reason(status: int) -> bytes:
     """The standard reason phrase for `status` (h11 sends none unless told)."""
-    try:
-        return HTTPStatus(status).phrase.encode()
-    except ValueError:
-        return b""
+    return _REASONS.get(status, b"")
 
 
 class TooLarge(Exception):
@@ -201,7 +201,10 @@ class Exchange(StreamListener):
         if self.close_after or self.runtime.draining:
             headers.append((b"connection", b"close"))
         conn = self.conn
-        data = conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
+        # _parsed: every header here came out of h11's parser or is one of our constants
+        data = conn.send(
+            h11.Response(status_code=status, headers=headers, reason=reason(status), _parsed=True)
+        )
         if body is not None:
             if body and self.method != "HEAD":
                 data += conn.send(h11.Data(data=body))
@@ -396,7 +399,10 @@ class Exchange(StreamListener):
                 headers.append((b"transfer-encoding", b"chunked"))
         headers.append((b"host", route.upstream.host_header.encode()))
         headers.append((b"x-request-id", self.request_id.encode()))
-        return h11.Request(method=request.method, target=request.target, headers=headers)
+        # _parsed: method, target and client headers came out of h11's parser
+        return h11.Request(
+            method=request.method, target=request.target, headers=headers, _parsed=True
+        )
 
     async def _send(
         self,

@@ -8,8 +8,9 @@ directions (hop-by-hop headers dropped, the request id carried along).
 
 from __future__ import annotations
 
+import itertools
+import os
 import re
-import uuid
 from collections.abc import Iterable, Sequence
 
 Header = tuple[bytes, bytes]
@@ -121,6 +122,20 @@ def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
 
 
 _REQUEST_ID_OK = re.compile(rb"[!-~]{1,200}")
+# generated ids: 20 random hex digits drawn once per process, then a counter (32 hex
+# digits in all, like a uuid4 hex, unique across processes and restarts, no syscall)
+_ID_PREFIX = ""
+_ID_COUNTER = itertools.count()
+
+
+def _new_id_prefix() -> None:
+    global _ID_PREFIX, _ID_COUNTER
+    _ID_PREFIX = os.urandom(10).hex()
+    _ID_COUNTER = itertools.count(int.from_bytes(os.urandom(3), "big"))
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)  # worker processes must not share ids
 
 
 def request_id_from(headers: Iterable[Header]) -> str:
@@ -128,7 +143,7 @@ def request_id_from(headers: Iterable[Header]) -> str:
     given = header_value(headers, b"x-request-id")
     if given is not None and _REQUEST_ID_OK.fullmatch(given):
         return given.decode("ascii")
-    return uuid.uuid4().hex
+    return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
 def without(headers: Iterable[Header], *names: bytes) -> list[Header]:
