@@ -1,8 +1,14 @@
 """The process: listening sockets, signals, reloads, graceful drain, systemd, worker processes.
 
 I/O shell. `serve` runs one event loop (uvloop) with the client listener and
-the admin port; `run_daemon` binds the sockets once and, for `workers: N`,
-forks N such processes that share them, supervising them from the parent.
+the admin port (`workers: 1`). For `workers: N` `run_daemon` binds the sockets
+once, and a `Supervisor` in the parent forks N worker processes (`serve_worker`:
+the client listener only), replaces one that dies, relays signals, speaks
+sd_notify, and serves the admin port itself, summing every worker's metrics.
+
+It never serves a client from the supervising parent, never lets a worker
+process touch the parent's event loop or admin port, and never exits 0 after a
+worker process failed while stopping.
 """
 
 from __future__ import annotations
@@ -663,7 +669,7 @@ class Supervisor:
         answer (counters only); workers that are gone count with their last
         counters too, so no counter of the daemon ever goes backwards.
         """
-        links = [link for link in self.links if link.ready]
+        links = sorted((link for link in self.links if link.ready), key=lambda link: link.pid)
         answers = await asyncio.gather(*(link.ask(SCRAPE_TIMEOUT) for link in links))
         merged = Metrics(self.config.pricing.currency)
         merged.add(self.retired, gauges=False)

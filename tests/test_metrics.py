@@ -6,6 +6,8 @@ import random
 import re
 from decimal import Decimal
 
+import orjson
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from sidecar import __version__
@@ -14,6 +16,7 @@ from sidecar.metrics import (
     MAX_MODELS,
     OTHER_MODEL,
     TTFB_BUCKETS,
+    Histogram,
     Metrics,
 )
 from sidecar.usage import Usage
@@ -176,3 +179,153 @@ def test_cost_total_is_exact_over_many_requests() -> None:
     assert "e" not in line.group(1).lower()
     assert Decimal(line.group(1)).scaleb(12) == exact
     assert val(m, "sidecar_cost_total", model="m", currency="USD") == float(Decimal(exact).scaleb(-12))
+
+
+# -- across processes: snapshot() and its sum (workers: N) ------------------------
+
+def _busy(seed: int, n: int = 200) -> Metrics:
+    """A registry that saw `n` varied requests (costs of 1e-12 units, dyadic times)."""
+    rng = random.Random(seed)
+    m = Metrics()
+    for _ in range(n):
+        route = rng.choice(["chat", "completions", "rest"])
+        model = rng.choice(["qwen", "llama", None])
+        cost = Decimal(rng.randrange(0, 10**9)).scaleb(-12) if model else None
+        usage = Usage(prompt_tokens=rng.randrange(100), completion_tokens=rng.randrange(100),
+                      estimated=rng.random() < 0.1)
+        ttfb = rng.randrange(0, 4096) / 64 if rng.random() < 0.8 else None
+        m.request_finished(route, rng.choice(["ok", "upstream_error"]), 200, model, usage, cost,
+                           ttfb, rng.randrange(0, 65536) / 64)
+        if rng.random() < 0.1:
+            m.upstream_error(rng.choice(["upstream_timeout", "upstream_disconnected"]))
+    return m
+
+
+def _wire(m: Metrics) -> dict:
+    """A snapshot as it crosses the socketpair between processes."""
+    return orjson.loads(orjson.dumps(m.snapshot()))
+
+
+def test_snapshot_survives_json_and_renders_the_same() -> None:
+    m = _busy(1)
+    m.stream_opened()
+    m.connection_opened()
+    m.ledger_error()
+    assert Metrics.from_snapshot(_wire(m)).render() == m.render()
+    assert Metrics.from_snapshot(_wire(Metrics())).render() == Metrics().render()
+
+
+def test_merged_registries_equal_one_registry_that_saw_everything() -> None:
+    # the same requests, counted by one process or spread over three
+    rng = random.Random(5)
+    whole = Metrics()
+    parts = [Metrics(), Metrics(), Metrics()]
+    for i in range(600):
+        model = rng.choice(["a", "b", None])
+        args = (rng.choice(["chat", "rest"]), "ok", 200, model,
+                Usage(prompt_tokens=i % 7, completion_tokens=i % 5),
+                Decimal(rng.randrange(10**6)).scaleb(-9) if model else None,
+                rng.randrange(1024) / 256, rng.randrange(8192) / 16)
+        whole.request_finished(*args)
+        parts[rng.randrange(3)].request_finished(*args)
+    merged = Metrics.from_snapshots(_wire(p) for p in parts)
+    assert samples(merged) == samples(whole)
+    assert merged.render() == whole.render()
+
+
+def test_exact_decimal_cost_sums_survive_merge() -> None:
+    a, b = Metrics(), Metrics()
+    costs_a = [Decimal("0.000000000001"), Decimal("123456789.123456789012")]
+    costs_b = [Decimal("0.1"), Decimal("0.2"), Decimal("1E-18")]
+    for c in costs_a:
+        a.request_finished("chat", "ok", 200, "m", Usage(), c, None, 0.1)
+    for c in costs_b:
+        b.request_finished("chat", "ok", 200, "m", Usage(), c, None, 0.1)
+    text = Metrics.from_snapshots([_wire(a), _wire(b)]).render().decode()
+    line = re.search(r'^sidecar_cost_total\{model="m",currency="USD"\} (\S+)$', text, re.M)
+    assert line is not None
+    assert line.group(1) == "123456789.423456789013000001"  # float would give 123456789.42345679
+    assert Decimal(line.group(1)) == sum(costs_a + costs_b)
+
+
+def test_histogram_buckets_add() -> None:
+    a, b = Metrics(), Metrics()
+    for t in (0.001, 0.3, 2.0):
+        a.request_finished("chat", "ok", 200, "m", Usage(), None, t, t)
+    for t in (0.3, 100.0):
+        b.request_finished("chat", "ok", 200, "m", Usage(), None, t, t)
+    s = samples(Metrics.from_snapshots([_wire(a), _wire(b)]))
+    obs = (0.001, 0.3, 2.0, 0.3, 100.0)
+    for bound in TTFB_BUCKETS:
+        key = ("sidecar_time_to_first_byte_seconds_bucket",
+               frozenset({("route", "chat"), ("le", repr(float(bound)))}))
+        assert s[key] == sum(1 for t in obs if t <= bound), bound
+    inf = frozenset({("route", "chat"), ("le", "+Inf")})
+    assert s[("sidecar_time_to_first_byte_seconds_bucket", inf)] == 5
+    assert s[("sidecar_time_to_first_byte_seconds_count", frozenset({("route", "chat")}))] == 5
+    assert s[("sidecar_time_to_first_byte_seconds_sum", frozenset({("route", "chat")}))] == sum(obs)
+    assert s[("sidecar_request_duration_seconds_count", frozenset({("route", "chat")}))] == 5
+
+
+def test_label_sets_union_and_gauges_sum() -> None:
+    a, b = Metrics(currency="EUR"), Metrics(currency="USD")
+    a.request_finished("chat", "ok", 200, "qwen", Usage(prompt_tokens=3), Decimal("0.5"), 0.1, 0.1)
+    a.upstream_error("upstream_timeout")
+    b.request_finished("rest", "bad_request", 400, None, Usage(), None, None, 0.1)
+    b.request_finished("chat", "ok", 200, "llama", Usage(prompt_tokens=4, estimated=True),
+                       Decimal("0.25"), 0.1, 0.1)
+    b.upstream_error("upstream_disconnected")
+    for m, streams, conns in ((a, 2, 5), (b, 1, 3)):
+        for _ in range(streams):
+            m.stream_opened()
+        for _ in range(conns):
+            m.connection_opened()
+    merged = Metrics.from_snapshots([_wire(a), _wire(b)])
+    assert val(merged, "sidecar_requests_total", route="chat", outcome="ok", status="200") == 2
+    assert val(merged, "sidecar_requests_total", route="rest", outcome="bad_request", status="400") == 1
+    assert val(merged, "sidecar_tokens_total", model="qwen", kind="prompt") == 3
+    assert val(merged, "sidecar_tokens_total", model="llama", kind="prompt") == 4
+    assert val(merged, "sidecar_cost_total", model="qwen", currency="EUR") == 0.5
+    assert val(merged, "sidecar_cost_total", model="llama", currency="USD") == 0.25
+    assert val(merged, "sidecar_usage_estimated_total", route="chat") == 1
+    assert val(merged, "sidecar_upstream_errors_total", code="upstream_timeout") == 1
+    assert val(merged, "sidecar_upstream_errors_total", code="upstream_disconnected") == 1
+    assert val(merged, "sidecar_active_streams") == 3
+    assert val(merged, "sidecar_client_connections") == 8
+    # a process that is gone keeps its counters, not its gauges
+    gone = Metrics()
+    gone.add(Metrics.from_snapshot(_wire(a)), gauges=False)
+    assert val(gone, "sidecar_active_streams") == 0
+    assert val(gone, "sidecar_client_connections") == 0
+    assert val(gone, "sidecar_tokens_total", model="qwen", kind="prompt") == 3
+
+
+def test_merge_keeps_the_model_cap() -> None:
+    a, b = Metrics(), Metrics()
+    for i in range(MAX_MODELS):
+        a.request_finished("chat", "ok", 200, f"a-{i}", Usage(prompt_tokens=1), None, None, 0.1)
+        b.request_finished("chat", "ok", 200, f"b-{i}", Usage(prompt_tokens=1), None, None, 0.1)
+    merged = Metrics.from_snapshots([_wire(a), _wire(b)])
+    models = {dict(k[1])["model"] for k in samples(merged) if k[0] == "sidecar_tokens_total"}
+    assert len(models) == MAX_MODELS + 1
+    assert val(merged, "sidecar_tokens_total", model=OTHER_MODEL, kind="prompt") == MAX_MODELS
+    assert sum(v for k, v in samples(merged).items() if k[0] == "sidecar_tokens_total") == 2 * MAX_MODELS
+
+
+def test_bad_snapshots_are_refused() -> None:
+    good = _wire(_busy(3, 20))
+    bad: list[object] = [None, [], {}, {**good, "format": 99}]
+    bad.append({**good, "requests": [["chat", "ok", "200", -1]]})
+    bad.append({**good, "requests": [["chat", "ok", 200, 1]]})
+    bad.append({**good, "cost": [["m", "USD", "NaN"]]})
+    bad.append({**good, "cost": [["m", "USD", "twelve"]]})
+    bad.append({**good, "tokens": [["m", "prompt"]]})
+    hist = Histogram(TTFB_BUCKETS).snapshot()
+    bad.append({**good, "ttfb": [["chat", {**hist, "bounds": [1.0]}]]})
+    bad.append({**good, "ttfb": [["chat", {**hist, "count": 3}]]})
+    bad.append({**good, "active_streams": 1.5})
+    for data in bad:
+        with pytest.raises(ValueError):
+            Metrics.from_snapshot(data)
+    with pytest.raises(ValueError):
+        Metrics.from_snapshots([good, {**good, "format": 99}])

@@ -34,6 +34,7 @@ from tests.harness import (
     RawResponse,
     chat_body,
     chat_stream_events,
+    daemon_config,
     deep_merge,
     held_stream,
     openai_handler,
@@ -211,6 +212,109 @@ def test_metrics_count_the_requests_of_every_worker(daemon: Daemon, worker: Fake
         ))
     assert totals == [finished] * len(totals), (
         f"the ledger has {finished} requests; scrapes of /metrics counted {totals}")
+
+
+def scraped_requests(daemon: Daemon) -> float:
+    """sidecar_requests_total summed over its label sets, from one scrape of /metrics."""
+    text = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "sidecar_requests_total")
+
+
+def test_metrics_of_a_worker_that_does_not_answer_keep_their_last_counts(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A stopped (SIGSTOP) worker process holds up a scrape ~1 s, not forever, and its
+    counters stay in the totals: a counter that dipped would read as a reset."""
+    kids = wait_children(daemon.pid, 2)
+    with ExitStack() as stack:
+        open_kept(daemon, stack, CONNECTIONS, "stop")
+    finished = len(daemon.wait_ledger(CONNECTIONS))
+    assert scraped_requests(daemon) == finished
+    frozen = min(kids)
+    os.kill(frozen, signal.SIGSTOP)
+    try:
+        assert scraped_requests(daemon) == finished
+    finally:
+        os.kill(frozen, signal.SIGCONT)
+    warning = daemon.wait_log(lambda e: e.get("level") == "warning" and str(e.get("msg", ""))
+                              .startswith(f"worker process {frozen} did not answer"))
+    assert warning is not None, daemon.lines[-20:]
+    assert scraped_requests(daemon) == finished
+
+
+def test_a_killed_worker_process_is_replaced_and_requests_keep_succeeding(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    config = daemon_config(worker.url, workers=2, limits={"max_connections": 512})
+    with Daemon(config, tmp_path) as daemon:
+        kids = wait_children(daemon.pid, 2)
+        assert len(kids) == 2, kids
+        with ExitStack() as stack:
+            assert [r.status for r in open_kept(daemon, stack, CONNECTIONS, "before")] == [200] * CONNECTIONS
+        daemon.wait_ledger(CONNECTIONS)
+        assert scraped_requests(daemon) == CONNECTIONS
+
+        victim, survivor = sorted(kids)
+        os.kill(victim, signal.SIGKILL)
+        # dead (its listener closed with it): the survivor serves at once
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{victim}").exists() and "Z" not in \
+                Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+            assert time.monotonic() < deadline, "SIGKILL did not kill"
+            time.sleep(0.01)
+        assert [post(daemon, chat_body()).status for _ in range(4)] == [200] * 4
+
+        ready = daemon.wait_log(lambda e: str(e.get("msg", "")).endswith(" is ready"))
+        assert ready is not None, daemon.lines
+        now = wait_children(daemon.pid, 2)
+        assert survivor in now and victim not in now and len(now) == 2, now
+        replacement = (now - {survivor}).pop()
+        assert ready["msg"] == f"worker process {replacement} is ready"
+        with ExitStack() as stack:
+            responses = open_kept(daemon, stack, CONNECTIONS, "after")
+            owners = established_by_process(now, daemon.port)
+        assert [r.status for r in responses] == [200] * CONNECTIONS
+        assert all(owners[k] > 0 for k in now), f"the replacement does not serve: {owners}"
+
+        total = 2 * CONNECTIONS + 4
+        assert len(daemon.wait_ledger(total)) == total
+        # the killed process's counters (as last scraped) stay in the daemon's totals
+        assert scraped_requests(daemon) == total
+        errors = [e for e in daemon.logs if e.get("level") in ("error", "critical") or "exc" in e]
+        assert [e["msg"] for e in errors] == [
+            f"worker process {victim} was killed by SIGKILL: starting a replacement"]
+    assert daemon.proc is not None and daemon.proc.returncode == 0
+
+
+def next_notify(sock: socket.socket, state: str) -> list[str]:
+    """The next sd_notify datagram holding `state` (WATCHDOG=1 pings in between are skipped)."""
+    while True:
+        lines = sock.recv(4096).decode().split("\n")
+        if state in lines:
+            return lines
+
+
+def test_sd_notify_and_watchdog_come_from_the_parent(worker: FakeWorker, tmp_path: Path) -> None:
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "200000"}
+    with notify, Daemon(daemon_config(worker.url, workers=2), tmp_path, env=env) as daemon:
+        ready = next_notify(notify, "READY=1")
+        assert f"STATUS=listening on {daemon.host}:{daemon.port} with 2 workers" in ready
+        kids = wait_children(daemon.pid, 2)
+        assert len(kids) == 2
+        assert notify.recv(4096) == b"WATCHDOG=1"
+        assert notify.recv(4096) == b"WATCHDOG=1"
+        daemon.send_signal(signal.SIGHUP)
+        assert any(line.startswith("MONOTONIC_USEC=") for line in next_notify(notify, "RELOADING=1"))
+        next_notify(notify, "READY=1")
+        assert post(daemon, chat_body()).status == 200
+        daemon.send_signal(signal.SIGTERM)
+        next_notify(notify, "STOPPING=1")
+        assert daemon.proc is not None and daemon.proc.wait(10) == 0
+    assert not daemon.errors(), daemon.errors()
 
 
 def test_sigterm_stops_every_worker_after_their_streams(
