@@ -241,6 +241,13 @@ class Exchange(StreamListener):
 
     def end_response(self) -> None:
         self.client.write(self.conn.send(h11.EndOfMessage()))
+        self._stream_closed()
+
+    def _stream_closed(self) -> None:
+        """The client's stream is over: the active-streams gauge drops before anyone can look."""
+        if self.streaming_client:
+            self.streaming_client = False
+            self.runtime.metrics.stream_closed()
 
     def respond(self, status: int, headers: list[Header], body: bytes) -> None:
         self.start_response(status, [*headers, (b"content-length", str(len(body)).encode())], body)
@@ -470,7 +477,10 @@ class Exchange(StreamListener):
             except h11.RemoteProtocolError as exc:
                 if conn.eof or conn.closed:
                     raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "closed before the response head") from None
-                raise UpstreamFailure(failures.UPSTREAM_PROTOCOL_ERROR, str(exc)) from None
+                log.debug("worker response head refused by h11: %s", exc)
+                raise UpstreamFailure(
+                    failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head"
+                ) from None
             if type(event) is h11.Response:
                 return event
             if type(event) is h11.InformationalResponse:
@@ -517,8 +527,7 @@ class Exchange(StreamListener):
         )
         cost = source.cost if source is not None else None
         status = self.status if self.status is not None else 499
-        if self.streaming_client:
-            self.runtime.metrics.stream_closed()
+        self._stream_closed()
         self.runtime.metrics.request_finished(
             route_name, self.outcome, status, model, usage, cost, self.ttfb, duration
         )
@@ -951,7 +960,8 @@ class ResponsePump:
                 if self.eof:
                     self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
                 else:
-                    self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc) or "bad framing")
+                    log.debug("worker response body refused by h11: %s", exc)
+                    self.fail(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response body")
                 return
             kind = type(event)
             if kind is h11.Data:
