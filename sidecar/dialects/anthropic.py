@@ -17,20 +17,20 @@ Anthropic streams always carry usage.
 
 from __future__ import annotations
 
-from decimal import Decimal
 from typing import Any
 
 import orjson
 
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
-    BadRequest,
     Dialect,
     DocumentTranslator,
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
     price_usage,
+    read_request,
+    stream_asked,
 )
 from sidecar.dialects.merge import merge_into
 from sidecar.failures import Failure
@@ -89,16 +89,8 @@ class AnthropicStream(StreamTranslator):
 
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
-        self.plan = plan
-        self.pricing = pricing
-        self.aggregate = aggregate
-        self.usage = Usage()
-        self.model: str | None = None
-        self.cost: Decimal | None = None
-        self.worker_error = False
-        self.complete = False
+        super().__init__(plan, pricing, aggregate)
         self._usage_obj: dict[str, Any] | None = None
-        self._content_events = 0
         self._message: dict[str, Any] = {}
         self._delta: dict[str, Any] = {}
         self._blocks: dict[int, dict[str, Any]] = {}
@@ -360,14 +352,9 @@ class AnthropicDialect(Dialect):
     name = "anthropic-messages"
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(request, dict):
-            raise BadRequest("request body must be a JSON object")
+        request = read_request(body)
         client_stream = request.get("stream") is True
-        asked = {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+        asked = stream_asked(upstream_stream, client_stream)
         if request.get("stream", False) is not asked:
             request["stream"] = asked
             body = orjson.dumps(request)

@@ -13,9 +13,12 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
+from typing import Any
+
+import orjson
 
 from sidecar.config import Price, Pricing
-from sidecar.failures import Failure
+from sidecar.failures import Failure, error_type_for
 from sidecar.sse import Event
 from sidecar.usage import Usage, estimated_usage, openai_cost
 
@@ -30,6 +33,27 @@ def price_usage(
         return None
     price = pricing.price_for(model)
     return None if price is None else cost_of(usage, price)
+
+
+def read_request(body: bytes) -> dict[str, Any]:
+    """The client's JSON request body as a dict; BadRequest when it is not one."""
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(request, dict):
+        raise BadRequest("request body must be a JSON object")
+    return request
+
+
+def stream_asked(upstream_stream: str, client_stream: bool) -> bool:
+    """Whether the worker is asked to stream, per the route's `upstream_stream`."""
+    return {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+
+
+def openai_error_body(status: int, code: str, message: str) -> bytes:
+    """The OpenAI-shaped error body `{"error": {"message", "type", "code"}}`."""
+    return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
 
 
 class BadRequest(Exception):
@@ -80,6 +104,17 @@ class StreamTranslator(Outcome, ABC):
     pricing: Pricing
     _content_events: int  # content-bearing deltas seen, for usage estimates
     cost_of: CostFunction = staticmethod(openai_cost)
+
+    def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
+        self.plan = plan
+        self.pricing = pricing
+        self.aggregate = aggregate
+        self.usage = Usage()
+        self.model: str | None = None
+        self.cost: Decimal | None = None
+        self.worker_error = False
+        self.complete = False
+        self._content_events = 0
 
     def settle(self) -> None:
         """The stream ended, whichever way: estimate usage if none was reported, and price it."""

@@ -17,7 +17,7 @@ def merge_value(key: str, old: Any, new: Any) -> Any:
     if new is None:
         return old
     if old is None:
-        return _copy(new)
+        return copy_json(new)
     if isinstance(old, str) and isinstance(new, str):
         if key in REPLACED_KEYS or (key == "name" and old == new):
             return new
@@ -38,7 +38,7 @@ def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> None:
         if key in acc:
             acc[key] = merge_value(key, acc[key], value)
         else:
-            acc[key] = _copy(value)
+            acc[key] = copy_json(value)
 
 
 def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
@@ -51,16 +51,17 @@ def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
         if index in by_index:
             merge_into(by_index[index], delta)
         else:
-            entry = _copy(delta)
+            entry = copy_json(delta)
             entry.setdefault("index", index)
             by_index[index] = entry
             acc.append(entry)
     return acc
 
 
-def _copy(value: Any) -> Any:
+def copy_json(value: Any) -> Any:
+    """A deep copy of a JSON value (so merging never mutates a worker event's objects)."""
     if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
+        return {k: copy_json(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_copy(v) for v in value]
+        return [copy_json(v) for v in value]
     return value

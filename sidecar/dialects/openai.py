@@ -18,16 +18,18 @@ import orjson
 
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
-    BadRequest,
     Dialect,
     DocumentTranslator,
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    openai_error_body,
     price_usage,
+    read_request,
+    stream_asked,
 )
 from sidecar.dialects.merge import merge_into
-from sidecar.failures import Failure, error_type_for
+from sidecar.failures import Failure
 from sidecar.sse import Event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
 
@@ -77,18 +79,10 @@ class OpenAIStream(StreamTranslator):
 
     def __init__(self, shape: Shape, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         self.shape = shape
-        self.plan = plan
-        self.pricing = pricing
-        self.aggregate = aggregate
-        self.usage = Usage()
-        self.model: str | None = None
-        self.cost: Decimal | None = None
-        self.worker_error = False
-        self.complete = False
+        super().__init__(plan, pricing, aggregate)
         self.id: str | None = None
         self.created: int | None = None
         self._done = False
-        self._content_events = 0
         self._usage_obj: dict[str, Any] | None = None
         self._choices: dict[int, dict[str, Any]] = {}
         self._extras: dict[str, Any] = {}
@@ -340,19 +334,14 @@ class OpenAIDialect(Dialect):
         self.shape = shape
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(request, dict):
-            raise BadRequest("request body must be a JSON object")
+        request = read_request(body)
         client_stream = request.get("stream") is True
         options = request.get("stream_options")
         include_usage = (
             client_stream and isinstance(options, dict) and options.get("include_usage") is True
         )
         model = request.get("model")
-        asked = {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+        asked = stream_asked(upstream_stream, client_stream)
         if asked:
             request["stream"] = True
             opts = dict(options) if isinstance(options, dict) else {}
@@ -377,7 +366,7 @@ class OpenAIDialect(Dialect):
         return OpenAIDocument(self.shape, plan, pricing, body)
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
-        return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
+        return openai_error_body(status, code, message)
 
 
 OPENAI_CHAT = OpenAIDialect("openai-chat", CHAT)

@@ -25,15 +25,18 @@ import orjson
 
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
-    BadRequest,
     Dialect,
     DocumentTranslator,
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    openai_error_body,
     price_usage,
+    read_request,
+    stream_asked,
 )
-from sidecar.failures import Failure, error_type_for
+from sidecar.dialects.merge import copy_json
+from sidecar.failures import Failure
 from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_responses
 
@@ -54,15 +57,6 @@ _PARTS = {
     "response.content_part.added": ("content", "content_index"),
     "response.reasoning_summary_part.added": ("summary", "summary_index"),
 }
-
-
-def _copy(value: Any) -> Any:
-    """A deep copy of a JSON value (the events' own objects are never mutated through it)."""
-    if isinstance(value, dict):
-        return {k: _copy(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_copy(v) for v in value]
-    return value
 
 
 def _named(obj: dict[str, Any], kind: str) -> bytes:
@@ -96,7 +90,7 @@ class OutputSoFar:
         if kind == "response.output_item.added" or kind == "response.output_item.done":
             item = obj.get("item")
             if isinstance(item, dict):
-                self.items[index] = _copy(item)
+                self.items[index] = copy_json(item)
                 if kind == "response.output_item.done":
                     self.done.add(index)
                     for key in [k for k in self.pieces if k[0] == index]:
@@ -124,11 +118,11 @@ class OutputSoFar:
                 parts = item[part_where[0]] = []
             while len(parts) <= sub:
                 parts.append({})
-            parts[sub] = _copy(part)
+            parts[sub] = copy_json(part)
 
     def output(self) -> list[dict[str, Any]]:
         """Every item seen, in output order, with its deltas applied."""
-        items = {i: _copy(item) for i, item in self.items.items()}
+        items = {i: copy_json(item) for i, item in self.items.items()}
         for (index, container, sub, field), pieces in self.pieces.items():
             target: Any = items.get(index)
             if target is not None and container is not None:
@@ -144,20 +138,12 @@ class ResponsesStream(StreamTranslator):
     """One worker Responses stream, relayed event by event or reduced to its final response."""
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
-        self.plan = plan
-        self.pricing = pricing
-        self.aggregate = aggregate
-        self.usage = Usage()
-        self.model: str | None = None
-        self.cost: Decimal | None = None
-        self.worker_error = False
-        self.complete = False
+        super().__init__(plan, pricing, aggregate)
         self.last_sequence = -1  # the last sequence_number written (the worker's or ours)
         self._created: dict[str, Any] | None = None  # response.created's response
         self._latest: dict[str, Any] | None = None  # the latest lifecycle response
         self._final: dict[str, Any] | None = None  # the terminal event's response
         self._error_obj: dict[str, Any] | None = None
-        self._content_events = 0
         self._output = OutputSoFar()
 
     # -- reading events ---------------------------------------------------------
@@ -444,14 +430,9 @@ class ResponsesDialect(Dialect):
     name = "openai-responses"
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        try:
-            request = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise BadRequest(f"request body is not valid JSON: {exc}") from None
-        if not isinstance(request, dict):
-            raise BadRequest("request body must be a JSON object")
+        request = read_request(body)
         client_stream = request.get("stream") is True
-        asked = {"auto": client_stream, "always": True, "never": False}[upstream_stream]
+        asked = stream_asked(upstream_stream, client_stream)
         if request.get("stream", False) is not asked:
             request["stream"] = asked
             if not asked:
@@ -474,7 +455,7 @@ class ResponsesDialect(Dialect):
         return ResponsesDocument(plan, pricing, body)
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
-        return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
+        return openai_error_body(status, code, message)
 
 
 OPENAI_RESPONSES = ResponsesDialect()

@@ -7,11 +7,14 @@ error body for failures before the response head.
 
 from __future__ import annotations
 
-import orjson
-
 from sidecar.config import Pricing
-from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, StreamTranslator
-from sidecar.failures import error_type_for
+from sidecar.dialects.base import (
+    Dialect,
+    DocumentTranslator,
+    RequestPlan,
+    StreamTranslator,
+    openai_error_body,
+)
 
 
 class PassthroughDialect(Dialect):
@@ -30,7 +33,7 @@ class PassthroughDialect(Dialect):
         raise NotImplementedError("passthrough does not read documents")
 
     def error_body(self, status: int, code: str, message: str) -> bytes:
-        return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
+        return openai_error_body(status, code, message)
 
 
 PASSTHROUGH = PassthroughDialect()
