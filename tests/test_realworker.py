@@ -105,6 +105,16 @@ class Daemon:
             base_url=proc.url + "/v1", api_key="sk-test-secret", max_retries=0, timeout=60
         )
 
+    def upstream_errors(self) -> float:
+        """The daemon's sidecar_upstream_errors_total, summed over codes (admin /metrics)."""
+        url = f"http://127.0.0.1:{self.proc.admin_port}/metrics"
+        text = httpx.get(url, timeout=10).text
+        return sum(
+            float(line.rsplit(" ", 1)[1])
+            for line in text.splitlines()
+            if line.startswith("sidecar_upstream_errors_total")
+        )
+
     def ledger_entry(self, request_id: str, timeout: float = 5.0) -> dict[str, Any]:
         """The ledger line of `request_id` (it is written when the request ends)."""
         deadline = time.monotonic() + timeout
@@ -364,6 +374,15 @@ def test_completions_match_direct(
         daemon, raw.headers["x-request-id"], usage, completion_reference.usage, True
     )
 
+    # llama-server puts usage on the completions finish chunk even when nobody asked for
+    # it; the client that did not ask must not see it (the ledger still records it).
+    raw = daemon.client.completions.with_raw_response.create(**completion_args(), stream=True)
+    chunks = list(raw.parse())
+    assert [c.usage for c in chunks] == [None] * len(chunks)
+    assert "".join(c.choices[0].text for c in chunks) == completion_reference.choices[0].text
+    entry = daemon.ledger_entry(raw.headers["x-request-id"])
+    assert entry["completion_tokens"] == completion_reference.usage.completion_tokens
+
 
 def test_direct_streams_match_direct_json(direct: openai.OpenAI, chat_reference: Any) -> None:
     """The worker's own stream and JSON answers agree (what the daemon tests rely on)."""
@@ -374,6 +393,121 @@ def test_direct_streams_match_direct_json(direct: openai.OpenAI, chat_reference:
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == chat_reference.choices[0].message.content
     assert chunks[-1].usage is not None and not chunks[-1].choices
+
+
+# ----------------------------------------------------------------------------------------
+# Anthropic messages and OpenAI responses (llama-server serves both)
+# ----------------------------------------------------------------------------------------
+
+
+def anthropic_client(daemon_or_url: Daemon | str) -> Any:
+    anthropic = pytest.importorskip("anthropic")
+    url = daemon_or_url if isinstance(daemon_or_url, str) else daemon_or_url.url
+    return anthropic.Anthropic(base_url=url, api_key="sk-ant-test", max_retries=0, timeout=60)
+
+
+MESSAGES_ARGS: dict[str, Any] = {
+    "model": CLIENT_MODEL,
+    "max_tokens": 24,
+    "messages": [{"role": "user", "content": USER_TEXT}],
+    "extra_body": {"temperature": 0},  # this SDK version has no temperature argument
+}
+
+
+def check_anthropic_usage(
+    daemon: Daemon, request_id: str, start_usage: Any, end_usage: Any, ref: Any
+) -> None:
+    """llama-server ignores cache_prompt on /v1/messages, so how the prompt splits into
+    input_tokens and cache_read_input_tokens depends on its cache: compare the sum.
+    `start_usage` has the input counts, `end_usage` the output count and the cost."""
+    cache_read = start_usage.cache_read_input_tokens or 0
+    prompt = start_usage.input_tokens + cache_read
+    assert prompt == ref.input_tokens + (ref.cache_read_input_tokens or 0)
+    assert end_usage.output_tokens == ref.output_tokens
+    want = expected_cost(prompt, end_usage.output_tokens)  # cached_prompt defaults to prompt
+    assert Decimal(str((end_usage.model_extra or {})["cost"])) == want
+    entry = daemon.ledger_entry(request_id)
+    assert entry["outcome"] == "ok"
+    assert entry["dialect"] == "anthropic-messages"
+    assert entry["prompt_tokens"] == prompt
+    assert entry["cached_tokens"] == cache_read
+    assert entry["completion_tokens"] == end_usage.output_tokens
+    assert entry["cost"] == want
+
+
+def test_anthropic_messages_match_direct(daemon: Daemon, llama: worker.LlamaServer) -> None:
+    ref = anthropic_client(llama.url).messages.create(**MESSAGES_ARGS)
+    assert ref.model == worker.ALIAS and ref.stop_reason == "max_tokens"
+    client = anthropic_client(daemon)
+
+    raw = client.messages.with_raw_response.create(**MESSAGES_ARGS)
+    msg = raw.parse()
+    assert msg.content[0].text == ref.content[0].text
+    assert msg.stop_reason == ref.stop_reason
+    check_anthropic_usage(daemon, raw.headers["x-request-id"], msg.usage, msg.usage, ref.usage)
+
+    raw = client.messages.with_raw_response.create(**MESSAGES_ARGS, stream=True)
+    text, start_usage, delta_usage, types = [], None, None, []
+    for event in raw.parse():
+        types.append(event.type)
+        if event.type == "message_start":
+            start_usage = event.message.usage
+        elif event.type == "content_block_delta":
+            text.append(event.delta.text)
+        elif event.type == "message_delta":
+            delta_usage = event.usage
+            assert event.delta.stop_reason == ref.stop_reason
+    assert "".join(text) == ref.content[0].text
+    assert types[0] == "message_start" and types[-1] == "message_stop"
+    assert start_usage is not None and delta_usage is not None
+    check_anthropic_usage(daemon, raw.headers["x-request-id"], start_usage, delta_usage, ref.usage)
+
+
+RESPONSES_ARGS: dict[str, Any] = {
+    "model": CLIENT_MODEL,
+    "input": USER_TEXT,
+    "max_output_tokens": 24,
+    "temperature": 0,
+    "extra_body": {"cache_prompt": False},
+}
+
+
+def test_openai_responses_match_direct(
+    daemon: Daemon, direct: openai.OpenAI, llama: worker.LlamaServer
+) -> None:
+    ref = direct.responses.create(**RESPONSES_ARGS)
+    assert ref.output_text
+    raw = daemon.client.responses.with_raw_response.create(**RESPONSES_ARGS)
+    resp = raw.parse()
+    assert resp.output_text == ref.output_text
+    assert resp.model == worker.ALIAS
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (
+        ref.usage.input_tokens,
+        ref.usage.output_tokens,
+    )
+    want = expected_cost(ref.usage.input_tokens, ref.usage.output_tokens)
+    assert Decimal(str((resp.usage.model_extra or {})["cost"])) == want
+    assert Decimal(raw.headers["x-sidecar-cost"]) == want
+
+    raw = daemon.client.responses.with_raw_response.create(**RESPONSES_ARGS, stream=True)
+    deltas, completed, numbers = [], None, []
+    for event in raw.parse():
+        numbers.append(event.sequence_number)
+        if event.type == "response.output_text.delta":
+            deltas.append(event.delta)
+        elif event.type == "response.completed":
+            completed = event.response
+    # llama-server does not number its events: the daemon numbers them from 0.
+    assert numbers == list(range(len(numbers)))
+    assert "".join(deltas) == ref.output_text
+    assert completed is not None and completed.status == "completed"
+    assert completed.usage.output_tokens == ref.usage.output_tokens
+    assert Decimal(str((completed.usage.model_extra or {})["cost"])) == want
+    entry = daemon.ledger_entry(raw.headers["x-request-id"])
+    assert entry["dialect"] == "openai-responses"
+    assert entry["prompt_tokens"] == ref.usage.input_tokens
+    assert entry["completion_tokens"] == ref.usage.output_tokens
+    assert entry["cost"] == want
 
 
 # ----------------------------------------------------------------------------------------
@@ -434,6 +568,29 @@ def test_bad_json(daemon: Daemon, llama: worker.LlamaServer) -> None:
         )
         assert passed.status_code == direct.status_code
         assert passed.json() == direct.json()
+
+
+def test_passthrough_body_arriving_after_head(daemon: Daemon) -> None:
+    """A passthrough request whose body arrives a moment after its head (two writes, as
+    httpx sends them) is forwarded whole at once, not when the client gives up."""
+    body = b'{"prompt": "Once upon a time", "n_predict": 2, "cache_prompt": false}'
+    head = (
+        b"POST /completion HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+    )
+    stuck = []
+    for gap in (0.0, 0.0005, 0.001, 0.002, 0.005) * 3:
+        with socket.create_connection(("127.0.0.1", daemon.proc.port), timeout=30) as sock:
+            sock.sendall(head)
+            if gap:
+                time.sleep(gap)
+            sock.sendall(body)
+            readable, _, _ = select.select([sock], [], [], 5)
+            if not readable:
+                stuck.append(gap)
+                continue
+            assert sock.recv(12) == b"HTTP/1.1 200"
+    assert not stuck, f"no answer within 5 s when the body followed the head after {stuck} s"
 
 
 # ----------------------------------------------------------------------------------------
@@ -521,12 +678,14 @@ def test_context_overflow_passes_through(
 
 def test_request_after_worker_keepalive_expired(daemon: Daemon, chat_reference: Any) -> None:
     """llama-server closes idle connections after 5 s; the next request must still work."""
+    errors_before = daemon.upstream_errors()
     first = daemon.client.chat.completions.create(**chat_args())
     assert first.choices[0].message.content == chat_reference.choices[0].message.content
     time.sleep(6)
     for _ in range(2):
         again = daemon.client.chat.completions.create(**chat_args())
         assert again.choices[0].message.content == chat_reference.choices[0].message.content
+    assert daemon.upstream_errors() == errors_before
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -537,6 +696,7 @@ def test_requests_right_after_streams(
     Connection: close; requests right after a stream must not fail."""
     daemon = daemons(mode)
     want = chat_reference.choices[0].message.content
+    errors_before = daemon.upstream_errors()
     for _ in range(4):
         stream = daemon.client.chat.completions.create(**chat_args(), stream=True)
         assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == want
@@ -544,6 +704,7 @@ def test_requests_right_after_streams(
         assert resp.choices[0].message.content == want
         comp = daemon.client.completions.create(**completion_args(max_tokens=4))
         assert comp.choices[0].text
+    assert daemon.upstream_errors() == errors_before
 
 
 # ----------------------------------------------------------------------------------------
@@ -628,12 +789,12 @@ def test_worker_killed_mid_stream_raw_bytes(
     assert entry["usage_estimated"] is True
 
 
-def read_some_events(r: httpx.Response, n: int) -> bytes:
+def read_some_events(pieces: Iterator[bytes], n: int) -> bytes:
+    """Read from `pieces` (an r.iter_bytes() the caller keeps: a dropped httpx byte
+    iterator closes the connection) until `n` events have arrived."""
     got = b""
-    for piece in r.iter_bytes():
-        got += piece
-        if got.count(b"\n\n") >= n:
-            break
+    while got.count(b"\n\n") < n:
+        got += next(pieces)
     return got
 
 
@@ -668,7 +829,8 @@ def test_client_disconnect_cancels_generation(
         ) as r,
     ):
         assert r.status_code == 200
-        read_some_events(r, 3)
+        pieces = r.iter_bytes()
+        read_some_events(pieces, 3)
         assert slot_busy(server)
     # The client has gone: the daemon closes the worker connection, llama-server cancels.
     log = wait_for_log(server, offset, "cancel task", 15)
@@ -698,10 +860,13 @@ def test_conversation_id_keeps_generation_after_disconnect(
         ) as r,
     ):
         assert r.status_code == 200
-        read_some_events(r, 3)
+        pieces = r.iter_bytes()
+        read_some_events(pieces, 3)
+        assert slot_busy(server)
     time.sleep(3)
     assert slot_busy(server)
     assert "cancel task" not in server.log_since(offset)
+    server.kill()  # else its shutdown waits for the orphaned generation
 
 
 @pytest.mark.parametrize(
@@ -719,8 +884,9 @@ def test_queued_request_waits_for_slot_without_timeout(
             cm = http.stream("POST", server.url + "/v1/chat/completions", json=long_chat_body())
             r = cm.__enter__()
             assert r.status_code == 200
-            read_some_events(r, 1)
-            blockers.append(cm)
+            pieces = r.iter_bytes()
+            read_some_events(pieces, 1)
+            blockers.append((cm, pieces))
 
         # The queued request, on a raw socket so nothing is hidden.
         payload = json.dumps(long_chat_body(max_tokens=16)).encode()
@@ -733,7 +899,8 @@ def test_queued_request_waits_for_slot_without_timeout(
         readable, _, _ = select.select([sock], [], [], 3.5)
         assert not readable, "a head arrived while both slots were busy"
 
-        for cm in blockers:
+        assert all(s["is_processing"] for s in http.get(server.url + "/slots").json())
+        for cm, _ in blockers:
             cm.__exit__(None, None, None)
 
         response = b""

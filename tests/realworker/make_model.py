@@ -23,6 +23,7 @@ It must never download anything: everything comes from the tree on disk.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import os
 import sys
 from pathlib import Path
@@ -45,8 +46,10 @@ def _import_gguf(tree: Path) -> Any:
 
 
 def model_file_name(layers: int, width: int, seed: int) -> str:
-    """The cache file name for a model of this shape and seed."""
-    return f"tiny-llama-L{layers}-W{width}-s{seed}.gguf"
+    """The cache file name for a model of this shape and seed, written by this very script
+    (a hash of its source is part of the name, so an edit here never reuses a stale model)."""
+    digest = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:10]
+    return f"tiny-llama-L{layers}-W{width}-s{seed}-{digest}.gguf"
 
 
 def write_model(tree: Path, out: Path, *, layers: int = 2, width: int = 64, seed: int = 42) -> Path:
@@ -72,7 +75,7 @@ def write_model(tree: Path, out: Path, *, layers: int = 2, width: int = 64, seed
     writer.add_description(
         f"random weights, seed {seed}, {layers} layers, width {width}; for tests only"
     )
-    writer.add_context_length(2048)
+    writer.add_context_length(8192)
     writer.add_embedding_length(width)
     writer.add_block_count(layers)
     writer.add_feed_forward_length(n_ff)
