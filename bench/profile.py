@@ -66,7 +66,7 @@ def summarize(raw: str, top: int) -> str:
         "below are of the latter"
     ]
     # the frames every callback runs under (cli, daemon, loop runner) say nothing
-    incl_c = collections.Counter({f: n for f, n in incl_c.items() if n < 0.95 * py_total})
+    incl_c = collections.Counter({f: n for f, n in incl_c.items() if n < 0.85 * py_total})
     for title, counter in (("self", self_c), ("inclusive", incl_c)):
         out.append(f"top {top} by {title}:")
         for f, n in counter.most_common(top):
