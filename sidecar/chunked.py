@@ -26,13 +26,14 @@ class ChunkedError(Exception):
         self.pieces: list[bytes] = pieces or []
 
 
-_SIZE_LINES = [b"%x\r\n" % n for n in range(4096)]
+#: The size line of every chunk shorter than 4096 bytes, made once.
+SIZE_LINES = [b"%x\r\n" % n for n in range(4096)]
 
 
 def frame(data: bytes) -> bytes:
     """One chunk carrying `data` (which must not be empty)."""
     n = len(data)
-    return (_SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n) + data + b"\r\n"
+    return (SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n) + data + b"\r\n"
 
 
 LAST_CHUNK = _END

@@ -17,13 +17,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
 
 from sidecar import failures
-from sidecar.chunked import ChunkedDecoder, ChunkedError, frame
+from sidecar.chunked import SIZE_LINES, ChunkedDecoder, ChunkedError, frame
 from sidecar.dialects import get_dialect
 from sidecar.dialects.base import (
     BadRequest,
@@ -237,7 +238,13 @@ class Exchange(StreamListener):
         if not self.chunked_out or transport is None:
             return self.write_data
         write = transport.write
-        return lambda data: write(frame(data))
+        lines = SIZE_LINES
+
+        def write_chunk(data: bytes) -> None:
+            n = len(data)
+            write((lines[n] if n < 4096 else b"%x\r\n" % n) + data + b"\r\n")
+
+        return write_chunk
 
     def end_response(self) -> None:
         self.client.write(self.conn.send(h11.EndOfMessage()))
@@ -531,28 +538,9 @@ class Exchange(StreamListener):
         self.runtime.metrics.request_finished(
             route_name, self.outcome, status, model, usage, cost, self.ttfb, duration
         )
-        self.runtime.ledger.write(
-            LedgerRecord(
-                ts=utc_timestamp(self.wall_start),
-                request_id=self.request_id,
-                route=route_name or None,
-                model=model,
-                request_model=self.plan.request_model if self.plan else None,
-                client_stream=self.plan.client_stream if self.plan else None,
-                upstream_stream=self.upstream_sse,
-                outcome=self.outcome,
-                status=status,
-                prompt_tokens=usage.prompt_tokens,
-                completion_tokens=usage.completion_tokens,
-                cached_tokens=usage.cached_tokens,
-                reasoning_tokens=usage.reasoning_tokens,
-                cost=cost,
-                ttfb_ms=None if self.ttfb is None else self.ttfb * 1000.0,
-                duration_ms=duration * 1000.0,
-                usage_estimated=usage.estimated,
-                dialect=self.route.dialect if self.route else None,
-            )
-        )
+        ledger = self.runtime.ledger
+        if ledger.path is not None:
+            ledger.write(self._record(model, usage, cost, status, duration))
         if access_log.isEnabledFor(logging.INFO):
             access_log.info(
                 "%s %s %s",
@@ -573,6 +561,37 @@ class Exchange(StreamListener):
                     "cost": None if cost is None else cost_header_value(cost),
                 },
             )
+
+    def _record(
+        self,
+        model: str | None,
+        usage: Usage,
+        cost: Decimal | None,
+        status: int,
+        duration: float,
+    ) -> LedgerRecord:
+        """This request's ledger line."""
+        route_name = self.route.name if self.route else ""
+        return LedgerRecord(
+            ts=utc_timestamp(self.wall_start),
+            request_id=self.request_id,
+            route=route_name or None,
+            model=model,
+            request_model=self.plan.request_model if self.plan else None,
+            client_stream=self.plan.client_stream if self.plan else None,
+            upstream_stream=self.upstream_sse,
+            outcome=self.outcome,
+            status=status,
+            prompt_tokens=usage.prompt_tokens,
+            completion_tokens=usage.completion_tokens,
+            cached_tokens=usage.cached_tokens,
+            reasoning_tokens=usage.reasoning_tokens,
+            cost=cost,
+            ttfb_ms=None if self.ttfb is None else self.ttfb * 1000.0,
+            duration_ms=duration * 1000.0,
+            usage_estimated=usage.estimated,
+            dialect=self.route.dialect if self.route else None,
+        )
 
 
 def _body_kind(content_type: bytes | None) -> str | None:
