@@ -65,7 +65,6 @@ class ClientConnection(asyncio.Protocol):
         self.closed = False
         self.paused_writing = False
         self.listener: StreamListener | None = None
-        self.h11: h11.Connection | None = None
         self.busy = False  # inside an exchange (for graceful drain)
         self._reading_paused = False
         self._waiter: asyncio.Future[None] | None = None
