@@ -172,7 +172,9 @@ class Exchange(StreamListener):
         self.generation = generation
         self.runtime = client.runtime
         self.method = request.method.decode("ascii", "replace")
-        self.request_id = request_id_from(request.headers)
+        # h11's Headers is a Sequence iterated in Python: read it once, as a list
+        self.headers: list[Header] = list(request.headers)
+        self.request_id = request_id_from(self.headers)
         self.route: RouteConfig | None = match_route(
             generation.config.routes, self.method, request.target
         )
@@ -357,7 +359,7 @@ class Exchange(StreamListener):
             self.close_after = True  # the body is not worth reading
             self.respond_error(404, "not_found", "no route matches this request", "bad_request")
             return
-        length = header_value(self.request.headers, b"content-length")
+        length = header_value(self.headers, b"content-length")
         if length is not None and int(length) > limits.max_request_body:
             self.close_after = True
             self.respond_error(413, "request_too_large", "request body too large", "bad_request")
@@ -400,16 +402,16 @@ class Exchange(StreamListener):
 
     def _upstream_head(self, route: RouteConfig) -> h11.Request:
         request = self.request
-        headers = without(end_to_end(request.headers), b"x-request-id")
+        headers = without(end_to_end(self.headers), b"x-request-id")
         if self.dialect.reads_body:
             headers = without(headers, b"accept-encoding")
             assert self.plan is not None
             headers.append((b"content-length", str(len(self.plan.body)).encode()))
         else:
-            length = header_value(request.headers, b"content-length")
+            length = header_value(self.headers, b"content-length")
             if length is not None:
                 headers.append((b"content-length", length))
-            elif header_value(request.headers, b"transfer-encoding") is not None:
+            elif header_value(self.headers, b"transfer-encoding") is not None:
                 headers.append((b"transfer-encoding", b"chunked"))
         headers.append((b"host", route.upstream.host_header.encode()))
         headers.append((b"x-request-id", self.request_id.encode()))
@@ -498,19 +500,20 @@ class Exchange(StreamListener):
     async def _handle_response(self, pool: UpstreamPool, response: h11.Response) -> None:
         assert self.upstream is not None and self.route is not None
         status = response.status_code
+        raw_headers: list[Header] = list(response.headers)
         self.upstream.keep_alive = (
-            response.http_version == b"1.1" and b"close" not in connection_tokens(response.headers)
+            response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
-        chunked = header_value(response.headers, b"transfer-encoding") is not None
-        worker_headers = end_to_end(response.headers)
+        chunked = header_value(raw_headers, b"transfer-encoding") is not None
+        worker_headers = end_to_end(raw_headers)
         plan = self.plan
         handler: BodyHandler
         if plan is None or not 200 <= status < 300:
             if not 200 <= status < 300:
                 self.outcome = "upstream_http_error"
-            handler = RawHandler(self, status, worker_headers, response.headers)
+            handler = RawHandler(self, status, worker_headers, raw_headers)
         else:
-            kind = _body_kind(header_value(response.headers, b"content-type"))
+            kind = _body_kind(header_value(raw_headers, b"content-type"))
             handler = SniffHandler(self, worker_headers, kind)
         pump = ResponsePump(self, self.upstream, handler, self.route, chunked)
         self.pump = pump
