@@ -859,7 +859,7 @@ def test_conversation_id_keeps_generation_after_disconnect(
         http.stream(
             "POST",
             daemon.url + "/v1/chat/completions",
-            json=long_chat_body(max_tokens=400),
+            json=long_chat_body(max_tokens=2000),
             headers={"x-conversation-id": "conv-rw-1"},
         ) as r,
     ):
