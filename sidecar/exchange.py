@@ -268,7 +268,9 @@ class Exchange(StreamListener):
         self.respond(status, [(b"content-type", b"application/json")], body)
 
     def start_event_stream(self, worker_headers: list[Header]) -> None:
-        headers = without(worker_headers, b"content-type", b"cache-control", b"x-request-id")
+        headers = without(
+            worker_headers, b"content-type", b"cache-control", b"x-accel-buffering", b"x-request-id"
+        )
         self.streaming_client = True
         self.runtime.metrics.stream_opened()
         self.start_response(

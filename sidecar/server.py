@@ -221,6 +221,9 @@ class ClientConnection(asyncio.Protocol):
                 raise ClientGone()
             if conn.they_are_waiting_for_100_continue:
                 self.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            if self.buffer:  # bytes that arrived while nobody was reading
+                self.feed_h11(conn)
+                continue
             if self.eof:
                 conn.receive_data(b"")
                 continue
