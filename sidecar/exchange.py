@@ -14,6 +14,7 @@ and the worker's actual response; what a failure means comes from
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import time
 from collections.abc import Callable
@@ -323,6 +324,8 @@ class Exchange(StreamListener):
                 self.respond_error(408, "request_timeout", "the request body took too long", "bad_request")
             self.outcome = "bad_request"
         except UpstreamFailure as exc:
+            if exc.errno in (errno.EMFILE, errno.ENFILE):
+                self.runtime.out_of_fds()
             self._fail_before_head(exc.failure, exc.detail)
         except Exception:
             log.exception("exchange %s failed", self.request_id)

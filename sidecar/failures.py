@@ -49,10 +49,11 @@ WORKER_ERROR_EVENT = Failure(
 class UpstreamFailure(Exception):
     """Raised inside the I/O shell to carry a `Failure` to the one place that reports it."""
 
-    def __init__(self, failure: Failure, detail: str = "") -> None:
+    def __init__(self, failure: Failure, detail: str = "", errno: int | None = None) -> None:
         super().__init__(detail or failure.message)
         self.failure = failure
         self.detail = detail
+        self.errno = errno  # the OS error behind it, when there is one
 
 
 def error_type_for(status: int) -> str:

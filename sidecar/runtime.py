@@ -7,6 +7,7 @@ flight. The ledger and metrics live across generations.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import resource
@@ -43,22 +44,22 @@ log = logging.getLogger("sidecar.runtime")
 FD_RESERVE = 64
 
 
-def connection_cap() -> int:
-    """How many client connections the fd limit allows (each may hold a worker connection too).
-
-    Raises the soft RLIMIT_NOFILE to the hard limit first, as daemons do, so that
-    `max_connections` rather than the fd table sheds load: a client refused with 503
-    is better than one left unaccepted in the backlog while accept() fails with EMFILE.
-    """
+def raise_fd_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as daemons do."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard == resource.RLIM_INFINITY or hard > soft:
         target = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-        try:
+        with contextlib.suppress(ValueError, OSError):
             resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-            soft = target
-        except (ValueError, OSError):
-            pass
-    return max((soft - FD_RESERVE) // 2, 1)
+
+
+def connection_cap(soft_limit: int) -> int:
+    """How many client connections `soft_limit` fds allow (each may hold a worker connection).
+
+    So that `max_connections`, not the fd table, sheds load: a client refused with 503 is
+    better than one left in the backlog while accept() fails with EMFILE.
+    """
+    return max((soft_limit - FD_RESERVE) // 2, 1)
 
 
 def tune_gc() -> None:
@@ -82,14 +83,35 @@ class Runtime:
         self.current = Generation(config)
         self.connections = 0
         self.draining = False
-        self.fd_cap = connection_cap()
         self._last_shed_log = 0.0
-        if self.fd_cap < config.limits.max_connections:
+        self._fd_limit = 0
+        self.fd_cap = 1
+        raise_fd_limit()
+        self.check_fd_limit()
+
+    def check_fd_limit(self) -> None:
+        """Follow the fd limit (it can be lowered under a running process, e.g. by prlimit)."""
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        if soft == self._fd_limit:
+            return
+        self._fd_limit = soft
+        self.fd_cap = connection_cap(soft)
+        if self.fd_cap < self.config.limits.max_connections:
             log.warning(
-                "the file descriptor limit allows %d client connections, below max_connections %d",
+                "the file descriptor limit (%d) allows %d client connections, "
+                "below max_connections %d: more are refused with 503",
+                soft,
                 self.fd_cap,
-                config.limits.max_connections,
+                self.config.limits.max_connections,
             )
+
+    def out_of_fds(self) -> None:
+        """A socket could not be made for want of file descriptors (EMFILE/ENFILE)."""
+        self.check_fd_limit()
+        now = time.monotonic()
+        if now - self._last_shed_log >= 10.0:
+            self._last_shed_log = now
+            log.warning("out of file descriptors (EMFILE): shedding load until some are free")
 
     @property
     def max_connections(self) -> int:

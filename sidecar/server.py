@@ -75,6 +75,7 @@ class ClientConnection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         runtime = self.runtime
+        runtime.check_fd_limit()
         if runtime.connections >= runtime.max_connections or runtime.draining:
             if not runtime.draining:
                 runtime.shedding()

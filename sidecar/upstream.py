@@ -209,7 +209,9 @@ class UpstreamPool:
         except TimeoutError:
             raise UpstreamFailure(failures.CONNECT_TIMEOUT) from None
         except OSError as exc:
-            raise UpstreamFailure(failures.UPSTREAM_UNAVAILABLE, exc.strerror or str(exc)) from None
+            raise UpstreamFailure(
+                failures.UPSTREAM_UNAVAILABLE, exc.strerror or str(exc), exc.errno
+            ) from None
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
