@@ -29,8 +29,8 @@ from sidecar.dialects.base import (
     StreamProtocolError,
     StreamTranslator,
     price_usage,
-    read_request,
-    stream_asked,
+    read_document,
+    stream_flag_plan,
 )
 from sidecar.dialects.merge import merge_into
 from sidecar.failures import Failure
@@ -262,12 +262,7 @@ class AnthropicDocument(DocumentTranslator):
     """One worker `message` document, returned as JSON or replayed as a Messages stream."""
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise StreamProtocolError("the worker's document is not a JSON object")
+        doc = read_document(body)
         self.plan = plan
         self.doc = doc
         self.worker_error = doc.get("type") == "error"
@@ -352,21 +347,7 @@ class AnthropicDialect(Dialect):
     name = "anthropic-messages"
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        request = read_request(body)
-        client_stream = request.get("stream") is True
-        asked = stream_asked(upstream_stream, client_stream)
-        if request.get("stream", False) is not asked:
-            request["stream"] = asked
-            body = orjson.dumps(request)
-        model = request.get("model")
-        return RequestPlan(
-            request_id=request_id,
-            client_stream=client_stream,
-            include_usage=client_stream,  # Messages streams always carry usage
-            request_model=model if isinstance(model, str) else None,
-            body=body,
-            asked_stream=asked,
-        )
+        return stream_flag_plan(body, upstream_stream, request_id)
 
     def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
         return AnthropicStream(plan, pricing, aggregate)

@@ -46,6 +46,45 @@ def read_request(body: bytes) -> dict[str, Any]:
     return request
 
 
+def read_document(body: bytes) -> dict[str, Any]:
+    """The worker's JSON document as a dict; StreamProtocolError when it is not one."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
+    if not isinstance(doc, dict):
+        raise StreamProtocolError("the worker's document is not a JSON object")
+    return doc
+
+
+def stream_flag_plan(
+    body: bytes, upstream_stream: str, request_id: str, streaming_only: tuple[str, ...] = ()
+) -> RequestPlan:
+    """The plan of a dialect whose streams always carry usage: only `stream` is set.
+
+    The body is forwarded byte for byte when its `stream` already says what the worker
+    is asked; keys in `streaming_only` are dropped when the worker is asked not to stream.
+    """
+    request = read_request(body)
+    client_stream = request.get("stream") is True
+    asked = stream_asked(upstream_stream, client_stream)
+    if request.get("stream", False) is not asked:
+        request["stream"] = asked
+        if not asked:
+            for key in streaming_only:
+                request.pop(key, None)
+        body = orjson.dumps(request)
+    model = request.get("model")
+    return RequestPlan(
+        request_id=request_id,
+        client_stream=client_stream,
+        include_usage=client_stream,  # such streams carry their usage anyway
+        request_model=model if isinstance(model, str) else None,
+        body=body,
+        asked_stream=asked,
+    )
+
+
 def stream_asked(upstream_stream: str, client_stream: bool) -> bool:
     """Whether the worker is asked to stream, per the route's `upstream_stream`."""
     return {"auto": client_stream, "always": True, "never": False}[upstream_stream]

@@ -25,6 +25,7 @@ from sidecar.dialects.base import (
     StreamTranslator,
     openai_error_body,
     price_usage,
+    read_document,
     read_request,
     stream_asked,
 )
@@ -247,12 +248,7 @@ class OpenAIDocument(DocumentTranslator):
     """One worker JSON document in an OpenAI shape, returned as JSON or replayed as SSE."""
 
     def __init__(self, shape: Shape, plan: RequestPlan, pricing: Pricing, body: bytes) -> None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise StreamProtocolError("the worker's document is not a JSON object")
+        doc = read_document(body)
         self.shape = shape
         self.plan = plan
         self.doc = doc

@@ -32,8 +32,8 @@ from sidecar.dialects.base import (
     StreamTranslator,
     openai_error_body,
     price_usage,
-    read_request,
-    stream_asked,
+    read_document,
+    stream_flag_plan,
 )
 from sidecar.dialects.merge import copy_json
 from sidecar.failures import Failure
@@ -279,12 +279,7 @@ class ResponsesDocument(DocumentTranslator):
     """One worker `response` document, returned as JSON or replayed as a Responses stream."""
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, body: bytes) -> None:
-        try:
-            doc = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
-        if not isinstance(doc, dict):
-            raise StreamProtocolError("the worker's document is not a JSON object")
+        doc = read_document(body)
         self.plan = plan
         self.doc = doc
         self.worker_error = doc.get("error") is not None or doc.get("status") == "failed"
@@ -430,23 +425,7 @@ class ResponsesDialect(Dialect):
     name = "openai-responses"
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        request = read_request(body)
-        client_stream = request.get("stream") is True
-        asked = stream_asked(upstream_stream, client_stream)
-        if request.get("stream", False) is not asked:
-            request["stream"] = asked
-            if not asked:
-                request.pop("stream_options", None)  # only valid on a streaming request
-            body = orjson.dumps(request)
-        model = request.get("model")
-        return RequestPlan(
-            request_id=request_id,
-            client_stream=client_stream,
-            include_usage=client_stream,  # Responses streams always carry usage
-            request_model=model if isinstance(model, str) else None,
-            body=body,
-            asked_stream=asked,
-        )
+        return stream_flag_plan(body, upstream_stream, request_id, ("stream_options",))
 
     def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
         return ResponsesStream(plan, pricing, aggregate)
