@@ -41,9 +41,6 @@ CONNECT_TIMEOUT = Failure(
 RESPONSE_TIMEOUT = Failure(
     "upstream_timeout", 504, "upstream_timeout", "the worker sent no response head in time"
 )
-WORKER_ERROR_EVENT = Failure(
-    "upstream_error", 502, "upstream_error", "the worker reported an error in its stream"
-)
 
 
 class UpstreamFailure(Exception):
