@@ -3,12 +3,10 @@
 I/O shell. `serve_connection` runs the request cycles of one client
 connection; an `Exchange` reads one request, asks its route's dialect what
 to send, sends it to the worker (once more on a fresh connection if a pooled
-one turns out dead), and hands the worker's body to a `ResponsePump`. The
-pump runs synchronously inside the worker connection's `data_received`:
-bytes -> h11 -> body handler -> SSE parser -> dialect -> client write, with
-no task switch per token. Which handler runs is decided here from the route
-and the worker's actual response; what a failure means comes from
-`sidecar.failures`.
+one turns out dead), picks a body handler (`handlers.py`) from the route and
+the worker's actual response, and lets a `ResponsePump` (`pump.py`) move the
+body. What a failure means comes from `sidecar.failures`; the ledger line,
+metrics and access log are written once, when the request ends.
 """
 
 from __future__ import annotations
@@ -25,17 +23,17 @@ from typing import TYPE_CHECKING
 import h11
 
 from sidecar import failures
-from sidecar.chunked import SIZE_LINES, ChunkedDecoder, ChunkedError, frame
+from sidecar.chunked import SIZE_LINES, frame
 from sidecar.dialects import get_dialect
 from sidecar.dialects.base import (
     BadRequest,
     Dialect,
     DocumentTranslator,
     RequestPlan,
-    StreamProtocolError,
     StreamTranslator,
 )
 from sidecar.failures import Failure, UpstreamFailure
+from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     Header,
     check_raw_head,
@@ -47,9 +45,9 @@ from sidecar.headers import (
     without,
 )
 from sidecar.ledger import LedgerRecord, utc_timestamp
+from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
-from sidecar.sse import Event, SSEParser, SSEProtocolError, encode_comment
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
 
@@ -60,10 +58,6 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.exchange")
 access_log = logging.getLogger("sidecar.access")
 
-HEARTBEAT = encode_comment("keep-alive")
-#: Largest JSON document accepted from the worker (it is held whole to translate it).
-MAX_DOCUMENT = 64 * 1024 * 1024
-_SSE_FIRST_BYTES = frozenset(b"deir:")
 
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
@@ -518,7 +512,7 @@ class Exchange(StreamListener):
                 self.outcome = "upstream_http_error"
             handler = RawHandler(self, status, worker_headers, raw_headers)
         else:
-            kind = _body_kind(header_value(raw_headers, b"content-type"))
+            kind = body_kind(header_value(raw_headers, b"content-type"))
             handler = SniffHandler(self, worker_headers, kind)
         pump = ResponsePump(self, self.upstream, handler, self.route, chunked)
         self.pump = pump
@@ -600,486 +594,3 @@ class Exchange(StreamListener):
             usage_estimated=usage.estimated,
             dialect=self.route.dialect if self.route else None,
         )
-
-
-def _body_kind(content_type: bytes | None) -> str | None:
-    """"sse", "json", or None when the first byte must decide."""
-    if content_type is None:
-        return None
-    media = content_type.split(b";", 1)[0].strip().lower()
-    if media == b"text/event-stream":
-        return "sse"
-    if media == b"application/json" or media.endswith(b"+json"):
-        return "json"
-    return None
-
-
-class BodyHandler:
-    """What to do with a worker's response body; the pump calls these synchronously."""
-
-    def bind(self, pump: ResponsePump) -> None:
-        """Called once by the pump that feeds this handler."""
-
-    def data(self, chunk: bytes) -> None:
-        raise NotImplementedError
-
-    def end(self) -> bool:
-        """The body ended cleanly; return False if that end is itself a failure (incomplete)."""
-        raise NotImplementedError
-
-    def fail(self, failure: Failure, message: str) -> None:
-        raise NotImplementedError
-
-    @property
-    def wants_heartbeat(self) -> bool:
-        return False
-
-
-class RawHandler(BodyHandler):
-    """Forward the worker's status, headers and body bytes untouched (passthrough, worker errors)."""
-
-    def __init__(
-        self, exchange: Exchange, status: int, headers: list[Header], raw_headers: list[Header]
-    ) -> None:
-        self.ex = exchange
-        length = header_value(raw_headers, b"content-length")
-        if length is not None:
-            headers = [*headers, (b"content-length", length)]
-        exchange.start_response(status, headers)
-
-    def data(self, chunk: bytes) -> None:
-        self.ex.write_data(chunk)
-
-    def end(self) -> bool:
-        self.ex.end_response()
-        return True
-
-    def fail(self, failure: Failure, message: str) -> None:
-        # nothing to say in a raw body: break the client's framing so it sees the failure
-        self.ex.close_after = True
-        self.ex.client.abort()
-
-
-class SniffHandler(BodyHandler):
-    """Decides SSE or JSON (content type, else first non-blank byte), then delegates."""
-
-    def __init__(self, exchange: Exchange, headers: list[Header], kind: str | None) -> None:
-        self.ex = exchange
-        self.headers = headers
-        self.inner: BodyHandler | None = None
-        self.pump: ResponsePump | None = None
-        self.held = b""
-        if kind is not None:
-            self._choose(kind)
-
-    def bind(self, pump: ResponsePump) -> None:
-        self.pump = pump
-        if self.inner is not None:
-            pump.handler = self.inner
-
-    def _choose(self, kind: str) -> None:
-        ex = self.ex
-        plan = ex.plan
-        assert plan is not None
-        pricing = ex.generation.config.pricing
-        ex.upstream_sse = kind == "sse"
-        if kind == "sse":
-            translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
-            ex.outcome_source = translator
-            parser = SSEParser(ex.generation.config.limits.max_event_size)
-            if plan.client_stream:
-                self.inner = RelayHandler(ex, self.headers, translator, parser)
-            else:
-                self.inner = AggregateHandler(ex, translator, parser)
-        else:
-            self.inner = DocumentHandler(ex, self.headers)
-        if self.pump is not None:  # from now on the pump feeds the chosen handler directly
-            self.pump.handler = self.inner
-
-    def data(self, chunk: bytes) -> None:
-        if self.inner is None:
-            chunk = self.held + chunk
-            stripped = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
-            if not stripped:
-                self.held = chunk[-8:]
-                return
-            first = stripped[0]
-            if first == ord("{"):
-                self._choose("json")
-            elif first in _SSE_FIRST_BYTES:
-                self._choose("sse")
-            else:
-                raise StreamProtocolError("the worker's body is neither SSE nor JSON")
-        assert self.inner is not None
-        self.inner.data(chunk)
-
-    def end(self) -> bool:
-        if self.inner is None:
-            return False
-        return self.inner.end()
-
-    def fail(self, failure: Failure, message: str) -> None:
-        if self.inner is None:
-            self.ex.respond_error(failure.status, failure.code, message, failure.outcome)
-        else:
-            self.inner.fail(failure, message)
-
-    @property
-    def wants_heartbeat(self) -> bool:
-        return self.inner is not None and self.inner.wants_heartbeat
-
-
-class RelayHandler(BodyHandler):
-    """SSE worker -> SSE client, event by event; only changed events are re-encoded."""
-
-    def __init__(
-        self,
-        exchange: Exchange,
-        headers: list[Header],
-        translator: StreamTranslator,
-        parser: SSEParser,
-    ) -> None:
-        self.ex = exchange
-        self.translator = translator
-        self.parser = parser
-        exchange.start_event_stream(headers)
-        self.write = exchange.body_writer()
-
-    def data(self, chunk: bytes) -> None:
-        try:
-            events = self.parser.feed(chunk)
-        except SSEProtocolError as exc:
-            self._relay(exc.events)
-            raise StreamProtocolError(str(exc)) from None
-        if len(events) == 1:
-            out = self.translator.feed(events[0])
-            if out:
-                self.write(out)
-            return
-        self._relay(events)
-
-    def _relay(self, events: list[Event]) -> None:
-        """Translate events and write the result at once; events before a bad one still go out."""
-        feed = self.translator.feed
-        pieces: list[bytes] = []
-        try:
-            for event in events:
-                out = feed(event)
-                if out:
-                    pieces.append(out)
-        finally:
-            if pieces:
-                self.write(b"".join(pieces))
-
-    def end(self) -> bool:
-        translator = self.translator
-        if not (translator.complete or translator.worker_error):
-            return False
-        if translator.worker_error:
-            self.ex.outcome = "upstream_error"
-        self.ex.end_response()
-        return True
-
-    def fail(self, failure: Failure, message: str) -> None:
-        self.ex.write_data(self.translator.error_frame(failure, message))
-        self.ex.end_response()
-
-    @property
-    def wants_heartbeat(self) -> bool:
-        return True
-
-
-class AggregateHandler(BodyHandler):
-    """SSE worker -> one JSON document for a non-streaming client, sent when the stream is done."""
-
-    def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
-        self.ex = exchange
-        self.translator = translator
-        self.parser = parser
-
-    def data(self, chunk: bytes) -> None:
-        feed = self.translator.feed
-        try:
-            events = self.parser.feed(chunk)
-        except SSEProtocolError as exc:
-            raise StreamProtocolError(str(exc)) from None
-        for event in events:
-            feed(event)
-
-    def end(self) -> bool:
-        translator = self.translator
-        if not (translator.complete or translator.worker_error):
-            return False
-        body = translator.document()
-        headers: list[Header] = [(b"content-type", b"application/json")]
-        if translator.worker_error:
-            self.ex.outcome = "upstream_error"
-            self.ex.respond(502, headers, body)
-            return True
-        if translator.cost is not None:
-            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
-        self.ex.respond(200, headers, body)
-        return True
-
-    def fail(self, failure: Failure, message: str) -> None:
-        self.ex.respond_error(failure.status, failure.code, message, failure.outcome)
-
-
-class DocumentHandler(BodyHandler):
-    """JSON worker -> JSON (cost injected) or a synthesized SSE stream (JSON -> SSE)."""
-
-    def __init__(self, exchange: Exchange, headers: list[Header]) -> None:
-        self.ex = exchange
-        self.parts: list[bytes] = []
-        self.size = 0
-        assert exchange.plan is not None
-        self.client_stream = exchange.plan.client_stream
-        self.headers = headers
-        if self.client_stream:
-            exchange.start_event_stream(headers)
-
-    def data(self, chunk: bytes) -> None:
-        self.size += len(chunk)
-        if self.size > MAX_DOCUMENT:
-            raise StreamProtocolError("the worker's JSON document is too large")
-        self.parts.append(chunk)
-
-    def end(self) -> bool:
-        ex = self.ex
-        assert ex.plan is not None
-        translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, b"".join(self.parts))
-        ex.outcome_source = translator
-        if translator.worker_error:
-            ex.outcome = "upstream_error"
-        if self.client_stream:
-            ex.write_data(translator.sse())
-            ex.end_response()
-            return True
-        headers = [
-            *without(self.headers, b"content-type", b"x-request-id"),
-            (b"content-type", b"application/json"),
-        ]
-        if translator.cost is not None:
-            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
-        ex.respond(502 if translator.worker_error else 200, headers, translator.json())
-        return True
-
-    def fail(self, failure: Failure, message: str) -> None:
-        ex = self.ex
-        if self.client_stream:
-            assert ex.plan is not None
-            ex.write_data(ex.dialect.error_frame(ex.plan, failure, message))
-            ex.end_response()
-        else:
-            ex.respond_error(failure.status, failure.code, message, failure.outcome)
-
-    @property
-    def wants_heartbeat(self) -> bool:
-        return self.client_stream
-
-
-class ResponsePump:
-    """Moves one worker response body to the client inside the worker's data callbacks.
-
-    Owns the idle timeout (silence while reading, never while the client is
-    paused), the heartbeat, backpressure (a paused client pauses reading the
-    worker) and the single decision of how the response ended.
-    """
-
-    def __init__(
-        self,
-        exchange: Exchange,
-        upstream: UpstreamConnection,
-        handler: BodyHandler,
-        route: RouteConfig,
-        chunked: bool,
-    ) -> None:
-        self.ex = exchange
-        self.up = upstream
-        # chunked bodies (every streamed token) skip h11's event machinery
-        self.decoder = ChunkedDecoder() if chunked else None
-        self.handler = handler
-        handler.bind(self)
-        self.loop = exchange.loop
-        self._now = self.loop.time
-        self.idle_timeout = route.upstream.idle_timeout
-        self.heartbeat = route.heartbeat
-        self.done: asyncio.Future[None] = self.loop.create_future()
-        self.finished = False
-        self.clean = False
-        self.eof = False
-        self.paused = False
-        self.last_rx = self.loop.time()
-        self.last_beat = self.last_rx
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self) -> None:
-        self._schedule()
-        if self.ex.client.paused_writing:
-            self.client_paused()
-        if self.decoder is not None:
-            buffered, closed = self.up.h11.trailing_data
-            if buffered:
-                self.upstream_data(buffered)
-            if closed and not self.finished:
-                self.upstream_eof()
-        elif not self.finished:
-            self._drain()
-        if not self.finished:
-            self.up.attach(self)
-
-    # -- the worker side (BodyConsumer) ---------------------------------------------
-    def upstream_data(self, data: bytes) -> None:
-        # the hot path: every token of every stream passes here, keep it flat
-        self.last_rx = self._now()
-        decoder = self.decoder
-        if decoder is None:
-            self.up.h11.receive_data(data)
-            self._drain()
-            return
-        try:
-            pieces = decoder.feed(data)
-            if pieces:
-                self.handler.data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
-        except ChunkedError as exc:
-            if exc.pieces:  # what arrived intact before the break still goes out
-                self._deliver(b"".join(exc.pieces))
-            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return
-        except StreamProtocolError as exc:
-            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return
-        if decoder.done and not self.finished:
-            if decoder.trailing:
-                self.up.keep_alive = False
-            self._end()
-
-    def _deliver(self, payload: bytes) -> bool:
-        """Hand body bytes to the handler; False (and the exchange failed) if they break it."""
-        try:
-            self.handler.data(payload)
-        except StreamProtocolError as exc:
-            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return False
-        return True
-
-    def upstream_eof(self) -> None:
-        if self.finished:
-            return
-        self.eof = True
-        if self.decoder is not None:
-            self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
-            return
-        self.up.h11.receive_data(b"")
-        self._drain()
-
-    def upstream_lost(self, exc: Exception | None) -> None:
-        if not self.finished:
-            detail = "the connection was reset" if exc is not None else "the connection was closed"
-            self.fail(failures.UPSTREAM_DISCONNECTED, detail)
-
-    def _drain(self) -> None:
-        h = self.up.h11
-        while not self.finished:
-            try:
-                event = h.next_event()
-            except h11.RemoteProtocolError as exc:
-                if self.eof:
-                    self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
-                else:
-                    log.debug("worker response body refused by h11: %s", exc)
-                    self.fail(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response body")
-                return
-            kind = type(event)
-            if kind is h11.Data:
-                if not self._deliver(event.data):  # type: ignore[union-attr]
-                    return
-            elif kind is h11.EndOfMessage:
-                self._end()
-                return
-            elif event is h11.NEED_DATA:
-                if self.eof:  # pragma: no cover - h11 concludes at EOF
-                    self.fail(failures.UPSTREAM_DISCONNECTED, "the connection was closed")
-                return
-            else:
-                self.fail(failures.UPSTREAM_DISCONNECTED, "the connection was closed")
-                return
-
-    def _end(self) -> None:
-        try:
-            ok = self.handler.end()
-        except StreamProtocolError as exc:
-            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return
-        if not ok:
-            self.fail(failures.UPSTREAM_INCOMPLETE, "")
-            return
-        self.clean = True
-        self.up.response_complete = True
-        self._close()
-
-    def fail(self, failure: Failure, detail: str) -> None:
-        if self.finished:
-            return
-        self.up.close()
-        ex = self.ex
-        ex.failure = failure
-        ex.outcome = failure.outcome
-        ex.runtime.metrics.upstream_error(failure.code)
-        message = f"{failure.message}: {detail}" if detail else failure.message
-        if not ex._client_gone:
-            self.handler.fail(failure, message)
-        ex.outcome = failure.outcome
-        self._close()
-
-    def _close(self) -> None:
-        self.finished = True
-        self.up.detach()
-        if self._timer is not None:
-            self._timer.cancel()
-        if not self.done.done():
-            self.done.set_result(None)
-
-    # -- the client side (via the exchange) -----------------------------------------------
-    def client_lost(self) -> None:
-        if self.finished:
-            return
-        self.up.close()
-        self.ex.outcome = "client_disconnect"
-        self.ex.close_after = True
-        self._close()
-
-    def client_paused(self) -> None:
-        self.paused = True
-        self.up.pause_reading()
-
-    def client_resumed(self) -> None:
-        self.paused = False
-        self.last_rx = self.loop.time()
-        self.up.resume_reading()
-
-    # -- time -------------------------------------------------------------------------------
-    def _schedule(self) -> None:
-        due = self.last_rx + self.idle_timeout
-        if self.heartbeat is not None:
-            due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
-        self._timer = self.loop.call_at(due, self._tick)
-
-    def _tick(self) -> None:
-        if self.finished:
-            return
-        now = self.loop.time()
-        if self.paused:
-            self.last_rx = now
-        elif now - self.last_rx >= self.idle_timeout:
-            self.fail(failures.UPSTREAM_TIMEOUT, "")
-            return
-        if (
-            self.heartbeat is not None
-            and now - max(self.last_rx, self.last_beat) >= self.heartbeat
-            and self.handler.wants_heartbeat
-        ):
-            self.last_beat = now
-            self.ex.client.write(self.ex.conn.send(h11.Data(data=HEARTBEAT)))
-        self._schedule()
-

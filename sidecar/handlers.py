@@ -1,0 +1,303 @@
+"""What to do with a worker's response body: the handlers the response pump feeds.
+
+I/O shell, but no sockets of its own: a handler writes through its exchange.
+`SniffHandler` decides SSE or JSON from the worker's actual response and steps
+aside; `RelayHandler` (SSE -> SSE, event by event), `AggregateHandler`
+(SSE -> one JSON document), `DocumentHandler` (JSON -> JSON or SSE) and
+`RawHandler` (bytes untouched) do the work, each asking the route's dialect
+and never testing its name.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from sidecar.dialects.base import StreamProtocolError, StreamTranslator
+from sidecar.failures import Failure
+from sidecar.headers import Header, header_value, without
+from sidecar.sse import Event, SSEParser, SSEProtocolError
+from sidecar.usage import cost_header_value
+
+if TYPE_CHECKING:
+    from sidecar.exchange import Exchange
+    from sidecar.pump import ResponsePump
+
+#: Largest JSON document accepted from the worker (it is held whole to translate it).
+MAX_DOCUMENT = 64 * 1024 * 1024
+_SSE_FIRST_BYTES = frozenset(b"deir:")
+
+
+def body_kind(content_type: bytes | None) -> str | None:
+    """"sse", "json", or None when the first byte must decide."""
+    if content_type is None:
+        return None
+    media = content_type.split(b";", 1)[0].strip().lower()
+    if media == b"text/event-stream":
+        return "sse"
+    if media == b"application/json" or media.endswith(b"+json"):
+        return "json"
+    return None
+
+
+class BodyHandler:
+    """What to do with a worker's response body; the pump calls these synchronously."""
+
+    def bind(self, pump: ResponsePump) -> None:
+        """Called once by the pump that feeds this handler."""
+
+    def data(self, chunk: bytes) -> None:
+        raise NotImplementedError
+
+    def end(self) -> bool:
+        """The body ended cleanly; return False if that end is itself a failure (incomplete)."""
+        raise NotImplementedError
+
+    def fail(self, failure: Failure, message: str) -> None:
+        raise NotImplementedError
+
+    @property
+    def wants_heartbeat(self) -> bool:
+        return False
+
+
+class RawHandler(BodyHandler):
+    """Forward the worker's status, headers and body bytes untouched (passthrough, worker errors)."""
+
+    def __init__(
+        self, exchange: Exchange, status: int, headers: list[Header], raw_headers: list[Header]
+    ) -> None:
+        self.ex = exchange
+        length = header_value(raw_headers, b"content-length")
+        if length is not None:
+            headers = [*headers, (b"content-length", length)]
+        exchange.start_response(status, headers)
+
+    def data(self, chunk: bytes) -> None:
+        self.ex.write_data(chunk)
+
+    def end(self) -> bool:
+        self.ex.end_response()
+        return True
+
+    def fail(self, failure: Failure, message: str) -> None:
+        # nothing to say in a raw body: break the client's framing so it sees the failure
+        self.ex.close_after = True
+        self.ex.client.abort()
+
+
+class SniffHandler(BodyHandler):
+    """Decides SSE or JSON (content type, else first non-blank byte), then delegates."""
+
+    def __init__(self, exchange: Exchange, headers: list[Header], kind: str | None) -> None:
+        self.ex = exchange
+        self.headers = headers
+        self.inner: BodyHandler | None = None
+        self.pump: ResponsePump | None = None
+        self.held = b""
+        if kind is not None:
+            self._choose(kind)
+
+    def bind(self, pump: ResponsePump) -> None:
+        self.pump = pump
+        if self.inner is not None:
+            pump.handler = self.inner
+
+    def _choose(self, kind: str) -> None:
+        ex = self.ex
+        plan = ex.plan
+        assert plan is not None
+        pricing = ex.generation.config.pricing
+        ex.upstream_sse = kind == "sse"
+        if kind == "sse":
+            translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
+            ex.outcome_source = translator
+            parser = SSEParser(ex.generation.config.limits.max_event_size)
+            if plan.client_stream:
+                self.inner = RelayHandler(ex, self.headers, translator, parser)
+            else:
+                self.inner = AggregateHandler(ex, translator, parser)
+        else:
+            self.inner = DocumentHandler(ex, self.headers)
+        if self.pump is not None:  # from now on the pump feeds the chosen handler directly
+            self.pump.handler = self.inner
+
+    def data(self, chunk: bytes) -> None:
+        if self.inner is None:
+            chunk = self.held + chunk
+            stripped = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
+            if not stripped:
+                self.held = chunk[-8:]
+                return
+            first = stripped[0]
+            if first == ord("{"):
+                self._choose("json")
+            elif first in _SSE_FIRST_BYTES:
+                self._choose("sse")
+            else:
+                raise StreamProtocolError("the worker's body is neither SSE nor JSON")
+        assert self.inner is not None
+        self.inner.data(chunk)
+
+    def end(self) -> bool:
+        if self.inner is None:
+            return False
+        return self.inner.end()
+
+    def fail(self, failure: Failure, message: str) -> None:
+        if self.inner is None:
+            self.ex.respond_error(failure.status, failure.code, message, failure.outcome)
+        else:
+            self.inner.fail(failure, message)
+
+    @property
+    def wants_heartbeat(self) -> bool:
+        return self.inner is not None and self.inner.wants_heartbeat
+
+
+class RelayHandler(BodyHandler):
+    """SSE worker -> SSE client, event by event; only changed events are re-encoded."""
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        headers: list[Header],
+        translator: StreamTranslator,
+        parser: SSEParser,
+    ) -> None:
+        self.ex = exchange
+        self.translator = translator
+        self.parser = parser
+        exchange.start_event_stream(headers)
+        self.write = exchange.body_writer()
+
+    def data(self, chunk: bytes) -> None:
+        try:
+            events = self.parser.feed(chunk)
+        except SSEProtocolError as exc:
+            self._relay(exc.events)
+            raise StreamProtocolError(str(exc)) from None
+        if len(events) == 1:
+            out = self.translator.feed(events[0])
+            if out:
+                self.write(out)
+            return
+        self._relay(events)
+
+    def _relay(self, events: list[Event]) -> None:
+        """Translate events and write the result at once; events before a bad one still go out."""
+        feed = self.translator.feed
+        pieces: list[bytes] = []
+        try:
+            for event in events:
+                out = feed(event)
+                if out:
+                    pieces.append(out)
+        finally:
+            if pieces:
+                self.write(b"".join(pieces))
+
+    def end(self) -> bool:
+        translator = self.translator
+        if not (translator.complete or translator.worker_error):
+            return False
+        if translator.worker_error:
+            self.ex.outcome = "upstream_error"
+        self.ex.end_response()
+        return True
+
+    def fail(self, failure: Failure, message: str) -> None:
+        self.ex.write_data(self.translator.error_frame(failure, message))
+        self.ex.end_response()
+
+    @property
+    def wants_heartbeat(self) -> bool:
+        return True
+
+
+class AggregateHandler(BodyHandler):
+    """SSE worker -> one JSON document for a non-streaming client, sent when the stream is done."""
+
+    def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
+        self.ex = exchange
+        self.translator = translator
+        self.parser = parser
+
+    def data(self, chunk: bytes) -> None:
+        feed = self.translator.feed
+        try:
+            events = self.parser.feed(chunk)
+        except SSEProtocolError as exc:
+            raise StreamProtocolError(str(exc)) from None
+        for event in events:
+            feed(event)
+
+    def end(self) -> bool:
+        translator = self.translator
+        if not (translator.complete or translator.worker_error):
+            return False
+        body = translator.document()
+        headers: list[Header] = [(b"content-type", b"application/json")]
+        if translator.worker_error:
+            self.ex.outcome = "upstream_error"
+            self.ex.respond(502, headers, body)
+            return True
+        if translator.cost is not None:
+            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
+        self.ex.respond(200, headers, body)
+        return True
+
+    def fail(self, failure: Failure, message: str) -> None:
+        self.ex.respond_error(failure.status, failure.code, message, failure.outcome)
+
+
+class DocumentHandler(BodyHandler):
+    """JSON worker -> JSON (cost injected) or a synthesized SSE stream (JSON -> SSE)."""
+
+    def __init__(self, exchange: Exchange, headers: list[Header]) -> None:
+        self.ex = exchange
+        self.parts: list[bytes] = []
+        self.size = 0
+        assert exchange.plan is not None
+        self.client_stream = exchange.plan.client_stream
+        self.headers = headers
+        if self.client_stream:
+            exchange.start_event_stream(headers)
+
+    def data(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size > MAX_DOCUMENT:
+            raise StreamProtocolError("the worker's JSON document is too large")
+        self.parts.append(chunk)
+
+    def end(self) -> bool:
+        ex = self.ex
+        assert ex.plan is not None
+        translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, b"".join(self.parts))
+        ex.outcome_source = translator
+        if translator.worker_error:
+            ex.outcome = "upstream_error"
+        if self.client_stream:
+            ex.write_data(translator.sse())
+            ex.end_response()
+            return True
+        headers = [
+            *without(self.headers, b"content-type", b"x-request-id"),
+            (b"content-type", b"application/json"),
+        ]
+        if translator.cost is not None:
+            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
+        ex.respond(502 if translator.worker_error else 200, headers, translator.json())
+        return True
+
+    def fail(self, failure: Failure, message: str) -> None:
+        ex = self.ex
+        if self.client_stream:
+            assert ex.plan is not None
+            ex.write_data(ex.dialect.error_frame(ex.plan, failure, message))
+            ex.end_response()
+        else:
+            ex.respond_error(failure.status, failure.code, message, failure.outcome)
+
+    @property
+    def wants_heartbeat(self) -> bool:
+        return self.client_stream

@@ -1,0 +1,237 @@
+"""The response pump: moves one worker response body to the client inside the worker's callbacks.
+
+I/O shell. The worker connection's `data_received` calls straight into the
+pump, which decodes the body (chunked fast path, else h11), hands it to the
+body handler, keeps the idle timeout and heartbeat, follows the client's
+backpressure, and decides once how the response ended.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import TYPE_CHECKING
+
+import h11
+
+from sidecar import failures
+from sidecar.chunked import ChunkedDecoder, ChunkedError
+from sidecar.dialects.base import StreamProtocolError
+from sidecar.failures import Failure
+from sidecar.handlers import BodyHandler
+from sidecar.sse import encode_comment
+from sidecar.upstream import UpstreamConnection
+
+if TYPE_CHECKING:
+    from sidecar.config import RouteConfig
+    from sidecar.exchange import Exchange
+
+log = logging.getLogger("sidecar.exchange")
+
+HEARTBEAT = encode_comment("keep-alive")
+
+
+class ResponsePump:
+    """Moves one worker response body to the client inside the worker's data callbacks.
+
+    Owns the idle timeout (silence while reading, never while the client is
+    paused), the heartbeat, backpressure (a paused client pauses reading the
+    worker) and the single decision of how the response ended.
+    """
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        upstream: UpstreamConnection,
+        handler: BodyHandler,
+        route: RouteConfig,
+        chunked: bool,
+    ) -> None:
+        self.ex = exchange
+        self.up = upstream
+        # chunked bodies (every streamed token) skip h11's event machinery
+        self.decoder = ChunkedDecoder() if chunked else None
+        self.handler = handler
+        handler.bind(self)
+        self.loop = exchange.loop
+        self._now = self.loop.time
+        self.idle_timeout = route.upstream.idle_timeout
+        self.heartbeat = route.heartbeat
+        self.done: asyncio.Future[None] = self.loop.create_future()
+        self.finished = False
+        self.clean = False
+        self.eof = False
+        self.paused = False
+        self.last_rx = self.loop.time()
+        self.last_beat = self.last_rx
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        self._schedule()
+        if self.ex.client.paused_writing:
+            self.client_paused()
+        if self.decoder is not None:
+            buffered, closed = self.up.h11.trailing_data
+            if buffered:
+                self.upstream_data(buffered)
+            if closed and not self.finished:
+                self.upstream_eof()
+        elif not self.finished:
+            self._drain()
+        if not self.finished:
+            self.up.attach(self)
+
+    # -- the worker side (BodyConsumer) ---------------------------------------------
+    def upstream_data(self, data: bytes) -> None:
+        # the hot path: every token of every stream passes here, keep it flat
+        self.last_rx = self._now()
+        decoder = self.decoder
+        if decoder is None:
+            self.up.h11.receive_data(data)
+            self._drain()
+            return
+        try:
+            pieces = decoder.feed(data)
+            if pieces:
+                self.handler.data(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        except ChunkedError as exc:
+            if exc.pieces:  # what arrived intact before the break still goes out
+                self._deliver(b"".join(exc.pieces))
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return
+        except StreamProtocolError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return
+        if decoder.done and not self.finished:
+            if decoder.trailing:
+                self.up.keep_alive = False
+            self._end()
+
+    def _deliver(self, payload: bytes) -> bool:
+        """Hand body bytes to the handler; False (and the exchange failed) if they break it."""
+        try:
+            self.handler.data(payload)
+        except StreamProtocolError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return False
+        return True
+
+    def upstream_eof(self) -> None:
+        if self.finished:
+            return
+        self.eof = True
+        if self.decoder is not None:
+            self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
+            return
+        self.up.h11.receive_data(b"")
+        self._drain()
+
+    def upstream_lost(self, exc: Exception | None) -> None:
+        if not self.finished:
+            detail = "the connection was reset" if exc is not None else "the connection was closed"
+            self.fail(failures.UPSTREAM_DISCONNECTED, detail)
+
+    def _drain(self) -> None:
+        h = self.up.h11
+        while not self.finished:
+            try:
+                event = h.next_event()
+            except h11.RemoteProtocolError as exc:
+                if self.eof:
+                    self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
+                else:
+                    log.debug("worker response body refused by h11: %s", exc)
+                    self.fail(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response body")
+                return
+            kind = type(event)
+            if kind is h11.Data:
+                if not self._deliver(event.data):  # type: ignore[union-attr]
+                    return
+            elif kind is h11.EndOfMessage:
+                self._end()
+                return
+            elif event is h11.NEED_DATA:
+                if self.eof:  # pragma: no cover - h11 concludes at EOF
+                    self.fail(failures.UPSTREAM_DISCONNECTED, "the connection was closed")
+                return
+            else:
+                self.fail(failures.UPSTREAM_DISCONNECTED, "the connection was closed")
+                return
+
+    def _end(self) -> None:
+        try:
+            ok = self.handler.end()
+        except StreamProtocolError as exc:
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+            return
+        if not ok:
+            self.fail(failures.UPSTREAM_INCOMPLETE, "")
+            return
+        self.clean = True
+        self.up.response_complete = True
+        self._close()
+
+    def fail(self, failure: Failure, detail: str) -> None:
+        if self.finished:
+            return
+        self.up.close()
+        ex = self.ex
+        ex.failure = failure
+        ex.outcome = failure.outcome
+        ex.runtime.metrics.upstream_error(failure.code)
+        message = f"{failure.message}: {detail}" if detail else failure.message
+        if not ex._client_gone:
+            self.handler.fail(failure, message)
+        ex.outcome = failure.outcome
+        self._close()
+
+    def _close(self) -> None:
+        self.finished = True
+        self.up.detach()
+        if self._timer is not None:
+            self._timer.cancel()
+        if not self.done.done():
+            self.done.set_result(None)
+
+    # -- the client side (via the exchange) -----------------------------------------------
+    def client_lost(self) -> None:
+        if self.finished:
+            return
+        self.up.close()
+        self.ex.outcome = "client_disconnect"
+        self.ex.close_after = True
+        self._close()
+
+    def client_paused(self) -> None:
+        self.paused = True
+        self.up.pause_reading()
+
+    def client_resumed(self) -> None:
+        self.paused = False
+        self.last_rx = self.loop.time()
+        self.up.resume_reading()
+
+    # -- time -------------------------------------------------------------------------------
+    def _schedule(self) -> None:
+        due = self.last_rx + self.idle_timeout
+        if self.heartbeat is not None:
+            due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
+        self._timer = self.loop.call_at(due, self._tick)
+
+    def _tick(self) -> None:
+        if self.finished:
+            return
+        now = self.loop.time()
+        if self.paused:
+            self.last_rx = now
+        elif now - self.last_rx >= self.idle_timeout:
+            self.fail(failures.UPSTREAM_TIMEOUT, "")
+            return
+        if (
+            self.heartbeat is not None
+            and now - max(self.last_rx, self.last_beat) >= self.heartbeat
+            and self.handler.wants_heartbeat
+        ):
+            self.last_beat = now
+            self.ex.write_data(HEARTBEAT)
+        self._schedule()
