@@ -12,8 +12,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
+import socket
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -435,6 +439,51 @@ def test_past_max_connections_new_clients_get_a_fast_503(
         assert time.monotonic() < deadline, "connection slots never came back"
         time.sleep(0.05)
     assert status in (200, 599)  # served (the worker answers /v1/models with its default)
+
+
+def test_a_burst_past_max_connections_is_answered_at_once(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """Hundreds of clients arrive while the daemon's loop is stalled (a GC pause, a busy
+    moment): once it runs again every one is served or refused with 503 at once. None is
+    left in SYN retransmits or reset because the listen backlog overflowed."""
+    somaxconn = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    if somaxconn < 1024:
+        pytest.skip(f"net.core.somaxconn is {somaxconn}: the kernel caps every backlog below 1024")
+    burst = 400
+    daemon = make_daemon(worker=worker, limits={"max_connections": 64})
+    socks = []
+    os.kill(daemon.pid, signal.SIGSTOP)
+    try:
+        for _ in range(burst):
+            sock = socket.socket()
+            sock.setblocking(False)
+            sock.connect_ex(daemon.address)
+            socks.append(sock)
+        time.sleep(0.3)
+        for sock in socks:
+            with contextlib.suppress(OSError):
+                sock.send(request_bytes("GET", "/v1/public/burst"))
+    finally:
+        os.kill(daemon.pid, signal.SIGCONT)
+    started = time.monotonic()
+    seen: dict[str, int] = {}
+    try:
+        for sock in socks:
+            sock.setblocking(True)
+            sock.settimeout(max(0.05, 5.0 - (time.monotonic() - started)))
+            try:
+                data = sock.recv(64)
+                key = data[:12].decode("latin-1") if data else "closed without an answer"
+            except OSError as exc:
+                key = type(exc).__name__
+            seen[key] = seen.get(key, 0) + 1
+    finally:
+        for sock in socks:
+            sock.close()
+    assert set(seen) <= {"HTTP/1.1 200", "HTTP/1.1 503"}, (
+        f"of {burst} clients arriving at once: {seen} (the listen backlog overflowed?)")
+    assert seen.get("HTTP/1.1 503", 0) >= burst - 64
 
 
 # =============================================================================================
