@@ -67,8 +67,8 @@ from tests.harness import (
 REQ_MODEL = "req-model"
 WORKER_MODEL = "wrk-model"
 CREATED = 1_700_000_000
-IDLE = 0.5  # upstream.idle_timeout
-RESPONSE_TIMEOUT = 1.0  # upstream.response_timeout
+IDLE = 1.5  # upstream.idle_timeout (margin for a loaded CI box: a slow worker thread is not a stall)
+RESPONSE_TIMEOUT = 3.0  # upstream.response_timeout
 MAX_EVENT = 4096  # limits.max_event_size
 LEAK = "WORKERLEAK"  # in every garbage byte string the worker sends: must never reach a client
 NOT_SSE_GARBAGE = b"<html><body>" + LEAK.encode() + b" 502 Bad Gateway</body></html>\r\n\r\n"
