@@ -851,3 +851,62 @@ def followups(daemons: dict[tuple[str, str], Daemon], first: int) -> list[tuple[
             cell = Cell(f"cell-{first + len(out):05d}", case, mode, client_stream, sse, "ok", Cut("head"))
             out.append((cell, daemon))
     return out
+
+
+# =============================================================================================
+# Nothing leaks out: the daemon's own error messages carry no worker bytes
+# =============================================================================================
+
+SECRET = "WORKER-SECRET-7f3a"
+
+
+def _tool_stream(partial_json: str) -> list[bytes]:
+    start = {"id": "msg_w", "type": "message", "role": "assistant", "model": WORKER_MODEL,
+             "content": [], "usage": {"input_tokens": 1}}
+    return [_named("message_start", {"message": start}),
+            _named("content_block_start", {"index": 0, "content_block": {
+                "type": "tool_use", "id": "toolu_1", "name": "f", "input": {}}}),
+            _named("content_block_delta", {"index": 0, "delta": {"type": "input_json_delta",
+                                                                "partial_json": partial_json}}),
+            _named("content_block_stop", {"index": 0}),
+            _named("message_delta", {"delta": {"stop_reason": "tool_use"}, "usage": {"output_tokens": 2}}),
+            _named("message_stop", {})]
+
+
+SSE_HEAD = response_head(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
+LEAK_CASES: dict[str, tuple[str, bool, bytes]] = {
+    # name: (dialect, client_stream, what the worker sends)
+    "header-garbage": ("openai-chat", False,
+                       b"HTTP/1.1 200 OK\r\nx-" + SECRET.encode() + b" \x01\r\n\r\n"),
+    "status-garbage": ("openai-chat", True, b"HTTP/1.1 2" + SECRET.encode() + b"\r\n\r\n"),
+    "chunk-size-garbage": ("openai-chat", True, SSE_HEAD + SECRET.encode() + b"\r\n"),
+    "event-not-json": ("openai-chat", False, SSE_HEAD + chunk(b"data: {" + SECRET.encode() + b"\n\n")),
+    "document-not-json": ("openai-chat", False,
+                          response_head(200, [("content-type", "application/json"),
+                                              ("content-length", "30")])
+                          + (b"{" + SECRET.encode() + b"}").ljust(30)),
+    "anthropic-tool-input-not-json": (
+        "anthropic-messages", False,
+        SSE_HEAD + b"".join(chunk(e) for e in _tool_stream('{"password": "' + SECRET)) + LAST_CHUNK),
+    "responses-event-not-json": ("openai-responses", True,
+                                 SSE_HEAD + chunk(b"event: response.created\ndata: ["
+                                                  + SECRET.encode() + b"\n\n")),
+}
+
+
+@pytest.mark.parametrize("case", sorted(LEAK_CASES))
+def test_error_messages_never_echo_worker_bytes(
+    case: str, worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    dialect_name, client_stream, raw = LEAK_CASES[case]
+    dialect = next(d for d in DIALECTS if d.name == dialect_name)
+    worker.default = [raw, WaitPeerClosed(3.0)]
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "1s", "response_timeout": "1s"},
+                         routes=[{"name": "r", "match": {"path": dialect.path}, "dialect": dialect_name,
+                                  "upstream_stream": "always"}])
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("POST", dialect.path, dialect.request(client_stream)))
+        response = client.read_response()
+    assert response.status in (200, 502), response.raw
+    assert SECRET.encode() not in response.raw, response.raw
+    assert b"upstream_" in response.body, response.body  # it is the daemon's error, with a code
