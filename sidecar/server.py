@@ -109,10 +109,16 @@ class ClientConnection(asyncio.Protocol):
     def eof_received(self) -> bool:
         self.eof = True
         self._wake()
-        # During an exchange a client's FIN means it went away, as nginx takes it: closing
-        # here reaches connection_lost, which closes the worker connection at once. Between
-        # requests the connection stays open so buffered pipelined requests are answered.
-        return self.listener is None
+        # During an exchange a client's FIN means it went away, as nginx takes it: the
+        # worker connection is closed now (not once our unsent bytes have drained), and so
+        # is this one. Between requests the connection stays open so buffered pipelined
+        # requests are answered.
+        listener = self.listener
+        if listener is None:
+            return True
+        self.listener = None
+        listener.client_lost()
+        return False
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.closed:

@@ -229,11 +229,14 @@ class WorkerIO:
 
     async def send(self, data: bytes) -> None:
         p = self._p
-        if p.lost or p.closing or not data:
+        if p.lost or p.closing or not data or p.transport.is_closing():
             return
         p.transport.write(data)
         p.worker._count_sent(p.info, len(data))
         await p.drained()
+        # let the loop run connection_lost: a transport whose peer reset it drops writes
+        # without pausing, and a loop of sends must not count bytes that never left
+        await asyncio.sleep(0)
 
     async def drip(self, data: bytes, size: int = 1, delay: float = 0.0) -> None:
         for i in range(0, len(data), size):

@@ -250,7 +250,7 @@ class AnthropicStream(StreamTranslator):
                 block["input"] = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 raise StreamProtocolError(
-                    f"the tool input of content block {index} is not valid JSON: {raw[:200]!r}"
+                    f"the tool input of content block {index} is not valid JSON"
                 ) from None
         return block
 
