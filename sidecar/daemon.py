@@ -39,12 +39,17 @@ from sidecar.systemd import Notifier, listen_fds
 log = logging.getLogger("sidecar.daemon")
 
 
+#: listen() backlog: a burst of clients while the loop is busy waits here, then gets an
+#: answer (served or 503), instead of SYN retransmits (the kernel caps it at somaxconn).
+LISTEN_BACKLOG = 4096
+
+
 class StartupError(Exception):
     """A clear one-line reason the daemon cannot start (bad bind, bad config)."""
 
 
 def bind(address: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
-    """A listening socket for `address` (TCP or unix), non-blocking, backlog 1024.
+    """A listening socket for `address` (TCP or unix), non-blocking, backlog LISTEN_BACKLOG.
 
     With `listen=False` the socket only holds the address (for SO_REUSEPORT groups,
     where a bound socket that does not listen receives no connections).
@@ -67,7 +72,7 @@ def bind(address: Address, reuse_port: bool = False, listen: bool = True) -> soc
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.bind(sockaddr)
         if listen:
-            sock.listen(1024)
+            sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
@@ -137,13 +142,17 @@ class Service:
         runtime, connections = self.runtime, self.connections
         self.servers.append(
             await loop.create_server(
-                lambda: ClientConnection(runtime, connections, serve_connection), sock=self.sockets.listen
+                lambda: ClientConnection(runtime, connections, serve_connection),
+                sock=self.sockets.listen,
+                backlog=LISTEN_BACKLOG,  # create_server would listen() again with 100
             )
         )
         if self.sockets.admin is not None:
             self.servers.append(
                 await loop.create_server(
-                    lambda: AdminConnection(runtime, local_metrics(runtime)), sock=self.sockets.admin
+                    lambda: AdminConnection(runtime, local_metrics(runtime)),
+                    sock=self.sockets.admin,
+                    backlog=LISTEN_BACKLOG,
                 )
             )
         loop.add_signal_handler(signal.SIGHUP, self.reload)
@@ -437,6 +446,7 @@ class Supervisor:
                 server = await loop.create_server(
                     lambda: AdminConnection(self, self.render_metrics, self.admin_connections),
                     sock=self.sockets.admin,
+                    backlog=LISTEN_BACKLOG,
                 )
             log.info(
                 "listening on %s%s, worker %s (%d processes)",
