@@ -202,6 +202,9 @@ class RelayHandler(BodyHandler):
             return False
         if translator.worker_error:
             self.ex.outcome = "upstream_error"
+        tail = self.parser.pending
+        if tail and not tail.strip(b"\r\n"):
+            self.write(tail)  # the LF of a CRLF split across reads: forward it, byte-exact
         self.ex.end_response()
         return True
 

@@ -630,6 +630,11 @@ def test_relay_is_byte_exact_under_any_chunking(
     for piece in _split(data, cuts):
         for event in parser.feed(piece):
             out += t.feed(event) or b""
+    # as the relay handler does at the end: the LF of a CRLF split after the last event's
+    # CR is held by the parser as the start of a next block that never comes
+    tail = parser.pending
+    if tail and not tail.strip(b"\r\n"):
+        out += tail
     assert bytes(out) == data
     assert t.complete
 

@@ -28,8 +28,10 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    event_type,
     price_usage,
     read_document,
+    read_event,
     stream_flag_plan,
 )
 from sidecar.dialects.merge import merge_into
@@ -103,17 +105,10 @@ class AnthropicStream(StreamTranslator):
         if data is None or self.complete:
             # comments pass; nothing after message_stop is ours to read
             return None if self.aggregate else (event.raw or None)
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise StreamProtocolError("event data is not a JSON object")
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            if not event.event:
-                return None if self.aggregate else event.raw  # nothing to name it by
-            kind = obj["type"] = event.event
+        obj = read_event(data)
+        kind = event_type(obj, event)
+        if kind is None:
+            return None if self.aggregate else event.raw  # nothing to name it by
         rewrite = event.event != kind
         if kind == "content_block_delta":
             self._read_delta(obj)

@@ -85,6 +85,29 @@ def stream_flag_plan(
     )
 
 
+def read_event(data: str) -> dict[str, Any]:
+    """One worker event's JSON data as a dict; StreamProtocolError when it is not one."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise StreamProtocolError(f"event data is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise StreamProtocolError("event data is not a JSON object")
+    return obj
+
+
+def event_type(obj: dict[str, Any], event: Event) -> str | None:
+    """A typed event's `type`, taken from its `event:` line when the data lacks it (and then
+    written into the data); None when neither names it."""
+    kind = obj.get("type")
+    if isinstance(kind, str):
+        return kind
+    if not event.event:
+        return None
+    obj["type"] = event.event
+    return event.event
+
+
 def stream_asked(upstream_stream: str, client_stream: bool) -> bool:
     """Whether the worker is asked to stream, per the route's `upstream_stream`."""
     return {"auto": client_stream, "always": True, "never": False}[upstream_stream]

@@ -26,6 +26,7 @@ from sidecar.dialects.base import (
     openai_error_body,
     price_usage,
     read_document,
+    read_event,
     read_request,
     stream_asked,
 )
@@ -120,12 +121,7 @@ class OpenAIStream(StreamTranslator):
             self.complete = True
             self.settle()
             return None if self.aggregate else event.raw
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise StreamProtocolError("event data is not a JSON object")
+        obj = read_event(data)
         if obj.get("error") is not None or event.event == "error":
             self.worker_error = True
             self._error_obj = obj

@@ -28,11 +28,12 @@ from sidecar.dialects.base import (
     Dialect,
     DocumentTranslator,
     RequestPlan,
-    StreamProtocolError,
     StreamTranslator,
+    event_type,
     openai_error_body,
     price_usage,
     read_document,
+    read_event,
     stream_flag_plan,
 )
 from sidecar.dialects.merge import copy_json
@@ -152,17 +153,10 @@ class ResponsesStream(StreamTranslator):
         if data is None or self.complete:
             # comments pass; nothing after the terminal event is ours to read
             return None if self.aggregate else (event.raw or None)
-        try:
-            obj = orjson.loads(data)
-        except orjson.JSONDecodeError as exc:
-            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
-        if not isinstance(obj, dict):
-            raise StreamProtocolError("event data is not a JSON object")
-        kind = obj.get("type")
-        if not isinstance(kind, str):
-            if not event.event:
-                return None if self.aggregate else event.raw  # nothing to name it by
-            kind = obj["type"] = event.event
+        obj = read_event(data)
+        kind = event_type(obj, event)
+        if kind is None:
+            return None if self.aggregate else event.raw  # nothing to name it by
         rewrite = event.event != kind
         seq = obj.get("sequence_number")
         if type(seq) is int:
