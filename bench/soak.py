@@ -25,6 +25,7 @@ printed) or run in CI (it is a manual command; tests/test_resources.py has a
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import json
 import random
@@ -236,6 +237,29 @@ def settle_fds(daemon: Daemon, timeout: float) -> int:
     return last
 
 
+def forget_worker_history(worker: FakeWorker) -> None:
+    """The fake worker records every request and connection: hours of them would fill this
+    process, and its garbage collections would stall the worker's loop past idle_timeout."""
+    with worker._cond:
+        worker.requests.clear()
+        worker.connections[:] = [c for c in worker.connections if not (c.peer_closed or c.closed_by_us)]
+
+
+class LoopLag:
+    """The worst scheduling delay of the fake worker's loop: a stall there is not the daemon's."""
+
+    def __init__(self, worker: FakeWorker) -> None:
+        self.worst = 0.0
+        assert worker._loop is not None
+        self.future = asyncio.run_coroutine_threadsafe(self.watch(), worker._loop)
+
+    async def watch(self) -> None:
+        while True:
+            before = time.monotonic()
+            await asyncio.sleep(0.05)
+            self.worst = max(self.worst, time.monotonic() - before - 0.05)
+
+
 def drain_logs(daemon: Daemon, errors: list[str]) -> None:
     """Keep the daemon's error lines, forget the rest (hours of access log would pile up)."""
     with daemon._cond:
@@ -278,6 +302,7 @@ def main(argv: list[str] | None = None) -> int:
           f"dir {directory}", flush=True)
     idle_fds_before = fd_count(pid)
     load = Load(daemon, args.concurrency)
+    lag = LoopLag(worker)
     started = time.monotonic()
     load.start()
     end = started + args.minutes * 60.0
@@ -287,6 +312,7 @@ def main(argv: list[str] | None = None) -> int:
     def sample() -> None:
         samples.append((time.monotonic() - started, daemon.rss_kib(), fd_count(pid)))
         drain_logs(daemon, errors)
+        forget_worker_history(worker)
 
     sample()
     try:
@@ -297,7 +323,8 @@ def main(argv: list[str] | None = None) -> int:
             with load.lock:
                 done = sum(v for k, v in load.counts.items() if k not in ("problems", "connection"))
             print(f"  {t / 60:6.1f} min  RSS {rss} KiB  fds {fds}  requests {done}  "
-                  f"problems {load.counts['problems']}", flush=True)
+                  f"problems {load.counts['problems']}  worker loop worst stall "
+                  f"{lag.worst * 1000:.0f} ms", flush=True)
     finally:
         load.join()
     busy_seconds = time.monotonic() - started
@@ -307,6 +334,7 @@ def main(argv: list[str] | None = None) -> int:
     drain_logs(daemon, errors)
     alive = daemon.alive()
     daemon.stop()
+    lag.future.cancel()
     worker.stop()
     ledger_lines = 0
     if daemon.ledger_path is not None and daemon.ledger_path.exists():
@@ -328,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  fds: idle before {idle_fds_before}, start {samples[0][2]}, peak {peak_fds}, "
           f"end {samples[-1][2]}, idle after {idle_fds_after}")
     print(f"  ledger lines {ledger_lines} (requests that reached the daemon: {requests})")
+    print(f"  the fake worker's loop stalled at most {lag.worst * 1000:.0f} ms "
+          "(a stall near idle_timeout, 1 s, makes upstream_timeout frames that are not the daemon's)")
     failures = []
     if idle_fds_after > idle_fds_before:
         failures.append(f"fds leaked: {idle_fds_after} open when idle, {idle_fds_before} before")
