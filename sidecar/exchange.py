@@ -191,6 +191,7 @@ class Exchange(StreamListener):
         self.streaming_client = False
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
+        self._finished = False
 
     # -- the client side, as the pump and handlers see it ------------------------------
     def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
@@ -203,12 +204,15 @@ class Exchange(StreamListener):
         data = conn.send(
             h11.Response(status_code=status, headers=headers, reason=reason(status), _parsed=True)
         )
+        self.status = status
+        if self.ttfb is None:
+            self.ttfb = time.perf_counter() - self.started
         if body is not None:
             if body and self.method != "HEAD":
                 data += conn.send(h11.Data(data=body))
             data += conn.send(h11.EndOfMessage())
+            self._finish()  # accounted before the client can see the end
         self.client.write(data)
-        self.status = status
         self.head_sent = True
         self.chunked_out = (
             self.conn.their_http_version == b"1.1"
@@ -216,8 +220,6 @@ class Exchange(StreamListener):
             and status not in (204, 304)
             and header_value(headers, b"content-length") is None
         )
-        if self.ttfb is None:
-            self.ttfb = time.perf_counter() - self.started
 
     def write_data(self, data: bytes) -> None:
         if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
@@ -244,8 +246,9 @@ class Exchange(StreamListener):
         return write_chunk
 
     def end_response(self) -> None:
-        self.client.write(self.conn.send(h11.EndOfMessage()))
-        self._stream_closed()
+        data = self.conn.send(h11.EndOfMessage())
+        self._finish()  # ledger, metrics and log before the client can see the end
+        self.client.write(data)
 
     def _stream_closed(self) -> None:
         """The client's stream is over: the active-streams gauge drops before anyone can look."""
@@ -525,6 +528,10 @@ class Exchange(StreamListener):
 
     # -- the end ---------------------------------------------------------------------------
     def _finish(self) -> None:
+        """Account the request once: ledger line, metrics, access log (whichever way it ended)."""
+        if self._finished:
+            return
+        self._finished = True
         duration = time.perf_counter() - self.started
         route_name = self.route.name if self.route else ""
         source = self.outcome_source

@@ -198,7 +198,10 @@ class ResponsePump:
         if self.finished:
             return
         self.up.close()
-        self.ex.outcome = "client_disconnect"
+        source = self.ex.outcome_source
+        # a client that leaves after the worker reported its own error saw a worker error
+        worker_error = source is not None and source.worker_error
+        self.ex.outcome = "upstream_error" if worker_error else "client_disconnect"
         self.ex.close_after = True
         self._close()
 

@@ -1305,6 +1305,7 @@ class Daemon:
         if self.ledger_path is None or not self.ledger_path.exists():
             return []
         text = self.ledger_path.read_text()
+        text = text[: text.rfind("\n") + 1]  # a line being appended right now is not there yet
         return [json.loads(line) for line in text.splitlines() if line.strip()]
 
     def wait_ledger(self, count: int, timeout: float = WAIT) -> list[dict[str, Any]]:
