@@ -35,26 +35,34 @@ def price_usage(
     return None if price is None else cost_of(usage, price)
 
 
+def _json_object(
+    data: str | bytes, error: type[Exception], not_json: str, not_object: str
+) -> dict[str, Any]:
+    """`data` parsed as a JSON object, else `error` with the matching message."""
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise error(f"{not_json}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise error(not_object)
+    return obj
+
+
 def read_request(body: bytes) -> dict[str, Any]:
     """The client's JSON request body as a dict; BadRequest when it is not one."""
-    try:
-        request = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise BadRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(request, dict):
-        raise BadRequest("request body must be a JSON object")
-    return request
+    return _json_object(
+        body, BadRequest, "request body is not valid JSON", "request body must be a JSON object"
+    )
 
 
 def read_document(body: bytes) -> dict[str, Any]:
     """The worker's JSON document as a dict; StreamProtocolError when it is not one."""
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise StreamProtocolError(f"the worker's document is not JSON: {exc}") from None
-    if not isinstance(doc, dict):
-        raise StreamProtocolError("the worker's document is not a JSON object")
-    return doc
+    return _json_object(
+        body,
+        StreamProtocolError,
+        "the worker's document is not JSON",
+        "the worker's document is not a JSON object",
+    )
 
 
 def stream_flag_plan(
@@ -87,13 +95,9 @@ def stream_flag_plan(
 
 def read_event(data: str) -> dict[str, Any]:
     """One worker event's JSON data as a dict; StreamProtocolError when it is not one."""
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise StreamProtocolError(f"event data is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise StreamProtocolError("event data is not a JSON object")
-    return obj
+    return _json_object(
+        data, StreamProtocolError, "event data is not JSON", "event data is not a JSON object"
+    )
 
 
 def event_type(obj: dict[str, Any], event: Event) -> str | None:
