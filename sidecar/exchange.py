@@ -39,12 +39,14 @@ from sidecar.headers import (
     check_raw_head,
     connection_tokens,
     end_to_end,
+    header_list,
     header_value,
     request_id_from,
     simple_response,
     without,
 )
 from sidecar.ledger import LedgerRecord, utc_timestamp
+from sidecar.logs import access_enabled, log_access
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
@@ -56,9 +58,11 @@ if TYPE_CHECKING:
     from sidecar.runtime import Generation
 
 log = logging.getLogger("sidecar.exchange")
-access_log = logging.getLogger("sidecar.access")
 
 
+
+#: h11 events are immutable: one end-of-message serves every request
+END_OF_MESSAGE = h11.EndOfMessage()
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -167,8 +171,7 @@ class Exchange(StreamListener):
         self.generation = generation
         self.runtime = client.runtime
         self.method = request.method.decode("ascii", "replace")
-        # h11's Headers is a Sequence iterated in Python: read it once, as a list
-        self.headers: list[Header] = list(request.headers)
+        self.headers: list[Header] = header_list(request.headers)
         self.request_id = request_id_from(self.headers)
         self.route: RouteConfig | None = match_route(
             generation.config.routes, self.method, request.target
@@ -210,7 +213,7 @@ class Exchange(StreamListener):
         if body is not None:
             if body and self.method != "HEAD":
                 data += conn.send(h11.Data(data=body))
-            data += conn.send(h11.EndOfMessage())
+            data += conn.send(END_OF_MESSAGE)
             self._finish()  # accounted before the client can see the end
         self.client.write(data)
         self.head_sent = True
@@ -246,7 +249,7 @@ class Exchange(StreamListener):
         return write_chunk
 
     def end_response(self) -> None:
-        data = self.conn.send(h11.EndOfMessage())
+        data = self.conn.send(END_OF_MESSAGE)
         self._finish()  # ledger, metrics and log before the client can see the end
         self.client.write(data)
 
@@ -438,16 +441,16 @@ class Exchange(StreamListener):
             try:
                 events: list[h11.Event] = [head, *(h11.Data(data=p) for p in body_parts)]
                 if body_complete:  # the common case: one write for the whole request
-                    conn.send(*events, h11.EndOfMessage())
+                    conn.send(*events, END_OF_MESSAGE)
                 else:
                     conn.send(*events)
                     while not body_complete:
                         body_complete = await self._forward_body_part(
                             conn, body_parts, body_deadline
                         )
-                    conn.send(h11.EndOfMessage())
-                async with asyncio.timeout(timeout):
-                    return await self._response_head(conn)
+                    conn.send(END_OF_MESSAGE)
+                deadline = None if timeout is None else self.loop.time() + timeout
+                return await self._response_head(conn, deadline)
             except TimeoutError:
                 raise UpstreamFailure(failures.RESPONSE_TIMEOUT) from None
             except UpstreamFailure as exc:
@@ -481,10 +484,10 @@ class Exchange(StreamListener):
             return True
         raise ClientGone()
 
-    async def _response_head(self, conn: UpstreamConnection) -> h11.Response:
+    async def _response_head(self, conn: UpstreamConnection, deadline: float | None) -> h11.Response:
         while True:
             try:
-                event = await conn.next_event()
+                event = await conn.next_event(deadline)
             except h11.RemoteProtocolError as exc:
                 if conn.eof or conn.closed:
                     raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "closed before the response head") from None
@@ -502,7 +505,7 @@ class Exchange(StreamListener):
     async def _handle_response(self, pool: UpstreamPool, response: h11.Response) -> None:
         assert self.upstream is not None and self.route is not None
         status = response.status_code
-        raw_headers: list[Header] = list(response.headers)
+        raw_headers: list[Header] = header_list(response.headers)
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
@@ -550,13 +553,10 @@ class Exchange(StreamListener):
         ledger = self.runtime.ledger
         if ledger.path is not None:
             ledger.write(self._record(model, usage, cost, status, duration))
-        if access_log.isEnabledFor(logging.INFO):
-            access_log.info(
-                "%s %s %s",
-                self.method,
-                status,
-                self.outcome,
-                extra={
+        if access_enabled():
+            log_access(
+                f"{self.method} {status} {self.outcome}",
+                {
                     "request_id": self.request_id,
                     "route": route_name,
                     "method": self.method,

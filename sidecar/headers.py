@@ -94,6 +94,18 @@ def check_raw_head(head: bytes) -> str | None:
     return None
 
 
+def header_list(headers: Sequence[Header]) -> list[Header]:
+    """h11's parsed headers as a plain list of (lower-case name, value), read once.
+
+    h11's `Headers` is a Sequence iterated item by item in Python; its `_full_items`
+    already holds the lower-cased names, so they are taken from there when present.
+    """
+    full = getattr(headers, "_full_items", None)
+    if full is None:
+        return list(headers)
+    return [(name, value) for _, name, value in full]
+
+
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     """Header names listed in `Connection:`; they are hop-by-hop too."""
     tokens: set[bytes] = set()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from typing import TextIO
 
 import orjson
 
@@ -28,49 +29,128 @@ _FIELDS = (
 )
 
 
+_second = -1
+_second_text = ""
+
+
+def _timestamp(created: float) -> str:
+    """`created` as an RFC 3339 UTC time with milliseconds (strftime once per second)."""
+    global _second, _second_text
+    whole = int(created)
+    if whole != _second:
+        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+        _second = whole
+    return f"{_second_text}.{int((created - whole) * 1000):03d}Z"
+
+
+def json_line(
+    created: float,
+    level: str,
+    logger: str,
+    msg: str,
+    fields: dict[str, object],
+    exc: str | None = None,
+) -> str:
+    """One JSON log line: ts, level, logger, msg, the request fields that are set, exc."""
+    entry: dict[str, object] = {
+        "ts": _timestamp(created),
+        "level": level,
+        "logger": logger,
+        "msg": msg,
+    }
+    for name in _FIELDS:
+        value = fields.get(name)
+        if value is not None:
+            entry[name] = value
+    if exc is not None:
+        entry["exc"] = exc
+    return orjson.dumps(entry, default=str).decode()
+
+
+def text_line(level: str, logger: str, msg: str, fields: dict[str, object]) -> str:
+    """One text log line: `level logger: msg key=value ...`."""
+    parts = [f"{level} {logger}: {msg}"]
+    for name in _FIELDS:
+        value = fields.get(name)
+        if value is not None:
+            parts.append(f"{name}={value}")
+    return " ".join(parts)
+
+
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg and any request fields."""
 
     def format(self, record: logging.LogRecord) -> str:
-        entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-            + f".{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage(),
-        }
-        for name in _FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                entry[name] = value
-        if record.exc_info:
-            entry["exc"] = self.formatException(record.exc_info)
-        return orjson.dumps(entry, default=str).decode()
+        return json_line(
+            record.created,
+            record.levelname.lower(),
+            record.name,
+            record.getMessage(),
+            record.__dict__,
+            self.formatException(record.exc_info) if record.exc_info else None,
+        )
 
 
 class TextFormatter(logging.Formatter):
     """`level logger: msg key=value ...`, journald-friendly (journald adds its own time)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        parts = [f"{record.levelname.lower()} {record.name}: {record.getMessage()}"]
-        for name in _FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                parts.append(f"{name}={value}")
-        line = " ".join(parts)
+        line = text_line(record.levelname.lower(), record.name, record.getMessage(), record.__dict__)
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
+
+
+ACCESS_LOGGER = "sidecar.access"
+_access_stream: TextIO | None = None
+_access_json = True
+
+
+_access_logger = logging.getLogger(ACCESS_LOGGER)
+
+
+def access_enabled() -> bool:
+    """True when request lines are logged (level info or lower)."""
+    return _access_logger.isEnabledFor(logging.INFO)
+
+
+def log_access(msg: str, fields: dict[str, object]) -> None:
+    """Write one request line, in the configured format, straight to the log stream.
+
+    The same line the `sidecar.access` logger would write, without a LogRecord and
+    handler chain per request. Falls back to that logger when logging was set up by
+    someone else (tests driving the code in-process).
+    """
+    stream = _access_stream
+    if stream is None:
+        _access_logger.info(msg, extra=fields)
+        return
+    if _access_json:
+        line = json_line(time.time(), "info", ACCESS_LOGGER, msg, fields)
+    else:
+        line = text_line("info", ACCESS_LOGGER, msg, fields)
+    try:
+        stream.write(line + "\n")
+        stream.flush()
+    except (OSError, ValueError):  # stderr gone: requests go on, as with logging
+        pass
 
 
 def setup_logging(log_format: str = "auto", level: str = "info") -> None:
     """Send every sidecar log line to stderr in the chosen format."""
     if log_format == "auto":
         log_format = "text" if sys.stderr.isatty() else "json"
+    global _access_stream, _access_json
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    _access_stream = sys.stderr
+    _access_json = log_format == "json"
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(level.upper())
+    # a line per request: don't look up thread and process names nobody prints
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import h11
 
+from sidecar.deadlines import arm
 from sidecar.dialects import get_dialect
 from sidecar.headers import find_head_end, simple_response
 
@@ -163,17 +164,16 @@ class ClientConnection(asyncio.Protocol):
             assert self.transport is not None
             self.transport.resume_reading()
         loop = asyncio.get_running_loop()
-        self._waiter = loop.create_future()
+        waiter = self._waiter = loop.create_future()
+        timer = arm(loop, deadline, waiter)
         try:
-            if deadline is None:
-                await self._waiter
-            else:
-                async with asyncio.timeout_at(deadline):
-                    await self._waiter
+            await waiter
         except TimeoutError:
             raise ClientTimeout() from None
         finally:
             self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     async def read_head(self, idle_deadline: float, head_deadline: float | None) -> bytes | None:
         """The next raw request head (up to and including its blank line), or None at a clean EOF.

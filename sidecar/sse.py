@@ -193,10 +193,12 @@ class SSEParser:
             chunk = bytes(chunk)
         n = len(chunk)
         if n <= self._max and 13 not in chunk:
-            # The chunk is exactly one "data: X\n\n" event, or exactly one block.
-            if chunk.startswith(b"data: ") and chunk.find(10, 6) == n - 2 and chunk[n - 1] == 10:
-                value = chunk[6:-2].decode("utf-8", "replace")
-                return [Event(value, None, None, None, chunk, False)]
+            # The chunk is exactly one "data: X\n\n" event (operators, not method calls:
+            # this runs for every token), or exactly one block.
+            if chunk[:6] == b"data: " and chunk[-2:] == b"\n\n":
+                value = chunk[6:-2]
+                if 10 not in value:
+                    return [Event(value.decode("utf-8", "replace"), None, None, None, chunk, False)]
             if n > 2 and chunk[0] != 10 and chunk.find(b"\n\n") == n - 2:
                 return [_parse_block(chunk)]
         return self._run(chunk, 0, 0, 0)

@@ -18,6 +18,7 @@ import h11
 
 from sidecar import failures
 from sidecar.config import UpstreamConfig
+from sidecar.deadlines import arm
 from sidecar.failures import UpstreamFailure
 
 
@@ -117,8 +118,9 @@ class UpstreamConnection(asyncio.Protocol):
         if data:
             self.transport.write(data)
 
-    async def next_event(self) -> h11.Event | type[h11.NEED_DATA]:
-        """The next h11 event of the response, waiting for bytes as needed (head phase)."""
+    async def next_event(self, deadline: float | None = None) -> h11.Event | type[h11.NEED_DATA]:
+        """The next h11 event of the response, waiting for bytes as needed (head phase);
+        TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:
             event = self.h11.next_event()
             if event is not h11.NEED_DATA:
@@ -134,11 +136,14 @@ class UpstreamConnection(asyncio.Protocol):
                     raise h11.RemoteProtocolError("connection closed")
                 return event
             loop = asyncio.get_running_loop()
-            self._waiter = loop.create_future()
+            waiter = self._waiter = loop.create_future()
+            timer = arm(loop, deadline, waiter)
             try:
-                await self._waiter
+                await waiter
             finally:
                 self._waiter = None
+                if timer is not None:
+                    timer.cancel()
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""

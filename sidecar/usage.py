@@ -99,7 +99,14 @@ class Usage:
     @property
     def seen(self) -> bool:
         """True when any count was reported."""
-        return any(getattr(self, name) is not None for name in _COUNT_FIELDS)
+        return not (
+            self.prompt_tokens is None
+            and self.completion_tokens is None
+            and self.cached_tokens is None
+            and self.reasoning_tokens is None
+            and self.cache_write_tokens is None
+            and self.input_tokens_uncached is None
+        )
 
 
 def _count(obj: Any, key: str) -> int | None:

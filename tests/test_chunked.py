@@ -91,3 +91,50 @@ def test_fuzz_only_chunked_error(data: bytes) -> None:
     except ChunkedError:
         return
     assert sum(map(len, out)) <= len(data)
+
+
+def _general(data: bytes) -> list[bytes] | str:
+    """What the general (byte-at-a-time) path makes of `data`: payload pieces or the error."""
+    decoder = ChunkedDecoder()
+    out: list[bytes] = []
+    try:
+        for i in range(len(data)):
+            out.extend(decoder.feed(data[i : i + 1]))
+    except ChunkedError as exc:
+        return str(exc)
+    return [b"".join(out)] if out else []
+
+
+@pytest.mark.parametrize("size", [1, 9, 15, 16, 17, 171, 255, 256, 257, 2748, 4095, 4096, 4097])
+@pytest.mark.parametrize(
+    "size_line",
+    [
+        lambda n: b"%x\r\n" % n,  # what workers write: the fast path
+        lambda n: b"%X\r\n" % n,  # upper case
+        lambda n: b"0%x\r\n" % n,  # a leading zero
+        lambda n: b"%x;ext=1\r\n" % n,  # an extension
+    ],
+)
+def test_one_whole_chunk_per_feed_matches_the_general_path(size: int, size_line) -> None:
+    payload = bytes(range(256)) * (size // 256) + b"y" * (size % 256)
+    data = size_line(size) + payload + b"\r\n"
+    assert ChunkedDecoder().feed(data) == [payload] == _general(data)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.integers(1, 4100), st.binary(min_size=0, max_size=8), st.binary(min_size=0, max_size=3))
+def test_near_miss_whole_chunks_match_the_general_path(
+    size: int, line_tail: bytes, crlf: bytes
+) -> None:
+    """Bytes shaped almost like one whole chunk: the fast path never accepts what the
+    general path would not, and never returns anything else."""
+    data = b"%x" % size + line_tail + b"z" * size + crlf
+    try:
+        got: list[bytes] | str = ChunkedDecoder().feed(data)
+    except ChunkedError as exc:
+        got = str(exc)
+    expected = _general(data)
+    if isinstance(got, list) and isinstance(expected, list):
+        assert b"".join(got) == b"".join(expected)
+    else:
+        assert isinstance(got, str) == isinstance(expected, str)

@@ -181,13 +181,32 @@ class StreamTranslator(Outcome, ABC):
         self.worker_error = False
         self.complete = False
         self._content_events = 0
+        self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
 
     def settle(self) -> None:
-        """The stream ended, whichever way: estimate usage if none was reported, and price it."""
-        if not self.usage.seen and self._content_events:
-            self.usage = estimated_usage(self._content_events)
+        """The stream ended, whichever way: estimate usage if none was reported, and price it.
+
+        Called at the usage chunk, at the terminator and when the request is accounted;
+        the price is worked out again only when the usage or the model changed.
+        """
+        usage = self.usage
+        if not usage.seen and self._content_events:
+            usage = self.usage = estimated_usage(self._content_events)
         model = self.model or self.plan.request_model
-        self.cost = price_usage(self.pricing, model, self.usage, self.cost_of)
+        key = (
+            model,
+            usage.prompt_tokens,
+            usage.completion_tokens,
+            usage.cached_tokens,
+            usage.reasoning_tokens,
+            usage.cache_write_tokens,
+            usage.input_tokens_uncached,
+            usage.estimated,
+        )
+        if key == self._settled:
+            return
+        self._settled = key
+        self.cost = price_usage(self.pricing, model, usage, self.cost_of)
 
     @abstractmethod
     def feed(self, event: Event) -> bytes | None: ...

@@ -15,6 +15,8 @@ from decimal import Decimal
 from typing import Any
 
 import orjson
+from orjson import JSONDecodeError
+from orjson import loads as _loads
 
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
@@ -37,6 +39,8 @@ from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_opena
 
 DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
+#: delta keys that carry content besides `content` (a template's delta has none of them)
+_OTHER_CONTENT = frozenset({"reasoning_content", "reasoning", "tool_calls"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,6 +96,11 @@ class OpenAIStream(StreamTranslator):
         self._missing: tuple[str, ...] | None = None  # chunk keys the worker leaves out
         self._content_key = "delta" if shape.chat else "text"
         self._fill: dict[str, Any] = {}
+        # the last plain content event, cut around its text: see _learn_template
+        self._tpl_prefix = b""
+        self._tpl_suffix = b""
+        self._tpl_cut = 0  # negative length of the suffix; 0: no template
+        self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
 
     def _first_chunk(self, obj: dict[str, Any]) -> None:
         """Take id/created/model from the first chunk and note which keys chunks lack."""
@@ -112,16 +121,44 @@ class OpenAIStream(StreamTranslator):
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
+        cut = self._tpl_cut
+        if cut:
+            # Fast path for the event every token is: byte for byte the template (the
+            # last plain content event relayed unchanged) except for its text literal.
+            # Then it means what the template meant with another text, so it passes as
+            # it came; only the text is parsed, to validate it and see if it is empty.
+            raw = event.raw
+            prefix = self._tpl_prefix
+            start = len(prefix)
+            if raw[:start] == prefix and raw[cut:] == self._tpl_suffix:
+                literal = raw[start:cut]
+                # one JSON string and nothing around it (a line break would cut the line)
+                if len(literal) > 1 and literal[0] == 34 and literal[-1] == 34:
+                    try:
+                        text = _loads(literal)
+                    except JSONDecodeError:
+                        text = None
+                    if type(text) is str:
+                        if text:
+                            self._content_events += 1
+                        return raw
         data = event.data
         if data is None or self._done:
             # comments and keep-alives pass; nothing after [DONE] is ours to read
             return None if self.aggregate else (event.raw or None)
         if data == "[DONE]":
+            self._tpl_cut = 0
             self._done = True
             self.complete = True
             self.settle()
             return None if self.aggregate else event.raw
-        obj = read_event(data)
+        # read_event inlined: this runs for every token of every stream
+        try:
+            obj = _loads(data)
+        except JSONDecodeError:
+            obj = None
+        if type(obj) is not dict:
+            obj = read_event(data)  # raises the precise StreamProtocolError
         if obj.get("error") is not None or event.event == "error":
             self.worker_error = True
             self._error_obj = obj
@@ -145,7 +182,16 @@ class OpenAIStream(StreamTranslator):
             if choice.get("finish_reason") is not None:
                 self.complete = True
                 final = True
-            if _content_bearing(choice.get(content_key)):
+            part = choice.get(content_key)
+            if type(part) is dict:  # _content_bearing, inlined for the common chat delta
+                if (
+                    part.get("content")
+                    or part.get("reasoning_content")
+                    or part.get("reasoning")
+                    or part.get("tool_calls")
+                ):
+                    self._content_events += 1
+            elif _content_bearing(part):
                 self._content_events += 1
         usage_obj = obj.get("usage")
         if type(usage_obj) is dict:
@@ -165,7 +211,60 @@ class OpenAIStream(StreamTranslator):
             elif final and self.cost is not None:
                 obj["usage"] = _usage_with_cost(usage_obj, self.cost)
                 rewrite = True
-        return _dumps_event(obj) if rewrite else event.raw
+        if rewrite:
+            return _dumps_event(obj)
+        if final or len(choices) != 1 or self._tpl_learns > self._content_events // 4 + 16:
+            self._tpl_cut = 0
+        else:
+            self._learn_template(event.raw, obj)
+        return event.raw
+
+    def _learn_template(self, raw: bytes, obj: dict[str, Any]) -> None:
+        """Remember `raw` (a relayed one-choice event, no finish, no usage, no error, no
+        fill-in) as the template of the fast path in `feed`, cut around its text literal.
+
+        Only when the cut is proven: the text's JSON encoding occurs once in the bytes, and
+        putting another string in that place parses to the same object with only the text
+        changed. Otherwise the fast path stays off until the next plain event.
+        """
+        self._tpl_cut = 0
+        self._tpl_learns += 1
+        if type(obj.get("usage")) is dict:
+            return
+        choice = obj["choices"][0]
+        if self.shape.chat:
+            part = choice.get("delta")
+            if type(part) is not dict or set(part) & _OTHER_CONTENT:
+                return
+            holder, key = part, "content"
+        else:
+            holder, key = choice, "text"
+        text = holder.get(key)
+        if type(text) is not str:
+            return
+        needle = b'"' + key.encode() + b'":' + orjson.dumps(text)
+        at = raw.find(needle)
+        if at < 0 or raw.find(needle, at + 1) >= 0:
+            return
+        start = at + len(needle) - len(orjson.dumps(text))
+        end = at + len(needle)
+        prefix, suffix = raw[:start], raw[end:]
+        if not prefix.startswith(b"data: ") or not suffix:
+            return
+        probe_line = prefix[6:] + b'"\\u0001"' + suffix
+        try:
+            probe = _loads(probe_line.partition(b"\n")[0].rstrip(b"\r"))
+        except JSONDecodeError:
+            return
+        holder[key] = "\x01"
+        try:
+            if probe != obj:
+                return
+        finally:
+            holder[key] = text
+        self._tpl_prefix = prefix
+        self._tpl_suffix = suffix
+        self._tpl_cut = -len(suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():
