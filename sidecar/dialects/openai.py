@@ -32,7 +32,7 @@ from sidecar.dialects.base import (
     read_request,
     stream_asked,
 )
-from sidecar.dialects.merge import merge_into
+from sidecar.dialects.merge import REPLACED_KEYS, merge_into
 from sidecar.failures import Failure
 from sidecar.sse import Event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
@@ -68,6 +68,16 @@ def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[st
     return {**usage_obj, "cost": cost_json_number(cost)}
 
 
+def _absorbs_idempotently(obj: dict[str, Any], *skip: str) -> bool:
+    """True when merging `obj` (minus `skip`) into an accumulator again changes nothing:
+    every field null, or a name that is replaced rather than appended."""
+    return all(
+        value is None or (key in REPLACED_KEYS and type(value) is str)
+        for key, value in obj.items()
+        if key not in skip
+    )
+
+
 def _content_bearing(part: Any) -> bool:
     """A chat `delta` or a completions `text` that carries generated content."""
     if type(part) is dict:
@@ -101,6 +111,8 @@ class OpenAIStream(StreamTranslator):
         self._tpl_suffix = b""
         self._tpl_cut = 0  # negative length of the suffix; 0: no template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
+        self._tpl_key = "content"  # the text's key: delta.content (chat) or choice.text
+        self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
 
     def _first_chunk(self, obj: dict[str, Any]) -> None:
         """Take id/created/model from the first chunk and note which keys chunks lack."""
@@ -141,7 +153,14 @@ class OpenAIStream(StreamTranslator):
                     if type(text) is str:
                         if text:
                             self._content_events += 1
-                        return raw
+                        target = self._tpl_target
+                        if target is None:
+                            return raw
+                        # aggregating: what _absorb would do with this event, appending
+                        key = self._tpl_key
+                        old = target.get(key)
+                        target[key] = text if old is None else old + text
+                        return None
         data = event.data
         if data is None or self._done:
             # comments and keep-alives pass; nothing after [DONE] is ours to read
@@ -201,6 +220,7 @@ class OpenAIStream(StreamTranslator):
                 self.settle()
         if self.aggregate:
             self._absorb(obj, choices)
+            self._maybe_learn(event.raw, obj, choices, final)
             return None
         if type(usage_obj) is dict:
             if not self.plan.include_usage:
@@ -213,35 +233,51 @@ class OpenAIStream(StreamTranslator):
                 rewrite = True
         if rewrite:
             return _dumps_event(obj)
-        if final or len(choices) != 1 or self._tpl_learns > self._content_events // 4 + 16:
-            self._tpl_cut = 0
-        else:
-            self._learn_template(event.raw, obj)
+        self._maybe_learn(event.raw, obj, choices, final)
         return event.raw
 
-    def _learn_template(self, raw: bytes, obj: dict[str, Any]) -> None:
-        """Remember `raw` (a relayed one-choice event, no finish, no usage, no error, no
-        fill-in) as the template of the fast path in `feed`, cut around its text literal.
+    def _maybe_learn(self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool) -> None:
+        """After an event went the slow way: learn it as the next template, or drop the
+        template (kept from trying on more than a quarter of the content events, +16)."""
+        self._tpl_cut = 0
+        if final or len(choices) != 1 or self._tpl_learns > self._content_events // 4 + 16:
+            return
+        self._tpl_learns += 1
+        self._learn_template(raw, obj, choices[0])
+
+    def _learn_template(self, raw: bytes, obj: dict[str, Any], choice: dict[str, Any]) -> None:
+        """Make `raw` (a one-choice event, no finish, no usage, no error, no fill-in, passed
+        through or absorbed) the template of the fast path in `feed`, cut around its text.
 
         Only when the cut is proven: the text's JSON encoding occurs once in the bytes, and
-        putting another string in that place parses to the same object with only the text
-        changed. Otherwise the fast path stays off until the next plain event.
+        another string in that place parses to the same object with only the text changed.
+        When aggregating, also only when absorbing the event again would change nothing but
+        the text (every other field null or a replaced name).
         """
-        self._tpl_cut = 0
-        self._tpl_learns += 1
         if type(obj.get("usage")) is dict:
             return
-        choice = obj["choices"][0]
+        holder: dict[str, Any] = choice
+        key = "text"
         if self.shape.chat:
-            part = choice.get("delta")
-            if type(part) is not dict or set(part) & _OTHER_CONTENT:
+            delta = choice.get("delta")
+            if type(delta) is not dict or set(delta) & _OTHER_CONTENT:
                 return
-            holder, key = part, "content"
-        else:
-            holder, key = choice, "text"
+            holder, key = delta, "content"
         text = holder.get(key)
         if type(text) is not str:
             return
+        target: dict[str, Any] | None = None
+        if self.aggregate:
+            if not _absorbs_idempotently(choice, key, "delta", "index"):
+                return
+            if holder is not choice and not _absorbs_idempotently(holder, key):
+                return
+            acc = self._choices.get(choice.get("index", 0))
+            if acc is None:
+                return
+            target = acc.get("message") if self.shape.chat else acc
+            if type(target) is not dict or type(target.get(key)) is not str:
+                return
         needle = b'"' + key.encode() + b'":' + orjson.dumps(text)
         at = raw.find(needle)
         if at < 0 or raw.find(needle, at + 1) >= 0:
@@ -264,6 +300,8 @@ class OpenAIStream(StreamTranslator):
             holder[key] = text
         self._tpl_prefix = prefix
         self._tpl_suffix = suffix
+        self._tpl_key = key
+        self._tpl_target = target
         self._tpl_cut = -len(suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
