@@ -83,7 +83,8 @@ def chunk_objects(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
     """One chunk object, mostly a plain content delta, sometimes anything else a worker sends."""
     kind = draw(
         st.sampled_from(
-            ["plain"] * 6 + ["role", "null", "reasoning", "tools", "finish", "usage", "extra", "two"]
+            ["plain"] * 6
+            + ["role", "null", "reasoning", "tools", "finish", "usage", "extra", "two", "error"]
         )
     )
     text = draw(texts)
@@ -115,6 +116,8 @@ def chunk_objects(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
     if kind == "usage":
         obj["choices"] = []
         obj["usage"] = {"prompt_tokens": 3, "completion_tokens": draw(st.integers(0, 50))}
+    if kind == "error":
+        return {"error": {"message": text, "type": "server_error"}}
     if kind == "extra":
         obj["system_fingerprint"] = draw(st.sampled_from(["fp", None]))
     return obj
