@@ -46,7 +46,7 @@ class ChunkedDecoder:
     that are kept in `trailing` (a worker that sends them cannot be reused).
     """
 
-    __slots__ = ("_buf", "_remaining", "_state", "done", "max_line", "trailing")
+    __slots__ = ("_buf", "_remaining", "_state", "at_boundary", "done", "max_line", "trailing")
 
     # states: 0 = expecting a size line, 1 = inside chunk data (`_remaining` bytes left),
     # 2 = expecting the CRLF after chunk data, 3 = inside the trailer section
@@ -57,9 +57,11 @@ class ChunkedDecoder:
         self.done = False
         self.max_line = max_line
         self.trailing = b""
+        # between two chunks with nothing buffered: the next bytes start a chunk
+        self.at_boundary = True
 
     def feed(self, data: bytes) -> list[bytes]:
-        if not self._buf and self._state == 0 and not self.done:
+        if self.at_boundary:
             # fast path: `data` is exactly one whole chunk with a plain lower-case size line,
             # as a worker writes one per token. Operators only (no method calls): this runs
             # for every token of every stream. The size line is compared with the one this
@@ -82,6 +84,7 @@ class ChunkedDecoder:
             raise
 
     def _feed(self, data: bytes, out: list[bytes]) -> list[bytes]:
+        self.at_boundary = False  # until this call ends between two chunks
         if self.done:
             self.trailing += data
             return []
@@ -150,6 +153,7 @@ class ChunkedDecoder:
                     break
                 if nl == pos:
                     self.done = True
+                    self.at_boundary = False
                     self.trailing = buf[nl + 2 :]
                     self._buf = b""
                     self._state = state
@@ -157,4 +161,5 @@ class ChunkedDecoder:
                 pos = nl + 2
         self._buf = buf[pos:] if pos < end else b""
         self._state = state
+        self.at_boundary = state == 0 and not self._buf
         return out

@@ -248,6 +248,15 @@ class Exchange(StreamListener):
 
         return write_chunk
 
+    def framed_writer(self) -> Callable[[bytes], None] | None:
+        """Once the head is out: a writer for bytes already framed as chunks of the client's
+        chunked body (the worker's chunks passed as they came), or None when the client's
+        body is not chunked."""
+        transport = self.client.transport
+        if not self.chunked_out or transport is None:
+            return None
+        return transport.write
+
     def end_response(self) -> None:
         data = self.conn.send(END_OF_MESSAGE)
         self._finish()  # ledger, metrics and log before the client can see the end

@@ -10,10 +10,12 @@ and never testing its name.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sidecar.dialects.base import StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
+from sidecar.fastlane import text_in_chunk
 from sidecar.headers import Header, header_value, without
 from sidecar.sse import Event, SSEParser, SSEProtocolError
 from sidecar.usage import cost_header_value
@@ -41,6 +43,10 @@ def body_kind(content_type: bytes | None) -> str | None:
 
 class BodyHandler:
     """What to do with a worker's response body; the pump calls these synchronously."""
+
+    #: Set by handlers that can take a whole chunk of a chunked body at once, bypassing
+    #: the decoder (the pump calls it only between chunks): True when it dealt with it.
+    lane: Callable[[bytes], bool] | None = None
 
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
@@ -169,6 +175,26 @@ class RelayHandler(BodyHandler):
         self.parser = parser
         exchange.start_event_stream(headers)
         self.write = exchange.body_writer()
+        # when the client's body is chunked too, a chunk passed unchanged is written as it came
+        write_framed = exchange.framed_writer()
+        if write_framed is not None:
+            self.write_framed = write_framed
+            self.lane = self.whole_chunk
+
+    def whole_chunk(self, data: bytes) -> bool:
+        """The fast lane (sidecar.fastlane): a chunk carrying one event of the translator's
+        text template goes to the client as it came, without decoding, parsing or building
+        the event. False (nothing done) for anything else."""
+        template = self.translator.text_template
+        if template is None or self.parser.busy:
+            return False
+        text = text_in_chunk(data, template)
+        if text < 0:
+            return False
+        if text:
+            self.translator.passed_text()
+        self.write_framed(data)
+        return True
 
     def data(self, chunk: bytes) -> None:
         try:

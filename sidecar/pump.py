@@ -90,6 +90,10 @@ class ResponsePump:
             self.up.h11.receive_data(data)
             self._drain()
             return
+        if decoder.at_boundary:
+            lane = self.handler.lane
+            if lane is not None and lane(data):
+                return
         try:
             pieces = decoder.feed(data)
             if pieces:

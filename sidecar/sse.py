@@ -152,7 +152,7 @@ class SSEParser:
     copy of the chunk and no per-line work for a single ``data: ...`` line.
     """
 
-    __slots__ = ("_at_start", "_buf", "_error", "_lead", "_max", "_scan", "_skip_lf", "_slow")
+    __slots__ = ("_at_start", "_buf", "_error", "_lead", "_max", "_scan", "_skip_lf", "busy")
 
     def __init__(self, max_event_size: int = 1 << 20) -> None:
         self._max = max_event_size
@@ -164,7 +164,10 @@ class SSEParser:
         self._skip_lf = False  # the last byte seen was a CR that ended a block
         self._at_start = True  # the BOM question is still open
         self._error: str | None = None
-        self._slow = True  # any of the above states is set: take the general path
+        # Any of the above states is set: take the general path. While False, the
+        # parser holds nothing from earlier chunks, so a caller that knows what a chunk
+        # holds (sidecar.fastlane) may pass it by.
+        self.busy = True
 
     @property
     def pending(self) -> bytes:
@@ -187,7 +190,7 @@ class SSEParser:
         Raises ``SSEProtocolError`` when a block (complete or not) exceeds
         ``max_event_size`` bytes, and on every call after that.
         """
-        if self._slow:
+        if self.busy:
             return self._feed_slow(chunk)
         if type(chunk) is not bytes:
             chunk = bytes(chunk)
@@ -293,9 +296,9 @@ class SSEParser:
             self._lead = 0
             if n and data[n - 1] == 13:
                 self._skip_lf = True
-                self._slow = True
+                self.busy = True
             else:
-                self._slow = False
+                self.busy = False
             return events
         rest = n - a
         if rest > mx:
@@ -303,7 +306,7 @@ class SSEParser:
         self._buf = data[a:]  # no copy when nothing was consumed
         self._lead = p - a
         self._scan = max(p - a, rest - 3)
-        self._slow = True
+        self.busy = True
         return events
 
     def _fail(self, events: list[Event], message: str) -> None:
@@ -311,7 +314,7 @@ class SSEParser:
         self._buf = b""
         self._lead = 0
         self._skip_lf = False
-        self._slow = True
+        self.busy = True
         raise SSEProtocolError(message, events)
 
 

@@ -27,7 +27,7 @@ PRICING = Pricing(models={"m": Price(prompt=1, completion=2)})
 
 
 def _no_learning(self: OpenAIStream, *args: Any) -> None:
-    self._tpl_cut = 0
+    self.text_template = None
 
 
 def translators(chat: bool, aggregate: bool, include_usage: bool) -> tuple[OpenAIStream, OpenAIStream]:
@@ -180,7 +180,7 @@ def test_the_fast_path_is_taken_for_a_plain_stream() -> None:
     plain = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
     raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "", "c"])
     assert run(fast, raw) == [plain % b'"a"', plain % b'"b"', plain % b'""', plain % b'"c"']
-    assert fast._tpl_cut != 0 and fast._tpl_learns == 1
+    assert fast.text_template is not None and fast._tpl_learns == 1
     assert fast._content_events == 3
 
 

@@ -19,6 +19,7 @@ import orjson
 
 from sidecar.config import Price, Pricing
 from sidecar.failures import Failure, error_type_for
+from sidecar.fastlane import TextTemplate
 from sidecar.sse import Event
 from sidecar.usage import Usage, estimated_usage, openai_cost
 
@@ -182,6 +183,11 @@ class StreamTranslator(Outcome, ABC):
         self.complete = False
         self._content_events = 0
         self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
+        # Kept current by dialects that have one (see sidecar.fastlane): while set, a
+        # relayed event made of this template with a JSON string in its place passes
+        # unchanged and counts as content when the string is not empty, so a relay may
+        # pass such an event without parsing it and report it with `passed_text`.
+        self.text_template: TextTemplate | None = None
 
     def settle(self) -> None:
         """The stream ended, whichever way: estimate usage if none was reported, and price it.
@@ -207,6 +213,10 @@ class StreamTranslator(Outcome, ABC):
             return
         self._settled = key
         self.cost = price_usage(self.pricing, model, usage, self.cost_of)
+
+    def passed_text(self) -> None:
+        """A relay passed an event of `text_template` with a non-empty string, unparsed."""
+        self._content_events += 1
 
     @abstractmethod
     def feed(self, event: Event) -> bytes | None: ...

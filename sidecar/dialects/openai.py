@@ -34,6 +34,7 @@ from sidecar.dialects.base import (
 )
 from sidecar.dialects.merge import REPLACED_KEYS, merge_into
 from sidecar.failures import Failure
+from sidecar.fastlane import TextTemplate, template_text
 from sidecar.sse import Event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
 
@@ -107,9 +108,6 @@ class OpenAIStream(StreamTranslator):
         self._content_key = "delta" if shape.chat else "text"
         self._fill: dict[str, Any] = {}
         # the last plain content event, cut around its text: see _learn_template
-        self._tpl_prefix = b""
-        self._tpl_suffix = b""
-        self._tpl_cut = 0  # negative length of the suffix; 0: no template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
         self._tpl_key = "content"  # the text's key: delta.content (chat) or choice.text
         self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
@@ -133,40 +131,32 @@ class OpenAIStream(StreamTranslator):
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
-        cut = self._tpl_cut
-        if cut:
+        template = self.text_template
+        if template is not None:
             # Fast path for the event every token is: byte for byte the template (the
-            # last plain content event relayed unchanged) except for its text literal.
-            # Then it means what the template meant with another text, so it passes as
-            # it came; only the text is parsed, to validate it and see if it is empty.
+            # last plain content event) except for its text literal. It then means what
+            # the template meant with another text, so it passes as it came (or its text
+            # is appended); only the literal is parsed, to validate it.
             raw = event.raw
-            prefix = self._tpl_prefix
-            start = len(prefix)
-            if raw[:start] == prefix and raw[cut:] == self._tpl_suffix:
-                literal = raw[start:cut]
-                # one JSON string and nothing around it (a line break would cut the line)
-                if len(literal) > 1 and literal[0] == 34 and literal[-1] == 34:
-                    try:
-                        text = _loads(literal)
-                    except JSONDecodeError:
-                        text = None
-                    if type(text) is str:
-                        if text:
-                            self._content_events += 1
-                        target = self._tpl_target
-                        if target is None:
-                            return raw
-                        # aggregating: what _absorb would do with this event, appending
-                        key = self._tpl_key
-                        old = target.get(key)
-                        target[key] = text if old is None else old + text
-                        return None
+            if raw[: template.start] == template.prefix and raw[template.cut :] == template.suffix:
+                text = template_text(raw[template.start : template.cut])
+                if text is not None:
+                    if text:
+                        self._content_events += 1
+                    target = self._tpl_target
+                    if target is None:
+                        return raw
+                    # aggregating: what _absorb would do with this event, appending
+                    key = self._tpl_key
+                    old = target.get(key)
+                    target[key] = text if old is None else old + text
+                    return None
         data = event.data
         if data is None or self._done:
             # comments and keep-alives pass; nothing after [DONE] is ours to read
             return None if self.aggregate else (event.raw or None)
         if data == "[DONE]":
-            self._tpl_cut = 0
+            self.text_template = None
             self._done = True
             self.complete = True
             self.settle()
@@ -239,7 +229,7 @@ class OpenAIStream(StreamTranslator):
     def _maybe_learn(self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool) -> None:
         """After an event went the slow way: learn it as the next template, or drop the
         template (kept from trying on more than a quarter of the content events, +16)."""
-        self._tpl_cut = 0
+        self.text_template = None
         if final or len(choices) != 1 or self._tpl_learns > self._content_events // 4 + 16:
             return
         self._tpl_learns += 1
@@ -298,11 +288,9 @@ class OpenAIStream(StreamTranslator):
                 return
         finally:
             holder[key] = text
-        self._tpl_prefix = prefix
-        self._tpl_suffix = suffix
         self._tpl_key = key
         self._tpl_target = target
-        self._tpl_cut = -len(suffix)
+        self.text_template = TextTemplate.around(prefix, suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():

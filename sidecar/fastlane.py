@@ -1,0 +1,71 @@
+"""The fast lane for the event every token is: a text template and a one-pass chunk check.
+
+Pure: no sockets, no asyncio. A stream translator that relays an event unchanged
+whatever JSON string stands in one place of it publishes that event's bytes, cut
+around the string, as a `TextTemplate`. `text_in_chunk` then recognises, in one
+pass over a worker's read, a whole chunked-transfer chunk whose payload is that
+template with another string: what the chunk decoder, the SSE parser and the
+translator would have made of it is known without running them (the same event
+bytes, passed unchanged, content when the string is not empty), so the relay can
+write the chunk as it came. Anything else (`-1`) takes the general path.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orjson import JSONDecodeError
+from orjson import loads as _loads
+
+from sidecar.chunked import SIZE_LINES
+
+
+@dataclass(frozen=True, slots=True)
+class TextTemplate:
+    """One event's raw bytes cut around a JSON string: `prefix` + string + `suffix`."""
+
+    prefix: bytes  # from the start of the event block to the string's opening quote
+    suffix: bytes  # from after the closing quote to the end of the block (its blank line)
+    start: int  # len(prefix)
+    cut: int  # -len(suffix)
+    framed_suffix: bytes  # suffix + the chunk's CRLF
+    framed_cut: int  # -len(framed_suffix)
+
+    @classmethod
+    def around(cls, prefix: bytes, suffix: bytes) -> TextTemplate:
+        framed = suffix + b"\r\n"
+        return cls(prefix, suffix, len(prefix), -len(suffix), framed, -len(framed))
+
+
+def template_text(literal: bytes) -> str | None:
+    """The string when `literal` is exactly one JSON string, else None (not a string, not
+    valid JSON, or anything around it: a line break there would cut the event's line)."""
+    if len(literal) < 2 or literal[0] != 34 or literal[-1] != 34:
+        return None
+    if len(literal) == 2:
+        return ""
+    try:
+        text = _loads(literal)
+    except JSONDecodeError:
+        return None
+    return text  # a str: it starts and ends with a quote and parsed whole
+
+
+def text_in_chunk(data: bytes, template: TextTemplate) -> int:
+    """`data` is one whole chunk (lower-case hex size, CRLF, payload, CRLF) whose payload is
+    `template` with a JSON string in its place: 1 (a non-empty string) or 0 (empty); -1
+    for anything else."""
+    end = template.framed_cut
+    if data[end:] != template.framed_suffix:
+        return -1
+    # len(data) - 4 = hex digits + payload size: 1..16 -> 1 digit, 18..257 -> 2, 259.. -> 3
+    size = len(data) - 4
+    digits = 1 if size < 17 else 2 if size < 258 else 3
+    size -= digits
+    if not 0 < size < 4096 or data[: digits + 2] != SIZE_LINES[size]:
+        return -1
+    begin = digits + 2 + template.start
+    if data[digits + 2 : begin] != template.prefix:
+        return -1
+    text = template_text(data[begin:end])
+    return -1 if text is None else 1 if text else 0

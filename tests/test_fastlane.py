@@ -1,0 +1,199 @@
+"""The fast lane: a whole chunk carrying one template event is written as it came.
+
+`text_in_chunk` is checked on its own (every size-line width, every way to miss),
+then the relay handler is driven the way the pump drives it (the lane first while
+the decoder is between chunks, else decoder -> parser -> translator) against the
+same handler with the lane switched off: the client gets the same bytes and the
+translator counts the same content, whatever the worker's chunking.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import orjson
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from sidecar.chunked import ChunkedDecoder, frame
+from sidecar.dialects.base import StreamProtocolError
+from sidecar.fastlane import TextTemplate, template_text, text_in_chunk
+from sidecar.handlers import RelayHandler
+from sidecar.sse import SSEParser
+from tests.test_openai_template import translators, worker_streams
+
+PREFIX = b'data: {"choices":[{"delta":{"content":'
+SUFFIX = b'}}]}\n\n'
+TEMPLATE = TextTemplate.around(PREFIX, SUFFIX)
+
+
+def chunk_with(literal: bytes) -> bytes:
+    return frame(PREFIX + literal + SUFFIX)
+
+
+@pytest.mark.parametrize("size", [1, 5, 13, 14, 15, 16, 17, 200, 254, 255, 256, 257, 4000, 4095])
+def test_every_size_line_width(size: int) -> None:
+    """Payloads of every hex width around the boundaries (1, 2 and 3 digits)."""
+    room = size - len(PREFIX) - len(SUFFIX) - 2
+    if room < 0:
+        data = frame(b"x" * size)
+        assert text_in_chunk(data, TEMPLATE) == -1
+        return
+    literal = b'"' + b"a" * room + b'"'
+    data = chunk_with(literal)
+    assert len(data) - len(frame(b"")) + len(b"0\r\n") - 2 >= 0
+    assert text_in_chunk(data, TEMPLATE) == (1 if room else 0)
+
+
+@pytest.mark.parametrize(
+    ("literal", "verdict"),
+    [
+        (b'"tok"', 1),
+        (b'""', 0),
+        (b'"\\u00e9\\n"', 1),
+        (b'"a\\"b"', 1),
+        (b'"abc', -1),
+        (b"123", -1),
+        (b"null", -1),
+        (b'"a"\n', -1),
+        (b' "a"', -1),
+        (b'"a","x":"b"', -1),
+        (b'"bad \\q escape"', -1),
+        (b'"raw\nline"', -1),
+        (b'"\xff"', -1),
+    ],
+)
+def test_the_literal_decides(literal: bytes, verdict: int) -> None:
+    assert text_in_chunk(chunk_with(literal), TEMPLATE) == verdict
+    text = template_text(literal)
+    assert (text is None) == (verdict < 0)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"%X\r\n" % 60 + PREFIX + b'"xxxxxxxxxxxxxxxxxxxxxxxxxx"' + SUFFIX[:0],  # upper-case size
+        frame(PREFIX + b'"a"' + SUFFIX)[:-2] + b"XX",  # no CRLF after the payload
+        b"0" + frame(PREFIX + b'"a"' + SUFFIX),  # a leading zero
+        frame(PREFIX.replace(b"content", b"kontent") + b'"a"' + SUFFIX),  # another prefix
+        frame(PREFIX + b'"a"' + SUFFIX + b"data: x\n\n"),  # a second event
+        frame(PREFIX + b'"a"' + SUFFIX)[:-1],  # cut short
+        b"ff\r\n" + PREFIX + b'"a"' + SUFFIX + b"\r\n",  # a size that lies
+    ],
+)
+def test_anything_else_is_not_the_lane(data: bytes) -> None:
+    assert text_in_chunk(data, TEMPLATE) == -1
+
+
+# -- the handler, driven like the pump drives it -------------------------------------------
+
+
+class FakeExchange:
+    """The three things RelayHandler asks of an exchange; records what reaches the client."""
+
+    def __init__(self) -> None:
+        self.sent: list[bytes] = []
+
+    def start_event_stream(self, headers: Any) -> None:
+        self.sent.append(b"<head>")
+
+    def body_writer(self) -> Callable[[bytes], None]:
+        return lambda data: self.sent.append(frame(data))
+
+    def framed_writer(self) -> Callable[[bytes], None]:
+        return self.sent.append
+
+
+def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, int]:
+    """A chunked worker body, read in the pieces `cuts` makes, through a relay handler."""
+    fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+    exchange = FakeExchange()
+    handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
+    if not lane:
+        handler.lane = None
+    decoder = ChunkedDecoder()
+    for a, b in itertools.pairwise([0, *cuts, len(raw_body)]):
+        data = raw_body[a:b]
+        if not data:
+            continue
+        if decoder.at_boundary and handler.lane is not None and handler.lane(data):
+            continue
+        pieces = decoder.feed(data)
+        try:
+            if pieces:
+                handler.data(b"".join(pieces))
+        except StreamProtocolError as exc:  # the pump fails the stream here
+            exchange.sent.append(b"<failed: %s>" % str(exc).encode())
+            break
+    return b"".join(exchange.sent), fast._content_events
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.data())
+def test_the_lane_changes_nothing(data: st.DataObject) -> None:
+    stream = data.draw(worker_streams(chat=True))
+    blocks = [b + b"\n\n" for b in stream.split(b"\n\n") if b]
+    if data.draw(st.booleans()):
+        # chunk boundaries that do not follow the events: the parser holds partial events
+        joined = b"".join(blocks)
+        marks = sorted(set(data.draw(st.lists(st.integers(1, max(1, len(joined) - 1)), max_size=6))))
+        blocks = [joined[a:b] for a, b in itertools.pairwise([0, *marks, len(joined)]) if joined[a:b]]
+    body = b"".join(frame(b) for b in blocks) + b"0\r\n\r\n"
+    # mostly one read per chunk (how workers write tokens), sometimes split or merged
+    bounds = []
+    at = 0
+    for b in blocks:
+        at += len(frame(b))
+        bounds.append(at)
+    cuts = sorted(set(data.draw(st.lists(st.sampled_from(bounds or [0]), max_size=len(bounds)))))
+    cuts += data.draw(st.lists(st.integers(0, len(body)), max_size=2))
+    cuts = sorted(set(cuts))
+    with_lane = relay(body, cuts, lane=True)
+    without = relay(body, cuts, lane=False)
+    assert with_lane == without
+
+
+def test_the_lane_is_taken() -> None:
+    """Guard for the property above: whole template chunks do go by the lane."""
+    texts = ["a", "b", "", "c", "d"]
+    blocks = [
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
+        % orjson.dumps(t)
+        for t in texts
+    ]
+    body = b"".join(frame(b) for b in blocks)
+    cuts = []
+    at = 0
+    for b in blocks:
+        at += len(frame(b))
+        cuts.append(at)
+    fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+    exchange = FakeExchange()
+    handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
+    decoder = ChunkedDecoder()
+    taken = 0
+    for a, b in itertools.pairwise([0, *cuts]):
+        data = body[a:b]
+        if decoder.at_boundary and handler.lane is not None and handler.lane(data):
+            taken += 1
+            continue
+        handler.data(b"".join(decoder.feed(data)))
+    assert taken == 4  # the first event sets the template, the other four take the lane
+    assert b"".join(exchange.sent) == b"<head>" + body
+    assert fast._content_events == 4
+
+
+def test_not_while_the_parser_holds_part_of_an_event() -> None:
+    """A chunk that is a whole template event, after a chunk that left half an event in the
+    parser, belongs to that event: the lane must not take it."""
+    event = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    )
+    body = frame(event) + frame(event) + frame(b'data: {"half":') + frame(event)
+    cuts = [len(frame(event)), 2 * len(frame(event)), len(body) - len(frame(event))]
+    assert relay(body, cuts, lane=True) == relay(body, cuts, lane=False)
