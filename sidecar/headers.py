@@ -46,6 +46,14 @@ def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
     return match.end() if match else -1
 
 
+_TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
+#: A head every check below would pass on its own lines: an origin-form (or `*`) request
+#: line and plain `name:value` header lines. One C-level match instead of a loop per line.
+_PLAIN_HEAD = re.compile(
+    _TOKEN + rb" (?:/[^ \r\n]*|\*) HTTP/[0-9]\.[0-9]\r?\n(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n"
+)
+
+
 def check_raw_head(head: bytes) -> str | None:
     """Return why a raw request head must be refused with 400, or None if it is acceptable.
 
@@ -54,6 +62,20 @@ def check_raw_head(head: bytes) -> str | None:
     single `chunked`, obsolete line folding, whitespace before a colon, and
     absolute-form or authority-form targets (including CONNECT).
     """
+    if _PLAIN_HEAD.fullmatch(head) and not head.startswith(b"CONNECT "):
+        # the common case: only the framing headers are left to look at
+        low = head.lower()
+        if b"\ntransfer-encoding:" not in low:
+            at = low.find(b"\ncontent-length:")
+            if at < 0:
+                return None
+            if low.find(b"\ncontent-length:", at + 1) < 0 and b"," not in low[at : low.find(b"\n", at + 1)]:
+                return None
+    return check_head_lines(head)
+
+
+def check_head_lines(head: bytes) -> str | None:
+    """`check_raw_head` line by line: the general path, and the reason for any refusal."""
     lines = head.split(b"\n")
     request_line = lines[0].rstrip(b"\r")
     parts = request_line.split(b" ")

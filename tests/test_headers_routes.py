@@ -10,12 +10,13 @@ import re
 import string
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import config_from_dict
 from sidecar.headers import (
     HOP_BY_HOP,
+    check_head_lines,
     check_raw_head,
     connection_tokens,
     end_to_end,
@@ -324,3 +325,47 @@ def test_a_matched_route_never_sees_dot_segments_or_empty_segments(segments: lis
 
 def test_no_routes_no_match() -> None:
     assert match_route((), "GET", b"/v1/models") is None
+
+
+_head_lines = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"Host: x",
+                b"Content-Type: application/json",
+                b"Content-Length: 10",
+                b"content-length: 10",
+                b"Content-Length: 11",
+                b"Content-Length: 10, 10",
+                b"Content-Length: 10, 11",
+                b"Transfer-Encoding: chunked",
+                b"transfer-encoding: gzip, chunked",
+                b" folded",
+                b"\tfolded",
+                b"Bad Name: x",
+                b"Name : x",
+                b"NoColon",
+                b":empty-name",
+                b"X-Weird: a\rb",
+                b"X-Empty:",
+            ]
+        ),
+        st.builds(lambda n, v: n + b":" + v, st.binary(min_size=0, max_size=6), st.binary(max_size=6)),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    st.sampled_from([b"POST"] * 6 + [b"GET", b"CONNECT", b"P OST", b""]),
+    st.sampled_from([b"/v1/x"] * 6 + [b"*", b"http://h/x", b"h:443", b"/a b", b""]),
+    st.sampled_from([b"HTTP/1.1"] * 6 + [b"HTTP/1.0", b"HTTP/1.1 ", b"HTTX"]),
+    _head_lines,
+    st.sampled_from([b"\r\n", b"\n"]),
+)
+def test_the_one_match_gate_agrees_with_the_line_checks(
+    method: bytes, target: bytes, version: bytes, lines: list[bytes], eol: bytes
+) -> None:
+    head = eol.join([method + b" " + target + b" " + version, *lines]) + eol + eol
+    assert check_raw_head(head) == check_head_lines(head)
