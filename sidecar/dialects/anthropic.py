@@ -34,7 +34,7 @@ from sidecar.dialects.base import (
     read_event,
     stream_flag_plan,
 )
-from sidecar.dialects.merge import merge_into
+from sidecar.dialects.merge import finished, merge_into
 from sidecar.failures import Failure
 from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, anthropic_cost, cost_json_number, usage_from_anthropic
@@ -232,7 +232,7 @@ class AnthropicStream(StreamTranslator):
         return orjson.dumps(doc)
 
     def _final_block(self, index: int) -> dict[str, Any]:
-        block = dict(self._blocks[index])
+        block: dict[str, Any] = finished(self._blocks[index])
         for field in ("text", "thinking"):
             pieces = self._pieces.get((index, field))
             if pieces:

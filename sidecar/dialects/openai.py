@@ -32,7 +32,7 @@ from sidecar.dialects.base import (
     read_request,
     stream_asked,
 )
-from sidecar.dialects.merge import REPLACED_KEYS, merge_into
+from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, merge_value
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_text
 from sidecar.sse import Event
@@ -146,10 +146,9 @@ class OpenAIStream(StreamTranslator):
                     target = self._tpl_target
                     if target is None:
                         return raw
-                    # aggregating: what _absorb would do with this event, appending
+                    # aggregating: what _absorb would do with this event
                     key = self._tpl_key
-                    old = target.get(key)
-                    target[key] = text if old is None else old + text
+                    target[key] = merge_value(key, target.get(key), text)
                     return None
         data = event.data
         if data is None or self._done:
@@ -266,7 +265,7 @@ class OpenAIStream(StreamTranslator):
             if acc is None:
                 return
             target = acc.get("message") if self.shape.chat else acc
-            if type(target) is not dict or type(target.get(key)) is not str:
+            if type(target) is not dict or not isinstance(target.get(key), (str, TextParts)):
                 return
         needle = b'"' + key.encode() + b'":' + orjson.dumps(text)
         at = raw.find(needle)
@@ -331,7 +330,7 @@ class OpenAIStream(StreamTranslator):
         return orjson.dumps(doc)
 
     def _final_choice(self, acc: dict[str, Any]) -> dict[str, Any]:
-        choice = dict(acc)
+        choice: dict[str, Any] = finished(acc)
         if self.shape.chat:
             message = choice.setdefault("message", {})
             message.setdefault("role", "assistant")
