@@ -83,8 +83,9 @@ def chunk_objects(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
     """One chunk object, mostly a plain content delta, sometimes anything else a worker sends."""
     kind = draw(
         st.sampled_from(
-            ["plain"] * 6
-            + ["role", "null", "reasoning", "tools", "finish", "usage", "extra", "two", "error"]
+            ["plain"] * 5
+            + ["reasoning"] * 3
+            + ["role", "null", "tools", "finish", "usage", "extra", "two", "error"]
         )
     )
     text = draw(texts)
@@ -102,7 +103,16 @@ def chunk_objects(draw: st.DrawFn, chat: bool) -> dict[str, Any]:
         elif kind == "null":
             delta = {"content": None}
         elif kind == "reasoning":
-            delta = {"reasoning_content": text}
+            delta = draw(
+                st.sampled_from(
+                    [
+                        {"reasoning_content": text},
+                        {"role": None, "content": None, "reasoning_content": text, "tool_calls": None},
+                        {"reasoning": text},
+                        {"content": "", "reasoning_content": text},
+                    ]
+                )
+            )
         elif kind == "tools":
             delta = {"content": text, "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]}
         choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}
@@ -192,3 +202,45 @@ def test_the_fast_path_aggregates_completions() -> None:
     assert fast._tpl_target is not None
     assert orjson.loads(fast.document())["choices"][0]["text"] == "abc"
     assert COMPLETIONS.chat is False
+
+
+def test_the_fast_path_is_taken_for_reasoning_deltas() -> None:
+    """SGLang-style reasoning deltas (the other fields null) also get a template."""
+    fast, _ = translators(chat=True, aggregate=True, include_usage=True)
+    plain = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+        b'[{"index":0,"delta":{"role":null,"content":null,"reasoning_content":%s,'
+        b'"tool_calls":null},"finish_reason":null}]}\n\n'
+    )
+    raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "", "c"])
+    run(fast, raw)
+    assert fast.text_template is not None and fast._tpl_key == "reasoning_content"
+    assert fast._content_events == 3
+    message = orjson.loads(fast.document())["choices"][0]["message"]
+    assert message["reasoning_content"] == "abc" and message["content"] is None
+
+
+@pytest.mark.parametrize(
+    "delta",
+    [
+        {"content": "T", "tool_calls": [{"index": 0, "function": {"arguments": "{"}}]},
+        {"content": "T", "reasoning_content": "r"},
+        {"reasoning_content": "T", "content": "c"},
+        {"content": "T", "role": "assistant"},
+    ],
+    ids=["tool-calls", "reasoning-too", "content-too", "role"],
+)
+@pytest.mark.parametrize("aggregate", [False, True], ids=["relay", "aggregate"])
+def test_runs_of_one_shape_with_empty_texts(delta: dict[str, Any], aggregate: bool) -> None:
+    """The same delta shape again and again, its text sometimes empty: whatever else the
+    delta carries decides the content count exactly as the full parse does."""
+    fast, slow = translators(chat=True, aggregate=aggregate, include_usage=False)
+    key = next(k for k, v in delta.items() if v == "T")
+    events = []
+    for text in ["a", "b", "", "c", ""]:
+        choice = {"index": 0, "delta": {**delta, key: text}, "finish_reason": None}
+        obj = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": [choice]}
+        events.append(b"data: " + orjson.dumps(obj) + b"\n\n")
+    raw = b"".join(events)
+    assert run(fast, raw) == run(slow, raw)
+    assert state(fast) == state(slow)

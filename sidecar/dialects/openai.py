@@ -40,8 +40,10 @@ from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_opena
 
 DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
-#: delta keys that carry content besides `content` (a template's delta has none of them)
-_OTHER_CONTENT = frozenset({"reasoning_content", "reasoning", "tool_calls"})
+#: delta keys whose strings are generated text (a template's text is one of them)
+_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+#: delta keys that make an event content-bearing (see _content_bearing)
+_CONTENT_KEYS = ("content", "reasoning_content", "reasoning", "tool_calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,7 +111,7 @@ class OpenAIStream(StreamTranslator):
         self._fill: dict[str, Any] = {}
         # the last plain content event, cut around its text: see _learn_template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
-        self._tpl_key = "content"  # the text's key: delta.content (chat) or choice.text
+        self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
         self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
 
     def _first_chunk(self, obj: dict[str, Any]) -> None:
@@ -248,10 +250,15 @@ class OpenAIStream(StreamTranslator):
         holder: dict[str, Any] = choice
         key = "text"
         if self.shape.chat:
+            # the one text field of the delta (content, or reasoning); every other field
+            # that carries content empty, so the event carries content iff its text does
             delta = choice.get("delta")
-            if type(delta) is not dict or set(delta) & _OTHER_CONTENT:
+            if type(delta) is not dict:
                 return
-            holder, key = delta, "content"
+            keys = [k for k in _TEXT_KEYS if type(delta.get(k)) is str]
+            if len(keys) != 1 or any(delta.get(k) for k in _CONTENT_KEYS if k != keys[0]):
+                return
+            holder, key = delta, keys[0]
         text = holder.get(key)
         if type(text) is not str:
             return
