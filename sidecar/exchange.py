@@ -394,6 +394,12 @@ class Exchange(StreamListener):
         head = self._upstream_head(route)
         pool = self.generation.pool_for(route.upstream)
         response = await self._send(pool, head, body_parts, body_complete, body_deadline)
+        # The worker answered, so the request will not be sent again: a long prompt must
+        # not stay in memory for as long as its stream lasts.
+        body = b""
+        body_parts.clear()
+        if self.plan is not None:
+            self.plan.body = b""
         await self._handle_response(pool, response)
 
     async def _read_body(self, limit: int, deadline: float) -> bytes:
