@@ -123,6 +123,7 @@ async def serve_connection(client: ClientConnection) -> None:
                 _refuse(client, 400, "invalid_request", "malformed request head")
                 break
             exchange = Exchange(client, conn, event, runtime.current)
+            del event, head  # not held for as long as the exchange lasts
             client.busy = True
             try:
                 await exchange.run()
@@ -167,7 +168,8 @@ class Exchange(StreamListener):
         self.wall_start = time.time()
         self.client = client
         self.conn = conn
-        self.request = request
+        self.target = request.target  # the event itself (and its headers) is not kept
+        self.raw_method = request.method
         self.generation = generation
         self.runtime = client.runtime
         self.method = request.method.decode("ascii", "replace")
@@ -394,10 +396,11 @@ class Exchange(StreamListener):
         head = self._upstream_head(route)
         pool = self.generation.pool_for(route.upstream)
         response = await self._send(pool, head, body_parts, body_complete, body_deadline)
-        # The worker answered, so the request will not be sent again: a long prompt must
-        # not stay in memory for as long as its stream lasts.
+        # The worker answered, so the request will not be sent again: neither it nor a long
+        # prompt stays in memory for as long as its stream lasts.
+        del head, body_parts
         body = b""
-        body_parts.clear()
+        self.headers = []
         if self.plan is not None:
             self.plan.body = b""
         await self._handle_response(pool, response)
@@ -421,7 +424,6 @@ class Exchange(StreamListener):
                 raise ClientGone()
 
     def _upstream_head(self, route: RouteConfig) -> h11.Request:
-        request = self.request
         headers = without(end_to_end(self.headers), b"x-request-id")
         if self.dialect.reads_body:
             headers = without(headers, b"accept-encoding")
@@ -437,7 +439,7 @@ class Exchange(StreamListener):
         headers.append((b"x-request-id", self.request_id.encode()))
         # _parsed: method, target and client headers came out of h11's parser
         return h11.Request(
-            method=request.method, target=request.target, headers=headers, _parsed=True
+            method=self.raw_method, target=self.target, headers=headers, _parsed=True
         )
 
     async def _send(
@@ -575,7 +577,7 @@ class Exchange(StreamListener):
                     "request_id": self.request_id,
                     "route": route_name,
                     "method": self.method,
-                    "path": self.request.target.partition(b"?")[0].decode("ascii", "replace"),
+                    "path": self.target.partition(b"?")[0].decode("ascii", "replace"),
                     "status": status,
                     "outcome": self.outcome,
                     "code": self.failure.code if self.failure else None,

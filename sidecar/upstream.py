@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections import deque
 from typing import Protocol, cast
 
 import h11
@@ -43,7 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False  # a byte of the current response has arrived
         self.response_complete = False  # the current response's body ended cleanly
         self.keep_alive = True  # the worker did not ask to close after this response
-        self._pending: deque[bytes] = deque()
+        self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._waiter: asyncio.Future[None] | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
 
