@@ -148,9 +148,14 @@ class OpenAIStream(StreamTranslator):
                     target = self._tpl_target
                     if target is None:
                         return raw
-                    # aggregating: what _absorb would do with this event
+                    # aggregating: what _absorb would do with this event (merge_value,
+                    # with its common case first)
                     key = self._tpl_key
-                    target[key] = merge_value(key, target.get(key), text)
+                    old = target.get(key)
+                    if type(old) is TextParts:
+                        old.append(text)
+                    else:
+                        target[key] = merge_value(key, old, text)
                     return None
         data = event.data
         if data is None or self._done:
