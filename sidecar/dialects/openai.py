@@ -42,8 +42,6 @@ DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
 #: delta keys whose strings are generated text (a template's text is one of them)
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
-#: delta keys that make an event content-bearing (see _content_bearing)
-_CONTENT_KEYS = ("content", "reasoning_content", "reasoning", "tool_calls")
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,13 +165,7 @@ class OpenAIStream(StreamTranslator):
             self.complete = True
             self.settle()
             return None if self.aggregate else event.raw
-        # read_event inlined: this runs for every token of every stream
-        try:
-            obj = _loads(data)
-        except JSONDecodeError:
-            obj = None
-        if type(obj) is not dict:
-            obj = read_event(data)  # raises the precise StreamProtocolError
+        obj = read_event(data)
         if obj.get("error") is not None or event.event == "error":
             self.worker_error = True
             self._error_obj = obj
@@ -197,16 +189,7 @@ class OpenAIStream(StreamTranslator):
             if choice.get("finish_reason") is not None:
                 self.complete = True
                 final = True
-            part = choice.get(content_key)
-            if type(part) is dict:  # _content_bearing, inlined for the common chat delta
-                if (
-                    part.get("content")
-                    or part.get("reasoning_content")
-                    or part.get("reasoning")
-                    or part.get("tool_calls")
-                ):
-                    self._content_events += 1
-            elif _content_bearing(part):
+            if _content_bearing(choice.get(content_key)):
                 self._content_events += 1
         usage_obj = obj.get("usage")
         if type(usage_obj) is dict:
@@ -261,9 +244,11 @@ class OpenAIStream(StreamTranslator):
             if type(delta) is not dict:
                 return
             keys = [k for k in _TEXT_KEYS if type(delta.get(k)) is str]
-            if len(keys) != 1 or any(delta.get(k) for k in _CONTENT_KEYS if k != keys[0]):
+            if len(keys) != 1:
                 return
             holder, key = delta, keys[0]
+            if _content_bearing({k: v for k, v in delta.items() if k != key}):
+                return
         text = holder.get(key)
         if type(text) is not str:
             return
@@ -279,12 +264,13 @@ class OpenAIStream(StreamTranslator):
             target = acc.get("message") if self.shape.chat else acc
             if type(target) is not dict or not isinstance(target.get(key), (str, TextParts)):
                 return
-        needle = b'"' + key.encode() + b'":' + orjson.dumps(text)
+        literal = orjson.dumps(text)
+        needle = b'"' + key.encode() + b'":' + literal
         at = raw.find(needle)
         if at < 0 or raw.find(needle, at + 1) >= 0:
             return
-        start = at + len(needle) - len(orjson.dumps(text))
         end = at + len(needle)
+        start = end - len(literal)
         prefix, suffix = raw[:start], raw[end:]
         if not prefix.startswith(b"data: ") or not suffix:
             return
