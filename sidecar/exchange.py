@@ -33,6 +33,7 @@ from sidecar.dialects.base import (
     StreamTranslator,
 )
 from sidecar.failures import Failure, UpstreamFailure
+from sidecar.framing import body_decoder
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     Header,
@@ -63,6 +64,9 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
+
+#: the response headers h11 acts on when it frames a response (the rest it only copies)
+_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -205,10 +209,22 @@ class Exchange(StreamListener):
         if self.close_after or self.runtime.draining:
             headers.append((b"connection", b"close"))
         conn = self.conn
-        # _parsed: every header here came out of h11's parser or is one of our constants
-        data = conn.send(
-            h11.Response(status_code=status, headers=headers, reason=reason(status), _parsed=True)
+        # h11 sees only the headers that decide framing and keep-alive (it rewrites and
+        # re-validates every header it is given, up to three times for a chunked head); the
+        # rest, out of h11's parser or our constants, are spliced in after the status line.
+        framing: list[Header] = []
+        lines: list[bytes] = []
+        for name, value in headers:
+            if name.lower() in _FRAMING_HEADERS:
+                framing.append((name, value))
+            else:
+                lines.append(name + b": " + value + b"\r\n")
+        head = conn.send(
+            h11.Response(status_code=status, headers=framing, reason=reason(status), _parsed=True)
         )
+        assert head is not None
+        status_line = head.find(b"\r\n") + 2
+        data = head[:status_line] + b"".join(lines) + head[status_line:]
         self.status = status
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
@@ -526,7 +542,6 @@ class Exchange(StreamListener):
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
-        chunked = header_value(raw_headers, b"transfer-encoding") is not None
         worker_headers = end_to_end(raw_headers)
         plan = self.plan
         handler: BodyHandler
@@ -537,7 +552,8 @@ class Exchange(StreamListener):
         else:
             kind = body_kind(header_value(raw_headers, b"content-type"))
             handler = SniffHandler(self, worker_headers, kind)
-        pump = ResponsePump(self, self.upstream, handler, self.route, chunked)
+        decoder = body_decoder(self.raw_method, status, raw_headers)
+        pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump
         pump.start()
         await pump.done

@@ -15,9 +15,10 @@ from typing import TYPE_CHECKING
 import h11
 
 from sidecar import failures
-from sidecar.chunked import ChunkedDecoder, ChunkedError
+from sidecar.chunked import ChunkedError
 from sidecar.dialects.base import StreamProtocolError
 from sidecar.failures import Failure
+from sidecar.framing import BodyDecoder
 from sidecar.handlers import BodyHandler
 from sidecar.sse import encode_comment
 from sidecar.upstream import UpstreamConnection
@@ -45,12 +46,12 @@ class ResponsePump:
         upstream: UpstreamConnection,
         handler: BodyHandler,
         route: RouteConfig,
-        chunked: bool,
+        decoder: BodyDecoder | None,
     ) -> None:
         self.ex = exchange
         self.up = upstream
-        # chunked bodies (every streamed token) skip h11's event machinery
-        self.decoder = ChunkedDecoder() if chunked else None
+        # chunked and fixed-length bodies skip h11's event machinery (sidecar.framing)
+        self.decoder = decoder
         self.handler = handler
         handler.bind(self)
         self.loop = exchange.loop
@@ -72,7 +73,7 @@ class ResponsePump:
             self.client_paused()
         if self.decoder is not None:
             buffered, closed = self.up.h11.trailing_data
-            if buffered:
+            if buffered or self.decoder.done:  # done: an empty fixed-length body
                 self.upstream_data(buffered)
             if closed and not self.finished:
                 self.upstream_eof()

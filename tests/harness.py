@@ -1571,11 +1571,13 @@ class RawClient:
                 self.buffer.clear()
                 response.complete = False
             raw += response.body
-        else:
-            with contextlib.suppress(AssertionError):
-                self.read_until_close(left())
-            response.body = bytes(self.buffer)
-            self.buffer.clear()
+        else:  # delimited by the close
+            try:
+                response.body = self.read_until_close(left())
+            except AssertionError:
+                response.body = bytes(self.buffer)
+                self.buffer.clear()
+                response.complete = False
             raw += response.body
         response.raw = bytes(raw)
         return response

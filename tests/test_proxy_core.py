@@ -178,6 +178,78 @@ def test_worker_connection_close_is_honoured_and_the_client_kept(
     assert a.connection != b.connection
 
 
+def test_http10_client_gets_an_unframed_stream_then_close(w: FakeWorker, proxy: Daemon) -> None:
+    # h11 frames the head (no chunked coding for HTTP/1.0, Connection: close); the sidecar's
+    # own headers are spliced in beside its framing headers, each exactly once
+    w.reply(sse_reply(chat_stream_events(["a", "b"])))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                                  [("x-request-id", "old-client")]).replace(b"HTTP/1.1", b"HTTP/1.0", 1))
+        response = client.read_response()
+        assert client.closed_by_peer()
+    assert response.status == 200 and response.complete
+    names = [name for name, _ in response.headers]
+    assert len(names) == len(set(names)), names
+    assert response.header("transfer-encoding") is None and response.header("connection") == "close"
+    assert response.header("content-type") == "text/event-stream"
+    assert response.header("x-request-id") == "old-client"
+    assert response.raw.startswith(b"HTTP/1.1 200 OK\r\n")
+    assert response.sse()[-1] == "[DONE]"
+
+
+def test_every_response_header_once_with_h11_framing(w: FakeWorker, proxy: Daemon) -> None:
+    body = json.dumps(chat_completion()).encode()
+    w.reply(http_response(200, body, [("content-type", "application/json"), *WORKER_E2E]),
+            sse_reply(chat_stream_events(["a"])))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body()))
+        document = client.read_response()
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        stream = client.read_response()
+    for response in (document, stream):
+        names = [name for name, _ in response.headers]
+        assert len(names) == len(set(names)), names
+        assert response.status == 200 and response.complete and response.header("x-request-id")
+    assert document.header("content-length") == str(len(document.body))
+    assert document.header("transfer-encoding") is None
+    for name, value in WORKER_E2E:
+        assert document.header(name) == value
+    assert stream.header("transfer-encoding") == "chunked" and stream.header("content-length") is None
+
+
+def test_head_request_answer_has_no_body_and_the_connection_stays(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply([Send(response_head(200, [("content-length", "5"), ("content-type", "text/plain")]))],
+            models_handler)
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("HEAD", "/v1/files/x"))
+        head = client.read_response(head_only_body=True)
+        client.send(request_bytes("GET", "/v1/models"))
+        after = client.read_response()
+    assert head.status == 200 and head.header("content-length") == "5"
+    assert after.status == 200 and after.json()["path"] == "/v1/models"
+    a, b = w.wait_requests(2)
+    assert a.connection == b.connection  # the worker's connection was reused too
+
+
+def test_worker_bytes_past_its_content_length_are_dropped_with_its_connection(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    body = json.dumps(chat_completion()).encode()
+    junk = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"
+    w.reply([Send(response_head(200, [("content-type", "application/json"),
+                                      ("content-length", str(len(body)))]) + body + junk)],
+            json_reply(chat_completion()))
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body()))
+        first = client.read_response()
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body()))
+        second = client.read_response()
+    assert first.status == 200 and first.json()["choices"] == chat_completion()["choices"]
+    assert second.status == 200
+    a, b = w.wait_requests(2)
+    assert a.connection != b.connection  # never read the junk as the next answer
+
+
 # ============================================================================ errors before the head
 
 

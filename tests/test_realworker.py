@@ -909,7 +909,7 @@ def test_queued_request_waits_for_slot_without_timeout(
 
         response = b""
         sock.settimeout(60)
-        while not response.endswith(b"0\r\n\r\n"):
+        while not response.endswith(b"\r\n0\r\n\r\n"):  # the last chunk, not a head ending in 0
             piece = sock.recv(65536)
             if not piece:
                 break

@@ -151,7 +151,7 @@ async def fast_client(address: tuple[str, int], index: int) -> float:
         writer.write(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
                                    [("x-kind", "fast"), ("x-request-id", f"fast-{index}")]))
         data = bytearray()
-        while not data.endswith(b"0\r\n\r\n"):
+        while not data.endswith(b"\r\n0\r\n\r\n"):  # the last chunk, not a head ending in 0
             piece = await reader.read(65536)
             if not piece:
                 raise AssertionError(f"fast stream {index} cut short: {bytes(data[-300:])!r}")

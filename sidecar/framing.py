@@ -1,0 +1,73 @@
+"""How a worker's response body is framed, and the decoder that reads it past h11.
+
+Pure: no sockets, no asyncio. h11 parses every response head; the body is then
+read by a decoder with one small interface (`feed(bytes) -> payload pieces`,
+`done`, `trailing`, `at_boundary`) instead of through h11's event machinery:
+`chunked.ChunkedDecoder` for chunked bodies (every streamed token), and
+`ContentLengthDecoder` for fixed-length ones (every non-streaming answer), so a
+body costs no h11 event per read. Bodies h11 must frame itself (HEAD answers,
+1xx/204/304, read-until-close) get no decoder.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from sidecar.chunked import ChunkedDecoder
+
+Header = tuple[bytes, bytes]
+
+
+class ContentLengthDecoder:
+    """Counts a `Content-Length` body fed in arbitrary pieces; `feed` returns the payload pieces.
+
+    `done` turns True once `length` bytes have arrived; bytes after that are kept in
+    `trailing` (a worker that sends them cannot be reused).
+    """
+
+    __slots__ = ("_remaining", "done", "trailing")
+
+    #: a fixed-length body is never a run of whole SSE chunks: no fast lane
+    at_boundary = False
+
+    def __init__(self, length: int) -> None:
+        self._remaining = length
+        self.done = length == 0
+        self.trailing = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        if self.done:
+            self.trailing += data
+            return []
+        remaining = self._remaining
+        n = len(data)
+        if n < remaining:
+            self._remaining = remaining - n
+            return [data] if n else []
+        self._remaining = 0
+        self.done = True
+        if n > remaining:
+            self.trailing = data[remaining:]
+            data = data[:remaining]
+        return [data]
+
+
+BodyDecoder = ChunkedDecoder | ContentLengthDecoder
+
+
+def body_decoder(method: bytes, status: int, headers: Iterable[Header]) -> BodyDecoder | None:
+    """The decoder for the body of a response with these (h11-parsed, lower-case) headers to a
+    `method` request, or None when h11 must frame it (no body, or read until close).
+
+    h11 has already validated the framing headers: one `Transfer-Encoding: chunked` or one
+    plain decimal `Content-Length`, never both.
+    """
+    if method == b"HEAD" or status < 200 or status == 204 or status == 304:
+        return None
+    length: bytes | None = None
+    for name, value in headers:
+        if name == b"transfer-encoding":
+            return ChunkedDecoder()
+        if name == b"content-length":
+            length = value
+    return None if length is None else ContentLengthDecoder(int(length))
