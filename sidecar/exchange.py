@@ -472,11 +472,10 @@ class Exchange(StreamListener):
             conn, reused = await pool.acquire()
             self.upstream = conn
             try:
-                events: list[h11.Event] = [head, *(h11.Data(data=p) for p in body_parts)]
                 if body_complete:  # the common case: one write for the whole request
-                    conn.send(*events, END_OF_MESSAGE)
+                    conn.send_request(head, b"".join(body_parts))
                 else:
-                    conn.send(*events)
+                    conn.send(head, *(h11.Data(data=p) for p in body_parts))
                     while not body_complete:
                         body_complete = await self._forward_body_part(
                             conn, body_parts, body_deadline

@@ -42,6 +42,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False  # a byte of the current response has arrived
         self.response_complete = False  # the current response's body ended cleanly
         self.keep_alive = True  # the worker did not ask to close after this response
+        self.request_sent = False  # the current request went out whole, body included
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._waiter: asyncio.Future[None] | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
@@ -95,7 +96,7 @@ class UpstreamConnection(asyncio.Protocol):
             and not self._pending
             and self.response_complete
             and self.keep_alive
-            and self.h11.our_state is h11.DONE
+            and (self.request_sent or self.h11.our_state is h11.DONE)
         )
 
     def new_cycle(self) -> None:
@@ -104,6 +105,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_started = False
         self.response_complete = False
         self.keep_alive = True
+        self.request_sent = False
 
     def write(self, data: bytes) -> None:
         assert self.transport is not None
@@ -111,11 +113,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
-        if self.closed or self.transport is None or self.transport.is_closing():
-            raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
+        transport = self._open_transport()
         data = b"".join(self.h11.send(event) or b"" for event in events)
         if data:
-            self.transport.write(data)
+            transport.write(data)
+
+    def send_request(self, head: h11.Request, body: bytes) -> None:
+        """Send a request whose whole body is at hand, in one write; UpstreamFailure if the
+        socket is gone. h11 writes the head (its Content-Length must be `len(body)`); the
+        body bytes follow it as they are, not as h11 events."""
+        transport = self._open_transport()
+        data = self.h11.send(head)
+        assert data is not None
+        transport.write(data + body if body else data)
+        self.request_sent = True
+
+    def _open_transport(self) -> asyncio.Transport:
+        if self.closed or self.transport is None or self.transport.is_closing():
+            raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
+        return self.transport
 
     async def next_event(self, deadline: float | None = None) -> h11.Event | type[h11.NEED_DATA]:
         """The next h11 event of the response, waiting for bytes as needed (head phase);

@@ -194,6 +194,20 @@ def test_the_fast_path_is_taken_for_a_plain_stream() -> None:
     assert fast._content_events == 3
 
 
+def test_an_empty_text_is_not_learned() -> None:
+    """The role announcement (`"content": ""`) never repeats: learning it would cost a cut and
+    a probe parse per stream for nothing, so the first token event is the one learned."""
+    fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+    head = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":'
+    tail = b',"finish_reason":null}]}\n\n'
+    role = head + b'{"role":"assistant","content":""}' + tail
+    run(fast, role)
+    assert fast.text_template is None
+    token = head + b'{"content":"a"}' + tail
+    assert run(fast, token + token) == [token, token]
+    assert fast.text_template is not None and fast._tpl_learns == 2  # one try on each shape
+
+
 def test_the_fast_path_aggregates_completions() -> None:
     fast, _ = translators(chat=False, aggregate=True, include_usage=False)
     plain = b'data: {"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]}\n\n'

@@ -250,7 +250,8 @@ class OpenAIStream(StreamTranslator):
             if _content_bearing({k: v for k, v in delta.items() if k != key}):
                 return
         text = holder.get(key)
-        if type(text) is not str:
+        if type(text) is not str or not text:
+            # an empty text is the role announcement, not a token: its bytes never repeat
             return
         target: dict[str, Any] | None = None
         if self.aggregate:
