@@ -14,7 +14,6 @@ exact decimals.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import TYPE_CHECKING, Any
@@ -111,7 +110,7 @@ class Usage:
 
 def _count(obj: Any, key: str) -> int | None:
     """A non-negative int at obj[key], else None (missing, null, bool, float, str...)."""
-    if not isinstance(obj, Mapping):
+    if not isinstance(obj, dict):  # parsed JSON: a dict (an ABC check costs ten times more)
         return None
     value = obj.get(key)
     if type(value) is not int or value < 0:  # bool is a subclass of int: excluded
@@ -120,10 +119,10 @@ def _count(obj: Any, key: str) -> int | None:
 
 
 def _sub(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, Mapping) else None
+    return obj.get(key) if isinstance(obj, dict) else None
 
 
-def usage_from_openai(obj: Mapping[str, Any]) -> Usage:
+def usage_from_openai(obj: dict[str, Any]) -> Usage:
     """Usage from an OpenAI chat/completions `usage` object.
 
     Reads prompt_tokens, completion_tokens,
@@ -139,7 +138,7 @@ def usage_from_openai(obj: Mapping[str, Any]) -> Usage:
     )
 
 
-def usage_from_responses(obj: Mapping[str, Any]) -> Usage:
+def usage_from_responses(obj: dict[str, Any]) -> Usage:
     """Usage from an OpenAI Responses `response.usage` object.
 
     input_tokens (which already includes the cached ones), output_tokens,
@@ -153,7 +152,7 @@ def usage_from_responses(obj: Mapping[str, Any]) -> Usage:
     )
 
 
-def usage_from_anthropic(obj: Mapping[str, Any]) -> Usage:
+def usage_from_anthropic(obj: dict[str, Any]) -> Usage:
     """Usage from an Anthropic Messages `usage` object.
 
     `prompt_tokens` = input + cache_read + cache_creation (when any of them is
@@ -189,9 +188,46 @@ def _price(value: Decimal | None, fallback: Decimal) -> Decimal:
     return fallback if value is None else value
 
 
-def _per_million(total: Decimal) -> Decimal:
-    # Exact: shifting the exponent never rounds.
-    return total.scaleb(-6, _CTX)
+#: price rows as integers, by id(row); each entry holds its row, so while the entry exists
+#: the row is alive and its id cannot be reused by another object
+_INTEGER_ROWS: dict[tuple[int, bool], tuple[Any, tuple[int, ...]]] = {}
+
+
+def _integer_prices(price: Price, anthropic: bool) -> tuple[int, ...]:
+    """The four prices of a formula as integers at one shared exponent, which comes last.
+
+    The Decimal arithmetic per request then becomes int arithmetic and one exponent
+    shift, with the same exact result. Worked out once per price row.
+    """
+    key = (id(price), anthropic)
+    entry = _INTEGER_ROWS.get(key)
+    if entry is not None:
+        return entry[1]
+    if anthropic:
+        row = (
+            price.prompt,
+            _price(price.cached_prompt, price.prompt),
+            _price(price.cache_write, price.prompt),
+            price.completion,
+        )
+    else:
+        row = (
+            price.prompt,
+            _price(price.cached_prompt, price.prompt),
+            price.completion,
+            _price(price.reasoning, price.completion),
+        )
+    exponent = min(int(p.as_tuple().exponent) for p in row)
+    ints = (*(int(p.scaleb(-exponent, _CTX)) for p in row), exponent)
+    if len(_INTEGER_ROWS) > 4096:  # many reloads of many rows: start over
+        _INTEGER_ROWS.clear()
+    _INTEGER_ROWS[key] = (price, ints)
+    return ints
+
+
+def _per_million(total: int, exponent: int) -> Decimal:
+    # Exact: an int converts exactly and shifting the exponent never rounds.
+    return Decimal(total).scaleb(exponent - 6, _CTX)
 
 
 def openai_cost(usage: Usage, price: Price) -> Decimal:
@@ -208,18 +244,14 @@ def openai_cost(usage: Usage, price: Price) -> Decimal:
     cached = usage.cached_tokens or 0
     completion = usage.completion_tokens or 0
     reasoning = usage.reasoning_tokens or 0
-    c = _CTX
-    total = c.add(
-        c.add(
-            c.multiply(Decimal(max(prompt - cached, 0)), price.prompt),
-            c.multiply(Decimal(cached), _price(price.cached_prompt, price.prompt)),
-        ),
-        c.add(
-            c.multiply(Decimal(max(completion - reasoning, 0)), price.completion),
-            c.multiply(Decimal(reasoning), _price(price.reasoning, price.completion)),
-        ),
+    p_prompt, p_cached, p_completion, p_reasoning, exponent = _integer_prices(price, False)
+    total = (
+        max(prompt - cached, 0) * p_prompt
+        + cached * p_cached
+        + max(completion - reasoning, 0) * p_completion
+        + reasoning * p_reasoning
     )
-    return _per_million(total)
+    return _per_million(total, exponent)
 
 
 def anthropic_cost(usage: Usage, price: Price) -> Decimal:
@@ -237,18 +269,11 @@ def anthropic_cost(usage: Usage, price: Price) -> Decimal:
     else:
         raw_input = max((usage.prompt_tokens or 0) - cache_read - cache_write, 0)
     output = usage.completion_tokens or 0
-    c = _CTX
-    total = c.add(
-        c.add(
-            c.multiply(Decimal(raw_input), price.prompt),
-            c.multiply(Decimal(cache_read), _price(price.cached_prompt, price.prompt)),
-        ),
-        c.add(
-            c.multiply(Decimal(cache_write), _price(price.cache_write, price.prompt)),
-            c.multiply(Decimal(output), price.completion),
-        ),
+    p_prompt, p_cached, p_write, p_completion, exponent = _integer_prices(price, True)
+    total = (
+        raw_input * p_prompt + cache_read * p_cached + cache_write * p_write + output * p_completion
     )
-    return _per_million(total)
+    return _per_million(total, exponent)
 
 
 def cost_header_value(cost: Decimal) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import random
-from decimal import Decimal
+from decimal import Context, Decimal
 
 import pytest
 from hypothesis import given
@@ -273,6 +273,56 @@ def test_openai_cost_matches_integer_arithmetic(
     cost = openai_cost(u, price)
     assert cost == D(exact).scaleb(-12)
     assert D(cost_header_value(cost)) * 10**12 == exact
+
+
+_PRICE_TEXT = st.one_of(
+    st.decimals(min_value=0, max_value=10**4, allow_nan=False, allow_infinity=False, places=None),
+    st.sampled_from([D("1E+2"), D("0"), D("0.000"), D("2.5E-7"), D("12345678901234567890.5")]),
+)
+
+
+@given(
+    counts=st.lists(st.integers(0, 10**9), min_size=5, max_size=5),
+    prices=st.lists(_PRICE_TEXT, min_size=5, max_size=5),
+    defaults=st.lists(st.booleans(), min_size=3, max_size=3),
+)
+def test_costs_equal_the_decimal_formula_digit_for_digit(
+    counts: list[int], prices: list[Decimal], defaults: list[bool]
+) -> None:
+    """The per-row integer prices give the very Decimal the formula gives (value and exponent),
+    for any exponents and with the defaulted prices; each example is a new row (and ids of
+    collected rows get reused, which must never hand a new row an old row's integers)."""
+    prompt, completion, cached, reasoning, write = counts
+    pp, pc, pcache, preas, pwrite = prices
+    price = Price(prompt=pp, completion=pc, cached_prompt=None if defaults[0] else pcache,
+                  reasoning=None if defaults[1] else preas, cache_write=None if defaults[2] else pwrite)
+    wide = Context(prec=200)
+
+    def same_digits(got: Decimal, want: Decimal) -> bool:
+        # the daemon keeps 60 significant digits: past them only the value must agree
+        return len(want.as_tuple().digits) > 60 or got.as_tuple() == want.as_tuple()
+
+    def formula(terms: list[tuple[int, Decimal]]) -> Decimal:
+        products = [wide.multiply(D(n), p) for n, p in terms]
+        total = wide.add(wide.add(products[0], products[1]), wide.add(products[2], products[3]))
+        return total.scaleb(-6, wide)
+
+    cache_p = pp if price.cached_prompt is None else pcache
+    reas_p = pc if price.reasoning is None else preas
+    write_p = pp if price.cache_write is None else pwrite
+    terms = [(max(prompt - cached, 0), pp), (cached, cache_p),
+             (max(completion - reasoning, 0), pc), (reasoning, reas_p)]
+    want = formula(terms)
+    u = Usage(prompt_tokens=prompt, completion_tokens=completion, cached_tokens=cached,
+              reasoning_tokens=reasoning)
+    got = openai_cost(u, price)
+    assert got == want and same_digits(got, want)
+    a = Usage(prompt_tokens=prompt + cached + write, completion_tokens=completion,
+              cached_tokens=cached, cache_write_tokens=write, input_tokens_uncached=prompt)
+    terms = [(prompt, pp), (cached, cache_p), (write, write_p), (completion, pc)]
+    want = formula(terms)
+    got = anthropic_cost(a, price)
+    assert got == want and same_digits(got, want)
 
 
 def _int_cost(u: tuple[int, int, int, int], micro: tuple[int, int, int, int]) -> int:
