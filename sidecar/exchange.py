@@ -117,7 +117,10 @@ async def serve_connection(client: ClientConnection) -> None:
                 _refuse(client, 400, "invalid_request", problem)
                 break
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-            client.feed_h11(conn)
+            # h11 gets the head only: a Content-Length body is read by the exchange itself
+            # (Exchange._read_body), anything else h11 is fed as it needs it
+            conn.receive_data(head)
+            del client.buffer[: len(head)]
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -138,7 +141,7 @@ async def serve_connection(client: ClientConnection) -> None:
                 exchange.close_after
                 or client.closed
                 or conn.our_state is not h11.DONE
-                or conn.their_state is not h11.DONE
+                or not (exchange.body_read or conn.their_state is h11.DONE)
             ):
                 break
             leftover, _ = conn.trailing_data
@@ -201,6 +204,7 @@ class Exchange(StreamListener):
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self._finished = False
+        self.body_read = False  # the request body was read past h11 (Content-Length)
 
     # -- the client side, as the pump and handlers see it ------------------------------
     def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
@@ -401,7 +405,11 @@ class Exchange(StreamListener):
         body_parts: list[bytes] = []
         body_complete = False
         if dialect.reads_body:
-            body = await self._read_body(limits.max_request_body, body_deadline)
+            if length is not None and header_value(self.headers, b"transfer-encoding") is None:
+                body = await self.client.read_body(int(length), self.conn, body_deadline)
+                self.body_read = True
+            else:
+                body = await self._read_body(limits.max_request_body, body_deadline)
             try:
                 self.plan = dialect.plan(body, route.upstream_stream, self.request_id)
             except BadRequest as exc:

@@ -217,8 +217,9 @@ def _integer_prices(price: Price, anthropic: bool) -> tuple[int, ...]:
             price.completion,
             _price(price.reasoning, price.completion),
         )
-    exponent = min(int(p.as_tuple().exponent) for p in row)
-    ints = (*(int(p.scaleb(-exponent, _CTX)) for p in row), exponent)
+    exact = [Decimal(p) for p in row]  # rows built in code may hold ints
+    exponent = min(int(p.as_tuple().exponent) for p in exact)
+    ints = (*(int(p.scaleb(-exponent, _CTX)) for p in exact), exponent)
     if len(_INTEGER_ROWS) > 4096:  # many reloads of many rows: start over
         _INTEGER_ROWS.clear()
     _INTEGER_ROWS[key] = (price, ints)

@@ -110,6 +110,23 @@ def test_pipelined_requests_are_answered_in_order(w: FakeWorker, proxy: Daemon) 
     assert paths == ["/v1/models?n=0", "/v1/models?n=1", "/v1/models?n=2"]
 
 
+def test_pipelined_requests_with_bodies_of_both_framings(w: FakeWorker, proxy: Daemon) -> None:
+    # Content-Length bodies are read past h11, chunked ones through it: in one send, every
+    # body goes to its own request and every next head is found where the body ends
+    temps = [0.1, 0.2, 0.3, 0.4]
+    w.reply(*[json_reply(chat_completion(f"answer {i}")) for i in range(len(temps))])
+    with RawClient(proxy.address) as client:
+        client.send(b"".join(
+            request_bytes("POST", "/v1/chat/completions", chat_body(temperature=t), chunked=i == 2)
+            for i, t in enumerate(temps)
+        ))
+        answers = [client.read_response().json()["choices"][0]["message"]["content"]
+                   for _ in temps]
+    assert answers == [f"answer {i}" for i in range(len(temps))]
+    requests = w.wait_requests(len(temps))
+    assert [r.json()["temperature"] for r in requests] == temps
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 def test_passthrough_request_body_both_framings(w: FakeWorker, proxy: Daemon, chunked: bool) -> None:
     body = bytes(range(256)) * 1000  # binary, 256 KB
