@@ -8,6 +8,8 @@ template with another string: what the chunk decoder, the SSE parser and the
 translator would have made of it is known without running them (the same event
 bytes, passed unchanged, content when the string is not empty), so the relay can
 write the chunk as it came. Anything else (`-1`) takes the general path.
+`template_chunks` does the same for a read that carries several whole chunks (a
+worker ahead of its reader), up to the first chunk that is not the template's.
 """
 
 from __future__ import annotations
@@ -69,3 +71,32 @@ def text_in_chunk(data: bytes, template: TextTemplate) -> int:
         return -1
     text = template_text(data[begin:end])
     return -1 if text is None else 1 if text else 0
+
+
+def template_chunks(data: bytes, template: TextTemplate) -> tuple[int, int]:
+    """The whole chunks at the start of `data` that `text_in_chunk` accepts, one after the
+    other: (how many carry a non-empty string, how many bytes they span). The rest of `data`
+    (from the first chunk that is cut short or not the template's) is left alone."""
+    at = 0
+    texts = 0
+    n = len(data)
+    while at < n:
+        line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits (< 4096)
+        if line_end < 2:
+            break
+        try:
+            size = int(data[at : line_end - 2], 16)
+        except ValueError:
+            break
+        # the canonical size line only (int() also takes signs, blanks, 0x, underscores)
+        if not 0 < size < 4096 or data[at:line_end] != SIZE_LINES[size]:
+            break
+        end = line_end + size + 2
+        if end > n:
+            break
+        text = text_in_chunk(data[at:end], template)
+        if text < 0:
+            break
+        texts += text
+        at = end
+    return texts, at

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.dialects.base import StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
-from sidecar.fastlane import text_in_chunk
+from sidecar.fastlane import template_chunks, text_in_chunk
 from sidecar.headers import Header, header_value, without
 from sidecar.sse import Event, SSEParser, SSEProtocolError
 from sidecar.usage import cost_header_value
@@ -44,9 +44,10 @@ def body_kind(content_type: bytes | None) -> str | None:
 class BodyHandler:
     """What to do with a worker's response body; the pump calls these synchronously."""
 
-    #: Set by handlers that can take a whole chunk of a chunked body at once, bypassing
-    #: the decoder (the pump calls it only between chunks): True when it dealt with it.
-    lane: Callable[[bytes], bool] | None = None
+    #: Set by handlers that can take whole chunks of a chunked body at once, bypassing the
+    #: decoder (the pump calls it only between chunks): how many bytes at the start of the
+    #: read it dealt with (whole chunks; the rest goes the general way).
+    lane: Callable[[bytes], int] | None = None
 
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
@@ -179,22 +180,27 @@ class RelayHandler(BodyHandler):
         write_framed = exchange.framed_writer()
         if write_framed is not None:
             self.write_framed = write_framed
-            self.lane = self.whole_chunk
+            self.lane = self.whole_chunks
 
-    def whole_chunk(self, data: bytes) -> bool:
-        """The fast lane (sidecar.fastlane): a chunk carrying one event of the translator's
-        text template goes to the client as it came, without decoding, parsing or building
-        the event. False (nothing done) for anything else."""
+    def whole_chunks(self, data: bytes) -> int:
+        """The fast lane (sidecar.fastlane): chunks carrying one event of the translator's
+        text template each go to the client as they came, without decoding, parsing or
+        building events. Returns how many bytes at the start of `data` went (0: none)."""
         template = self.translator.text_template
         if template is None or self.parser.busy:
-            return False
-        text = text_in_chunk(data, template)
-        if text < 0:
-            return False
-        if text:
-            self.translator.passed_text()
-        self.write_framed(data)
-        return True
+            return 0
+        text = text_in_chunk(data, template)  # the usual read: exactly one chunk
+        if text >= 0:
+            if text:
+                self.translator.passed_text(1)
+            self.write_framed(data)
+            return len(data)
+        texts, taken = template_chunks(data, template)
+        if taken:
+            if texts:
+                self.translator.passed_text(texts)
+            self.write_framed(data[:taken] if taken < len(data) else data)
+        return taken
 
     def data(self, chunk: bytes) -> None:
         try:

@@ -93,8 +93,12 @@ class ResponsePump:
             return
         if decoder.at_boundary:
             lane = self.handler.lane
-            if lane is not None and lane(data):
-                return
+            if lane is not None:
+                taken = lane(data)
+                if taken:
+                    if taken == len(data):
+                        return
+                    data = data[taken:]
         try:
             pieces = decoder.feed(data)
             if pieces:

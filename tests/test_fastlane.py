@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sidecar.chunked import ChunkedDecoder, frame
 from sidecar.dialects.base import StreamProtocolError
-from sidecar.fastlane import TextTemplate, template_text, text_in_chunk
+from sidecar.fastlane import TextTemplate, template_chunks, template_text, text_in_chunk
 from sidecar.handlers import RelayHandler
 from sidecar.sse import SSEParser
 from tests.test_openai_template import translators, worker_streams
@@ -88,6 +88,35 @@ def test_anything_else_is_not_the_lane(data: bytes) -> None:
     assert text_in_chunk(data, TEMPLATE) == -1
 
 
+_PIECES = st.one_of(
+    st.sampled_from([b'"tok"', b'""', b'"a\\"b"', b'"\\u00e9"', b'"' + b"x" * 300 + b'"']).map(chunk_with),
+    st.sampled_from([b"123", b'"abc', b'"a","x":"b"']).map(chunk_with),  # not the template's
+    st.sampled_from([b"data: [DONE]\n\n", b": keep-alive\n\n"]).map(frame),
+    st.sampled_from([b"0\r\n\r\n", b"0" + chunk_with(b'"a"'), b"%X\r\n" % 45 + b"x" * 45 + b"\r\n"]),
+    st.binary(max_size=12),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_PIECES, max_size=8), st.integers(0, 400))
+def test_several_chunks_in_one_read(pieces: list[bytes], cut: int) -> None:
+    """`template_chunks` takes exactly the run of whole chunks `text_in_chunk` accepts one by
+    one from the start of a read, and counts their texts; a chunk cut short ends the run."""
+    data = b"".join(pieces)
+    data = data[: len(data) - cut] if cut < len(data) else data
+    want_texts, want_taken = 0, 0
+    while True:  # by brute force: the one end at which text_in_chunk takes a whole chunk
+        ends = [e for e in range(want_taken + 1, len(data) + 1) if data[e - 2 : e] == b"\r\n"]
+        verdicts = [(text_in_chunk(data[want_taken:e], TEMPLATE), e) for e in ends]
+        taken = [(v, e) for v, e in verdicts if v >= 0]
+        if not taken:
+            break
+        assert len(taken) == 1
+        want_texts += taken[0][0]
+        want_taken = taken[0][1]
+    assert template_chunks(data, TEMPLATE) == (want_texts, want_taken)
+
+
 # -- the handler, driven like the pump drives it -------------------------------------------
 
 
@@ -107,7 +136,7 @@ class FakeExchange:
         return self.sent.append
 
 
-def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, int]:
+def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, str | None, int]:
     """A chunked worker body, read in the pieces `cuts` makes, through a relay handler."""
     fast, _ = translators(chat=True, aggregate=False, include_usage=True)
     exchange = FakeExchange()
@@ -119,16 +148,26 @@ def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, int]:
         data = raw_body[a:b]
         if not data:
             continue
-        if decoder.at_boundary and handler.lane is not None and handler.lane(data):
-            continue
+        if decoder.at_boundary and handler.lane is not None:
+            taken = handler.lane(data)  # as the pump does: whole chunks first, the rest after
+            data = data[taken:]
+            if not data:
+                continue
         pieces = decoder.feed(data)
         try:
             if pieces:
                 handler.data(b"".join(pieces))
         except StreamProtocolError as exc:  # the pump fails the stream here
-            exchange.sent.append(b"<failed: %s>" % str(exc).encode())
+            failed = str(exc)
             break
-    return b"".join(exchange.sent), fast._content_events
+    else:
+        failed = None
+    # what the client reads: the body's bytes (a read of several chunks may go out as the
+    # worker framed them or re-framed as one chunk: the same body either way)
+    assert exchange.sent[0] == b"<head>"
+    client = ChunkedDecoder()
+    body = b"".join(client.feed(b"".join(exchange.sent[1:])))
+    return body, failed, fast._content_events
 
 
 @settings(max_examples=300, deadline=None)
@@ -178,13 +217,30 @@ def test_the_lane_is_taken() -> None:
     taken = 0
     for a, b in itertools.pairwise([0, *cuts]):
         data = body[a:b]
-        if decoder.at_boundary and handler.lane is not None and handler.lane(data):
+        if decoder.at_boundary and handler.lane is not None and handler.lane(data) == len(data):
             taken += 1
             continue
         handler.data(b"".join(decoder.feed(data)))
     assert taken == 4  # the first event sets the template, the other four take the lane
     assert b"".join(exchange.sent) == b"<head>" + body
     assert fast._content_events == 4
+
+
+def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
+    """A worker ahead of its reader: one read carries several token chunks, then [DONE]."""
+    event = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
+    )
+    fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+    exchange = FakeExchange()
+    handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
+    handler.data(event % b'"a"')  # the first event sets the template
+    tokens = b"".join(frame(event % orjson.dumps(t)) for t in ["b", "", "c"])
+    read = tokens + frame(b"data: [DONE]\n\n")
+    assert handler.lane is not None and handler.lane(read) == len(tokens)
+    assert exchange.sent[-1] == tokens  # as the worker framed them, in one write
+    assert fast._content_events == 3
 
 
 def test_not_while_the_parser_holds_part_of_an_event() -> None:

@@ -214,9 +214,9 @@ class StreamTranslator(Outcome, ABC):
         self._settled = key
         self.cost = price_usage(self.pricing, model, usage, self.cost_of)
 
-    def passed_text(self) -> None:
-        """A relay passed an event of `text_template` with a non-empty string, unparsed."""
-        self._content_events += 1
+    def passed_text(self, events: int) -> None:
+        """A relay passed `events` events of `text_template` with a non-empty string, unparsed."""
+        self._content_events += events
 
     @abstractmethod
     def feed(self, event: Event) -> bytes | None: ...
