@@ -39,6 +39,24 @@ def frame(data: bytes) -> bytes:
 LAST_CHUNK = _END
 
 
+def first_chunk_end(data: bytes, at: int = 0) -> int:
+    """Where the chunk starting at `data[at]` ends, when it is there whole, is not empty, is
+    under 4096 bytes and has a plain lower-case size line (as workers write them); else 0.
+    Only its size line is checked: the decoder or the fast lane checks the rest."""
+    line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits
+    if line_end < 2:
+        return 0
+    try:
+        size = int(data[at : line_end - 2], 16)
+    except ValueError:
+        return 0
+    # the canonical size line only (int() also takes signs, blanks, 0x, underscores)
+    if not 0 < size < 4096 or data[at:line_end] != SIZE_LINES[size]:
+        return 0
+    end = line_end + size + 2
+    return end if end <= len(data) else 0
+
+
 class ChunkedDecoder:
     """Decodes a chunked body fed in arbitrary pieces; `feed` returns the payload pieces.
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from orjson import JSONDecodeError
 from orjson import loads as _loads
 
-from sidecar.chunked import SIZE_LINES
+from sidecar.chunked import SIZE_LINES, first_chunk_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,20 +79,9 @@ def template_chunks(data: bytes, template: TextTemplate) -> tuple[int, int]:
     (from the first chunk that is cut short or not the template's) is left alone."""
     at = 0
     texts = 0
-    n = len(data)
-    while at < n:
-        line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits (< 4096)
-        if line_end < 2:
-            break
-        try:
-            size = int(data[at : line_end - 2], 16)
-        except ValueError:
-            break
-        # the canonical size line only (int() also takes signs, blanks, 0x, underscores)
-        if not 0 < size < 4096 or data[at:line_end] != SIZE_LINES[size]:
-            break
-        end = line_end + size + 2
-        if end > n:
+    while True:
+        end = first_chunk_end(data, at)
+        if not end:
             break
         text = text_in_chunk(data[at:end], template)
         if text < 0:

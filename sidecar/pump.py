@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 import h11
 
 from sidecar import failures
-from sidecar.chunked import ChunkedError
+from sidecar.chunked import ChunkedError, first_chunk_end
 from sidecar.dialects.base import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.framing import BodyDecoder
@@ -91,14 +91,31 @@ class ResponsePump:
             self.up.h11.receive_data(data)
             self._drain()
             return
-        if decoder.at_boundary:
+        # Between chunks, whole template chunks take the lane; a chunk that does not is
+        # decoded alone and the lane tried again after it, since a response's first events
+        # (before the template exists) often share a read with the tokens after them.
+        while decoder.at_boundary:
             lane = self.handler.lane
-            if lane is not None:
-                taken = lane(data)
-                if taken:
-                    if taken == len(data):
-                        return
-                    data = data[taken:]
+            if lane is None:
+                break
+            taken = lane(data)
+            if taken:
+                if taken == len(data):
+                    return
+                data = data[taken:]
+            end = first_chunk_end(data)
+            if not end or end == len(data):
+                break
+            if not self._decode(data[:end]):
+                return
+            data = data[end:]
+        self._decode(data)
+
+    def _decode(self, data: bytes) -> bool:
+        """Body bytes the general way: decoded, handed to the handler, the response ended at
+        its last chunk. False once the response is over (ended or failed)."""
+        decoder = self.decoder
+        assert decoder is not None
         try:
             pieces = decoder.feed(data)
             if pieces:
@@ -107,14 +124,15 @@ class ResponsePump:
             if exc.pieces:  # what arrived intact before the break still goes out
                 self._deliver(b"".join(exc.pieces))
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return
+            return False
         except StreamProtocolError as exc:
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
-            return
+            return False
         if decoder.done and not self.finished:
             if decoder.trailing:
                 self.up.keep_alive = False
             self._end()
+        return not self.finished
 
     def _deliver(self, payload: bytes) -> bool:
         """Hand body bytes to the handler; False (and the exchange failed) if they break it."""

@@ -9,8 +9,10 @@ translator counts the same content, whatever the worker's chunking.
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 from collections.abc import Callable
+from types import SimpleNamespace
 from typing import Any
 
 import orjson
@@ -19,9 +21,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.chunked import ChunkedDecoder, frame
-from sidecar.dialects.base import StreamProtocolError
 from sidecar.fastlane import TextTemplate, template_chunks, template_text, text_in_chunk
 from sidecar.handlers import RelayHandler
+from sidecar.pump import ResponsePump
 from sidecar.sse import SSEParser
 from tests.test_openai_template import translators, worker_streams
 
@@ -121,52 +123,62 @@ def test_several_chunks_in_one_read(pieces: list[bytes], cut: int) -> None:
 
 
 class FakeExchange:
-    """The three things RelayHandler asks of an exchange; records what reaches the client."""
+    """What RelayHandler and ResponsePump ask of an exchange; records what reaches the client."""
 
-    def __init__(self) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.sent: list[bytes] = []
+        self.loop = loop
+        self.runtime = SimpleNamespace(metrics=SimpleNamespace(upstream_error=lambda code: None))
+        self.failure: Any = None
+        self.outcome = "ok"
+        self._client_gone = False
 
     def start_event_stream(self, headers: Any) -> None:
         self.sent.append(b"<head>")
 
     def body_writer(self) -> Callable[[bytes], None]:
-        return lambda data: self.sent.append(frame(data))
+        return self.write_data
 
     def framed_writer(self) -> Callable[[bytes], None]:
         return self.sent.append
 
+    def write_data(self, data: bytes) -> None:
+        self.sent.append(frame(data))
+
+    def end_response(self) -> None:
+        self.sent.append(b"0\r\n\r\n")
+
+
+class FakeUpstream:
+    keep_alive = True
+
+    def close(self) -> None: ...
+    def detach(self) -> None: ...
+
 
 def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, str | None, int]:
-    """A chunked worker body, read in the pieces `cuts` makes, through a relay handler."""
-    fast, _ = translators(chat=True, aggregate=False, include_usage=True)
-    exchange = FakeExchange()
-    handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
-    if not lane:
-        handler.lane = None
-    decoder = ChunkedDecoder()
-    for a, b in itertools.pairwise([0, *cuts, len(raw_body)]):
-        data = raw_body[a:b]
-        if not data:
-            continue
-        if decoder.at_boundary and handler.lane is not None:
-            taken = handler.lane(data)  # as the pump does: whole chunks first, the rest after
-            data = data[taken:]
-            if not data:
-                continue
-        pieces = decoder.feed(data)
-        try:
-            if pieces:
-                handler.data(b"".join(pieces))
-        except StreamProtocolError as exc:  # the pump fails the stream here
-            failed = str(exc)
-            break
-    else:
-        failed = None
-    # what the client reads: the body's bytes (a read of several chunks may go out as the
-    # worker framed them or re-framed as one chunk: the same body either way)
+    """A chunked worker body, read in the pieces `cuts` makes, through the real response pump
+    and relay handler: what the client reads (its body de-chunked), the failure, the count."""
+    loop = asyncio.new_event_loop()
+    try:
+        fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+        exchange = FakeExchange(loop)
+        handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
+        if not lane:
+            handler.lane = None
+        route = SimpleNamespace(upstream=SimpleNamespace(idle_timeout=60.0), heartbeat=None)
+        pump = ResponsePump(exchange, FakeUpstream(), handler, route, ChunkedDecoder())  # type: ignore[arg-type]
+        for a, b in itertools.pairwise([0, *cuts, len(raw_body)]):
+            if raw_body[a:b] and not pump.finished:
+                pump.upstream_data(raw_body[a:b])
+    finally:
+        loop.close()
+    # a read of several chunks may go out as the worker framed them or re-framed as one
+    # chunk: the client reads the same body either way
     assert exchange.sent[0] == b"<head>"
     client = ChunkedDecoder()
     body = b"".join(client.feed(b"".join(exchange.sent[1:])))
+    failed = None if exchange.failure is None else exchange.failure.code
     return body, failed, fast._content_events
 
 
@@ -241,6 +253,36 @@ def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
     assert handler.lane is not None and handler.lane(read) == len(tokens)
     assert exchange.sent[-1] == tokens  # as the worker framed them, in one write
     assert fast._content_events == 3
+
+
+def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
+    """An unpaced worker: the role event, the tokens, the finish and [DONE] in one read. The
+    first token is decoded the general way (it sets the template); the pump then tries the
+    lane again and the tokens after it go by it, whole."""
+    event = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n'
+    )
+    role = frame(event % (b'{"role":"assistant","content":""}', b"null"))
+    tokens = [frame(event % (b'{"content":"%s"}' % t, b"null")) for t in (b"a", b"b", b"c", b"d")]
+    finish = frame(event % (b"{}", b'"stop"'))
+    body = role + b"".join(tokens) + finish + frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    taken: list[int] = []
+    original = RelayHandler.whole_chunks
+
+    def counting(self: RelayHandler, data: bytes) -> int:
+        n = original(self, data)
+        taken.append(n)
+        return n
+
+    RelayHandler.whole_chunks = counting  # type: ignore[method-assign]
+    try:
+        with_lane = relay(body, [], lane=True)
+    finally:
+        RelayHandler.whole_chunks = original  # type: ignore[method-assign]
+    assert sum(taken) == len(b"".join(tokens[1:]))
+    assert with_lane == relay(body, [], lane=False)
+    assert with_lane[2] == 4
 
 
 def test_not_while_the_parser_holds_part_of_an_event() -> None:
