@@ -234,6 +234,23 @@ def test_every_response_header_once_with_h11_framing(w: FakeWorker, proxy: Daemo
     assert stream.header("transfer-encoding") == "chunked" and stream.header("content-length") is None
 
 
+def test_empty_fixed_length_answers_end_at_once_and_the_connections_stay(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    w.reply(http_response(200, b"", [("content-type", "text/plain")]),
+            http_response(404, b"", [("content-type", "text/plain")]), models_handler)
+    with RawClient(proxy.address) as client:
+        for target in ("/v1/files/x", "/v1/files/y"):
+            client.send(request_bytes("GET", target))
+            response = client.read_response(5)
+            assert response.complete and response.body == b""
+            assert response.header("content-length") == "0"
+        client.send(request_bytes("GET", "/v1/models"))
+        assert client.read_response().status == 200
+    a, b, c = w.wait_requests(3)
+    assert a.connection == b.connection == c.connection
+
+
 def test_head_request_answer_has_no_body_and_the_connection_stays(w: FakeWorker, proxy: Daemon) -> None:
     w.reply([Send(response_head(200, [("content-length", "5"), ("content-type", "text/plain")]))],
             models_handler)
