@@ -294,6 +294,17 @@ def test_data_that_is_not_a_chunk_is_a_protocol_error(data: bytes) -> None:
         relay(t, data)
 
 
+@pytest.mark.parametrize("index", [{"r": 1}, [0], "0", 1.5])
+def test_a_choice_index_that_is_no_integer_is_a_protocol_error_when_aggregating(index: Any) -> None:
+    """Aggregated choices are keyed and ordered by their index (found by the atheris fuzzer:
+    a dict index crashed the aggregator with a TypeError)."""
+    t = stream_for(STREAMING_USAGE, aggregate=True)
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+             "choices": [{"index": index, "delta": {"content": "x"}, "finish_reason": None}]}
+    with pytest.raises(StreamProtocolError):
+        relay(t, sse_data(chunk))
+
+
 def test_worker_error_event_is_forwarded_and_noted() -> None:
     err = sse_data({"error": {"message": "overloaded", "type": "server_error", "code": 503}})
     data = chat_stream_events()[1] + err

@@ -295,7 +295,11 @@ class OpenAIStream(StreamTranslator):
             if key not in _CHUNK_KEYS and value is not None:
                 self._extras[key] = value
         for choice in choices:
-            index = choice.get("index", 0)
+            index = choice.get("index")
+            if index is None:
+                index = 0
+            elif type(index) is not int:  # the choices are keyed and ordered by it
+                raise StreamProtocolError("a choice index is not an integer")
             acc = self._choices.setdefault(index, {"index": index})
             delta = choice.get("delta") if self.shape.chat else None
             rest = {k: v for k, v in choice.items() if k not in ("delta", "index")}
