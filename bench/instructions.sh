@@ -26,7 +26,7 @@ tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
 free_port() { "$py" -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 wport=$(free_port)
-"$py" bench/fakeworker.py --port "$wport" --tick-ms 1 >"$tmp/worker.log" 2>&1 &
+"$py" bench/fakeworker.py --port "$wport" --tick-ms 1 --sat-batch 8 >"$tmp/worker.log" 2>&1 &
 
 count() {  # count N -> instructions of a whole daemon run serving N requests
   local port
