@@ -37,6 +37,7 @@ def frame(data: bytes) -> bytes:
 
 
 LAST_CHUNK = _END
+_SIZE_OF_LINE = {line: size for size, line in enumerate(SIZE_LINES) if size}
 
 
 def first_chunk_end(data: bytes, at: int = 0) -> int:
@@ -46,12 +47,8 @@ def first_chunk_end(data: bytes, at: int = 0) -> int:
     line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits
     if line_end < 2:
         return 0
-    try:
-        size = int(data[at : line_end - 2], 16)
-    except ValueError:
-        return 0
-    # the canonical size line only (int() also takes signs, blanks, 0x, underscores)
-    if not 0 < size < 4096 or data[at:line_end] != SIZE_LINES[size]:
+    size = _SIZE_OF_LINE.get(data[at:line_end])  # canonical lines only
+    if size is None:
         return 0
     end = line_end + size + 2
     return end if end <= len(data) else 0

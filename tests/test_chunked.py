@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.chunked import LAST_CHUNK, ChunkedDecoder, ChunkedError, frame
+from sidecar.chunked import LAST_CHUNK, ChunkedDecoder, ChunkedError, first_chunk_end, frame
 
 
 def decode(data: bytes, splits: list[int] | None = None) -> tuple[bytes, ChunkedDecoder]:
@@ -138,3 +138,27 @@ def test_near_miss_whole_chunks_match_the_general_path(
         assert b"".join(got) == b"".join(expected)
     else:
         assert isinstance(got, str) == isinstance(expected, str)
+
+
+@pytest.mark.parametrize(
+    ("data", "end"),
+    [
+        (frame(b"x" * 26) + b"rest", 32),
+        (frame(b"x" * 26), 32),
+        (frame(b"x") + frame(b"y"), 6),
+        (frame(b"x" * 4095), 4095 + 7),
+        (b"1A\r\n" + b"x" * 26 + b"\r\n", 0),  # upper-case hex
+        (b"01a\r\n" + b"x" * 26 + b"\r\n", 0),  # a leading zero
+        (b"+1a\r\n" + b"x" * 26 + b"\r\n", 0),  # int() would take these
+        (b" 1a\r\n" + b"x" * 26 + b"\r\n", 0),
+        (b"0x1a\r\n" + b"x" * 26 + b"\r\n", 0),
+        (b"1_a\r\n" + b"x" * 26 + b"\r\n", 0),
+        (b"0\r\n\r\n", 0),  # the last chunk is no whole chunk with data
+        (b"1000\r\n" + b"x" * 4096 + b"\r\n", 0),  # 4096 and more: the decoder's business
+        (frame(b"x" * 26)[:-1], 0),  # cut short
+        (b"1a;ext=1\r\n" + b"x" * 26 + b"\r\n", 0),
+    ],
+)
+def test_first_chunk_end_takes_plain_size_lines_only(data: bytes, end: int) -> None:
+    assert first_chunk_end(data) == end
+    assert first_chunk_end(b"junk" + data, 4) == (end + 4 if end else 0)
