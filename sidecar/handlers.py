@@ -49,6 +49,12 @@ class BodyHandler:
     #: read it dealt with (whole chunks; the rest goes the general way).
     lane: Callable[[bytes], int] | None = None
 
+    @property
+    def lane_ready(self) -> bool:
+        """The lane has what it matches chunks against (so a chunk it did not take is one
+        that cannot go by it, not one that came too early)."""
+        return False
+
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
 
@@ -181,6 +187,10 @@ class RelayHandler(BodyHandler):
         if write_framed is not None:
             self.write_framed = write_framed
             self.lane = self.whole_chunks
+
+    @property
+    def lane_ready(self) -> bool:
+        return self.translator.text_template is not None
 
     def whole_chunks(self, data: bytes) -> int:
         """The fast lane (sidecar.fastlane): chunks carrying one event of the translator's

@@ -30,6 +30,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.exchange")
 
 HEARTBEAT = encode_comment("keep-alive")
+#: chunks of one read decoded one at a time while the fast lane waits for its template
+_SPLITS_PER_READ = 4
 
 
 class ResponsePump:
@@ -91,11 +93,14 @@ class ResponsePump:
             self.up.h11.receive_data(data)
             self._drain()
             return
-        # Between chunks, whole template chunks take the lane; a chunk that does not is
-        # decoded alone and the lane tried again after it, since a response's first events
-        # (before the template exists) often share a read with the tokens after them.
+        # Between chunks, whole template chunks take the lane. Before the lane has its
+        # template, a chunk is decoded alone and the lane tried again after it (a response's
+        # first events often share a read with the tokens after them), a few times per read;
+        # once it has one, what it does not take goes the general way, in one write.
+        split = 0
         while decoder.at_boundary:
-            lane = self.handler.lane
+            handler = self.handler
+            lane = handler.lane
             if lane is None:
                 break
             taken = lane(data)
@@ -103,6 +108,9 @@ class ResponsePump:
                 if taken == len(data):
                     return
                 data = data[taken:]
+            if split == _SPLITS_PER_READ or handler.lane_ready:
+                break
+            split += 1
             end = first_chunk_end(data)
             if not end or end == len(data):
                 break

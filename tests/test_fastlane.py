@@ -156,7 +156,9 @@ class FakeUpstream:
     def detach(self) -> None: ...
 
 
-def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, str | None, int]:
+def relay(
+    raw_body: bytes, cuts: list[int], lane: bool, writes: list[bytes] | None = None
+) -> tuple[bytes, str | None, int]:
     """A chunked worker body, read in the pieces `cuts` makes, through the real response pump
     and relay handler: what the client reads (its body de-chunked), the failure, the count."""
     loop = asyncio.new_event_loop()
@@ -173,6 +175,8 @@ def relay(raw_body: bytes, cuts: list[int], lane: bool) -> tuple[bytes, str | No
                 pump.upstream_data(raw_body[a:b])
     finally:
         loop.close()
+    if writes is not None:
+        writes.extend(exchange.sent)
     # a read of several chunks may go out as the worker framed them or re-framed as one
     # chunk: the client reads the same body either way
     assert exchange.sent[0] == b"<head>"
@@ -265,7 +269,8 @@ def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
     )
     role = frame(event % (b'{"role":"assistant","content":""}', b"null"))
     tokens = [frame(event % (b'{"content":"%s"}' % t, b"null")) for t in (b"a", b"b", b"c", b"d")]
-    finish = frame(event % (b"{}", b'"stop"'))
+    finish_event = event % (b"{}", b'"stop"')
+    finish = frame(finish_event)
     body = role + b"".join(tokens) + finish + frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
     taken: list[int] = []
     original = RelayHandler.whole_chunks
@@ -276,11 +281,16 @@ def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
         return n
 
     RelayHandler.whole_chunks = counting  # type: ignore[method-assign]
+    writes: list[bytes] = []
     try:
-        with_lane = relay(body, [], lane=True)
+        with_lane = relay(body, [], lane=True, writes=writes)
     finally:
         RelayHandler.whole_chunks = original  # type: ignore[method-assign]
     assert sum(taken) == len(b"".join(tokens[1:]))
+    # role, the first token, the other tokens as they came, then (the template will not take
+    # them) the finish and [DONE] joined in one write, and the end: no write per event
+    joined = frame(finish_event + b"data: [DONE]\n\n")
+    assert writes[1:] == [role, tokens[0], b"".join(tokens[1:]), joined, b"0\r\n\r\n"]
     assert with_lane == relay(body, [], lane=False)
     assert with_lane[2] == 4
 
