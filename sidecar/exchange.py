@@ -117,8 +117,8 @@ async def serve_connection(client: ClientConnection) -> None:
                 _refuse(client, 400, "invalid_request", problem)
                 break
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-            # h11 gets the head only: a Content-Length body is read by the exchange itself
-            # (Exchange._read_body), anything else h11 is fed as it needs it
+            # h11 gets the head only: a Content-Length body is read past it by the exchange
+            # (ClientConnection.read_body), anything else h11 is fed as it needs it
             conn.receive_data(head)
             del client.buffer[: len(head)]
             try:

@@ -14,8 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from sidecar.chunked import ChunkedDecoder
-
-Header = tuple[bytes, bytes]
+from sidecar.headers import Header
 
 
 class ContentLengthDecoder:
