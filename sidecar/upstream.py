@@ -107,10 +107,6 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.request_sent = False
 
-    def write(self, data: bytes) -> None:
-        assert self.transport is not None
-        self.transport.write(data)
-
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
         transport = self._open_transport()
