@@ -79,6 +79,17 @@ def _absorbs_idempotently(obj: dict[str, Any], *skip: str) -> bool:
     )
 
 
+def _choice_index(choice: dict[str, Any]) -> int:
+    """A choice's `index` (missing or null: 0); aggregated choices are keyed and ordered
+    by it, so anything but an integer is a protocol error."""
+    index = choice.get("index")
+    if index is None:
+        return 0
+    if type(index) is not int:
+        raise StreamProtocolError("a choice index is not an integer")
+    return index
+
+
 def _content_bearing(part: Any) -> bool:
     """A chat `delta` or a completions `text` that carries generated content."""
     if type(part) is dict:
@@ -259,7 +270,7 @@ class OpenAIStream(StreamTranslator):
                 return
             if holder is not choice and not _absorbs_idempotently(holder, key):
                 return
-            acc = self._choices.get(choice.get("index", 0))
+            acc = self._choices.get(_choice_index(choice))  # absorbed: a valid index
             if acc is None:
                 return
             target = acc.get("message") if self.shape.chat else acc
@@ -295,11 +306,7 @@ class OpenAIStream(StreamTranslator):
             if key not in _CHUNK_KEYS and value is not None:
                 self._extras[key] = value
         for choice in choices:
-            index = choice.get("index")
-            if index is None:
-                index = 0
-            elif type(index) is not int:  # the choices are keyed and ordered by it
-                raise StreamProtocolError("a choice index is not an integer")
+            index = _choice_index(choice)
             acc = self._choices.setdefault(index, {"index": index})
             delta = choice.get("delta") if self.shape.chat else None
             rest = {k: v for k, v in choice.items() if k not in ("delta", "index")}
