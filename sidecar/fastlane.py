@@ -2,14 +2,15 @@
 
 Pure: no sockets, no asyncio. A stream translator that relays an event unchanged
 whatever JSON string stands in one place of it publishes that event's bytes, cut
-around the string, as a `TextTemplate`. `text_in_chunk` then recognises, in one
+around the string, as a `TextTemplate`. `chunk_text` then recognises, in one
 pass over a worker's read, a whole chunked-transfer chunk whose payload is that
-template with another string: what the chunk decoder, the SSE parser and the
-translator would have made of it is known without running them (the same event
-bytes, passed unchanged, content when the string is not empty), so the relay can
-write the chunk as it came. Anything else (`-1`) takes the general path.
-`template_chunks` does the same for a read that carries several whole chunks (a
-worker ahead of its reader), up to the first chunk that is not the template's.
+template with another string, and returns the string: what the chunk decoder, the
+SSE parser and the translator would have made of it is known without running them
+(the same event bytes, passed unchanged, content when the string is not empty), so
+a relay can write the chunk as it came and an aggregation append the string. Anything else
+(None) takes the general path. `template_chunks` does the same for a read that
+carries several whole chunks (a worker ahead of its reader), up to the first
+chunk that is not the template's.
 """
 
 from __future__ import annotations
@@ -53,39 +54,38 @@ def template_text(literal: bytes) -> str | None:
     return text  # a str: it starts and ends with a quote and parsed whole
 
 
-def text_in_chunk(data: bytes, template: TextTemplate) -> int:
-    """`data` is one whole chunk (lower-case hex size, CRLF, payload, CRLF) whose payload is
-    `template` with a JSON string in its place: 1 (a non-empty string) or 0 (empty); -1
-    for anything else."""
+def chunk_text(data: bytes, template: TextTemplate) -> str | None:
+    """The string in its place when `data` is one whole chunk (lower-case hex size, CRLF,
+    payload, CRLF) whose payload is `template` with a JSON string there; None for anything
+    else."""
     end = template.framed_cut
     if data[end:] != template.framed_suffix:
-        return -1
+        return None
     # len(data) - 4 = hex digits + payload size: 1..16 -> 1 digit, 18..257 -> 2, 259.. -> 3
     size = len(data) - 4
     digits = 1 if size < 17 else 2 if size < 258 else 3
     size -= digits
     if not 0 < size < 4096 or data[: digits + 2] != SIZE_LINES[size]:
-        return -1
+        return None
     begin = digits + 2 + template.start
     if data[digits + 2 : begin] != template.prefix:
-        return -1
-    text = template_text(data[begin:end])
-    return -1 if text is None else 1 if text else 0
+        return None
+    return template_text(data[begin:end])
 
 
-def template_chunks(data: bytes, template: TextTemplate) -> tuple[int, int]:
-    """The whole chunks at the start of `data` that `text_in_chunk` accepts, one after the
-    other: (how many carry a non-empty string, how many bytes they span). The rest of `data`
-    (from the first chunk that is cut short or not the template's) is left alone."""
+def template_chunks(data: bytes, template: TextTemplate) -> tuple[list[str], int]:
+    """The whole chunks at the start of `data` that `chunk_text` accepts, one after the
+    other: (their strings, how many bytes they span). The rest of `data` (from the first
+    chunk that is cut short or not the template's) is left alone."""
     at = 0
-    texts = 0
+    texts: list[str] = []
     while True:
         end = first_chunk_end(data, at)
         if not end:
             break
-        text = text_in_chunk(data[at:end], template)
-        if text < 0:
+        text = chunk_text(data[at:end], template)
+        if text is None:
             break
-        texts += text
+        texts.append(text)
         at = end
     return texts, at

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.dialects.base import StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
-from sidecar.fastlane import template_chunks, text_in_chunk
+from sidecar.fastlane import chunk_text, template_chunks
 from sidecar.headers import Header, header_value, without
 from sidecar.sse import Event, SSEParser, SSEProtocolError
 from sidecar.usage import cost_header_value
@@ -167,7 +167,21 @@ class SniffHandler(BodyHandler):
         return self.inner is not None and self.inner.wants_heartbeat
 
 
-class RelayHandler(BodyHandler):
+class EventHandler(BodyHandler):
+    """An SSE body read event by event by a stream translator, with the fast lane
+    (sidecar.fastlane) for the chunks of the translator's text template."""
+
+    def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
+        self.ex = exchange
+        self.translator = translator
+        self.parser = parser
+
+    @property
+    def lane_ready(self) -> bool:
+        return self.translator.text_template is not None
+
+
+class RelayHandler(EventHandler):
     """SSE worker -> SSE client, event by event; only changed events are re-encoded."""
 
     def __init__(
@@ -177,9 +191,7 @@ class RelayHandler(BodyHandler):
         translator: StreamTranslator,
         parser: SSEParser,
     ) -> None:
-        self.ex = exchange
-        self.translator = translator
-        self.parser = parser
+        super().__init__(exchange, translator, parser)
         exchange.start_event_stream(headers)
         self.write = exchange.body_writer()
         # when the client's body is chunked too, a chunk passed unchanged is written as it came
@@ -188,27 +200,24 @@ class RelayHandler(BodyHandler):
             self.write_framed = write_framed
             self.lane = self.whole_chunks
 
-    @property
-    def lane_ready(self) -> bool:
-        return self.translator.text_template is not None
-
     def whole_chunks(self, data: bytes) -> int:
-        """The fast lane (sidecar.fastlane): chunks carrying one event of the translator's
-        text template each go to the client as they came, without decoding, parsing or
-        building events. Returns how many bytes at the start of `data` went (0: none)."""
+        """The lane: chunks carrying one event of the translator's text template each go to
+        the client as they came, without decoding, parsing or building events. Returns how
+        many bytes at the start of `data` went (0: none)."""
         template = self.translator.text_template
         if template is None or self.parser.busy:
             return 0
-        text = text_in_chunk(data, template)  # the usual read: exactly one chunk
-        if text >= 0:
+        text = chunk_text(data, template)  # the usual read: exactly one chunk
+        if text is not None:
             if text:
                 self.translator.passed_text(1)
             self.write_framed(data)
             return len(data)
         texts, taken = template_chunks(data, template)
         if taken:
-            if texts:
-                self.translator.passed_text(texts)
+            content = len(texts) - texts.count("")
+            if content:
+                self.translator.passed_text(content)
             self.write_framed(data[:taken] if taken < len(data) else data)
         return taken
 
@@ -259,13 +268,29 @@ class RelayHandler(BodyHandler):
         return True
 
 
-class AggregateHandler(BodyHandler):
+class AggregateHandler(EventHandler):
     """SSE worker -> one JSON document for a non-streaming client, sent when the stream is done."""
 
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
-        self.ex = exchange
-        self.translator = translator
-        self.parser = parser
+        super().__init__(exchange, translator, parser)
+        self.lane = self.whole_chunks
+
+    def whole_chunks(self, data: bytes) -> int:
+        """The lane: the strings of chunks carrying one event of the translator's text
+        template each are appended as the translator would append them, without decoding,
+        parsing or building events. Returns how many bytes at the start of `data` it took."""
+        translator = self.translator
+        template = translator.text_template
+        if template is None or self.parser.busy:
+            return 0
+        text = chunk_text(data, template)  # the usual read: exactly one chunk
+        if text is not None:
+            translator.absorbed_text(text)
+            return len(data)
+        texts, taken = template_chunks(data, template)
+        for text in texts:
+            translator.absorbed_text(text)
+        return taken
 
     def data(self, chunk: bytes) -> None:
         feed = self.translator.feed

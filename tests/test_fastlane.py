@@ -1,10 +1,12 @@
-"""The fast lane: a whole chunk carrying one template event is written as it came.
+"""The fast lane: a whole chunk carrying one template event is written as it came
+(relaying) or has its string appended (aggregating).
 
-`text_in_chunk` is checked on its own (every size-line width, every way to miss),
-then the relay handler is driven the way the pump drives it (the lane first while
-the decoder is between chunks, else decoder -> parser -> translator) against the
-same handler with the lane switched off: the client gets the same bytes and the
-translator counts the same content, whatever the worker's chunking.
+`chunk_text` is checked on its own (every size-line width, every way to miss),
+then the relay and aggregate handlers are driven by the real response pump (the
+lane first while the decoder is between chunks, else decoder -> parser ->
+translator) against the same handler with the lane switched off: the client gets
+the same bytes and the translator counts the same content, whatever the worker's
+chunking.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.chunked import ChunkedDecoder, frame
-from sidecar.fastlane import TextTemplate, template_chunks, template_text, text_in_chunk
-from sidecar.handlers import RelayHandler
+from sidecar.fastlane import TextTemplate, chunk_text, template_chunks, template_text
+from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
 from sidecar.pump import ResponsePump
 from sidecar.sse import SSEParser
 from tests.test_openai_template import translators, worker_streams
@@ -36,22 +38,29 @@ def chunk_with(literal: bytes) -> bytes:
     return frame(PREFIX + literal + SUFFIX)
 
 
+def verdict(data: bytes) -> int:
+    """`chunk_text` as a count: 1 a non-empty string, 0 an empty one, -1 not the lane's."""
+    text = chunk_text(data, TEMPLATE)
+    return -1 if text is None else 1 if text else 0
+
+
 @pytest.mark.parametrize("size", [1, 5, 13, 14, 15, 16, 17, 200, 254, 255, 256, 257, 4000, 4095])
 def test_every_size_line_width(size: int) -> None:
     """Payloads of every hex width around the boundaries (1, 2 and 3 digits)."""
     room = size - len(PREFIX) - len(SUFFIX) - 2
     if room < 0:
         data = frame(b"x" * size)
-        assert text_in_chunk(data, TEMPLATE) == -1
+        assert verdict(data) == -1
         return
     literal = b'"' + b"a" * room + b'"'
     data = chunk_with(literal)
     assert len(data) - len(frame(b"")) + len(b"0\r\n") - 2 >= 0
-    assert text_in_chunk(data, TEMPLATE) == (1 if room else 0)
+    assert verdict(data) == (1 if room else 0)
+    assert chunk_text(data, TEMPLATE) == "a" * room
 
 
 @pytest.mark.parametrize(
-    ("literal", "verdict"),
+    ("literal", "want"),
     [
         (b'"tok"', 1),
         (b'""', 0),
@@ -68,10 +77,13 @@ def test_every_size_line_width(size: int) -> None:
         (b'"\xff"', -1),
     ],
 )
-def test_the_literal_decides(literal: bytes, verdict: int) -> None:
-    assert text_in_chunk(chunk_with(literal), TEMPLATE) == verdict
+def test_the_literal_decides(literal: bytes, want: int) -> None:
+    assert verdict(chunk_with(literal)) == want
     text = template_text(literal)
-    assert (text is None) == (verdict < 0)
+    assert (text is None) == (want < 0)
+    assert chunk_text(chunk_with(literal), TEMPLATE) == text
+    if text is not None:
+        assert text == orjson.loads(literal)
 
 
 @pytest.mark.parametrize(
@@ -87,7 +99,7 @@ def test_the_literal_decides(literal: bytes, verdict: int) -> None:
     ],
 )
 def test_anything_else_is_not_the_lane(data: bytes) -> None:
-    assert text_in_chunk(data, TEMPLATE) == -1
+    assert verdict(data) == -1
 
 
 _PIECES = st.one_of(
@@ -102,19 +114,20 @@ _PIECES = st.one_of(
 @settings(max_examples=500, deadline=None)
 @given(st.lists(_PIECES, max_size=8), st.integers(0, 400))
 def test_several_chunks_in_one_read(pieces: list[bytes], cut: int) -> None:
-    """`template_chunks` takes exactly the run of whole chunks `text_in_chunk` accepts one by
-    one from the start of a read, and counts their texts; a chunk cut short ends the run."""
+    """`template_chunks` takes exactly the run of whole chunks `chunk_text` accepts one by
+    one from the start of a read, with their strings; a chunk cut short ends the run."""
     data = b"".join(pieces)
     data = data[: len(data) - cut] if cut < len(data) else data
-    want_texts, want_taken = 0, 0
-    while True:  # by brute force: the one end at which text_in_chunk takes a whole chunk
+    want_texts: list[str] = []
+    want_taken = 0
+    while True:  # by brute force: the one end at which chunk_text takes a whole chunk
         ends = [e for e in range(want_taken + 1, len(data) + 1) if data[e - 2 : e] == b"\r\n"]
-        verdicts = [(text_in_chunk(data[want_taken:e], TEMPLATE), e) for e in ends]
-        taken = [(v, e) for v, e in verdicts if v >= 0]
+        texts = [(chunk_text(data[want_taken:e], TEMPLATE), e) for e in ends]
+        taken = [(text, e) for text, e in texts if text is not None]
         if not taken:
             break
         assert len(taken) == 1
-        want_texts += taken[0][0]
+        want_texts.append(taken[0][0])
         want_taken = taken[0][1]
     assert template_chunks(data, TEMPLATE) == (want_texts, want_taken)
 
@@ -123,7 +136,7 @@ def test_several_chunks_in_one_read(pieces: list[bytes], cut: int) -> None:
 
 
 class FakeExchange:
-    """What RelayHandler and ResponsePump ask of an exchange; records what reaches the client."""
+    """What the handlers and ResponsePump ask of an exchange; records what reaches the client."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         self.sent: list[bytes] = []
@@ -148,6 +161,12 @@ class FakeExchange:
     def end_response(self) -> None:
         self.sent.append(b"0\r\n\r\n")
 
+    def respond(self, status: int, headers: Any, body: bytes) -> None:
+        self.sent.append(b"<%d>" % status + body)
+
+    def respond_error(self, status: int, code: str, message: str, outcome: str) -> None:
+        self.sent.append(b"<%d %s>" % (status, code.encode()))
+
 
 class FakeUpstream:
     keep_alive = True
@@ -156,16 +175,25 @@ class FakeUpstream:
     def detach(self) -> None: ...
 
 
-def relay(
-    raw_body: bytes, cuts: list[int], lane: bool, writes: list[bytes] | None = None
+def pumped(
+    raw_body: bytes,
+    cuts: list[int],
+    lane: bool,
+    aggregate: bool = False,
+    writes: list[bytes] | None = None,
 ) -> tuple[bytes, str | None, int]:
     """A chunked worker body, read in the pieces `cuts` makes, through the real response pump
-    and relay handler: what the client reads (its body de-chunked), the failure, the count."""
+    and a relay (or aggregate) handler: what the client reads (a relay's body de-chunked, an
+    aggregation's answer), the failure, the content count."""
     loop = asyncio.new_event_loop()
     try:
-        fast, _ = translators(chat=True, aggregate=False, include_usage=True)
+        fast, _ = translators(chat=True, aggregate=aggregate, include_usage=True)
         exchange = FakeExchange(loop)
-        handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
+        handler: BodyHandler
+        if aggregate:
+            handler = AggregateHandler(exchange, fast, SSEParser())  # type: ignore[arg-type]
+        else:
+            handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
         if not lane:
             handler.lane = None
         route = SimpleNamespace(upstream=SimpleNamespace(idle_timeout=60.0), heartbeat=None)
@@ -177,18 +205,20 @@ def relay(
         loop.close()
     if writes is not None:
         writes.extend(exchange.sent)
+    failed = None if exchange.failure is None else exchange.failure.code
+    if aggregate:
+        return b"".join(exchange.sent), failed, fast._content_events
     # a read of several chunks may go out as the worker framed them or re-framed as one
     # chunk: the client reads the same body either way
     assert exchange.sent[0] == b"<head>"
     client = ChunkedDecoder()
     body = b"".join(client.feed(b"".join(exchange.sent[1:])))
-    failed = None if exchange.failure is None else exchange.failure.code
     return body, failed, fast._content_events
 
 
 @settings(max_examples=300, deadline=None)
-@given(st.data())
-def test_the_lane_changes_nothing(data: st.DataObject) -> None:
+@given(st.data(), st.booleans())
+def test_the_lane_changes_nothing(data: st.DataObject, aggregate: bool) -> None:
     stream = data.draw(worker_streams(chat=True))
     blocks = [b + b"\n\n" for b in stream.split(b"\n\n") if b]
     if data.draw(st.booleans()):
@@ -206,8 +236,8 @@ def test_the_lane_changes_nothing(data: st.DataObject) -> None:
     cuts = sorted(set(data.draw(st.lists(st.sampled_from(bounds or [0]), max_size=len(bounds)))))
     cuts += data.draw(st.lists(st.integers(0, len(body)), max_size=2))
     cuts = sorted(set(cuts))
-    with_lane = relay(body, cuts, lane=True)
-    without = relay(body, cuts, lane=False)
+    with_lane = pumped(body, cuts, lane=True, aggregate=aggregate)
+    without = pumped(body, cuts, lane=False, aggregate=aggregate)
     assert with_lane == without
 
 
@@ -283,7 +313,7 @@ def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
     RelayHandler.whole_chunks = counting  # type: ignore[method-assign]
     writes: list[bytes] = []
     try:
-        with_lane = relay(body, [], lane=True, writes=writes)
+        with_lane = pumped(body, [], lane=True, writes=writes)
     finally:
         RelayHandler.whole_chunks = original  # type: ignore[method-assign]
     assert sum(taken) == len(b"".join(tokens[1:]))
@@ -291,7 +321,7 @@ def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
     # them) the finish and [DONE] joined in one write, and the end: no write per event
     joined = frame(finish_event + b"data: [DONE]\n\n")
     assert writes[1:] == [role, tokens[0], b"".join(tokens[1:]), joined, b"0\r\n\r\n"]
-    assert with_lane == relay(body, [], lane=False)
+    assert with_lane == pumped(body, [], lane=False)
     assert with_lane[2] == 4
 
 
@@ -304,4 +334,47 @@ def test_not_while_the_parser_holds_part_of_an_event() -> None:
     )
     body = frame(event) + frame(event) + frame(b'data: {"half":') + frame(event)
     cuts = [len(frame(event)), 2 * len(frame(event)), len(body) - len(frame(event))]
-    assert relay(body, cuts, lane=True) == relay(body, cuts, lane=False)
+    for aggregate in (False, True):
+        with_lane = pumped(body, cuts, lane=True, aggregate=aggregate)
+        assert with_lane == pumped(body, cuts, lane=False, aggregate=aggregate)
+
+
+@pytest.mark.parametrize("per_chunk", [False, True])
+def test_the_aggregating_lane_is_taken(per_chunk: bool) -> None:
+    """Guard for the property above, aggregating: after the first token (it sets the
+    template) every token chunk goes by the lane, read one by one or all in one read, and
+    the document still has the whole text."""
+    event = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n'
+    )
+    role = frame(event % (b'{"role":"assistant","content":""}', b"null"))
+    texts = ["a", "b", "", "c\u00e9", "d\n"]
+    tokens = [frame(event % (b'{"content":%s}' % orjson.dumps(t), b"null")) for t in texts]
+    finish = frame(event % (b"{}", b'"stop"'))
+    usage = frame(
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
+        b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    )
+    chunks = [role, *tokens, finish, usage, frame(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    body = b"".join(chunks)
+    cuts = list(itertools.accumulate(len(c) for c in chunks))[:-1] if per_chunk else []
+    taken: list[int] = []
+    original = AggregateHandler.whole_chunks
+
+    def counting(self: AggregateHandler, data: bytes) -> int:
+        n = original(self, data)
+        taken.append(n)
+        return n
+
+    AggregateHandler.whole_chunks = counting  # type: ignore[method-assign]
+    try:
+        answer, failed, content = pumped(body, cuts, lane=True, aggregate=True)
+    finally:
+        AggregateHandler.whole_chunks = original  # type: ignore[method-assign]
+    assert sum(taken) == len(b"".join(tokens[1:]))
+    assert answer.startswith(b"<200>") and failed is None and content == 4
+    document = orjson.loads(answer[len(b"<200>") :])
+    assert document["choices"][0]["message"]["content"] == "abc\u00e9d\n"
+    assert document["usage"]["completion_tokens"] == 4
+    assert (answer, failed, content) == pumped(body, cuts, lane=False, aggregate=True)

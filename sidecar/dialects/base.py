@@ -183,10 +183,11 @@ class StreamTranslator(Outcome, ABC):
         self.complete = False
         self._content_events = 0
         self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
-        # Kept current by dialects that have one (see sidecar.fastlane): while set, a
-        # relayed event made of this template with a JSON string in its place passes
-        # unchanged and counts as content when the string is not empty, so a relay may
-        # pass such an event without parsing it and report it with `passed_text`.
+        # Kept current by dialects that have one (see sidecar.fastlane): while set, an
+        # event made of this template with a JSON string in its place passes unchanged
+        # (relaying) or has its string appended (aggregating), and counts as content when
+        # the string is not empty, so a handler may take such an event without parsing it
+        # and report it with `passed_text` or `absorbed_text`.
         self.text_template: TextTemplate | None = None
 
     def settle(self) -> None:
@@ -217,6 +218,12 @@ class StreamTranslator(Outcome, ABC):
     def passed_text(self, events: int) -> None:
         """A relay passed `events` events of `text_template` with a non-empty string, unparsed."""
         self._content_events += events
+
+    def absorbed_text(self, text: str) -> None:
+        """Aggregating: an event of `text_template` with `text` in its string's place came,
+        unparsed; absorb it as `feed` would have. Dialects that keep a template while
+        aggregating implement it."""
+        raise NotImplementedError
 
     @abstractmethod
     def feed(self, event: Event) -> bytes | None: ...

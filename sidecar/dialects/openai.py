@@ -152,20 +152,12 @@ class OpenAIStream(StreamTranslator):
             if raw[: template.start] == template.prefix and raw[template.cut :] == template.suffix:
                 text = template_text(raw[template.start : template.cut])
                 if text is not None:
+                    if self.aggregate:
+                        self.absorbed_text(text)
+                        return None
                     if text:
                         self._content_events += 1
-                    target = self._tpl_target
-                    if target is None:
-                        return raw
-                    # aggregating: what _absorb would do with this event (merge_value,
-                    # with its common case first)
-                    key = self._tpl_key
-                    old = target.get(key)
-                    if type(old) is TextParts:
-                        old.append(text)
-                    else:
-                        target[key] = merge_value(key, old, text)
-                    return None
+                    return raw
         data = event.data
         if data is None or self._done:
             # comments and keep-alives pass; nothing after [DONE] is ours to read
@@ -225,6 +217,19 @@ class OpenAIStream(StreamTranslator):
             return _dumps_event(obj)
         self._maybe_learn(event.raw, obj, choices, final)
         return event.raw
+
+    def absorbed_text(self, text: str) -> None:
+        # what _absorb would do with the template's event (merge_value, its common case first)
+        if text:
+            self._content_events += 1
+        target = self._tpl_target
+        assert target is not None  # set with the template when aggregating
+        key = self._tpl_key
+        old = target.get(key)
+        if type(old) is TextParts:
+            old.append(text)
+        else:
+            target[key] = merge_value(key, old, text)
 
     def _maybe_learn(self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool) -> None:
         """After an event went the slow way: learn it as the next template, or drop the
