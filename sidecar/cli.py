@@ -51,6 +51,9 @@ def main(argv: list[str] | None = None) -> int:
     path = args.config or default_config_path()
     if args.command == "check":
         return check(path)
+    from sidecar import no_tls
+
+    no_tls.install()  # before asyncio: the daemon never loads OpenSSL
     from sidecar.daemon import StartupError
 
     try:
