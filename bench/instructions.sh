@@ -3,12 +3,13 @@
 # whatever else the machine is doing, so a change to the hot path can be judged on a noisy
 # box where CPU-time ratios move by 10% between runs.
 #
-#   bench/instructions.sh [json|stream|sat] [N]
+#   bench/instructions.sh [json|stream|sat|aggregate] [N]
 #
 # Runs the daemon under callgrind twice, over N and 3N requests on one keep-alive connection
 # (json: non-streaming, 64 tokens; stream: 64-token streams paced at 1 ms; sat: 64-token
-# streams, 8 events per worker write), and prints (I(3N) - I(N)) / 2N: the user-space
-# instructions one request costs, start-up excluded. Kernel work is not counted. Needs
+# streams, 8 events per worker write; aggregate: 64-token worker streams paced at 1 ms, each
+# aggregated into one JSON answer for a non-streaming client), and prints
+# (I(3N) - I(N)) / 2N: the user-space instructions one request costs, start-up excluded. Kernel work is not counted. Needs
 # valgrind (Debian's package) and the repo's .venv. Measures only; edits nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,7 +21,8 @@ case $kind in
   json) args=(--json --tokens 64) ;;
   stream) args=(--tokens 64) ;;
   sat) args=(--path /sat/v1/chat/completions --tokens 64) ;;
-  *) echo "usage: bench/instructions.sh [json|stream|sat] [N]" >&2; exit 2 ;;
+  aggregate) args=(--json --path /always/v1/chat/completions --tokens 64) ;;
+  *) echo "usage: bench/instructions.sh [json|stream|sat|aggregate] [N]" >&2; exit 2 ;;
 esac
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
@@ -40,6 +42,7 @@ pricing:
 routes:
   - {name: chat, match: {path: /v1/chat/completions}, dialect: openai-chat}
   - {name: sat, match: {path: /sat/v1/chat/completions}, dialect: openai-chat}
+  - {name: always, match: {path: /always/v1/chat/completions}, dialect: openai-chat, upstream_stream: always}
 EOF
   valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" \
     "$py" -m sidecar run -c "$tmp/sidecar.yaml" >"$tmp/sidecar.log" 2>&1 &
