@@ -7,10 +7,11 @@
 #
 # Runs the daemon under callgrind twice, over N and 3N requests on one keep-alive connection
 # (json: non-streaming, 64 tokens; stream: 64-token streams paced at 1 ms; sat: 64-token
-# streams, 8 events per worker write; aggregate: 64-token worker streams paced at 1 ms, each
-# aggregated into one JSON answer for a non-streaming client), and prints
-# (I(3N) - I(N)) / 2N: the user-space instructions one request costs, start-up excluded. Kernel work is not counted. Needs
-# valgrind (Debian's package) and the repo's .venv. Measures only; edits nothing.
+# streams, 8 events per worker write; aggregate: 64-token worker streams paced at 1 ms,
+# each aggregated into one JSON answer for a non-streaming client), and prints
+# (I(3N) - I(N)) / 2N: the user-space instructions one request costs, start-up excluded.
+# Kernel work is not counted. Needs valgrind (Debian's package) and the repo's .venv.
+# Measures only; edits nothing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 kind=${1:-stream}
