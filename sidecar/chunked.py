@@ -39,6 +39,14 @@ def frame(data: bytes) -> bytes:
 LAST_CHUNK = _END
 _SIZE_OF_LINE = {line: size for size, line in enumerate(SIZE_LINES) if size}
 
+#: The size line a whole chunk of each length (size line, payload, CRLF) must start with, for
+#: payloads of 1 to 4095 bytes (hex digits + payload grows with the payload: one line per
+#: length at most); b"" where no chunk has that length.
+SIZE_LINE_OF_CHUNK = [b""] * (4095 + len(SIZE_LINES[4095]) + 3)
+for _size in range(1, 4096):
+    SIZE_LINE_OF_CHUNK[_size + len(SIZE_LINES[_size]) + 2] = SIZE_LINES[_size]
+del _size
+
 
 def first_chunk_end(data: bytes, at: int = 0) -> int:
     """Where the chunk starting at `data[at]` ends, when it is there whole, is not empty, is

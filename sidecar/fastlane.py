@@ -20,7 +20,9 @@ from dataclasses import dataclass
 from orjson import JSONDecodeError
 from orjson import loads as _loads
 
-from sidecar.chunked import SIZE_LINES, first_chunk_end
+from sidecar.chunked import SIZE_LINE_OF_CHUNK, first_chunk_end
+
+_LONGEST_CHUNK = len(SIZE_LINE_OF_CHUNK)
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,20 +59,14 @@ def template_text(literal: bytes) -> str | None:
 def chunk_text(data: bytes, template: TextTemplate) -> str | None:
     """The string in its place when `data` is one whole chunk (lower-case hex size, CRLF,
     payload, CRLF) whose payload is `template` with a JSON string there; None for anything
-    else."""
-    end = template.framed_cut
-    if data[end:] != template.framed_suffix:
+    else. Slices nothing but the string (this runs for every token)."""
+    n = len(data)
+    if n >= _LONGEST_CHUNK or not data.endswith(template.framed_suffix):
         return None
-    # len(data) - 4 = hex digits + payload size: 1..16 -> 1 digit, 18..257 -> 2, 259.. -> 3
-    size = len(data) - 4
-    digits = 1 if size < 17 else 2 if size < 258 else 3
-    size -= digits
-    if not 0 < size < 4096 or data[: digits + 2] != SIZE_LINES[size]:
+    line = SIZE_LINE_OF_CHUNK[n]
+    if not line or not data.startswith(line) or not data.startswith(template.prefix, len(line)):
         return None
-    begin = digits + 2 + template.start
-    if data[digits + 2 : begin] != template.prefix:
-        return None
-    return template_text(data[begin:end])
+    return template_text(data[len(line) + template.start : template.framed_cut])
 
 
 def template_chunks(data: bytes, template: TextTemplate) -> tuple[list[str], int]:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 
 from sidecar.dialects.base import StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
-from sidecar.fastlane import chunk_text, template_chunks
+from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
 from sidecar.sse import Event, SSEParser, SSEProtocolError
 from sidecar.usage import cost_header_value
@@ -48,12 +48,17 @@ class BodyHandler:
     #: decoder (the pump calls it only between chunks): how many bytes at the start of the
     #: read it dealt with (whole chunks; the rest goes the general way).
     lane: Callable[[bytes], int] | None = None
+    #: With a lane: where a chunk of the template goes as it came (the client's chunked
+    #: body), or None when its string is handed to the translator's `absorbed_text`.
+    lane_write: Callable[[bytes], object] | None = None
+    #: With a lane: the translator that counts (or absorbs) what the lane takes.
+    lane_sink: StreamTranslator | None = None
 
     @property
-    def lane_ready(self) -> bool:
-        """The lane has what it matches chunks against (so a chunk it did not take is one
-        that cannot go by it, not one that came too early)."""
-        return False
+    def lane_template(self) -> TextTemplate | None:
+        """What the lane matches chunks against right now, or None: no lane, no template
+        yet, or the parser holds part of an event (see `ResponsePump.arm_lane`)."""
+        return None
 
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
@@ -174,11 +179,14 @@ class EventHandler(BodyHandler):
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         self.ex = exchange
         self.translator = translator
+        self.lane_sink = translator
         self.parser = parser
 
     @property
-    def lane_ready(self) -> bool:
-        return self.translator.text_template is not None
+    def lane_template(self) -> TextTemplate | None:
+        if self.lane is None or self.parser.busy:
+            return None
+        return self.translator.text_template
 
 
 class RelayHandler(EventHandler):
@@ -197,28 +205,21 @@ class RelayHandler(EventHandler):
         # when the client's body is chunked too, a chunk passed unchanged is written as it came
         write_framed = exchange.framed_writer()
         if write_framed is not None:
-            self.write_framed = write_framed
+            self.lane_write = write_framed
             self.lane = self.whole_chunks
 
     def whole_chunks(self, data: bytes) -> int:
         """The lane: chunks carrying one event of the translator's text template each go to
         the client as they came, without decoding, parsing or building events. Returns how
         many bytes at the start of `data` went (0: none)."""
-        template = self.translator.text_template
-        if template is None or self.parser.busy:
+        template = self.lane_template
+        if template is None:
             return 0
-        text = chunk_text(data, template)  # the usual read: exactly one chunk
-        if text is not None:
-            if text:
-                self.translator.passed_text(1)
-            self.write_framed(data)
-            return len(data)
         texts, taken = template_chunks(data, template)
         if taken:
-            content = len(texts) - texts.count("")
-            if content:
-                self.translator.passed_text(content)
-            self.write_framed(data[:taken] if taken < len(data) else data)
+            self.translator.content_events += len(texts) - texts.count("")
+            assert self.lane_write is not None
+            self.lane_write(data[:taken] if taken < len(data) else data)
         return taken
 
     def data(self, chunk: bytes) -> None:
@@ -279,17 +280,12 @@ class AggregateHandler(EventHandler):
         """The lane: the strings of chunks carrying one event of the translator's text
         template each are appended as the translator would append them, without decoding,
         parsing or building events. Returns how many bytes at the start of `data` it took."""
-        translator = self.translator
-        template = translator.text_template
-        if template is None or self.parser.busy:
+        template = self.lane_template
+        if template is None:
             return 0
-        text = chunk_text(data, template)  # the usual read: exactly one chunk
-        if text is not None:
-            translator.absorbed_text(text)
-            return len(data)
         texts, taken = template_chunks(data, template)
         for text in texts:
-            translator.absorbed_text(text)
+            self.translator.absorbed_text(text)
         return taken
 
     def data(self, chunk: bytes) -> None:

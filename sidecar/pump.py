@@ -57,7 +57,6 @@ class ResponsePump:
         self.handler = handler
         handler.bind(self)
         self.loop = exchange.loop
-        self._now = self.loop.time
         self.idle_timeout = route.upstream.idle_timeout
         self.heartbeat = route.heartbeat
         self.done: asyncio.Future[None] = self.loop.create_future()
@@ -65,8 +64,8 @@ class ResponsePump:
         self.clean = False
         self.eof = False
         self.paused = False
-        self.last_rx = self.loop.time()
-        self.last_beat = self.last_rx
+        self.up.last_rx = self.loop.time()
+        self.last_beat = self.up.last_rx
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -86,8 +85,30 @@ class ResponsePump:
 
     # -- the worker side (BodyConsumer) ---------------------------------------------
     def upstream_data(self, data: bytes) -> None:
-        # the hot path: every token of every stream passes here, keep it flat
-        self.last_rx = self._now()
+        # A read the worker connection's own lane check did not take (see arm_lane).
+        self._take(data)
+        self.arm_lane()
+
+    def arm_lane(self) -> None:
+        """Arm the worker connection's fast-lane check for the reads to come, or disarm it.
+
+        The read every token is, one whole chunk of the handler's text template, is then
+        taken in the connection's data callback without calling the pump: what the lane
+        matches can change only here (the handler's template and parser state, the
+        decoder between chunks), after a read went the general way, and disarms when the
+        response ends (the connection's `detach`)."""
+        decoder = self.decoder
+        if self.finished or decoder is None or not decoder.at_boundary:
+            self.up.disarm_lane()
+            return
+        handler = self.handler
+        template = handler.lane_template
+        if template is None:
+            self.up.disarm_lane()
+        else:
+            self.up.arm_lane(template, handler.lane_write, handler.lane_sink)
+
+    def _take(self, data: bytes) -> None:
         decoder = self.decoder
         if decoder is None:
             self.up.h11.receive_data(data)
@@ -108,7 +129,7 @@ class ResponsePump:
                 if taken == len(data):
                     return
                 data = data[taken:]
-            if split == _SPLITS_PER_READ or handler.lane_ready:
+            if split == _SPLITS_PER_READ or handler.lane_template is not None:
                 break
             split += 1
             end = first_chunk_end(data)
@@ -246,14 +267,14 @@ class ResponsePump:
 
     def client_resumed(self) -> None:
         self.paused = False
-        self.last_rx = self.loop.time()
+        self.up.last_rx = self.loop.time()
         self.up.resume_reading()
 
     # -- time -------------------------------------------------------------------------------
     def _schedule(self) -> None:
-        due = self.last_rx + self.idle_timeout
+        due = self.up.last_rx + self.idle_timeout
         if self.heartbeat is not None:
-            due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
+            due = min(due, max(self.up.last_rx, self.last_beat) + self.heartbeat)
         self._timer = self.loop.call_at(due, self._tick)
 
     def _tick(self) -> None:
@@ -261,13 +282,13 @@ class ResponsePump:
             return
         now = self.loop.time()
         if self.paused:
-            self.last_rx = now
-        elif now - self.last_rx >= self.idle_timeout:
+            self.up.last_rx = now
+        elif now - self.up.last_rx >= self.idle_timeout:
             self.fail(failures.UPSTREAM_TIMEOUT, "")
             return
         if (
             self.heartbeat is not None
-            and now - max(self.last_rx, self.last_beat) >= self.heartbeat
+            and now - max(self.up.last_rx, self.last_beat) >= self.heartbeat
             and self.handler.wants_heartbeat
         ):
             self.last_beat = now

@@ -3,7 +3,9 @@
 I/O shell only: it moves bytes between a transport and an h11 state machine
 and reports what happened; deciding what a failure means is the exchange's
 job. A body consumer (the exchange's response pump) is fed synchronously from
-`data_received`, so a streamed token crosses no task switch on its way out.
+`data_received`, so a streamed token crosses no task switch on its way out; the
+read every token is (one whole chunk of the fast lane's template, sidecar.fastlane)
+does not even reach the pump once the pump has armed the lane here.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from typing import Protocol, cast
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Protocol, cast
 
 import h11
 
@@ -19,6 +23,10 @@ from sidecar import failures
 from sidecar.config import UpstreamConfig
 from sidecar.deadlines import arm
 from sidecar.failures import UpstreamFailure
+from sidecar.fastlane import TextTemplate, chunk_text
+
+if TYPE_CHECKING:
+    from sidecar.dialects.base import StreamTranslator
 
 
 class BodyConsumer(Protocol):
@@ -46,16 +54,39 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._waiter: asyncio.Future[None] | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
+        self._now: Callable[[], float] = time.monotonic  # the loop's clock once connected
+        self.last_rx = 0.0  # loop time of the last read
+        self.lane_template: TextTemplate | None = None  # see arm_lane
+        self.lane_write: Callable[[bytes], object] | None = None
+        self.lane_sink: StreamTranslator | None = None
 
     # -- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self._now = asyncio.get_running_loop().time
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def data_received(self, data: bytes) -> None:
+        # the hot path: every token of every stream passes here, keep it flat
+        self.last_rx = self._now()
+        template = self.lane_template
+        if template is not None:
+            # the fast lane, armed by the response pump between chunks (see arm_lane): a
+            # read that is one whole chunk of the template goes as it came (or its string
+            # is absorbed) without calling the pump
+            text = chunk_text(data, template)
+            if text is not None:
+                write = self.lane_write
+                if write is None:
+                    self.lane_sink.absorbed_text(text)  # type: ignore[union-attr]
+                else:
+                    write(data)
+                    if text:
+                        self.lane_sink.content_events += 1  # type: ignore[union-attr]
+                return
         self.response_started = True
         consumer = self.consumer
         if consumer is not None:
@@ -170,6 +201,25 @@ class UpstreamConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self.consumer = None
+        self.disarm_lane()
+
+    def arm_lane(
+        self,
+        template: TextTemplate,
+        write: Callable[[bytes], object] | None,
+        sink: StreamTranslator | None,
+    ) -> None:
+        """Take the reads that are one whole chunk of `template` in `data_received`: written
+        with `write` as they came and counted by `sink` (or, with no `write`, their string
+        handed to `sink.absorbed_text`). Only the response pump arms it (`arm_lane`)."""
+        self.lane_template = template
+        self.lane_write = write
+        self.lane_sink = sink
+
+    def disarm_lane(self) -> None:
+        self.lane_template = None
+        self.lane_write = None
+        self.lane_sink = None
 
     def pause_reading(self) -> None:
         if self.transport is not None and not self.closed:
@@ -182,6 +232,7 @@ class UpstreamConnection(asyncio.Protocol):
     def close(self) -> None:
         """Close at once (RST-free FIN); the worker sees the disconnect and stops generating."""
         self.consumer = None
+        self.disarm_lane()
         if self.transport is not None and not self.closed:
             self.transport.close()
         self.closed = True

@@ -27,6 +27,7 @@ from sidecar.fastlane import TextTemplate, chunk_text, template_chunks, template
 from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
 from sidecar.pump import ResponsePump
 from sidecar.sse import SSEParser
+from sidecar.upstream import UpstreamConnection
 from tests.test_openai_template import translators, worker_streams
 
 PREFIX = b'data: {"choices":[{"delta":{"content":'
@@ -168,26 +169,30 @@ class FakeExchange:
         self.sent.append(b"<%d %s>" % (status, code.encode()))
 
 
-class FakeUpstream:
-    keep_alive = True
-
-    def close(self) -> None: ...
-    def detach(self) -> None: ...
-
-
 def pumped(
     raw_body: bytes,
     cuts: list[int],
     lane: bool,
     aggregate: bool = False,
     writes: list[bytes] | None = None,
+    fed: list[bytes] | None = None,
 ) -> tuple[bytes, str | None, int]:
-    """A chunked worker body, read in the pieces `cuts` makes, through the real response pump
-    and a relay (or aggregate) handler: what the client reads (a relay's body de-chunked, an
-    aggregation's answer), the failure, the content count."""
+    """A chunked worker body, read in the pieces `cuts` makes by a real worker connection
+    (no socket: its `data_received` is called), through the real response pump and a relay
+    (or aggregate) handler: what the client reads (a relay's body de-chunked, an
+    aggregation's answer), the failure, the content count. `fed` collects the events that
+    reached the translator the general way."""
     loop = asyncio.new_event_loop()
     try:
         fast, _ = translators(chat=True, aggregate=aggregate, include_usage=True)
+        if fed is not None:
+            feed = fast.feed
+
+            def recording(event: Any) -> bytes | None:
+                fed.append(event.raw)
+                return feed(event)
+
+            fast.feed = recording  # type: ignore[method-assign]
         exchange = FakeExchange(loop)
         handler: BodyHandler
         if aggregate:
@@ -197,23 +202,25 @@ def pumped(
         if not lane:
             handler.lane = None
         route = SimpleNamespace(upstream=SimpleNamespace(idle_timeout=60.0), heartbeat=None)
-        pump = ResponsePump(exchange, FakeUpstream(), handler, route, ChunkedDecoder())  # type: ignore[arg-type]
+        upstream = UpstreamConnection(max_head=65536)
+        pump = ResponsePump(exchange, upstream, handler, route, ChunkedDecoder())  # type: ignore[arg-type]
+        upstream.consumer = pump
         for a, b in itertools.pairwise([0, *cuts, len(raw_body)]):
             if raw_body[a:b] and not pump.finished:
-                pump.upstream_data(raw_body[a:b])
+                upstream.data_received(raw_body[a:b])
     finally:
         loop.close()
     if writes is not None:
         writes.extend(exchange.sent)
     failed = None if exchange.failure is None else exchange.failure.code
     if aggregate:
-        return b"".join(exchange.sent), failed, fast._content_events
+        return b"".join(exchange.sent), failed, fast.content_events
     # a read of several chunks may go out as the worker framed them or re-framed as one
     # chunk: the client reads the same body either way
     assert exchange.sent[0] == b"<head>"
     client = ChunkedDecoder()
     body = b"".join(client.feed(b"".join(exchange.sent[1:])))
-    return body, failed, fast._content_events
+    return body, failed, fast.content_events
 
 
 @settings(max_examples=300, deadline=None)
@@ -269,7 +276,7 @@ def test_the_lane_is_taken() -> None:
         handler.data(b"".join(decoder.feed(data)))
     assert taken == 4  # the first event sets the template, the other four take the lane
     assert b"".join(exchange.sent) == b"<head>" + body
-    assert fast._content_events == 4
+    assert fast.content_events == 4
 
 
 def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
@@ -286,7 +293,7 @@ def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
     read = tokens + frame(b"data: [DONE]\n\n")
     assert handler.lane is not None and handler.lane(read) == len(tokens)
     assert exchange.sent[-1] == tokens  # as the worker framed them, in one write
-    assert fast._content_events == 3
+    assert fast.content_events == 3
 
 
 def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
@@ -339,42 +346,68 @@ def test_not_while_the_parser_holds_part_of_an_event() -> None:
         assert with_lane == pumped(body, cuts, lane=False, aggregate=aggregate)
 
 
+@pytest.mark.parametrize("aggregate", [False, True])
 @pytest.mark.parametrize("per_chunk", [False, True])
-def test_the_aggregating_lane_is_taken(per_chunk: bool) -> None:
-    """Guard for the property above, aggregating: after the first token (it sets the
-    template) every token chunk goes by the lane, read one by one or all in one read, and
-    the document still has the whole text."""
+def test_only_the_first_token_reaches_the_translator(per_chunk: bool, aggregate: bool) -> None:
+    """Guard for the property above: after the first token (it sets the template) every
+    token chunk goes by the lane, read one by one (taken by the worker connection's own
+    check) or all in one read (by the pump's), relaying or aggregating; the client gets
+    every token, and an aggregated document has the whole text."""
     event = (
         b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
         b'"choices":[{"index":0,"delta":%s,"finish_reason":%s}]}\n\n'
     )
-    role = frame(event % (b'{"role":"assistant","content":""}', b"null"))
+    role_event = event % (b'{"role":"assistant","content":""}', b"null")
     texts = ["a", "b", "", "c\u00e9", "d\n"]
-    tokens = [frame(event % (b'{"content":%s}' % orjson.dumps(t), b"null")) for t in texts]
-    finish = frame(event % (b"{}", b'"stop"'))
-    usage = frame(
+    token_events = [event % (b'{"content":%s}' % orjson.dumps(t), b"null") for t in texts]
+    finish_event = event % (b"{}", b'"stop"')
+    usage_event = (
         b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[],'
         b'"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
     )
-    chunks = [role, *tokens, finish, usage, frame(b"data: [DONE]\n\n"), b"0\r\n\r\n"]
+    events = [role_event, *token_events, finish_event, usage_event, b"data: [DONE]\n\n"]
+    chunks = [frame(e) for e in events] + [b"0\r\n\r\n"]
     body = b"".join(chunks)
     cuts = list(itertools.accumulate(len(c) for c in chunks))[:-1] if per_chunk else []
-    taken: list[int] = []
-    original = AggregateHandler.whole_chunks
+    fed: list[bytes] = []
+    writes: list[bytes] = []
+    answer, failed, content = pumped(
+        body, cuts, lane=True, aggregate=aggregate, writes=writes, fed=fed
+    )
+    assert fed == [role_event, token_events[0], finish_event, usage_event, b"data: [DONE]\n\n"]
+    assert failed is None and content == 4
+    assert (answer, failed, content) == pumped(body, cuts, lane=False, aggregate=aggregate)
+    if aggregate:
+        assert answer.startswith(b"<200>")
+        document = orjson.loads(answer[len(b"<200>") :])
+        assert document["choices"][0]["message"]["content"] == "abc\u00e9d\n"
+        assert document["usage"]["completion_tokens"] == 4
+    else:
+        # every token as it came (the usage event gets its cost)
+        assert answer.startswith(b"".join([role_event, *token_events, finish_event]))
+        if per_chunk:  # each token chunk written as it came, by itself
+            assert writes[3:7] == [frame(e) for e in token_events[1:]]
 
-    def counting(self: AggregateHandler, data: bytes) -> int:
-        n = original(self, data)
-        taken.append(n)
-        return n
 
-    AggregateHandler.whole_chunks = counting  # type: ignore[method-assign]
-    try:
-        answer, failed, content = pumped(body, cuts, lane=True, aggregate=True)
-    finally:
-        AggregateHandler.whole_chunks = original  # type: ignore[method-assign]
-    assert sum(taken) == len(b"".join(tokens[1:]))
-    assert answer.startswith(b"<200>") and failed is None and content == 4
-    document = orjson.loads(answer[len(b"<200>") :])
-    assert document["choices"][0]["message"]["content"] == "abc\u00e9d\n"
-    assert document["usage"]["completion_tokens"] == 4
-    assert (answer, failed, content) == pumped(body, cuts, lane=False, aggregate=True)
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_not_inside_a_chunk_that_holds_what_looks_like_one(aggregate: bool) -> None:
+    """A worker chunk whose payload, after a whole event, carries the bytes of a template
+    chunk (its size line is an SSE line of an unknown field): read by itself, that part is
+    one whole template chunk to look at, but the decoder is inside the outer chunk, so it
+    is payload and must go the general way (the lane is armed only between chunks)."""
+    event = (
+        b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m",'
+        b'"choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
+    )
+    first, inner = event % b'"a"', frame(event % b'"b"')
+    outer = frame(event % b'"x"' + inner)
+    body = frame(first) + outer + frame(b"data: [DONE]\n\n") + b"0\r\n\r\n"
+    start = len(frame(first))
+    # the outer chunk read in three pieces: its size line and first event, the look-alike,
+    # its closing CRLF with the rest
+    cut = start + outer.index(inner)
+    cuts = [start, cut, cut + len(inner)]
+    with_lane = pumped(body, cuts, lane=True, aggregate=aggregate)
+    assert with_lane == pumped(body, cuts, lane=False, aggregate=aggregate)
+    if not aggregate:
+        assert b"\r\n" + event % b'"b"' in with_lane[0]  # the look-alike's size line stays

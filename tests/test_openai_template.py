@@ -59,7 +59,7 @@ def run(translator: OpenAIStream, raw: bytes) -> list[Any]:
 def state(translator: OpenAIStream) -> dict[str, Any]:
     translator.settle()
     seen: dict[str, Any] = {
-        "content_events": translator._content_events,
+        "content_events": translator.content_events,
         "complete": translator.complete,
         "worker_error": translator.worker_error,
         "usage": translator.usage,
@@ -191,7 +191,7 @@ def test_the_fast_path_is_taken_for_a_plain_stream() -> None:
     raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "", "c"])
     assert run(fast, raw) == [plain % b'"a"', plain % b'"b"', plain % b'""', plain % b'"c"']
     assert fast.text_template is not None and fast._tpl_learns == 1
-    assert fast._content_events == 3
+    assert fast.content_events == 3
 
 
 def test_an_empty_text_is_not_learned() -> None:
@@ -229,7 +229,7 @@ def test_the_fast_path_is_taken_for_reasoning_deltas() -> None:
     raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "", "c"])
     run(fast, raw)
     assert fast.text_template is not None and fast._tpl_key == "reasoning_content"
-    assert fast._content_events == 3
+    assert fast.content_events == 3
     message = orjson.loads(fast.document())["choices"][0]["message"]
     assert message["reasoning_content"] == "abc" and message["content"] is None
 

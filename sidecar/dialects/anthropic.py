@@ -150,7 +150,7 @@ class AnthropicStream(StreamTranslator):
         dtype = delta.get("type")
         field = _CONTENT_DELTAS.get(dtype) if isinstance(dtype, str) else None
         if field is not None and delta.get(field):
-            self._content_events += 1
+            self.content_events += 1
         if not self.aggregate:
             return
         index = obj.get("index")

@@ -169,7 +169,7 @@ class StreamTranslator(Outcome, ABC):
     complete: bool  # the worker sent its success terminator (or finish)
     plan: RequestPlan
     pricing: Pricing
-    _content_events: int  # content-bearing deltas seen, for usage estimates
+    content_events: int  # content-bearing deltas seen, for usage estimates
     cost_of: CostFunction = staticmethod(openai_cost)
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
@@ -181,13 +181,13 @@ class StreamTranslator(Outcome, ABC):
         self.cost: Decimal | None = None
         self.worker_error = False
         self.complete = False
-        self._content_events = 0
+        self.content_events = 0
         self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
         # Kept current by dialects that have one (see sidecar.fastlane): while set, an
         # event made of this template with a JSON string in its place passes unchanged
         # (relaying) or has its string appended (aggregating), and counts as content when
         # the string is not empty, so a handler may take such an event without parsing it
-        # and report it with `passed_text` or `absorbed_text`.
+        # and count it in `content_events` (relaying) or hand it to `absorbed_text`.
         self.text_template: TextTemplate | None = None
 
     def settle(self) -> None:
@@ -197,8 +197,8 @@ class StreamTranslator(Outcome, ABC):
         the price is worked out again only when the usage or the model changed.
         """
         usage = self.usage
-        if not usage.seen and self._content_events:
-            usage = self.usage = estimated_usage(self._content_events)
+        if not usage.seen and self.content_events:
+            usage = self.usage = estimated_usage(self.content_events)
         model = self.model or self.plan.request_model
         key = (
             model,
@@ -214,10 +214,6 @@ class StreamTranslator(Outcome, ABC):
             return
         self._settled = key
         self.cost = price_usage(self.pricing, model, usage, self.cost_of)
-
-    def passed_text(self, events: int) -> None:
-        """A relay passed `events` events of `text_template` with a non-empty string, unparsed."""
-        self._content_events += events
 
     def absorbed_text(self, text: str) -> None:
         """Aggregating: an event of `text_template` with `text` in its string's place came,

@@ -156,7 +156,7 @@ class OpenAIStream(StreamTranslator):
                         self.absorbed_text(text)
                         return None
                     if text:
-                        self._content_events += 1
+                        self.content_events += 1
                     return raw
         data = event.data
         if data is None or self._done:
@@ -193,7 +193,7 @@ class OpenAIStream(StreamTranslator):
                 self.complete = True
                 final = True
             if _content_bearing(choice.get(content_key)):
-                self._content_events += 1
+                self.content_events += 1
         usage_obj = obj.get("usage")
         if type(usage_obj) is dict:
             self.usage.merge_max(usage_from_openai(usage_obj))
@@ -221,7 +221,7 @@ class OpenAIStream(StreamTranslator):
     def absorbed_text(self, text: str) -> None:
         # what _absorb would do with the template's event (merge_value, its common case first)
         if text:
-            self._content_events += 1
+            self.content_events += 1
         target = self._tpl_target
         assert target is not None  # set with the template when aggregating
         key = self._tpl_key
@@ -235,7 +235,7 @@ class OpenAIStream(StreamTranslator):
         """After an event went the slow way: learn it as the next template, or drop the
         template (kept from trying on more than a quarter of the content events, +16)."""
         self.text_template = None
-        if final or len(choices) != 1 or self._tpl_learns > self._content_events // 4 + 16:
+        if final or len(choices) != 1 or self._tpl_learns > self.content_events // 4 + 16:
             return
         self._tpl_learns += 1
         self._learn_template(raw, obj, choices[0])

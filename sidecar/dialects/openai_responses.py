@@ -167,7 +167,7 @@ class ResponsesStream(StreamTranslator):
             rewrite = True
         if kind.endswith(".delta"):
             if obj.get("delta"):
-                self._content_events += 1
+                self.content_events += 1
             self._output.read(kind, obj)
         elif kind in _TERMINAL:
             rewrite = self._read_terminal(kind, obj) or rewrite
