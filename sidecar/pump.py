@@ -64,8 +64,14 @@ class ResponsePump:
         self.clean = False
         self.eof = False
         self.paused = False
-        self.up.last_rx = self.loop.time()
-        self.last_beat = self.up.last_rx
+        # Silence is noticed at the timer's looks, not per read: the worker connection only
+        # marks that a read happened (`rx_seen`), and the timer looks at least every eighth
+        # of the shortest wait, so a silence is noticed at most that much late, never early.
+        self.last_rx = self.loop.time()  # when the timer last saw the worker active
+        self.last_beat = self.last_rx
+        waits = [self.idle_timeout] if self.heartbeat is None else [self.idle_timeout, self.heartbeat]
+        self._look_every = min(waits) / 8
+        upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
@@ -267,28 +273,32 @@ class ResponsePump:
 
     def client_resumed(self) -> None:
         self.paused = False
-        self.up.last_rx = self.loop.time()
+        self.last_rx = self.loop.time()
         self.up.resume_reading()
 
     # -- time -------------------------------------------------------------------------------
     def _schedule(self) -> None:
-        due = self.up.last_rx + self.idle_timeout
+        due = self.last_rx + self.idle_timeout
         if self.heartbeat is not None:
-            due = min(due, max(self.up.last_rx, self.last_beat) + self.heartbeat)
+            due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
+        due = min(due, self.loop.time() + self._look_every)
         self._timer = self.loop.call_at(due, self._tick)
 
     def _tick(self) -> None:
         if self.finished:
             return
         now = self.loop.time()
-        if self.paused:
-            self.up.last_rx = now
-        elif now - self.up.last_rx >= self.idle_timeout:
+        up = self.up
+        if up.rx_seen or self.paused:
+            # bytes came since the last look, or the client held the worker back: not silence
+            up.rx_seen = False
+            self.last_rx = now
+        elif now - self.last_rx >= self.idle_timeout:
             self.fail(failures.UPSTREAM_TIMEOUT, "")
             return
         if (
             self.heartbeat is not None
-            and now - max(self.up.last_rx, self.last_beat) >= self.heartbeat
+            and now - max(self.last_rx, self.last_beat) >= self.heartbeat
             and self.handler.wants_heartbeat
         ):
             self.last_beat = now

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Protocol, cast
 
@@ -54,8 +53,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._waiter: asyncio.Future[None] | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
-        self._now: Callable[[], float] = time.monotonic  # the loop's clock once connected
-        self.last_rx = 0.0  # loop time of the last read
+        self.rx_seen = False  # a read happened since the response pump's timer last looked
         self.lane_template: TextTemplate | None = None  # see arm_lane
         self.lane_write: Callable[[bytes], object] | None = None
         self.lane_sink: StreamTranslator | None = None
@@ -63,7 +61,6 @@ class UpstreamConnection(asyncio.Protocol):
     # -- asyncio.Protocol -------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
-        self._now = asyncio.get_running_loop().time
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -71,7 +68,7 @@ class UpstreamConnection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         # the hot path: every token of every stream passes here, keep it flat
-        self.last_rx = self._now()
+        self.rx_seen = True
         template = self.lane_template
         if template is not None:
             # the fast lane, armed by the response pump between chunks (see arm_lane): a

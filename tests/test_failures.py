@@ -12,6 +12,7 @@ Before the head the same failures are 502/504 with an OpenAI-shaped body.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -180,6 +181,33 @@ def test_failure_after_head_raw_bytes(w: FakeWorker, proxy: Daemon, name: str) -
     record = proxy.ledger_for(rid)
     assert record["outcome"] == ("upstream_timeout" if code == "upstream_timeout" else "upstream_error")
     assert record["status"] == 200
+
+
+def test_idle_timeout_counts_silence_not_the_stream(w: FakeWorker, proxy: Daemon) -> None:
+    """Tokens 100 ms apart for 1.1 s (more than twice the 500 ms idle timeout) are no silence,
+    however the tokens are taken (the worker connection only marks that a read happened;
+    the pump's timer looks at least every eighth of the timeout); the stall after them is
+    reported once 500 ms of it have passed, and not much later."""
+    token = EV[2]  # "lo", the same bytes each time: after the first, the fast lane takes them
+    # (11: a timer that looked only once per timeout would notice the stall ~0.4 s late)
+    tokens = [step for _ in range(11) for step in (Sleep(0.1), Send(chunk(token)))]
+    w.reply([*started(EV[0], EV[1]), *tokens, Stall()])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        seen = b""
+        last_token_at = error_at = 0.0
+        while b"upstream_timeout" not in seen:
+            piece = client.recv_some(timeout=5.0)
+            assert piece, seen
+            seen += piece
+            if b'"lo"' in piece:
+                last_token_at = time.monotonic()
+            if b"upstream_timeout" in piece:
+                error_at = time.monotonic()
+    assert seen.count(b'"content":"lo"') == 11 and b"[DONE]" not in seen
+    # noticed after 500 ms of silence (libuv's timers are to the millisecond), at most an
+    # eighth (62.5 ms) late, plus timer slack
+    assert 0.49 <= error_at - last_token_at < 0.5 + 0.0625 + 0.15, error_at - last_token_at
 
 
 @pytest.mark.parametrize("name", list(AFTER_HEAD))
