@@ -46,6 +46,8 @@ SIZE_LINE_OF_CHUNK = [b""] * (4095 + len(SIZE_LINES[4095]) + 3)
 for _size in range(1, 4096):
     SIZE_LINE_OF_CHUNK[_size + len(SIZE_LINES[_size]) + 2] = SIZE_LINES[_size]
 del _size
+#: len(SIZE_LINE_OF_CHUNK): no whole chunk of this length or longer is in the table
+LONGEST_CHUNK = len(SIZE_LINE_OF_CHUNK)
 
 
 def first_chunk_end(data: bytes, at: int = 0) -> int:
@@ -84,21 +86,13 @@ class ChunkedDecoder:
         self.at_boundary = True
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self.at_boundary:
+        if self.at_boundary and len(data) < LONGEST_CHUNK:
             # fast path: `data` is exactly one whole chunk with a plain lower-case size line,
-            # as a worker writes one per token. Operators only (no method calls): this runs
-            # for every token of every stream. The size line is compared with the one this
-            # size would have, so a match proves the framing (anything else: general path).
-            n = len(data)
-            size = n - 6  # two hex digits: 16-255 bytes, the usual token event
-            if 15 < size < 256:
-                if data[:4] == SIZE_LINES[size] and data[-2:] == b"\r\n":
-                    return [data[4:-2]]
-            elif 255 < size - 1 < 4096:  # three hex digits
-                if data[:5] == SIZE_LINES[size - 1] and data[-2:] == b"\r\n":
-                    return [data[5:-2]]
-            elif 0 < size + 1 < 16 and data[:3] == SIZE_LINES[size + 1] and data[-2:] == b"\r\n":
-                return [data[3:-2]]  # one hex digit
+            # as a worker writes one per event. A chunk of this length can start with one
+            # size line only, so a match proves the framing (anything else: general path).
+            line = SIZE_LINE_OF_CHUNK[len(data)]
+            if line and data.startswith(line) and data.endswith(b"\r\n"):
+                return [data[len(line) : -2]]
         out: list[bytes] = []
         try:
             return self._feed(data, out)

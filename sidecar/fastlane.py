@@ -20,9 +20,7 @@ from dataclasses import dataclass
 from orjson import JSONDecodeError
 from orjson import loads as _loads
 
-from sidecar.chunked import SIZE_LINE_OF_CHUNK, first_chunk_end
-
-_LONGEST_CHUNK = len(SIZE_LINE_OF_CHUNK)
+from sidecar.chunked import LONGEST_CHUNK, SIZE_LINE_OF_CHUNK, first_chunk_end
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +59,7 @@ def chunk_text(data: bytes, template: TextTemplate) -> str | None:
     payload, CRLF) whose payload is `template` with a JSON string there; None for anything
     else. Slices nothing but the string (this runs for every token)."""
     n = len(data)
-    if n >= _LONGEST_CHUNK or not data.endswith(template.framed_suffix):
+    if n >= LONGEST_CHUNK or not data.endswith(template.framed_suffix):
         return None
     line = SIZE_LINE_OF_CHUNK[n]
     if not line or not data.startswith(line) or not data.startswith(template.prefix, len(line)):
