@@ -7,10 +7,10 @@ pass over a worker's read, a whole chunked-transfer chunk whose payload is that
 template with another string, and returns the string: what the chunk decoder, the
 SSE parser and the translator would have made of it is known without running them
 (the same event bytes, passed unchanged, content when the string is not empty), so
-a relay can write the chunk as it came and an aggregation append the string. Anything else
-(None) takes the general path. `template_chunks` does the same for a read that
-carries several whole chunks (a worker ahead of its reader), up to the first
-chunk that is not the template's.
+a relay can write the chunk as it came and an aggregation append the string.
+Anything else (None) takes the general path. `template_chunks` does the same for
+a read that carries several whole chunks (a worker ahead of its reader), up to
+the first chunk that is not the template's.
 """
 
 from __future__ import annotations

@@ -188,6 +188,25 @@ class EventHandler(BodyHandler):
             return None
         return self.translator.text_template
 
+    def whole_chunks(self, data: bytes) -> int:
+        """The lane: chunks carrying one event of the translator's text template each go to
+        the client as they came (`lane_write`), or have their strings appended as the
+        translator would append them (no `lane_write`), without decoding, parsing or
+        building events. Returns how many bytes at the start of `data` it took (0: none)."""
+        template = self.lane_template
+        if template is None:
+            return 0
+        texts, taken = template_chunks(data, template)
+        if taken:
+            write = self.lane_write
+            if write is None:
+                for text in texts:
+                    self.translator.absorbed_text(text)
+            else:
+                self.translator.content_events += len(texts) - texts.count("")
+                write(data[:taken] if taken < len(data) else data)
+        return taken
+
 
 class RelayHandler(EventHandler):
     """SSE worker -> SSE client, event by event; only changed events are re-encoded."""
@@ -207,20 +226,6 @@ class RelayHandler(EventHandler):
         if write_framed is not None:
             self.lane_write = write_framed
             self.lane = self.whole_chunks
-
-    def whole_chunks(self, data: bytes) -> int:
-        """The lane: chunks carrying one event of the translator's text template each go to
-        the client as they came, without decoding, parsing or building events. Returns how
-        many bytes at the start of `data` went (0: none)."""
-        template = self.lane_template
-        if template is None:
-            return 0
-        texts, taken = template_chunks(data, template)
-        if taken:
-            self.translator.content_events += len(texts) - texts.count("")
-            assert self.lane_write is not None
-            self.lane_write(data[:taken] if taken < len(data) else data)
-        return taken
 
     def data(self, chunk: bytes) -> None:
         try:
@@ -275,18 +280,6 @@ class AggregateHandler(EventHandler):
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         super().__init__(exchange, translator, parser)
         self.lane = self.whole_chunks
-
-    def whole_chunks(self, data: bytes) -> int:
-        """The lane: the strings of chunks carrying one event of the translator's text
-        template each are appended as the translator would append them, without decoding,
-        parsing or building events. Returns how many bytes at the start of `data` it took."""
-        template = self.lane_template
-        if template is None:
-            return 0
-        texts, taken = template_chunks(data, template)
-        for text in texts:
-            self.translator.absorbed_text(text)
-        return taken
 
     def data(self, chunk: bytes) -> None:
         feed = self.translator.feed

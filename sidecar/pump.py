@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from typing import TYPE_CHECKING
 
 import h11
@@ -69,8 +70,7 @@ class ResponsePump:
         # of the shortest wait, so a silence is noticed at most that much late, never early.
         self.last_rx = self.loop.time()  # when the timer last saw the worker active
         self.last_beat = self.last_rx
-        waits = [self.idle_timeout] if self.heartbeat is None else [self.idle_timeout, self.heartbeat]
-        self._look_every = min(waits) / 8
+        self._look_every = min(self.idle_timeout, self.heartbeat or math.inf) / 8
         upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
 
