@@ -36,6 +36,8 @@ from sidecar.failures import Failure, UpstreamFailure
 from sidecar.framing import body_decoder
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
+    H11_REQUEST_HEADERS,
+    H11_RESPONSE_HEADERS,
     Header,
     check_raw_head,
     connection_tokens,
@@ -44,6 +46,8 @@ from sidecar.headers import (
     header_value,
     request_id_from,
     simple_response,
+    splice_lines,
+    split_for_h11,
     without,
 )
 from sidecar.ledger import LedgerRecord, utc_timestamp
@@ -64,9 +68,6 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
-
-#: the response headers h11 acts on when it frames a response (the rest it only copies)
-_FRAMING_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 
 _REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
 
@@ -214,21 +215,13 @@ class Exchange(StreamListener):
             headers.append((b"connection", b"close"))
         conn = self.conn
         # h11 sees only the headers that decide framing and keep-alive (it rewrites and
-        # re-validates every header it is given, up to three times for a chunked head); the
-        # rest, out of h11's parser or our constants, are spliced in after the status line.
-        framing: list[Header] = []
-        lines: list[bytes] = []
-        for name, value in headers:
-            if name.lower() in _FRAMING_HEADERS:
-                framing.append((name, value))
-            else:
-                lines.append(name + b": " + value + b"\r\n")
+        # re-validates every header it is given, up to three times for a chunked head)
+        framing, lines = split_for_h11(headers, H11_RESPONSE_HEADERS)
         head = conn.send(
             h11.Response(status_code=status, headers=framing, reason=reason(status), _parsed=True)
         )
         assert head is not None
-        status_line = head.find(b"\r\n") + 2
-        data = head[:status_line] + b"".join(lines) + head[status_line:]
+        data = splice_lines(head, lines)
         self.status = status
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
@@ -447,7 +440,8 @@ class Exchange(StreamListener):
             else:
                 raise ClientGone()
 
-    def _upstream_head(self, route: RouteConfig) -> h11.Request:
+    def _upstream_head(self, route: RouteConfig) -> tuple[h11.Request, bytes]:
+        """The worker's request head: what h11 writes and the header lines spliced into it."""
         headers = without(end_to_end(self.headers), b"x-request-id")
         if self.dialect.reads_body:
             headers = without(headers, b"accept-encoding")
@@ -461,15 +455,15 @@ class Exchange(StreamListener):
                 headers.append((b"transfer-encoding", b"chunked"))
         headers.append((b"host", route.upstream.host_header.encode()))
         headers.append((b"x-request-id", self.request_id.encode()))
+        for_h11, lines = split_for_h11(headers, H11_REQUEST_HEADERS)
         # _parsed: method, target and client headers came out of h11's parser
-        return h11.Request(
-            method=self.raw_method, target=self.target, headers=headers, _parsed=True
-        )
+        head = h11.Request(method=self.raw_method, target=self.target, headers=for_h11, _parsed=True)
+        return head, lines
 
     async def _send(
         self,
         pool: UpstreamPool,
-        head: h11.Request,
+        head: tuple[h11.Request, bytes],
         body_parts: list[bytes],
         body_complete: bool,
         body_deadline: float,
@@ -481,9 +475,10 @@ class Exchange(StreamListener):
             self.upstream = conn
             try:
                 if body_complete:  # the common case: one write for the whole request
-                    conn.send_request(head, b"".join(body_parts))
+                    conn.send_request(*head, b"".join(body_parts))
                 else:
-                    conn.send(head, *(h11.Data(data=p) for p in body_parts))
+                    conn.send_request(*head, None)
+                    conn.send(*(h11.Data(data=p) for p in body_parts))
                     while not body_complete:
                         body_complete = await self._forward_body_part(
                             conn, body_parts, body_deadline

@@ -180,6 +180,38 @@ def request_id_from(headers: Iterable[Header]) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
+#: The headers h11 acts on when it writes a message head: framing and keep-alive (and a
+#: request's `host`, which HTTP/1.1 requires). Every other header h11 would only validate
+#: and copy, costing per header on each of its passes, so those are rendered as lines
+#: (`split_for_h11`) and spliced in after the start line h11 wrote (`splice_lines`).
+H11_RESPONSE_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
+H11_REQUEST_HEADERS = H11_RESPONSE_HEADERS | {b"host"}
+
+
+def split_for_h11(headers: Iterable[Header], h11_names: frozenset[bytes]) -> tuple[list[Header], bytes]:
+    """(the headers named in `h11_names`, every other header rendered as `name: value` lines).
+
+    The names and values came out of h11's parser or are the sidecar's own constants, so
+    they are written as they are.
+    """
+    for_h11: list[Header] = []
+    lines: list[bytes] = []
+    for name, value in headers:
+        if name.lower() in h11_names:
+            for_h11.append((name, value))
+        else:
+            lines.append(name + b": " + value + b"\r\n")
+    return for_h11, b"".join(lines)
+
+
+def splice_lines(head: bytes, lines: bytes) -> bytes:
+    """A message head as h11 wrote it, with header `lines` inserted after its start line."""
+    if not lines:
+        return head
+    at = head.find(b"\r\n") + 2
+    return head[:at] + lines + head[at:]
+
+
 def without(headers: Iterable[Header], *names: bytes) -> list[Header]:
     """`headers` minus every header named in `names` (lower-case)."""
     return [(k, v) for k, v in headers if k.lower() not in names]

@@ -23,6 +23,7 @@ from sidecar.config import UpstreamConfig
 from sidecar.deadlines import arm
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
+from sidecar.headers import splice_lines
 
 if TYPE_CHECKING:
     from sidecar.dialects.base import StreamTranslator
@@ -142,15 +143,17 @@ class UpstreamConnection(asyncio.Protocol):
         if data:
             transport.write(data)
 
-    def send_request(self, head: h11.Request, body: bytes) -> None:
-        """Send a request whose whole body is at hand, in one write; UpstreamFailure if the
-        socket is gone. h11 writes the head (its Content-Length must be `len(body)`); the
-        body bytes follow it as they are, not as h11 events."""
+    def send_request(self, head: h11.Request, lines: bytes, body: bytes | None) -> None:
+        """Send a request head, h11's with header `lines` spliced in (see `split_for_h11`);
+        UpstreamFailure if the socket is gone. With `body`, the whole body follows in the
+        same write as it is, not as h11 events (the head's Content-Length must be
+        `len(body)`); with None it follows as h11 events (`send`)."""
         transport = self._open_transport()
         data = self.h11.send(head)
         assert data is not None
+        data = splice_lines(data, lines)
         transport.write(data + body if body else data)
-        self.request_sent = True
+        self.request_sent = body is not None
 
     def _open_transport(self) -> asyncio.Transport:
         if self.closed or self.transport is None or self.transport.is_closing():

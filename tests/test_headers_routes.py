@@ -9,12 +9,15 @@ from __future__ import annotations
 import re
 import string
 
+import h11
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import config_from_dict
 from sidecar.headers import (
+    H11_REQUEST_HEADERS,
+    H11_RESPONSE_HEADERS,
     HOP_BY_HOP,
     check_head_lines,
     check_raw_head,
@@ -24,6 +27,8 @@ from sidecar.headers import (
     header_value,
     request_id_from,
     simple_response,
+    splice_lines,
+    split_for_h11,
     without,
 )
 from sidecar.routes import is_ambiguous_path, match_route, split_target
@@ -140,6 +145,75 @@ def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers() -> None:
         (b"Content-Type", b"application/json"),
         (b"x-api-key", b"k"),
     ]
+
+
+_NAMES = st.sampled_from(
+    [b"host", b"content-type", b"authorization", b"x-request-id", b"accept", b"connection",
+     b"x-stainless-os", b"Content-Type", b"cookie"]
+)
+_VALUES = st.binary(min_size=1, max_size=12).filter(
+    lambda v: all(0x21 <= c <= 0x7E for c in v)
+)
+
+
+def _parsed(role: type[h11.CLIENT] | type[h11.SERVER], data: bytes) -> list[tuple[bytes, bytes]]:
+    conn = h11.Connection(role)
+    conn.receive_data(data)
+    event = conn.next_event()
+    assert isinstance(event, (h11.Request, h11.Response))
+    return list(event.headers)
+
+
+def _by_name(headers: list[tuple[bytes, bytes]]) -> dict[bytes, list[bytes]]:
+    out: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        out.setdefault(name.lower(), []).append(value)
+    return out
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(_NAMES, _VALUES), max_size=8), st.integers(0, 99))
+def test_a_spliced_request_head_reads_as_if_h11_wrote_every_header(
+    headers: list[tuple[bytes, bytes]], length: int
+) -> None:
+    headers = [h for h in headers if h[0].lower() not in (b"host", b"connection")]
+    headers += [(b"host", b"worker:8000"), (b"content-length", str(length).encode())]
+    whole = h11.Connection(h11.CLIENT).send(
+        h11.Request(method=b"POST", target=b"/v1/x?a=1", headers=headers)
+    )
+    for_h11, lines = split_for_h11(headers, H11_REQUEST_HEADERS)
+    assert {name.lower() for name, _ in for_h11} <= H11_REQUEST_HEADERS
+    written = h11.Connection(h11.CLIENT).send(
+        h11.Request(method=b"POST", target=b"/v1/x?a=1", headers=for_h11)
+    )
+    assert written is not None and whole is not None
+    spliced = splice_lines(written, lines)
+    assert spliced.startswith(b"POST /v1/x?a=1 HTTP/1.1\r\n")
+    # every header once, same values in the same order per name (names lower-cased by h11)
+    assert _by_name(_parsed(h11.SERVER, spliced)) == _by_name(_parsed(h11.SERVER, whole))
+
+
+def test_a_spliced_response_head_keeps_h11s_framing() -> None:
+    headers = [(b"content-type", b"text/event-stream"), (b"x-request-id", b"r1"),
+               (b"transfer-encoding", b"chunked"), (b"connection", b"close")]
+    for_h11, lines = split_for_h11(headers, H11_RESPONSE_HEADERS)
+    assert for_h11 == [(b"transfer-encoding", b"chunked"), (b"connection", b"close")]
+    assert lines == b"content-type: text/event-stream\r\nx-request-id: r1\r\n"
+    server = h11.Connection(h11.SERVER)
+    server.receive_data(b"GET / HTTP/1.1\r\nhost: a\r\n\r\n")
+    server.next_event()
+    head = server.send(h11.Response(status_code=200, headers=for_h11, reason=b"OK"))
+    assert head is not None
+    spliced = splice_lines(head, lines)
+    assert spliced.startswith(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n")
+    assert spliced.endswith(b"\r\n\r\n")
+    client = h11.Connection(h11.CLIENT)
+    client.send(h11.Request(method=b"GET", target=b"/", headers=[(b"host", b"a")]))
+    client.receive_data(spliced)
+    event = client.next_event()
+    assert isinstance(event, h11.Response)
+    assert _by_name(list(event.headers)) == _by_name(headers)
+    assert splice_lines(head, b"") is head
 
 
 def test_hop_by_hop_names_are_lower_case() -> None:
