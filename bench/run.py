@@ -848,6 +848,13 @@ def build_table(s: Settings, res: dict[str, Any], notes: list[str]) -> tuple[lis
             notes.append(
                 f"{phase}: proxy CPU us per unit in each round (median used): " + "; ".join(spread)
             )
+    floor = get(res, "h11_floor", "us_per_request")
+    if floor is not None and n_j:
+        notes.append(
+            f"h11 alone (bench/h11_floor.py: the four heads of one request, hot, in process): "
+            f"{floor:.1f} us per request = {floor * 1000 / n_j:.2f}x nginx's CPU per JSON request, "
+            "a floor under the non-streaming row while SPEC has h11 on both sides"
+        )
     dr = get(d, "stream")
     if dr and dr["events"]:
         notes.append(
@@ -1013,7 +1020,23 @@ async def run_all(s: Settings, tmp: Path) -> tuple[dict[str, Any], list[str]]:
                     )
     finally:
         worker.stop()
+    if "sidecar" in targets:
+        res["h11_floor"] = h11_floor(s)
     return res, notes
+
+
+def h11_floor(s: Settings) -> dict[str, Any] | None:
+    """bench/h11_floor.py on the proxy's core: what h11 alone costs per request, hot."""
+    argv = [s.python, str(BENCH / "h11_floor.py")]
+    if shutil.which("taskset"):
+        argv = ["taskset", "-c", cpulist(s.proxy_cpus), *argv]
+    try:
+        done = subprocess.run(argv, capture_output=True, timeout=120, check=True)
+        out: dict[str, Any] = json.loads(done.stdout)
+        return out
+    except (OSError, subprocess.SubprocessError, ValueError) as exc:
+        log(f"  h11 floor: n/a ({exc})")
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

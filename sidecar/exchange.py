@@ -442,12 +442,12 @@ class Exchange(StreamListener):
 
     def _upstream_head(self, route: RouteConfig) -> tuple[h11.Request, bytes]:
         """The worker's request head: what h11 writes and the header lines spliced into it."""
-        headers = without(end_to_end(self.headers), b"x-request-id")
-        if self.dialect.reads_body:
-            headers = without(headers, b"accept-encoding")
+        if self.dialect.reads_body:  # the sidecar reads the answer: no compressed one
+            headers = end_to_end(self.headers, b"x-request-id", b"accept-encoding")
             assert self.plan is not None
             headers.append((b"content-length", str(len(self.plan.body)).encode()))
         else:
+            headers = end_to_end(self.headers, b"x-request-id")
             length = header_value(self.headers, b"content-length")
             if length is not None:
                 headers.append((b"content-length", length))

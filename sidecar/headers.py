@@ -137,13 +137,14 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: Sequence[Header]) -> list[Header]:
-    """The headers that travel on to the other side: hop-by-hop ones removed."""
+def end_to_end(headers: Sequence[Header], *also: bytes) -> list[Header]:
+    """The headers that travel on to the other side: hop-by-hop ones removed, and any
+    named in `also` (lower-case)."""
     extra = connection_tokens(headers)
     return [
         (name, value)
         for name, value in headers
-        if (low := name.lower()) not in HOP_BY_HOP and low not in extra
+        if (low := name.lower()) not in HOP_BY_HOP and low not in extra and low not in also
     ]
 
 

@@ -145,6 +145,11 @@ def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers() -> None:
         (b"Content-Type", b"application/json"),
         (b"x-api-key", b"k"),
     ]
+    assert end_to_end(headers, b"cookie", b"x-custom") == [
+        (b"Authorization", b"Bearer sk-1"),
+        (b"Content-Type", b"application/json"),
+        (b"x-api-key", b"k"),
+    ]
 
 
 _NAMES = st.sampled_from(
