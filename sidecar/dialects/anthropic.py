@@ -28,15 +28,13 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
-    event_type,
     price_usage,
     read_document,
-    read_event,
     stream_flag_plan,
 )
 from sidecar.dialects.merge import finished, merge_into
+from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure
-from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, anthropic_cost, cost_json_number, usage_from_anthropic
 
 #: Content block types whose `input` is streamed as `input_json_delta` fragments.
@@ -47,11 +45,6 @@ _CONTENT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_js
 _DELTA_FIELDS = ("stop_reason", "stop_sequence", "stop_details", "container")
 #: Block types implied by a delta when a worker sends a delta without its block start.
 _DELTA_BLOCK_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_use"}
-
-
-def _named(obj: dict[str, Any], kind: str) -> bytes:
-    """One event written by the sidecar: `event: <type>` and the JSON data."""
-    return encode_event(orjson.dumps(obj), event=kind)
 
 
 
@@ -84,7 +77,7 @@ def error_type_for(status: int) -> str:
     return "invalid_request_error"
 
 
-class AnthropicStream(StreamTranslator):
+class AnthropicStream(TypedEventStream):
     """One worker Messages stream, relayed event by event or folded into one `message`."""
 
     cost_of = staticmethod(anthropic_cost)
@@ -97,23 +90,13 @@ class AnthropicStream(StreamTranslator):
         self._delta: dict[str, Any] = {}
         self._blocks: dict[int, dict[str, Any]] = {}
         self._pieces: dict[tuple[int, str], list[str]] = {}
-        self._error_obj: dict[str, Any] | None = None
 
     # -- reading events ---------------------------------------------------------
-    def feed(self, event: Event) -> bytes | None:
-        data = event.data
-        if data is None or self.complete:
-            # comments pass; nothing after message_stop is ours to read
-            return None if self.aggregate else (event.raw or None)
-        obj = read_event(data)
-        kind = event_type(obj, event)
-        if kind is None:
-            return None if self.aggregate else event.raw  # nothing to name it by
-        rewrite = event.event != kind
+    def read(self, kind: str, obj: dict[str, Any]) -> bool:
         if kind == "content_block_delta":
             self._read_delta(obj)
         elif kind == "message_delta":
-            rewrite = self._read_message_delta(obj) or rewrite
+            return self._read_message_delta(obj)
         elif kind == "message_start":
             self._read_message_start(obj)
         elif kind == "content_block_start":
@@ -124,12 +107,7 @@ class AnthropicStream(StreamTranslator):
         elif kind == "message_stop":
             self.complete = True
             self.settle()
-        elif kind == "error":
-            self.worker_error = True
-            self._error_obj = obj
-        if self.aggregate:
-            return None
-        return _named(obj, kind) if rewrite else event.raw
+        return False
 
     def _read_message_start(self, obj: dict[str, Any]) -> None:
         message = obj.get("message")
@@ -250,7 +228,7 @@ class AnthropicStream(StreamTranslator):
         return block
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
-        return _named(error_object("api_error", message, failure.code), "error")
+        return named_event(error_object("api_error", message, failure.code), "error")
 
 
 class AnthropicDocument(DocumentTranslator):
@@ -275,7 +253,7 @@ class AnthropicDocument(DocumentTranslator):
     def sse(self) -> bytes:
         doc = self.doc
         if self.worker_error:
-            return _named(doc, "error")
+            return named_event(doc, "error")
         message = {k: v for k, v in doc.items() if k not in ("content", "usage", *_DELTA_FIELDS)}
         message.setdefault("id", "msg_" + self.plan.request_id)
         message.setdefault("type", "message")
@@ -291,7 +269,7 @@ class AnthropicDocument(DocumentTranslator):
             if "output_tokens" in start_usage:
                 start_usage["output_tokens"] = 0
             message["usage"] = start_usage
-        out = [_named({"type": "message_start", "message": message}, "message_start")]
+        out = [named_event({"type": "message_start", "message": message}, "message_start")]
         content = doc.get("content")
         for index, block in enumerate(content if isinstance(content, list) else []):
             if isinstance(block, dict):
@@ -300,8 +278,8 @@ class AnthropicDocument(DocumentTranslator):
         delta.update((k, doc[k]) for k in _DELTA_FIELDS[2:] if k in doc)
         final: dict[str, Any] = {"type": "message_delta", "delta": delta}
         final["usage"] = usage if isinstance(usage, dict) else {}
-        out.append(_named(final, "message_delta"))
-        out.append(_named({"type": "message_stop"}, "message_stop"))
+        out.append(named_event(final, "message_delta"))
+        out.append(named_event({"type": "message_stop"}, "message_stop"))
         return b"".join(out)
 
 
@@ -327,12 +305,12 @@ def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
         start["input"] = {}
         if block["input"] != {}:
             deltas.append({"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()})
-    out = [_named({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start")]
+    out = [named_event({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start")]
     out.extend(
-        _named({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
+        named_event({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")
         for d in deltas
     )
-    out.append(_named({"type": "content_block_stop", "index": index}, "content_block_stop"))
+    out.append(named_event({"type": "content_block_stop", "index": index}, "content_block_stop"))
     return out
 
 

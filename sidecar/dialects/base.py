@@ -101,18 +101,6 @@ def read_event(data: str) -> dict[str, Any]:
     )
 
 
-def event_type(obj: dict[str, Any], event: Event) -> str | None:
-    """A typed event's `type`, taken from its `event:` line when the data lacks it (and then
-    written into the data); None when neither names it."""
-    kind = obj.get("type")
-    if isinstance(kind, str):
-        return kind
-    if not event.event:
-        return None
-    obj["type"] = event.event
-    return event.event
-
-
 def stream_asked(upstream_stream: str, client_stream: bool) -> bool:
     """Whether the worker is asked to stream, per the route's `upstream_stream`."""
     return {"auto": client_stream, "always": True, "never": False}[upstream_stream]

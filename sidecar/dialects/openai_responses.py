@@ -29,16 +29,14 @@ from sidecar.dialects.base import (
     DocumentTranslator,
     RequestPlan,
     StreamTranslator,
-    event_type,
     openai_error_body,
     price_usage,
     read_document,
-    read_event,
     stream_flag_plan,
 )
 from sidecar.dialects.merge import copy_json
+from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure
-from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_responses
 
 #: Events that end a stream; their `response` is the final response object.
@@ -58,11 +56,6 @@ _PARTS = {
     "response.content_part.added": ("content", "content_index"),
     "response.reasoning_summary_part.added": ("summary", "summary_index"),
 }
-
-
-def _named(obj: dict[str, Any], kind: str) -> bytes:
-    """One event written by the sidecar: `event: <type>` and the JSON data."""
-    return encode_event(orjson.dumps(obj), event=kind)
 
 
 
@@ -135,7 +128,7 @@ class OutputSoFar:
         return [items[i] for i in sorted(items)]
 
 
-class ResponsesStream(StreamTranslator):
+class ResponsesStream(TypedEventStream):
     """One worker Responses stream, relayed event by event or reduced to its final response."""
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
@@ -144,43 +137,29 @@ class ResponsesStream(StreamTranslator):
         self._created: dict[str, Any] | None = None  # response.created's response
         self._latest: dict[str, Any] | None = None  # the latest lifecycle response
         self._final: dict[str, Any] | None = None  # the terminal event's response
-        self._error_obj: dict[str, Any] | None = None
         self._output = OutputSoFar()
 
     # -- reading events ---------------------------------------------------------
-    def feed(self, event: Event) -> bytes | None:
-        data = event.data
-        if data is None or self.complete:
-            # comments pass; nothing after the terminal event is ours to read
-            return None if self.aggregate else (event.raw or None)
-        obj = read_event(data)
-        kind = event_type(obj, event)
-        if kind is None:
-            return None if self.aggregate else event.raw  # nothing to name it by
-        rewrite = event.event != kind
+    def read(self, kind: str, obj: dict[str, Any]) -> bool:
+        changed = False
         seq = obj.get("sequence_number")
         if type(seq) is int:
             self.last_sequence = seq
         else:
             self.last_sequence += 1
             obj["sequence_number"] = self.last_sequence
-            rewrite = True
+            changed = True
         if kind.endswith(".delta"):
             if obj.get("delta"):
                 self.content_events += 1
             self._output.read(kind, obj)
         elif kind in _TERMINAL:
-            rewrite = self._read_terminal(kind, obj) or rewrite
+            changed = self._read_terminal(kind, obj) or changed
         elif kind in _LIFECYCLE:
             self._read_lifecycle(obj)
-        elif kind == "error":
-            self.worker_error = True
-            self._error_obj = obj
-        else:
+        elif kind != "error":
             self._output.read(kind, obj)
-        if self.aggregate:
-            return None
-        return _named(obj, kind) if rewrite else event.raw
+        return changed
 
     def _read_lifecycle(self, obj: dict[str, Any]) -> None:
         response = obj.get("response")
@@ -266,7 +245,7 @@ class ResponsesStream(StreamTranslator):
         response["output"] = self._output.output()
         self.last_sequence += 1
         obj = {"type": "response.failed", "response": response, "sequence_number": self.last_sequence}
-        return _named(obj, "response.failed")
+        return named_event(obj, "response.failed")
 
 
 class ResponsesDocument(DocumentTranslator):
@@ -332,7 +311,7 @@ class _Writer:
         self.sequence = 0
 
     def emit(self, kind: str, fields: dict[str, Any]) -> None:
-        self.parts.append(_named({"type": kind, **fields, "sequence_number": self.sequence}, kind))
+        self.parts.append(named_event({"type": kind, **fields, "sequence_number": self.sequence}, kind))
         self.sequence += 1
 
     def bytes(self) -> bytes:

@@ -1,0 +1,72 @@
+"""What the typed-event dialects share: streams whose events are named by their data's `type`.
+
+Pure: no sockets, no asyncio. Anthropic Messages and OpenAI Responses both write
+typed events (`event:` line = the data's `type`, SPEC's "other dialects"): the
+reading around one event is the same for both and lives here, so a dialect says
+only what one event of its own means (`TypedEventStream.read`).
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any
+
+import orjson
+
+from sidecar.config import Pricing
+from sidecar.dialects.base import RequestPlan, StreamTranslator, read_event
+from sidecar.sse import Event, encode_event
+
+
+def named_event(obj: dict[str, Any], kind: str) -> bytes:
+    """One event written by the sidecar: `event: <type>` and the JSON data."""
+    return encode_event(orjson.dumps(obj), event=kind)
+
+
+def event_type(obj: dict[str, Any], event: Event) -> str | None:
+    """A typed event's `type`, taken from its `event:` line when the data lacks it (and then
+    written into the data); None when neither names it."""
+    kind = obj.get("type")
+    if isinstance(kind, str):
+        return kind
+    if not event.event:
+        return None
+    obj["type"] = event.event
+    return event.event
+
+
+class TypedEventStream(StreamTranslator):
+    """A worker stream of typed events, relayed event by event or aggregated.
+
+    Comments, and anything after the stream's terminal event, pass unchanged
+    (relaying) or are dropped (aggregating); each event's type is read (or written
+    into its data from its `event:` line); a worker `error` event is kept for the
+    outcome; a relayed event is re-encoded, with an `event:` line equal to its type,
+    only when it changed or was not named, else its own bytes go out.
+    """
+
+    def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
+        super().__init__(plan, pricing, aggregate)
+        self._error_obj: dict[str, Any] | None = None  # the worker's own error event
+
+    def feed(self, event: Event) -> bytes | None:
+        data = event.data
+        if data is None or self.complete:
+            # comments pass; nothing after the terminal event is ours to read
+            return None if self.aggregate else (event.raw or None)
+        obj = read_event(data)
+        kind = event_type(obj, event)
+        if kind is None:
+            return None if self.aggregate else event.raw  # nothing to name it by
+        changed = self.read(kind, obj)
+        if kind == "error":
+            self.worker_error = True
+            self._error_obj = obj
+        if self.aggregate:
+            return None
+        return named_event(obj, kind) if changed or event.event != kind else event.raw
+
+    @abstractmethod
+    def read(self, kind: str, obj: dict[str, Any]) -> bool:
+        """Take one event of type `kind` in; True when `obj` was changed in place (cost
+        injected, a sequence number written) and must be re-encoded."""
