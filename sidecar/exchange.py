@@ -138,16 +138,18 @@ async def serve_connection(client: ClientConnection) -> None:
             finally:
                 client.busy = False
             first = False
-            if (
+            reuse = not (
                 exchange.close_after
                 or client.closed
                 or conn.our_state is not h11.DONE
                 or not (exchange.body_read or conn.their_state is h11.DONE)
-            ):
+            )
+            if not reuse:
                 break
             leftover, _ = conn.trailing_data
             if leftover:
                 client.buffer[:0] = leftover
+            del exchange, conn  # an idle keep-alive connection holds nothing of its last request
     except Exception:  # a bug must cost one connection, never the daemon
         log.exception("connection handler failed")
     finally:
@@ -361,6 +363,10 @@ class Exchange(StreamListener):
             if self.upstream is not None and self.pump is None:
                 self.upstream.close()
             self._finish()
+            # the pump and its handler point back here: with this one edge gone the whole
+            # request is freed by reference counting as soon as the connection lets it go,
+            # not kept (with its bodies) until a cyclic collection
+            self.pump = None
 
     def _client_disconnected(self) -> None:
         self.outcome = "client_disconnect"

@@ -44,10 +44,10 @@ def body_kind(content_type: bytes | None) -> str | None:
 class BodyHandler:
     """What to do with a worker's response body; the pump calls these synchronously."""
 
-    #: Set by handlers that can take whole chunks of a chunked body at once, bypassing the
-    #: decoder (the pump calls it only between chunks): how many bytes at the start of the
-    #: read it dealt with (whole chunks; the rest goes the general way).
-    lane: Callable[[bytes], int] | None = None
+    #: True for handlers that can take whole chunks of a chunked body at once, bypassing
+    #: the decoder (`whole_chunks`; the pump calls it only between chunks). A flag, not a
+    #: bound method kept on the handler, which would make a cycle only the collector frees.
+    lane: bool = False
     #: With a lane: where a chunk of the template goes as it came (the client's chunked
     #: body), or None when its string is handed to the translator's `absorbed_text`.
     lane_write: Callable[[bytes], object] | None = None
@@ -59,6 +59,11 @@ class BodyHandler:
         """What the lane matches chunks against right now, or None: no lane, no template
         yet, or the parser holds part of an event (see `ResponsePump.arm_lane`)."""
         return None
+
+    def whole_chunks(self, data: bytes) -> int:
+        """With `lane`: how many bytes of whole chunks at the start of `data` it dealt with
+        (0: none; the rest goes the general way)."""
+        return 0
 
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
@@ -184,7 +189,7 @@ class EventHandler(BodyHandler):
 
     @property
     def lane_template(self) -> TextTemplate | None:
-        if self.lane is None or self.parser.busy:
+        if not self.lane or self.parser.busy:
             return None
         return self.translator.text_template
 
@@ -225,7 +230,7 @@ class RelayHandler(EventHandler):
         write_framed = exchange.framed_writer()
         if write_framed is not None:
             self.lane_write = write_framed
-            self.lane = self.whole_chunks
+            self.lane = True
 
     def data(self, chunk: bytes) -> None:
         try:
@@ -279,7 +284,7 @@ class AggregateHandler(EventHandler):
 
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         super().__init__(exchange, translator, parser)
-        self.lane = self.whole_chunks
+        self.lane = True
 
     def data(self, chunk: bytes) -> None:
         feed = self.translator.feed

@@ -127,10 +127,9 @@ class ResponsePump:
         split = 0
         while decoder.at_boundary:
             handler = self.handler
-            lane = handler.lane
-            if lane is None:
+            if not handler.lane:
                 break
-            taken = lane(data)
+            taken = handler.whole_chunks(data)
             if taken:
                 if taken == len(data):
                     return

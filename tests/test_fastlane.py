@@ -200,7 +200,7 @@ def pumped(
         else:
             handler = RelayHandler(exchange, [], fast, SSEParser())  # type: ignore[arg-type]
         if not lane:
-            handler.lane = None
+            handler.lane = False
         route = SimpleNamespace(upstream=SimpleNamespace(idle_timeout=60.0), heartbeat=None)
         upstream = UpstreamConnection(max_head=65536)
         pump = ResponsePump(exchange, upstream, handler, route, ChunkedDecoder())  # type: ignore[arg-type]
@@ -270,7 +270,7 @@ def test_the_lane_is_taken() -> None:
     taken = 0
     for a, b in itertools.pairwise([0, *cuts]):
         data = body[a:b]
-        if decoder.at_boundary and handler.lane is not None and handler.lane(data) == len(data):
+        if decoder.at_boundary and handler.lane and handler.whole_chunks(data) == len(data):
             taken += 1
             continue
         handler.data(b"".join(decoder.feed(data)))
@@ -291,7 +291,7 @@ def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
     handler.data(event % b'"a"')  # the first event sets the template
     tokens = b"".join(frame(event % orjson.dumps(t)) for t in ["b", "", "c"])
     read = tokens + frame(b"data: [DONE]\n\n")
-    assert handler.lane is not None and handler.lane(read) == len(tokens)
+    assert handler.lane and handler.whole_chunks(read) == len(tokens)
     assert exchange.sent[-1] == tokens  # as the worker framed them, in one write
     assert fast.content_events == 3
 
