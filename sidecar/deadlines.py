@@ -1,25 +1,31 @@
 """Deadlines on one awaited future: a lighter `asyncio.timeout` for the per-request waits.
 
 I/O shell helper. A connection that waits for bytes waits on one future; a
-timer that fails that future with `TimeoutError` ends the wait without
-cancelling the task (no Timeout object, no cancel/uncancel bookkeeping),
-which matters on a path every request takes several times.
+timer that completes that future with True ends the wait without cancelling
+the task (no Timeout object, no cancel/uncancel bookkeeping), which matters on
+a path every request takes several times. A wake-up by bytes completes it with
+None. The timeout is a result, not an exception set on the future: a future
+holding an exception holds its traceback, whose frames hold the future, and
+that cycle (with the request it reaches) would wait for the cyclic collector.
 """
 
 from __future__ import annotations
 
 import asyncio
 
+#: What a connection waits on: None when woken by its peer, True when its deadline passed.
+Waiter = asyncio.Future[bool | None]
 
-def time_out(waiter: asyncio.Future[None]) -> None:
-    """Timer callback: the wait on `waiter` ends with TimeoutError."""
+
+def time_out(waiter: Waiter) -> None:
+    """Timer callback: the wait on `waiter` ends, timed out."""
     if not waiter.done():
-        waiter.set_exception(TimeoutError())
+        waiter.set_result(True)
 
 
 def arm(
-    loop: asyncio.AbstractEventLoop, deadline: float | None, waiter: asyncio.Future[None]
+    loop: asyncio.AbstractEventLoop, deadline: float | None, waiter: Waiter
 ) -> asyncio.TimerHandle | None:
-    """A timer failing `waiter` at `deadline` (loop time); None when there is no deadline.
-    Cancel it once the wait is over."""
+    """A timer ending the wait on `waiter` at `deadline` (loop time) with True; None when
+    there is no deadline. Cancel it once the wait is over."""
     return None if deadline is None else loop.call_at(deadline, time_out, waiter)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 import h11
 
-from sidecar.deadlines import arm
+from sidecar.deadlines import Waiter, arm
 from sidecar.dialects import get_dialect
 from sidecar.headers import find_head_end, simple_response
 
@@ -68,7 +68,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener: StreamListener | None = None
         self.busy = False  # inside an exchange (for graceful drain)
         self._reading_paused = False
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: Waiter | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
 
@@ -167,13 +167,13 @@ class ClientConnection(asyncio.Protocol):
         waiter = self._waiter = loop.create_future()
         timer = arm(loop, deadline, waiter)
         try:
-            await waiter
-        except TimeoutError:
-            raise ClientTimeout() from None
+            timed_out = await waiter
         finally:
             self._waiter = None
             if timer is not None:
                 timer.cancel()
+        if timed_out:
+            raise ClientTimeout()
 
     async def read_head(self, idle_deadline: float, head_deadline: float | None) -> bytes | None:
         """The next raw request head (up to and including its blank line), or None at a clean EOF.

@@ -20,7 +20,7 @@ import h11
 
 from sidecar import failures
 from sidecar.config import UpstreamConfig
-from sidecar.deadlines import arm
+from sidecar.deadlines import Waiter, arm
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
 from sidecar.headers import splice_lines
@@ -52,7 +52,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True  # the worker did not ask to close after this response
         self.request_sent = False  # the current request went out whole, body included
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
-        self._waiter: asyncio.Future[None] | None = None
+        self._waiter: Waiter | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
         self.rx_seen = False  # a read happened since the response pump's timer last looked
         self.lane_template: TextTemplate | None = None  # see arm_lane
@@ -181,11 +181,13 @@ class UpstreamConnection(asyncio.Protocol):
             waiter = self._waiter = loop.create_future()
             timer = arm(loop, deadline, waiter)
             try:
-                await waiter
+                timed_out = await waiter
             finally:
                 self._waiter = None
                 if timer is not None:
                     timer.cancel()
+            if timed_out:
+                raise TimeoutError()
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""

@@ -11,8 +11,8 @@ How: the daemon's own `Service` (real listening socket, real worker connection
 pool) runs in this test's event loop, in front of a real fake worker
 (tests.harness, its own thread, loopback sockets); raw clients make requests of
 every shape the daemon handles (JSON, relayed stream, JSON -> SSE, SSE -> JSON, a
-worker that dies mid-stream, a client that leaves mid-stream, no route, keep-alive)
-with the cyclic collector switched off, and then no exchange, pump or handler of
+worker that dies mid-stream, a client that leaves mid-stream, errors before the head,
+every timeout, keep-alive) with the cyclic collector switched off, and then no exchange, pump or handler of
 theirs may be alive. Idle keep-alive connections hold nothing of their last request
 either.
 """
@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import socket
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,6 +43,8 @@ from tests.harness import (
     chat_route,
     chat_stream_events,
     daemon_config,
+    free_port,
+    json_reply,
     openai_handler,
     request_bytes,
     sse_reply,
@@ -67,18 +70,20 @@ def no_collector() -> Iterator[None]:
 
 async def exchange(port: int, data: bytes, *, leave_after: int | None = None) -> bytes:
     """Send `data` on a new connection and read until the daemon closes it (or, with
-    `leave_after`, close it ourselves once that many bytes came)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    got = b""
-    try:
+    `leave_after`, close it ourselves once that many bytes came). A blocking socket in a
+    thread: a client of its own, outside the daemon's event loop."""
+    return await asyncio.to_thread(_exchange, port, data, leave_after)
+
+
+def _exchange(port: int, data: bytes, leave_after: int | None) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        got = b""
         while True:
-            more = await asyncio.wait_for(reader.read(65536), 5)
+            more = sock.recv(65536)
             got += more
             if not more or (leave_after is not None and len(got) >= leave_after):
                 return got
-    finally:
-        writer.close()
 
 
 def closing(target: str, body: dict[str, Any] | None) -> bytes:
@@ -96,7 +101,14 @@ async def run_requests(worker: FakeWorker, check: Any) -> None:
                            match={"path": "/never/v1/chat/completions"}),
                 chat_route("always", upstream_stream="always",
                            match={"path": "/always/v1/chat/completions"}),
+                chat_route("dead", match={"path": "/dead/v1/chat/completions"},
+                           upstream={"url": f"http://127.0.0.1:{free_port()}"}),
+                chat_route("slow", match={"path": "/slow/v1/chat/completions"},
+                           upstream={"url": worker.url, "response_timeout": "200ms",
+                                     "idle_timeout": "200ms"}),
+                {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"},
             ],
+            limits={"header_timeout": "300ms"},
         )
     )
     service = Service(config, open_sockets(config), Notifier())
@@ -129,6 +141,30 @@ def test_finished_requests_leave_nothing_behind(worker: FakeWorker, no_collector
         assert b'"upstream_disconnected"' in failed
         worker.reply([*sse_reply(events[:2], end=False), Stall()])  # the client leaves
         await exchange(port, closing(chat, chat_body(stream=True)), leave_after=1)
+        assert await wait_until_empty() == []
+
+        # answers given before any response head, and a passthrough route
+        worker.reply(json_reply({"error": "busy"}, status=503))
+        bad_json = request_bytes("POST", chat, b"{nope", [("connection", "close")])
+        refused = [
+            await exchange(port, bad_json),
+            await exchange(port, closing("/dead" + chat, chat_body())),
+            await exchange(port, closing(chat, chat_body(stream=True))),
+        ]
+        worker.reply(json_reply({"data": []}))
+        models = request_bytes("GET", "/v1/models", None, [("connection", "close")])
+        refused.append(await exchange(port, models))
+        assert [a.split(b" ", 2)[1] for a in refused] == [b"400", b"502", b"503", b"200"]
+        assert await wait_until_empty() == []
+
+        # every timeout: no response head, silence mid-stream, a client's head too slow
+        worker.reply([Stall()])
+        late = await exchange(port, closing("/slow" + chat, chat_body()))
+        worker.reply([*sse_reply(events[:2], end=False), Stall()])
+        silent = await exchange(port, closing("/slow" + chat, chat_body(stream=True)))
+        slow_head = await exchange(port, b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")
+        assert late.split(b" ", 2)[1] == b"504" and b'"upstream_timeout"' in silent
+        assert slow_head.split(b" ", 2)[1] == b"408"
         assert await wait_until_empty() == []
 
         # keep-alive: a connection waiting for its next request holds none of the last one
