@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import socket
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -86,6 +87,12 @@ def _exchange(port: int, data: bytes, leave_after: int | None) -> bytes:
                 return got
 
 
+def _send_and_leave(port: int, data: bytes) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(data)
+        time.sleep(0.1)
+
+
 def closing(target: str, body: dict[str, Any] | None) -> bytes:
     return request_bytes("POST", target, body, [("connection", "close")])
 
@@ -141,6 +148,9 @@ def test_finished_requests_leave_nothing_behind(worker: FakeWorker, no_collector
         assert b'"upstream_disconnected"' in failed
         worker.reply([*sse_reply(events[:2], end=False), Stall()])  # the client leaves
         await exchange(port, closing(chat, chat_body(stream=True)), leave_after=1)
+        assert await wait_until_empty() == []
+        worker.reply([Stall()])  # ... before the worker's head: the exchange's task is cancelled
+        await asyncio.to_thread(_send_and_leave, port, closing(chat, chat_body(stream=True)))
         assert await wait_until_empty() == []
 
         # answers given before any response head, and a passthrough route
