@@ -47,7 +47,6 @@ _DELTA_FIELDS = ("stop_reason", "stop_sequence", "stop_details", "container")
 _DELTA_BLOCK_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_use"}
 
 
-
 def merge_usage(acc: dict[str, Any], report: dict[str, Any]) -> None:
     """Fold one `usage` report into `acc`: integer counts keep the largest, others the latest."""
     for key, value in report.items():

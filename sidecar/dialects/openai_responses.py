@@ -58,7 +58,6 @@ _PARTS = {
 }
 
 
-
 def _with_cost(response: dict[str, Any], cost: Decimal | None) -> bool:
     """Put `cost` into `response.usage` in place; True when the response changed."""
     usage = response.get("usage")
