@@ -9,12 +9,13 @@ memory rather than in the blocks the last one just freed.
 
 How: the daemon's own `Service` (real listening socket, real worker connection
 pool) runs in this test's event loop, in front of a real fake worker
-(tests.harness, its own thread, loopback sockets); raw clients make requests of
-every shape the daemon handles (JSON, relayed stream, JSON -> SSE, SSE -> JSON, a
-worker that dies mid-stream, a client that leaves mid-stream, errors before the head,
-every timeout, keep-alive) with the cyclic collector switched off, and then no exchange, pump or handler of
-theirs may be alive. Idle keep-alive connections hold nothing of their last request
-either.
+(tests.harness, its own thread, loopback sockets); clients on blocking sockets in
+threads make requests of every shape the daemon handles (JSON, relayed stream,
+JSON -> SSE, SSE -> JSON, a worker that dies mid-stream, a client that leaves
+mid-stream or before the worker's head, errors before the head, every timeout,
+keep-alive) with the cyclic collector switched off, and then no exchange, pump,
+handler or translator of theirs may be alive. Idle keep-alive connections hold
+nothing of their last request either.
 """
 
 from __future__ import annotations
