@@ -142,7 +142,7 @@ class Service:
         runtime, connections = self.runtime, self.connections
         self.servers.append(
             await loop.create_server(
-                lambda: ClientConnection(runtime, connections, serve_connection),
+                lambda: ClientConnection(loop, runtime, connections, serve_connection),
                 sock=self.sockets.listen,
                 backlog=LISTEN_BACKLOG,  # create_server would listen() again with 100
             )

@@ -87,7 +87,7 @@ class BadFraming(Exception):
 
 async def serve_connection(client: ClientConnection) -> None:
     """Run request cycles on one client connection until it closes."""
-    loop = asyncio.get_running_loop()
+    loop = client.loop
     runtime = client.runtime
     started = loop.time()
     first = True
@@ -173,7 +173,7 @@ class Exchange(StreamListener):
         request: h11.Request,
         generation: Generation,
     ) -> None:
-        self.loop = asyncio.get_running_loop()
+        self.loop = client.loop
         self.started = time.perf_counter()
         self.wall_start = time.time()
         self.client = client
@@ -328,7 +328,7 @@ class Exchange(StreamListener):
 
     # -- the request ---------------------------------------------------------------
     async def run(self) -> None:
-        self._task = asyncio.current_task()
+        self._task = asyncio.current_task(self.loop)
         self.client.listener = self
         try:
             await self._run()

@@ -53,10 +53,14 @@ class ClientConnection(asyncio.Protocol):
 
     def __init__(
         self,
+        loop: asyncio.AbstractEventLoop,
         runtime: Runtime,
         connections: set[ClientConnection],
         serve: Callable[[ClientConnection], Awaitable[None]],
     ) -> None:
+        # the loop is handed over, not looked up: asyncio.get_running_loop() costs a getpid()
+        # syscall per call in CPython 3.11, and every wait of every request needs it
+        self.loop = loop
         self.runtime = runtime
         self.serve = serve
         self.connections = connections
@@ -90,7 +94,7 @@ class ClientConnection(asyncio.Protocol):
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self._task = asyncio.get_running_loop().create_task(self.serve(self))
+        self._task = self.loop.create_task(self.serve(self))
 
     def _refuse(self, status: int, message: str) -> None:
         body = get_dialect("passthrough").error_body(status, "overloaded", message)
@@ -163,7 +167,7 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         waiter = self._waiter = loop.create_future()
         timer = arm(loop, deadline, waiter)
         try:
@@ -183,7 +187,7 @@ class ClientConnection(asyncio.Protocol):
         when `head_deadline` is None (ClientTimeout(True): answer 408). Returns b"" when the
         head grows past max_header_bytes, and raises ClientGone on EOF inside a head.
         """
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         limits = self.runtime.config.limits
         started = False
         deadline = idle_deadline
@@ -259,8 +263,7 @@ class ClientConnection(asyncio.Protocol):
     async def drain(self) -> None:
         """Wait until the transport's write buffer is below its high-water mark."""
         while self.paused_writing and not self.closed:
-            loop = asyncio.get_running_loop()
-            self._drain_waiter = loop.create_future()
+            self._drain_waiter = self.loop.create_future()
             try:
                 await self._drain_waiter
             finally:

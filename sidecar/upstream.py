@@ -40,7 +40,8 @@ class BodyConsumer(Protocol):
 class UpstreamConnection(asyncio.Protocol):
     """One connection to the worker with its h11 CLIENT state machine."""
 
-    def __init__(self, max_head: int) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, max_head: int) -> None:
+        self.loop = loop  # handed over: asyncio.get_running_loop() is a getpid() per call
         self.max_head = max_head
         self.h11 = h11.Connection(h11.CLIENT, max_incomplete_event_size=max_head)
         self.transport: asyncio.Transport | None = None
@@ -177,7 +178,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if event is h11.NEED_DATA:  # pragma: no cover - h11 always concludes
                     raise h11.RemoteProtocolError("connection closed")
                 return event
-            loop = asyncio.get_running_loop()
+            loop = self.loop
             waiter = self._waiter = loop.create_future()
             timer = arm(loop, deadline, waiter)
             try:
@@ -267,7 +268,7 @@ class UpstreamPool:
         address = self.config.address
 
         def factory() -> UpstreamConnection:
-            return UpstreamConnection(self.max_head)
+            return UpstreamConnection(loop, self.max_head)
 
         try:
             async with asyncio.timeout(self.config.connect_timeout):
@@ -289,8 +290,7 @@ class UpstreamPool:
         if not conn.reusable or len(self._idle) >= self.config.max_idle_connections:
             conn.close()
             return
-        loop = asyncio.get_running_loop()
-        conn._pool_timer = loop.call_later(self.config.pool_idle_timeout, self._expire, conn)
+        conn._pool_timer = conn.loop.call_later(self.config.pool_idle_timeout, self._expire, conn)
         self._idle.append(conn)
 
     def _expire(self, conn: UpstreamConnection) -> None:

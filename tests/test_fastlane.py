@@ -202,7 +202,7 @@ def pumped(
         if not lane:
             handler.lane = False
         route = SimpleNamespace(upstream=SimpleNamespace(idle_timeout=60.0), heartbeat=None)
-        upstream = UpstreamConnection(max_head=65536)
+        upstream = UpstreamConnection(loop, max_head=65536)
         pump = ResponsePump(exchange, upstream, handler, route, ChunkedDecoder())  # type: ignore[arg-type]
         upstream.consumer = pump
         for a, b in itertools.pairwise([0, *cuts, len(raw_body)]):
