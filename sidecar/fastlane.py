@@ -57,14 +57,22 @@ def template_text(literal: bytes) -> str | None:
 def chunk_text(data: bytes, template: TextTemplate) -> str | None:
     """The string in its place when `data` is one whole chunk (lower-case hex size, CRLF,
     payload, CRLF) whose payload is `template` with a JSON string there; None for anything
-    else. Slices nothing but the string (this runs for every token)."""
+    else. This runs for every token: slices compared with `!=` cost about half what
+    `startswith`/`endswith` do (those parse their arguments as a tuple on every call)."""
     n = len(data)
-    if n >= LONGEST_CHUNK or not data.endswith(template.framed_suffix):
+    if n >= LONGEST_CHUNK:
         return None
     line = SIZE_LINE_OF_CHUNK[n]
-    if not line or not data.startswith(line) or not data.startswith(template.prefix, len(line)):
+    size = len(line)  # 0: no whole chunk is this long
+    start = size + template.start
+    if (
+        not size
+        or data[template.framed_cut :] != template.framed_suffix
+        or data[size:start] != template.prefix
+        or data[:size] != line
+    ):
         return None
-    return template_text(data[len(line) + template.start : template.framed_cut])
+    return template_text(data[start : template.framed_cut])
 
 
 def template_chunks(data: bytes, template: TextTemplate) -> tuple[list[str], int]:

@@ -17,7 +17,7 @@ from sidecar.dialects.base import StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
-from sidecar.sse import Event, SSEParser, SSEProtocolError
+from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError
 from sidecar.usage import cost_header_value
 
 if TYPE_CHECKING:
@@ -134,7 +134,9 @@ class SniffHandler(BodyHandler):
         if kind == "sse":
             translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
             ex.outcome_source = translator
-            parser = SSEParser(ex.generation.config.limits.max_event_size)
+            # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
+            # framing (upstream_protocol_error), it is not ignored and passed through
+            parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
             if plan.client_stream:
                 self.inner = RelayHandler(ex, self.headers, translator, parser)
             else:
@@ -336,7 +338,10 @@ class DocumentHandler(BodyHandler):
     def end(self) -> bool:
         ex = self.ex
         assert ex.plan is not None
-        translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, b"".join(self.parts))
+        document = b"".join(self.parts)
+        if document.startswith(BOM):  # dropped, as from an event stream
+            document = document[len(BOM) :]
+        translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, document)
         ex.outcome_source = translator
         if translator.worker_error:
             ex.outcome = "upstream_error"

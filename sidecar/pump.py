@@ -226,7 +226,10 @@ class ResponsePump:
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return
         if not ok:
-            self.fail(failures.UPSTREAM_INCOMPLETE, "")
+            if self.eof:  # a body read until close: that close cut the stream short
+                self.fail(failures.UPSTREAM_DISCONNECTED, "the connection closed mid-stream")
+            else:
+                self.fail(failures.UPSTREAM_INCOMPLETE, "")
             return
         self.clean = True
         self.up.response_complete = True

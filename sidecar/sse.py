@@ -14,7 +14,8 @@ chunk followed by an LF at the start of the next is one line end); one leading U
 the stream is dropped; ``:`` starts a comment; ``field:value`` with one leading space of the
 value removed, a line without a colon is a field with an empty value; ``data`` lines are
 joined with ``\\n``; ``id`` is ignored when its value contains NUL; ``retry`` is used only
-when it is one or more ASCII digits; unknown fields are ignored; a blank line ends a block.
+when it is one or more ASCII digits; unknown fields are ignored (a ``strict`` parser refuses
+them); a blank line ends a block.
 Text is decoded as UTF-8 with ``errors="replace"``.
 
 Blocks and events: every blank line ends one *block* and ``feed`` returns one ``Event`` per
@@ -39,9 +40,10 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event"]
+__all__ = ["BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event"]
 
-_BOM = b"\xef\xbb\xbf"
+#: the UTF-8 byte-order mark: dropped from the start of a worker's body, never written
+BOM = b"\xef\xbb\xbf"
 # A line end followed by a line end: the end of a block whose first line is not blank.
 # Possessive "\r\n?+" so that a CRLF is never split into two line ends by backtracking.
 _BLOCK_END = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
@@ -69,7 +71,8 @@ class Event:
     ``data`` is ``None`` when the block had no ``data`` field (WHATWG does not dispatch
     it); ``raw`` is the block's bytes as received, including its terminating blank line
     (minus the stream's leading BOM); ``comments`` is true when the block had at least one
-    comment line.
+    comment line; ``unknown`` when it had a line whose field SSE does not define (anything
+    but ``data``, ``event``, ``id``, ``retry`` and comments: WHATWG ignores such a line).
     """
 
     data: str | None = None
@@ -78,6 +81,7 @@ class Event:
     retry: int | None = None
     raw: bytes = b""
     comments: bool = False
+    unknown: bool = False
 
     @property
     def comment_only(self) -> bool:
@@ -119,6 +123,7 @@ def _parse_block(block: bytes) -> Event:
     id_: str | None = None
     retry: int | None = None
     comments = False
+    unknown = False
     for line in block.splitlines():  # bytes.splitlines: exactly CRLF, CR and LF
         if not line:
             continue  # the terminating blank line, or the LF half of a split CRLF
@@ -139,10 +144,13 @@ def _parse_block(block: bytes) -> Event:
         elif name == b"id":
             if 0 not in value:
                 id_ = value.decode("utf-8", "replace")
-        elif name == b"retry" and value.isdigit():  # ASCII digits only, false for b""
-            retry = int(value)
+        elif name == b"retry":
+            if value.isdigit():  # ASCII digits only, false for b""
+                retry = int(value)
+        else:
+            unknown = True
     text = None if data is None else b"\n".join(data).decode("utf-8", "replace")
-    return Event(text, event, id_, retry, block, comments)
+    return Event(text, event, id_, retry, block, comments, unknown)
 
 
 class SSEParser:
@@ -152,10 +160,16 @@ class SSEParser:
     copy of the chunk and no per-line work for a single ``data: ...`` line.
     """
 
-    __slots__ = ("_at_start", "_buf", "_error", "_lead", "_max", "_scan", "_skip_lf", "busy")
+    __slots__ = (
+        "_at_start", "_buf", "_error", "_lead", "_max", "_scan", "_skip_lf", "_strict", "busy"
+    )
 
-    def __init__(self, max_event_size: int = 1 << 20) -> None:
+    def __init__(self, max_event_size: int = 1 << 20, strict: bool = False) -> None:
+        """``strict``: a block with a line of a field SSE does not define (``Event.unknown``:
+        garbage such as an HTML error page in the stream) raises ``SSEProtocolError`` with
+        the blocks before it, instead of being ignored as WHATWG ignores it."""
         self._max = max_event_size
+        self._strict = strict
         # The unfinished block's raw bytes (BOM already removed): bytes while small, a
         # bytearray once it reaches _BIG (so that many small chunks cost linear time).
         self._buf: bytes | bytearray = b""
@@ -203,7 +217,9 @@ class SSEParser:
                 if 10 not in value:
                     return [Event(value.decode("utf-8", "replace"), None, None, None, chunk, False)]
             if n > 2 and chunk[0] != 10 and chunk.find(b"\n\n") == n - 2:
-                return [_parse_block(chunk)]
+                events: list[Event] = []
+                self._append_block(events, chunk)
+                return events
         return self._run(chunk, 0, 0, 0)
 
     def _feed_slow(self, chunk: bytes) -> list[Event]:
@@ -215,12 +231,12 @@ class SSEParser:
             return []
         if self._at_start:
             head = self._buf + chunk
-            if len(head) < 3 and _BOM.startswith(head):
+            if len(head) < 3 and BOM.startswith(head):
                 self._buf = head  # maybe a BOM split across chunks: wait
                 return []
             self._at_start = False
             self._buf = b""
-            chunk = head[3:] if head.startswith(_BOM) else head
+            chunk = head[3:] if head.startswith(BOM) else head
             return self._run(chunk, 0, 0, 0)
         if self._skip_lf:
             self._skip_lf = False
@@ -272,7 +288,7 @@ class SSEParser:
                         continue
                 if end - a > mx:
                     self._fail(events, f"event of {end - a} bytes exceeds max_event_size ({mx})")
-                append(_parse_block(data[a:end]))
+                self._append_block(events, data[a:end])
                 a = p = end
         else:
             while p < n:
@@ -288,7 +304,7 @@ class SSEParser:
                     end = m.end()
                 if end - a > mx:
                     self._fail(events, f"event of {end - a} bytes exceeds max_event_size ({mx})")
-                append(_parse_block(data[a:end]))
+                self._append_block(events, data[a:end])
                 a = p = end
         if a == n:
             # Everything consumed. A lone CR ending the last block may be half a CRLF.
@@ -308,6 +324,12 @@ class SSEParser:
         self._scan = max(p - a, rest - 3)
         self.busy = True
         return events
+
+    def _append_block(self, events: list[Event], block: bytes) -> None:
+        event = _parse_block(block)
+        if event.unknown and self._strict:
+            self._fail(events, "a line of the event stream is not an SSE field")
+        events.append(event)
 
     def _fail(self, events: list[Event], message: str) -> None:
         self._error = message

@@ -404,6 +404,19 @@ def test_ping_comments_crlf_and_bom(w: FakeWorker, proxy: Daemon) -> None:
     assert finish_of(chunks) == ["stop"]
 
 
+def test_bom_before_a_json_document_is_dropped(w: FakeWorker, proxy: Daemon) -> None:
+    doc = b"\xef\xbb\xbf" + json.dumps(chat_completion("Hello!")).encode()
+    w.reply(*([Send(http_response(200, doc))] for _ in range(3)))
+    completion = sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert completion.choices[0].message.content == "Hello!"
+    assert completion.usage is not None and completion.usage.completion_tokens == 3
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Hello!"
+    assert finish_of(chunks) == ["stop"]
+    response = post(proxy, chat_body())
+    assert response.status == 200 and not response.body.startswith(b"\xef\xbb\xbf")
+
+
 def test_data_without_space_and_empty_id(w: FakeWorker, proxy: Daemon) -> None:
     w.reply(sse_reply(chat_stream_events(flavor="tgi", finish_reason="eos_token")))
     chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))

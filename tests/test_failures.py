@@ -84,6 +84,23 @@ AFTER_HEAD: dict[str, tuple[list[Step], str]] = {
     ),
     "silent": ([*started(EV[0], EV[1]), Stall()], "upstream_timeout"),
     "no-terminator": ([*started(EV[0], EV[1]), Send(LAST_CHUNK)], "upstream_incomplete"),
+    # a body framed by the connection's end (HTTP/1.0, or no framing header at all): a close
+    # before the terminator is a disconnect (nothing tells it from a crash), half event or not
+    "close-delimited": ([Send(response_head(200, [SSE])), Send(EV[0]), Send(EV[1]), Close()],
+                        "upstream_disconnected"),
+    "close-delimited-inside-event": (
+        [Send(b"HTTP/1.0 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"), Send(EV[0]),
+         Send(EV[1]), Send(HALF_EVENT), Close()], "upstream_disconnected"),
+    # lines SSE does not define break its framing: an HTML error page inside the stream is
+    # never passed on, and the events after it (even a clean [DONE]) do not make it a success
+    "html-inside-stream": (
+        [*started(EV[0], EV[1]), Sleep(0.05),
+         Send(chunk(b"<html><body>502 Bad Gateway HALF</body></html>\r\n\r\n")),
+         *(Send(chunk(e)) for e in EV[2:]), Send(LAST_CHUNK), Stall()],
+        "upstream_protocol_error"),
+    "binary-junk-same-read": (
+        [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + chunk(b"\x00\x01HALF\xff\n\n")
+                                  + chunk(EV[2])), Stall()], "upstream_protocol_error"),
     "not-json": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: {oops\n\n")),
                   Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
     "not-a-chunk-object": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: [1, 2]\n\n")),

@@ -511,3 +511,50 @@ def test_fuzz_only_protocol_errors(stream: bytes, points: list[int], limit: int)
     body = stream[3:] if stream.startswith(BOM) else stream
     assert raw + p.pending == body
     assert len(p.pending) <= limit
+
+
+# ------------------------------------------------------------------ strict field names
+
+STRICT_CASES = [
+    b"data: 1\n\n<html><body>502 Bad Gateway</body></html>\n\ndata: 2\n\n",
+    b"data: 1\r\n\r\ndata: 2\r\ngarbage\r\ndata: 3\r\n\r\ndata: 4\r\n\r\n",
+    b": ok\n\nevent: a\ndata: 1\n\n\x00\x01junk\xff\n\ndata: 2\n\n",
+    b"data: 1\n\nerror: {\"code\": 500}\n\n",  # llama.cpp's error line is not an SSE field
+]
+
+
+def strict_parse(chunks: list[bytes]) -> tuple[list[Event], bool]:
+    """Feed a strict parser; the events it gave (before a refusal too) and whether it refused."""
+    p = SSEParser(strict=True)
+    events: list[Event] = []
+    try:
+        for chunk in chunks:
+            events.extend(p.feed(chunk))
+    except SSEProtocolError as exc:
+        return events + exc.events, True
+    return events, False
+
+
+@pytest.mark.parametrize("stream", STRICT_CASES)
+def test_strict_parser_refuses_lines_sse_does_not_define(stream: bytes) -> None:
+    lenient = parse(stream)
+    first = next(i for i, e in enumerate(lenient) if e.unknown)
+    expected = fields(lenient[:first])
+    assert expected, "each case has good events before the garbage"
+    for cut in range(len(stream) + 1):
+        events, refused = strict_parse([stream[:cut], stream[cut:]])
+        assert refused and fields(events) == expected, cut
+    events, refused = strict_parse([stream[i : i + 1] for i in range(len(stream))])
+    assert refused and fields(events) == expected
+
+
+@settings(max_examples=300, deadline=None)
+@given(SOUP, st.lists(st.integers(0, 200), max_size=8))
+def test_strict_parser_is_whatwg_up_to_the_first_unknown_field(
+    stream: bytes, points: list[int]
+) -> None:
+    lenient = parse(stream)
+    first = next((i for i, e in enumerate(lenient) if e.unknown), None)
+    events, refused = strict_parse(splits(stream, points))
+    assert refused == (first is not None)
+    assert fields(events) == fields(lenient if first is None else lenient[:first])
