@@ -28,6 +28,12 @@ step_build() {
     for cfg in "$src"/config/*.yaml; do
         "$venv/bin/sidecar" check -c "$cfg"
     done
+    # config/ travels in the package: `sidecar demo` finds it from any directory
+    bundled=$(cd / && "$venv/bin/python" -c 'from sidecar.cli import bundled_config_path as p; print(p())')
+    case $bundled in
+        "$venv"/*) "$venv/bin/sidecar" check -c "$bundled" ;;
+        *) echo "the installed package has no bundled config (found: $bundled)" >&2; exit 1 ;;
+    esac
 }
 
 step_runtime() {

@@ -7,6 +7,7 @@ codes (2 for a bad config, 1 for anything else that stops startup).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -16,15 +17,29 @@ from sidecar import __version__
 DEFAULT_CONFIG = "config/sidecar.yaml"
 
 
+def bundled_config_path() -> str:
+    """The bundled config/sidecar.yaml: beside the source tree in a checkout (or an editable
+    install), else the copy installed with the package (`sidecar.bundled`)."""
+    beside = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
+    if beside.exists():
+        return str(beside)
+    from importlib.resources import files
+
+    with contextlib.suppress(ModuleNotFoundError):
+        installed = files("sidecar.bundled") / "sidecar.yaml"
+        if installed.is_file():
+            return str(installed)
+    return DEFAULT_CONFIG
+
+
 def default_config_path() -> str:
-    """`$SIDECAR_CONFIG`, else config/sidecar.yaml (here, else beside the source tree)."""
+    """`$SIDECAR_CONFIG`, else config/sidecar.yaml here, else the bundled one."""
     env = os.environ.get("SIDECAR_CONFIG")
     if env:
         return env
     if Path(DEFAULT_CONFIG).exists():
         return DEFAULT_CONFIG
-    bundled = Path(__file__).resolve().parent.parent / DEFAULT_CONFIG
-    return str(bundled) if bundled.exists() else DEFAULT_CONFIG
+    return bundled_config_path()
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help(sys.stderr)
         return 2
-    path = args.config or default_config_path()
+    if args.command == "demo":  # the demo fronts its own worker: never $SIDECAR_CONFIG's
+        path = args.config or bundled_config_path()
+    else:
+        path = args.config or default_config_path()
     if args.command == "check":
         return check(path)
     from sidecar import no_tls

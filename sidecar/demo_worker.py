@@ -77,7 +77,7 @@ class DemoWorker(asyncio.Protocol):
             await self._complete(request, chat=path == b"/v1/chat/completions")
         else:
             await self._json(404, {"error": {"message": "not found", "type": "not_found"}})
-        if self.conn.our_state is h11.MUST_CLOSE:
+        if self.conn.our_state is not h11.DONE:  # must close, or the client left mid-answer
             assert self.transport is not None
             self.transport.close()
             return
