@@ -136,6 +136,7 @@ class Service:
         self.stopping = asyncio.Event()
         self.terminations = 0
         self.servers: list[asyncio.Server] = []
+        self.admin_server: asyncio.Server | None = None
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
@@ -148,12 +149,10 @@ class Service:
             )
         )
         if self.sockets.admin is not None:
-            self.servers.append(
-                await loop.create_server(
-                    lambda: AdminConnection(runtime, local_metrics(runtime)),
-                    sock=self.sockets.admin,
-                    backlog=LISTEN_BACKLOG,
-                )
+            self.admin_server = await loop.create_server(
+                lambda: AdminConnection(runtime, local_metrics(runtime)),
+                sock=self.sockets.admin,
+                backlog=LISTEN_BACKLOG,
             )
         loop.add_signal_handler(signal.SIGHUP, self.reload)
         loop.add_signal_handler(signal.SIGTERM, self.terminate)
@@ -193,7 +192,10 @@ class Service:
         self.stopping.set()
 
     async def drain(self) -> None:
-        """Stop accepting, let in-flight exchanges finish up to drain_timeout, close the rest."""
+        """Stop accepting, let in-flight exchanges finish up to drain_timeout, close the rest.
+
+        The admin port answers until the drain is over: /healthz 200 while the process
+        runs, /readyz 503 while it drains."""
         self.notifier.stopping()
         runtime = self.runtime
         runtime.draining = True
@@ -212,6 +214,8 @@ class Service:
             conn.abort() if conn.busy else conn.close()
         runtime.current.close()
         runtime.ledger.close()
+        if self.admin_server is not None:
+            self.admin_server.close()
 
 
 async def serve(config: Config, sockets: Sockets, notifier: Notifier, ready: bool = True) -> int:

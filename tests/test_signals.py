@@ -22,6 +22,7 @@ from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import yaml
 
@@ -205,6 +206,10 @@ def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(
     idle.close()
     assert daemon.alive(), "the daemon exited with a stream in flight"
     assert not stream.done()
+    # the admin port answers through the drain: alive, not ready
+    assert httpx.get(f"{daemon.admin_url}/healthz", timeout=5).status_code == 200
+    assert httpx.get(f"{daemon.admin_url}/readyz", timeout=5).status_code == 503
+    assert "sidecar_active_streams" in httpx.get(f"{daemon.admin_url}/metrics", timeout=5).text
 
     release.set()
     response = stream.result(10)
