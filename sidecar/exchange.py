@@ -44,6 +44,7 @@ from sidecar.headers import (
     end_to_end,
     header_list,
     header_value,
+    raw_request_id,
     request_id_from,
     simple_response,
     splice_lines,
@@ -103,19 +104,23 @@ async def serve_connection(client: ClientConnection) -> None:
             try:
                 head = await client.read_head(idle_deadline, head_deadline)
             except ClientTimeout as timeout:
-                if timeout.args and timeout.args[0]:
-                    _refuse(client, 408, "request_timeout", "the request head took too long")
-                break
+                if timeout.args and timeout.args[0]:  # a head had begun: a request refused
+                    _refuse(client, 408, "request_timeout", "the request head took too long",
+                            client.buffer)
+                elif first:  # silent since the connection's start: a 408 still fits
+                    _refuse(client, 408, "request_timeout", "no request head in time", None)
+                break  # (an idle keep-alive connection is closed quietly)
             except ClientGone:
                 break
             if head is None:
                 break
             if not head:
-                _refuse(client, 431, "headers_too_large", "the request head is too large")
+                _refuse(client, 431, "headers_too_large", "the request head is too large",
+                        client.buffer)
                 break
             problem = check_raw_head(head)
             if problem is not None:
-                _refuse(client, 400, "invalid_request", problem)
+                _refuse(client, 400, "invalid_request", problem, head)
                 break
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
             # h11 gets the head only: a Content-Length body is read past it by the exchange
@@ -125,10 +130,10 @@ async def serve_connection(client: ClientConnection) -> None:
             try:
                 event = conn.next_event()
             except h11.RemoteProtocolError as exc:
-                _refuse(client, 400, "invalid_request", str(exc) or "malformed request head")
+                _refuse(client, 400, "invalid_request", str(exc) or "malformed request head", head)
                 break
             if not isinstance(event, h11.Request):
-                _refuse(client, 400, "invalid_request", "malformed request head")
+                _refuse(client, 400, "invalid_request", "malformed request head", head)
                 break
             exchange = Exchange(client, conn, event, runtime.current)
             del event, head  # not held for as long as the exchange lasts
@@ -156,11 +161,75 @@ async def serve_connection(client: ClientConnection) -> None:
         client.close()
 
 
-def _refuse(client: ClientConnection, status: int, code: str, message: str) -> None:
-    """Answer outside any exchange (bad head, timeouts) and close."""
+def _refuse(
+    client: ClientConnection,
+    status: int,
+    code: str,
+    message: str,
+    head: bytes | bytearray | None,
+) -> None:
+    """Answer a request refused at its head (or a connection that sent none) and close.
+
+    A refused head is a finished request like any other (outcome `bad_request`): it has a
+    request id (the client's `x-request-id` if the raw head has a sane one), a ledger line,
+    metrics and an access-log line. `head` is None when no byte of a request arrived:
+    then there is only the answer.
+    """
     body = get_dialect("passthrough").error_body(status, code, message)
-    client.write(simple_response(status, body))
+    if head is None:
+        client.write(simple_response(status, body))
+        client.close()
+        return
+    request_id = raw_request_id(head)
+    client.write(simple_response(status, body, request_id=request_id))
     client.close()
+    runtime = client.runtime
+    duration = max(client.loop.time() - client.head_began, 0.0)
+    runtime.metrics.request_finished("", "bad_request", status, None, Usage(), None, duration, duration)
+    if runtime.ledger.path is not None:
+        runtime.ledger.write(
+            LedgerRecord(
+                ts=utc_timestamp(time.time() - duration),
+                request_id=request_id,
+                route=None,
+                model=None,
+                request_model=None,
+                client_stream=None,
+                upstream_stream=None,
+                outcome="bad_request",
+                status=status,
+                prompt_tokens=None,
+                completion_tokens=None,
+                cached_tokens=None,
+                reasoning_tokens=None,
+                cost=None,
+                ttfb_ms=duration * 1000.0,
+                duration_ms=duration * 1000.0,
+                usage_estimated=False,
+                dialect=None,
+            )
+        )
+    if access_enabled():
+        method, _, rest = bytes(head[:256]).partition(b" ")
+        path = rest.partition(b" ")[0].partition(b"?")[0]
+        if not path.startswith(b"/"):  # an absolute-form target may carry user:password@
+            path = b"-"
+        log_access(
+            f"{method.decode('ascii', 'replace')} {status} bad_request",
+            {
+                "request_id": request_id,
+                "route": "",
+                "method": method.decode("ascii", "replace"),
+                "path": path.decode("ascii", "replace"),
+                "status": status,
+                "outcome": "bad_request",
+                "code": code,
+                "ttfb_ms": round(duration * 1000.0, 3),
+                "duration_ms": round(duration * 1000.0, 3),
+                "model": None,
+                "cost": None,
+            },
+        )
 
 
 class Exchange(StreamListener):

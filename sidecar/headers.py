@@ -181,6 +181,15 @@ def request_id_from(headers: Iterable[Header]) -> str:
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
 
 
+_RAW_REQUEST_ID = re.compile(rb"\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.IGNORECASE)
+
+
+def raw_request_id(head: bytes | bytearray) -> str:
+    """`request_id_from` for a raw head h11 has not parsed (a refused or unfinished one)."""
+    found = _RAW_REQUEST_ID.search(head)
+    return request_id_from([] if found is None else [(b"x-request-id", bytes(found.group(1)))])
+
+
 #: The headers h11 acts on when it writes a message head: framing and keep-alive (and a
 #: request's `host`, which HTTP/1.1 requires). Every other header h11 would only validate
 #: and copy, costing per header on each of its passes, so those are rendered as lines
@@ -233,11 +242,17 @@ _REASONS = {
 }
 
 
-def simple_response(status: int, body: bytes, content_type: bytes = b"application/json") -> bytes:
+def simple_response(
+    status: int,
+    body: bytes,
+    content_type: bytes = b"application/json",
+    request_id: str | None = None,
+) -> bytes:
     """A complete `Connection: close` response, for answers given outside any h11 exchange."""
     reason = _REASONS.get(status, b"Error")
+    id_line = b"" if request_id is None else b"x-request-id: %s\r\n" % request_id.encode()
     return (
-        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\nconnection: close\r\n\r\n"
-        % (status, reason, content_type, len(body))
+        b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
+        % (status, reason, content_type, len(body), id_line)
         + body
     )

@@ -62,6 +62,7 @@ class ClientConnection(asyncio.Protocol):
         # syscall per call in CPython 3.11, and every wait of every request needs it
         self.loop = loop
         self.runtime = runtime
+        self.head_began = loop.time()  # the connection's start, then each head's first byte
         self.serve = serve
         self.connections = connections
         self.transport: asyncio.Transport | None = None
@@ -198,6 +199,7 @@ class ClientConnection(asyncio.Protocol):
                 del self.buffer[: 1 if self.buffer[:1] == b"\n" else 2]
             if self.buffer and not started:
                 started = True
+                self.head_began = loop.time()
                 deadline = head_deadline or loop.time() + limits.header_timeout
             end = find_head_end(self.buffer, max(0, scanned - 3))
             if end >= 0:

@@ -11,6 +11,7 @@ bypassed with `//`, dot segments, encoded slashes or dots, or a query string.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
 import signal
@@ -145,16 +146,28 @@ ABSOLUTE_FORM: dict[str, bytes] = {
 }
 
 
-def refused(daemon: Daemon, data: bytes) -> RawResponse:
-    """Send `data`; the daemon answers 400 with an error body and closes the connection."""
+def refused(daemon: Daemon, data: bytes, status: int = 400) -> RawResponse:
+    """Send `data` (with an x-request-id of its own); the daemon answers `status` with an
+    error body and that id, closes the connection, and records the refused request."""
+    request_id = f"refused-{next(REFUSED_IDS)}"
+    line_end = data.index(b"\n") + 1
+    data = data[:line_end] + f"X-Request-Id: {request_id}\r\n".encode() + data[line_end:]
     with RawClient(daemon.address, timeout=5) as client:
         with contextlib.suppress(OSError):  # closed before we finished writing
             client.send(data)
         response = client.read_response(5)
-        assert client.closed_by_peer(3), "the daemon kept the connection open after a 400"
-    assert response.status == 400, response.raw
+        assert client.closed_by_peer(3), f"the daemon kept the connection open after a {status}"
+    assert response.status == status, response.raw
     assert error_of(response)
+    assert response.header("x-request-id") == request_id
+    # a refused request is a finished request: one ledger line (SPEC "Ledger")
+    record = daemon.ledger_for(request_id)
+    assert (record["outcome"], record["status"], record["route"]) == ("bad_request", status, None)
+    assert record["duration_ms"] >= 0 and record["ttfb_ms"] == record["duration_ms"]
     return response
+
+
+REFUSED_IDS = itertools.count()
 
 
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/public/echo"])
@@ -171,6 +184,13 @@ def test_absolute_and_authority_form_targets_are_refused(
     daemon: Daemon, worker: FakeWorker, name: str
 ) -> None:
     refused(daemon, ABSOLUTE_FORM[name])
+    nothing_forwarded(daemon, worker)
+
+
+def test_a_head_past_max_header_bytes_is_refused_with_431(daemon: Daemon, worker: FakeWorker) -> None:
+    big = head("/v1/chat/completions", *(f"X-Pad-{i}: {'p' * 200}" for i in range(100)))
+    assert len(big) > 16 * 1024  # the harness's max_header_bytes
+    refused(daemon, big, status=431)
     nothing_forwarded(daemon, worker)
 
 
@@ -252,11 +272,27 @@ def test_slow_loris_on_a_kept_alive_connection(daemon: Daemon, worker: FakeWorke
 
 
 def test_a_silent_connection_is_closed_at_header_timeout(daemon: Daemon, worker: FakeWorker) -> None:
+    """Counted from the connection's start; a 408 first, as a response can still be written."""
     with RawClient(daemon.address) as client:
         started = time.monotonic()
         assert client.closed_by_peer(HEADER_TIMEOUT + 3)
         elapsed = time.monotonic() - started
+        data = bytes(client.buffer)
     assert HEADER_TIMEOUT * 0.8 <= elapsed <= HEADER_TIMEOUT + 3, elapsed
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+
+
+def test_a_head_cut_at_header_timeout_is_a_refused_request(daemon: Daemon, worker: FakeWorker) -> None:
+    partial = b"POST /v1/chat/completions HTTP/1.1\r\nX-Request-Id: half-head\r\nHost: x\r\n"
+    with RawClient(daemon.address) as client:
+        client.send(partial)
+        assert client.closed_by_peer(HEADER_TIMEOUT + 3)
+        data = bytes(client.buffer)
+    assert data.startswith(b"HTTP/1.1 408 ") and b"\r\nx-request-id: half-head\r\n" in data, data
+    record = daemon.ledger_for("half-head")
+    assert (record["outcome"], record["status"]) == ("bad_request", 408)
+    assert record["duration_ms"] >= HEADER_TIMEOUT * 800
 
 
 def test_head_bytes_beyond_header_timeout_are_not_an_excuse(daemon: Daemon, worker: FakeWorker) -> None:
