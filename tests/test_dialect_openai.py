@@ -217,6 +217,29 @@ def test_continuous_usage_largest_value_wins_and_is_hidden_unless_asked() -> Non
     assert out[-2]["usage"]["cost"] == pytest.approx(COST)
 
 
+def test_usage_where_cost_is_injected_carries_the_counts_that_were_priced() -> None:
+    """Reports that disagree (a larger prompt count early, a smaller one in the usage chunk):
+    per field the largest wins, and the chunk carrying the cost, like the aggregated
+    document, shows those counts, so its usage and its cost agree."""
+    def chunk_(choices: list[Any], usage: dict[str, int]) -> bytes:
+        return sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                         "choices": choices, "usage": usage})
+    data = b"".join([
+        chunk_([{"index": 0, "delta": {"content": "a"}, "finish_reason": None}],
+               {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}),
+        chunk_([{"index": 0, "delta": {}, "finish_reason": "stop"}], {"prompt_tokens": 90, "completion_tokens": 2}),
+        chunk_([], {"prompt_tokens": 90, "completion_tokens": 2, "total_tokens": 92}),
+        DONE,
+    ])
+    for aggregate in (False, True):
+        t = stream_for(STREAMING_USAGE if not aggregate else NON_STREAMING, pricing=PRICES,
+                       aggregate=aggregate)
+        out = relay(t, data)
+        usage = json.loads(t.document())["usage"] if aggregate else payloads(out)[-2]["usage"]
+        assert (usage["prompt_tokens"], usage["completion_tokens"]) == (100, 2)
+        assert Decimal(str(usage["cost"])) == Decimal("0.000104") == t.cost  # 100 x 1 + 2 x 2
+
+
 def test_cost_injected_in_the_usage_chunk_when_priced() -> None:
     t = stream_for(STREAMING_USAGE, pricing=PRICES)
     out = payloads(relay(t, b"".join(chat_stream_events())))

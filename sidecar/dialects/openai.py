@@ -211,7 +211,7 @@ class OpenAIStream(StreamTranslator):
                 del obj["usage"]
                 rewrite = True
             elif final and self.cost is not None:
-                obj["usage"] = _usage_with_cost(usage_obj, self.cost)
+                obj["usage"] = _usage_with_cost(self._merged_usage(usage_obj), self.cost)
                 rewrite = True
         if rewrite:
             return _dumps_event(obj)
@@ -334,15 +334,19 @@ class OpenAIStream(StreamTranslator):
         }
         doc.update(self._extras)
         if self._usage_obj is not None:
-            merged = dict(self._usage_obj)
-            for key, value in (
-                ("prompt_tokens", self.usage.prompt_tokens),
-                ("completion_tokens", self.usage.completion_tokens),
-            ):
-                if value is not None:
-                    merged[key] = value
-            doc["usage"] = _usage_with_cost(merged, self.cost)
+            doc["usage"] = _usage_with_cost(self._merged_usage(self._usage_obj), self.cost)
         return orjson.dumps(doc)
+
+    def _merged_usage(self, usage_obj: dict[str, Any]) -> dict[str, Any]:
+        """The worker's usage object with the counts the sidecar settled on (per field the
+        largest seen, the ones it prices), so the usage a client reads agrees with its cost."""
+        merged = dict(usage_obj)
+        prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
+        if prompt is not None:
+            merged["prompt_tokens"] = prompt
+        if completion is not None:
+            merged["completion_tokens"] = completion
+        return merged  # (total_tokens is the worker's: it may count what the sidecar does not)
 
     def _final_choice(self, acc: dict[str, Any]) -> dict[str, Any]:
         choice: dict[str, Any] = finished(acc)
