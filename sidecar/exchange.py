@@ -459,11 +459,16 @@ class Exchange(StreamListener):
     async def _run(self) -> None:
         route = self.route
         limits = self.generation.config.limits
+        length = header_value(self.headers, b"content-length")
         if route is None:
-            self.close_after = True  # the body is not worth reading
+            # a body is not worth reading: the connection closes after the 404 when there
+            # is one, and stays open for the next request when there is none
+            if length not in (None, b"0") or header_value(self.headers, b"transfer-encoding"):
+                self.close_after = True
+            else:
+                self.conn.next_event()  # the (empty) body's end: h11 can start the next cycle
             self.respond_error(404, "not_found", "no route matches this request", "bad_request")
             return
-        length = header_value(self.headers, b"content-length")
         if length is not None and int(length) > limits.max_request_body:
             self.close_after = True
             self.respond_error(413, "request_too_large", "request body too large", "bad_request")

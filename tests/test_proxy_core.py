@@ -296,6 +296,20 @@ def test_404_no_route(w: FakeWorker, proxy: Daemon) -> None:
     assert w.requests == []
 
 
+def test_404_keeps_the_connection_when_there_is_no_body_to_skip(w: FakeWorker, proxy: Daemon) -> None:
+    """Pipelined: a body-less 404 is followed by the next request on the same connection; a
+    404 with a body it did not read closes the connection (nothing after it is answered)."""
+    w.default = openai_handler()
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", "/nothing") + request_bytes("HEAD", "/nothing/either")
+                    + request_bytes(body=chat_body()) + request_bytes("POST", "/nothing", {"x": 1})
+                    + request_bytes(body=chat_body()))
+        statuses = [client.read_response(head_only_body=i == 1).status for i in range(4)]
+        assert statuses == [404, 404, 200, 404]
+        assert client.closed_by_peer(3)
+    assert len(w.requests) == 1
+
+
 @pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/completions"])
 def test_400_bad_json_on_openai_routes_is_never_forwarded(
