@@ -191,22 +191,10 @@ def _refuse(
             LedgerRecord(
                 ts=utc_timestamp(time.time() - duration),
                 request_id=request_id,
-                route=None,
-                model=None,
-                request_model=None,
-                client_stream=None,
-                upstream_stream=None,
                 outcome="bad_request",
                 status=status,
-                prompt_tokens=None,
-                completion_tokens=None,
-                cached_tokens=None,
-                reasoning_tokens=None,
-                cost=None,
                 ttfb_ms=duration * 1000.0,
                 duration_ms=duration * 1000.0,
-                usage_estimated=False,
-                dialect=None,
             )
         )
     if access_enabled():

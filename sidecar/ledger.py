@@ -49,28 +49,29 @@ def utc_timestamp(epoch_s: float | None = None) -> str:
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, kw_only=True)
 class LedgerRecord:
-    """One ledger line: exactly the SPEC's fields, in the SPEC's order."""
+    """One ledger line: exactly the SPEC's fields, in the SPEC's order (null where a request
+    never got that far: a head refused before any route has only the first and the last few)."""
 
     ts: str
     request_id: str
-    route: str | None
-    model: str | None
-    request_model: str | None
-    client_stream: bool | None
-    upstream_stream: bool | None  # what the worker actually sent: True = SSE
+    route: str | None = None
+    model: str | None = None
+    request_model: str | None = None
+    client_stream: bool | None = None
+    upstream_stream: bool | None = None  # what the worker actually sent: True = SSE
     outcome: str
     status: int | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
-    cost: Decimal | None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    cached_tokens: int | None = None
+    reasoning_tokens: int | None = None
+    cost: Decimal | None = None
     ttfb_ms: float | None
     duration_ms: float | None
-    usage_estimated: bool
-    dialect: str | None
+    usage_estimated: bool = False
+    dialect: str | None = None
 
 
 def _ms(value: float | None) -> float | None:
