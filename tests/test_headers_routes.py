@@ -25,6 +25,7 @@ from sidecar.headers import (
     end_to_end,
     find_head_end,
     header_value,
+    raw_request_id,
     request_id_from,
     simple_response,
     splice_lines,
@@ -253,6 +254,26 @@ def test_request_id_taken_from_client(given_id: str) -> None:
 def test_request_id_generated_when_absent_or_insane(bad: bytes) -> None:
     rid = request_id_from([(b"x-request-id", bad)])
     assert re.fullmatch(r"[0-9a-f]{32}", rid)
+
+
+@pytest.mark.parametrize(
+    ("head", "expected"),
+    [
+        (b"GET / HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-1\r\n\r\n", "abc-1"),
+        (b"GET / HTTP/1.1\r\nx-request-id:\t abc-2 \t\r\nHost: a\r\n\r\n", "abc-2"),
+        (b"GET / HTTP/1.1\nX-REQUEST-ID: abc-3\n\n", "abc-3"),  # bare LF heads too
+        (b"POST /x HTTP/1.1\r\nHost: a\r\nX-Request-Id: abc-4\r\nX-Pad: ", "abc-4"),  # cut off
+        (b"GET /?x-request-id:%20no HTTP/1.1\r\nHost: a\r\n\r\n", None),  # not a header
+        (b"GET / HTTP/1.1\r\nX-Request-Id: has space\r\n\r\n", None),  # not sane: fresh
+        (b"GET / HTTP/1.1\r\nX-Request-Id-Not: abc\r\n\r\n", None),
+    ],
+)
+def test_raw_request_id_from_a_head_h11_never_parsed(head: bytes, expected: str | None) -> None:
+    rid = raw_request_id(bytearray(head))
+    if expected is None:
+        assert re.fullmatch(r"[0-9a-f]{32}", rid), rid
+    else:
+        assert rid == expected
 
 
 def test_generated_request_ids_are_unique() -> None:
