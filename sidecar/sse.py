@@ -15,7 +15,7 @@ the stream is dropped; ``:`` starts a comment; ``field:value`` with one leading 
 value removed, a line without a colon is a field with an empty value; ``data`` lines are
 joined with ``\\n``; ``id`` is ignored when its value contains NUL; ``retry`` is used only
 when it is one or more ASCII digits; unknown fields are ignored (a ``strict`` parser refuses
-them); a blank line ends a block.
+lines that are no field line at all: see ``Event.garbage``); a blank line ends a block.
 Text is decoded as UTF-8 with ``errors="replace"``.
 
 Blocks and events: every blank line ends one *block* and ``feed`` returns one ``Event`` per
@@ -44,6 +44,8 @@ __all__ = ["BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "e
 
 #: the UTF-8 byte-order mark: dropped from the start of a worker's body, never written
 BOM = b"\xef\xbb\xbf"
+#: an HTTP token (RFC 9110 5.6.2): what a well-formed field name of an extension looks like
+_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A line end followed by a line end: the end of a block whose first line is not blank.
 # Possessive "\r\n?+" so that a CRLF is never split into two line ends by backtracking.
 _BLOCK_END = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
@@ -71,8 +73,9 @@ class Event:
     ``data`` is ``None`` when the block had no ``data`` field (WHATWG does not dispatch
     it); ``raw`` is the block's bytes as received, including its terminating blank line
     (minus the stream's leading BOM); ``comments`` is true when the block had at least one
-    comment line; ``unknown`` when it had a line whose field SSE does not define (anything
-    but ``data``, ``event``, ``id``, ``retry`` and comments: WHATWG ignores such a line).
+    comment line; ``garbage`` when it had a line that is not an SSE field line at all: no
+    colon and not a field SSE defines, or a name that is not an HTTP token (an HTML page,
+    a status line, binary junk; WHATWG would ignore it as an unknown field).
     """
 
     data: str | None = None
@@ -81,7 +84,7 @@ class Event:
     retry: int | None = None
     raw: bytes = b""
     comments: bool = False
-    unknown: bool = False
+    garbage: bool = False
 
     @property
     def comment_only(self) -> bool:
@@ -123,7 +126,7 @@ def _parse_block(block: bytes) -> Event:
     id_: str | None = None
     retry: int | None = None
     comments = False
-    unknown = False
+    garbage = False
     for line in block.splitlines():  # bytes.splitlines: exactly CRLF, CR and LF
         if not line:
             continue  # the terminating blank line, or the LF half of a split CRLF
@@ -147,10 +150,13 @@ def _parse_block(block: bytes) -> Event:
         elif name == b"retry":
             if value.isdigit():  # ASCII digits only, false for b""
                 retry = int(value)
-        else:
-            unknown = True
+        elif not colon or _TOKEN.fullmatch(name) is None:
+            # A field SSE does not define is ignored (WHATWG) when it is written as one, an
+            # HTTP token and a colon (a vendor's extension); a line that is no field at all
+            # (an HTML page, a status line, binary junk) is garbage
+            garbage = True
     text = None if data is None else b"\n".join(data).decode("utf-8", "replace")
-    return Event(text, event, id_, retry, block, comments, unknown)
+    return Event(text, event, id_, retry, block, comments, garbage)
 
 
 class SSEParser:
@@ -165,9 +171,10 @@ class SSEParser:
     )
 
     def __init__(self, max_event_size: int = 1 << 20, strict: bool = False) -> None:
-        """``strict``: a block with a line of a field SSE does not define (``Event.unknown``:
-        garbage such as an HTML error page in the stream) raises ``SSEProtocolError`` with
-        the blocks before it, instead of being ignored as WHATWG ignores it."""
+        """``strict``: a block with a line that is no field line at all (``Event.garbage``:
+        an HTML error page in the stream, binary junk) raises ``SSEProtocolError`` with the
+        blocks before it, instead of being ignored as WHATWG ignores it. Well-formed
+        unknown fields (``x-vendor: ...``) are ignored either way."""
         self._max = max_event_size
         self._strict = strict
         # The unfinished block's raw bytes (BOM already removed): bytes while small, a
@@ -327,8 +334,8 @@ class SSEParser:
 
     def _append_block(self, events: list[Event], block: bytes) -> None:
         event = _parse_block(block)
-        if event.unknown and self._strict:
-            self._fail(events, "a line of the event stream is not an SSE field")
+        if event.garbage and self._strict:
+            self._fail(events, "a line of the event stream is not an SSE field line")
         events.append(event)
 
     def _fail(self, events: list[Event], message: str) -> None:

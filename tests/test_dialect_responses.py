@@ -184,13 +184,21 @@ def test_error_frame_mid_stream(numbered: bool) -> None:
 
 
 def test_error_frame_before_any_event() -> None:
+    """With nothing sent yet, a synthesized response.created comes first (a client following
+    the stream's state refuses a failure of a response it never saw created)."""
     frame = DIALECT.error_frame(plan(), failures.UPSTREAM_TIMEOUT, "silent")
-    name, obj = loads(frame)
-    assert name == "response.failed" and obj["sequence_number"] == 0
+    (created_name, created), (name, obj) = [
+        (e.event, json.loads(e.data)) for e in parse(frame) if e.data is not None
+    ]
+    assert created_name == "response.created" == created["type"] and created["sequence_number"] == 0
+    assert created["response"]["status"] == "in_progress"
+    assert name == "response.failed" and obj["sequence_number"] == 1
     r = obj["response"]
     assert r["id"] == "resp_req1" and r["model"] == MODEL and r["status"] == "failed"
     assert r["error"] == {"code": "upstream_timeout", "message": "silent"} and r["output"] == []
     assert isinstance(r["created_at"], int)
+    assert {k: created["response"][k] for k in ("id", "model", "created_at")} == {
+        k: r[k] for k in ("id", "model", "created_at")}
 
 
 def test_worker_response_failed_is_forwarded_as_is() -> None:

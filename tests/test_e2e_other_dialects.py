@@ -19,14 +19,17 @@ import openai
 import pytest
 
 from tests.harness import (
+    Close,
     Daemon,
     FakeWorker,
     Reset,
+    Send,
     Step,
     WorkerRequest,
     free_port,
     json_reply,
     post,
+    response_head,
     sse_payloads,
     sse_reply,
 )
@@ -492,6 +495,24 @@ def test_responses_worker_killed_mid_stream(daemon: Daemon, worker: FakeWorker, 
     tail = response.body.rsplit(b"\n\n", 2)[-2] + b"\n\n"
     assert tail.startswith(b"event: response.failed\n")
     assert b"response.completed" not in response.body
+
+
+def test_responses_stream_helper_sees_a_failure_before_any_event(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """The worker's JSON answer (never route) breaks after its head: the streaming client gets
+    a synthesized response.created, then response.failed, so the SDK's stream helper, which
+    follows the response's state, yields a ResponseFailedEvent instead of raising."""
+    head = response_head(200, [("content-type", "application/json"), ("content-length", "400")])
+    worker.reply([Send(head + b'{"id": "resp_x", "object": "resp'), Close()])
+    with openai_client(daemon, "/never").responses.stream(model=GPT, input="Hello") as stream:
+        events = list(stream)
+    assert [e.type for e in events] == ["response.created", "response.failed"]
+    assert [e.sequence_number for e in events] == [0, 1]
+    failed = events[-1]
+    assert isinstance(failed, openai.types.responses.ResponseFailedEvent)
+    assert failed.response.id == events[0].response.id
+    assert failed.response.to_dict()["error"]["code"] == "upstream_disconnected"
 
 
 def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker) -> None:

@@ -238,13 +238,27 @@ class ResponsesStream(TypedEventStream):
         return orjson.dumps(doc)
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
+        """`response.failed` with the stream's own response and its output so far; when the
+        client never got a `response.created` (the worker failed before its first event, or
+        its JSON answer broke on the way to a streaming client), a synthesized one first:
+        clients that follow the stream's state (the openai SDK's `responses.stream()`)
+        refuse a `response.failed` for a response they never saw created."""
         response = self._base()
+        created = b""
+        if self._created is None:
+            self._created = {**response, "status": "in_progress"}
+            self.last_sequence += 1
+            created = named_event(
+                {"type": "response.created", "response": self._created,
+                 "sequence_number": self.last_sequence},
+                "response.created",
+            )
         response["status"] = "failed"
         response["error"] = {"code": failure.code, "message": message}
         response["output"] = self._output.output()
         self.last_sequence += 1
         obj = {"type": "response.failed", "response": response, "sequence_number": self.last_sequence}
-        return named_event(obj, "response.failed")
+        return created + named_event(obj, "response.failed")
 
 
 class ResponsesDocument(DocumentTranslator):
