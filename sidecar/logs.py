@@ -8,6 +8,7 @@ passes request headers to a logger.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import time
 from typing import TextIO
@@ -67,13 +68,28 @@ def json_line(
     return orjson.dumps(entry, default=str).decode()
 
 
+#: a value written bare in a text line: no space, quote, `=`, backslash or control character
+_BARE_VALUE = re.compile(r"[^\s\"=\\\x00-\x1f\x7f]+")
+
+
+def _text_value(value: object) -> str:
+    """`value` as logfmt writes it: bare when it can be, else a JSON string literal, so a
+    value from a client or worker (a model name) can neither end the line nor forge keys."""
+    text = str(value)
+    if _BARE_VALUE.fullmatch(text):
+        return text
+    return orjson.dumps(text).decode()
+
+
 def text_line(level: str, logger: str, msg: str, fields: dict[str, object]) -> str:
-    """One text log line: `level logger: msg key=value ...`."""
+    """One text log line: `level logger: msg key=value ...` (line breaks in `msg` escaped)."""
+    if "\n" in msg or "\r" in msg:
+        msg = msg.replace("\r", "\\r").replace("\n", "\\n")
     parts = [f"{level} {logger}: {msg}"]
     for name in _FIELDS:
         value = fields.get(name)
         if value is not None:
-            parts.append(f"{name}={value}")
+            parts.append(f"{name}={_text_value(value)}")
     return " ".join(parts)
 
 

@@ -301,6 +301,29 @@ def test_text_lines(worker: FakeWorker, tmp_path: Path, log_format: str, tty: bo
     assert sum("request_id=text-ok" in s for s in text.lines) == 1
 
 
+def test_text_lines_cannot_be_forged_by_a_model_name(worker: FakeWorker, tmp_path: Path) -> None:
+    """A value from a client (the request's model, the line's model when the worker answers
+    with an error) is quoted and escaped: it can neither end the line nor add keys."""
+    forged = 'm status=200 outcome=ok\nerror sidecar.daemon: FORGED "x"'
+    worker.reply(json_reply({"error": {"message": "busy"}}, status=503))
+    text = TextDaemon(daemon_config(worker.url, log_format="text"), tmp_path, tty=False)
+    try:
+        with RawClient(text.address) as client:
+            client.send(request_bytes(body={**chat_body(), "model": forged},
+                                      headers=[("x-request-id", "text-forged")]))
+            client.read_response()
+        line = text.wait_line(lambda s: "request_id=text-forged" in s)
+        assert line is not None, text.lines
+    finally:
+        assert text.stop() == 0
+    assert not any(s.startswith("error sidecar.daemon: FORGED") for s in text.lines), text.lines
+    pairs = re.findall(r'(\w+)=("(?:[^"\\]|\\.)*"|\S+)', line.partition(": ")[2])
+    keys = [k for k, _ in pairs]
+    assert keys.count("status") == keys.count("outcome") == keys.count("model") == 1, pairs
+    assert json.loads(dict(pairs)["model"]) == forged
+    assert dict(pairs)["status"] == "503"
+
+
 # =============================================================================================
 # Startup failures
 # =============================================================================================
