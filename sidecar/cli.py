@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A SIGHUP before the daemon's own handler is in place (logrotate's postrotate racing a
+    # restart) would kill it: until then there is no running config to reload anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help(sys.stderr)

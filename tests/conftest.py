@@ -37,8 +37,11 @@ class DaemonFactory:
         *,
         worker: FakeWorker | None = None,
         env: dict[str, str] | None = None,
+        start: bool = True,
         **overrides: Any,
     ) -> Daemon:
+        """A daemon on `config` (or `daemon_config(worker.url, **overrides)`), started unless
+        `start` is False (then the caller starts it; it is stopped at the end either way)."""
         if config is None:
             if worker is None:
                 raise TypeError("make_daemon needs a config or a worker")
@@ -48,7 +51,7 @@ class DaemonFactory:
         name = f"sidecar{len(self.daemons)}"
         daemon = Daemon(config, self.directory, env=env, name=name)
         self.daemons.append(daemon)
-        return daemon.start()
+        return daemon.start() if start else daemon
 
     def close(self) -> list[str]:
         """Stop every daemon; return the error lines they logged (and print their logs)."""

@@ -187,6 +187,41 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
 # =============================================================================================
 
 
+def sighup_ignored(pid: int) -> bool:
+    """True once the process ignores SIGHUP (its SigIgn mask in /proc has the bit)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = int(next(line.split()[1] for line in status.splitlines() if line.startswith("SigIgn:")), 16)
+    return bool(mask & (1 << (signal.SIGHUP - 1)))
+
+
+def test_sighup_during_startup_does_not_kill_the_daemon(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """logrotate's `kill -HUP` may race a restart: from the moment the command runs its own
+    code until the daemon listens (and after), SIGHUP never ends the process."""
+    worker.default = openai_handler()
+    daemon = make_daemon(worker=worker, start=False)
+    starting = ThreadPoolExecutor(1).submit(daemon.start)
+    deadline = time.monotonic() + 20
+    while daemon.proc is None or not sighup_ignored(daemon.proc.pid):
+        assert time.monotonic() < deadline, "the command never set SIGHUP aside"
+        assert daemon.proc is None or daemon.proc.poll() is None, daemon.lines
+        time.sleep(0.001)
+    sent = 0
+    while not starting.done():
+        daemon.send_signal(signal.SIGHUP)
+        sent += 1
+        time.sleep(0.01)
+    starting.result()
+    daemon.send_signal(signal.SIGHUP)  # and once the daemon's own handler reloads
+    assert sent > 3 and daemon.alive(), daemon.lines
+    assert post(daemon, chat_body()).status == 200
+    assert reloaded(daemon, 0) is not None
+
+
 def test_sigterm_lets_the_stream_in_flight_finish_and_exits_0(
     worker: FakeWorker, make_daemon: Callable[..., Daemon]
 ) -> None:
