@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import os
 import signal
@@ -48,24 +49,38 @@ class StartupError(Exception):
     """A clear one-line reason the daemon cannot start (bad bind, bad config)."""
 
 
-def bind(address: Address, reuse_port: bool = False, listen: bool = True) -> socket.socket:
+def bind(
+    address: Address, reuse_port: bool = False, listen: bool = True, exclusive: bool = True
+) -> socket.socket:
     """A listening socket for `address` (TCP or unix), non-blocking, backlog LISTEN_BACKLOG.
 
     With `listen=False` the socket only holds the address (for SO_REUSEPORT groups,
-    where a bound socket that does not listen receives no connections).
+    where a bound socket that does not listen receives no connections). `exclusive`:
+    an address another process holds is an error, never shared: a SO_REUSEPORT group of
+    another daemon is not joined (only this daemon's own worker processes pass False),
+    and a unix socket that still accepts connections is not replaced (a stale file is).
     """
     try:
         if address.kind == "unix":
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             with contextlib.suppress(FileNotFoundError):
                 if stat.S_ISSOCK(os.stat(address.path).st_mode):
+                    if exclusive and _unix_socket_answers(address.path):
+                        raise OSError(errno.EADDRINUSE, "Address already in use")
                     os.unlink(address.path)
             sock.bind(address.path)
+            # the front server usually runs as another user: the directory decides who may
+            # reach the socket, not the daemon's umask (systemd's UMask=0027)
+            os.chmod(address.path, 0o666)
         else:
             infos = socket.getaddrinfo(
                 address.host or None, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
             )
             family, kind, proto, _, sockaddr = infos[0]
+            if reuse_port and exclusive and sockaddr[1] != 0:
+                with socket.socket(family, kind, proto) as probe:  # held by anyone, a group too?
+                    probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    probe.bind(sockaddr)
             sock = socket.socket(family, kind, proto)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if reuse_port:
@@ -77,6 +92,17 @@ def bind(address: Address, reuse_port: bool = False, listen: bool = True) -> soc
     except OSError as exc:
         raise StartupError(f"cannot listen on {address}: {exc.strerror or exc}") from None
     return sock
+
+
+def _unix_socket_answers(path: str) -> bool:
+    """True when something accepts connections on the unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(1.0)
+        try:
+            probe.connect(path)
+        except OSError:
+            return False
+        return True
 
 
 def bound_address(sock: socket.socket) -> str:
@@ -120,7 +146,7 @@ def worker_sockets(sockets: Sockets) -> Sockets:
     if not sockets.reuse_port:
         return sockets
     host, port = sockets.listen.getsockname()[:2]
-    own = bind(Address("tcp", host, port), reuse_port=True)
+    own = bind(Address("tcp", host, port), reuse_port=True, exclusive=False)  # our own group
     return Sockets(own, sockets.admin, sockets.extra)
 
 

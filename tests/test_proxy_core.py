@@ -9,6 +9,9 @@ worker, `sidecar check`, header hygiene, x-request-id and the admin port.
 from __future__ import annotations
 
 import json
+import os
+import socket
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -641,6 +644,33 @@ def test_unix_socket_worker(tmp_path: Path, make_daemon: Callable[..., Daemon]) 
         ready = httpx.get(daemon.admin_url + "/readyz", timeout=5)
         assert ready.status_code == 200
         assert not worker.errors
+
+
+# ============================================================================ unix-socket listener
+
+
+def test_unix_socket_listener(worker: FakeWorker, tmp_path: Path, make_daemon: Callable[..., Daemon]) -> None:
+    """`listen: unix:/path`: reachable by other users (mode 0666: the directory decides), a
+    stale socket file is replaced, and a socket a running daemon answers on is not."""
+    worker.default = openai_handler()
+    path = tmp_path / "sidecar.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nothing answers: what a crashed daemon leaves behind
+    umask = os.umask(0o077)  # what systemd's UMask= would give the daemon, tighter
+    try:
+        daemon = make_daemon(worker=worker, listen=f"unix:{path}")
+    finally:
+        os.umask(umask)
+    assert daemon.unix_path == str(path)
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o666, oct(os.stat(path).st_mode)
+    response = raw_exchange(str(path), request_bytes(body=chat_body()))
+    assert response.startswith(b"HTTP/1.1 200 "), response[:200]
+    second = tmp_path / "second.yaml"
+    second.write_text(json.dumps(daemon_config(worker.url, listen=f"unix:{path}")))
+    result = run_cli("run", "-c", str(second), timeout=20)
+    assert result.returncode == 1 and "already in use" in result.stderr, result
+    assert raw_exchange(str(path), request_bytes(body=chat_body())).startswith(b"HTTP/1.1 200 ")
 
 
 # ============================================================================ sidecar check

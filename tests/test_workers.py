@@ -40,6 +40,7 @@ from tests.harness import (
     openai_handler,
     post,
     request_bytes,
+    run_cli,
 )
 
 OLD_COST = Decimal("0.000017")  # the harness's USAGE at prompt 1, completion 2 per million
@@ -138,6 +139,23 @@ def test_two_processes_share_the_port_and_both_serve(daemon: Daemon, worker: Fak
     assert sum(owners.values()) == CONNECTIONS, owners
     assert owners[daemon.pid] == 0, "the supervising parent serves clients itself"
     assert all(owners[k] > 0 for k in kids), f"only one process serves: {owners}"
+
+
+@pytest.mark.parametrize("workers", [2, 1])
+def test_a_second_daemon_cannot_take_a_share_of_the_port(
+    daemon: Daemon, worker: FakeWorker, tmp_path: Path, workers: int
+) -> None:
+    """The running daemon's workers share the port through SO_REUSEPORT; a second daemon on
+    that port (a stray manual start, a duplicate container) fails to start, as it does
+    when nothing shares it, instead of silently joining the group and its traffic."""
+    config = daemon_config(worker.url, workers=workers, listen=f"127.0.0.1:{daemon.port}")
+    path = tmp_path / "second.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    result = run_cli("run", "-c", str(path), timeout=20)
+    assert result.returncode == 1, result
+    assert "already in use" in result.stderr and str(daemon.port) in result.stderr, result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+    assert all(post(daemon, chat_body()).status == 200 for _ in range(4))
 
 
 def test_ledger_whole_lines_across_processes(daemon: Daemon, worker: FakeWorker) -> None:
