@@ -263,9 +263,12 @@ class ResponsePump:
             return
         self.up.close()
         source = self.ex.outcome_source
-        # a client that leaves after the worker reported its own error saw a worker error
-        worker_error = source is not None and source.worker_error
-        self.ex.outcome = "upstream_error" if worker_error else "client_disconnect"
+        if source is None or not (source.worker_error or source.complete):
+            self.ex.outcome = "client_disconnect"
+        elif source.worker_error:  # a client that leaves after the worker's own error saw it
+            self.ex.outcome = "upstream_error"
+        # else the worker had finished and the client had it all (an SDK closes at [DONE],
+        # maybe before the body's last chunk came): the outcome stays what it was
         self.ex.close_after = True
         self._close()
 

@@ -602,6 +602,25 @@ def test_client_disconnect_mid_stream_closes_the_worker_connection(
     assert record["outcome"] == "client_disconnect"
 
 
+def test_client_that_leaves_at_done_before_the_body_ends_had_a_whole_answer(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    """SDKs close at `data: [DONE]`; a worker may send the body's last chunk later (or
+    never): the client had the whole answer, so the request is `ok`, with its usage."""
+    events = chat_stream_events()
+    w.reply([*sse_reply(events, end=False), Stall()])  # [DONE], but no last chunk
+    client = RawClient(proxy.address)
+    client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                              [("x-request-id", "left-at-done")]))
+    client.read_until(b"data: [DONE]\n\n")
+    client.close()
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 1.0)
+    record = proxy.ledger_for("left-at-done")
+    assert (record["outcome"], record["status"]) == ("ok", 200), record
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3), record
+
+
 def test_client_disconnect_before_the_head_closes_the_worker_connection(
     w: FakeWorker, proxy: Daemon
 ) -> None:
