@@ -795,6 +795,12 @@ def test_each_problem_class_names_its_key_path(raw: dict[str, Any], expected: st
     assert any(p.startswith(expected) for p in problems), problems
 
 
+def test_a_password_in_the_worker_url_is_refused_without_being_shown() -> None:
+    (problem,) = problems_of({"upstream": {"url": "http://admin:S3CRET@worker:8000"}})
+    assert problem.startswith("upstream.url: the worker URL must not contain user info"), problem
+    assert "S3CRET" not in problem and "admin" not in problem and "worker:8000" in problem
+
+
 def test_non_mapping_top_level_is_one_clean_problem() -> None:
     assert problems_of([1, 2]) == [
         "(top level): expected a mapping of keys at the top level, got [1, 2]"
