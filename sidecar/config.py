@@ -186,6 +186,7 @@ class Config:
     routes: tuple[RouteConfig, ...]
     workers: int = 1
     drain_timeout: float = 30.0
+    worker_timeout: float = 30.0  # workers: N: a process silent to its parent this long is replaced
     log_format: str = "auto"
     log_level: str = "info"
     source: str = ""
@@ -931,6 +932,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "routes": _Key(_routes, ()),
     "workers": _Key(_integer(1, 1024), 1),
     "drain_timeout": _Key(_duration(positive=False), 30.0),
+    "worker_timeout": _Key(_duration(), 30.0),
     "log_format": _Key(_choice(LOG_FORMATS, "log_format", fold_case=True), "auto"),
     "log_level": _Key(_choice(LOG_LEVELS, "log_level", fold_case=True), "info"),
 }

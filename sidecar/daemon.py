@@ -334,6 +334,7 @@ class WorkerLink:
         self.sock = sock
         self.supervisor = supervisor
         self.started = time.monotonic()
+        self.heard = self.started  # when the worker last sent a line (an answer, `ready`)
         self.ready = False
         self.closed = False
         self.last: Metrics | None = None
@@ -369,6 +370,7 @@ class WorkerLink:
             self.supervisor.link_closed(self)
 
     def _received(self, line: bytes) -> None:
+        self.heard = time.monotonic()
         try:
             message = orjson.loads(line)
         except orjson.JSONDecodeError:
@@ -386,6 +388,13 @@ class WorkerLink:
         elif "final" in message:
             with contextlib.suppress(ValueError):
                 self.last = Metrics.from_snapshot(message["final"])
+
+    def poke(self) -> None:
+        """Ask for an answer nobody waits for: it only refreshes `heard` (the worker's event
+        loop turns; a hung one never answers)."""
+        if not self.closed and self._writer is not None:
+            self._next_id += 1
+            self._writer.write(_line({"id": self._next_id}))
 
     async def ask(self, timeout: float) -> Metrics | None:
         """The worker's metrics now, or None (gone, not answering within `timeout`)."""
@@ -470,6 +479,7 @@ class Supervisor:
             self.fail()
         await self._started()
         self.starting = False
+        self._check_workers(self.config.worker_timeout / 4)
         server = None
         if not self.stopping:
             if self.sockets.admin is not None:
@@ -510,6 +520,28 @@ class Supervisor:
     def _watchdog(self, interval: float) -> None:
         self.notifier.watchdog()
         asyncio.get_running_loop().call_later(interval, self._watchdog, interval)
+
+    def _check_workers(self, every: float) -> None:
+        """The parent's watchdog over its workers: each ready worker is poked; one that has
+        not answered for `worker_timeout` (a hung event loop: systemd's watchdog only sees
+        the parent's) is killed, and `reap` replaces it."""
+        if self.stopping:
+            return
+        now = time.monotonic()
+        limit = self.config.worker_timeout
+        for pid, link in list(self.children.items()):
+            if not link.ready or link.closed:
+                continue
+            if now - link.heard > limit:
+                log.error(
+                    "worker process %d has not answered for %g s: killing it", pid, now - link.heard
+                )
+                link.heard = now  # one kill; reap replaces the process
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+            else:
+                link.poke()
+        asyncio.get_running_loop().call_later(every, self._check_workers, every)
 
     # -- worker processes
 

@@ -261,6 +261,29 @@ def test_metrics_of_a_worker_that_does_not_answer_keep_their_last_counts(
     assert scraped_requests(daemon) == finished
 
 
+def test_a_hung_worker_process_is_killed_and_replaced(worker: FakeWorker, tmp_path: Path) -> None:
+    """A worker whose event loop stops (SIGSTOP stands in for a wedged loop) takes its share
+    of new connections and answers none; systemd's watchdog hears only the parent, so the
+    parent watches its workers: after `worker_timeout` of silence it kills and replaces it."""
+    config = daemon_config(worker.url, workers=2, worker_timeout="1s")
+    with Daemon(config, tmp_path) as daemon:
+        kids = wait_children(daemon.pid, 2)
+        hung, survivor = sorted(kids)
+        os.kill(hung, signal.SIGSTOP)
+        began = time.monotonic()
+        killed = daemon.wait_log(lambda e: str(e.get("msg", "")).startswith(
+            f"worker process {hung} has not answered for"), timeout=10)
+        assert killed is not None, daemon.lines[-20:]
+        assert 0.8 <= time.monotonic() - began <= 4.0
+        ready = daemon.wait_log(lambda e: str(e.get("msg", "")).endswith(" is ready"), timeout=10)
+        assert ready is not None, daemon.lines[-20:]
+        now = wait_children(daemon.pid, 2)
+        assert hung not in now and survivor in now and len(now) == 2, now
+        assert [post(daemon, chat_body()).status for _ in range(8)] == [200] * 8
+        time.sleep(1.5)  # a healthy worker under the same watch is left alone
+        assert wait_children(daemon.pid, 2) == now
+
+
 def test_a_killed_worker_process_is_replaced_and_requests_keep_succeeding(
     worker: FakeWorker, tmp_path: Path
 ) -> None:
