@@ -353,7 +353,7 @@ class Exchange(StreamListener):
 
     def start_event_stream(self, worker_headers: list[Header]) -> None:
         headers = without(
-            worker_headers, b"content-type", b"cache-control", b"x-accel-buffering", b"x-request-id"
+            worker_headers, b"content-type", b"cache-control", b"x-accel-buffering"
         )
         self.streaming_client = True
         self.runtime.metrics.stream_opened()
@@ -546,12 +546,7 @@ class Exchange(StreamListener):
                     conn.send_request(*head, b"".join(body_parts))
                 else:
                     conn.send_request(*head, None)
-                    conn.send(*(h11.Data(data=p) for p in body_parts))
-                    while not body_complete:
-                        body_complete = await self._forward_body_part(
-                            conn, body_parts, body_deadline
-                        )
-                    conn.send(END_OF_MESSAGE)
+                    body_complete = await self._stream_body(conn, body_parts, body_deadline)
                 deadline = None if timeout is None else self.loop.time() + timeout
                 return await self._response_head(conn, deadline)
             except TimeoutError:
@@ -568,6 +563,28 @@ class Exchange(StreamListener):
                     continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _stream_body(
+        self, conn: UpstreamConnection, body_parts: list[bytes], deadline: float
+    ) -> bool:
+        """Pass a streamed (passthrough) request body on as it arrives; True once whole.
+
+        A worker may answer before it has the whole body (a 413, a 401) and close: then
+        the rest is not sent (nor read from the client, whose connection closes after the
+        answer) and that answer is passed on, as HTTP/1.1 says (RFC 9112 9.5), never
+        turned into a 502 by the write that found the connection closed. (A worker that
+        answers early and stays open gets the whole body, as it reads on.)"""
+        try:
+            conn.send(*(h11.Data(data=p) for p in body_parts))
+            while not await self._forward_body_part(conn, body_parts, deadline):
+                pass
+            conn.send(END_OF_MESSAGE)
+            return True
+        except UpstreamFailure:
+            if not conn.response_started:
+                raise
+        self.close_after = True  # the client's body was not read to its end
+        return False
 
     async def _forward_body_part(
         self, conn: UpstreamConnection, sent: list[bytes], deadline: float
@@ -612,7 +629,8 @@ class Exchange(StreamListener):
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
-        worker_headers = end_to_end(raw_headers)
+        # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends
+        worker_headers = end_to_end(raw_headers, b"x-request-id")
         plan = self.plan
         handler: BodyHandler
         if plan is None or not 200 <= status < 300:

@@ -91,7 +91,9 @@ class RawHandler(BodyHandler):
     ) -> None:
         self.ex = exchange
         length = header_value(raw_headers, b"content-length")
-        if length is not None:
+        # with Transfer-Encoding too, the body is chunked and the length meaningless: a proxy
+        # must not forward it (RFC 9112 6.3)
+        if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
             headers = [*headers, (b"content-length", length)]
         exchange.start_response(status, headers)
 
@@ -350,7 +352,7 @@ class DocumentHandler(BodyHandler):
             ex.end_response()
             return True
         headers = [
-            *without(self.headers, b"content-type", b"x-request-id"),
+            *without(self.headers, b"content-type"),
             (b"content-type", b"application/json"),
         ]
         if translator.cost is not None:

@@ -8,10 +8,12 @@ worker, `sidecar check`, header hygiene, x-request-id and the admin port.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,6 +25,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import (
     DEFAULT_ROUTES,
+    LAST_CHUNK,
     MODEL,
     Blast,
     Close,
@@ -663,6 +666,90 @@ def test_unix_socket_worker(tmp_path: Path, make_daemon: Callable[..., Daemon]) 
         ready = httpx.get(daemon.admin_url + "/readyz", timeout=5)
         assert ready.status_code == 200
         assert not worker.errors
+
+
+# ============================================================================ worker-side HTTP
+
+
+class EarlyAnswerWorker:
+    """A raw worker that answers an upload after its first bytes: a 413 with `Connection:
+    close`, then a half-close that reads and drops the rest (RFC 9112 9.6's lingering
+    close; one that closes with the upload unread resets the connection, and the kernel
+    may drop the answer with it: no proxy can pass that on)."""
+
+    ANSWER = (b"HTTP/1.1 413 Payload Too Large\r\ncontent-type: application/json\r\n"
+              b"content-length: 27\r\nconnection: close\r\nx-request-id: worker-own\r\n\r\n"
+              b'{"detail":"upload too big"}')
+
+    def __init__(self) -> None:
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        conn, _ = self.sock.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data or len(data) < 2000:
+                data += conn.recv(65536)
+            conn.sendall(self.ANSWER)
+            conn.shutdown(socket.SHUT_WR)
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):
+                    pass
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+def test_a_worker_answering_an_upload_early_is_passed_through(
+    make_daemon: Callable[..., Daemon], framing: str
+) -> None:
+    """RFC 9112 9.5: the worker's early answer (here a 413 sent after the first 2 KB of a
+    3 MiB upload, then a close) is the answer, not a 502 from the write that found the
+    connection closed; the client's connection closes after it (its body was not read)."""
+    worker = EarlyAnswerWorker()
+    try:
+        daemon = make_daemon(daemon_config(worker.url, limits={"max_request_body": "8MiB"}))
+        body = b"x" * (3 << 20)
+        rid = f"early-{framing}"
+        framing_header = (("content-length", str(len(body))) if framing == "length"
+                          else ("transfer-encoding", "chunked"))
+        with RawClient(daemon.address, timeout=10) as client:
+            client.send(request_bytes("POST", "/v1/files", None, [("x-request-id", rid), framing_header]))
+            with contextlib.suppress(OSError):  # the daemon may stop reading the upload
+                for i in range(0, len(body), 65536):
+                    piece = body[i : i + 65536]
+                    client.send(piece if framing == "length" else b"%x\r\n%s\r\n" % (len(piece), piece))
+                if framing == "chunked":
+                    client.send(b"0\r\n\r\n")
+            response = client.read_response(10)
+            assert client.closed_by_peer(5)
+        assert response.status == 413, response.raw[:300]
+        assert response.body == b'{"detail":"upload too big"}'
+        assert [v for k, v in response.headers if k == "x-request-id"] == [rid]  # not the worker's
+        record = daemon.ledger_for(rid)
+        assert (record["outcome"], record["status"]) == ("upstream_http_error", 413), record
+    finally:
+        worker.close()
+
+
+def test_worker_content_length_beside_chunked_is_not_forwarded(w: FakeWorker, proxy: Daemon) -> None:
+    """RFC 9112 6.3: Transfer-Encoding overrides Content-Length, and a proxy must not forward
+    that length: the client gets the chunked body whole, framed by sidecar."""
+    head = response_head(200, [("content-type", "text/plain"), ("content-length", "3"),
+                               ("transfer-encoding", "chunked")])
+    w.reply([Send(head + chunk(b"hello") + chunk(b" world") + LAST_CHUNK)],
+            [Send(response_head(400, [("content-type", "application/json"), ("content-length", "4"),
+                                      ("transfer-encoding", "chunked")]) + chunk(b'{"e":1}') + LAST_CHUNK)])
+    response = post(proxy, {"x": 1}, target="/v1/anything")
+    assert response.status == 200 and response.complete, response.raw
+    assert response.body == b"hello world" and response.header("content-length") is None
+    response = post(proxy, chat_body())
+    assert response.status == 400 and response.complete and response.body == b'{"e":1}', response.raw
+    assert response.header("content-length") is None
 
 
 # ============================================================================ unix-socket listener
