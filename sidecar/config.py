@@ -414,7 +414,7 @@ def _parse_upstream_url(value: Any) -> tuple[str, Address, str]:
     if "@" in rest.partition("/")[0]:  # the user info itself is not shown: it may be a password
         shown = "http://***@" + rest.partition("/")[0].rpartition("@")[2]
         raise ValueError(f"the worker URL must not contain user info, got {_show(shown)}")
-    for char, what in (("?", "a query"), ("#", "a fragment"), ("@", "user info")):
+    for char, what in (("?", "a query"), ("#", "a fragment")):
         if char in rest:
             raise ValueError(f"the worker URL must not contain {what}, got {_show(value)}")
     authority, _, path = rest.partition("/")
