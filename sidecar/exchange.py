@@ -202,23 +202,42 @@ def _refuse(
         path = rest.partition(b" ")[0].partition(b"?")[0]
         if not path.startswith(b"/"):  # an absolute-form target may carry user:password@
             path = b"-"
-        log_access(
-            f"{method.decode('ascii', 'replace')} {status} bad_request",
-            {
-                "request_id": request_id,
-                "route": "",
-                "method": method.decode("ascii", "replace"),
-                "path": path.decode("ascii", "replace"),
-                "status": status,
-                "outcome": "bad_request",
-                "code": code,
-                "ttfb_ms": round(duration * 1000.0, 3),
-                "duration_ms": round(duration * 1000.0, 3),
-                "model": None,
-                "cost": None,
-            },
+        _log_request(
+            request_id, "", method.decode("ascii", "replace"), path.decode("ascii", "replace"),
+            status, "bad_request", code, duration, duration, None, None,
         )
 
+
+def _log_request(
+    request_id: str,
+    route: str,
+    method: str,
+    path: str,
+    status: int,
+    outcome: str,
+    code: str | None,
+    ttfb: float | None,
+    duration: float,
+    model: str | None,
+    cost: Decimal | None,
+) -> None:
+    """The access-log line of one finished request (times in seconds)."""
+    log_access(
+        f"{method} {status} {outcome}",
+        {
+            "request_id": request_id,
+            "route": route,
+            "method": method,
+            "path": path,
+            "status": status,
+            "outcome": outcome,
+            "code": code,
+            "ttfb_ms": None if ttfb is None else round(ttfb * 1000.0, 3),
+            "duration_ms": round(duration * 1000.0, 3),
+            "model": model,
+            "cost": None if cost is None else cost_header_value(cost),
+        },
+    )
 
 class Exchange(StreamListener):
     """One request/response between a client and the worker, and its ledger record."""
@@ -675,21 +694,10 @@ class Exchange(StreamListener):
         if ledger.path is not None:
             ledger.write(self._record(model, usage, cost, status, duration))
         if access_enabled():
-            log_access(
-                f"{self.method} {status} {self.outcome}",
-                {
-                    "request_id": self.request_id,
-                    "route": route_name,
-                    "method": self.method,
-                    "path": self.target.partition(b"?")[0].decode("ascii", "replace"),
-                    "status": status,
-                    "outcome": self.outcome,
-                    "code": self.failure.code if self.failure else None,
-                    "ttfb_ms": None if self.ttfb is None else round(self.ttfb * 1000.0, 3),
-                    "duration_ms": round(duration * 1000.0, 3),
-                    "model": model,
-                    "cost": None if cost is None else cost_header_value(cost),
-                },
+            _log_request(
+                self.request_id, route_name, self.method,
+                self.target.partition(b"?")[0].decode("ascii", "replace"), status, self.outcome,
+                self.failure.code if self.failure else None, self.ttfb, duration, model, cost,
             )
 
     def _record(

@@ -263,10 +263,10 @@ class ResponsePump:
             return
         self.up.close()
         source = self.ex.outcome_source
-        if source is None or not (source.worker_error or source.complete):
-            self.ex.outcome = "client_disconnect"
-        elif source.worker_error:  # a client that leaves after the worker's own error saw it
+        if source is not None and source.worker_error:  # it saw the worker's own error
             self.ex.outcome = "upstream_error"
+        elif source is None or not source.complete:
+            self.ex.outcome = "client_disconnect"
         # else the worker had finished and the client had it all (an SDK closes at [DONE],
         # maybe before the body's last chunk came): the outcome stays what it was
         self.ex.close_after = True
