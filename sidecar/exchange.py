@@ -510,22 +510,27 @@ class Exchange(StreamListener):
         await self._handle_response(pool, response)
 
     async def _read_body(self, limit: int, deadline: float) -> bytes:
+        """A request body read through h11 (chunked), whole; TooLarge past `limit`."""
         parts: list[bytes] = []
         size = 0
-        while True:
-            try:
-                event = await self.client.next_request_event(self.conn, deadline)
-            except h11.RemoteProtocolError as exc:
-                raise BadFraming(str(exc) or "malformed request body") from None
-            if type(event) is h11.Data:
-                size += len(event.data)
-                if size > limit:
-                    raise TooLarge()
-                parts.append(event.data)
-            elif type(event) is h11.EndOfMessage:
-                return b"".join(parts)
-            else:
-                raise ClientGone()
+        while (part := await self._next_body_part(deadline)) is not None:
+            size += len(part)
+            if size > limit:
+                raise TooLarge()
+            parts.append(part)
+        return b"".join(parts)
+
+    async def _next_body_part(self, deadline: float) -> bytes | None:
+        """The next piece of a request body read through h11; None at its end."""
+        try:
+            event = await self.client.next_request_event(self.conn, deadline)
+        except h11.RemoteProtocolError as exc:
+            raise BadFraming(str(exc) or "malformed request body") from None
+        if type(event) is h11.Data:
+            return event.data
+        if type(event) is h11.EndOfMessage:
+            return None
+        raise ClientGone()
 
     def _upstream_head(self, route: RouteConfig) -> tuple[h11.Request, bytes]:
         """The worker's request head: what h11 writes and the header lines spliced into it."""
@@ -557,15 +562,18 @@ class Exchange(StreamListener):
     ) -> h11.Response:
         """Send the request and return the worker's response head (retrying a dead pooled conn once)."""
         timeout = pool.config.response_timeout
+        streamed = not body_complete  # framed by h11 (chunked or a length), sent as it comes
         for attempt in (0, 1):
             conn, reused = await pool.acquire()
             self.upstream = conn
             try:
-                if body_complete:  # the common case: one write for the whole request
+                if not streamed:  # the common case: one write for the whole request
                     conn.send_request(*head, b"".join(body_parts))
-                else:
+                else:  # a retry sends again, framed again, what was read so far, then the rest
                     conn.send_request(*head, None)
-                    body_complete = await self._stream_body(conn, body_parts, body_deadline)
+                    body_complete = await self._stream_body(
+                        conn, body_parts, body_complete, body_deadline
+                    )
                 deadline = None if timeout is None else self.loop.time() + timeout
                 return await self._response_head(conn, deadline)
             except TimeoutError:
@@ -584,19 +592,30 @@ class Exchange(StreamListener):
         raise AssertionError("unreachable")  # pragma: no cover
 
     async def _stream_body(
-        self, conn: UpstreamConnection, body_parts: list[bytes], deadline: float
+        self, conn: UpstreamConnection, body_parts: list[bytes], whole: bool, deadline: float
     ) -> bool:
         """Pass a streamed (passthrough) request body on as it arrives; True once whole.
 
+        `body_parts` is what was read of it so far (sent first, framed again: this may be
+        a retry), and each new piece is added to it; `whole`: nothing is left to read.
         A worker may answer before it has the whole body (a 413, a 401) and close: then
         the rest is not sent (nor read from the client, whose connection closes after the
         answer) and that answer is passed on, as HTTP/1.1 says (RFC 9112 9.5), never
         turned into a 502 by the write that found the connection closed. (A worker that
         answers early and stays open gets the whole body, as it reads on.)"""
+        limit = self.generation.config.limits.max_request_body
+        size = sum(map(len, body_parts))
         try:
             conn.send(*(h11.Data(data=p) for p in body_parts))
-            while not await self._forward_body_part(conn, body_parts, deadline):
-                pass
+            while not whole:
+                part = await self._next_body_part(deadline)
+                if part is None:
+                    break
+                size += len(part)
+                if size > limit:
+                    raise TooLarge()
+                body_parts.append(part)  # kept before the write: a retry sends it again
+                conn.send(h11.Data(data=part))
             conn.send(END_OF_MESSAGE)
             return True
         except UpstreamFailure:
@@ -604,24 +623,6 @@ class Exchange(StreamListener):
                 raise
         self.close_after = True  # the client's body was not read to its end
         return False
-
-    async def _forward_body_part(
-        self, conn: UpstreamConnection, sent: list[bytes], deadline: float
-    ) -> bool:
-        """Pass one piece of a streamed (passthrough) request body on; True at its end."""
-        try:
-            event = await self.client.next_request_event(self.conn, deadline)
-        except h11.RemoteProtocolError as exc:
-            raise BadFraming(str(exc)) from None
-        if type(event) is h11.Data:
-            sent.append(event.data)
-            if sum(map(len, sent)) > self.generation.config.limits.max_request_body:
-                raise TooLarge()
-            conn.send(h11.Data(data=event.data))
-            return False
-        if type(event) is h11.EndOfMessage:
-            return True
-        raise ClientGone()
 
     async def _response_head(self, conn: UpstreamConnection, deadline: float | None) -> h11.Response:
         while True:

@@ -273,10 +273,14 @@ class ResponsePump:
         self._close()
 
     def client_paused(self) -> None:
+        if self.finished:  # the worker connection may be back in the pool already
+            return
         self.paused = True
         self.up.pause_reading()
 
     def client_resumed(self) -> None:
+        if self.finished:
+            return
         self.paused = False
         self.last_rx = self.loop.time()
         self.up.resume_reading()

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from sidecar.runtime import Runtime
 
 log = logging.getLogger("sidecar.server")
+_YIELD_EVERY = 256  # request body events handed out before other connections get a turn
 
 #: Read no more from a client while this much of its input waits unprocessed.
 _INPUT_HIGH_WATER = 256 * 1024
@@ -76,6 +77,7 @@ class ClientConnection(asyncio.Protocol):
         self._waiter: Waiter | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
+        self._events_in_a_row = 0  # body events handed out without waiting for the socket
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -239,11 +241,19 @@ class ClientConnection(asyncio.Protocol):
         return body
 
     async def next_request_event(self, conn: h11.Connection, deadline: float) -> h11.Event:
-        """The next h11 event of the request body; sends 100 Continue when the client waits."""
+        """The next h11 event of the request body; sends 100 Continue when the client waits.
+
+        One read can hold tens of thousands of tiny chunks: every `_YIELD_EVERY` events in
+        a row, the other connections get a turn."""
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
+                self._events_in_a_row += 1
+                if self._events_in_a_row >= _YIELD_EVERY:
+                    self._events_in_a_row = 0
+                    await asyncio.sleep(0)
                 return event
+            self._events_in_a_row = 0
             if self.closed:
                 raise ClientGone()
             if conn.they_are_waiting_for_100_continue:

@@ -203,8 +203,12 @@ class UpstreamConnection(asyncio.Protocol):
             consumer.upstream_lost(None)
 
     def detach(self) -> None:
+        """The response is over for its consumer: the connection reads again (a pump that
+        the client held back paused it), so that in the pool it sees its EOF and its next
+        response is read."""
         self.consumer = None
         self.disarm_lane()
+        self.resume_reading()
 
     def arm_lane(
         self,

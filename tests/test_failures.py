@@ -378,6 +378,30 @@ def test_dead_pooled_connection_is_retried_once_on_a_new_one(
     assert retry.header("x-request-id") == dead.header("x-request-id") == "retried"
 
 
+@pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
+def test_retried_passthrough_upload_is_framed_again(
+    worker: FakeWorker, pooled: Daemon, chunked: bool
+) -> None:
+    # a streamed (passthrough) body is sent again with the framing its head announces: a
+    # chunked head followed by the decoded body would make the worker read the body's own
+    # bytes as HTTP, here a smuggled second request
+    body = b"0\r\n\r\nGET /v1/admin HTTP/1.1\r\nhost: x\r\n\r\n" + bytes(range(256)) * 40
+    worker.reply(http_response(200, b"first"), [Close()], http_response(200, b"second"))
+    with RawClient(pooled.address) as client:
+        client.send(request_bytes("GET", "/v1/models"))
+        assert client.read_response().body == b"first"
+        client.send(request_bytes("POST", "/v1/files", body,
+                                  [("content-type", "application/octet-stream")], chunked=chunked))
+        response = client.read_response()
+        assert response.status == 200 and response.body == b"second"
+    first, dead, retry = worker.wait_requests(3)
+    assert dead.connection == first.connection and retry.connection != dead.connection
+    assert retry.body == dead.body == body
+    assert retry.header("transfer-encoding") == ("chunked" if chunked else None)
+    time.sleep(0.3)
+    assert len(worker.requests) == 3, "the worker read a request the client never sent"
+
+
 def test_retry_happens_only_once(worker: FakeWorker, pooled: Daemon) -> None:
     worker.reply(_ok("first"), [Close()], [Close()], _ok("never"))
     post(pooled, chat_body())

@@ -150,6 +150,25 @@ def test_passthrough_request_body_both_framings(w: FakeWorker, proxy: Daemon, ch
         assert request.header("content-length") == str(len(body))
 
 
+def test_upload_of_many_tiny_chunks_lets_other_clients_in(w: FakeWorker, proxy: Daemon) -> None:
+    # 40,000 one-byte chunks cost h11 an event each; meanwhile the event loop must serve
+    # others (and the body's running size must not be re-added per chunk: that was
+    # quadratic, 30 s of blocked loop for this upload)
+    pieces = 40_000
+    w.default = lambda request: http_response(200, request.target.encode())
+    framed = b"".join(b"1\r\n" + bytes([65 + i % 26]) + b"\r\n" for i in range(pieces))
+    head = (b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n"
+            b"transfer-encoding: chunked\r\n\r\n")
+    with RawClient(proxy.address, timeout=60) as uploader, RawClient(proxy.address) as other:
+        uploader.send(head + framed + LAST_CHUNK)
+        other.send(request_bytes("GET", "/v1/models"))
+        assert other.read_response().body == b"/v1/models"
+        assert uploader.read_response().body == b"/v1/files"
+    first, second = w.wait_requests(2)
+    assert first.target == "/v1/models", "the upload held the event loop until it was sent"
+    assert len(second.body) == pieces
+
+
 @pytest.mark.parametrize("chunked", [False, True], ids=["length", "chunked"])
 def test_openai_request_body_both_framings_reach_the_worker_length_framed(
     w: FakeWorker, proxy: Daemon, chunked: bool
@@ -583,6 +602,27 @@ def test_slow_reader_memory_bound_and_worker_throttled(
         assert daemon.rss_kib() - baseline < 30 * 1024
     assert worker.wait_peer_closed(1, timeout=1.0), "the worker connection outlived the client"
     assert worker.bytes_sent < total
+
+
+def test_worker_connection_a_slow_client_held_back_is_pooled_reading(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    # the answer's one big write pauses the client's transport, which pauses the worker
+    # connection's reading, in the same call that ends the response: the connection goes
+    # back to the pool, and must read there (its EOF, its next response) all the same
+    big = chat_completion("x" * (8 * MiB))
+    w.reply(json_reply(big), json_reply(chat_completion("second")))
+    with RawClient(proxy.address, rcvbuf=64 * 1024) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body()))
+        response = client.read_response(timeout=10)
+        assert response.status == 200 and len(response.body) > 8 * MiB
+    started = time.monotonic()
+    second = post(proxy, chat_body())
+    assert second.status == 200, second.body[:200]
+    assert second.json()["choices"][0]["message"]["content"] == "second"
+    assert time.monotonic() - started < 1.0
+    first_request, second_request = w.wait_requests(2)
+    assert second_request.connection == first_request.connection, "the pool was not used"
 
 
 @pytest.mark.parametrize("route", ["chat", "passthrough"])
