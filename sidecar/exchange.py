@@ -100,7 +100,9 @@ async def serve_connection(client: ClientConnection) -> None:
             else:
                 if runtime.draining:
                     break
-                idle_deadline, head_deadline = loop.time() + limits.keepalive_timeout, None
+                now = loop.time()
+                idle_deadline = now + limits.keepalive_timeout
+                head_deadline = now + limits.header_timeout
             try:
                 head = await client.read_head(idle_deadline, head_deadline)
             except ClientTimeout as timeout:

@@ -182,13 +182,15 @@ class ClientConnection(asyncio.Protocol):
         if timed_out:
             raise ClientTimeout()
 
-    async def read_head(self, idle_deadline: float, head_deadline: float | None) -> bytes | None:
+    async def read_head(self, idle_deadline: float, head_deadline: float) -> bytes | None:
         """The next raw request head (up to and including its blank line), or None at a clean EOF.
 
         Waits for the first byte until `idle_deadline` (ClientTimeout(False): close quietly),
-        then for the whole head until `head_deadline`, or header_timeout after that first byte
-        when `head_deadline` is None (ClientTimeout(True): answer 408). Returns b"" when the
-        head grows past max_header_bytes, and raises ClientGone on EOF inside a head.
+        then for the whole head until `head_deadline` (header_timeout after the connection's
+        start or the previous response's end), or header_timeout after that first byte when
+        it came later than that, on a connection kept idle under keepalive_timeout
+        (ClientTimeout(True): answer 408). Returns b"" when the head grows past
+        max_header_bytes, and raises ClientGone on EOF inside a head.
         """
         loop = self.loop
         limits = self.runtime.config.limits
@@ -201,8 +203,8 @@ class ClientConnection(asyncio.Protocol):
                 del self.buffer[: 1 if self.buffer[:1] == b"\n" else 2]
             if self.buffer and not started:
                 started = True
-                self.head_began = loop.time()
-                deadline = head_deadline or loop.time() + limits.header_timeout
+                now = self.head_began = loop.time()
+                deadline = head_deadline if now < head_deadline else now + limits.header_timeout
             end = find_head_end(self.buffer, max(0, scanned - 3))
             if end >= 0:
                 return b"" if end > limits.max_header_bytes else bytes(self.buffer[:end])

@@ -271,6 +271,40 @@ def test_slow_loris_on_a_kept_alive_connection(daemon: Daemon, worker: FakeWorke
     assert [r.target for r in worker.requests] == ["/v1/public/first"]
 
 
+def test_next_head_is_due_header_timeout_after_the_previous_response(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """SPEC: header_timeout counts from the end of the previous response; a head begun
+    after a pause is due when the pause began, not a header_timeout after its first byte."""
+    pause = HEADER_TIMEOUT * 0.6
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/first"))
+        assert client.read_response().status == 200
+        answered = time.monotonic()
+        time.sleep(pause)
+        client.send(b"GET /v1/public/second HTTP/1.1\r\n")
+        assert client.closed_by_peer(HEADER_TIMEOUT + 3)
+        elapsed = time.monotonic() - answered
+        closed_with_408_or_nothing(client)
+    assert HEADER_TIMEOUT * 0.8 <= elapsed < HEADER_TIMEOUT + pause * 0.5, elapsed
+
+
+def test_a_kept_alive_connection_idle_past_header_timeout_is_still_served(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """The idle wait for the next request is keepalive_timeout: a head that begins after
+    header_timeout has its own header_timeout, counted from its first byte."""
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/first"))
+        assert client.read_response().status == 200
+        time.sleep(HEADER_TIMEOUT + 0.3)
+        client.send(b"GET /v1/public/second HTTP/1.1\r\n")
+        time.sleep(0.2)
+        client.send(b"host: x\r\n\r\n")
+        assert client.read_response().status == 200
+    assert [r.target for r in worker.requests] == ["/v1/public/first", "/v1/public/second"]
+
+
 def test_a_silent_connection_is_closed_at_header_timeout(daemon: Daemon, worker: FakeWorker) -> None:
     """Counted from the connection's start; a 408 first, as a response can still be written."""
     with RawClient(daemon.address) as client:
