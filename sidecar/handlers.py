@@ -83,8 +83,17 @@ class BodyHandler:
         return False
 
 
+#: How an SSE stream ends when its last line is blank (two line ends in a row: LF, CR or
+#: CRLF each): between events, where a comment line can go.
+_BETWEEN_EVENTS = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
+
+
 class RawHandler(BodyHandler):
-    """Forward the worker's status, headers and body bytes untouched (passthrough, worker errors)."""
+    """Forward the worker's status, headers and body bytes untouched (passthrough, worker errors).
+
+    A successful event stream whose length the client is not told gets the route's
+    heartbeat comments while the worker is silent, only ever between two events.
+    """
 
     def __init__(
         self, exchange: Exchange, status: int, headers: list[Header], raw_headers: list[Header]
@@ -95,10 +104,26 @@ class RawHandler(BodyHandler):
         # must not forward it (RFC 9112 6.3)
         if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
             headers = [*headers, (b"content-length", length)]
+        #: the last bytes passed on, while they can tell whether a heartbeat fits: None when
+        #: one never does (not a successful event stream, or a length-framed body)
+        self.tail: bytes | None = (
+            b"\n\n"
+            if 200 <= status < 300
+            and exchange.method != "HEAD"
+            and body_kind(header_value(raw_headers, b"content-type")) == "sse"
+            and header_value(headers, b"content-length") is None
+            else None
+        )
         exchange.start_response(status, headers)
 
     def data(self, chunk: bytes) -> None:
+        if self.tail is not None:
+            self.tail = (self.tail + chunk[-3:])[-3:]
         self.ex.write_data(chunk)
+
+    @property
+    def wants_heartbeat(self) -> bool:
+        return self.tail is not None and self.tail.endswith(_BETWEEN_EVENTS)
 
     def end(self) -> bool:
         self.ex.end_response()

@@ -21,6 +21,7 @@ from tests.harness import (
     DEFAULT_ROUTES,
     DONE,
     FLAVORS,
+    LAST_CHUNK,
     MODEL,
     Daemon,
     Drip,
@@ -38,10 +39,12 @@ from tests.harness import (
     openai_handler,
     post,
     request_bytes,
+    response_head,
     sse_data,
     sse_reply,
     text_completion,
 )
+from tests.harness import chunk as frame_chunk
 
 COST = 17e-6  # 11 prompt x 1.0 + 3 completion x 2.0, per million
 WEATHER = {"id": "call_w1", "name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'}
@@ -57,6 +60,8 @@ ROUTES = [
     chat_route("never", match={"path": "/never/v1/chat/completions"}, upstream_stream="never"),
     chat_route("beat", match={"path": "/beat/v1/chat/completions"}, heartbeat="150ms",
                upstream={"idle_timeout": "3s"}),
+    {"name": "beat-raw", "match": {"path_prefix": "/beat/v1/"}, "dialect": "passthrough",
+     "heartbeat": "150ms", "upstream": {"idle_timeout": "3s"}},
     {"name": "completions-always", "match": {"path": "/always/v1/completions"},
      "dialect": "openai-completions", "upstream_stream": "always"},
     DEFAULT_ROUTES[2],
@@ -351,6 +356,34 @@ def test_heartbeat_comments_while_the_worker_is_silent(w: FakeWorker, proxy: Dae
     text = "".join(p["choices"][0]["delta"].get("content") or ""
                    for p in response.sse_json()[:-1] if p["choices"])
     assert text == "Hello!"
+
+
+@pytest.mark.parametrize("framing", ["chunked", "length"])
+def test_passthrough_event_stream_gets_heartbeats_between_events_only(
+    w: FakeWorker, proxy: Daemon, framing: str
+) -> None:
+    # silent after a whole event: comments go there; silent inside an event (its blank line
+    # not yet sent): none, it would become part of the event; a length-framed body: none
+    pieces = [b"data: one\n\n", b"event: x\r\ndata: two\r\n", b"\r\n", b"data: three\n\n"]
+    whole = b"".join(pieces)
+    framing_header = (("transfer-encoding", "chunked") if framing == "chunked"
+                      else ("content-length", str(len(whole))))
+    wrap = frame_chunk if framing == "chunked" else bytes
+    w.reply([Send(response_head(200, [("content-type", "text/event-stream"), framing_header])),
+             Send(wrap(pieces[0])), Sleep(0.6), Send(wrap(pieces[1])), Sleep(0.6),
+             Send(wrap(pieces[2])), Send(wrap(pieces[3])),
+             *([Send(LAST_CHUNK)] if framing == "chunked" else [])])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("POST", "/beat/v1/stream", chat_body(stream=True)))
+        body = client.read_response().body
+    beat = b": keep-alive\n\n"
+    assert body.replace(beat, b"") == whole
+    if framing == "length":
+        assert beat not in body
+        return
+    first, _, rest = body.partition(pieces[1])
+    assert first.startswith(pieces[0] + beat) and first.count(beat) >= 2, body
+    assert beat not in rest, body
 
 
 def test_heartbeats_are_harmless_to_sdk_and_httpx_sse(w: FakeWorker, proxy: Daemon) -> None:
