@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sidecar.dialects.base import StreamProtocolError, StreamTranslator
+from sidecar.dialects.base import DocumentTranslator, StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
@@ -39,6 +39,14 @@ def body_kind(content_type: bytes | None) -> str | None:
     if media == b"application/json" or media.endswith(b"+json"):
         return "json"
     return None
+
+
+def cost_header(source: StreamTranslator | DocumentTranslator) -> list[Header]:
+    """`x-sidecar-cost` for a whole answer: the cost its body carries as `usage.cost`. None
+    for an estimate (the worker reported no usage): that one only the ledger prices."""
+    if source.cost is None or source.usage.estimated:
+        return []
+    return [(b"x-sidecar-cost", cost_header_value(source.cost).encode())]
 
 
 class BodyHandler:
@@ -334,9 +342,7 @@ class AggregateHandler(EventHandler):
             self.ex.outcome = "upstream_error"
             self.ex.respond(502, headers, body)
             return True
-        if translator.cost is not None:
-            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
-        self.ex.respond(200, headers, body)
+        self.ex.respond(200, [*headers, *cost_header(translator)], body)
         return True
 
     def fail(self, failure: Failure, message: str) -> None:
@@ -380,9 +386,8 @@ class DocumentHandler(BodyHandler):
             *without(self.headers, b"content-type"),
             (b"content-type", b"application/json"),
         ]
-        if translator.cost is not None:
-            headers.append((b"x-sidecar-cost", cost_header_value(translator.cost).encode()))
-        ex.respond(502 if translator.worker_error else 200, headers, translator.json())
+        ex.respond(502 if translator.worker_error else 200, [*headers, *cost_header(translator)],
+                   translator.json())
         return True
 
     def fail(self, failure: Failure, message: str) -> None:

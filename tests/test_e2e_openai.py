@@ -335,6 +335,15 @@ def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> 
     record = proxy.ledger_for("estimated-1")
     assert record["usage_estimated"] is True
     assert record["completion_tokens"] == 3
+    # aggregated for a non-streaming client: the estimate stays the ledger's (no usage was
+    # reported to carry a cost, so no x-sidecar-cost either), priced there all the same
+    w.reply(sse_reply(chat_stream_events(usage=None)))
+    response = post(proxy, chat_body(), "/always/v1/chat/completions",
+                    headers=[("x-request-id", "estimated-2")])
+    assert response.status == 200 and "usage" not in response.json()
+    assert response.header("x-sidecar-cost") is None
+    record = proxy.ledger_for("estimated-2")
+    assert record["usage_estimated"] is True and record["cost"] == pytest.approx(6e-6)
 
 
 # ============================================================================ heartbeats

@@ -158,8 +158,8 @@ class AnthropicStream(TypedEventStream):
         if isinstance(usage, dict):
             self._add_usage(usage)
         self.settle()
-        if self.aggregate or self.cost is None:
-            return False
+        if self.aggregate or self.cost is None or self.usage.estimated:
+            return False  # an estimate (the worker reported nothing) is the ledger's alone
         out = dict(usage) if isinstance(usage, dict) else {}
         if "output_tokens" not in out and self.usage.completion_tokens is not None:
             out["output_tokens"] = self.usage.completion_tokens
@@ -200,8 +200,6 @@ class AnthropicStream(TypedEventStream):
         doc["content"] = [self._final_block(i) for i in sorted(self._blocks)]
         doc.update(self._delta)
         usage = dict(self._usage_obj) if self._usage_obj is not None else None
-        if usage is None and self.usage.estimated:
-            usage = {"output_tokens": self.usage.completion_tokens}
         if usage is not None:
             if self.cost is not None:
                 usage["cost"] = cost_json_number(self.cost)
