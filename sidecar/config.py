@@ -771,7 +771,7 @@ def _decimal(value: Any) -> Decimal:
     text = (
         value.strip()
         if isinstance(value, str)
-        else repr(value)
+        else getattr(value, "text", None) or repr(value)
         if isinstance(value, float)
         else None
     )
@@ -984,6 +984,30 @@ class _StrictLoader(_SafeLoader):
                     None, None, f"duplicate key {_show(key)}", key_node.start_mark
                 )
         return super().construct_mapping(node, deep=deep)
+
+    def construct_exact_float(self, node: yaml.ScalarNode) -> float:
+        value: float = self.construct_yaml_float(node)
+        text = str(self.construct_scalar(node)).replace("_", "")
+        try:
+            Decimal(text)
+        except InvalidOperation:  # 1:30.5 (sexagesimal), .inf, .nan: the float says it all
+            return value
+        return _WrittenFloat(value, text)
+
+
+class _WrittenFloat(float):
+    """A YAML float that keeps the text it was written as: a price is the exact decimal of
+    that text (`0.1234567890123456789`), never of the nearest binary float."""
+
+    text: str
+
+    def __new__(cls, value: float, text: str) -> _WrittenFloat:
+        number = super().__new__(cls, value)
+        number.text = text
+        return number
+
+
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_exact_float)
 
 
 def _yaml_problem(source: str, exc: Exception) -> str:

@@ -44,6 +44,7 @@ from sidecar.headers import (
     end_to_end,
     header_list,
     header_value,
+    raw_method_and_path,
     raw_request_id,
     request_id_from,
     simple_response,
@@ -200,13 +201,10 @@ def _refuse(
             )
         )
     if access_enabled():
-        method, _, rest = bytes(head[:256]).partition(b" ")
-        path = rest.partition(b" ")[0].partition(b"?")[0]
-        if not path.startswith(b"/"):  # an absolute-form target may carry user:password@
-            path = b"-"
+        method, path = raw_method_and_path(head[:2048])
         _log_request(
-            request_id, "", method.decode("ascii", "replace"), path.decode("ascii", "replace"),
-            status, "bad_request", code, duration, duration, None, None,
+            request_id, "", method, path, status, "bad_request", code, duration, duration,
+            None, None,
         )
 
 
@@ -691,7 +689,8 @@ class Exchange(StreamListener):
         status = self.status if self.status is not None else 499
         self._stream_closed()
         self.runtime.metrics.request_finished(
-            route_name, self.outcome, status, model, usage, cost, self.ttfb, duration
+            route_name, self.outcome, status, model, usage, cost, self.ttfb, duration,
+            self.generation.config.pricing.currency,
         )
         ledger = self.runtime.ledger
         if ledger.path is not None:

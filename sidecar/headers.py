@@ -184,6 +184,25 @@ def request_id_from(headers: Iterable[Header]) -> str:
 _RAW_REQUEST_ID = re.compile(rb"\nx-request-id:[ \t]*([^\r\n]*?)[ \t]*\r?\n", re.IGNORECASE)
 
 
+_RAW_START = re.compile(b"(" + _TOKEN + rb") (/[!-~]*)?")
+
+
+def raw_method_and_path(head: bytes | bytearray) -> tuple[str, str]:
+    """For the access-log line of a refused head: its method when it starts with a token and
+    a space, and the path (query cut off) of an origin-form target after that; `-` for
+    anything else. Nothing past them is ever shown: a head that breaks the rules may have
+    anything where they should be (a tab-separated request line, headers on the first line),
+    including a query string or credentials."""
+    start = _RAW_START.match(head)
+    if start is None:
+        return "-", "-"
+    path = start.group(2)
+    return (
+        start.group(1).decode("ascii"),
+        "-" if path is None else path.partition(b"?")[0].decode("ascii"),
+    )
+
+
 def raw_request_id(head: bytes | bytearray) -> str:
     """`request_id_from` for a raw head h11 has not parsed (a refused or unfinished one)."""
     found = _RAW_REQUEST_ID.search(head)

@@ -210,8 +210,10 @@ class Metrics:
         cost: Decimal | None,
         ttfb_s: float | None,
         duration_s: float,
+        currency: str | None = None,
     ) -> None:
-        """Account one finished request (call exactly once per request)."""
+        """Account one finished request (call exactly once per request); `currency`: the one
+        its cost was priced in (a request that outlived a reload keeps its config's)."""
         key = (route, outcome, str(status))
         self.requests[key] = self.requests.get(key, 0) + 1
         m = self._model_label(model)
@@ -228,7 +230,7 @@ class Metrics:
         if usage.estimated:
             self.estimated[route] = self.estimated.get(route, 0) + 1
         if cost is not None:
-            ck = (m, self.currency)
+            ck = (m, currency or self.currency)
             self.cost[ck] = _SUM_CTX.add(self.cost.get(ck, Decimal(0)), cost)
         if ttfb_s is not None:
             h = self.ttfb.get(route)

@@ -311,7 +311,7 @@ def test_spec_example_loads_with_the_right_values(tmp_path: Path) -> None:
     )
     # Exact decimals, not binary floats: 0.10 is exactly one tenth.
     assert qwen.prompt * 3 == Decimal("0.3")
-    assert str(qwen.prompt) == "0.1"
+    assert str(qwen.prompt) == "0.10"
     claude = pricing.models["claude-like"]
     assert claude.cache_write == Decimal("3.75")
     assert claude.reasoning is None
@@ -432,6 +432,25 @@ def test_extensions_and_case_folding() -> None:
     assert (config.log_format, config.log_level) == ("json", "debug")
     assert config.limits.max_event_size == 2 * 1024 * 1024
     assert config.admin_listen == Address("tcp", host="127.0.0.1", port=9091)
+
+
+def test_prices_are_the_exact_decimals_of_the_yaml_text(tmp_path: Path) -> None:
+    # more digits than a binary float holds: the price is what was written, not its float
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:8000', connect_timeout: 1.5}\n"
+        "pricing:\n  models:\n"
+        "    m: {prompt: 0.1234567890123456789, completion: 12345678901234567890.5,\n"
+        "        cached_prompt: 1_000.25, reasoning: 1e-7}\n"
+        "routes:\n- {name: r, match: {path: /x}, dialect: passthrough}\n"
+    )
+    config = load_config(path, env={})
+    price = config.pricing.models["m"]
+    assert price.prompt == Decimal("0.1234567890123456789")
+    assert price.completion == Decimal("12345678901234567890.5")
+    assert price.cached_prompt == Decimal("1000.25")
+    assert price.reasoning == Decimal("1e-7")
+    assert config.upstream.connect_timeout == 1.5
 
 
 def test_prices_are_exact_decimals() -> None:

@@ -196,6 +196,37 @@ def test_secrets_reach_the_worker_and_appear_nowhere(daemon: Daemon, worker: Fak
         assert marker not in metrics
 
 
+@pytest.mark.parametrize(
+    ("head", "method", "path"),
+    [
+        (b"GET /x\r\nAuthorization:Bearer sk-live-AUTHSECRET-4f1d9a\r\n"
+         b"Cookie:s=COOKIESECRET-77ab\r\nx-request-id: refused-1\r\n\r\n", "GET", "/x"),
+        (b"POST\t/v1/chat/completions?password=XAPIKEYSECRET-0c3e\tHTTP/1.1\r\nHost: x\r\n"
+         b"x-request-id: refused-2\r\n\r\n", "-", "-"),
+        (b"GET http://user:AZUREKEYSECRET-9e2@host/v1/models HTTP/1.1\r\nhost: x\r\n"
+         b"x-request-id: refused-3\r\n\r\n", "GET", "-"),
+        (b"GET /v1/models?key=UFJPWFlTRUNSRVQ6cHc HTTP/1.1\r\nx-request-id: refused-4\r\n"
+         b"X-Folded: a\r\n b\r\n\r\n", "GET", "/v1/models"),
+    ],
+    ids=["no-version", "tabs", "absolute-form", "folded"],
+)
+def test_refused_heads_log_no_secret(
+    daemon: Daemon, worker: FakeWorker, head: bytes, method: str, path: str
+) -> None:
+    """A head that breaks the rules is logged by its method and path only where those are
+    plainly there: never what follows them (headers, a query string, user info)."""
+    with RawClient(daemon.address) as client:
+        client.send(head)
+        assert client.read_response().status == 400
+    request_id = re.search(rb"x-request-id: (\S+)", head).group(1).decode()  # type: ignore[union-attr]
+    entry = wait_access(daemon, request_id)
+    assert (entry["method"], entry["path"]) == (method, path), entry
+    with daemon._cond:
+        lines = list(daemon.lines)
+    for marker in SECRET_MARKERS:
+        assert not [line for line in lines if marker in line], marker
+
+
 # =============================================================================================
 # Text lines: log_format text, and auto on a terminal
 # =============================================================================================

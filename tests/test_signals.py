@@ -44,7 +44,7 @@ from tests.harness import (
 
 OLD_COST = Decimal("0.000017")  # 11 x 1 + 3 x 2 per million (the harness's USAGE and price)
 NEW_COST = Decimal("0.00017")  # 11 x 10 + 3 x 20 per million
-NEW_PRICE = {"pricing": {"models": {MODEL: {"prompt": 10.0, "completion": 20.0}}}}
+NEW_PRICE = {"pricing": {"currency": "EUR", "models": {MODEL: {"prompt": 10.0, "completion": 20.0}}}}
 
 
 def write_config(daemon: Daemon, config: dict[str, Any] | str) -> None:
@@ -137,6 +137,10 @@ def test_sighup_new_price_for_new_requests_while_old_stream_finishes(
     assert Decimal(str(records["old-stream"]["cost"])) == OLD_COST
     assert Decimal(str(records["new-json"]["cost"])) == NEW_COST
     assert Decimal(str(records["new-stream"]["cost"])) == NEW_COST
+    # each cost is counted in the currency it was priced in
+    metrics = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+    assert f'sidecar_cost_total{{model="{MODEL}",currency="USD"}} {OLD_COST}\n' in metrics, metrics
+    assert f'sidecar_cost_total{{model="{MODEL}",currency="EUR"}} {2 * NEW_COST}\n' in metrics, metrics
 
 
 @pytest.mark.parametrize(
