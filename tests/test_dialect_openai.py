@@ -226,7 +226,8 @@ def test_usage_where_cost_is_injected_carries_the_counts_that_were_priced() -> N
                          "choices": choices, "usage": usage})
     data = b"".join([
         chunk_([{"index": 0, "delta": {"content": "a"}, "finish_reason": None}],
-               {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101}),
+               {"prompt_tokens": 100, "completion_tokens": 1, "total_tokens": 101,
+                "prompt_tokens_details": {"cached_tokens": 40}}),
         chunk_([{"index": 0, "delta": {}, "finish_reason": "stop"}], {"prompt_tokens": 90, "completion_tokens": 2}),
         chunk_([], {"prompt_tokens": 90, "completion_tokens": 2, "total_tokens": 92}),
         DONE,
@@ -237,6 +238,7 @@ def test_usage_where_cost_is_injected_carries_the_counts_that_were_priced() -> N
         out = relay(t, data)
         usage = json.loads(t.document())["usage"] if aggregate else payloads(out)[-2]["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (100, 2)
+        assert usage["prompt_tokens_details"] == {"cached_tokens": 40}  # from the first report
         assert Decimal(str(usage["cost"])) == Decimal("0.000104") == t.cost  # 100 x 1 + 2 x 2
 
 

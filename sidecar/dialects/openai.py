@@ -341,11 +341,18 @@ class OpenAIStream(StreamTranslator):
         """The worker's usage object with the counts the sidecar settled on (per field the
         largest seen, the ones it prices), so the usage a client reads agrees with its cost."""
         merged = dict(usage_obj)
-        prompt, completion = self.usage.prompt_tokens, self.usage.completion_tokens
-        if prompt is not None:
-            merged["prompt_tokens"] = prompt
-        if completion is not None:
-            merged["completion_tokens"] = completion
+        usage = self.usage
+        if usage.prompt_tokens is not None:
+            merged["prompt_tokens"] = usage.prompt_tokens
+        if usage.completion_tokens is not None:
+            merged["completion_tokens"] = usage.completion_tokens
+        for details, key, count in (
+            ("prompt_tokens_details", "cached_tokens", usage.cached_tokens),
+            ("completion_tokens_details", "reasoning_tokens", usage.reasoning_tokens),
+        ):
+            if count is not None:  # (reported in an earlier chunk, maybe not in this one)
+                known = merged.get(details)
+                merged[details] = {**(known if type(known) is dict else {}), key: count}
         return merged  # (total_tokens is the worker's: it may count what the sidecar does not)
 
     def _final_choice(self, acc: dict[str, Any]) -> dict[str, Any]:
