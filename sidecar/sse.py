@@ -16,7 +16,8 @@ value removed, a line without a colon is a field with an empty value; ``data`` l
 joined with ``\\n``; ``id`` is ignored when its value contains NUL; ``retry`` is used only
 when it is one or more ASCII digits; unknown fields are ignored (a ``strict`` parser refuses
 lines that are no field line at all: see ``Event.garbage``); a blank line ends a block.
-Text is decoded as UTF-8 with ``errors="replace"``.
+Text is decoded as UTF-8 with ``errors="replace"``, and an event with invalid UTF-8 has
+the same replacement in its ``raw`` bytes.
 
 Blocks and events: every blank line ends one *block* and ``feed`` returns one ``Event`` per
 block, in order, including blocks that WHATWG would not dispatch (comment-only blocks,
@@ -98,29 +99,45 @@ class Event:
         )
 
 
+def _valid_utf8(block: bytes) -> bytes:
+    """`block` itself when it is valid UTF-8, else with every invalid sequence replaced by
+    U+FFFD, as an event stream's decoder reads it (WHATWG): the text a client gets, and the
+    bytes passed on for it (never invalid UTF-8, which SDKs fail on)."""
+    try:
+        block.decode("utf-8")
+    except UnicodeDecodeError:
+        return block.decode("utf-8", "replace").encode("utf-8")
+    return block
+
+
 def _parse_block(block: bytes) -> Event:
     """Parse one complete block (its raw bytes, ending with the blank line)."""
     # Fast paths: "data: X\n\n" and "event: E\ndata: X\n\n", LF only.
     n = len(block)
-    if block.startswith(b"data: "):
-        if block.find(10, 6) == n - 2 and block[n - 1] == 10 and 13 not in block:
-            return Event(block[6:-2].decode("utf-8", "replace"), None, None, None, block, False)
-    elif block.startswith(b"event: "):
-        i = block.find(10, 7)
-        if (
-            block.startswith(b"data: ", i + 1)
-            and block.find(10, i + 7) == n - 2
-            and block[n - 1] == 10
-            and 13 not in block
-        ):
-            return Event(
-                block[i + 7 : -2].decode("utf-8", "replace"),
-                block[7:i].decode("utf-8", "replace"),
-                None,
-                None,
-                block,
-                False,
-            )
+    try:
+        if block.startswith(b"data: "):
+            if block.find(10, 6) == n - 2 and block[n - 1] == 10 and 13 not in block:
+                return Event(block[6:-2].decode("utf-8"), None, None, None, block, False)
+        elif block.startswith(b"event: "):
+            i = block.find(10, 7)
+            if (
+                block.startswith(b"data: ", i + 1)
+                and block.find(10, i + 7) == n - 2
+                and block[n - 1] == 10
+                and 13 not in block
+            ):
+                return Event(
+                    block[i + 7 : -2].decode("utf-8"),
+                    block[7:i].decode("utf-8"),
+                    None,
+                    None,
+                    block,
+                    False,
+                )
+    except UnicodeDecodeError:
+        pass  # the general way below mends it
+    if not block.isascii():
+        block = _valid_utf8(block)
     data: list[bytes] | None = None
     event: str | None = None
     id_: str | None = None
@@ -222,7 +239,10 @@ class SSEParser:
             if chunk[:6] == b"data: " and chunk[-2:] == b"\n\n":
                 value = chunk[6:-2]
                 if 10 not in value:
-                    return [Event(value.decode("utf-8", "replace"), None, None, None, chunk, False)]
+                    try:
+                        return [Event(value.decode("utf-8"), None, None, None, chunk, False)]
+                    except UnicodeDecodeError:
+                        pass  # one block all the same: mended the general way below
             if n > 2 and chunk[0] != 10 and chunk.find(b"\n\n") == n - 2:
                 events: list[Event] = []
                 self._append_block(events, chunk)
@@ -289,10 +309,14 @@ class SSEParser:
                         break
                     end = i + 2
                     if end - a <= mx and data.startswith(b"data: ", a) and find(10, a + 6) == i:
-                        value = data[a + 6 : i].decode("utf-8", "replace")
-                        append(Event(value, None, None, None, data[a:end], False))
-                        a = p = end
-                        continue
+                        try:
+                            value = data[a + 6 : i].decode("utf-8")
+                        except UnicodeDecodeError:
+                            pass  # mended the general way below
+                        else:
+                            append(Event(value, None, None, None, data[a:end], False))
+                            a = p = end
+                            continue
                 if end - a > mx:
                     self._fail(events, f"event of {end - a} bytes exceeds max_event_size ({mx})")
                 self._append_block(events, data[a:end])

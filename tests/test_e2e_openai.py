@@ -346,6 +346,27 @@ def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> 
     assert record["usage_estimated"] is True and record["cost"] == pytest.approx(6e-6)
 
 
+def test_invalid_utf8_from_the_worker_reaches_clients_mended(w: FakeWorker, proxy: Daemon) -> None:
+    """A worker that cuts a character's UTF-8 bytes across two events: clients get U+FFFD
+    for them (as an event-stream decoder reads them), never invalid UTF-8, which the SDK
+    raises on, whether the stream is relayed or aggregated."""
+    def event(content: bytes, finish: str | None = None) -> bytes:
+        choice = b'{"index":0,"delta":{"content":"' + content + b'"},"finish_reason":' + (
+            b"null" if finish is None else b'"' + finish.encode() + b'"') + b"}"
+        return (b'data: {"id":"c1","object":"chat.completion.chunk","created":1,"model":"'
+                + MODEL.encode() + b'","choices":[' + choice + b"]}\n\n")
+    events = [event(b"ok "), event(b"bad \xf0\x9f"), event(b"\x98\x80 end"), event(b"", "stop"), DONE]
+    w.reply(sse_reply(events), sse_reply(events))
+    text = "".join(
+        c.choices[0].delta.content or ""
+        for c in sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+        if c.choices
+    )
+    assert text == "ok bad \ufffd\ufffd\ufffd end"
+    aggregated = post(proxy, chat_body(), "/always/v1/chat/completions")
+    assert aggregated.json()["choices"][0]["message"]["content"] == "ok bad \ufffd\ufffd\ufffd end"
+
+
 # ============================================================================ heartbeats
 
 
