@@ -277,6 +277,15 @@ def test_missing_id_created_model_are_filled_in() -> None:
         assert c["object"] == "chat.completion.chunk"
 
 
+@pytest.mark.parametrize("key", ["id", "object", "created", "model"])
+def test_a_key_only_later_chunks_leave_out_gets_the_first_chunks_value(key: str) -> None:
+    events = [json.loads(e[6:]) for e in chat_stream_events()[:-1]]
+    for later in events[1:]:
+        later.pop(key, None)
+    out = relay(stream_for(STREAMING_USAGE), b"".join(sse_data(e) for e in events) + DONE)
+    assert {c[key] for c in payloads(out)[:-1]} == {events[0][key]}
+
+
 def test_empty_id_is_filled_consistently() -> None:
     t = stream_for(STREAMING_USAGE)
     out = payloads(relay(t, b"".join(chat_stream_events(flavor="tgi"))))  # TGI sends "id": ""

@@ -115,30 +115,26 @@ class OpenAIStream(StreamTranslator):
         self._choices: dict[int, dict[str, Any]] = {}
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
-        self._missing: tuple[str, ...] | None = None  # chunk keys the worker leaves out
         self._content_key = "delta" if shape.chat else "text"
-        self._fill: dict[str, Any] = {}
+        self._fill: dict[str, Any] = {}  # from the first chunk: what a chunk without them gets
         # the last plain content event, cut around its text: see _learn_template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
         self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
         self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
 
     def _first_chunk(self, obj: dict[str, Any]) -> None:
-        """Take id/created/model from the first chunk and note which keys chunks lack."""
+        """Take id/created/model from the first chunk: what every chunk that lacks one gets."""
         ident, created, model = obj.get("id"), obj.get("created"), obj.get("model")
         self.id = ident if isinstance(ident, str) and ident else None
         self.created = created if isinstance(created, int) and created else None
         self.model = model if isinstance(model, str) and model else None
-        self._fill = {
+        fill = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.chunk_object,
             "created": self.created or self.plan.created,
             "model": self.model or self.plan.request_model,
         }
-        # workers that omit a key omit it on every chunk: only those keys are checked later
-        self._missing = tuple(
-            k for k, v in self._fill.items() if v is not None and not obj.get(k)
-        )
+        self._fill = {k: v for k, v in fill.items() if v is not None}
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
@@ -174,13 +170,13 @@ class OpenAIStream(StreamTranslator):
             self._error_obj = obj
             return None if self.aggregate else event.raw
         rewrite = False
-        if self._missing is None:
+        if not self._fill:
             self._first_chunk(obj)
-        if self._missing:
-            for key in self._missing:
-                if not obj.get(key):
-                    obj[key] = self._fill[key]
-                    rewrite = True
+        fill = self._fill
+        for key in fill:  # left out of any chunk (TGI's empty id, a key only the first has)
+            if not obj.get(key):
+                obj[key] = fill[key]
+                rewrite = True
         choices = obj.get("choices")
         if type(choices) is not list:
             choices = []
