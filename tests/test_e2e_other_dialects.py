@@ -543,6 +543,24 @@ def test_errors_before_the_head(daemon: Daemon, worker: FakeWorker, tail: str) -
     assert worker.requests == []
 
 
+def test_anthropic_tool_input_cut_by_max_tokens_is_aggregated_as_far_as_it_came(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A tool input cut off by max_tokens is a normal end (Anthropic documents it): the
+    message is whole but for the member cut in its middle, as SDKs read such a stream."""
+    message = {**MESSAGE, "stop_reason": "max_tokens"}
+    events = anthropic_events(message)
+    pieces = [i for i, e in enumerate(events) if b'"input_json_delta"' in e]
+    events = [e for i, e in enumerate(events) if i not in pieces[3:]]  # '{"city": "Paris", "da'
+    worker.default = sse_reply(events)
+    response = post(daemon, ask(), "/always/v1/messages")
+    assert response.status == 200, response.body
+    document = response.json()
+    assert document["stop_reason"] == "max_tokens"
+    assert document["content"][:2] == MESSAGE["content"][:2]
+    assert document["content"][2] == {**MESSAGE["content"][2], "input": {"city": "Paris"}}
+
+
 def test_anthropic_unparsable_tool_input_aggregated_is_a_502(daemon: Daemon, worker: FakeWorker) -> None:
     events = anthropic_events(MESSAGE)
     bad = ev("content_block_delta", {"type": "content_block_delta", "index": 2,

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into
+from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, partial_json
 
 
 def concatenating(acc: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -58,3 +59,41 @@ def test_text_is_kept_in_parts_until_finished() -> None:
         merge_into(acc, {"content": piece, "role": "assistant"})
     assert type(acc["content"]) is TextParts and acc["role"] == "assistant"
     assert finished({"choices": [acc]}) == {"choices": [{"content": "abc", "role": "assistant"}]}
+
+
+# -- partial_json: a tool input cut off by max_tokens ------------------------------------------
+
+
+def test_partial_json_keeps_what_is_whole() -> None:
+    assert partial_json('{"a": 1, "city": "Par') == {"a": 1}
+    assert partial_json('{"city": "Par') == {}
+    assert partial_json('{"a": [1, 2') == {"a": [1]}  # 2 may go on: 25
+    assert partial_json('{"a": {"b": "c"}, "d') == {"a": {"b": "c"}}
+    assert partial_json('{"k\\"": "v\\"", "z": ') == {'k"': 'v"'}
+    assert partial_json("") == {} and partial_json("{") == {} and partial_json('{"a": tru') == {}
+
+
+def _is_part_of(part: Any, whole: Any) -> bool:
+    if isinstance(whole, dict):
+        return isinstance(part, dict) and all(k in whole and _is_part_of(v, whole[k]) for k, v in part.items())
+    if isinstance(whole, list):
+        return (isinstance(part, list) and len(part) <= len(whole)
+                and all(_is_part_of(p, w) for p, w in zip(part, whole, strict=False)))
+    return part == whole
+
+
+JSON_VALUES = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**6, 10**6) | st.text(max_size=6),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3),
+    max_leaves=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), JSON_VALUES, max_size=4), st.booleans())
+def test_partial_json_of_every_cut_is_part_of_the_whole(value: dict[str, Any], spaced: bool) -> None:
+    text = orjson.dumps(value, option=orjson.OPT_INDENT_2 if spaced else None).decode()
+    for i in range(len(text) + 1):
+        part = partial_json(text[:i])
+        assert _is_part_of(part, value), (text[:i], part)
+    assert partial_json(text) == value

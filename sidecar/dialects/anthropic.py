@@ -32,7 +32,7 @@ from sidecar.dialects.base import (
     read_document,
     stream_flag_plan,
 )
-from sidecar.dialects.merge import finished, merge_into
+from sidecar.dialects.merge import finished, merge_into, partial_json
 from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure
 from sidecar.usage import Usage, anthropic_cost, cost_json_number, usage_from_anthropic
@@ -219,9 +219,12 @@ class AnthropicStream(TypedEventStream):
             try:
                 block["input"] = orjson.loads(raw)
             except orjson.JSONDecodeError:
-                raise StreamProtocolError(
-                    f"the tool input of content block {index} is not valid JSON"
-                ) from None
+                if self._delta.get("stop_reason") != "max_tokens":
+                    raise StreamProtocolError(
+                        f"the tool input of content block {index} is not valid JSON"
+                    ) from None
+                # cut off by max_tokens, a normal end: what had come of it, as SDKs read it
+                block["input"] = partial_json(raw)
         return block
 
     def error_frame(self, failure: Failure, message: str) -> bytes:

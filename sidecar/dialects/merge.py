@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
+
 #: Keys whose repeated value is the same thing said again, not a continuation.
 REPLACED_KEYS = frozenset({"role", "id", "type", "index", "object"})
 
@@ -88,3 +90,46 @@ def finished(value: Any) -> Any:
     if isinstance(value, list):
         return [finished(v) for v in value]
     return value
+
+
+def partial_json(text: str) -> Any:
+    """What a JSON text cut short holds so far: its longest prefix that ends a whole value
+    (or opens an object or array), with what is open closed. A member or element cut in
+    its middle is left out, as the anthropic SDK reads a tool input that `max_tokens` cut
+    off: `{"a": 1, "city": "Par` -> `{"a": 1}`. `{}` when nothing whole came."""
+    closers: list[str] = []  # what closes each object and array open at this point
+    cut, cut_closers = 0, ""  # the longest prefix known to end whole, and what closes it
+    in_string = escaped = key = False
+    last = ""  # the last character outside strings that is not white space
+    for i, c in enumerate(text):
+        if in_string:
+            if escaped:
+                escaped = False
+            elif c == "\\":
+                escaped = True
+            elif c == '"':
+                in_string = False
+                if not key:
+                    cut, cut_closers = i + 1, "".join(reversed(closers))
+                last = '"'
+            continue
+        if c in " \t\r\n":
+            continue
+        if c == '"':
+            in_string = True
+            key = bool(closers) and closers[-1] == "}" and last in "{,"
+        elif c in "{[":
+            closers.append("}" if c == "{" else "]")
+            cut, cut_closers = i + 1, "".join(reversed(closers))
+        elif c in "}]":
+            if not closers:
+                break
+            closers.pop()
+            cut, cut_closers = i + 1, "".join(reversed(closers))
+        elif c == "," and last not in '"}]{[,:':
+            cut, cut_closers = i, "".join(reversed(closers))  # a number or literal ended
+        last = c
+    try:
+        return orjson.loads(text[:cut] + cut_closers)
+    except orjson.JSONDecodeError:
+        return {}
