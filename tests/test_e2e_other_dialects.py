@@ -243,6 +243,16 @@ def test_anthropic_json_to_sse(daemon: Daemon, worker: FakeWorker) -> None:
         assert block.startswith(b"event: " + json.loads(payload)["type"].encode() + b"\n")
 
 
+def test_anthropic_json_to_sse_of_a_document_without_usage(daemon: Daemon, worker: FakeWorker) -> None:
+    """The events the sidecar writes carry a usage (the SDK's stream helper reads it)."""
+    document = {k: v for k, v in MESSAGE.items() if k != "usage"}
+    worker.default = json_reply(document)
+    with anthropic_client(daemon, "/never").messages.stream(**ask()) as stream:
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (0, 0)
+
+
 def test_anthropic_sse_to_json(daemon: Daemon, worker: FakeWorker) -> None:
     """upstream_stream: always: the worker streams, the SDK gets one message."""
     worker.default = anthropic_worker()

@@ -264,11 +264,14 @@ class AnthropicDocument(DocumentTranslator):
             if key in doc:
                 message[key] = None
         usage = doc.get("usage")
-        if isinstance(usage, dict):
-            start_usage = {k: v for k, v in usage.items() if k != "cost"}
-            if "output_tokens" in start_usage:
-                start_usage["output_tokens"] = 0
-            message["usage"] = start_usage
+        if not isinstance(usage, dict):
+            # the events require one (SDKs read `usage.output_tokens` of both): a worker
+            # that reported none gets zero counts there, never a made-up estimate
+            usage = {"input_tokens": 0, "output_tokens": 0}
+        start_usage = {k: v for k, v in usage.items() if k != "cost"}
+        if "output_tokens" in start_usage:
+            start_usage["output_tokens"] = 0
+        message["usage"] = start_usage
         out = [named_event({"type": "message_start", "message": message}, "message_start")]
         content = doc.get("content")
         for index, block in enumerate(content if isinstance(content, list) else []):
@@ -277,7 +280,7 @@ class AnthropicDocument(DocumentTranslator):
         delta = {"stop_reason": doc.get("stop_reason"), "stop_sequence": doc.get("stop_sequence")}
         delta.update((k, doc[k]) for k in _DELTA_FIELDS[2:] if k in doc)
         final: dict[str, Any] = {"type": "message_delta", "delta": delta}
-        final["usage"] = usage if isinstance(usage, dict) else {}
+        final["usage"] = usage
         out.append(named_event(final, "message_delta"))
         out.append(named_event({"type": "message_stop"}, "message_stop"))
         return b"".join(out)
