@@ -48,6 +48,8 @@ for _size in range(1, 4096):
 del _size
 #: len(SIZE_LINE_OF_CHUNK): no whole chunk of this length or longer is in the table
 LONGEST_CHUNK = len(SIZE_LINE_OF_CHUNK)
+#: The longest payload of a whole chunk in the table
+LONGEST_PAYLOAD = len(SIZE_LINES) - 1
 
 
 def first_chunk_end(data: bytes, at: int = 0) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from sidecar.chunked import LONGEST_PAYLOAD
 from sidecar.dialects.base import DocumentTranslator, StreamProtocolError, StreamTranslator
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
@@ -230,6 +231,13 @@ class EventHandler(BodyHandler):
             return None
         return self.translator.text_template
 
+    @property
+    def lane_fits(self) -> bool:
+        """Whether every chunk the lane could take is an event the parser would take too:
+        not with a `max_event_size` below the longest payload the lane knows (it would
+        pass events the parser refuses)."""
+        return self.parser.max_event_size >= LONGEST_PAYLOAD
+
     def whole_chunks(self, data: bytes) -> int:
         """The lane: chunks carrying one event of the translator's text template each go to
         the client as they came (`lane_write`), or have their strings appended as the
@@ -267,7 +275,7 @@ class RelayHandler(EventHandler):
         write_framed = exchange.framed_writer()
         if write_framed is not None:
             self.lane_write = write_framed
-            self.lane = True
+            self.lane = self.lane_fits
 
     def data(self, chunk: bytes) -> None:
         try:
@@ -321,7 +329,7 @@ class AggregateHandler(EventHandler):
 
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         super().__init__(exchange, translator, parser)
-        self.lane = True
+        self.lane = self.lane_fits
 
     def data(self, chunk: bytes) -> None:
         feed = self.translator.feed

@@ -208,6 +208,11 @@ class SSEParser:
         self.busy = True
 
     @property
+    def max_event_size(self) -> int:
+        """The longest block it takes, in bytes (a longer one is an SSEProtocolError)."""
+        return self._max
+
+    @property
     def pending(self) -> bytes:
         """The buffered bytes not yet returned in any ``Event.raw``."""
         return bytes(self._buf)

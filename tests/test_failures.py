@@ -200,6 +200,24 @@ def test_failure_after_head_raw_bytes(w: FakeWorker, proxy: Daemon, name: str) -
     assert record["status"] == 200
 
 
+@pytest.mark.parametrize("client_stream", [True, False], ids=["relayed", "aggregated"])
+def test_an_event_over_max_event_size_is_refused_whichever_way_it_is_read(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], client_stream: bool
+) -> None:
+    # content events alike but for their text are taken without parsing (the fast lane):
+    # a longer one in its own chunk must be refused all the same
+    daemon = make_daemon(worker=worker, limits={"max_event_size": 600},
+                         routes=[chat_route(upstream_stream="always")])
+    events = chat_stream_events(("a", "b", "c", "x" * 700, "d"))
+    worker.reply([Send(HEAD_CHUNKED), *(Send(chunk(e)) for e in events), Send(LAST_CHUNK)])
+    response = post(daemon, chat_body(stream=client_stream))
+    if client_stream:
+        assert response.sse_json()[-1]["error"]["code"] == "upstream_protocol_error"
+        assert b"x" * 700 not in response.body
+    else:
+        assert_openai_error(response, 502, "upstream_protocol_error")
+
+
 def test_idle_timeout_counts_silence_not_the_stream(w: FakeWorker, proxy: Daemon) -> None:
     """Tokens 100 ms apart for 1.1 s (more than twice the 500 ms idle timeout) are no silence,
     however the tokens are taken (the worker connection only marks that a read happened;
