@@ -336,6 +336,8 @@ class AggregateHandler(EventHandler):
         try:
             events = self.parser.feed(chunk)
         except SSEProtocolError as exc:
+            for event in exc.events:  # read as when they come before the bad one's read
+                feed(event)
             raise StreamProtocolError(str(exc)) from None
         for event in events:
             feed(event)

@@ -218,6 +218,23 @@ def test_an_event_over_max_event_size_is_refused_whichever_way_it_is_read(
         assert_openai_error(response, 502, "upstream_protocol_error")
 
 
+@pytest.mark.parametrize("client_stream", [True, False], ids=["relayed", "aggregated"])
+def test_events_in_the_read_that_breaks_the_stream_are_still_counted(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], client_stream: bool
+) -> None:
+    # the usage event and garbage after it in one read: the usage is the worker's either way
+    daemon = make_daemon(worker=worker, routes=[chat_route(upstream_stream="always")])
+    events = chat_stream_events()
+    worker.reply([Send(HEAD_CHUNKED), *(Send(chunk(e)) for e in events[:-2]),
+                  Send(chunk(events[-2] + b"<html>\n\n")), Stall()])
+    rid = f"garbage-after-usage-{client_stream}"
+    response = post(daemon, chat_body(stream=client_stream), headers=[("x-request-id", rid)])
+    assert response.status == (200 if client_stream else 502)
+    record = daemon.ledger_for(rid)
+    assert (record["outcome"], record["usage_estimated"]) == ("upstream_error", False), record
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3), record
+
+
 def test_idle_timeout_counts_silence_not_the_stream(w: FakeWorker, proxy: Daemon) -> None:
     """Tokens 100 ms apart for 1.1 s (more than twice the 500 ms idle timeout) are no silence,
     however the tokens are taken (the worker connection only marks that a read happened;
