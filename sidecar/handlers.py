@@ -114,10 +114,14 @@ class RawHandler(BodyHandler):
         if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
             headers = [*headers, (b"content-length", length)]
         #: the last bytes passed on, while they can tell whether a heartbeat fits: None when
-        #: one never does (not a successful event stream, or a length-framed body)
+        #: one never does (no heartbeat on the route, not a successful event stream, or a
+        #: length-framed body), and then nothing is kept per read
+        route = exchange.route
         self.tail: bytes | None = (
             b"\n\n"
-            if 200 <= status < 300
+            if route is not None
+            and route.heartbeat is not None
+            and 200 <= status < 300
             and exchange.method != "HEAD"
             and body_kind(header_value(raw_headers, b"content-type")) == "sse"
             and header_value(headers, b"content-length") is None
