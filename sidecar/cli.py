@@ -51,11 +51,15 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sidecar {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon in the foreground")
-    run.add_argument("-c", "--config", help="config file (default: $SIDECAR_CONFIG, then config/sidecar.yaml)")
+    run.add_argument(
+        "-c", "--config", help="config file (default: $SIDECAR_CONFIG, then config/sidecar.yaml)"
+    )
     check = commands.add_parser("check", help="validate a config file; exit 0 or 2")
     check.add_argument("-c", "--config", help="config file (default as for run)")
     demo = commands.add_parser("demo", help="run a demo worker and the daemon in front of it")
-    demo.add_argument("-c", "--config", help="config file (default: the bundled config/sidecar.yaml)")
+    demo.add_argument(
+        "-c", "--config", help="config file (default: the bundled config/sidecar.yaml)"
+    )
     return parser
 
 
@@ -67,10 +71,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         _parser().print_help(sys.stderr)
         return 2
-    if args.command == "demo":  # the demo fronts its own worker: never $SIDECAR_CONFIG's
-        path = args.config or bundled_config_path()
+    if args.config == "":
+        print(f"sidecar {args.command}: -c/--config needs a file path", file=sys.stderr)
+        return 2
+    if args.config is not None:
+        path = args.config
+    elif args.command == "demo":  # the demo fronts its own worker: never $SIDECAR_CONFIG's
+        path = bundled_config_path()
     else:
-        path = args.config or default_config_path()
+        path = default_config_path()
     if args.command == "check":
         return check(path)
     from sidecar import no_tls

@@ -12,6 +12,7 @@ let anything but `ConfigError` escape from loading, whatever the file contains.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import math
@@ -25,6 +26,8 @@ from types import MappingProxyType
 from typing import Any
 
 import yaml
+
+from sidecar.routes import is_ambiguous_path
 
 __all__ = [
     "DIALECTS",
@@ -215,6 +218,8 @@ def _show(value: Any) -> str:
     if isinstance(value, str):
         text = value if len(value) <= 60 else value[:57] + "..."
         return json.dumps(text, ensure_ascii=False)
+    if isinstance(value, int) and value.bit_length() > 192:  # repr() refuses > 4300 digits
+        return f"a {value.bit_length()}-bit number"
     return _repr.repr(value)
 
 
@@ -566,10 +571,13 @@ def _leaf(fn: Callable[[Any], Any]) -> Parser:
 
 
 def _optional(parser: Parser) -> Parser:
-    """`null` gives None; anything else goes to `parser`."""
+    """`null` or an empty string (`${VAR:-}` with VAR unset) gives None; anything else goes
+    to `parser`."""
 
     def parse(value: Any, path: str, problems: list[str]) -> Any:
-        return None if value is None else parser(value, path, problems)
+        if value is None or (isinstance(value, str) and not value.strip()):
+            return None
+        return parser(value, path, problems)
 
     return parse
 
@@ -608,10 +616,11 @@ def _section(
             parsed = spec.parse(value[name], sub, problems)
             if parsed is _INVALID:
                 ok = False
-            else:
-                out[name] = parsed
-        if ok and check is not None:
-            ok = check(out, path, problems)
+            out[name] = parsed
+        # The check runs on every written key, valid or not (an invalid one is _INVALID), so
+        # that its problems are reported along with the keys' own.
+        if check is not None and not check(out, path, problems):
+            ok = False
         if not ok:
             return _INVALID
         return build(out) if build is not None else out
@@ -683,8 +692,12 @@ def _duration(*, positive: bool = True) -> Parser:
     return _leaf(fn)
 
 
+# What YAML reads as False, also as text (`${HEARTBEAT:-off}` interpolates to a string).
+_OFF = frozenset({"off", "no", "false", "n", "none", "null"})
+
+
 def _heartbeat(value: Any) -> float | None:
-    if value is False:  # YAML reads `off` / `no` / `false` as False
+    if value is False or (isinstance(value, str) and value.strip().lower() in _OFF):
         return None
     seconds = parse_duration(value)
     if seconds <= 0:
@@ -744,7 +757,7 @@ def _text(what: str) -> Parser:
     return _leaf(fn)
 
 
-def _route_path(value: Any) -> str:
+def _route_path(value: Any, *, prefix: bool = False) -> str:
     if not isinstance(value, str):
         raise ValueError(f"expected a path like /v1/chat/completions, got {_show(value)}")
     if not value.startswith("/"):
@@ -753,7 +766,19 @@ def _route_path(value: Any) -> str:
         raise ValueError(
             f"must be a plain path (no query, fragment, spaces or controls), got {_show(value)}"
         )
+    if not value.isascii():
+        raise ValueError(f"must be ASCII, percent-encoded as clients send it, got {_show(value)}")
+    # Requests whose raw path has these match no route, so neither would this one.
+    if is_ambiguous_path(value.encode("ascii") + (b"x" if prefix else b"")):
+        raise ValueError(
+            "can never match: request paths with . or .. segments, //, backslashes or encoded"
+            f" slashes and dots (%2F, %5C, %2E) match no route, got {_show(value)}"
+        )
     return value
+
+
+def _route_path_prefix(value: Any) -> str:
+    return _route_path(value, prefix=True)
 
 
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -765,19 +790,19 @@ def _method(value: Any) -> str:
     return value.upper()
 
 
+_MAX_PRICE = Decimal(10) ** 30
+
+
 def _decimal(value: Any) -> Decimal:
     if isinstance(value, bool) or not isinstance(value, int | float | str):
         raise ValueError(f"expected a price (a number per 1,000,000 tokens), got {_show(value)}")
-    text = (
-        value.strip()
-        if isinstance(value, str)
-        else getattr(value, "text", None) or repr(value)
-        if isinstance(value, float)
-        else None
-    )
-    if text is None:  # int
-        if abs(value) > 10**30:
-            raise ValueError(f"price too large: {_show(value)}")
+    if isinstance(value, str):
+        text = value.strip()
+    elif isinstance(value, float):
+        text = getattr(value, "text", None) or repr(value)
+    elif abs(value) > _MAX_PRICE:  # before str(), which refuses more than 4300 digits
+        raise ValueError(f"price too large: {_show(value)}")
+    else:
         text = str(value)
     if len(text) > 60:
         raise ValueError(f"expected a price, got {_show(value)}")
@@ -791,7 +816,9 @@ def _decimal(value: Any) -> Decimal:
         raise ValueError(f"a price must be a finite number, got {_show(value)}")
     if number < 0:
         raise ValueError(f"a price must not be negative, got {_show(value)}")
-    return number + 0  # normalizes -0 to 0
+    if number > _MAX_PRICE:
+        raise ValueError(f"price too large: {_show(value)}")
+    return number if number else Decimal(0)  # exact, all its digits; -0 and 0E-9 become 0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -837,6 +864,7 @@ _PRICING_KEYS: dict[str, _Key] = {
 
 
 def _check_match(out: dict[str, Any], path: str, problems: list[str]) -> bool:
+    """Exactly one of path and path_prefix is written (valid or not)."""
     if out["path"] is None and out["path_prefix"] is None:
         problems.append(f"{path}: needs path (exact) or path_prefix")
         return False
@@ -855,7 +883,7 @@ def _build_match(out: dict[str, Any]) -> RouteMatch:
 
 _MATCH_KEYS: dict[str, _Key] = {
     "path": _Key(_leaf(_route_path), None),
-    "path_prefix": _Key(_leaf(_route_path), None),
+    "path_prefix": _Key(_leaf(_route_path_prefix), None),
     "methods": _Key(
         _optional(
             _list_of(
@@ -964,26 +992,35 @@ def config_from_dict(raw: Any, env: Mapping[str, str] | None = None, *, source: 
 
 # libyaml's parser when PyYAML was built with it (much faster); the same safe constructors.
 _SafeLoader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
 
 
 class _StrictLoader(_SafeLoader):
-    """SafeLoader that refuses duplicate keys in a mapping (PyYAML silently keeps the last)."""
+    """SafeLoader that keeps what the config was written as.
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Any:
-        self.flatten_mapping(node)
-        seen: set[Any] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            try:
-                duplicate = key in seen
-                seen.add(key)
-            except TypeError:
-                continue  # unhashable; the base class reports it
-            if duplicate:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"duplicate key {_show(key)}", key_node.start_mark
-                )
-        return super().construct_mapping(node, deep=deep)
+    - A float keeps its text, so a price is the exact decimal written (`_WrittenFloat`).
+    - A date-like scalar stays a string: no key holds a date, and a value that failed as a
+      date (`2001-02-30`) is then reported by the key's own check, with its key path.
+    - A constructor's own failure (`!!binary` that is not base64) is a YAML error with a
+      line, never a Python exception.
+
+    Duplicate keys are found before construction, by `_duplicate_keys`, with key paths.
+    """
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        try:
+            return super().construct_object(node, deep=deep)
+        except (yaml.YAMLError, RecursionError):
+            raise
+        except Exception as exc:  # PyYAML's constructors raise anything
+            detail = " ".join(str(exc).split()) or type(exc).__name__
+            raise yaml.constructor.ConstructorError(
+                None,
+                None,
+                f"invalid {node.tag.rpartition(':')[2]} value: {detail}",
+                node.start_mark,
+            ) from None
 
     def construct_exact_float(self, node: yaml.ScalarNode) -> float:
         value: float = self.construct_yaml_float(node)
@@ -1008,6 +1045,60 @@ class _WrittenFloat(float):
 
 
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_exact_float)
+_StrictLoader.add_constructor(_TIMESTAMP_TAG, _StrictLoader.construct_yaml_str)
+
+
+def _duplicate_keys(loader: Any, node: yaml.Node, path: str = "") -> list[str]:
+    """Every key written twice in one mapping, as "key.path: duplicate key (lines 4 and 5)".
+
+    Keys that a merge (`<<: *anchor`) brings in may be overridden: only keys written in the
+    mapping itself count. Each node is visited once (aliases share nodes).
+    """
+    problems: list[str] = []
+    seen_nodes: set[int] = set()
+    pending: list[tuple[yaml.Node, str]] = [(node, path)]
+    while pending:
+        current, where = pending.pop()
+        if id(current) in seen_nodes:
+            continue
+        seen_nodes.add(id(current))
+        if isinstance(current, yaml.SequenceNode):
+            pending.extend((item, f"{where}[{i}]") for i, item in enumerate(current.value))
+        elif isinstance(current, yaml.MappingNode):
+            first_line: dict[Any, int] = {}
+            for key_node, value_node in current.value:
+                if key_node.tag == _MERGE_TAG:
+                    pending.append((value_node, where))
+                    continue
+                line = key_node.start_mark.line + 1
+                earlier: int | None = None
+                key: Any = None
+                if isinstance(key_node, yaml.ScalarNode):
+                    key = loader.construct_object(key_node)
+                    with contextlib.suppress(TypeError):  # unhashable: construction says so
+                        earlier = first_line.get(key)
+                        first_line.setdefault(key, line)
+                sub = _join(where, key)
+                if earlier is not None:
+                    lines = f"line {line}" if earlier == line else f"lines {earlier} and {line}"
+                    problems.append(f"{sub}: duplicate key ({lines}); write each key once")
+                pending.append((value_node, sub))
+    problems.sort()
+    return problems
+
+
+def _load_yaml(text: str) -> tuple[Any, list[str]]:
+    """The document, and its duplicate-key problems (the last value of a duplicate is kept,
+    so the rest of the file is still checked)."""
+    loader = _StrictLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None, []
+        duplicates = _duplicate_keys(loader, node)
+        return loader.construct_document(node), duplicates
+    finally:
+        loader.dispose()
 
 
 def _yaml_problem(source: str, exc: Exception) -> str:
@@ -1015,7 +1106,8 @@ def _yaml_problem(source: str, exc: Exception) -> str:
     problem = getattr(exc, "problem", None)
     if isinstance(exc, yaml.YAMLError) and mark is not None:
         where = f"line {mark.line + 1}, column {mark.column + 1}"
-        return f"{source}: YAML syntax error at {where}: {problem or exc}"
+        kind = "error" if isinstance(exc, yaml.constructor.ConstructorError) else "syntax error"
+        return f"{source}: YAML {kind} at {where}: {problem or exc}"
     if isinstance(exc, RecursionError):
         return f"{source}: YAML nested too deeply"
     detail = " ".join(str(exc).split()) or type(exc).__name__
@@ -1041,7 +1133,13 @@ def load_config(path: str | os.PathLike[str], env: Mapping[str, str] | None = No
     except UnicodeDecodeError as exc:
         raise ConfigError([f"{source}: not valid UTF-8 (byte {exc.start})"], source) from None
     try:
-        raw = yaml.load(text, Loader=_StrictLoader)  # a SafeLoader subclass
-    except Exception as exc:  # PyYAML raises more than YAMLError on odd input (dates, ...)
+        raw, duplicates = _load_yaml(text)
+    except Exception as exc:  # whatever the file holds: a ConfigError
         raise ConfigError([_yaml_problem(source, exc)], source) from None
-    return config_from_dict(raw, env, source=source)
+    try:
+        config = config_from_dict(raw, env, source=source)
+    except ConfigError as exc:
+        raise ConfigError(duplicates + exc.problems, source) from None
+    if duplicates:
+        raise ConfigError(duplicates, source)
+    return config

@@ -32,6 +32,7 @@ import uvloop
 from sidecar.admin import AdminConnection, local_metrics
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.exchange import serve_connection
+from sidecar.logs import setup_logging
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 from sidecar.server import ClientConnection
@@ -138,7 +139,9 @@ def open_sockets(config: Config) -> Sockets:
             sock.setblocking(False)
         return Sockets(inherited[0], admin, inherited[1:], reuse_port=False)
     reuse_port = config.workers > 1 and config.listen.kind == "tcp"
-    return Sockets(bind(config.listen, reuse_port, listen=not reuse_port), admin, reuse_port=reuse_port)
+    return Sockets(
+        bind(config.listen, reuse_port, listen=not reuse_port), admin, reuse_port=reuse_port
+    )
 
 
 def worker_sockets(sockets: Sockets) -> Sockets:
@@ -150,10 +153,37 @@ def worker_sockets(sockets: Sockets) -> Sockets:
     return Sockets(own, sockets.admin, sockets.extra)
 
 
-class Service:
-    """One event loop's worth of daemon: accepts clients, answers admin, reloads, drains."""
+#: Keys a reload cannot apply: the sockets are bound and the processes forked at start.
+RESTART_ONLY_KEYS = ("listen", "admin_listen", "workers")
 
-    def __init__(self, config: Config, sockets: Sockets, notifier: Notifier) -> None:
+
+def reload_logging(running: Config, new: Config, started: Config | None) -> None:
+    """Apply a reloaded config's logging now, and (given the config the process started
+    with) warn about each key that only a restart applies."""
+    if (new.log_format, new.log_level) != (running.log_format, running.log_level):
+        setup_logging(new.log_format, new.log_level)
+    if started is None:
+        return
+    kept = [
+        f"{key} (still {getattr(started, key)})"
+        for key in RESTART_ONLY_KEYS
+        if getattr(new, key) != getattr(started, key)
+    ]
+    if kept:
+        log.warning("config reloaded; these take effect only after a restart: %s", ", ".join(kept))
+
+
+class Service:
+    """One event loop's worth of daemon: accepts clients, answers admin, reloads, drains.
+
+    `supervised`: one of the processes of `workers: N`, whose parent warns about the keys
+    a reload cannot apply.
+    """
+
+    def __init__(
+        self, config: Config, sockets: Sockets, notifier: Notifier, supervised: bool = False
+    ) -> None:
+        self.started = None if supervised else config
         self.config_path = config.source
         self.sockets = sockets
         self.notifier = notifier
@@ -197,14 +227,10 @@ class Service:
         try:
             config = load_config(self.config_path)
         except ConfigError as exc:
-            log.error(
-                "reload refused, keeping the running config: %s", "; ".join(exc.problems)
-            )
+            log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notifier.ready("reload refused: config invalid")
             return
-        old = self.runtime.config
-        if config.listen != old.listen or config.admin_listen != old.admin_listen:
-            log.warning("listen and admin_listen changes take effect only after a restart")
+        reload_logging(self.runtime.config, config, self.started)
         self.runtime.reload(config)
         log.info("config reloaded from %s", self.config_path)
         self.notifier.ready("config reloaded")
@@ -412,7 +438,9 @@ class WorkerLink:
             self._pending.pop(ident, None)
             log.warning(
                 "worker process %d did not answer for /metrics within %g s: "
-                "its counters are those of its last answer", self.pid, timeout,
+                "its counters are those of its last answer",
+                self.pid,
+                timeout,
             )
             return None
         if answer is None:
@@ -436,6 +464,7 @@ class Supervisor:
     """
 
     def __init__(self, config: Config, sockets: Sockets, notifier: Notifier) -> None:
+        self.started = config
         self.config = config
         self.sockets = sockets
         self.notifier = notifier
@@ -690,8 +719,7 @@ class Supervisor:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.notifier.ready("reload refused: config invalid")
             return
-        if config.workers != self.workers:
-            log.warning("a change of workers takes effect only after a restart")
+        reload_logging(self.config, config, self.started)
         self.config = config  # for /readyz and for replacement workers
         self.signal_workers(signal.SIGHUP)
         self.notifier.ready("config reloaded")
@@ -728,8 +756,11 @@ class Supervisor:
 
     def _kill_stragglers(self, grace: float) -> None:
         if self.children:
-            log.error("%d worker processes still run %g s after SIGTERM: killing them",
-                      len(self.children), grace)
+            log.error(
+                "%d worker processes still run %g s after SIGTERM: killing them",
+                len(self.children),
+                grace,
+            )
             self.signal_workers(signal.SIGKILL)
 
     # -- metrics
@@ -762,14 +793,16 @@ async def serve_worker(config: Config, sockets: Sockets, channel: socket.socket)
     `channel` until it exits, sends its final registry after the drain, and
     drains by itself when the parent is gone.
     """
-    service = Service(config, sockets, Notifier({}))
+    service = Service(config, sockets, Notifier({}), supervised=True)
     await service.start()
     loop = asyncio.get_running_loop()
     loop.remove_signal_handler(signal.SIGINT)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     reader, writer = await asyncio.open_unix_connection(sock=channel)
     answering = loop.create_task(_answer_parent(service, reader, writer))
-    log.info("worker process %d accepting clients on %s", os.getpid(), bound_address(sockets.listen))
+    log.info(
+        "worker process %d accepting clients on %s", os.getpid(), bound_address(sockets.listen)
+    )
     writer.write(_line({"ready": os.getpid()}))
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _SIGNALS)
     await service.stopping.wait()

@@ -12,14 +12,33 @@ import sys
 
 import uvloop
 
-from sidecar.daemon import bound_address, load_or_exit, open_sockets, serve
+from sidecar.daemon import StartupError, bound_address, load_or_exit, open_sockets, serve
 from sidecar.demo_worker import start_demo_worker
 from sidecar.logs import setup_logging
 from sidecar.systemd import Notifier
 
 
+def demo_worker_port() -> int:
+    """`$SIDECAR_DEMO_WORKER_PORT` (unset or empty: 0, a free port)."""
+    text = os.environ.get("SIDECAR_DEMO_WORKER_PORT", "").strip()
+    if not text:
+        return 0
+    if not (text.isascii() and text.isdigit()) or int(text) > 65535:
+        raise StartupError(
+            f"SIDECAR_DEMO_WORKER_PORT must be a port number from 0 to 65535, got {text!r}"
+        )
+    return int(text)
+
+
 async def _demo(path: str) -> int:
-    worker = await start_demo_worker(port=int(os.environ.get("SIDECAR_DEMO_WORKER_PORT", "0")))
+    port = demo_worker_port()
+    try:
+        worker = await start_demo_worker(port=port)
+    except OSError as exc:
+        raise StartupError(
+            f"cannot listen on 127.0.0.1:{port} for the demo worker:"
+            f" {os.strerror(exc.errno) if exc.errno else exc}"
+        ) from None
     worker_port = worker.sockets[0].getsockname()[1]
     os.environ["SIDECAR_UPSTREAM"] = f"http://127.0.0.1:{worker_port}"
     os.environ.setdefault("SIDECAR_LISTEN", "127.0.0.1:0")

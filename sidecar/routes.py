@@ -8,11 +8,12 @@ refuses to match paths that a normalizing worker might read differently
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-from sidecar.config import RouteConfig
+if TYPE_CHECKING:  # config imports this module (a route that can never match is refused)
+    from sidecar.config import RouteConfig
 
-R = TypeVar("R", bound=RouteConfig)
+R = TypeVar("R", bound="RouteConfig")
 
 
 def split_target(target: bytes) -> tuple[bytes, bytes]:

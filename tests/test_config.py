@@ -397,7 +397,7 @@ def test_methods_are_upper_cased_and_deduplicated() -> None:
     assert config_from_dict(raw, {}).routes[0].match.methods == ("POST", "GET")
 
 
-@pytest.mark.parametrize("value", [False, None])
+@pytest.mark.parametrize("value", [False, None, "off", "OFF", "no", "false", "none", "", "  "])
 def test_heartbeat_off(value: Any) -> None:
     raw = {
         **MINIMAL,
@@ -415,6 +415,35 @@ def test_heartbeat_off_in_yaml_text(tmp_path: Path) -> None:
         "routes:\n- {name: r, match: {path: /x}, dialect: passthrough, heartbeat: off}\n"
     )
     assert load_config(path, env={}).routes[0].heartbeat is None
+
+
+def test_heartbeat_off_from_the_environment() -> None:
+    # `${HEARTBEAT:-off}` is the string "off", not YAML's False
+    raw = {
+        **MINIMAL,
+        "routes": [
+            {"name": r, "match": {"path": f"/{r}"}, "dialect": "passthrough",
+             "heartbeat": "${HEARTBEAT:-off}"}
+            for r in ("a",)
+        ],
+    }
+    assert config_from_dict(raw, {}).routes[0].heartbeat is None
+    assert config_from_dict(raw, {"HEARTBEAT": "2s"}).routes[0].heartbeat == 2.0
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, {"HEARTBEAT": "offf"})
+    assert info.value.problems[0].startswith("routes[0].heartbeat: expected a duration")
+
+
+def test_an_empty_optional_value_is_unset() -> None:
+    # `usage_log: ${USAGE_LOG:-}` and the like: empty means "not set", not an error
+    raw = {**MINIMAL, "admin_listen": "${ADMIN:-}", "usage_log": "${USAGE_LOG:-}",
+           "pricing": {"models": {"m": {"prompt": 1, "completion": 2, "cached_prompt": ""}}}}
+    config = config_from_dict(raw, {})
+    assert (config.admin_listen, config.usage_log) == (None, None)
+    assert config.pricing.models["m"].cached_prompt is None
+    config = config_from_dict(raw, {"ADMIN": "127.0.0.1:9", "USAGE_LOG": "/tmp/u.jsonl"})
+    assert config.admin_listen == Address("tcp", host="127.0.0.1", port=9)
+    assert config.usage_log == "/tmp/u.jsonl"
 
 
 def test_extensions_and_case_folding() -> None:
@@ -451,6 +480,37 @@ def test_prices_are_the_exact_decimals_of_the_yaml_text(tmp_path: Path) -> None:
     assert price.cached_prompt == Decimal("1000.25")
     assert price.reasoning == Decimal("1e-7")
     assert config.upstream.connect_timeout == 1.5
+
+
+def test_prices_keep_every_written_digit(tmp_path: Path) -> None:
+    # beyond the 28 digits of Python's default decimal context, as YAML float and as string
+    digits = "0.12345678901234567890123456789"
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:8000'}\n"
+        f"pricing:\n  models:\n    m: {{prompt: {digits}, completion: '{digits}1'}}\n"
+    )
+    price = load_config(path, env={}).pricing.models["m"]
+    assert (price.prompt, price.completion) == (Decimal(digits), Decimal(digits + "1"))
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("1e400", 'price too large: "1e400"'),
+        ("1e31", 'price too large: "1e31"'),
+        (10**31, "price too large: 10000000000000000000000000000000"),
+        pytest.param(10**5000, "price too large: a 16610-bit number", id="5001-digits"),
+        (float("inf"), "a price must be a finite number, got inf"),
+        ("-inf", 'a price must be a finite number, got "-inf"'),
+        ("NaN", 'a price must be a finite number, got "NaN"'),
+    ],
+)
+def test_prices_must_be_finite_and_at_most_1e30(value: Any, message: str) -> None:
+    raw = {**MINIMAL, "pricing": {"models": {"m": {"prompt": value, "completion": 1}}}}
+    with pytest.raises(ConfigError) as info:
+        config_from_dict(raw, {})
+    assert info.value.problems == [f"pricing.models.m.prompt: {message}"]
 
 
 def test_prices_are_exact_decimals() -> None:
@@ -840,6 +900,9 @@ def test_all_problems_are_reported_at_once() -> None:
             {"name": "a", "match": {"path": "v1"}, "dialect": "openai"},
             {"name": "a", "match": {}, "dialect": "passthrough", "upstream_stream": "x"},
             {"name": "c", "match": {"path": "/c"}, "dialect": "passthrough"},
+            {"name": "d", "match": {"path": "/x", "path_prefix": "/y", "methods": ["GE T"]},
+             "dialect": "passthrough"},
+            {"name": "e", "match": {"methods": ["POST"], "extra": 1}, "dialect": "passthrough"},
         ],
     }
     problems = problems_of(raw)
@@ -857,11 +920,54 @@ def test_all_problems_are_reported_at_once() -> None:
         "routes[1].match: needs path (exact) or path_prefix",
         'routes[1].upstream_stream: unknown upstream_stream mode "x"',
         'routes[1].name: duplicate route name "a" (also routes[0])',
+        # the match's own check is made beside its keys' problems
+        'routes[3].match.methods[0]: expected an HTTP method like POST, got "GE T"',
+        "routes[3].match: has both path and path_prefix; use one of them",
+        "routes[4].match.extra: unknown key",
+        "routes[4].match: needs path (exact) or path_prefix",
     ]
     for prefix in expected_prefixes:
         assert sum(p.startswith(prefix) for p in problems) == 1, (prefix, problems)
     assert len(problems) == len(expected_prefixes), problems
     assert not any("routes[2]" in p for p in problems)
+
+
+@pytest.mark.parametrize(
+    ("key", "path"),
+    [
+        ("path", "//v1/models"),
+        ("path", "/v1//models"),
+        ("path", "/v1/./models"),
+        ("path", "/v1/../models"),
+        ("path", "/v1/."),
+        ("path", "/v1%2Fmodels"),
+        ("path", "/v1%2emodels"),
+        ("path", "/v1\\models"),
+        ("path_prefix", "//"),
+        ("path_prefix", "/v1/../"),
+        ("path_prefix", "/v1%2f"),
+    ],
+)
+def test_a_route_that_can_never_match_is_refused(key: str, path: str) -> None:
+    # SPEC: such request paths match no route, so a route written with one is dead
+    raw = {**MINIMAL, "routes": [{"name": "r", "match": {key: path}, "dialect": "passthrough"}]}
+    (problem,) = problems_of(raw)
+    assert problem.startswith(f"routes[0].match.{key}: can never match:"), problem
+
+
+@pytest.mark.parametrize("prefix", ["/", "/v1/", "/v1/.", "/v1/..", "/v1%2", "/v1/.well-known"])
+def test_a_prefix_may_end_in_what_a_longer_path_makes_valid(prefix: str) -> None:
+    raw = {**MINIMAL, "routes": [{"name": "r", "match": {"path_prefix": prefix},
+                                  "dialect": "passthrough"}]}
+    assert config_from_dict(raw, {}).routes[0].match.path_prefix == prefix
+
+
+def test_a_route_path_must_be_ascii() -> None:
+    raw = {**MINIMAL, "routes": [{"name": "r", "match": {"path": "/v1/café"},
+                                  "dialect": "passthrough"}]}
+    assert problems_of(raw) == [
+        'routes[0].match.path: must be ASCII, percent-encoded as clients send it, got "/v1/café"'
+    ]
 
 
 def test_error_message_is_the_problem_list() -> None:
@@ -955,10 +1061,6 @@ def test_directory(tmp_path: Path) -> None:
     [
         ("upstream: {url: [}\n", ": YAML syntax error at line 1, column 18"),
         ("a: 1\n b: 2\n", ": YAML syntax error at line 2"),
-        (
-            "upstream:\n  url: a\n  url: b\n",
-            ': YAML syntax error at line 3, column 3: duplicate key "url"',
-        ),
         ("- 1\n- 2\n", ": expected a mapping of keys at the top level, got [1, 2]"),
         ("just text\n", ': expected a mapping of keys at the top level, got "just text"'),
         ("", ": expected a mapping of keys at the top level, got an empty document"),
@@ -967,8 +1069,9 @@ def test_directory(tmp_path: Path) -> None:
             ": expected a mapping of keys at the top level, got an empty document",
         ),
         ("a: 1\n---\nb: 2\n", ": YAML syntax error"),
-        ("a: 2001-13-45\n", ": invalid YAML"),
-        ("a: !!python/object:os.system {}\n", ": YAML syntax error"),
+        ("a: !!int abc\n", ": YAML error at line 1, column 4: invalid int value: invalid literal"),
+        ("a: !!binary 'a'\n", ": YAML error at line 1, column 4: failed to decode base64 data"),
+        ("a: !!python/object:os.system {}\n", ": YAML error at line 1, column 4: could not"),
     ],
 )
 def test_bad_yaml_is_one_clean_problem(tmp_path: Path, text: str, expected: str) -> None:
@@ -977,6 +1080,63 @@ def test_bad_yaml_is_one_clean_problem(tmp_path: Path, text: str, expected: str)
     problems = load_problems(path)
     assert len(problems) == 1, problems
     assert problems[0].startswith(f"{path}{expected}"), problems
+
+
+def test_duplicate_keys_are_reported_with_key_paths_beside_every_other_problem(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "listen: nope\n"
+        "upstream: {url: 'http://127.0.0.1:1'}\n"
+        "limits:\n  header_timeout: 5s\n  header_timeout: 6s\n"
+        "routes:\n"
+        "- {name: r, match: {path: /x, path: /y}, dialect: passthrough}\n"
+        "- name: s\n  match: {path: /z}\n  dialect: bad\n"
+        "listen: 127.0.0.1:1\n"
+    )
+    assert load_problems(path) == [
+        "limits.header_timeout: duplicate key (lines 4 and 5); write each key once",
+        "listen: duplicate key (lines 1 and 11); write each key once",
+        "routes[0].match.path: duplicate key (line 7); write each key once",
+        'routes[1].dialect: unknown dialect "bad" (expected one of: openai-chat,'
+        " openai-completions, anthropic-messages, openai-responses, passthrough)",
+    ]
+
+
+def test_a_merge_key_brings_in_keys_that_may_be_overridden(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "upstream: &up\n  url: http://127.0.0.1:1\n  connect_timeout: 5s\n"
+        "routes:\n"
+        "- name: r\n  match: {path_prefix: /r/}\n  dialect: passthrough\n"
+        "  upstream:\n    <<: *up\n    connect_timeout: 1s\n"
+    )
+    config = load_config(path, env={})
+    assert config.upstream.connect_timeout == 5.0
+    assert config.routes[0].upstream.connect_timeout == 1.0
+    # a key written twice beside the merge is still a duplicate
+    path.write_text(path.read_text() + "    connect_timeout: 2s\n")
+    assert load_problems(path) == [
+        "routes[0].upstream.connect_timeout: duplicate key (lines 10 and 11); write each key once"
+    ]
+
+
+@pytest.mark.parametrize("text", ["2001-02-30", "2001-01-01", "!!timestamp x"])
+def test_a_date_is_a_string_checked_by_its_key(tmp_path: Path, text: str) -> None:
+    # no key holds a date: one that looks like a date gets the key's own message and path
+    path = tmp_path / "c.yaml"
+    path.write_text(f"upstream: {{url: 'http://127.0.0.1:1'}}\ndrain_timeout: {text}\n")
+    shown = text.removeprefix("!!timestamp ")
+    assert load_problems(path) == [
+        f'drain_timeout: expected a duration like 5s, 250ms, 2m or 1h, got "{shown}"'
+    ]
+    # and a model named like a date is a model name
+    path.write_text(
+        "upstream: {url: 'http://127.0.0.1:1'}\n"
+        "pricing: {models: {2024-01-01: {prompt: 1, completion: 2}}}\n"
+    )
+    assert list(load_config(path, env={}).pricing.models) == ["2024-01-01"]
 
 
 def test_not_utf8(tmp_path: Path) -> None:

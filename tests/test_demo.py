@@ -112,3 +112,32 @@ def test_a_client_leaving_mid_stream_and_sigterm(demo: Demo) -> None:
     assert "Traceback" not in errors and '"level":"error"' not in errors, errors
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
+
+
+@pytest.mark.parametrize("port", ["abc", "-1", "99999", "8080x"])
+def test_a_bad_demo_worker_port_is_one_clear_line(tmp_path: Path, port: str) -> None:
+    env = {**os.environ, "SIDECAR_DEMO_WORKER_PORT": port}
+    result = subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"sidecar: SIDECAR_DEMO_WORKER_PORT must be a port number from 0 to 65535, got {port!r}\n"
+    )
+
+
+def test_a_busy_demo_worker_port_is_one_clear_line(tmp_path: Path) -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        env = {**os.environ, "SIDECAR_DEMO_WORKER_PORT": str(port)}
+        result = subprocess.run(
+            [sys.executable, "-m", "sidecar", "demo"], cwd=tmp_path, env=env,
+            capture_output=True, text=True, timeout=30, check=False,
+        )
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == (
+        f"sidecar: cannot listen on 127.0.0.1:{port} for the demo worker: Address already in use\n"
+    )

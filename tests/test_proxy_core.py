@@ -861,6 +861,15 @@ def test_check_missing_file_and_bad_yaml(tmp_path: Path) -> None:
     assert result.returncode == 2 and result.stderr.strip()
 
 
+@pytest.mark.parametrize("command", ["run", "check", "demo"])
+def test_an_empty_config_path_is_refused_not_replaced_by_the_default(command: str) -> None:
+    # `-c "$UNSET_VARIABLE"` must not quietly run the bundled config
+    result = run_cli(command, "-c", "", timeout=15)
+    assert result.returncode == 2, result
+    assert result.stderr == f"sidecar {command}: -c/--config needs a file path\n"
+    assert result.stdout == ""
+
+
 def test_run_with_a_bad_config_exits_2(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("upstream: {url: 'http://127.0.0.1:1'}\nlimits: {max_connections: 0}\n")

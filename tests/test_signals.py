@@ -186,6 +186,49 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
         assert daemon.stop() == 0
 
 
+def test_sighup_applies_logging_and_names_what_needs_a_restart(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """log_level and log_format apply at once; listen, admin_listen and workers are bound at
+    start, so a reload that changes them says so, compared with what the process runs."""
+    worker.default = openai_handler()
+    config = daemon_config(worker.url)
+    with Daemon(config, tmp_path) as daemon:
+
+        def reload(changes: dict[str, Any]) -> list[dict[str, Any]]:
+            """Reload; the warnings logged so far. At level warning the only sign of the
+            reload is its warning, so one is asked for then."""
+            mark = len(daemon.lines)
+            write_config(daemon, deep_merge(config, changes))
+            daemon.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + 5
+            while not any("config reloaded" in line for line in daemon.lines[mark:]):
+                assert time.monotonic() < deadline, daemon.lines[mark:]
+                time.sleep(0.02)
+            return [e for e in daemon.logs if e.get("level") == "warning"]
+
+        def access_lines(request_id: str) -> list[str]:
+            assert post(daemon, chat_body(), headers=[("x-request-id", request_id)]).status == 200
+            time.sleep(0.2)
+            return [line for line in daemon.lines if request_id in line]
+
+        warnings = reload({"log_level": "warning", "listen": "127.0.0.1:1", "workers": 2})
+        assert len(warnings) == 1, warnings
+        message = warnings[0]["msg"]
+        assert "listen (still 127.0.0.1:0)" in message and "workers (still 1)" in message, message
+        assert "admin_listen" not in message
+        assert access_lines("at-warning") == [], "log_level: warning still logs requests"
+
+        # back to what the process runs: nothing to warn about; requests are logged again
+        assert reload({}) == warnings
+        assert len(access_lines("at-info")) == 1
+
+        reload({"log_format": "text"})
+        (line,) = access_lines("as-text")
+        assert line.startswith("info sidecar.access:"), line
+        assert daemon.stop() == 0
+
+
 # =============================================================================================
 # SIGTERM
 # =============================================================================================
