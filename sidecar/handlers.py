@@ -91,6 +91,12 @@ class BodyHandler:
     def wants_heartbeat(self) -> bool:
         return False
 
+    @property
+    def stream_ended(self) -> bool:
+        """The worker's event stream sent its last event; what breaks after it (the body's
+        framing, the connection, a silence) is not the stream's failure (see `end`)."""
+        return False
+
 
 #: How an SSE stream ends when its last line is blank (two line ends in a row: LF, CR or
 #: CRLF each): between events, where a comment line can go.
@@ -228,6 +234,10 @@ class EventHandler(BodyHandler):
         self.translator = translator
         self.lane_sink = translator
         self.parser = parser
+
+    @property
+    def stream_ended(self) -> bool:
+        return self.translator.ended
 
     @property
     def lane_template(self) -> TextTemplate | None:

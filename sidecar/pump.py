@@ -9,6 +9,7 @@ backpressure, and decides once how the response ended.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import math
 from typing import TYPE_CHECKING
@@ -240,6 +241,14 @@ class ResponsePump:
             return
         self.up.close()
         ex = self.ex
+        if self.handler.stream_ended and not ex._client_gone:
+            # The stream was whole: the client gets it as it ended, and nothing after it.
+            log.info("the worker's stream had ended when %s (%s); it is complete",
+                     failure.message, detail or failure.code)
+            with contextlib.suppress(StreamProtocolError):
+                if self.handler.end():
+                    self._close()
+                    return
         ex.failure = failure
         ex.outcome = failure.outcome
         ex.runtime.metrics.upstream_error(failure.code)

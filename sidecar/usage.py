@@ -47,6 +47,7 @@ _COUNT_FIELDS = (
     "reasoning_tokens",
     "cache_write_tokens",
     "input_tokens_uncached",
+    "total_tokens",
 )
 
 
@@ -67,6 +68,7 @@ class Usage:
     cache_write_tokens: int | None = None  # anthropic cache_creation_input_tokens
     estimated: bool = False  # counted from the stream, not reported by the worker
     input_tokens_uncached: int | None = None  # anthropic raw input_tokens
+    total_tokens: int | None = None  # the worker's own total (OpenAI shapes), never priced
 
     def merge_max(self, other: Usage) -> None:
         """Merge another report into this one: per field the largest value wins.
@@ -125,7 +127,7 @@ def _sub(obj: Any, key: str) -> Any:
 def usage_from_openai(obj: dict[str, Any]) -> Usage:
     """Usage from an OpenAI chat/completions `usage` object.
 
-    Reads prompt_tokens, completion_tokens,
+    Reads prompt_tokens, completion_tokens, total_tokens,
     prompt_tokens_details.cached_tokens and
     completion_tokens_details.reasoning_tokens; anything missing, null or of
     the wrong type is treated as not reported.
@@ -135,6 +137,7 @@ def usage_from_openai(obj: dict[str, Any]) -> Usage:
         completion_tokens=_count(obj, "completion_tokens"),
         cached_tokens=_count(_sub(obj, "prompt_tokens_details"), "cached_tokens"),
         reasoning_tokens=_count(_sub(obj, "completion_tokens_details"), "reasoning_tokens"),
+        total_tokens=_count(obj, "total_tokens"),
     )
 
 

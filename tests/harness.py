@@ -1638,9 +1638,12 @@ def chat_body(stream: bool = False, *, model: str = MODEL, include_usage: bool |
 
 def post(daemon: Daemon, body: dict[str, Any] | bytes, target: str = "/v1/chat/completions",
          headers: HeaderList = (), timeout: float = WAIT) -> RawResponse:
-    """One POST on a fresh connection; the whole response."""
+    """One POST on a fresh connection; the whole response. A daemon that answers before it
+    has read the whole body (a 413) may close while the body is still being sent: the
+    answer is read all the same, as HTTP clients (httpcore) do."""
     with RawClient(daemon.address, timeout=timeout) as client:
-        client.send(request_bytes("POST", target, body, headers))
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.send(request_bytes("POST", target, body, headers))
         return client.read_response(timeout)
 
 

@@ -238,8 +238,31 @@ def test_usage_where_cost_is_injected_carries_the_counts_that_were_priced() -> N
         out = relay(t, data)
         usage = json.loads(t.document())["usage"] if aggregate else payloads(out)[-2]["usage"]
         assert (usage["prompt_tokens"], usage["completion_tokens"]) == (100, 2)
+        assert usage["total_tokens"] == 101  # a field too: the largest reported
         assert usage["prompt_tokens_details"] == {"cached_tokens": 40}  # from the first report
         assert Decimal(str(usage["cost"])) == Decimal("0.000104") == t.cost  # 100 x 1 + 2 x 2
+
+
+def test_per_choice_usage_on_each_finish_chunk_gives_the_largest_of_each_field() -> None:
+    """llama.cpp with n=2: each choice's finish chunk carries that choice's usage; the usage
+    the client reads is per field the largest, total_tokens included."""
+    def finish(index: int, completion: int) -> bytes:
+        return sse_data({"id": "x", "object": "text_completion", "created": 1, "model": MODEL,
+                         "choices": [{"index": index, "text": "", "finish_reason": "stop"}],
+                         "usage": {"prompt_tokens": 100, "completion_tokens": completion,
+                                   "total_tokens": 100 + completion}})
+    data = finish(0, 5) + finish(1, 3) + DONE
+    body = {"model": MODEL, "prompt": "x", "n": 2}
+    for aggregate in (False, True):
+        t = OPENAI_COMPLETIONS.stream(
+            plan({**body, "stream": not aggregate, "stream_options": {"include_usage": True}},
+                 dialect=OPENAI_COMPLETIONS), PRICES, aggregate)
+        out = relay(t, data)
+        usages = ([json.loads(t.document())["usage"]] if aggregate
+                  else [c["usage"] for c in payloads(out)[:-1]])
+        for usage in usages[-1:] if aggregate else usages[1:]:
+            assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) \
+                == (100, 5, 105), usage
 
 
 def test_cost_injected_in_the_usage_chunk_when_priced() -> None:

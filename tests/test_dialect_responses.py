@@ -210,7 +210,9 @@ def test_worker_response_failed_is_forwarded_as_is() -> None:
     assert t.worker_error and t.complete
     agg = aggregate(chunks)
     assert agg.worker_error
-    assert json.loads(agg.document())["error"] == {"code": "server_error", "message": "boom"}
+    # aggregated (a 502), it is the dialect's error object, as for the worker's `error` event
+    assert json.loads(agg.document()) == {"error": {
+        "message": "boom", "type": "upstream_error", "code": "server_error", "param": None}}
 
 
 def test_worker_error_event() -> None:

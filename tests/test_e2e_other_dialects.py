@@ -534,6 +534,37 @@ def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker
 
 
 # =============================================================================================
+# Both: a reset after the stream's last event, errors before the head in each dialect's shape
+# =============================================================================================
+
+
+def test_a_reset_after_the_last_event_takes_nothing_from_the_stream(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """`message_stop` and `response.completed` end their streams: a worker that resets its
+    connection instead of ending the body after them has failed nobody."""
+    everything = len(anthropic_events(MESSAGE))
+    worker.default = anthropic_worker(cut_after=everything)
+    client = anthropic_client(daemon)
+    with client.messages.stream(**ask()) as stream:
+        kinds = [event.type for event in stream]
+        message = stream.get_final_message()
+    assert kinds[-1] == "message_stop" and "error" not in kinds
+    assert [b.to_dict() for b in message.content] == MESSAGE["content"]
+    aggregated = anthropic_client(daemon, "/always").messages.create(**ask())
+    assert aggregated.to_dict() == expected_message()
+
+    worker.default = responses_worker(cut_after=len(responses_events(RESPONSE)))
+    stream_events = list(openai_client(daemon).responses.create(model=GPT, input="Hi", stream=True))
+    assert stream_events[-1].type == "response.completed"
+    assert [e.type for e in stream_events].count("response.failed") == 0
+    response = openai_client(daemon, "/always").responses.create(model=GPT, input="Hello")
+    assert response.status == "completed" and response.output_text
+    outcomes = [r["outcome"] for r in daemon.ledger()[-4:]]
+    assert outcomes == ["ok"] * 4, daemon.ledger()[-4:]
+
+
+# =============================================================================================
 # Both: errors before the head, in each dialect's shape
 # =============================================================================================
 

@@ -303,6 +303,57 @@ def test_failure_with_nothing_forwarded_yet_uses_the_request_for_the_frame(
     assert frame["error"]["code"] == "upstream_disconnected"
 
 
+# ================================================= a break after the stream's last event
+
+# name -> what the worker does after a whole stream ([DONE] included) instead of ending its body
+AFTER_DONE: dict[str, list[Step]] = {
+    "close": [Close()],
+    "reset": [Reset()],
+    "silent": [Stall()],
+    "bad-chunk-size": [Send(b"zz\r\n"), Stall()],
+    "junk-chunk": [Send(chunk(b"<html>502</html>\r\n\r\n")), Send(LAST_CHUNK), Stall()],
+}
+
+
+@pytest.mark.parametrize("name", list(AFTER_DONE))
+@pytest.mark.parametrize("client_stream", [True, False], ids=["stream", "aggregated"])
+def test_a_break_after_done_takes_nothing_from_the_stream(
+    w: FakeWorker, proxy: Daemon, name: str, client_stream: bool
+) -> None:
+    """After `[DONE]` the stream is whole: a close, reset, silence or broken framing after it
+    adds no error frame after `[DONE]` (nor makes the aggregated answer a 502), and the ledger
+    says ok. The broken worker connection is still closed, never pooled."""
+    w.reply([*started(*EV), *AFTER_DONE[name]])
+    rid = f"after-done-{name}-{client_stream}"
+    target = "/v1/chat/completions" if client_stream else "/always/v1/chat/completions"
+    response = post(proxy, chat_body(stream=client_stream, include_usage=client_stream or None),
+                    target, headers=[("x-request-id", rid)])
+    assert response.status == 200 and response.complete, response.body
+    if client_stream:
+        payloads = response.sse()
+        assert payloads[-1] == "[DONE]" and payloads.count("[DONE]") == 1, payloads
+        assert b'"error"' not in response.body
+    else:
+        document = response.json()
+        assert document["choices"][0]["message"]["content"] == "Hello!"
+        assert response.header("x-sidecar-cost") is not None
+    assert all_worker_connections_closed(w), "the broken worker connection was left open"
+    record = proxy.ledger_for(rid)
+    assert (record["outcome"], record["status"], record["completion_tokens"]) == ("ok", 200, 3)
+
+
+def test_a_break_after_the_finish_chunk_but_before_done_is_still_a_failure(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    # only [DONE] ends an openai stream: the usage chunk may still be coming after the finish
+    finish = next(i for i, e in enumerate(EV) if b'"finish_reason":"stop"' in e)
+    w.reply([*started(*EV[: finish + 1]), Reset()])
+    response = post(proxy, chat_body(stream=True), headers=[("x-request-id", "before-done")])
+    frame = response.sse_json()[-1]
+    assert frame["error"]["code"] == "upstream_disconnected", response.body
+    assert proxy.ledger_for("before-done")["outcome"] == "upstream_error"
+
+
 # ============================================================================ before the head
 
 

@@ -43,7 +43,10 @@ def test_openai_usage_full() -> None:
             "completion_tokens_details": {"reasoning_tokens": 20},
         }
     )
-    assert u == Usage(prompt_tokens=100, completion_tokens=50, cached_tokens=40, reasoning_tokens=20)
+    assert u == Usage(
+        prompt_tokens=100, completion_tokens=50, cached_tokens=40, reasoning_tokens=20,
+        total_tokens=150,
+    )
     assert u.seen and not u.estimated
 
 

@@ -160,6 +160,13 @@ class StreamTranslator(Outcome, ABC):
     content_events: int  # content-bearing deltas seen, for usage estimates
     cost_of: CostFunction = staticmethod(openai_cost)
 
+    @property
+    def ended(self) -> bool:
+        """The worker sent its stream's last event (`[DONE]`, `message_stop`, a terminal
+        response event): nothing after it belongs to the stream, so a break after it (in the
+        body's framing, the connection, a silence) takes nothing from the client."""
+        return self.complete
+
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         self.plan = plan
         self.pricing = pricing

@@ -122,6 +122,11 @@ class OpenAIStream(StreamTranslator):
         self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
         self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
 
+    @property
+    def ended(self) -> bool:
+        """Only `[DONE]` ends the stream: a finish_reason may still be followed by usage."""
+        return self._done
+
     def _first_chunk(self, obj: dict[str, Any]) -> None:
         """Take id/created/model from the first chunk: what every chunk that lacks one gets."""
         ident, created, model = obj.get("id"), obj.get("created"), obj.get("model")
@@ -335,13 +340,15 @@ class OpenAIStream(StreamTranslator):
 
     def _merged_usage(self, usage_obj: dict[str, Any]) -> dict[str, Any]:
         """The worker's usage object with the counts the sidecar settled on (per field the
-        largest seen, the ones it prices), so the usage a client reads agrees with its cost."""
+        largest seen), so the usage a client reads agrees with its cost."""
         merged = dict(usage_obj)
         usage = self.usage
         if usage.prompt_tokens is not None:
             merged["prompt_tokens"] = usage.prompt_tokens
         if usage.completion_tokens is not None:
             merged["completion_tokens"] = usage.completion_tokens
+        if usage.total_tokens is not None:  # the worker's total: it may count what we do not
+            merged["total_tokens"] = usage.total_tokens
         for details, key, count in (
             ("prompt_tokens_details", "cached_tokens", usage.cached_tokens),
             ("completion_tokens_details", "reasoning_tokens", usage.reasoning_tokens),
@@ -349,7 +356,7 @@ class OpenAIStream(StreamTranslator):
             if count is not None:  # (reported in an earlier chunk, maybe not in this one)
                 known = merged.get(details)
                 merged[details] = {**(known if type(known) is dict else {}), key: count}
-        return merged  # (total_tokens is the worker's: it may count what the sidecar does not)
+        return merged
 
     def _final_choice(self, acc: dict[str, Any]) -> dict[str, Any]:
         choice: dict[str, Any] = finished(acc)

@@ -212,12 +212,16 @@ class ResponsesStream(TypedEventStream):
         return base
 
     def document(self) -> bytes:
-        if self._error_obj is not None:
+        if self.worker_error:  # its `error` event, or the error of its `response.failed`
             err = self._error_obj
+            if err is None and self._final is not None:
+                err = self._final.get("error")
+            if not isinstance(err, dict):
+                err = {}
             return orjson.dumps(
                 {
                     "error": {
-                        "message": err.get("message"),
+                        "message": err.get("message") or "the worker's response failed",
                         "type": "upstream_error",
                         "code": err.get("code"),
                         "param": err.get("param"),
@@ -233,8 +237,7 @@ class ResponsesStream(TypedEventStream):
                 doc[key] = base[key]
         if not isinstance(doc.get("output"), list):
             doc["output"] = self._output.output()
-        if not self.worker_error:
-            _with_cost(doc, self.cost)
+        _with_cost(doc, self.cost)
         return orjson.dumps(doc)
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
