@@ -114,13 +114,17 @@ def test_a_client_leaving_mid_stream_and_sigterm(demo: Demo) -> None:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()
 
 
-@pytest.mark.parametrize("port", ["abc", "-1", "99999", "8080x"])
-def test_a_bad_demo_worker_port_is_one_clear_line(tmp_path: Path, port: str) -> None:
+def demo_with_worker_port(cwd: Path, port: str) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "SIDECAR_DEMO_WORKER_PORT": port}
-    result = subprocess.run(
-        [sys.executable, "-m", "sidecar", "demo"], cwd=tmp_path, env=env,
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", "demo"], cwd=cwd, env=env,
         capture_output=True, text=True, timeout=30, check=False,
     )
+
+
+@pytest.mark.parametrize("port", ["abc", "-1", "99999", "8080x"])
+def test_a_bad_demo_worker_port_is_one_clear_line(tmp_path: Path, port: str) -> None:
+    result = demo_with_worker_port(tmp_path, port)
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == (
         f"sidecar: SIDECAR_DEMO_WORKER_PORT must be a port number from 0 to 65535, got {port!r}\n"
@@ -132,11 +136,7 @@ def test_a_busy_demo_worker_port_is_one_clear_line(tmp_path: Path) -> None:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        env = {**os.environ, "SIDECAR_DEMO_WORKER_PORT": str(port)}
-        result = subprocess.run(
-            [sys.executable, "-m", "sidecar", "demo"], cwd=tmp_path, env=env,
-            capture_output=True, text=True, timeout=30, check=False,
-        )
+        result = demo_with_worker_port(tmp_path, str(port))
     assert (result.returncode, result.stdout) == (1, "")
     assert result.stderr == (
         f"sidecar: cannot listen on 127.0.0.1:{port} for the demo worker: Address already in use\n"
