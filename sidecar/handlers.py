@@ -80,8 +80,11 @@ class BodyHandler:
     def data(self, chunk: bytes) -> None:
         raise NotImplementedError
 
-    def end(self) -> bool:
-        """The body ended cleanly; return False if that end is itself a failure (incomplete)."""
+    def end(self, at_close: bool = False) -> bool:
+        """The body ended cleanly; return False if that end is itself a failure (incomplete).
+
+        `at_close`: the body was framed by the connection's close, where nothing tells a
+        clean end from a crash: an event stream has then ended only after its last event."""
         raise NotImplementedError
 
     def fail(self, failure: Failure, message: str) -> None:
@@ -144,7 +147,7 @@ class RawHandler(BodyHandler):
     def wants_heartbeat(self) -> bool:
         return self.tail is not None and self.tail.endswith(_BETWEEN_EVENTS)
 
-    def end(self) -> bool:
+    def end(self, at_close: bool = False) -> bool:
         self.ex.end_response()
         return True
 
@@ -209,10 +212,10 @@ class SniffHandler(BodyHandler):
         assert self.inner is not None
         self.inner.data(chunk)
 
-    def end(self) -> bool:
+    def end(self, at_close: bool = False) -> bool:
         if self.inner is None:
             return False
-        return self.inner.end()
+        return self.inner.end(at_close)
 
     def fail(self, failure: Failure, message: str) -> None:
         if self.inner is None:
@@ -238,6 +241,13 @@ class EventHandler(BodyHandler):
     @property
     def stream_ended(self) -> bool:
         return self.translator.ended
+
+    def whole(self, at_close: bool) -> bool:
+        """Whether the stream ended as a stream may end (see `BodyHandler.end`): the
+        worker's own error, or its success terminator (or finish), or at a close its last
+        event."""
+        translator = self.translator
+        return translator.worker_error or (translator.ended if at_close else translator.complete)
 
     @property
     def lane_template(self) -> TextTemplate | None:
@@ -317,9 +327,9 @@ class RelayHandler(EventHandler):
             if pieces:
                 self.write(b"".join(pieces))
 
-    def end(self) -> bool:
+    def end(self, at_close: bool = False) -> bool:
         translator = self.translator
-        if not (translator.complete or translator.worker_error):
+        if not self.whole(at_close):
             return False
         if translator.worker_error:
             self.ex.outcome = "upstream_error"
@@ -335,7 +345,7 @@ class RelayHandler(EventHandler):
 
     @property
     def wants_heartbeat(self) -> bool:
-        return True
+        return not self.translator.ended  # nothing after [DONE]
 
 
 class AggregateHandler(EventHandler):
@@ -356,9 +366,9 @@ class AggregateHandler(EventHandler):
         for event in events:
             feed(event)
 
-    def end(self) -> bool:
+    def end(self, at_close: bool = False) -> bool:
         translator = self.translator
-        if not (translator.complete or translator.worker_error):
+        if not self.whole(at_close):
             return False
         body = translator.document()
         headers: list[Header] = [(b"content-type", b"application/json")]
@@ -392,7 +402,7 @@ class DocumentHandler(BodyHandler):
             raise StreamProtocolError("the worker's JSON document is too large")
         self.parts.append(chunk)
 
-    def end(self) -> bool:
+    def end(self, at_close: bool = False) -> bool:
         ex = self.ex
         assert ex.plan is not None
         document = b"".join(self.parts)

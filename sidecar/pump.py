@@ -34,6 +34,9 @@ log = logging.getLogger("sidecar.exchange")
 HEARTBEAT = encode_comment("keep-alive")
 #: chunks of one read decoded one at a time while the fast lane waits for its template
 _SPLITS_PER_READ = 4
+#: After the stream's last event, how long the end of its body is waited for (at most
+#: idle_timeout): a worker that sends nothing more does not hold the client until then.
+END_GRACE = 1.0
 
 
 class ResponsePump:
@@ -71,6 +74,7 @@ class ResponsePump:
         # of the shortest wait, so a silence is noticed at most that much late, never early.
         self.last_rx = self.loop.time()  # when the timer last saw the worker active
         self.last_beat = self.last_rx
+        self.end_due: float | None = None  # set when the stream's last event came
         self._look_every = min(self.idle_timeout, self.heartbeat or math.inf) / 8
         upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
@@ -95,6 +99,11 @@ class ResponsePump:
         # A read the worker connection's own lane check did not take (see arm_lane).
         self._take(data)
         self.arm_lane()
+        if self.end_due is None and not self.finished and self.handler.stream_ended:
+            self.end_due = self.loop.time() + min(END_GRACE, self.idle_timeout)
+            if self._timer is not None:
+                self._timer.cancel()
+            self._schedule()
 
     def arm_lane(self) -> None:
         """Arm the worker connection's fast-lane check for the reads to come, or disarm it.
@@ -222,7 +231,8 @@ class ResponsePump:
 
     def _end(self) -> None:
         try:
-            ok = self.handler.end()
+            # h11 frames only bodies without chunks or a length: those end at the close
+            ok = self.handler.end(at_close=self.eof and self.decoder is None)
         except StreamProtocolError as exc:
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return
@@ -299,6 +309,8 @@ class ResponsePump:
         due = self.last_rx + self.idle_timeout
         if self.heartbeat is not None:
             due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
+        if self.end_due is not None:
+            due = min(due, self.end_due)
         due = min(due, self.loop.time() + self._look_every)
         self._timer = self.loop.call_at(due, self._tick)
 
@@ -307,6 +319,10 @@ class ResponsePump:
             return
         now = self.loop.time()
         up = self.up
+        if self.end_due is not None and now >= self.end_due and not self.paused:
+            # the stream ended: the worker's silence since costs the client nothing (fail)
+            self.fail(failures.UPSTREAM_TIMEOUT, "no end of the body after the stream's last event")
+            return
         if up.rx_seen or self.paused:
             # bytes came since the last look, or the client held the worker back: not silence
             up.rx_seen = False

@@ -342,16 +342,54 @@ def test_a_break_after_done_takes_nothing_from_the_stream(
     assert (record["outcome"], record["status"], record["completion_tokens"]) == ("ok", 200, 3)
 
 
+def test_a_worker_silent_after_done_does_not_hold_the_client_until_idle_timeout(
+    w: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The body's end is waited for a moment after `[DONE]`, not `idle_timeout` (here 30 s),
+    and no heartbeat follows `[DONE]`."""
+    daemon = make_daemon(
+        worker=w, upstream={"idle_timeout": "30s"},
+        routes=[chat_route(heartbeat="100ms"),
+                chat_route("always", match={"path": "/always/v1/chat/completions"},
+                           upstream_stream="always")],
+    )
+    for client_stream, target in ((True, "/v1/chat/completions"),
+                                  (False, "/always/v1/chat/completions")):
+        w.reply([*started(*EV), Stall()])
+        rid = f"silent-after-done-{client_stream}"
+        response = post(daemon, chat_body(stream=client_stream), target,
+                        headers=[("x-request-id", rid)], timeout=10)
+        assert response.status == 200 and response.complete, response.body
+        if client_stream:
+            assert response.body.endswith(b"data: [DONE]\n\n"), response.body
+        else:
+            assert response.json()["choices"][0]["message"]["content"] == "Hello!"
+        assert daemon.ledger_for(rid)["outcome"] == "ok"
+        assert all_worker_connections_closed(w), "the silent worker connection was left open"
+
+
 def test_a_break_after_the_finish_chunk_but_before_done_is_still_a_failure(
     w: FakeWorker, proxy: Daemon
 ) -> None:
     # only [DONE] ends an openai stream: the usage chunk may still be coming after the finish
     finish = next(i for i, e in enumerate(EV) if b'"finish_reason":"stop"' in e)
-    w.reply([*started(*EV[: finish + 1]), Reset()])
-    response = post(proxy, chat_body(stream=True), headers=[("x-request-id", "before-done")])
-    frame = response.sse_json()[-1]
-    assert frame["error"]["code"] == "upstream_disconnected", response.body
-    assert proxy.ledger_for("before-done")["outcome"] == "upstream_error"
+    cut_chunked = [*started(*EV[: finish + 1]), Reset()]
+    # a body framed by the close: nothing tells a clean end from a crash but [DONE]
+    cut_at_close = [Send(response_head(200, [SSE])), *(Send(e) for e in EV[:-1]), Close()]
+    for name, script in (("chunked", cut_chunked), ("close-delimited", cut_at_close)):
+        for client_stream in (True, False):
+            w.reply(script)
+            rid = f"before-done-{name}-{client_stream}"
+            target = "/v1/chat/completions" if client_stream else "/always/v1/chat/completions"
+            response = post(proxy, chat_body(stream=client_stream), target,
+                            headers=[("x-request-id", rid)])
+            if client_stream:
+                frame = response.sse_json()[-1]
+                assert frame["error"]["code"] == "upstream_disconnected", response.body
+            else:
+                assert response.status == 502, response.body
+                assert response.json()["error"]["code"] == "upstream_disconnected"
+            assert proxy.ledger_for(rid)["outcome"] == "upstream_error"
 
 
 # ============================================================================ before the head

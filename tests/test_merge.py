@@ -25,7 +25,7 @@ def concatenating(acc: dict[str, Any], delta: dict[str, Any]) -> None:
             acc[key] = value
         elif isinstance(old, str) and isinstance(value, str):
             if key in REPLACED_KEYS or (key == "name" and old == value):
-                acc[key] = value
+                acc[key] = value or old
             else:
                 acc[key] = old + value
         else:
@@ -51,6 +51,18 @@ def test_parts_join_to_what_concatenation_gives(seq: list[dict[str, Any]]) -> No
         merge_into(acc, delta)
         concatenating(ref, delta)
     assert finished(acc) == ref
+
+
+def test_an_empty_id_on_a_later_tool_call_delta_keeps_the_real_one() -> None:
+    # TGI-style: the first delta names the call, later ones repeat "id": "" and "type": ""
+    acc: dict[str, Any] = {}
+    merge_into(acc, {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                     "function": {"name": "get", "arguments": ""}}]})
+    for piece in ['{"a"', ": 1}"]:
+        merge_into(acc, {"tool_calls": [{"index": 0, "id": "", "type": "",
+                                         "function": {"name": "", "arguments": piece}}]})
+    assert finished(acc) == {"tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                                             "function": {"name": "get", "arguments": '{"a": 1}'}}]}
 
 
 def test_text_is_kept_in_parts_until_finished() -> None:

@@ -32,7 +32,7 @@ def merge_value(key: str, old: Any, new: Any) -> Any:
         return new
     if isinstance(old, str) and isinstance(new, str):
         if key in REPLACED_KEYS or (key == "name" and old == new):
-            return new
+            return new or old  # an empty one (TGI's `"id": ""` on later deltas) says nothing
         if key == "name":  # short, and compared whole above
             return old + new
         return TextParts((old, new))
