@@ -791,6 +791,7 @@ def _method(value: Any) -> str:
 
 
 _MAX_PRICE = Decimal(10) ** 30
+_MAX_PRICE_PLACES = 60
 
 
 def _decimal(value: Any) -> Decimal:
@@ -818,7 +819,13 @@ def _decimal(value: Any) -> Decimal:
         raise ValueError(f"a price must not be negative, got {_show(value)}")
     if number > _MAX_PRICE:
         raise ValueError(f"price too large: {_show(value)}")
-    return number if number else Decimal(0)  # exact, all its digits; -0 and 0E-9 become 0
+    if not number:
+        return Decimal(0)  # -0 and 0E-9 too
+    if int(number.as_tuple().exponent) < -_MAX_PRICE_PLACES:  # 1e-200000: costs are exact ints
+        raise ValueError(
+            f"a price may have at most {_MAX_PRICE_PLACES} decimal places, got {_show(value)}"
+        )
+    return number  # exact, every digit written  # exact, all its digits; -0 and 0E-9 become 0
 
 
 # ---------------------------------------------------------------------------------------------

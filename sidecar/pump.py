@@ -91,6 +91,7 @@ class ResponsePump:
                 self.upstream_eof()
         elif not self.finished:
             self._drain()
+            self._watch_for_end()
         if not self.finished:
             self.up.attach(self)
 
@@ -99,11 +100,18 @@ class ResponsePump:
         # A read the worker connection's own lane check did not take (see arm_lane).
         self._take(data)
         self.arm_lane()
+        self._watch_for_end()
+
+    def _watch_for_end(self) -> None:
+        """Once the stream's last event came, wait for the body's end `END_GRACE` at most."""
         if self.end_due is None and not self.finished and self.handler.stream_ended:
-            self.end_due = self.loop.time() + min(END_GRACE, self.idle_timeout)
-            if self._timer is not None:
-                self._timer.cancel()
-            self._schedule()
+            self._wait_for_end()
+
+    def _wait_for_end(self) -> None:
+        self.end_due = self.loop.time() + min(END_GRACE, self.idle_timeout)
+        if self._timer is not None:
+            self._timer.cancel()
+        self._schedule()
 
     def arm_lane(self) -> None:
         """Arm the worker connection's fast-lane check for the reads to come, or disarm it.
@@ -303,13 +311,15 @@ class ResponsePump:
         self.paused = False
         self.last_rx = self.loop.time()
         self.up.resume_reading()
+        if self.end_due is not None:  # the grace counts while the worker is read, only
+            self._wait_for_end()
 
     # -- time -------------------------------------------------------------------------------
     def _schedule(self) -> None:
         due = self.last_rx + self.idle_timeout
         if self.heartbeat is not None:
             due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
-        if self.end_due is not None:
+        if self.end_due is not None and not self.paused:
             due = min(due, self.end_due)
         due = min(due, self.loop.time() + self._look_every)
         self._timer = self.loop.call_at(due, self._tick)

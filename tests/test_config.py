@@ -492,6 +492,9 @@ def test_prices_keep_every_written_digit(tmp_path: Path) -> None:
     )
     price = load_config(path, env={}).pricing.models["m"]
     assert (price.prompt, price.completion) == (Decimal(digits), Decimal(digits + "1"))
+    assert Decimal("1e-60") == config_from_dict(
+        {**MINIMAL, "pricing": {"models": {"m": {"prompt": "1e-60", "completion": "0E-100"}}}}, {}
+    ).pricing.models["m"].prompt
 
 
 @pytest.mark.parametrize(
@@ -504,6 +507,9 @@ def test_prices_keep_every_written_digit(tmp_path: Path) -> None:
         (float("inf"), "a price must be a finite number, got inf"),
         ("-inf", 'a price must be a finite number, got "-inf"'),
         ("NaN", 'a price must be a finite number, got "NaN"'),
+        # costs are worked out in integers at the smallest exponent of a row
+        ("1e-2000000", 'a price may have at most 60 decimal places, got "1e-2000000"'),
+        ("1.5e-60", 'a price may have at most 60 decimal places, got "1.5e-60"'),
     ],
 )
 def test_prices_must_be_finite_and_at_most_1e30(value: Any, message: str) -> None:

@@ -11,6 +11,7 @@ Before the head the same failures are 502/504 with an OpenAI-shaped body.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable
@@ -353,10 +354,14 @@ def test_a_worker_silent_after_done_does_not_hold_the_client_until_idle_timeout(
                 chat_route("always", match={"path": "/always/v1/chat/completions"},
                            upstream_stream="always")],
     )
-    for client_stream, target in ((True, "/v1/chat/completions"),
-                                  (False, "/always/v1/chat/completions")):
-        w.reply([*started(*EV), Stall()])
-        rid = f"silent-after-done-{client_stream}"
+    # the events in their own chunks; or in one write with the head, framed by the close
+    in_one_write = [Send(response_head(200, [SSE]) + b"".join(EV)), Stall()]
+    for (client_stream, target), script in itertools.product(
+        ((True, "/v1/chat/completions"), (False, "/always/v1/chat/completions")),
+        ([*started(*EV), Stall()], in_one_write),
+    ):
+        w.reply(script)
+        rid = f"silent-after-done-{client_stream}-{len(script)}"
         response = post(daemon, chat_body(stream=client_stream), target,
                         headers=[("x-request-id", rid)], timeout=10)
         assert response.status == 200 and response.complete, response.body
@@ -366,6 +371,30 @@ def test_a_worker_silent_after_done_does_not_hold_the_client_until_idle_timeout(
             assert response.json()["choices"][0]["message"]["content"] == "Hello!"
         assert daemon.ledger_for(rid)["outcome"] == "ok"
         assert all_worker_connections_closed(w), "the silent worker connection was left open"
+
+
+def test_a_slow_client_after_done_keeps_a_healthy_worker_connection(
+    w: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The wait for the body's end after `[DONE]` counts only while the worker is read: a
+    client too slow to take a big last event holds the worker back, and the worker's end of
+    body, sent a moment after `[DONE]`, is still read and its connection pooled."""
+    daemon = make_daemon(worker=w, upstream={"idle_timeout": "30s"},
+                         limits={"max_event_size": "16MiB"})
+    big = chat_stream_events(("x" * 6_000_000,))
+    content = next(e for e in big if b"xxxx" in e)
+    finish_and_done = b"".join(chunk(e) for e in big[big.index(content) + 1:])
+    for rid in ("slow-1", "slow-2"):
+        w.reply([Send(HEAD_CHUNKED + b"%x\r\n" % len(content) + content[:-20]), Sleep(0.2),
+                 Send(content[-20:] + b"\r\n" + finish_and_done), Sleep(0.2), Send(LAST_CHUNK)])
+        with RawClient(daemon.address, timeout=10, rcvbuf=4096) as client:
+            client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                                      [("x-request-id", rid)]))
+            time.sleep(1.5)  # longer than the wait for the body's end, in which nothing is read
+            response = client.read_response(10)
+        assert response.complete and response.sse()[-1] == "[DONE]"
+        assert daemon.ledger_for(rid)["outcome"] == "ok"
+    assert len(w.connections) == 1, "the worker connection was not reused"
 
 
 def test_a_break_after_the_finish_chunk_but_before_done_is_still_a_failure(
