@@ -289,7 +289,12 @@ class Exchange(StreamListener):
     def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
         """Send the response head; with `body`, the whole response in one write."""
         headers = [*headers, (b"x-request-id", self.request_id.encode())]
-        if self.close_after or self.runtime.draining:
+        if (
+            self.close_after
+            or self.runtime.draining
+            # a request body not read to its end: the connection closes after this answer
+            or not (self.body_read or self.conn.their_state is h11.DONE)
+        ):
             headers.append((b"connection", b"close"))
         conn = self.conn
         # h11 sees only the headers that decide framing and keep-alive (it rewrites and

@@ -50,8 +50,11 @@ _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: A head every check below would pass on its own lines: an origin-form (or `*`) request
 #: line and plain `name:value` header lines. One C-level match instead of a loop per line.
 _PLAIN_HEAD = re.compile(
-    _TOKEN + rb" (?:/[^ \r\n]*|\*) HTTP/[0-9]\.[0-9]\r?\n(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n"
+    _TOKEN + rb" (?:/[^ \r\n#]*|\*) HTTP/[0-9]\.[0-9]\r?\n(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n"
 )
+#: A Host value (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal or a registered name, and an
+#: optional port; empty is allowed (a target without authority)
+_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 def check_raw_head(head: bytes) -> str | None:
@@ -60,11 +63,18 @@ def check_raw_head(head: bytes) -> str | None:
     Refuses what SPEC lists under "The client side": both Content-Length and
     Transfer-Encoding, differing Content-Lengths, a transfer coding other than a
     single `chunked`, obsolete line folding, whitespace before a colon, and
-    absolute-form or authority-form targets (including CONNECT).
+    absolute-form or authority-form targets (including CONNECT); and what RFC 9112 also
+    says is no request: a fragment (`#`) in the target, an invalid Host, and
+    Transfer-Encoding in an HTTP/1.0 request (framing it must treat as faulty).
     """
     if _PLAIN_HEAD.fullmatch(head) and not head.startswith(b"CONNECT "):
-        # the common case: only the framing headers are left to look at
+        # the common case: only the framing headers and Host are left to look at
         low = head.lower()
+        host = low.find(b"\nhost:")
+        if host >= 0 and not _HOST_VALUE.fullmatch(
+            low[host + 6 : low.find(b"\n", host + 1)].strip(b" \t\r")
+        ):
+            return check_head_lines(head)
         if b"\ntransfer-encoding:" not in low:
             at = low.find(b"\ncontent-length:")
             if at < 0:
@@ -81,11 +91,13 @@ def check_head_lines(head: bytes) -> str | None:
     parts = request_line.split(b" ")
     if len(parts) != 3:
         return "malformed request line"
-    method, target, _version = parts
+    method, target, version = parts
     if method == b"CONNECT":
         return "CONNECT is not supported: this is a reverse proxy"
     if not target.startswith(b"/") and target != b"*":
         return "absolute-form and authority-form targets are not accepted"
+    if b"#" in target:
+        return "a fragment (#) is not part of a request target"
     content_lengths: set[bytes] = set()
     transfer_encodings: list[bytes] = []
     for raw_line in lines[1:]:
@@ -106,9 +118,13 @@ def check_head_lines(head: bytes) -> str | None:
             content_lengths.update(v.strip() for v in value.split(b","))
         elif lowered == b"transfer-encoding":
             transfer_encodings.extend(v.strip().lower() for v in value.split(b","))
+        elif lowered == b"host" and not _HOST_VALUE.fullmatch(value):
+            return "invalid Host header"
     if len(content_lengths) > 1:
         return "differing Content-Length headers"
     if transfer_encodings:
+        if version == b"HTTP/1.0":
+            return "Transfer-Encoding in an HTTP/1.0 request"
         if content_lengths:
             return "both Content-Length and Transfer-Encoding"
         if transfer_encodings != [b"chunked"]:

@@ -54,6 +54,10 @@ def head(*lines: str, request_line: str = "POST /v1/chat/completions HTTP/1.1", 
         head("Host: x", request_line="OPTIONS * HTTP/1.1"),
         head("Host: x", request_line="GET /v1/models?x=http://a/b HTTP/1.1"),
         head("Host: x", "X-Empty:", "x-tab:\tv"),
+        head("Host:"),  # empty: allowed for a target without authority
+        head("Host: [::1]:8080"),
+        head("Host: my_host.local:80"),
+        head("Host: x", "Content-Length: 5", request_line="POST /v1/chat HTTP/1.0"),
     ],
 )
 def test_acceptable_heads(raw: bytes) -> None:
@@ -83,6 +87,13 @@ def test_acceptable_heads(raw: bytes) -> None:
         (head("Host: x", "no colon here"), "header line"),
         (head("Host: x", ": empty name"), "header line"),
         (head("Ho(st: x"), "header name"),
+        (head("Host: x", request_line="POST /v1/chat/completions#x HTTP/1.1"), "fragment"),
+        (head("Host: a b"), "Host"),
+        (head("Host: x/y"), "Host"),
+        (head("Host: x@y"), "Host"),
+        (head("Host: x:notaport"), "Host"),
+        (head("Host: x", "Transfer-Encoding: chunked", request_line="POST /v1/chat HTTP/1.0"),
+         "HTTP/1.0"),
     ],
 )
 def test_refused_heads(raw: bytes, why: str) -> None:
@@ -403,6 +414,10 @@ def test_query_is_not_part_of_the_path() -> None:
         (b"/v1/...", False),
         (b"/v1/..", True),
         (b"/.", True),
+        (b"/v1%2Fmodels", True),
+        (b"/v1%5cmodels", True),
+        (b"/v1/a%20b", False),
+        (b"/v1/100%25", False),
         (b"", True),
         (b"relative", True),
     ],

@@ -457,6 +457,13 @@ def test_502_worker_unreachable(make_daemon: Callable[..., Daemon]) -> None:
         assert record["outcome"] == "upstream_error" and record["status"] == 502
     response = post(daemon, b"", target="/v1/models")
     assert response.status == 502 and error_of(response)["code"] == "upstream_unavailable"
+    # a passthrough request whose body was never read: the answer says the connection closes
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/models", None)
+                    + request_bytes("GET", "/v1/models", None))
+        response = client.read_response()
+        assert response.status == 502 and response.header("connection") == "close"
+        assert client.closed_by_peer(2.0)
 
 
 def test_504_response_timeout_before_head(w: FakeWorker, proxy: Daemon) -> None:
