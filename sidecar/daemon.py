@@ -23,6 +23,7 @@ import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
@@ -153,6 +154,31 @@ def worker_sockets(sockets: Sockets) -> Sockets:
     return Sockets(own, sockets.admin, sockets.extra)
 
 
+#: parent -> worker process: reopen the ledger (a refused reload); drain (the parent was
+#: told to stop); close what is in flight now (it was told twice)
+REOPEN_LEDGER = signal.SIGUSR1
+PARENT_STOPS = signal.SIGUSR2
+PARENT_CUTS = signal.SIGQUIT
+_PARENT_SIGNALS = (REOPEN_LEDGER, PARENT_STOPS, PARENT_CUTS)
+
+def counted_signal(
+    loop: asyncio.AbstractEventLoop, signum: int, callback: Callable[[], object]
+) -> None:
+    """Call `callback` in `loop` once per delivered `signum`, for a signal whose count means
+    something (a second SIGTERM: stop at once).
+
+    Not `loop.add_signal_handler`: uvloop can call that handler twice for one signal that
+    arrives together with another (it merges its self-pipe's bytes with a set of signals
+    caught, which one read may leave behind for the next). A plain handler runs once per
+    delivery, woken by the loop's self-pipe (a `add_signal_handler` of the same loop)."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
+            loop.call_soon_threadsafe(callback)
+
+    signal.signal(signum, handler)
+
+
 #: Keys a reload cannot apply: the sockets are bound and the processes forked at start.
 RESTART_ONLY_KEYS = ("listen", "admin_listen", "workers")
 
@@ -191,6 +217,7 @@ class Service:
         self.connections: set[ClientConnection] = set()
         self.stopping = asyncio.Event()
         self.terminations = 0
+        self.cut_short = False  # a second termination: the drain waits no longer
         self.servers: list[asyncio.Server] = []
         self.admin_server: asyncio.Server | None = None
 
@@ -211,8 +238,12 @@ class Service:
                 backlog=LISTEN_BACKLOG,
             )
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGTERM, self.terminate)
-        loop.add_signal_handler(signal.SIGINT, self.terminate)
+        counted_signal(loop, signal.SIGTERM, self.terminate)
+        counted_signal(loop, signal.SIGINT, self.terminate)
+        # from the parent of `workers: N`, which validated a reload or was told to stop
+        loop.add_signal_handler(REOPEN_LEDGER, self.reopen_ledger)
+        loop.add_signal_handler(PARENT_STOPS, self.stopping.set)
+        loop.add_signal_handler(PARENT_CUTS, self.cut)
         interval = self.notifier.watchdog_interval()
         if interval:
             self._watchdog(interval)
@@ -221,6 +252,10 @@ class Service:
         self.notifier.watchdog()
         asyncio.get_running_loop().call_later(interval, self._watchdog, interval)
 
+    def reopen_ledger(self) -> None:
+        """Reopen the ledger by its path (logrotate renamed it), config reloaded or not."""
+        self.runtime.ledger.reopen()
+
     def reload(self) -> None:
         """SIGHUP: load the config again; keep the old one if the new one is bad."""
         self.notifier.reloading()
@@ -228,6 +263,7 @@ class Service:
             config = load_config(self.config_path)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            self.reopen_ledger()
             self.notifier.ready("reload refused: config invalid")
             return
         reload_logging(self.runtime.config, config, self.started)
@@ -236,11 +272,24 @@ class Service:
         self.notifier.ready("config reloaded")
 
     def terminate(self) -> None:
-        """SIGTERM/SIGINT: drain; a second one exits at once."""
+        """SIGTERM/SIGINT: drain; a second one closes what is in flight at once (ledger lines
+        written), a third exits without even that.
+
+        The parent of `workers: N` asks with its own signals (`PARENT_STOPS`, `PARENT_CUTS`),
+        so a SIGTERM to the whole process group (systemd's KillMode=control-group), which
+        reaches a worker process from both sides, counts once."""
         self.terminations += 1
-        if self.terminations > 1:
-            log.warning("second termination signal: exiting now")
+        if self.terminations == 1:
+            self.stopping.set()
+        elif self.terminations == 2:
+            log.warning("second termination signal: closing the requests in flight now")
+            self.cut()
+        else:
             os._exit(0)
+
+    def cut(self) -> None:
+        """End the drain now: what is in flight is closed (and written to the ledger)."""
+        self.cut_short = True
         self.stopping.set()
 
     async def drain(self) -> None:
@@ -257,7 +306,7 @@ class Service:
             if not conn.busy:
                 conn.close()
         deadline = asyncio.get_running_loop().time() + runtime.config.drain_timeout
-        while any(c.busy for c in self.connections):
+        while any(c.busy for c in self.connections) and not self.cut_short:
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning("drain timeout: closing %d connections", len(self.connections))
                 break
@@ -326,7 +375,10 @@ KILL_GRACE = 10.0
 MAX_BACKOFF = 30.0
 
 _LINE_LIMIT = 64 * 1024 * 1024
-_SIGNALS = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD}
+_SIGNALS = {
+    signal.SIGHUP, signal.SIGTERM, signal.SIGINT, signal.SIGCHLD,
+    REOPEN_LEDGER, PARENT_STOPS, PARENT_CUTS,
+}
 
 # In a forked worker process: the parent's supervisor, kept referenced so that
 # nothing of the parent's event loop is ever finalized (and closes an fd) here.
@@ -493,8 +545,8 @@ class Supervisor:
         """Start the workers and the admin port, then wait until every worker exited."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        loop.add_signal_handler(signal.SIGTERM, self.terminate)
-        loop.add_signal_handler(signal.SIGINT, self.terminate)
+        counted_signal(loop, signal.SIGTERM, self.terminate)
+        counted_signal(loop, signal.SIGINT, self.terminate)
         # uvloop keeps SIGCHLD to itself in add_signal_handler: a plain handler wakes the loop
         signal.signal(signal.SIGCHLD, lambda *_: loop.call_soon_threadsafe(self.reap))
         interval = self.notifier.watchdog_interval()
@@ -604,7 +656,7 @@ class Supervisor:
         code = 1
         try:
             signal.set_wakeup_fd(-1)
-            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGCHLD):
+            for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGCHLD, *_PARENT_SIGNALS):
                 signal.signal(signum, signal.SIG_DFL)
             # a terminal's Ctrl-C reaches the whole process group; the parent relays it
             signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -717,6 +769,7 @@ class Supervisor:
             config = load_config(self.config.source)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
+            self.signal_workers(REOPEN_LEDGER)  # logrotate's rename still needs it
             self.notifier.ready("reload refused: config invalid")
             return
         reload_logging(self.config, config, self.started)
@@ -725,11 +778,12 @@ class Supervisor:
         self.notifier.ready("config reloaded")
 
     def terminate(self) -> None:
-        """SIGTERM/SIGINT: the workers drain; a second one makes everything exit at once."""
+        """SIGTERM/SIGINT: the workers drain; a second one makes them close what is in
+        flight at once, and the parent exit."""
         self.terminations += 1
         if self.terminations > 1:
             log.warning("second termination signal: exiting now")
-            self.signal_workers(signal.SIGTERM)
+            self.signal_workers(PARENT_CUTS)
             os._exit(0)
         self.stop()
 
@@ -747,7 +801,7 @@ class Supervisor:
         for handle in self.respawns.values():
             handle.cancel()
         self.respawns.clear()
-        self.signal_workers(signal.SIGTERM)
+        self.signal_workers(PARENT_STOPS)
         self.changed.set()
         if not self.children:
             self.done.set()

@@ -80,7 +80,7 @@ def wait_refused(daemon: Daemon, timeout: float = 5.0) -> bool:
     while time.monotonic() < deadline:
         try:
             socket.create_connection(daemon.address, timeout=1).close()
-        except ConnectionRefusedError:
+        except OSError:  # refused; or reset, or never answered, in the closing backlog
             return True
         time.sleep(0.02)
     return False
@@ -162,6 +162,9 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
             write_config(daemon, broken)
         else:
             write_config(daemon, bad)
+        # logrotate renamed the ledger: it is reopened by its path all the same
+        assert daemon.ledger_path is not None
+        daemon.ledger_path.rename(daemon.ledger_path.with_name("rotated.jsonl"))
         mark = len(daemon.logs)
         daemon.send_signal(signal.SIGHUP)
         refusal = daemon.wait_log(lambda e: daemon.logs.index(e) >= mark and e.get("level") == "error")
@@ -173,6 +176,7 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
         r = post(daemon, chat_body(), headers=[("x-request-id", "after-bad-reload")])
         assert r.status == 200
         assert Decimal(r.header("x-sidecar-cost") or "nan") == OLD_COST
+        assert daemon.ledger_for("after-bad-reload")["outcome"] == "ok"  # in the reopened file
         assert daemon.alive()
         # and a good config is taken on the next SIGHUP
         write_config(daemon, deep_merge(config, NEW_PRICE))
@@ -324,6 +328,8 @@ def test_second_sigterm_exits_at_once(
     response = stream.result(5)
     assert "[DONE]" not in response.sse()
     release.set()
+    # what it cut is still in the ledger
+    assert daemon.ledger_for("never-finishes")["outcome"] == "client_disconnect"
 
 
 def test_drain_timeout_bounds_the_wait(

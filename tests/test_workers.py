@@ -213,6 +213,34 @@ def test_sighup_reaches_every_worker(daemon: Daemon, worker: FakeWorker) -> None
             time.sleep(0.02)
 
 
+def test_a_refused_reload_still_reopens_every_workers_ledger(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """logrotate renames the ledger and sends SIGHUP: the file is reopened by its path in
+    every worker process even when the config on disk is refused."""
+    config = daemon_config(worker.url, workers=2, limits={"max_connections": 512})
+    with Daemon(config, tmp_path) as daemon:  # (not make_daemon: the refusal is an error line)
+        kids = wait_children(daemon.pid, 2)
+        assert daemon.ledger_path is not None
+        daemon.ledger_path.rename(daemon.ledger_path.with_name("rotated.jsonl"))
+        mark = len(daemon.logs)
+        daemon.config_path.write_text(daemon.config_path.read_text() + "no_such_key: 1\n")
+        daemon.send_signal(signal.SIGHUP)
+        assert daemon.wait_log(lambda e: daemon.logs.index(e) >= mark
+                               and str(e.get("msg", "")).startswith("reload refused"))
+        time.sleep(0.3)  # the workers' reopen
+        with ExitStack() as stack:
+            open_kept(daemon, stack, CONNECTIONS, "rotated")
+            owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        ids = {f"rotated-{i}" for i in range(CONNECTIONS)}
+        deadline = time.monotonic() + 5
+        while {r["request_id"] for r in daemon.ledger()} & ids != ids:
+            assert time.monotonic() < deadline, "lines went to the rotated file"
+            time.sleep(0.05)
+        assert daemon.stop() == 0
+
+
 def test_metrics_count_the_requests_of_every_worker(daemon: Daemon, worker: FakeWorker) -> None:
     """/metrics describes the daemon, not whichever process happened to accept the scrape."""
     kids = wait_children(daemon.pid, 2)
@@ -358,9 +386,13 @@ def test_sd_notify_and_watchdog_come_from_the_parent(worker: FakeWorker, tmp_pat
     assert not daemon.errors(), daemon.errors()
 
 
+@pytest.mark.parametrize("to_every_process", [False, True], ids=["to-parent", "to-the-group"])
 def test_sigterm_stops_every_worker_after_their_streams(
-    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], to_every_process: bool
 ) -> None:
+    """One SIGTERM drains, whether sent to the parent or to every process of the group
+    (systemd's KillMode=control-group): a worker process that gets it from both sides has
+    been told once."""
     release = threading.Event()
     streams = 12
     started = [threading.Event() for _ in range(streams)]
@@ -380,6 +412,10 @@ def test_sigterm_stops_every_worker_after_their_streams(
         owners = established_by_process(kids, daemon.port)
         assert all(owners[k] > 0 for k in kids), owners
 
+        if to_every_process:  # (not killpg: the daemon shares the test's process group)
+            for kid in kids:
+                os.kill(kid, signal.SIGTERM)
+            time.sleep(0.3)  # each has handled its own before the parent's word comes
         daemon.send_signal(signal.SIGTERM)
         deadline = time.monotonic() + 5
         refused = False
@@ -387,7 +423,7 @@ def test_sigterm_stops_every_worker_after_their_streams(
             try:
                 socket.create_connection(daemon.address, timeout=1).close()
                 time.sleep(0.02)
-            except ConnectionRefusedError:
+            except OSError:  # refused; or reset, or never answered, in a closing backlog
                 refused = True
         assert refused, "new connections are still accepted while draining"
         assert daemon.alive() and all(Path(f"/proc/{k}").exists() for k in kids)
