@@ -825,7 +825,7 @@ def _decimal(value: Any) -> Decimal:
         raise ValueError(
             f"a price may have at most {_MAX_PRICE_PLACES} decimal places, got {_show(value)}"
         )
-    return number  # exact, every digit written  # exact, all its digits; -0 and 0E-9 become 0
+    return number  # exact, every digit written
 
 
 # ---------------------------------------------------------------------------------------------

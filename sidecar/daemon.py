@@ -161,16 +161,17 @@ PARENT_STOPS = signal.SIGUSR2
 PARENT_CUTS = signal.SIGQUIT
 _PARENT_SIGNALS = (REOPEN_LEDGER, PARENT_STOPS, PARENT_CUTS)
 
-def counted_signal(
+def on_signal(
     loop: asyncio.AbstractEventLoop, signum: int, callback: Callable[[], object]
 ) -> None:
-    """Call `callback` in `loop` once per delivered `signum`, for a signal whose count means
-    something (a second SIGTERM: stop at once).
+    """Call `callback` in `loop` once per delivered `signum`, through a plain handler woken
+    by the loop's self-pipe (an `add_signal_handler` of the same loop).
 
-    Not `loop.add_signal_handler`: uvloop can call that handler twice for one signal that
-    arrives together with another (it merges its self-pipe's bytes with a set of signals
-    caught, which one read may leave behind for the next). A plain handler runs once per
-    delivery, woken by the loop's self-pipe (a `add_signal_handler` of the same loop)."""
+    Not `loop.add_signal_handler`, for a signal whose count means something (a second
+    SIGTERM: stop at once): uvloop can call that handler twice for one signal that arrives
+    together with another (it merges its self-pipe's bytes with a set of signals caught,
+    which one read may leave behind for the next). Nor for SIGCHLD, which uvloop keeps to
+    itself there."""
 
     def handler(_signum: int, _frame: object) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: the process is ending
@@ -238,8 +239,8 @@ class Service:
                 backlog=LISTEN_BACKLOG,
             )
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        counted_signal(loop, signal.SIGTERM, self.terminate)
-        counted_signal(loop, signal.SIGINT, self.terminate)
+        on_signal(loop, signal.SIGTERM, self.terminate)
+        on_signal(loop, signal.SIGINT, self.terminate)
         # from the parent of `workers: N`, which validated a reload or was told to stop
         loop.add_signal_handler(REOPEN_LEDGER, self.reopen_ledger)
         loop.add_signal_handler(PARENT_STOPS, self.stopping.set)
@@ -545,10 +546,9 @@ class Supervisor:
         """Start the workers and the admin port, then wait until every worker exited."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, self.reload)
-        counted_signal(loop, signal.SIGTERM, self.terminate)
-        counted_signal(loop, signal.SIGINT, self.terminate)
-        # uvloop keeps SIGCHLD to itself in add_signal_handler: a plain handler wakes the loop
-        signal.signal(signal.SIGCHLD, lambda *_: loop.call_soon_threadsafe(self.reap))
+        on_signal(loop, signal.SIGTERM, self.terminate)
+        on_signal(loop, signal.SIGINT, self.terminate)
+        on_signal(loop, signal.SIGCHLD, self.reap)
         interval = self.notifier.watchdog_interval()
         if interval:
             self._watchdog(interval)

@@ -150,7 +150,7 @@ async def serve_connection(client: ClientConnection) -> None:
                 exchange.close_after
                 or client.closed
                 or conn.our_state is not h11.DONE
-                or not (exchange.body_read or conn.their_state is h11.DONE)
+                or not exchange.request_read
             )
             if not reuse:
                 break
@@ -285,6 +285,11 @@ class Exchange(StreamListener):
         self._finished = False
         self.body_read = False  # the request body was read past h11 (Content-Length)
 
+    @property
+    def request_read(self) -> bool:
+        """The request was read to its end (else the connection cannot take another)."""
+        return self.body_read or self.conn.their_state is h11.DONE
+
     # -- the client side, as the pump and handlers see it ------------------------------
     def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
         """Send the response head; with `body`, the whole response in one write."""
@@ -293,7 +298,7 @@ class Exchange(StreamListener):
             self.close_after
             or self.runtime.draining
             # a request body not read to its end: the connection closes after this answer
-            or not (self.body_read or self.conn.their_state is h11.DONE)
+            or not self.request_read
         ):
             headers.append((b"connection", b"close"))
         conn = self.conn
