@@ -14,7 +14,8 @@ chunk followed by an LF at the start of the next is one line end); one leading U
 the stream is dropped; ``:`` starts a comment; ``field:value`` with one leading space of the
 value removed, a line without a colon is a field with an empty value; ``data`` lines are
 joined with ``\\n``; ``id`` is ignored when its value contains NUL; ``retry`` is used only
-when it is one or more ASCII digits; unknown fields are ignored (a ``strict`` parser refuses
+when it is one or more ASCII digits; unknown fields are ignored (an ``error`` field's value
+is kept in ``Event.error`` for llama.cpp's failures; a ``strict`` parser refuses
 lines that are no field line at all: see ``Event.garbage``); a blank line ends a block.
 Text is decoded as UTF-8 with ``errors="replace"``, and an event with invalid UTF-8 has
 the same replacement in its ``raw`` bytes.
@@ -76,7 +77,9 @@ class Event:
     (minus the stream's leading BOM); ``comments`` is true when the block had at least one
     comment line; ``garbage`` when it had a line that is not an SSE field line at all: no
     colon and not a field SSE defines, or a name that is not an HTTP token (an HTML page,
-    a status line, binary junk; WHATWG would ignore it as an unknown field).
+    a status line, binary junk; WHATWG would ignore it as an unknown field); ``error`` the
+    value of an ``error`` field, which SSE does not define (WHATWG ignores it) and llama.cpp
+    reports a failure in (``error: {"code":500,...}``), so that a dialect can tell it.
     """
 
     data: str | None = None
@@ -86,6 +89,7 @@ class Event:
     raw: bytes = b""
     comments: bool = False
     garbage: bool = False
+    error: str | None = None  # an `error` field's value: how llama.cpp reports a failure
 
     @property
     def comment_only(self) -> bool:
@@ -144,6 +148,7 @@ def _parse_block(block: bytes) -> Event:
     retry: int | None = None
     comments = False
     garbage = False
+    error: str | None = None
     for line in block.splitlines():  # bytes.splitlines: exactly CRLF, CR and LF
         if not line:
             continue  # the terminating blank line, or the LF half of a split CRLF
@@ -167,13 +172,15 @@ def _parse_block(block: bytes) -> Event:
         elif name == b"retry":
             if value.isdigit():  # ASCII digits only, false for b""
                 retry = int(value)
+        elif name == b"error":  # no SSE field: kept because llama.cpp reports failures so
+            error = value.decode("utf-8", "replace")
         elif not colon or _TOKEN.fullmatch(name) is None:
             # A field SSE does not define is ignored (WHATWG) when it is written as one, an
             # HTTP token and a colon (a vendor's extension); a line that is no field at all
             # (an HTML page, a status line, binary junk) is garbage
             garbage = True
     text = None if data is None else b"\n".join(data).decode("utf-8", "replace")
-    return Event(text, event, id_, retry, block, comments, garbage)
+    return Event(text, event, id_, retry, block, comments, garbage, error)
 
 
 class SSEParser:

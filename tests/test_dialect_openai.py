@@ -370,6 +370,25 @@ def test_worker_error_event_is_forwarded_and_noted() -> None:
     assert t.worker_error
 
 
+@pytest.mark.parametrize("value", [b'{"code":400,"message":"too long","type":"invalid_request_error"}',
+                                   b"plain words"])
+def test_llamacpp_error_line_is_the_workers_error(value: bytes) -> None:
+    """llama.cpp writes a failure as an `error:` field (clients skip it) and then `[DONE]`:
+    it is the worker's error, passed on as the `data: {"error": ...}` chunk clients raise on,
+    and a stream that then ends with `[DONE]` is no success."""
+    line = b"error: " + value + b"\n\n"
+    t = stream_for(STREAMING_USAGE)
+    out = relay(t, chat_stream_events()[0] + line + b"data: [DONE]\n\n")
+    sent = [e for e in events(out) if e.data is not None]
+    error = orjson.loads(sent[1].data)["error"]
+    assert error["message"] == ("too long" if value.startswith(b"{") else "plain words")
+    assert sent[-1].data == "[DONE]" and t.worker_error
+    aggregated = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(aggregated, line + b"data: [DONE]\n\n")
+    assert aggregated.worker_error
+    assert orjson.loads(aggregated.document())["error"] == error
+
+
 def test_usage_estimated_from_content_events_when_the_worker_sends_none() -> None:
     t = stream_for(STREAMING)
     relay(t, b"".join(chat_stream_events(usage=None)))

@@ -513,6 +513,24 @@ def test_worker_error_event_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
     assert proxy.ledger_for(rid)["outcome"] == "upstream_error"
 
 
+def test_llamacpp_error_line_then_done_is_no_success(w: FakeWorker, proxy: Daemon) -> None:
+    """llama.cpp (2025 builds) writes a failure as an `error:` line, then `data: [DONE]`:
+    the SDK raises with the worker's message, the ledger says `upstream_error`, and an
+    aggregating client gets a 502 carrying the worker's error."""
+    line = b'error: {"code":400,"message":"the prompt is too long","type":"invalid_request_error"}\n\n'
+    w.reply(sse_reply([chat_stream_events()[0], line, b"data: [DONE]\n\n"]))
+    stream = sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "the prompt is too long" in info.value.message
+    assert proxy.ledger_for(stream.response.headers["x-request-id"])["outcome"] == "upstream_error"
+    w.reply(sse_reply([line, b"data: [DONE]\n\n"]))
+    with pytest.raises(openai.InternalServerError) as failed:
+        sdk(proxy, "/always").chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert failed.value.status_code == 502
+    assert failed.value.body["message"] == "the prompt is too long"
+
+
 def test_many_events_in_one_write_and_one_event_over_many_writes(w: FakeWorker, proxy: Daemon) -> None:
     events = chat_stream_events([f"t{i} " for i in range(200)])
     whole = b"".join(events)

@@ -16,6 +16,7 @@ from typing import Any
 
 import anthropic
 import openai
+import orjson
 import pytest
 
 from tests.harness import (
@@ -325,6 +326,30 @@ def test_anthropic_worker_error_event_is_forwarded(daemon: Daemon, worker: FakeW
     assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
 
 
+LLAMACPP_ERROR = {"code": 500, "message": "the slot was lost", "type": "server_error"}
+
+
+def test_anthropic_worker_error_event_of_another_type_is_forwarded_as_it_is(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """llama.cpp's Messages failure: `event: error` over data whose type is its own
+    (`server_error`). It is the worker's error: out as it came (the SDK raises with the
+    worker's message), no error frame of the sidecar's after it, and an aggregating client
+    gets a 502 with the worker's message in an Anthropic error object."""
+    error = ev("error", LLAMACPP_ERROR)
+    worker.default = sse_reply([*anthropic_events(MESSAGE)[:3], error])
+    rid = request_id()
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages", headers=[("x-request-id", rid)])
+    assert response.body.endswith(error)
+    assert b"upstream_incomplete" not in response.body
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+    with pytest.raises(anthropic.InternalServerError) as info:
+        anthropic_client(daemon, "/always").messages.create(**ask())
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "error"
+    assert info.value.body["error"]["message"] == "the slot was lost"
+
+
 # =============================================================================================
 # OpenAI Responses
 # =============================================================================================
@@ -531,6 +556,25 @@ def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker
         openai_client(daemon, "/always").responses.create(model=GPT, input="Hello")
     assert info.value.status_code == 502
     assert info.value.body["code"] == "upstream_disconnected"  # the SDK unwraps {"error": {...}}
+
+
+def test_responses_unnamed_worker_error_is_the_workers_error(daemon: Daemon, worker: FakeWorker) -> None:
+    """llama.cpp's Responses failure: `data: {"error": {...}}`, no event name, no type. The
+    streaming client gets it (the SDK raises with the worker's message); an aggregating
+    client gets a 502 with the worker's message, not the sidecar's `upstream_incomplete`."""
+    error = b"data: " + orjson.dumps({"error": LLAMACPP_ERROR}) + b"\n\n"
+    worker.default = sse_reply([*responses_events(RESPONSE)[:2], error])
+    with pytest.raises(openai.APIError) as streamed:
+        for _ in openai_client(daemon).responses.create(model=GPT, input="Hello", stream=True):
+            pass
+    assert "the slot was lost" in str(streamed.value)
+    rid = request_id()
+    with pytest.raises(openai.InternalServerError) as info:
+        openai_client(daemon, "/always").responses.create(
+            model=GPT, input="Hello", extra_headers={"x-request-id": rid})
+    assert info.value.status_code == 502
+    assert info.value.body["message"] == "the slot was lost"
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
 
 
 # =============================================================================================

@@ -65,6 +65,23 @@ def error_object(error_type: str, message: str, code: str) -> dict[str, Any]:
     return {"type": "error", "error": {"type": error_type, "message": message, "code": code}}
 
 
+def worker_error_object(obj: dict[str, Any]) -> dict[str, Any]:
+    """A worker's error event as the Anthropic error object a client's 502 carries: as it
+    came when it is one (`{"type": "error", "error": {...}}`), else its message and code in
+    one (llama.cpp writes `{"code": 500, "message": ..., "type": "server_error"}`)."""
+    if obj.get("type") == "error" and isinstance(obj.get("error"), dict):
+        return obj
+    inner = obj.get("error")
+    source = inner if isinstance(inner, dict) else obj
+    message = source.get("message")
+    wrapped = error_object("api_error", message if isinstance(message, str) and message
+                           else "the worker reported an error", "upstream_error")
+    code = source.get("code")
+    if code is not None:
+        wrapped["error"]["code"] = code
+    return wrapped
+
+
 def error_type_for(status: int) -> str:
     """Anthropic `error.type` for a status the sidecar answers itself."""
     if status == 404:
@@ -177,7 +194,7 @@ class AnthropicStream(TypedEventStream):
     def document(self) -> bytes:
         """The folded `message`; raises StreamProtocolError for a tool input that is not JSON."""
         if self._error_obj is not None:
-            return orjson.dumps(self._error_obj)
+            return orjson.dumps(worker_error_object(self._error_obj))
         self.settle()
         doc: dict[str, Any] = {
             "id": None,

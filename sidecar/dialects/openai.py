@@ -35,7 +35,7 @@ from sidecar.dialects.base import (
 from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, merge_value
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_text
-from sidecar.sse import Event
+from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
 
 DONE = b"data: [DONE]\n\n"
@@ -127,6 +127,22 @@ class OpenAIStream(StreamTranslator):
         """Only `[DONE]` ends the stream: a finish_reason may still be followed by usage."""
         return self._done
 
+    def _worker_error_field(self, value: str) -> bytes | None:
+        """llama.cpp's `error: {...}` line (a field SSE does not define, so clients skip it,
+        and the `data: [DONE]` it writes next would end the stream as a success): the
+        worker's own error, passed on as the `data: {"error": ...}` chunk clients raise on
+        (vLLM's and current llama.cpp's shape)."""
+        try:
+            error = _loads(value)
+        except JSONDecodeError:
+            error = None
+        if not isinstance(error, dict):
+            error = {"message": value or "the worker reported an error", "type": "upstream_error"}
+        obj = {"error": error}
+        self.worker_error = True
+        self._error_obj = obj
+        return None if self.aggregate else encode_event(orjson.dumps(obj))
+
     def _first_chunk(self, obj: dict[str, Any]) -> None:
         """Take id/created/model from the first chunk: what every chunk that lacks one gets."""
         ident, created, model = obj.get("id"), obj.get("created"), obj.get("model")
@@ -160,6 +176,8 @@ class OpenAIStream(StreamTranslator):
                         self.content_events += 1
                     return raw
         data = event.data
+        if event.error is not None and not self._done:
+            return self._worker_error_field(event.error)
         if data is None or self._done:
             # comments and keep-alives pass; nothing after [DONE] is ours to read
             return None if self.aggregate else (event.raw or None)

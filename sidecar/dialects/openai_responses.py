@@ -214,6 +214,8 @@ class ResponsesStream(TypedEventStream):
     def document(self) -> bytes:
         if self.worker_error:  # its `error` event, or the error of its `response.failed`
             err = self._error_obj
+            if err is not None and isinstance(err.get("error"), dict):
+                err = err["error"]  # an unnamed `{"error": {...}}` (llama.cpp's)
             if err is None and self._final is not None:
                 err = self._final.get("error")
             if not isinstance(err, dict):

@@ -25,8 +25,14 @@ def named_event(obj: dict[str, Any], kind: str) -> bytes:
 
 def event_type(obj: dict[str, Any], event: Event) -> str | None:
     """A typed event's `type`, taken from its `event:` line when the data lacks it (and then
-    written into the data); None when neither names it."""
+    written into the data); None when neither names it.
+
+    A worker's own error is `error` whatever its data says: an `event: error` line (llama.cpp
+    writes `{"type": "server_error", ...}` under it), or unnamed data with an `error` object
+    and no type (llama.cpp's Responses failure)."""
     kind = obj.get("type")
+    if event.event == "error" or (kind is None and not event.event and "error" in obj):
+        return "error"
     if isinstance(kind, str):
         return kind
     if not event.event:
@@ -59,9 +65,11 @@ class TypedEventStream(StreamTranslator):
         if kind is None:
             return None if self.aggregate else event.raw  # nothing to name it by
         changed = self.read(kind, obj)
-        if kind == "error":
+        if kind == "error":  # the worker's own error: forwarded as it is
             self.worker_error = True
             self._error_obj = obj
+            if not changed:
+                return None if self.aggregate else event.raw
         if self.aggregate:
             return None
         return named_event(obj, kind) if changed or event.event != kind else event.raw
