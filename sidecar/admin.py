@@ -1,7 +1,7 @@
 """The admin port: GET /healthz, /readyz and /metrics over a minimal h11 server.
 
 I/O shell only. It answers one request per connection and never touches the
-client-facing traffic; /readyz asks the worker for a TCP connection. It is
+client-facing traffic; /readyz asks every worker the routes send to for a TCP connection. It is
 served by the one process with `workers: 1`, and by the supervising parent
 with `workers: N`, where /metrics is the sum over every worker process (the
 caller passes how metrics are rendered, see `local_metrics`).
@@ -19,7 +19,7 @@ from sidecar.metrics import CONTENT_TYPE
 from sidecar.upstream import probe
 
 if TYPE_CHECKING:
-    from sidecar.config import Config
+    from sidecar.config import Address, Config
     from sidecar.runtime import Runtime
 
 _MAX_HEAD = 16 * 1024
@@ -67,6 +67,7 @@ class AdminConnection(asyncio.Protocol):
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self.transport: asyncio.Transport | None = None
         self.handled = False
+        self.head_only = False  # the request is a HEAD: the answer has no body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
@@ -97,39 +98,57 @@ class AdminConnection(asyncio.Protocol):
 
     async def _answer(self, request: h11.Request) -> None:
         path = request.target.partition(b"?")[0]
+        self.head_only = request.method == b"HEAD"
         if request.method not in (b"GET", b"HEAD"):
-            self._reply(405, b"method not allowed\n")
+            self._reply(405, b"method not allowed\n", extra=[(b"allow", b"GET, HEAD")])
         elif path == b"/healthz":
             self._reply(200, b"ok\n")
         elif path == b"/readyz":
-            ready = await probe(self.state.config.upstream)
+            unreachable = await unreachable_workers(self.state.config)
             if self.state.draining:
                 self._reply(503, b"draining\n")
+            elif unreachable:
+                listed = ", ".join(str(address) for address in unreachable)
+                self._reply(503, f"worker unreachable: {listed}\n".encode())
             else:
-                self._reply(200 if ready else 503, b"ready\n" if ready else b"worker unreachable\n")
+                self._reply(200, b"ready\n")
         elif path == b"/metrics":
             self._reply(200, await self.render_metrics(), CONTENT_TYPE.encode())
         else:
             self._reply(404, b"not found\n")
 
-    def _reply(self, status: int, body: bytes, content_type: bytes = b"text/plain") -> None:
+    def _reply(
+        self,
+        status: int,
+        body: bytes,
+        content_type: bytes = b"text/plain",
+        extra: list[tuple[bytes, bytes]] | None = None,
+    ) -> None:
         if self.transport is None or self.transport.is_closing():
             return
+        headers = [
+            (b"content-type", content_type),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+            *(extra or ()),
+        ]
         try:
-            head = self.conn.send(
-                h11.Response(
-                    status_code=status,
-                    headers=[
-                        (b"content-type", content_type),
-                        (b"content-length", str(len(body)).encode()),
-                        (b"connection", b"close"),
-                    ],
-                )
-            )
+            head = self.conn.send(h11.Response(status_code=status, headers=headers))
         except h11.LocalProtocolError:
             head = b"HTTP/1.1 %d x\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
                 status,
                 len(body),
             )
-        self.transport.write(head + body)
+        # a HEAD answer is the GET answer's head alone (RFC 9110 9.3.2)
+        self.transport.write(head if self.head_only else head + body)
         self.transport.close()
+
+
+async def unreachable_workers(config: Config) -> list[Address]:
+    """The workers that accept no TCP connection now, of all the routes send to (each
+    route's own `upstream:` or the top-level one), each probed once and all at once."""
+    workers = {route.upstream.address: route.upstream for route in config.routes}
+    if not workers:
+        workers[config.upstream.address] = config.upstream
+    answers = await asyncio.gather(*(probe(upstream) for upstream in workers.values()))
+    return [address for address, up in zip(workers, answers, strict=True) if not up]

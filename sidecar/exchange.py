@@ -365,6 +365,12 @@ class Exchange(StreamListener):
         self._finish()  # ledger, metrics and log before the client can see the end
         self.client.write(data)
 
+    def stream_opened(self) -> None:
+        """The client's response is an event stream: counted in active streams until it ends."""
+        if not self.streaming_client:
+            self.streaming_client = True
+            self.runtime.metrics.stream_opened()
+
     def _stream_closed(self) -> None:
         """The client's stream is over: the active-streams gauge drops before anyone can look."""
         if self.streaming_client:
@@ -384,8 +390,7 @@ class Exchange(StreamListener):
         headers = without(
             worker_headers, b"content-type", b"cache-control", b"x-accel-buffering"
         )
-        self.streaming_client = True
-        self.runtime.metrics.stream_opened()
+        self.stream_opened()
         self.start_response(
             200,
             [

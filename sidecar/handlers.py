@@ -125,17 +125,22 @@ class RawHandler(BodyHandler):
         #: the last bytes passed on, while they can tell whether a heartbeat fits: None when
         #: one never does (no heartbeat on the route, not a successful event stream, or a
         #: length-framed body), and then nothing is kept per read
+        event_stream = (
+            200 <= status < 300
+            and exchange.method != "HEAD"
+            and body_kind(header_value(raw_headers, b"content-type")) == "sse"
+        )
         route = exchange.route
         self.tail: bytes | None = (
             b"\n\n"
-            if route is not None
+            if event_stream
+            and route is not None
             and route.heartbeat is not None
-            and 200 <= status < 300
-            and exchange.method != "HEAD"
-            and body_kind(header_value(raw_headers, b"content-type")) == "sse"
             and header_value(headers, b"content-length") is None
             else None
         )
+        if event_stream:
+            exchange.stream_opened()
         exchange.start_response(status, headers)
 
     def data(self, chunk: bytes) -> None:

@@ -528,20 +528,24 @@ def test_unpriced_model_has_null_cost(daemon: Daemon, worker: FakeWorker) -> Non
                           frozenset({("model", "no-such-price"), ("kind", "prompt")}))] >= 22
 
 
-def test_metrics_families_and_active_streams(daemon: Daemon, worker: FakeWorker) -> None:
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/passthrough/stream"])
+def test_metrics_families_and_active_streams(daemon: Daemon, worker: FakeWorker, target: str) -> None:
+    """A stream in flight is an active stream, on a dialect's route and on a passthrough
+    one (whose worker answers `text/event-stream`) alike."""
     release = threading.Event()
     held = held_stream(chat_stream_events(("held",), model="model-a"), release)
     worker.reply(held)
+    rid = f"held-{target}"
     with RawClient(daemon.address) as client:
-        client.send(request_bytes(body=chat_body(stream=True, model="model-a"),
-                                  headers=[("x-request-id", "held-1")]))
+        client.send(request_bytes(target=target, body=chat_body(stream=True, model="model-a"),
+                                  headers=[("x-request-id", rid)]))
         client.read_until(b"held")
         text = metrics_text(daemon)
-        assert samples(text)[("sidecar_active_streams", frozenset())] >= 1
+        assert samples(text)[("sidecar_active_streams", frozenset())] == 1
         release.set()
         response_tail = client.read_until(b"0\r\n\r\n")
         assert b"[DONE]" in response_tail
-    exact_record(daemon, "held-1")
+    exact_record(daemon, rid)
     text = metrics_text(daemon)
     s = samples(text)
     assert s[("sidecar_active_streams", frozenset())] == 0

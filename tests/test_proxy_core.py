@@ -26,6 +26,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.harness import (
     DEFAULT_ROUTES,
     LAST_CHUNK,
+    LOOPBACK,
     MODEL,
     Blast,
     Close,
@@ -1054,6 +1055,36 @@ def test_readyz_follows_the_worker(worker: FakeWorker, make_daemon: Callable[...
     worker.stop_listening()
     assert httpx.get(daemon.admin_url + "/readyz", timeout=5).status_code == 503
     assert httpx.get(daemon.admin_url + "/healthz", timeout=5).status_code == 200
+
+
+def test_readyz_asks_every_worker_the_routes_send_to(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A route's own `upstream:` is a worker too: /readyz is 200 only when every worker the
+    routes send to accepts (the top-level one counts only when a route uses it)."""
+    worker.default = openai_handler()
+    dead = f"http://127.0.0.1:{free_port()}"
+    only_routes = make_daemon(daemon_config(dead, routes=[
+        {"name": "chat", "match": {"path": "/v1/chat/completions"}, "dialect": "openai-chat",
+         "upstream": {"url": worker.url}}]))
+    assert post(only_routes, chat_body()).status == 200
+    assert httpx.get(only_routes.admin_url + "/readyz", timeout=5).status_code == 200
+    one_dead = make_daemon(daemon_config(worker.url, routes=[
+        {"name": "chat", "match": {"path": "/v1/chat/completions"}, "dialect": "openai-chat"},
+        {"name": "other", "match": {"path_prefix": "/other/"}, "dialect": "passthrough",
+         "upstream": {"url": dead}}]))
+    ready = httpx.get(one_dead.admin_url + "/readyz", timeout=5)
+    assert ready.status_code == 503 and dead.removeprefix("http://") in ready.text
+
+
+def test_admin_head_has_no_body_and_405_says_allow(make_daemon: Callable[..., Daemon]) -> None:
+    daemon = make_daemon(daemon_config(f"http://127.0.0.1:{free_port()}"))
+    for path in ("/healthz", "/metrics", "/readyz"):
+        raw = raw_exchange((LOOPBACK, daemon.admin_port), request_bytes("HEAD", path), timeout=2.0)
+        head, _, body = raw.partition(b"\r\n\r\n")
+        assert b"content-length: " in head.lower() and body == b"", (path, raw)
+    refused = httpx.post(daemon.admin_url + "/metrics", timeout=5)
+    assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
 
 
 def test_admin_port_is_separate_from_client_traffic(w: FakeWorker, proxy: Daemon) -> None:
