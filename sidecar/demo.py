@@ -8,6 +8,8 @@ before any other URL, then a curl line to try. Ctrl-C or SIGTERM stops both.
 from __future__ import annotations
 
 import os
+import shlex
+import socket
 import sys
 
 import uvloop
@@ -46,17 +48,18 @@ async def _demo(path: str) -> int:
     config = load_or_exit(path)
     setup_logging(config.log_format, config.log_level)
     sockets = open_sockets(config)
-    url = "http://" + bound_address(sockets.listen)
+    url, curl = _reach(sockets.listen)
     out = sys.stdout
     out.write(f"sidecar demo: the daemon is at {url}\n")
     out.write(f"  demo worker: http://127.0.0.1:{worker_port}\n")
     if sockets.admin is not None:
-        out.write(f"  admin:       http://{bound_address(sockets.admin)}/metrics\n")
+        admin_url, _ = _reach(sockets.admin)
+        out.write(f"  admin:       {admin_url}/metrics\n")
     if config.usage_log:
         out.write(f"  ledger:      {config.usage_log}\n")
     out.write(
         "try:\n"
-        f"  curl -N {url}/v1/chat/completions -H 'content-type: application/json' "
+        f"  curl -N {curl}/v1/chat/completions -H 'content-type: application/json' "
         '-d \'{"model":"demo","stream":true,"messages":[{"role":"user","content":"hi"}]}\'\n'
         "Ctrl-C stops both.\n"
     )
@@ -65,6 +68,16 @@ async def _demo(path: str) -> int:
         return await serve(config, sockets, Notifier())
     finally:
         worker.close()
+
+
+def _reach(sock: socket.socket) -> tuple[str, str]:
+    """How to name a listening socket, and how curl reaches it: `http://host:port` for
+    both, or for a unix socket `unix:/path` and `--unix-socket /path http://localhost`."""
+    address = bound_address(sock)
+    if address.startswith("unix:"):
+        path = address.removeprefix("unix:")
+        return address, f"--unix-socket {shlex.quote(path)} http://localhost"
+    return "http://" + address, "http://" + address
 
 
 def run_demo(path: str) -> int:

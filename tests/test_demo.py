@@ -141,3 +141,25 @@ def test_a_busy_demo_worker_port_is_one_clear_line(tmp_path: Path) -> None:
     assert result.stderr == (
         f"sidecar: cannot listen on 127.0.0.1:{port} for the demo worker: Address already in use\n"
     )
+
+
+def test_demo_on_a_unix_socket_prints_a_curl_line_that_works(tmp_path: Path) -> None:
+    """With `SIDECAR_LISTEN=unix:/path` the daemon's address is the socket's, and the curl
+    line reaches it through `--unix-socket` (curl, the real one, runs the printed line)."""
+    sock = tmp_path / "demo.sock"
+    env = {**os.environ, "SIDECAR_CONFIG": str(tmp_path / "no-such.yaml"),
+           "SIDECAR_LISTEN": f"unix:{sock}"}
+    env.pop("SIDECAR_ADMIN_LISTEN", None)
+    proc = subprocess.Popen([sys.executable, "-m", "sidecar", "demo"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        lines = read_banner(proc)
+        assert lines[0].rstrip().endswith(f"unix:{sock}")
+        curl = next(line.strip() for line in lines if line.strip().startswith("curl "))
+        assert "--unix-socket" in curl
+        result = subprocess.run(curl, shell=True, capture_output=True, text=True, timeout=30,
+                                check=False)
+        assert result.returncode == 0 and "data: [DONE]" in result.stdout, result
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(15) == 0
