@@ -14,7 +14,12 @@ from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from sidecar.chunked import LONGEST_PAYLOAD
-from sidecar.dialects.base import DocumentTranslator, StreamProtocolError, StreamTranslator
+from sidecar.dialects.base import (
+    MAX_DOCUMENT,
+    DocumentTranslator,
+    StreamProtocolError,
+    StreamTranslator,
+)
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
@@ -25,8 +30,6 @@ if TYPE_CHECKING:
     from sidecar.exchange import Exchange
     from sidecar.pump import ResponsePump
 
-#: Largest JSON document accepted from the worker (it is held whole to translate it).
-MAX_DOCUMENT = 64 * 1024 * 1024
 _SSE_FIRST_BYTES = frozenset(b"deir:")
 
 
@@ -258,7 +261,10 @@ class EventHandler(BodyHandler):
     def lane_template(self) -> TextTemplate | None:
         if not self.lane or self.parser.busy:
             return None
-        return self.translator.text_template
+        translator = self.translator
+        if translator.absorbed > MAX_DOCUMENT:
+            return None  # an aggregation past its bound: the general way refuses it
+        return translator.text_template
 
     @property
     def lane_fits(self) -> bool:
@@ -359,8 +365,12 @@ class AggregateHandler(EventHandler):
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         super().__init__(exchange, translator, parser)
         self.lane = self.lane_fits
+        self.size = 0  # body bytes read the general way (the lane's are `translator.absorbed`)
 
     def data(self, chunk: bytes) -> None:
+        self.size += len(chunk)
+        if self.size + self.translator.absorbed > MAX_DOCUMENT:
+            raise StreamProtocolError("the worker's stream is too large to aggregate")
         feed = self.translator.feed
         try:
             events = self.parser.feed(chunk)

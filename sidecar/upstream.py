@@ -80,7 +80,8 @@ class UpstreamConnection(asyncio.Protocol):
             if text is not None:
                 write = self.lane_write
                 if write is None:
-                    self.lane_sink.absorbed_text(text)  # type: ignore[union-attr]
+                    if not self.lane_sink.absorbed_text(text):  # type: ignore[union-attr]
+                        self.disarm_lane()  # past the bound: the general way says so
                 else:
                     write(data)
                     if text:

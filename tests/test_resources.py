@@ -35,6 +35,8 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    DONE,
+    LAST_CHUNK,
     LOOPBACK,
     REPO,
     Daemon,
@@ -44,6 +46,8 @@ from tests.harness import (
     WorkerRequest,
     _WorkerProtocol,
     chat_body,
+    chat_route,
+    chat_stream_events,
     chunk,
     daemon_config,
     http_response,
@@ -508,3 +512,42 @@ def test_soak_no_rss_trend_no_leaked_sockets() -> None:
                             timeout=float(minutes) * 60 + 300)
     print(result.stdout)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# =============================================================================================
+# Aggregation is bounded like a JSON document
+# =============================================================================================
+
+
+@pytest.mark.parametrize("text_size", [3000, 200_000])
+def test_aggregating_a_stream_past_the_document_bound_is_a_502(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], text_size: int
+) -> None:
+    """A worker streaming more than 64 MiB to a non-streaming client (upstream_stream:
+    always) gets the same clear 502 `upstream_protocol_error` as a JSON document that
+    large, whichever way its events are read: small ones through the fast lane (its
+    text absorbed unparsed), large ones parsed. The daemon does not hold the lot."""
+    first = chat_stream_events(["x" * text_size])[0]
+    content = chat_stream_events(["x" * text_size])[1]
+    total = 80 * MiB
+
+    async def handle(request: WorkerRequest, io: WorkerIO) -> None:
+        await io.send(response_head(200, [("content-type", "text/event-stream"),
+                                          ("transfer-encoding", "chunked")]) + chunk(first))
+        batch = chunk(content) * max(1, MiB // len(content))
+        sent = 0
+        while sent < total and io.open:
+            await io.send(batch)
+            sent += len(batch)
+        await io.send(chunk(DONE) + LAST_CHUNK)
+
+    worker.reply(handle)
+    daemon = make_daemon(worker=worker, routes=[
+        chat_route("always", match={"path": "/v1/chat/completions"}, upstream_stream="always")],
+        upstream={"idle_timeout": "20s", "response_timeout": "20s"})
+    with RawClient(daemon.address, timeout=60) as client:
+        client.send(request_bytes(body=chat_body(stream=False), headers=[("x-request-id", "big")]))
+        response = client.read_response(60)
+    assert response.status == 502, response.raw[:300]
+    assert json.loads(response.body)["error"]["code"] == "upstream_protocol_error"
+    assert daemon.ledger_for("big")["outcome"] == "upstream_error"

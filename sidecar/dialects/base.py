@@ -111,6 +111,10 @@ def openai_error_body(status: int, code: str, message: str) -> bytes:
     return orjson.dumps({"error": {"message": message, "type": error_type_for(status), "code": code}})
 
 
+#: Largest JSON document the sidecar holds whole: a worker's document it translates, or the
+#: one it aggregates from a worker's stream (bytes read, or characters of text absorbed).
+MAX_DOCUMENT = 64 * 1024 * 1024
+
 class BadRequest(Exception):
     """The client's request body cannot be adapted (malformed JSON): answered 400, never forwarded."""
 
@@ -177,6 +181,7 @@ class StreamTranslator(Outcome, ABC):
         self.worker_error = False
         self.complete = False
         self.content_events = 0
+        self.absorbed = 0  # characters `absorbed_text` took in (aggregating)
         self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
         # Kept current by dialects that have one (see sidecar.fastlane): while set, an
         # event made of this template with a JSON string in its place passes unchanged
@@ -210,10 +215,12 @@ class StreamTranslator(Outcome, ABC):
         self._settled = key
         self.cost = price_usage(self.pricing, model, usage, self.cost_of)
 
-    def absorbed_text(self, text: str) -> None:
+    def absorbed_text(self, text: str) -> bool:
         """Aggregating: an event of `text_template` with `text` in its string's place came,
-        unparsed; absorb it as `feed` would have. Dialects that keep a template while
-        aggregating implement it."""
+        unparsed; absorb it as `feed` would have, add its length to `absorbed`, and say
+        whether the lane may go on (False: what was absorbed passed `MAX_DOCUMENT`, the
+        next read must go the general way, where the aggregation's bound is checked).
+        Dialects that keep a template while aggregating implement it."""
         raise NotImplementedError
 
     @abstractmethod

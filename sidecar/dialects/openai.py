@@ -20,6 +20,7 @@ from orjson import loads as _loads
 
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
+    MAX_DOCUMENT,
     Dialect,
     DocumentTranslator,
     RequestPlan,
@@ -237,10 +238,11 @@ class OpenAIStream(StreamTranslator):
         self._maybe_learn(event.raw, obj, choices, final)
         return event.raw
 
-    def absorbed_text(self, text: str) -> None:
+    def absorbed_text(self, text: str) -> bool:
         # what _absorb would do with the template's event (merge_value, its common case first)
         if text:
             self.content_events += 1
+            self.absorbed += len(text)
         target = self._tpl_target
         assert target is not None  # set with the template when aggregating
         key = self._tpl_key
@@ -249,6 +251,7 @@ class OpenAIStream(StreamTranslator):
             old.append(text)
         else:
             target[key] = merge_value(key, old, text)
+        return self.absorbed <= MAX_DOCUMENT
 
     def _maybe_learn(self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool) -> None:
         """After an event went the slow way: learn it as the next template, or drop the
