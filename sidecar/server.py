@@ -284,8 +284,19 @@ class ClientConnection(asyncio.Protocol):
                 self._drain_waiter = None
 
     def close(self) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.close()
+        transport = self.transport
+        if transport is not None and not transport.is_closing():
+            transport.close()
+            if transport.get_write_buffer_size():
+                # what is left goes out as the client reads it; a client that has not read
+                # it all keepalive_timeout later is not waited on for ever
+                self.loop.call_later(
+                    self.runtime.config.limits.keepalive_timeout, self._abort_if_open
+                )
+
+    def _abort_if_open(self) -> None:
+        if not self.closed and self.transport is not None:
+            self.transport.abort()
 
     def abort(self) -> None:
         """Drop the connection without finishing the response (the client sees the break)."""

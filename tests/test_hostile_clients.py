@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from tests.harness import (
@@ -32,9 +33,11 @@ from tests.harness import (
     WorkerIO,
     WorkerRequest,
     chat_body,
+    chat_completion,
     chat_stream_events,
     chunk,
     http_response,
+    json_reply,
     openai_handler,
     request_bytes,
     response_head,
@@ -636,3 +639,26 @@ def test_a_client_that_resets_mid_head_costs_nothing(daemon: Daemon, worker: Fak
     with RawClient(daemon.address) as client:
         client.send(request_bytes("POST", "/v1/chat/completions", chat_body()))
         assert client.read_response().status == 200
+
+
+def client_connections(daemon: Daemon) -> float:
+    text = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+    return next(float(line.split()[1]) for line in text.splitlines()
+                if line.startswith("sidecar_client_connections "))
+
+
+def test_a_client_that_never_reads_its_answer_is_not_kept_for_ever(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A large answer the client never reads stays in the daemon's write buffer: when the
+    kept-alive connection's keepalive_timeout ends it, the close waits for the client one
+    keepalive_timeout more at most, then drops the connection and what it held."""
+    worker.reply(json_reply(chat_completion("x" * (8 << 20))))
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(daemon.address)
+        sock.sendall(request_bytes(body=chat_body()))
+        deadline = time.monotonic() + 3 * 3 + 5  # keepalive_timeout is 3s
+        while client_connections(daemon) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert client_connections(daemon) == 0
