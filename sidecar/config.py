@@ -125,6 +125,7 @@ class Limits:
     keepalive_timeout: float = 75.0
     max_connections: int = 4096
     max_event_size: int = 1 * MiB
+    send_timeout: float = 60.0  # a client that takes no byte of its answer this long is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -852,6 +853,7 @@ _LIMITS_KEYS: dict[str, _Key] = {
     "keepalive_timeout": _Key(_duration(), _DEFAULT_LIMITS.keepalive_timeout),
     "max_connections": _Key(_integer(1, 10_000_000), _DEFAULT_LIMITS.max_connections),
     "max_event_size": _Key(_leaf(_size), _DEFAULT_LIMITS.max_event_size),
+    "send_timeout": _Key(_duration(), _DEFAULT_LIMITS.send_timeout),
 }
 
 _PRICE_KEYS: dict[str, _Key] = {

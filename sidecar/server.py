@@ -289,10 +289,8 @@ class ClientConnection(asyncio.Protocol):
             transport.close()
             if transport.get_write_buffer_size():
                 # what is left goes out as the client reads it; a client that has not read
-                # it all keepalive_timeout later is not waited on for ever
-                self.loop.call_later(
-                    self.runtime.config.limits.keepalive_timeout, self._abort_if_open
-                )
+                # it all send_timeout later is not waited on for ever
+                self.loop.call_later(self.runtime.config.limits.send_timeout, self._abort_if_open)
 
     def _abort_if_open(self) -> None:
         if not self.closed and self.transport is not None:

@@ -612,6 +612,32 @@ def test_slow_reader_memory_bound_and_worker_throttled(
     assert worker.bytes_sent < total
 
 
+@pytest.mark.parametrize("route", ["chat", "passthrough"])
+def test_a_client_that_takes_nothing_for_send_timeout_is_gone(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], route: str
+) -> None:
+    """Backpressure is not the worker's silence (idle_timeout does not fire), but a client
+    that takes no byte for send_timeout has left: the worker connection is closed, the
+    client's dropped, and the ledger says client_disconnect with what was seen."""
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "400ms"},
+                         limits={"send_timeout": "1500ms"})
+    event = chat_stream_events(["x" * 2000])[1]
+    worker.reply([Send(response_head(200, [("content-type", "text/event-stream"),
+                                           ("transfer-encoding", "chunked")])),
+                  *(Send(chunk(event) * 64) for _ in range(400))])
+    target = "/v1/chat/completions" if route == "chat" else "/v1/raw/stream"
+    with RawClient(daemon.address, rcvbuf=16 * 1024) as client:
+        client.send(request_bytes("POST", target, chat_body(stream=True),
+                                  headers=[("x-request-id", f"stuck-{route}")]))
+        client.read_until(b"\r\n\r\n")
+        started = time.monotonic()
+        assert worker.wait_peer_closed(1, timeout=6.0), "a stuck client held the worker"
+        assert time.monotonic() - started >= 1.2, "cut before send_timeout"
+        assert client.closed_by_peer(5.0)
+    record = daemon.ledger_for(f"stuck-{route}")
+    assert (record["outcome"], record["status"]) == ("client_disconnect", 200)
+
+
 def test_worker_connection_a_slow_client_held_back_is_pooled_reading(
     w: FakeWorker, proxy: Daemon
 ) -> None:
