@@ -101,6 +101,11 @@ async def serve_connection(client: ClientConnection) -> None:
             else:
                 if runtime.draining:
                     break
+                # the next (pipelined) request waits until the client reads what it has
+                # been sent: answers the sidecar writes itself never pile up unread
+                if client.paused_writing and not await client.drained(limits.send_timeout):
+                    client.abort()
+                    break
                 now = loop.time()
                 idle_deadline = now + limits.keepalive_timeout
                 head_deadline = now + limits.header_timeout

@@ -274,14 +274,20 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
-    async def drain(self) -> None:
-        """Wait until the transport's write buffer is below its high-water mark."""
-        while self.paused_writing and not self.closed:
-            self._drain_waiter = self.loop.create_future()
-            try:
-                await self._drain_waiter
-            finally:
-                self._drain_waiter = None
+    async def drained(self, timeout: float) -> bool:
+        """Wait until the transport's write buffer is below its high-water mark: False when
+        it is not within `timeout` (a client that does not read) or the connection closed."""
+        try:
+            async with asyncio.timeout(timeout):
+                while self.paused_writing and not self.closed:
+                    self._drain_waiter = self.loop.create_future()
+                    try:
+                        await self._drain_waiter
+                    finally:
+                        self._drain_waiter = None
+        except TimeoutError:
+            return False
+        return not self.closed
 
     def close(self) -> None:
         transport = self.transport

@@ -92,6 +92,9 @@ class UpstreamConnection(asyncio.Protocol):
         if consumer is not None:
             consumer.upstream_data(data)
             return
+        if self._pool_timer is not None:  # idle in the pool: bytes no request asked for
+            self.close()  # (a worker that sends them is not one to reuse, nor to buffer)
+            return
         self._pending.append(data)
         self._wake()
 

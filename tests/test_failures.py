@@ -591,6 +591,20 @@ def test_pooled_connection_closed_while_idle_is_not_used(worker: FakeWorker, poo
     assert worker.incomplete == []
 
 
+def test_pooled_connection_sent_bytes_while_idle_is_closed_at_once(
+    worker: FakeWorker, pooled: Daemon
+) -> None:
+    """Bytes no request asked for on an idle pooled connection: it is closed then (not
+    buffered until pool_idle_timeout, nor reused), and the next request gets a new one."""
+    worker.reply([*_ok("first"), Sleep(0.3), Send(b"junk" * 65536)], _ok("second"))
+    post(pooled, chat_body())
+    assert worker.wait_peer_closed(1, timeout=2.0), "the pooled connection held the junk"
+    response = post(pooled, chat_body())
+    assert response.json()["choices"][0]["message"]["content"] == "second"
+    first, second = worker.wait_requests(2)
+    assert first.connection != second.connection
+
+
 def test_llamacpp_style_close_after_each_stream(worker: FakeWorker, pooled: Daemon) -> None:
     worker.default = lambda request: [*openai_handler("llamacpp")(request), Close()]
     client = sdk(pooled)

@@ -16,6 +16,7 @@ import json
 import os
 import signal
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -662,3 +663,43 @@ def test_a_client_that_never_reads_its_answer_is_not_kept_for_ever(
         while client_connections(daemon) and time.monotonic() < deadline:
             time.sleep(0.25)
         assert client_connections(daemon) == 0
+
+
+def test_pipelined_requests_wait_for_the_client_to_read(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A client that pipelines requests and reads no answer is answered until its
+    connection's write buffer is full, then the next request waits for it to read (send
+    timeout: dropped): answers the sidecar writes itself (here 404s) never pile up."""
+    daemon = make_daemon(worker=worker, limits={"send_timeout": "4s"})
+    request = request_bytes("GET", "/nope")
+    stop = threading.Event()
+
+    def pipeline(sock: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                with contextlib.suppress(TimeoutError):
+                    sock.sendall(request * 256)
+
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.connect(daemon.address)
+        sock.settimeout(0.2)
+        sender = threading.Thread(target=pipeline, args=(sock,))
+        sender.start()
+        try:
+            counts = [-1]
+            deadline = time.monotonic() + 20  # the kernel's buffers fill first (some MiB)
+            while time.monotonic() < deadline:
+                time.sleep(1.0)
+                counts.append(len(daemon.ledger()))
+                if counts[-1] == counts[-2]:
+                    break
+            assert counts[-1] == counts[-2], f"answers went on piling up unread: {counts}"
+            deadline = time.monotonic() + 4 + 5  # send_timeout: the stuck connection is dropped
+            while client_connections(daemon) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert client_connections(daemon) == 0
+        finally:
+            stop.set()
+            sender.join()
