@@ -125,37 +125,49 @@ class RawHandler(BodyHandler):
         # must not forward it (RFC 9112 6.3)
         if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
             headers = [*headers, (b"content-length", length)]
-        #: the last bytes passed on, while they can tell whether a heartbeat fits: None when
-        #: one never does (no heartbeat on the route, not a successful event stream, or a
-        #: length-framed body), and then nothing is kept per read
         event_stream = (
             200 <= status < 300
             and exchange.method != "HEAD"
             and body_kind(header_value(raw_headers, b"content-type")) == "sse"
         )
+        unframed_stream = event_stream and header_value(headers, b"content-length") is None
         route = exchange.route
+        #: the last bytes passed on, while they can tell whether a heartbeat fits: None when
+        #: one never does (no heartbeat on the route, not a successful event stream, or a
+        #: length-framed body), and then nothing is kept per read
         self.tail: bytes | None = (
-            b"\n\n"
-            if event_stream
-            and route is not None
-            and route.heartbeat is not None
-            and header_value(headers, b"content-length") is None
+            b"\n\n" if unframed_stream and route is not None and route.heartbeat is not None
             else None
         )
+        #: an event stream's first bytes, while they may still be a byte-order mark: it is
+        #: dropped (SPEC: never written), unless the length the client is told counts it
+        self.lead: bytes | None = b"" if unframed_stream else None
         if event_stream:
             exchange.stream_opened()
         exchange.start_response(status, headers)
 
     def data(self, chunk: bytes) -> None:
+        if self.lead is not None:
+            chunk = self.lead + chunk
+            if len(chunk) < len(BOM) and BOM.startswith(chunk):
+                self.lead = chunk  # too short to tell yet
+                return
+            self.lead = None
+            if chunk.startswith(BOM):
+                chunk = chunk[len(BOM) :]
+                if not chunk:
+                    return
         if self.tail is not None:
             self.tail = (self.tail + chunk[-3:])[-3:]
         self.ex.write_data(chunk)
 
     @property
     def wants_heartbeat(self) -> bool:
-        return self.tail is not None and self.tail.endswith(_BETWEEN_EVENTS)
+        return self.tail is not None and not self.lead and self.tail.endswith(_BETWEEN_EVENTS)
 
     def end(self, at_close: bool = False) -> bool:
+        if self.lead:  # a body shorter than a byte-order mark, and the start of one
+            self.ex.write_data(self.lead)
         self.ex.end_response()
         return True
 

@@ -467,6 +467,22 @@ def test_ping_comments_crlf_and_bom(w: FakeWorker, proxy: Daemon) -> None:
     assert finish_of(chunks) == ["stop"]
 
 
+@pytest.mark.parametrize("split", [0, 1, 2, 3, 5])
+def test_passthrough_event_stream_drops_the_workers_bom(w: FakeWorker, proxy: Daemon, split: int) -> None:
+    """SPEC: the sidecar never writes a byte-order mark and drops one sent by the worker;
+    a passthrough event stream too, however the worker's writes cut it."""
+    body = b"\xef\xbb\xbfdata: {\"a\":1}\n\n"
+    pieces = [p for p in (body[:split], body[split:]) if p]
+    w.reply([Send(response_head(200, [("content-type", "text/event-stream"),
+                                      ("transfer-encoding", "chunked")])),
+             *(step for p in pieces for step in (Send(frame_chunk(p)), Sleep(0.05))),
+             Send(LAST_CHUNK)])
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", "/v1/something/stream"))
+        response = client.read_response()
+    assert response.status == 200 and response.body == body[3:]
+
+
 def test_bom_before_a_json_document_is_dropped(w: FakeWorker, proxy: Daemon) -> None:
     doc = b"\xef\xbb\xbf" + json.dumps(chat_completion("Hello!")).encode()
     w.reply(*([Send(http_response(200, doc))] for _ in range(3)))
