@@ -2,11 +2,13 @@
 
 Pure: no I/O. Matches the raw path before `?`, never a normalized one, and
 refuses to match paths that a normalizing worker might read differently
-(dot segments, `//`, encoded slashes), so a route can never be bypassed.
+(dot segments, `//`, encoded slashes, encoded characters that need no
+encoding), so a route can never be bypassed.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -22,12 +24,18 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
     return path, query
 
 
+#: A percent-encoded `/` or `\`, or an encoded character RFC 3986 calls unreserved (letters,
+#: digits, `-`, `.`, `_`, `~`), which no URI needs encoded and every worker decodes: with
+#: them `/v1/chat/complet%69ons` would be the chat endpoint to the worker and not to routes.
+_ENCODED = re.compile(rb"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[D-Fd-f]|5[CcFf]|7[Ee])")
+
+
 def is_ambiguous_path(path: bytes) -> bool:
-    """True for paths that must match no route: `.`/`..` segments, `//`, `%2F`, backslashes."""
+    """True for paths that must match no route: `.`/`..` segments, `//`, backslashes, and
+    `%2F`, `%5C` or an encoded unreserved character (`%2E`, `%41`, ...)."""
     if not path.startswith(b"/") or b"//" in path or b"\\" in path:
         return True
-    lowered = path.lower()
-    if b"%2f" in lowered or b"%5c" in lowered or b"%2e" in lowered:
+    if b"%" in path and _ENCODED.search(path) is not None:
         return True
     return any(segment in (b".", b"..") for segment in path.split(b"/"))
 

@@ -948,6 +948,7 @@ def test_all_problems_are_reported_at_once() -> None:
         ("path", "/v1/."),
         ("path", "/v1%2Fmodels"),
         ("path", "/v1%2emodels"),
+        ("path", "/v1/%6Dodels"),
         ("path", "/v1\\models"),
         ("path_prefix", "//"),
         ("path_prefix", "/v1/../"),

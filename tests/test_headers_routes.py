@@ -360,7 +360,8 @@ ROUTES = routes_from(
         ("GET", b"/v1/embeddings", "rest"),
         ("GET", b"/v1/", "rest"),
         ("GET", b"/v1/a.b/c...d", "rest"),
-        ("GET", b"/v1/%41", "rest"),
+        ("GET", b"/v1/%41", None),  # an encoded letter: /v1/A to a worker, not to routes
+        ("GET", b"/v1/caf%C3%A9%20au%2Blait", "rest"),  # encodings a URI needs are fine
         ("GET", b"/v1", None),
         ("GET", b"/v2/chat/completions", None),
         ("GET", b"/", None),
@@ -385,6 +386,9 @@ def test_first_matching_route_wins(method: str, target: bytes, name: str | None)
         b"/v1/chat%2fcompletions",
         b"/v1/%2e%2e/admin",
         b"/v1/%2E/models",
+        b"/v1/chat/complet%69ons",
+        b"/v1/chat/completion%73",
+        b"/v1/%7Euser/%5Fx/%2Dy/%30",
         b"/v1\\chat/completions",
         b"/v1/chat%5ccompletions",
         b"v1/chat/completions",

@@ -587,6 +587,8 @@ BYPASSES = [
     "/v1/secret?x=/v1/public/",
     "/v1/secret#/v1/public/",
     "/v1/publicsecret",
+    "/v1/public/%73ecret",  # an encoded unreserved character: the worker decodes it
+    "/v1/pub%6Cic/secret",
 ]
 
 
