@@ -23,6 +23,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.chunked import ChunkedDecoder, frame
+from sidecar.config import Limits
 from sidecar.fastlane import TextTemplate, chunk_text, template_chunks, template_text
 from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
 from sidecar.pump import ResponsePump
@@ -143,6 +144,7 @@ class FakeExchange:
         self.sent: list[bytes] = []
         self.loop = loop
         self.runtime = SimpleNamespace(metrics=SimpleNamespace(upstream_error=lambda code: None))
+        self.generation = SimpleNamespace(config=SimpleNamespace(limits=Limits()))
         self.failure: Any = None
         self.outcome = "ok"
         self._client_gone = False

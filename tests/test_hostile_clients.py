@@ -68,7 +68,8 @@ def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon])
     return make_module_daemon(
         worker=module_worker, routes=ROUTES,
         limits={"header_timeout": f"{int(HEADER_TIMEOUT * 1000)}ms",
-                "body_timeout": f"{int(BODY_TIMEOUT * 1000)}ms", "keepalive_timeout": "3s"},
+                "body_timeout": f"{int(BODY_TIMEOUT * 1000)}ms", "keepalive_timeout": "3s",
+                "send_timeout": "3s"},
     )
 
 
@@ -654,14 +655,14 @@ def test_a_client_that_never_reads_its_answer_is_not_kept_for_ever(
     daemon: Daemon, worker: FakeWorker
 ) -> None:
     """A large answer the client never reads stays in the daemon's write buffer: when the
-    kept-alive connection's keepalive_timeout ends it, the close waits for the client one
-    keepalive_timeout more at most, then drops the connection and what it held."""
+    kept-alive connection's keepalive_timeout ends it, the close waits for the client
+    send_timeout at most, then drops the connection and what it held."""
     worker.reply(json_reply(chat_completion("x" * (8 << 20))))
     with socket.socket() as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.connect(daemon.address)
         sock.sendall(request_bytes(body=chat_body()))
-        deadline = time.monotonic() + 3 * 3 + 5  # keepalive_timeout is 3s
+        deadline = time.monotonic() + 3 + 3 + 5  # keepalive_timeout and send_timeout: 3s
         while client_connections(daemon) and time.monotonic() < deadline:
             time.sleep(0.25)
         assert client_connections(daemon) == 0
