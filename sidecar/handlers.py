@@ -433,6 +433,7 @@ class DocumentHandler(BodyHandler):
         ex = self.ex
         assert ex.plan is not None
         document = b"".join(self.parts)
+        self.parts = []  # held once, not twice, while it is translated
         if document.startswith(BOM):  # dropped, as from an event stream
             document = document[len(BOM) :]
         translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, document)
