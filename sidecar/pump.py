@@ -69,7 +69,8 @@ class ResponsePump:
         self.clean = False
         self.eof = False
         self.paused = False
-        self.paused_since = 0.0  # when the client last held the worker back
+        self.paused_since = 0.0  # since when the client has held the worker back, taking nothing
+        self.paused_backlog = 0  # what the client had not taken then
         self.send_timeout = exchange.generation.config.limits.send_timeout
         # Silence is noticed at the timer's looks, not per read: the worker connection only
         # marks that a read happened (`rx_seen`), and the timer looks at least every eighth
@@ -306,6 +307,7 @@ class ResponsePump:
             return
         self.paused = True
         self.paused_since = self.loop.time()
+        self.paused_backlog = self.ex.client.backlog
         self.up.pause_reading()
 
     def client_resumed(self) -> None:
@@ -332,12 +334,17 @@ class ResponsePump:
             return
         now = self.loop.time()
         up = self.up
-        if self.paused and now - self.paused_since >= self.send_timeout:
-            # a client that takes no byte for send_timeout is gone (backpressure is not the
-            # worker's silence, but it is not for ever either)
-            self.ex.client.abort()
-            self.client_lost()
-            return
+        if self.paused:
+            # backpressure is not the worker's silence, but a client that takes no byte for
+            # send_timeout is gone (one that reads, however slowly, is not)
+            backlog = self.ex.client.backlog
+            if backlog < self.paused_backlog:
+                self.paused_backlog = backlog
+                self.paused_since = now
+            elif now - self.paused_since >= self.send_timeout:
+                self.ex.client.abort()
+                self.client_lost()
+                return
         if self.end_due is not None and now >= self.end_due and not self.paused:
             # the stream ended: the worker's silence since costs the client nothing (fail)
             self.fail(failures.UPSTREAM_TIMEOUT, "no end of the body after the stream's last event")

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import logging
 import socket
+import sys
+import termios
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, cast
 
@@ -274,19 +277,36 @@ class ClientConnection(asyncio.Protocol):
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 
+    @property
+    def backlog(self) -> int:
+        """Bytes written to the client that it has not taken yet: in the transport's buffer
+        and in the kernel's send queue (SIOCOUTQ). While it shrinks the client reads, however
+        slowly: the measure of `send_timeout`. A syscall: for a client held back only."""
+        transport = self.transport
+        if transport is None:
+            return 0
+        queued = transport.get_write_buffer_size()
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            with contextlib.suppress(OSError, ValueError):
+                out = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0")
+                queued += int.from_bytes(out, sys.byteorder, signed=True)
+        return queued
+
     async def drained(self, timeout: float) -> bool:
         """Wait until the transport's write buffer is below its high-water mark: False when
-        it is not within `timeout` (a client that does not read) or the connection closed."""
-        try:
-            async with asyncio.timeout(timeout):
-                while self.paused_writing and not self.closed:
-                    self._drain_waiter = self.loop.create_future()
-                    try:
-                        await self._drain_waiter
-                    finally:
-                        self._drain_waiter = None
-        except TimeoutError:
-            return False
+        the client takes nothing of it for `timeout` (it does not read) or it closed."""
+        while self.paused_writing and not self.closed:
+            backlog = self.backlog
+            self._drain_waiter = self.loop.create_future()
+            try:
+                async with asyncio.timeout(timeout):
+                    await self._drain_waiter
+            except TimeoutError:
+                if self.backlog >= backlog:
+                    return False
+            finally:
+                self._drain_waiter = None
         return not self.closed
 
     def close(self) -> None:
@@ -294,12 +314,20 @@ class ClientConnection(asyncio.Protocol):
         if transport is not None and not transport.is_closing():
             transport.close()
             if transport.get_write_buffer_size():
-                # what is left goes out as the client reads it; a client that has not read
-                # it all send_timeout later is not waited on for ever
-                self.loop.call_later(self.runtime.config.limits.send_timeout, self._abort_if_open)
+                # what is left goes out as the client reads it; a client that takes none of
+                # it for send_timeout is not waited on for ever
+                self._linger(self.backlog)
 
-    def _abort_if_open(self) -> None:
-        if not self.closed and self.transport is not None:
+    def _linger(self, backlog: int) -> None:
+        self.loop.call_later(self.runtime.config.limits.send_timeout, self._linger_over, backlog)
+
+    def _linger_over(self, backlog: int) -> None:
+        if self.closed or self.transport is None:
+            return
+        left = self.backlog
+        if 0 < left < backlog:
+            self._linger(left)  # it reads, slowly
+        else:
             self.transport.abort()
 
     def abort(self) -> None:

@@ -638,6 +638,31 @@ def test_a_client_that_takes_nothing_for_send_timeout_is_gone(
     assert (record["outcome"], record["status"]) == ("client_disconnect", 200)
 
 
+def test_a_client_that_reads_slowly_is_not_cut_by_send_timeout(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """send_timeout is for a client that takes nothing: one that takes some every fifth of
+    a second, far slower than the worker writes (held back all the while), keeps its
+    stream for as long as it reads, over twice send_timeout here."""
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "400ms"},
+                         limits={"send_timeout": "2s"})
+    event = chat_stream_events(["x" * 2000])[1]
+    worker.reply([Send(response_head(200, [("content-type", "text/event-stream"),
+                                           ("transfer-encoding", "chunked")])),
+                  *(Send(chunk(event) * 64) for _ in range(400))])
+    with RawClient(daemon.address, rcvbuf=16 * 1024) as client:
+        client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True),
+                                  headers=[("x-request-id", "slow-reader")]))
+        client.read_until(b"\r\n\r\n")
+        client.sock.settimeout(2.0)
+        until = time.monotonic() + 5.0
+        while time.monotonic() < until:
+            assert client.sock.recv(32 * 1024)  # from the socket itself, 160 KiB a second
+            time.sleep(0.2)
+        assert not worker.wait_peer_closed(1, timeout=0.1), "a reading client was cut"
+        assert all(r["request_id"] != "slow-reader" for r in daemon.ledger())
+
+
 def test_worker_connection_a_slow_client_held_back_is_pooled_reading(
     w: FakeWorker, proxy: Daemon
 ) -> None:
