@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 from sidecar.chunked import LONGEST_PAYLOAD
 from sidecar.dialects.base import (
     MAX_DOCUMENT,
+    MAX_STREAM_BYTES,
     DocumentTranslator,
     StreamProtocolError,
     StreamTranslator,
@@ -377,11 +378,13 @@ class AggregateHandler(EventHandler):
     def __init__(self, exchange: Exchange, translator: StreamTranslator, parser: SSEParser) -> None:
         super().__init__(exchange, translator, parser)
         self.lane = self.lane_fits
-        self.size = 0  # body bytes read the general way (the lane's are `translator.absorbed`)
+        self.size = 0  # body bytes read the general way (the lane's text is `absorbed`)
 
     def data(self, chunk: bytes) -> None:
         self.size += len(chunk)
-        if self.size + self.translator.absorbed > MAX_DOCUMENT:
+        # what is held is the text, not each event's envelope: the stream's bytes get four
+        # times the document's bound (a 560k-token stream of 76 MiB folds into 1 MiB)
+        if self.size > MAX_STREAM_BYTES or self.translator.absorbed > MAX_DOCUMENT:
             raise StreamProtocolError("the worker's stream is too large to aggregate")
         feed = self.translator.feed
         try:

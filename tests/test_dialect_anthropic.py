@@ -187,6 +187,20 @@ def test_worker_error_event_is_forwarded_as_is() -> None:
     assert json.loads(agg.document()) == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 
 
+@pytest.mark.parametrize("data", [
+    {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    {"error": {"code": 500, "message": "failed", "type": "server_error"}},  # llama.cpp's
+])
+def test_an_unnamed_worker_error_goes_out_named(data: dict) -> None:
+    """The Anthropic SDK skips unnamed events: a worker error without an `event:` line
+    goes out as `event: error`, its data unchanged."""
+    chunks = worker_stream()[:4]
+    out, t = relay([*chunks, b"data: " + json.dumps(data).encode() + b"\n\n"])
+    (sent,) = parse(out[-1])
+    assert sent.event == "error" and json.loads(sent.data) == data
+    assert t.worker_error
+
+
 def test_usage_estimated_from_content_deltas_when_the_worker_sends_none() -> None:
     chunks = [
         ev("message_start", {"type": "message_start", "message": {"id": "m", "model": MODEL, "content": []}}),

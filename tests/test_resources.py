@@ -519,17 +519,17 @@ def test_soak_no_rss_trend_no_leaked_sockets() -> None:
 # =============================================================================================
 
 
-@pytest.mark.parametrize("text_size", [3000, 200_000])
+@pytest.mark.parametrize(("text_size", "total"), [(3000, 80 * MiB), (200_000, 270 * MiB)])
 def test_aggregating_a_stream_past_the_document_bound_is_a_502(
-    worker: FakeWorker, make_daemon: Callable[..., Daemon], text_size: int
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], text_size: int, total: int
 ) -> None:
-    """A worker streaming more than 64 MiB to a non-streaming client (upstream_stream:
-    always) gets the same clear 502 `upstream_protocol_error` as a JSON document that
-    large, whichever way its events are read: small ones through the fast lane (its
-    text absorbed unparsed), large ones parsed. The daemon does not hold the lot."""
+    """A worker streaming to a non-streaming client (upstream_stream: always) more text
+    than 64 MiB, or more than 256 MiB of stream, gets the same clear 502
+    `upstream_protocol_error` as a JSON document too large, whichever way its events are
+    read: small ones through the fast lane (their text counted as absorbed), large ones
+    parsed (the stream's bytes counted)."""
     first = chat_stream_events(["x" * text_size])[0]
     content = chat_stream_events(["x" * text_size])[1]
-    total = 80 * MiB
 
     async def handle(request: WorkerRequest, io: WorkerIO) -> None:
         await io.send(response_head(200, [("content-type", "text/event-stream"),

@@ -114,6 +114,9 @@ def openai_error_body(status: int, code: str, message: str) -> bytes:
 #: Largest JSON document the sidecar holds whole: a worker's document it translates, or the
 #: one it aggregates from a worker's stream (bytes read, or characters of text absorbed).
 MAX_DOCUMENT = 64 * 1024 * 1024
+#: Largest worker stream aggregated into one document, in bytes read (the lane's absorbed text
+#: is held to `MAX_DOCUMENT`): most of a stream's bytes are each event's envelope, not held.
+MAX_STREAM_BYTES = 4 * MAX_DOCUMENT
 
 class BadRequest(Exception):
     """The client's request body cannot be adapted (malformed JSON): answered 400, never forwarded."""

@@ -65,10 +65,10 @@ class TypedEventStream(StreamTranslator):
         if kind is None:
             return None if self.aggregate else event.raw  # nothing to name it by
         changed = self.read(kind, obj)
-        if kind == "error":  # the worker's own error: forwarded as it is
+        if kind == "error":  # the worker's own error: forwarded as it is, named if it was not
             self.worker_error = True
             self._error_obj = obj
-            if not changed:
+            if not changed and event.event:
                 return None if self.aggregate else event.raw
         if self.aggregate:
             return None
