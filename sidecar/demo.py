@@ -53,8 +53,11 @@ async def _demo(path: str) -> int:
     out.write(f"sidecar demo: the daemon is at {url}\n")
     out.write(f"  demo worker: http://127.0.0.1:{worker_port}\n")
     if sockets.admin is not None:
-        admin_url, _ = _reach(sockets.admin)
-        out.write(f"  admin:       {admin_url}/metrics\n")
+        admin_url, admin_curl = _reach(sockets.admin)
+        if admin_url == admin_curl:
+            out.write(f"  admin:       {admin_url}/metrics\n")
+        else:
+            out.write(f"  admin:       {admin_url} (curl {admin_curl}/metrics)\n")
     if config.usage_log:
         out.write(f"  ledger:      {config.usage_log}\n")
     out.write(

@@ -78,7 +78,7 @@ class ResponsePump:
         self.last_rx = self.loop.time()  # when the timer last saw the worker active
         self.last_beat = self.last_rx
         self.end_due: float | None = None  # set when the stream's last event came
-        self._look_every = min(self.idle_timeout, self.heartbeat or math.inf) / 8
+        self._look_every = min(self.idle_timeout, self.send_timeout, self.heartbeat or math.inf) / 8
         upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
 

@@ -81,6 +81,7 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._events_in_a_row = 0  # body events handed out without waiting for the socket
+        self._linger_timer: asyncio.TimerHandle | None = None  # a close waiting on the client
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -132,6 +133,9 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if not self.closed:
             self.closed = True
             if self in self.connections:
@@ -319,7 +323,9 @@ class ClientConnection(asyncio.Protocol):
                 self._linger(self.backlog)
 
     def _linger(self, backlog: int) -> None:
-        self.loop.call_later(self.runtime.config.limits.send_timeout, self._linger_over, backlog)
+        self._linger_timer = self.loop.call_later(
+            self.runtime.config.limits.send_timeout, self._linger_over, backlog
+        )
 
     def _linger_over(self, backlog: int) -> None:
         if self.closed or self.transport is None:

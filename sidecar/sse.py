@@ -172,7 +172,7 @@ def _parse_block(block: bytes) -> Event:
         elif name == b"retry":
             if value.isdigit():  # ASCII digits only, false for b""
                 retry = int(value)
-        elif name == b"error":  # no SSE field: kept because llama.cpp reports failures so
+        elif name == b"error" and colon:  # no SSE field: kept, llama.cpp reports failures so
             error = value.decode("utf-8", "replace")
         elif not colon or _TOKEN.fullmatch(name) is None:
             # A field SSE does not define is ignored (WHATWG) when it is written as one, an

@@ -612,14 +612,16 @@ def test_slow_reader_memory_bound_and_worker_throttled(
     assert worker.bytes_sent < total
 
 
-@pytest.mark.parametrize("route", ["chat", "passthrough"])
+@pytest.mark.parametrize(("route", "idle_timeout"),
+                         [("chat", "400ms"), ("passthrough", "400ms"), ("chat", "60s")])
 def test_a_client_that_takes_nothing_for_send_timeout_is_gone(
-    worker: FakeWorker, make_daemon: Callable[..., Daemon], route: str
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], route: str, idle_timeout: str
 ) -> None:
     """Backpressure is not the worker's silence (idle_timeout does not fire), but a client
     that takes no byte for send_timeout has left: the worker connection is closed, the
-    client's dropped, and the ledger says client_disconnect with what was seen."""
-    daemon = make_daemon(worker=worker, upstream={"idle_timeout": "400ms"},
+    client's dropped, and the ledger says client_disconnect with what was seen. On time
+    whatever idle_timeout is."""
+    daemon = make_daemon(worker=worker, upstream={"idle_timeout": idle_timeout},
                          limits={"send_timeout": "1500ms"})
     event = chat_stream_events(["x" * 2000])[1]
     worker.reply([Send(response_head(200, [("content-type", "text/event-stream"),
@@ -628,13 +630,13 @@ def test_a_client_that_takes_nothing_for_send_timeout_is_gone(
     target = "/v1/chat/completions" if route == "chat" else "/v1/raw/stream"
     with RawClient(daemon.address, rcvbuf=16 * 1024) as client:
         client.send(request_bytes("POST", target, chat_body(stream=True),
-                                  headers=[("x-request-id", f"stuck-{route}")]))
+                                  headers=[("x-request-id", f"stuck-{route}-{idle_timeout}")]))
         client.read_until(b"\r\n\r\n")
         started = time.monotonic()
-        assert worker.wait_peer_closed(1, timeout=6.0), "a stuck client held the worker"
+        assert worker.wait_peer_closed(1, timeout=4.0), "a stuck client held the worker"
         assert time.monotonic() - started >= 1.2, "cut before send_timeout"
         assert client.closed_by_peer(5.0)
-    record = daemon.ledger_for(f"stuck-{route}")
+    record = daemon.ledger_for(f"stuck-{route}-{idle_timeout}")
     assert (record["outcome"], record["status"]) == ("client_disconnect", 200)
 
 

@@ -580,3 +580,12 @@ def test_strict_parser_ignores_well_formed_unknown_fields(line: bytes) -> None:
     events, refused = strict_parse([stream])
     assert not refused and fields(events) == fields(parse(stream))
     assert [e.data for e in events] == ["1", "2", None]
+
+
+def test_an_error_field_is_kept_for_the_dialects() -> None:
+    """llama.cpp's `error: {...}` line is no SSE field (clients skip it): its value is kept
+    in `Event.error`; a bare `error` line with no colon is no field line at all."""
+    (event,) = parse(b'error: {"code":500}\n\n')
+    assert (event.data, event.error) == (None, '{"code":500}')
+    events, refused = strict_parse([b"data: 1\n\nerror\n\n"])
+    assert refused and [e.data for e in events] == ["1"]
