@@ -299,15 +299,20 @@ class ClientConnection(asyncio.Protocol):
 
     async def drained(self, timeout: float) -> bool:
         """Wait until the transport's write buffer is below its high-water mark: False when
-        the client takes nothing of it for `timeout` (it does not read) or it closed."""
+        the client takes nothing of it for `timeout` (it does not read) or it closed. Its
+        backlog is looked at every eighth of `timeout`, as the response pump does."""
+        backlog = self.backlog
+        stalled_since = self.loop.time()
         while self.paused_writing and not self.closed:
-            backlog = self.backlog
             self._drain_waiter = self.loop.create_future()
             try:
-                async with asyncio.timeout(timeout):
+                async with asyncio.timeout(timeout / 8):
                     await self._drain_waiter
             except TimeoutError:
-                if self.backlog >= backlog:
+                now, left = self.loop.time(), self.backlog
+                if left < backlog:
+                    backlog, stalled_since = left, now
+                elif now - stalled_since >= timeout:
                     return False
             finally:
                 self._drain_waiter = None
@@ -320,19 +325,22 @@ class ClientConnection(asyncio.Protocol):
             if transport.get_write_buffer_size():
                 # what is left goes out as the client reads it; a client that takes none of
                 # it for send_timeout is not waited on for ever
-                self._linger(self.backlog)
+                self._linger(self.backlog, self.loop.time())
 
-    def _linger(self, backlog: int) -> None:
+    def _linger(self, backlog: int, stalled_since: float) -> None:
+        """Look at a closed connection's backlog again an eighth of send_timeout later."""
         self._linger_timer = self.loop.call_later(
-            self.runtime.config.limits.send_timeout, self._linger_over, backlog
+            self.runtime.config.limits.send_timeout / 8, self._linger_look, backlog, stalled_since
         )
 
-    def _linger_over(self, backlog: int) -> None:
+    def _linger_look(self, backlog: int, stalled_since: float) -> None:
         if self.closed or self.transport is None:
             return
-        left = self.backlog
+        now, left = self.loop.time(), self.backlog
         if 0 < left < backlog:
-            self._linger(left)  # it reads, slowly
+            self._linger(left, now)  # it reads, slowly
+        elif now - stalled_since < self.runtime.config.limits.send_timeout:
+            self._linger(backlog, stalled_since)
         else:
             self.transport.abort()
 

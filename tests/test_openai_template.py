@@ -19,7 +19,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Price, Pricing
-from sidecar.dialects.base import StreamProtocolError
+from sidecar.dialects.base import MAX_DOCUMENT, PIECE_COST, StreamProtocolError
 from sidecar.dialects.openai import COMPLETIONS, OPENAI_CHAT, OPENAI_COMPLETIONS, OpenAIStream
 from sidecar.sse import SSEParser
 
@@ -258,3 +258,16 @@ def test_runs_of_one_shape_with_empty_texts(delta: dict[str, Any], aggregate: bo
     raw = b"".join(events)
     assert run(fast, raw) == run(slow, raw)
     assert state(fast) == state(slow)
+
+
+def test_what_the_lane_absorbs_is_bounded_by_what_it_holds() -> None:
+    """Aggregating, the lane's `absorbed_text` says stop once the pieces it holds (their
+    characters and each piece's own cost) pass the document's bound: a stream of tiny
+    deltas is bounded by what it holds, not only by its characters."""
+    fast, _ = translators(chat=True, aggregate=True, include_usage=False)
+    plain = b'data: {"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":[{"index":0,"delta":{"content":%s},"finish_reason":null}]}\n\n'
+    run(fast, b"".join(plain % orjson.dumps(t) for t in ["a", "b"]))
+    assert fast.text_template is not None
+    pieces = MAX_DOCUMENT // (2 + PIECE_COST)
+    assert all(fast.absorbed_text("ab") for _ in range(pieces - 2))
+    assert not all(fast.absorbed_text("ab") for _ in range(4))

@@ -112,11 +112,15 @@ def openai_error_body(status: int, code: str, message: str) -> bytes:
 
 
 #: Largest JSON document the sidecar holds whole: a worker's document it translates, or the
-#: one it aggregates from a worker's stream (bytes read, or characters of text absorbed).
+#: one it aggregates from a worker's stream (bytes read, or what the text absorbed holds).
 MAX_DOCUMENT = 64 * 1024 * 1024
 #: Largest worker stream aggregated into one document, in bytes read (the lane's absorbed text
 #: is held to `MAX_DOCUMENT`): most of a stream's bytes are each event's envelope, not held.
 MAX_STREAM_BYTES = 4 * MAX_DOCUMENT
+#: What one piece of absorbed text holds beyond its characters (a str object and its slot in
+#: the list of pieces): the fast lane's `absorbed` counts both, so a stream of tiny deltas
+#: is bounded by what it really holds.
+PIECE_COST = 64
 
 class BadRequest(Exception):
     """The client's request body cannot be adapted (malformed JSON): answered 400, never forwarded."""
@@ -184,7 +188,7 @@ class StreamTranslator(Outcome, ABC):
         self.worker_error = False
         self.complete = False
         self.content_events = 0
-        self.absorbed = 0  # characters `absorbed_text` took in (aggregating)
+        self.absorbed = 0  # what `absorbed_text` holds: characters + PIECE_COST per piece
         self._settled: tuple[Any, ...] | None = None  # what the current cost was worked out for
         # Kept current by dialects that have one (see sidecar.fastlane): while set, an
         # event made of this template with a JSON string in its place passes unchanged
@@ -220,7 +224,7 @@ class StreamTranslator(Outcome, ABC):
 
     def absorbed_text(self, text: str) -> bool:
         """Aggregating: an event of `text_template` with `text` in its string's place came,
-        unparsed; absorb it as `feed` would have, add its length to `absorbed`, and say
+        unparsed; absorb it as `feed` would have, add what it holds to `absorbed`, and say
         whether the lane may go on (False: what was absorbed passed `MAX_DOCUMENT`, the
         next read must go the general way, where the aggregation's bound is checked).
         Dialects that keep a template while aggregating implement it."""

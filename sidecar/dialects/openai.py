@@ -21,6 +21,7 @@ from orjson import loads as _loads
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
     MAX_DOCUMENT,
+    PIECE_COST,
     Dialect,
     DocumentTranslator,
     RequestPlan,
@@ -242,7 +243,7 @@ class OpenAIStream(StreamTranslator):
         # what _absorb would do with the template's event (merge_value, its common case first)
         if text:
             self.content_events += 1
-            self.absorbed += len(text)
+        self.absorbed += len(text) + PIECE_COST
         target = self._tpl_target
         assert target is not None  # set with the template when aggregating
         key = self._tpl_key
