@@ -336,7 +336,7 @@ class ResponsePump:
         up = self.up
         if self.paused:
             # backpressure is not the worker's silence, but a client that takes no byte for
-            # send_timeout is gone (one that reads, however slowly, is not)
+            # send_timeout is gone (one that reads is not: see ClientConnection.backlog)
             backlog = self.ex.client.backlog
             if backlog < self.paused_backlog:
                 self.paused_backlog = backlog
