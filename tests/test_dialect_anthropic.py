@@ -488,3 +488,12 @@ def test_round_trip_json_sse_json(message: dict[str, Any], cuts: list[int]) -> N
     else:
         assert "cost" not in back["usage"] and t.cost is None
     assert t.usage == d.usage
+
+
+def test_a_reencoded_event_keeps_the_workers_id() -> None:
+    """An event the sidecar re-encodes (here the final message_delta, cost injected) keeps
+    the `id:` line the worker gave it: a client resuming by Last-Event-ID still can."""
+    chunks = [b"id: 7\n" + c if c.startswith(b"event: message_delta") else c for c in worker_stream()]
+    out, _ = relay(chunks)
+    (sent,) = [e for e in parse(b"".join(out)) if e.event == "message_delta"]
+    assert sent.id == "7" and "cost" in json.loads(sent.data)["usage"]

@@ -18,9 +18,10 @@ from sidecar.dialects.base import RequestPlan, StreamTranslator, read_event
 from sidecar.sse import Event, encode_event
 
 
-def named_event(obj: dict[str, Any], kind: str) -> bytes:
-    """One event written by the sidecar: `event: <type>` and the JSON data."""
-    return encode_event(orjson.dumps(obj), event=kind)
+def named_event(obj: dict[str, Any], kind: str, id: str | None = None) -> bytes:
+    """One event written by the sidecar: `event: <type>`, the worker's `id:` when it is a
+    worker's event re-encoded, and the JSON data."""
+    return encode_event(orjson.dumps(obj), event=kind, id=id)
 
 
 def event_type(obj: dict[str, Any], event: Event) -> str | None:
@@ -72,7 +73,7 @@ class TypedEventStream(StreamTranslator):
                 return None if self.aggregate else event.raw
         if self.aggregate:
             return None
-        return named_event(obj, kind) if changed or event.event != kind else event.raw
+        return named_event(obj, kind, event.id) if changed or event.event != kind else event.raw
 
     @abstractmethod
     def read(self, kind: str, obj: dict[str, Any]) -> bool:
