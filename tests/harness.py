@@ -65,7 +65,9 @@ from pathlib import Path
 from typing import Any
 
 import h11
+import httpx
 import yaml
+from prometheus_client.parser import text_string_to_metric_families
 
 REPO = Path(__file__).resolve().parent.parent
 LOOPBACK = "127.0.0.1"
@@ -1685,3 +1687,26 @@ def held_stream(
         await io.send(b"".join(chunk(e) for e in events[first:]) + LAST_CHUNK)
 
     return handle
+
+
+# -- the admin port's /metrics ----------------------------------------------------------------
+
+MetricSamples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+def metrics_text(daemon: Daemon) -> str:
+    """The daemon's /metrics page."""
+    response = httpx.get(daemon.admin_url + "/metrics", timeout=5)
+    assert response.status_code == 200
+    return response.text
+
+
+def metric_samples(text: str) -> MetricSamples:
+    """Every sample of a /metrics page, parsed by prometheus_client, keyed by (name, labels)."""
+    out: MetricSamples = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            key = (s.name, frozenset(s.labels.items()))
+            assert key not in out, f"duplicate sample {key}"
+            out[key] = s.value
+    return out

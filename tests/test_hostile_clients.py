@@ -22,7 +22,6 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from tests.harness import (
@@ -39,6 +38,8 @@ from tests.harness import (
     chunk,
     http_response,
     json_reply,
+    metric_samples,
+    metrics_text,
     openai_handler,
     request_bytes,
     response_head,
@@ -646,9 +647,7 @@ def test_a_client_that_resets_mid_head_costs_nothing(daemon: Daemon, worker: Fak
 
 
 def client_connections(daemon: Daemon) -> float:
-    text = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
-    return next(float(line.split()[1]) for line in text.splitlines()
-                if line.startswith("sidecar_client_connections "))
+    return metric_samples(metrics_text(daemon))[("sidecar_client_connections", frozenset())]
 
 
 def test_a_client_that_never_reads_its_answer_is_not_kept_for_ever(

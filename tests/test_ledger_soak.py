@@ -50,6 +50,8 @@ from tests.harness import (
     daemon_config,
     held_stream,
     json_reply,
+    metric_samples,
+    metrics_text,
     openai_handler,
     post,
     request_bytes,
@@ -112,23 +114,6 @@ def check_well_formed(record: dict[str, Any]) -> None:
     for key in ("prompt_tokens", "completion_tokens", "cached_tokens", "reasoning_tokens"):
         assert record[key] is None or (isinstance(record[key], int) and record[key] >= 0), record
     assert record["cost"] is None or isinstance(record["cost"], Decimal | int), record
-
-
-def metrics_text(daemon: Daemon) -> str:
-    response = httpx.get(daemon.admin_url + "/metrics", timeout=5)
-    assert response.status_code == 200
-    return response.text
-
-
-def samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample of a /metrics page, parsed by prometheus_client, keyed by (name, labels)."""
-    out: dict[tuple[str, frozenset[tuple[str, str]]], float] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            key = (s.name, frozenset(s.labels.items()))
-            assert key not in out, f"duplicate sample {key}"
-            out[key] = s.value
-    return out
 
 
 def families(text: str) -> dict[str, str]:
@@ -338,7 +323,7 @@ def test_soak_one_ledger_line_per_request(
 
     # /metrics agrees with the ledger, line by line
     text = metrics_text(daemon)
-    s = samples(text)
+    s = metric_samples(text)
     requests: Counter[tuple[str, str]] = Counter()
     for (name, labels), value in s.items():
         if name == "sidecar_requests_total":
@@ -524,7 +509,7 @@ def test_unpriced_model_has_null_cost(daemon: Daemon, worker: FakeWorker) -> Non
         assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3)
     text = metrics_text(daemon)
     assert 'sidecar_cost_total{model="no-such-price"' not in text
-    assert samples(text)[("sidecar_tokens_total",
+    assert metric_samples(text)[("sidecar_tokens_total",
                           frozenset({("model", "no-such-price"), ("kind", "prompt")}))] >= 22
 
 
@@ -541,13 +526,13 @@ def test_metrics_families_and_active_streams(daemon: Daemon, worker: FakeWorker,
                                   headers=[("x-request-id", rid)]))
         client.read_until(b"held")
         text = metrics_text(daemon)
-        assert samples(text)[("sidecar_active_streams", frozenset())] == 1
+        assert metric_samples(text)[("sidecar_active_streams", frozenset())] == 1
         release.set()
         response_tail = client.read_until(b"0\r\n\r\n")
         assert b"[DONE]" in response_tail
     exact_record(daemon, rid)
     text = metrics_text(daemon)
-    s = samples(text)
+    s = metric_samples(text)
     assert s[("sidecar_active_streams", frozenset())] == 0
     kinds = families(text)
     assert kinds["sidecar_requests"] == "counter"
@@ -573,7 +558,7 @@ def test_metrics_families_and_active_streams(daemon: Daemon, worker: FakeWorker,
 
 def test_upstream_errors_by_code_in_metrics(daemon: Daemon, worker: FakeWorker) -> None:
     def count(code: str) -> float:
-        return samples(metrics_text(daemon)).get(
+        return metric_samples(metrics_text(daemon)).get(
             ("sidecar_upstream_errors_total", frozenset({("code", code)})), 0.0)
 
     before = count("upstream_disconnected"), count("upstream_incomplete")
@@ -626,7 +611,7 @@ def test_unwritable_ledger_does_not_stop_traffic(worker: FakeWorker, tmp_path: P
         for i in range(4):
             r = post(daemon, chat_body(stream=i % 2 == 1), headers=[("x-request-id", f"lost-{i}")])
             assert r.status == 200
-        s = samples(metrics_text(daemon))
+        s = metric_samples(metrics_text(daemon))
         assert s[("sidecar_ledger_write_errors_total", frozenset())] == 4
         assert s[("sidecar_requests_total", frozenset({("route", "chat"), ("outcome", "ok"),
                                                        ("status", "200")}))] == 4
@@ -643,6 +628,6 @@ def test_ledger_under_proc_does_not_stop_traffic(worker: FakeWorker, tmp_path: P
     with Daemon(config, tmp_path) as daemon:
         for i in range(3):
             assert post(daemon, chat_body(), headers=[("x-request-id", f"proc-{i}")]).status == 200
-        s = samples(metrics_text(daemon))
+        s = metric_samples(metrics_text(daemon))
         assert s[("sidecar_ledger_write_errors_total", frozenset())] == 3
         assert daemon.alive()

@@ -45,6 +45,7 @@ from tests.harness import (
     free_port,
     http_response,
     json_reply,
+    metric_samples,
     openai_handler,
     post,
     raw_exchange,
@@ -1047,14 +1048,6 @@ def test_query_string_forwarded_unchanged(w: FakeWorker, proxy: Daemon) -> None:
 
 
 # ============================================================================ admin port
-
-
-def metric_samples(text: str) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            out[(sample.name, frozenset(sample.labels.items()))] = sample.value
-    return out
 
 
 def test_admin_healthz_readyz_metrics(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
