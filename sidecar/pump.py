@@ -28,6 +28,7 @@ from sidecar.upstream import UpstreamConnection
 if TYPE_CHECKING:
     from sidecar.config import RouteConfig
     from sidecar.exchange import Exchange
+    from sidecar.server import SendStall
 
 log = logging.getLogger("sidecar.exchange")
 
@@ -69,8 +70,7 @@ class ResponsePump:
         self.clean = False
         self.eof = False
         self.paused = False
-        self.paused_since = 0.0  # since when the client has held the worker back, taking nothing
-        self.paused_backlog = 0  # what the client had not taken then
+        self.stall: SendStall | None = None  # while the client holds the worker back
         self.send_timeout = exchange.generation.config.limits.send_timeout
         # Silence is noticed at the timer's looks, not per read: the worker connection only
         # marks that a read happened (`rx_seen`), and the timer looks at least every eighth
@@ -306,8 +306,7 @@ class ResponsePump:
         if self.finished:  # the worker connection may be back in the pool already
             return
         self.paused = True
-        self.paused_since = self.loop.time()
-        self.paused_backlog = self.ex.client.backlog
+        self.stall = self.ex.client.send_stall(self.send_timeout)
         self.up.pause_reading()
 
     def client_resumed(self) -> None:
@@ -334,17 +333,12 @@ class ResponsePump:
             return
         now = self.loop.time()
         up = self.up
-        if self.paused:
+        if self.paused and self.stall is not None and self.stall.over(self.ex.client.backlog, now):
             # backpressure is not the worker's silence, but a client that takes no byte for
-            # send_timeout is gone (one that reads is not: see ClientConnection.backlog)
-            backlog = self.ex.client.backlog
-            if backlog < self.paused_backlog:
-                self.paused_backlog = backlog
-                self.paused_since = now
-            elif now - self.paused_since >= self.send_timeout:
-                self.ex.client.abort()
-                self.client_lost()
-                return
+            # send_timeout is gone (one that reads is not: see SendStall)
+            self.ex.client.abort()
+            self.client_lost()
+            return
         if self.end_due is not None and now >= self.end_due and not self.paused:
             # the stream ended: the worker's silence since costs the client nothing (fail)
             self.fail(failures.UPSTREAM_TIMEOUT, "no end of the body after the stream's last event")

@@ -52,6 +52,26 @@ class StreamListener:
     def client_lost(self) -> None: ...
 
 
+class SendStall:
+    """Whether a client has taken nothing of what it was sent for `timeout`: its backlog
+    (`ClientConnection.backlog`) has not shrunk since `since`. The rule of `send_timeout`,
+    for a stream held back, a pipelined request waiting and a close lingering alike."""
+
+    __slots__ = ("backlog", "since", "timeout")
+
+    def __init__(self, backlog: int, now: float, timeout: float) -> None:
+        self.backlog = backlog
+        self.since = now
+        self.timeout = timeout
+
+    def over(self, backlog: int, now: float) -> bool:
+        """Look at the backlog now: True once it has not shrunk for `timeout`."""
+        if backlog < self.backlog:
+            self.backlog, self.since = backlog, now
+            return False
+        return now - self.since >= self.timeout
+
+
 class ClientConnection(asyncio.Protocol):
     """One client connection: reads requests, runs exchanges, writes responses."""
 
@@ -301,22 +321,22 @@ class ClientConnection(asyncio.Protocol):
         """Wait until the transport's write buffer is below its high-water mark: False when
         the client takes nothing of it for `timeout` (it does not read) or it closed. Its
         backlog is looked at every eighth of `timeout`, as the response pump does."""
-        backlog = self.backlog
-        stalled_since = self.loop.time()
+        stall = self.send_stall(timeout)
         while self.paused_writing and not self.closed:
             self._drain_waiter = self.loop.create_future()
             try:
                 async with asyncio.timeout(timeout / 8):
                     await self._drain_waiter
             except TimeoutError:
-                now, left = self.loop.time(), self.backlog
-                if left < backlog:
-                    backlog, stalled_since = left, now
-                elif now - stalled_since >= timeout:
+                if stall.over(self.backlog, self.loop.time()):
                     return False
             finally:
                 self._drain_waiter = None
         return not self.closed
+
+    def send_stall(self, timeout: float) -> SendStall:
+        """A watch, from now, on whether this client takes nothing for `timeout`."""
+        return SendStall(self.backlog, self.loop.time(), timeout)
 
     def close(self) -> None:
         transport = self.transport
@@ -325,24 +345,19 @@ class ClientConnection(asyncio.Protocol):
             if transport.get_write_buffer_size():
                 # what is left goes out as the client reads it; a client that takes none of
                 # it for send_timeout is not waited on for ever
-                self._linger(self.backlog, self.loop.time())
+                self._linger(self.send_stall(self.runtime.config.limits.send_timeout))
 
-    def _linger(self, backlog: int, stalled_since: float) -> None:
+    def _linger(self, stall: SendStall) -> None:
         """Look at a closed connection's backlog again an eighth of send_timeout later."""
-        self._linger_timer = self.loop.call_later(
-            self.runtime.config.limits.send_timeout / 8, self._linger_look, backlog, stalled_since
-        )
+        self._linger_timer = self.loop.call_later(stall.timeout / 8, self._linger_look, stall)
 
-    def _linger_look(self, backlog: int, stalled_since: float) -> None:
+    def _linger_look(self, stall: SendStall) -> None:
         if self.closed or self.transport is None:
             return
-        now, left = self.loop.time(), self.backlog
-        if 0 < left < backlog:
-            self._linger(left, now)  # it reads, slowly
-        elif now - stalled_since < self.runtime.config.limits.send_timeout:
-            self._linger(backlog, stalled_since)
-        else:
+        if stall.over(self.backlog, self.loop.time()):
             self.transport.abort()
+        else:
+            self._linger(stall)
 
     def abort(self) -> None:
         """Drop the connection without finishing the response (the client sees the break)."""
