@@ -187,15 +187,16 @@ def test_worker_error_event_is_forwarded_as_is() -> None:
     assert json.loads(agg.document()) == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}
 
 
-@pytest.mark.parametrize("data", [
-    {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
-    {"error": {"code": 500, "message": "failed", "type": "server_error"}},  # llama.cpp's
+@pytest.mark.parametrize(("name", "data"), [
+    (b"", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+    (b"", {"error": {"code": 500, "message": "failed", "type": "server_error"}}),  # llama.cpp's
+    (b"event: ping\n", {"type": "error", "error": {"type": "api_error", "message": "x"}}),
 ])
-def test_an_unnamed_worker_error_goes_out_named(data: dict) -> None:
-    """The Anthropic SDK skips unnamed events: a worker error without an `event:` line
-    goes out as `event: error`, its data unchanged."""
+def test_an_unnamed_worker_error_goes_out_named(name: bytes, data: dict) -> None:
+    """The Anthropic SDK raises on events named `error` only: a worker error without an
+    `event:` line, or under another name, goes out as `event: error`, its data unchanged."""
     chunks = worker_stream()[:4]
-    out, t = relay([*chunks, b"data: " + json.dumps(data).encode() + b"\n\n"])
+    out, t = relay([*chunks, name + b"data: " + json.dumps(data).encode() + b"\n\n"])
     (sent,) = parse(out[-1])
     assert sent.event == "error" and json.loads(sent.data) == data
     assert t.worker_error

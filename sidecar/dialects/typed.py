@@ -69,8 +69,6 @@ class TypedEventStream(StreamTranslator):
         if kind == "error":  # the worker's own error: forwarded as it is, named if it was not
             self.worker_error = True
             self._error_obj = obj
-            if not changed and event.event:
-                return None if self.aggregate else event.raw
         if self.aggregate:
             return None
         return named_event(obj, kind, event.id) if changed or event.event != kind else event.raw
