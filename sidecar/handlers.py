@@ -24,7 +24,7 @@ from sidecar.dialects.base import (
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
-from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError
+from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError, without_bom
 from sidecar.usage import cost_header_value
 
 if TYPE_CHECKING:
@@ -149,15 +149,9 @@ class RawHandler(BodyHandler):
 
     def data(self, chunk: bytes) -> None:
         if self.lead is not None:
-            chunk = self.lead + chunk
-            if len(chunk) < len(BOM) and BOM.startswith(chunk):
-                self.lead = chunk  # too short to tell yet
+            self.lead, chunk = without_bom(self.lead, chunk)
+            if not chunk:
                 return
-            self.lead = None
-            if chunk.startswith(BOM):
-                chunk = chunk[len(BOM) :]
-                if not chunk:
-                    return
         if self.tail is not None:
             self.tail = (self.tail + chunk[-3:])[-3:]
         self.ex.write_data(chunk)

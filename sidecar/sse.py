@@ -42,7 +42,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-__all__ = ["BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event"]
+__all__ = [
+    "BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event", "without_bom",
+]
 
 #: the UTF-8 byte-order mark: dropped from the start of a worker's body, never written
 BOM = b"\xef\xbb\xbf"
@@ -54,6 +56,16 @@ _BLOCK_END = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
 _BIG = 8192  # a partial block this large is accumulated in a bytearray
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _STR_LINE_END = re.compile(r"\r\n|\r|\n")
+
+
+def without_bom(held: bytes, chunk: bytes) -> tuple[bytes | None, bytes]:
+    """A stream's first bytes, those held so far and the next `chunk`, with a leading
+    byte-order mark dropped: (None, the bytes that follow it) once that is decided, or
+    (the bytes to hold, b"") while they may still be the start of one."""
+    head = held + chunk
+    if len(head) < len(BOM) and BOM.startswith(head):
+        return head, b""
+    return None, head[len(BOM) :] if head.startswith(BOM) else head
 
 
 class SSEProtocolError(Exception):
@@ -269,13 +281,12 @@ class SSEParser:
         if not chunk:
             return []
         if self._at_start:
-            head = self._buf + chunk
-            if len(head) < 3 and BOM.startswith(head):
-                self._buf = head  # maybe a BOM split across chunks: wait
+            held, chunk = without_bom(self._buf, chunk)
+            if held is not None:
+                self._buf = held  # maybe a BOM split across chunks: wait
                 return []
             self._at_start = False
             self._buf = b""
-            chunk = head[3:] if head.startswith(BOM) else head
             return self._run(chunk, 0, 0, 0)
         if self._skip_lf:
             self._skip_lf = False
