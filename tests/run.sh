@@ -16,7 +16,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 if [ ! -x .venv/bin/python ]; then
-  python3 -m venv .venv
+  "$(sh deploy/python.sh)" -m venv .venv  # the interpreter: see deploy/python.sh
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q -e '.[test]'
