@@ -343,6 +343,67 @@ def test_a_stream_without_finish_or_done_is_not_complete() -> None:
     assert not t.complete
 
 
+def _choice_chunk(index: int, content: str | None, finish: str | None = None,
+                  chat: bool = True, **extra: Any) -> bytes:
+    choice: dict[str, Any] = {"index": index, "finish_reason": finish, **extra}
+    if chat:
+        choice["delta"] = {} if content is None else {"content": content}
+    else:
+        choice["text"] = content or ""
+    return sse_data({"id": "x", "object": "chat.completion.chunk" if chat else "text_completion",
+                     "created": 1, "model": MODEL, "choices": [choice]})
+
+
+@pytest.mark.parametrize("chat", [True, False])
+def test_with_several_choices_the_stream_is_complete_only_when_each_finished(chat: bool) -> None:
+    """n=2 cut after choice 0's finish: choice 1 never finished, so no success (neither
+    relayed nor aggregated); once it finishes, or at [DONE], the stream is complete."""
+    dialect = OPENAI_CHAT if chat else OPENAI_COMPLETIONS
+    body = {**STREAMING_USAGE, "n": 2} if chat else {"model": MODEL, "prompt": "x", "n": 2, "stream": True}
+    begun = (_choice_chunk(0, "Par", chat=chat) + _choice_chunk(1, " Lyon", chat=chat)
+             + _choice_chunk(0, "is", "stop", chat=chat))
+    for aggregate in (False, True):
+        t = stream_for(body, aggregate=aggregate, dialect=dialect)
+        relay(t, begun)
+        assert not t.complete
+        relay(t, _choice_chunk(0, None, chat=chat))  # said again after its finish: still done
+        assert not t.complete
+        relay(t, _choice_chunk(1, " is", "length", chat=chat))
+        assert t.complete
+        relay(t, _choice_chunk(2, "late", chat=chat))  # a choice begun after the others ended
+        assert not t.complete
+    t = stream_for(body, dialect=dialect)
+    relay(t, begun + DONE)
+    assert t.complete
+
+
+def test_aggregate_replaces_what_a_choice_says_again_outside_its_delta() -> None:
+    """A finish_reason repeated on the usage-carrying chunk, and content filter results on
+    every chunk, are said again, not continued: never `"stopstop"` or `"safesafe"`."""
+    filters = {"hate": {"filtered": False, "severity": "safe"}}
+    usage = {"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, _choice_chunk(0, "Hello", content_filter_results=filters)
+          + _choice_chunk(0, " there", "stop", content_filter_results=filters)
+          + sse_data({"id": "x", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+                      "choices": [{"index": 0, "delta": {}, "finish_reason": "stop",
+                                   "content_filter_results": filters}], "usage": usage})
+          + DONE)
+    choice = orjson.loads(t.document())["choices"][0]
+    assert choice["message"]["content"] == "Hello there"
+    assert choice["finish_reason"] == "stop"
+    assert choice["content_filter_results"] == filters
+
+
+def test_aggregate_leaves_out_the_chunks_obfuscation_padding() -> None:
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    chunk = orjson.loads(_choice_chunk(0, "Hi", "stop")[len(b"data: "):])
+    relay(t, sse_data({**chunk, "obfuscation": "u8", "service_tier": "default"}) + DONE)
+    doc = orjson.loads(t.document())
+    assert "obfuscation" not in doc
+    assert doc["service_tier"] == "default"
+
+
 @pytest.mark.parametrize("data", [b"data: {not json\n\n", b"data: [1, 2]\n\n", b'data: "x"\n\n',
                                   b'data: {"choices": [1]}\n\n'])
 def test_data_that_is_not_a_chunk_is_a_protocol_error(data: bytes) -> None:

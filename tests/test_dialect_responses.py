@@ -11,6 +11,7 @@ import orjson
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from openai.types.responses import ResponseCreatedEvent, ResponseFailedEvent
 
 from sidecar import failures
 from sidecar.config import Price, Pricing
@@ -199,6 +200,10 @@ def test_error_frame_before_any_event() -> None:
     assert isinstance(r["created_at"], int)
     assert {k: created["response"][k] for k in ("id", "model", "created_at")} == {
         k: r[k] for k in ("id", "model", "created_at")}
+    # both are whole objects of the SDK's types (the failure's code is SPEC's, which the
+    # SDK's closed list of codes does not have, so it is checked without it)
+    ResponseCreatedEvent.model_validate(created)
+    ResponseFailedEvent.model_validate({**obj, "response": {**r, "error": None}})
 
 
 def test_worker_response_failed_is_forwarded_as_is() -> None:

@@ -19,8 +19,9 @@ class TextParts(list[str]):
     once by `finished` (concatenating as they come is quadratic in the output's length)."""
 
 
-def merge_value(key: str, old: Any, new: Any) -> Any:
-    """How one field of an accumulated delta absorbs the same field of the next delta."""
+def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> Any:
+    """How one field of an accumulated delta absorbs the same field of the next delta.
+    `replace_strings`: every string (in dicts within too) is said again, not continued."""
     if new is None:
         return old
     if old is None:
@@ -31,13 +32,13 @@ def merge_value(key: str, old: Any, new: Any) -> Any:
             return old
         return new
     if isinstance(old, str) and isinstance(new, str):
-        if key in REPLACED_KEYS or (key == "name" and old == new):
+        if replace_strings or key in REPLACED_KEYS or (key == "name" and old == new):
             return new or old  # an empty one (TGI's `"id": ""` on later deltas) says nothing
         if key == "name":  # short, and compared whole above
             return old + new
         return TextParts((old, new))
     if isinstance(old, dict) and isinstance(new, dict):
-        merge_into(old, new)
+        merge_into(old, new, replace_strings)
         return old
     if isinstance(old, list) and isinstance(new, list):
         if key == "tool_calls":
@@ -46,11 +47,11 @@ def merge_value(key: str, old: Any, new: Any) -> Any:
     return new
 
 
-def merge_into(acc: dict[str, Any], delta: dict[str, Any]) -> None:
-    """Merge `delta` into `acc` in place, field by field."""
+def merge_into(acc: dict[str, Any], delta: dict[str, Any], replace_strings: bool = False) -> None:
+    """Merge `delta` into `acc` in place, field by field (`replace_strings`: see merge_value)."""
     for key, value in delta.items():
         if key in acc:
-            acc[key] = merge_value(key, acc[key], value)
+            acc[key] = merge_value(key, acc[key], value, replace_strings)
         else:
             acc[key] = copy_json(value)
 

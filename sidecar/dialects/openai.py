@@ -42,6 +42,8 @@ from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_opena
 
 DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
+#: chunk keys that mean nothing in a document: OpenAI's random padding of each chunk
+_CHUNK_ONLY_KEYS = ("obfuscation",)
 #: delta keys whose strings are generated text (a template's text is one of them)
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 
@@ -115,6 +117,10 @@ class OpenAIStream(StreamTranslator):
         self._done = False
         self._usage_obj: dict[str, Any] | None = None
         self._choices: dict[int, dict[str, Any]] = {}
+        # choice indexes seen, and those that got a finish_reason: the stream is complete
+        # only when every choice it began finished (n > 1: one choice's finish is not all)
+        self._begun: set[Any] = set()
+        self._finished: set[Any] = set()
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
         self._content_key = "delta" if shape.chat else "text"
@@ -210,11 +216,15 @@ class OpenAIStream(StreamTranslator):
         for choice in choices:
             if type(choice) is not dict:
                 raise StreamProtocolError("a choice is not a JSON object")
+            index = choice.get("index")
+            self._begun.add(index if type(index) is int else 0)
             if choice.get("finish_reason") is not None:
-                self.complete = True
+                self._finished.add(index if type(index) is int else 0)
                 final = True
             if _content_bearing(choice.get(content_key)):
                 self.content_events += 1
+        if choices and self._finished:
+            self.complete = self._begun <= self._finished
         usage_obj = obj.get("usage")
         if type(usage_obj) is dict:
             self.usage.merge_max(usage_from_openai(usage_obj))
@@ -331,16 +341,22 @@ class OpenAIStream(StreamTranslator):
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():
-            if key not in _CHUNK_KEYS and value is not None:
+            if key not in _CHUNK_KEYS and key not in _CHUNK_ONLY_KEYS and value is not None:
                 self._extras[key] = value
+        chat = self.shape.chat
         for choice in choices:
             index = _choice_index(choice)
             acc = self._choices.setdefault(index, {"index": index})
-            delta = choice.get("delta") if self.shape.chat else None
-            rest = {k: v for k, v in choice.items() if k not in ("delta", "index")}
-            if isinstance(delta, dict):
-                merge_into(acc.setdefault("message", {}), delta)
-            merge_into(acc, rest)
+            for key, value in choice.items():
+                if key == "delta" and chat:
+                    if isinstance(value, dict):
+                        merge_into(acc.setdefault("message", {}), value)
+                elif key == "text" and not chat:  # generated text: the pieces concatenated
+                    acc[key] = merge_value(key, acc.get(key), value)
+                elif key != "index":
+                    # the rest is said again, not continued (a finish_reason repeated on the
+                    # usage chunk, content filter results): strings replaced, lists appended
+                    acc[key] = merge_value(key, acc.get(key), value, replace_strings=True)
 
     # -- results ------------------------------------------------------------------
     def document(self) -> bytes:

@@ -204,6 +204,10 @@ class ResponsesStream(TypedEventStream):
             "incomplete_details": None,
             "output": [],
             "usage": None,
+            # required by the SDKs' Response type; the request's own values are not kept
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
         }
         if self._created is not None:
             for key in ("id", "model", "created_at"):
