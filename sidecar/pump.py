@@ -295,10 +295,12 @@ class ResponsePump:
         source = self.ex.outcome_source
         if source is not None and source.worker_error:  # it saw the worker's own error
             self.ex.outcome = "upstream_error"
-        elif source is None or not source.complete:
+        elif source is None or not source.ended or not self.ex.head_sent:
             self.ex.outcome = "client_disconnect"
-        # else the worker had finished and the client had it all (an SDK closes at [DONE],
-        # maybe before the body's last chunk came): the outcome stays what it was
+        # else the stream's last event had gone out to the client (an SDK closes at [DONE],
+        # maybe before the body's last chunk came): the outcome stays what it was. Not at a
+        # finish_reason (the usage chunk follows it), nor while an aggregation's document,
+        # the client's whole answer, was still to be written.
         self.ex.close_after = True
         self._close()
 

@@ -166,7 +166,8 @@ def test_comments_pass_and_after_message_stop_nothing_is_read() -> None:
     for e in parse(b"".join(worker_stream())):
         t.feed(e)
     (late,) = parse(b"event: x\ndata: not json\n\n")
-    assert t.feed(late) == late.raw
+    assert t.feed(late) is None  # not read, and not passed on: the stream is over
+    assert t.feed(c) == b": keep-alive\n\n"
 
 
 def test_bad_json_is_a_protocol_error() -> None:
@@ -179,9 +180,10 @@ def test_bad_json_is_a_protocol_error() -> None:
 def test_worker_error_event_is_forwarded_as_is() -> None:
     chunks = worker_stream()[:4]
     err = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
-    out, t = relay([*chunks, err])
-    assert out[-1] == err
-    assert t.worker_error and not t.complete
+    out, t = relay([*chunks, err, *worker_stream()[4:]])
+    # the error is the last event out: no message_delta with a stop_reason, no message_stop
+    assert out[4] == err and not any(out[5:])
+    assert t.worker_error and not t.complete and t.ended
     agg = aggregate(b"".join([*chunks, err]))
     assert agg.worker_error
     assert json.loads(agg.document()) == {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}

@@ -326,8 +326,8 @@ def test_comments_and_crlf_pass_through_untouched() -> None:
 def test_nothing_after_done_is_read() -> None:
     data = b"".join(chat_stream_events()) + b"data: not json at all\n\n"
     t = stream_for(STREAMING_USAGE)
-    out = relay(t, data)  # must not raise: what follows [DONE] is not parsed
-    assert out.startswith(b"".join(chat_stream_events()))
+    out = relay(t, data)  # must not raise: what follows [DONE] is not parsed (nor passed on)
+    assert out == b"".join(chat_stream_events())
     assert t.complete and not t.worker_error
 
 
@@ -431,6 +431,20 @@ def test_worker_error_event_is_forwarded_and_noted() -> None:
     assert t.worker_error
 
 
+def test_nothing_but_comments_follows_the_workers_error() -> None:
+    """vLLM and TGI write `data: [DONE]` after their error chunk: a client that skips error
+    chunks would take that for a success, so the error is the stream's last event, whatever
+    the worker sends after it (a template event included), relayed or aggregated."""
+    first = chat_stream_events(["Hel", "lo", "you"])
+    err = sse_data({"error": {"message": "overloaded", "type": "server_error", "code": 503}})
+    t = stream_for(STREAMING_USAGE)
+    assert relay(t, b"".join(first[:3])) == b"".join(first[:3])
+    assert t.text_template is not None  # the content event the lane would take
+    assert relay(t, err) == err and t.ended
+    assert t.text_template is None
+    assert relay(t, first[3] + b": keep-alive\n\n" + b"".join(first[4:]) + DONE) == b": keep-alive\n\n"
+
+
 @pytest.mark.parametrize("value", [b'{"code":400,"message":"too long","type":"invalid_request_error"}',
                                    b"plain words"])
 def test_llamacpp_error_line_is_the_workers_error(value: bytes) -> None:
@@ -443,7 +457,7 @@ def test_llamacpp_error_line_is_the_workers_error(value: bytes) -> None:
     sent = [e for e in events(out) if e.data is not None]
     error = orjson.loads(sent[1].data)["error"]
     assert error["message"] == ("too long" if value.startswith(b"{") else "plain words")
-    assert sent[-1].data == "[DONE]" and t.worker_error
+    assert len(sent) == 2 and t.worker_error and t.ended  # its [DONE] does not follow
     aggregated = stream_for(NON_STREAMING, aggregate=True, mode="always")
     relay(aggregated, line + b"data: [DONE]\n\n")
     assert aggregated.worker_error

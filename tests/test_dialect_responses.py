@@ -213,6 +213,9 @@ def test_worker_response_failed_is_forwarded_as_is() -> None:
     out, t = relay(chunks)
     assert out == chunks
     assert t.worker_error and t.complete
+    # a worker that goes on to a response.completed after it: never passed on
+    late, _ = relay([*chunks, *encode(worker_events())[-2:]])
+    assert late[: len(chunks)] == chunks and not any(late[len(chunks) :])
     agg = aggregate(chunks)
     assert agg.worker_error
     # aggregated (a 502), it is the dialect's error object, as for the worker's `error` event
@@ -222,8 +225,8 @@ def test_worker_response_failed_is_forwarded_as_is() -> None:
 
 def test_worker_error_event() -> None:
     chunks = [*encode(worker_events()[:3]), b'event: error\ndata: {"type":"error","code":"server_error","message":"bad","param":null,"sequence_number":3}\n\n']
-    out, t = relay(chunks)
-    assert out == chunks and t.worker_error and not t.complete
+    out, t = relay([*chunks, *encode(worker_events())[3:]])
+    assert out[:4] == chunks and not any(out[4:]) and t.worker_error and not t.complete
     doc = json.loads(aggregate(chunks).document())
     assert doc == {"error": {"message": "bad", "type": "upstream_error", "code": "server_error", "param": None}}
 

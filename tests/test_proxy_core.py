@@ -726,6 +726,32 @@ def test_client_that_leaves_at_done_before_the_body_ends_had_a_whole_answer(
     assert (record["prompt_tokens"], record["completion_tokens"]) == (11, 3), record
 
 
+@pytest.mark.parametrize("client_stream", [True, False])
+def test_client_that_leaves_after_the_finish_but_before_the_usage_left_early(
+    w: FakeWorker, proxy: Daemon, client_stream: bool
+) -> None:
+    """A finish_reason is not the stream's end (the usage chunk and `[DONE]` follow it): a
+    client that leaves there (`if finish_reason: break`) left before its answer was whole,
+    and a non-streaming client that leaves while the aggregation waits for the rest got
+    nothing; neither is `ok` (the ledger would bill it without its prompt tokens)."""
+    events = chat_stream_events()  # role, content x3, finish, usage, [DONE]
+    w.reply([*sse_reply(events[:-2], end=False), Stall()])
+    rid = f"left-at-finish-{client_stream}"
+    client = RawClient(proxy.address)
+    client.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=client_stream),
+                              [("x-request-id", rid)]))
+    (request,) = w.wait_requests(1)
+    if client_stream:
+        client.read_until(b'"finish_reason":"stop"')
+    else:
+        time.sleep(0.3)  # the worker's events are in; the document waits for the rest
+    client.close()
+    assert w.wait_connection_closed(request, 1.0)
+    record = proxy.ledger_for(rid)
+    assert (record["outcome"], record["status"]) == (
+        "client_disconnect", 200 if client_stream else 499), record
+
+
 def test_client_disconnect_before_the_head_closes_the_worker_connection(
     w: FakeWorker, proxy: Daemon
 ) -> None:

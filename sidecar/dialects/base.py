@@ -174,9 +174,10 @@ class StreamTranslator(Outcome, ABC):
     @property
     def ended(self) -> bool:
         """The worker sent its stream's last event (`[DONE]`, `message_stop`, a terminal
-        response event): nothing after it belongs to the stream, so a break after it (in the
-        body's framing, the connection, a silence) takes nothing from the client."""
-        return self.complete
+        response event) or its own error: nothing after it belongs to the stream (none of
+        it reaches the client: never a success terminator after an error), so a break after
+        it (in the body's framing, the connection, a silence) takes nothing from the client."""
+        return self.complete or self.worker_error
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         self.plan = plan

@@ -132,8 +132,9 @@ class OpenAIStream(StreamTranslator):
 
     @property
     def ended(self) -> bool:
-        """Only `[DONE]` ends the stream: a finish_reason may still be followed by usage."""
-        return self._done
+        """Only `[DONE]` (or the worker's error) ends the stream: a finish_reason may still
+        be followed by usage."""
+        return self._done or self.worker_error
 
     def _worker_error_field(self, value: str) -> bytes | None:
         """llama.cpp's `error: {...}` line (a field SSE does not define, so clients skip it,
@@ -148,6 +149,7 @@ class OpenAIStream(StreamTranslator):
             error = {"message": value or "the worker reported an error", "type": "upstream_error"}
         obj = {"error": error}
         self.worker_error = True
+        self.text_template = None
         self._error_obj = obj
         return None if self.aggregate else encode_event(orjson.dumps(obj))
 
@@ -184,10 +186,11 @@ class OpenAIStream(StreamTranslator):
                         self.content_events += 1
                     return raw
         data = event.data
-        if event.error is not None and not self._done:
+        if self.ended:  # nothing after [DONE] or the worker's error; comments pass
+            return None if self.aggregate or data is not None else (event.raw or None)
+        if event.error is not None:
             return self._worker_error_field(event.error)
-        if data is None or self._done:
-            # comments and keep-alives pass; nothing after [DONE] is ours to read
+        if data is None:  # comments and keep-alives pass
             return None if self.aggregate else (event.raw or None)
         if data == "[DONE]":
             self.text_template = None
@@ -198,6 +201,7 @@ class OpenAIStream(StreamTranslator):
         obj = read_event(data)
         if obj.get("error") is not None or event.event == "error":
             self.worker_error = True
+            self.text_template = None
             self._error_obj = obj
             return None if self.aggregate else event.raw
         rewrite = False

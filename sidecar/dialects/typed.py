@@ -45,8 +45,8 @@ def event_type(obj: dict[str, Any], event: Event) -> str | None:
 class TypedEventStream(StreamTranslator):
     """A worker stream of typed events, relayed event by event or aggregated.
 
-    Comments, and anything after the stream's terminal event, pass unchanged
-    (relaying) or are dropped (aggregating); each event's type is read (or written
+    Comments pass unchanged (relaying); events after the stream's terminal event or the
+    worker's error are dropped (see `ended`); each event's type is read (or written
     into its data from its `event:` line); a worker `error` event is kept for the
     outcome; a relayed event is re-encoded, with an `event:` line equal to its type,
     only when it changed or was not named, else its own bytes go out.
@@ -58,9 +58,10 @@ class TypedEventStream(StreamTranslator):
 
     def feed(self, event: Event) -> bytes | None:
         data = event.data
-        if data is None or self.complete:
-            # comments pass; nothing after the terminal event is ours to read
+        if data is None:  # comments pass
             return None if self.aggregate else (event.raw or None)
+        if self.ended:  # nothing after the terminal event or the worker's error
+            return None
         obj = read_event(data)
         kind = event_type(obj, event)
         if kind is None:
