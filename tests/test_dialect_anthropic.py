@@ -283,11 +283,13 @@ def test_plan_sets_only_stream(client: bool, mode: str, asked: bool) -> None:
     p = DIALECT.plan(raw, mode, "rid")
     sent = json.loads(p.body)
     assert p.client_stream is client and p.asked_stream is asked
+    if mode == "never":
+        assert sent["stream"] is False  # said, not left out (SPEC: `stream: false`)
     assert sent.pop("stream", False) is asked
     request.pop("stream", None)
     assert sent == request and "stream_options" not in sent
     assert p.request_model == MODEL and p.request_id == "rid"
-    if client == asked:
+    if client == asked and mode != "never":
         assert p.body == raw  # nothing to change: the client's bytes go as they are
 
 

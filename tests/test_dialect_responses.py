@@ -341,7 +341,8 @@ def test_error_body() -> None:
 
 @pytest.mark.parametrize(
     ("client", "mode", "asked"),
-    [(True, "auto", True), (False, "auto", False), (False, "always", True), (True, "never", False)],
+    [(True, "auto", True), (False, "auto", False), (False, "always", True), (True, "never", False),
+     (False, "never", False)],
 )
 def test_plan_sets_only_stream(client: bool, mode: str, asked: bool) -> None:
     request: dict[str, Any] = {"model": MODEL, "input": "hi"}
@@ -353,11 +354,13 @@ def test_plan_sets_only_stream(client: bool, mode: str, asked: bool) -> None:
     sent = json.loads(p.body)
     assert p.client_stream is client and p.asked_stream is asked
     assert sent.get("stream", False) is asked
+    if mode == "never":
+        assert sent["stream"] is False  # said, not left out (SPEC: `stream: false`)
     if asked:
         assert sent.get("stream_options") == request.get("stream_options")  # never added, never changed
     else:
         assert "stream_options" not in sent
-    if client == asked:
+    if client == asked and mode != "never":
         assert p.body == raw
 
 

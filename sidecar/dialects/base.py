@@ -72,12 +72,14 @@ def stream_flag_plan(
     """The plan of a dialect whose streams always carry usage: only `stream` is set.
 
     The body is forwarded byte for byte when its `stream` already says what the worker
-    is asked; keys in `streaming_only` are dropped when the worker is asked not to stream.
+    is asked (a missing `stream` says false, but on a `never` route the worker is told
+    `stream: false` in so many words); keys in `streaming_only` are dropped when the worker
+    is asked not to stream.
     """
     request = read_request(body)
     client_stream = request.get("stream") is True
     asked = stream_asked(upstream_stream, client_stream)
-    if request.get("stream", False) is not asked:
+    if request.get("stream", None if upstream_stream == "never" else False) is not asked:
         request["stream"] = asked
         if not asked:
             for key in streaming_only:
