@@ -395,6 +395,28 @@ def test_aggregate_replaces_what_a_choice_says_again_outside_its_delta() -> None
     assert choice["content_filter_results"] == filters
 
 
+def test_aggregate_concatenates_what_is_generated_however_a_chunk_carries_it() -> None:
+    """`text` beside a chat delta, a chat worker that streams `message` for `delta`: pieces
+    of the generation, concatenated; a completion chunk's stray `delta` is left out."""
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, _choice_chunk(0, "Hello", text="Hello") + _choice_chunk(0, " world", "stop", text=" world")
+          + DONE)
+    choice = orjson.loads(t.document())["choices"][0]
+    assert (choice["text"], choice["message"]["content"]) == ("Hello world", "Hello world")
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    for piece, finish in (("Hel", None), ("lo", "stop")):
+        chunk = orjson.loads(_choice_chunk(0, piece, finish)[len(b"data: "):])
+        chunk["choices"][0]["message"] = chunk["choices"][0].pop("delta")
+        relay(t, sse_data(chunk))
+    relay(t, DONE)
+    assert orjson.loads(t.document())["choices"][0]["message"]["content"] == "Hello"
+    body = {"model": MODEL, "prompt": "x"}
+    t = stream_for(body, aggregate=True, mode="always", dialect=OPENAI_COMPLETIONS)
+    relay(t, _choice_chunk(0, "Hi", "stop", chat=False, delta={"content": "Hi"}) + DONE)
+    choice = orjson.loads(t.document())["choices"][0]
+    assert choice["text"] == "Hi" and "delta" not in choice
+
+
 def test_aggregate_leaves_out_the_chunks_obfuscation_padding() -> None:
     t = stream_for(NON_STREAMING, aggregate=True, mode="always")
     chunk = orjson.loads(_choice_chunk(0, "Hi", "stop")[len(b"data: "):])

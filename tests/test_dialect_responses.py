@@ -231,6 +231,25 @@ def test_worker_error_event() -> None:
     assert doc == {"error": {"message": "bad", "type": "upstream_error", "code": "server_error", "param": None}}
 
 
+def test_a_response_failed_after_the_workers_error_still_goes_out_with_its_usage() -> None:
+    """Some gateways write `error` and then `response.failed`: both say the failure (SPEC
+    forwards each as it is), and the failed response carries the usage that is billed;
+    a success after them never goes out."""
+    failed = worker_events(terminal="response.failed")[-1]
+    failed["response"]["error"] = {"code": "server_error", "message": "bad"}
+    failed["response"]["usage"] = {"input_tokens": 10, "output_tokens": 5, "total_tokens": 15}
+    err = b'event: error\ndata: {"type":"error","code":"server_error","message":"bad","param":null,"sequence_number":5}\n\n'
+    head = encode(worker_events()[:5])
+    (late,) = encode([failed])
+    out, t = relay([*head, err, late, *encode(worker_events())[-1:]])
+    assert out[:6] == [*head, err]
+    assert out[6] is not None and loads(out[6])[0] == "response.failed"
+    assert out[7] is None
+    assert (t.usage.prompt_tokens, t.usage.completion_tokens) == (10, 5) and not t.usage.estimated
+    agg = aggregate([*head, err, late])
+    assert (agg.usage.prompt_tokens, agg.usage.completion_tokens) == (10, 5)
+
+
 def test_incomplete_is_a_terminal_event_with_cost() -> None:
     out, t = relay(encode(worker_events(terminal="response.incomplete")))
     name, obj = loads(out[-1])

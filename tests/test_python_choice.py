@@ -18,10 +18,18 @@ def pick(**env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_the_operators_python_wins() -> None:
-    proc = pick(PYTHON="/opt/python3.12/bin/python3")
-    assert proc.returncode == 0
-    assert proc.stdout == "/opt/python3.12/bin/python3\n"
+def test_the_operators_python_wins_when_it_will_do(tmp_path: Path) -> None:
+    chosen = pick().stdout.strip()
+    own = tmp_path / "python3"
+    own.symlink_to(chosen)
+    proc = pick(PYTHON=str(own))
+    assert (proc.returncode, proc.stdout) == (0, f"{own}\n")
+    old = tmp_path / "python2"  # e.g. node-gyp's PYTHON: refused, not passed over
+    old.write_text("#!/bin/sh\nexit 1\n")
+    old.chmod(0o755)
+    proc = pick(PYTHON=str(old))
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert f"PYTHON={old} is not a Python 3.11" in proc.stderr
 
 
 def test_its_own_pick_is_a_python_that_can_make_a_venv() -> None:

@@ -44,6 +44,9 @@ DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
 #: chunk keys that mean nothing in a document: OpenAI's random padding of each chunk
 _CHUNK_ONLY_KEYS = ("obfuscation",)
+#: a choice's keys whose strings are pieces of what is generated (a chat worker may stream
+#: `message` for `delta`, or send `text` beside it), concatenated when aggregating
+_GENERATED = frozenset({"delta", "message", "text"})
 #: delta keys whose strings are generated text (a template's text is one of them)
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 
@@ -352,12 +355,17 @@ class OpenAIStream(StreamTranslator):
             index = _choice_index(choice)
             acc = self._choices.setdefault(index, {"index": index})
             for key, value in choice.items():
-                if key == "delta" and chat:
-                    if isinstance(value, dict):
+                if key == "index":
+                    continue
+                if key in _GENERATED:  # the pieces of what is generated: concatenated
+                    if key == "text":
+                        acc[key] = merge_value(key, acc.get(key), value)
+                    elif chat and isinstance(value, dict):  # a delta (or a message) to merge
                         merge_into(acc.setdefault("message", {}), value)
-                elif key == "text" and not chat:  # generated text: the pieces concatenated
-                    acc[key] = merge_value(key, acc.get(key), value)
-                elif key != "index":
+                    elif key == "message":  # a completion's: as it came, merged
+                        acc[key] = merge_value(key, acc.get(key), value)
+                    # (a completion chunk's `delta` is not part of a text_completion)
+                else:
                     # the rest is said again, not continued (a finish_reason repeated on the
                     # usage chunk, content filter results): strings replaced, lists appended
                     acc[key] = merge_value(key, acc.get(key), value, replace_strings=True)

@@ -130,6 +130,8 @@ class OutputSoFar:
 class ResponsesStream(TypedEventStream):
     """One worker Responses stream, relayed event by event or reduced to its final response."""
 
+    failure_events = frozenset({"error", "response.failed"})
+
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         super().__init__(plan, pricing, aggregate)
         self.last_sequence = -1  # the last sequence_number written (the worker's or ours)

@@ -45,12 +45,17 @@ def event_type(obj: dict[str, Any], event: Event) -> str | None:
 class TypedEventStream(StreamTranslator):
     """A worker stream of typed events, relayed event by event or aggregated.
 
-    Comments pass unchanged (relaying); events after the stream's terminal event or the
-    worker's error are dropped (see `ended`); each event's type is read (or written
+    Comments pass unchanged (relaying); events after the stream's terminal event are
+    dropped, and after the worker's error all but its further failure events
+    (`failure_events`: they say the same failure, and may carry its usage); each
+    event's type is read (or written
     into its data from its `event:` line); a worker `error` event is kept for the
     outcome; a relayed event is re-encoded, with an `event:` line equal to its type,
     only when it changed or was not named, else its own bytes go out.
     """
+
+    #: event types that report the worker's failure (its error, a failed terminal event)
+    failure_events: frozenset[str] = frozenset({"error"})
 
     def __init__(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> None:
         super().__init__(plan, pricing, aggregate)
@@ -60,10 +65,12 @@ class TypedEventStream(StreamTranslator):
         data = event.data
         if data is None:  # comments pass
             return None if self.aggregate else (event.raw or None)
-        if self.ended:  # nothing after the terminal event or the worker's error
+        if self.complete:  # nothing after the terminal event
             return None
         obj = read_event(data)
         kind = event_type(obj, event)
+        if self.worker_error and kind not in self.failure_events:
+            return None  # after the worker's error, never a success (nor more of the stream)
         if kind is None:
             return None if self.aggregate else event.raw  # nothing to name it by
         changed = self.read(kind, obj)
