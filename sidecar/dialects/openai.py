@@ -122,8 +122,8 @@ class OpenAIStream(StreamTranslator):
         self._choices: dict[int, dict[str, Any]] = {}
         # choice indexes seen, and those that got a finish_reason: the stream is complete
         # only when every choice it began finished (n > 1: one choice's finish is not all)
-        self._begun: set[Any] = set()
-        self._finished: set[Any] = set()
+        self._begun: set[int] = set()
+        self._finished: set[int] = set()
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
         self._content_key = "delta" if shape.chat else "text"
@@ -224,9 +224,11 @@ class OpenAIStream(StreamTranslator):
             if type(choice) is not dict:
                 raise StreamProtocolError("a choice is not a JSON object")
             index = choice.get("index")
-            self._begun.add(index if type(index) is int else 0)
+            if type(index) is not int:
+                index = 0  # as `_choice_index` reads it, without refusing it here
+            self._begun.add(index)
             if choice.get("finish_reason") is not None:
-                self._finished.add(index if type(index) is int else 0)
+                self._finished.add(index)
                 final = True
             if _content_bearing(choice.get(content_key)):
                 self.content_events += 1
