@@ -59,8 +59,9 @@ class DemoWorker(asyncio.Protocol):
 
     def _send(self, event: h11.Event) -> None:
         assert self.transport is not None
-        if not self.transport.is_closing():
-            self.transport.write(self.conn.send(event))
+        data = self.conn.send(event)
+        if data and not self.transport.is_closing():
+            self.transport.write(data)
 
     async def _answer(self) -> None:
         assert self.request is not None

@@ -390,8 +390,10 @@ class Metrics:
 
         family("sidecar_cost_total", "counter", "Cost of finished requests by model, in the pricing currency.")
         for (model, currency), total in sorted(self.cost.items()):
-            labels = (("model", model), ("currency", currency))
-            out.append(f"sidecar_cost_total{_labels(labels)} {cost_header_value(total)}")
+            out.append(
+                f"sidecar_cost_total{_labels((('model', model), ('currency', currency)))} "
+                f"{cost_header_value(total)}"
+            )
 
         family("sidecar_usage_estimated_total", "counter", "Requests whose usage was counted from the stream because the worker sent none.")
         for route, n in sorted(self.estimated.items()):

@@ -16,8 +16,8 @@ import logging
 import socket
 import sys
 import termios
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, cast
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
@@ -80,7 +80,7 @@ class ClientConnection(asyncio.Protocol):
         loop: asyncio.AbstractEventLoop,
         runtime: Runtime,
         connections: set[ClientConnection],
-        serve: Callable[[ClientConnection], Awaitable[None]],
+        serve: Callable[[ClientConnection], Coroutine[Any, Any, None]],
     ) -> None:
         # the loop is handed over, not looked up: asyncio.get_running_loop() costs a getpid()
         # syscall per call in CPython 3.11, and every wait of every request needs it
@@ -105,7 +105,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)
+        self.transport = client_transport = cast(asyncio.Transport, transport)
         runtime = self.runtime
         runtime.check_fd_limit()
         if runtime.connections >= runtime.max_connections or runtime.draining:
@@ -116,7 +116,7 @@ class ClientConnection(asyncio.Protocol):
         runtime.connections += 1
         runtime.metrics.connection_opened()
         self.connections.add(self)
-        transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH_WATER)
+        client_transport.set_write_buffer_limits(high=_CLIENT_WRITE_HIGH_WATER)
         sock = transport.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             with contextlib.suppress(OSError):
@@ -269,7 +269,9 @@ class ClientConnection(asyncio.Protocol):
         del buffer[:length]
         return body
 
-    async def next_request_event(self, conn: h11.Connection, deadline: float) -> h11.Event:
+    async def next_request_event(
+        self, conn: h11.Connection, deadline: float
+    ) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event of the request body; sends 100 Continue when the client waits.
 
         One read can hold tens of thousands of tiny chunks: every `_YIELD_EVERY` events in
@@ -281,7 +283,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._events_in_a_row >= _YIELD_EVERY:
                     self._events_in_a_row = 0
                     await asyncio.sleep(0)
-                return event
+                return cast("h11.Event | type[h11.PAUSED]", event)
             self._events_in_a_row = 0
             if self.closed:
                 raise ClientGone()

@@ -281,7 +281,7 @@ class SSEParser:
         if not chunk:
             return []
         if self._at_start:
-            held, chunk = without_bom(self._buf, chunk)
+            held, chunk = without_bom(self._buf, chunk)  # type: ignore[arg-type]  # bytes at start
             if held is not None:
                 self._buf = held  # maybe a BOM split across chunks: wait
                 return []
@@ -298,7 +298,7 @@ class SSEParser:
         p = self._lead
         scan = self._scan
         if len(buf) < _BIG:
-            return self._run(buf + chunk, 0, p, scan)
+            return self._run(buf + chunk, 0, p, scan)  # type: ignore[arg-type]  # bytes below _BIG
         if type(buf) is bytes:
             buf = self._buf = bytearray(buf)
         buf += chunk

@@ -165,7 +165,9 @@ class UpstreamConnection(asyncio.Protocol):
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
         return self.transport
 
-    async def next_event(self, deadline: float | None = None) -> h11.Event | type[h11.NEED_DATA]:
+    async def next_event(
+        self, deadline: float | None = None
+    ) -> h11.Event | type[h11.NEED_DATA] | type[h11.PAUSED]:
         """The next h11 event of the response, waiting for bytes as needed (head phase);
         TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:

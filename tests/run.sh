@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): installs everything the tests need on a fresh
 # machine, builds the real llama.cpp worker (cached under ~/.cache/sidecar-tests), then runs
-# ruff and the whole pytest suite. Extra arguments go to pytest.
+# ruff, mypy and the whole pytest suite. Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,6 +30,9 @@ export SIDECAR_REQUIRE_REALWORKER="${SIDECAR_REQUIRE_REALWORKER:-1}"
 
 echo "== ruff"
 .venv/bin/ruff check sidecar tests bench
+
+echo "== mypy"
+.venv/bin/mypy
 
 echo "== pytest"
 exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"

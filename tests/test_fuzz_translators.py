@@ -277,6 +277,168 @@ def test_request_plans_take_any_body(name: str, mode: str, body: bytes) -> None:
 
 
 # =============================================================================================
+# Systematic: one field of a well-formed stream or document at a time, of the wrong type
+# =============================================================================================
+# Random shapes seldom make a well-formed stream with one field wrong, which is what a buggy
+# worker sends. Here every field (at every depth) of every event of a good stream, and of a
+# good document, is in turn replaced by a value of each other JSON type, or removed.
+
+_GOOD_STREAMS: dict[str, list[Any]] = {
+    "openai-chat": [
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]},
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"content": "hi", "reasoning_content": "r", "tool_calls": [
+             {"index": 0, "id": "t", "type": "function", "function": {"name": "f", "arguments": "{"}}]},
+             "logprobs": {"content": [{"token": "hi", "logprob": -1.0}]}, "finish_reason": None}]},
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+         "choices": [{"index": 0, "delta": {"tool_calls": [{"index": 0, "function": {"arguments": "}"}}]},
+                      "finish_reason": "tool_calls"}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1},
+                   "completion_tokens_details": {"reasoning_tokens": 1}}},
+        "[DONE]",
+    ],
+    "openai-completions": [
+        {"id": "c", "object": "text_completion", "created": 1, "model": "m",
+         "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": None}]},
+        {"id": "c", "object": "text_completion", "created": 1, "model": "m",
+         "choices": [{"index": 0, "text": "", "finish_reason": "stop"}],
+         "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+        "[DONE]",
+    ],
+    "anthropic-messages": [
+        {"type": "message_start", "message": {"id": "msg", "type": "message", "role": "assistant",
+                                              "model": "m", "content": [], "usage": {"input_tokens": 1}}},
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "hi"}},
+        {"type": "content_block_stop", "index": 0},
+        {"type": "content_block_start", "index": 1,
+         "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}},
+        {"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{}"}},
+        {"type": "content_block_stop", "index": 1},
+        {"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+         "usage": {"output_tokens": 2, "cache_read_input_tokens": 1}},
+        {"type": "message_stop"},
+    ],
+    "openai-responses": [
+        {"type": "response.created", "sequence_number": 0, "response": {
+            "id": "r", "object": "response", "created_at": 1, "model": "m", "status": "in_progress",
+            "output": []}},
+        {"type": "response.output_item.added", "sequence_number": 1, "output_index": 0,
+         "item": {"type": "message", "id": "i", "role": "assistant", "content": []}},
+        {"type": "response.content_part.added", "sequence_number": 2, "output_index": 0,
+         "content_index": 0, "part": {"type": "output_text", "text": ""}},
+        {"type": "response.output_text.delta", "sequence_number": 3, "output_index": 0,
+         "content_index": 0, "delta": "hi"},
+        {"type": "response.output_item.done", "sequence_number": 4, "output_index": 0,
+         "item": {"type": "message", "id": "i", "role": "assistant",
+                  "content": [{"type": "output_text", "text": "hi"}]}},
+        {"type": "response.completed", "sequence_number": 5, "response": {
+            "id": "r", "object": "response", "created_at": 1, "model": "m", "status": "completed",
+            "output": [], "usage": {"input_tokens": 1, "output_tokens": 2}}},
+    ],
+}
+_GOOD_DOCUMENTS: dict[str, dict[str, Any]] = {
+    "openai-chat": {
+        "id": "c", "object": "chat.completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi", "reasoning_content": "r",
+                                             "tool_calls": [{"id": "t", "type": "function",
+                                                             "function": {"name": "f", "arguments": "{}"}}]},
+                     "logprobs": {"content": [{"token": "hi", "logprob": -1.0}]}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2, "prompt_tokens_details": {"cached_tokens": 1}}},
+    "openai-completions": {
+        "id": "c", "object": "text_completion", "created": 1, "model": "m",
+        "choices": [{"index": 0, "text": "hi", "logprobs": None, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 2}},
+    "anthropic-messages": {
+        "id": "msg", "type": "message", "role": "assistant", "model": "m",
+        "content": [{"type": "text", "text": "hi"}, {"type": "thinking", "thinking": "t", "signature": "s"},
+                    {"type": "tool_use", "id": "t", "name": "f", "input": {"a": 1}}],
+        "stop_reason": "end_turn", "usage": {"input_tokens": 1, "output_tokens": 2, "cache_read_input_tokens": 1}},
+    "openai-responses": {
+        "id": "r", "object": "response", "created_at": 1, "model": "m", "status": "completed",
+        "output": [{"type": "message", "id": "i", "role": "assistant", "status": "completed",
+                    "content": [{"type": "output_text", "text": "hi", "annotations": []}]},
+                   {"type": "reasoning", "id": "rs", "summary": [{"type": "summary_text", "text": "s"}]},
+                   {"type": "function_call", "id": "fc", "call_id": "c", "name": "f", "arguments": "{}"}],
+        "usage": {"input_tokens": 1, "output_tokens": 2, "input_tokens_details": {"cached_tokens": 1}}},
+}
+_REMOVED = object()
+# each other JSON type, a negative and a huge index, and lists shaped like indexed deltas
+_WRONG: list[Any] = [[1], {"a": 1}, None, 1.5, True, "x", -1, 2**62, [{"index": [1]}],
+                     [{"index": "a"}, {"index": 0}], [{"index": 10**9}], _REMOVED]
+
+
+def _paths(value: Any, prefix: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place inside a JSON value (the value itself first)."""
+    found = [prefix]
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    for key, inner in items:
+        found += _paths(inner, (*prefix, key))
+    return found
+
+
+def _mutated(value: Any, path: tuple[Any, ...], wrong: Any) -> Any:
+    """A copy of `value` with the thing at `path` replaced by `wrong` (or removed)."""
+    if not path:
+        return {} if wrong is _REMOVED else wrong
+    copy = orjson.loads(orjson.dumps(value))
+    parent = copy
+    for key in path[:-1]:
+        parent = parent[key]
+    if wrong is _REMOVED:
+        del parent[path[-1]]
+    else:
+        parent[path[-1]] = wrong
+    return copy
+
+
+def _stream_event(name: str, payload: Any) -> Event:
+    data = payload if isinstance(payload, str) else orjson.dumps(payload).decode()
+    kind = payload.get("type") if isinstance(payload, dict) else None
+    if name.startswith("openai-c") or not isinstance(kind, str) or "\n" in kind or "\r" in kind:
+        kind = None
+    return Event(data=data, event=kind, raw=encode_event(data, event=kind))
+
+
+@pytest.mark.parametrize("name", DIALECTS)
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_stream_translators_take_every_field_of_the_wrong_type(name: str, aggregate: bool) -> None:
+    good = _GOOD_STREAMS[name]
+    plan = plan_for(name, not aggregate, True, "m")
+    for at, event in enumerate(good):
+        for path in _paths(event):
+            for wrong in _WRONG:
+                stream = [*good[:at], _mutated(event, path, wrong), *good[at + 1 :]]
+                translator = get_dialect(name).stream(plan, PRICING, aggregate=aggregate)
+                try:
+                    for payload in stream:
+                        out = translator.feed(_stream_event(name, payload))
+                        if out is not None:
+                            assert_whole_events(out)
+                    if aggregate and (translator.complete or translator.worker_error):
+                        assert isinstance(orjson.loads(translator.document()), dict)
+                except ALLOWED:
+                    continue
+                assert_error_frame(translator.error_frame(failures.UPSTREAM_INCOMPLETE, "cut"))
+
+
+@pytest.mark.parametrize("name", DIALECTS)
+@pytest.mark.parametrize("client_stream", [False, True])
+def test_document_translators_take_every_field_of_the_wrong_type(name: str, client_stream: bool) -> None:
+    good = _GOOD_DOCUMENTS[name]
+    plan = plan_for(name, client_stream, True, "m")
+    for path in _paths(good):
+        for wrong in _WRONG:
+            try:
+                translator = get_dialect(name).document(plan, PRICING, orjson.dumps(_mutated(good, path, wrong)))
+            except ALLOWED:
+                continue
+            assert isinstance(orjson.loads(translator.json()), dict)
+            assert_whole_events(translator.sse())
+
+
+# =============================================================================================
 # Memory
 # =============================================================================================
 

@@ -152,7 +152,7 @@ class AnthropicStream(TypedEventStream):
             raise StreamProtocolError("content_block_delta has no integer index")
         block = self._blocks.get(index)
         if block is None:
-            block = self._blocks[index] = {"type": _DELTA_BLOCK_TYPE.get(dtype, "text")}
+            block = self._blocks[index] = {"type": _DELTA_BLOCK_TYPE.get(dtype, "text") if isinstance(dtype, str) else "text"}
         if field is not None:
             value = delta.get(field)
             if isinstance(value, str) and value:
@@ -321,7 +321,7 @@ def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
             start["signature"] = ""
             if block["signature"]:
                 deltas.append({"type": "signature_delta", "signature": block["signature"]})
-    elif btype in _JSON_INPUT_BLOCKS and "input" in block:
+    elif isinstance(btype, str) and btype in _JSON_INPUT_BLOCKS and "input" in block:
         start["input"] = {}
         if block["input"] != {}:
             deltas.append({"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()})

@@ -248,6 +248,11 @@ class StreamTranslator(Outcome, ABC):
 class DocumentTranslator(Outcome, ABC):
     """A worker's one JSON document, for a non-streaming client (JSON) or a streaming one (SSE)."""
 
+    @property
+    def ended(self) -> bool:
+        """The worker's document was read whole (a translator exists only for one)."""
+        return True
+
     @abstractmethod
     def json(self) -> bytes:
         """The document as the client gets it, with `usage.cost` injected."""

@@ -24,6 +24,8 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
     `replace_strings`: every string (in dicts within too) is said again, not continued."""
     if new is None:
         return old
+    if key == "tool_calls" and isinstance(new, list):
+        return merge_indexed(old if isinstance(old, list) else [], new)
     if old is None:
         return copy_json(new)
     if type(old) is TextParts:
@@ -41,8 +43,6 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
         merge_into(old, new, replace_strings)
         return old
     if isinstance(old, list) and isinstance(new, list):
-        if key == "tool_calls":
-            return merge_indexed(old, new)
         return old + new
     return new
 
@@ -50,24 +50,27 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
 def merge_into(acc: dict[str, Any], delta: dict[str, Any], replace_strings: bool = False) -> None:
     """Merge `delta` into `acc` in place, field by field (`replace_strings`: see merge_value)."""
     for key, value in delta.items():
-        if key in acc:
-            acc[key] = merge_value(key, acc[key], value, replace_strings)
-        else:
-            acc[key] = copy_json(value)
+        acc[key] = merge_value(key, acc.get(key), value, replace_strings)
 
 
 def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
-    """Merge a list of `{"index": i, ...}` deltas into `acc` (entries keep their `index`)."""
-    by_index = {item.get("index"): item for item in acc if isinstance(item, dict)}
+    """Merge a list of `{"index": i, ...}` deltas into `acc`, every entry a dict with an
+    integer `index` (a delta with none, or with one that is not an integer, is a new entry
+    at the next index; an entry that is not a dict is dropped)."""
+    by_index = {item["index"]: item for item in acc}
     for delta in deltas:
         if not isinstance(delta, dict):
             continue
-        index = delta.get("index", len(by_index))
+        index = delta.get("index")
+        if type(index) is not int:
+            index = len(by_index)
+            while index in by_index:
+                index += 1
         if index in by_index:
             merge_into(by_index[index], delta)
         else:
             entry = copy_json(delta)
-            entry.setdefault("index", index)
+            entry["index"] = index
             by_index[index] = entry
             acc.append(entry)
     return acc

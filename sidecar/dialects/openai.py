@@ -420,7 +420,10 @@ class OpenAIStream(StreamTranslator):
             if isinstance(calls, list):
                 message["tool_calls"] = [
                     {k: v for k, v in call.items() if k != "index"}
-                    for call in sorted(calls, key=lambda c: c.get("index", 0))
+                    for call in sorted(
+                        (call for call in calls if type(call) is dict),
+                        key=lambda call: call["index"] if type(call.get("index")) is int else 0,
+                    )
                 ]
         else:
             choice.setdefault("text", "")
@@ -491,7 +494,8 @@ class OpenAIDocument(DocumentTranslator):
                 if k not in ("index", "message", "text", "logprobs", "finish_reason")
             }
             if chat:
-                message = dict(choice.get("message") or {})
+                found = choice.get("message")
+                message = dict(found) if isinstance(found, dict) else {}
                 role = message.pop("role", "assistant")
                 calls = message.get("tool_calls")
                 if isinstance(calls, list):

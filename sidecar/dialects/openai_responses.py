@@ -67,6 +67,9 @@ def _with_cost(response: dict[str, Any], cost: Decimal | None) -> bool:
     return True
 
 
+_MAX_PART_GAP = 64  # a content part announced this far past the last one is ignored
+
+
 class OutputSoFar:
     """The response's output items as the stream builds them (deltas kept as lists of pieces)."""
 
@@ -104,11 +107,13 @@ class OutputSoFar:
         if part_where is not None:
             item = self.items.get(index)
             part, sub = obj.get("part"), obj.get(part_where[1])
-            if item is None or not isinstance(part, dict) or not isinstance(sub, int):
+            if item is None or not isinstance(part, dict) or type(sub) is not int or sub < 0:
                 return
             parts = item.get(part_where[0])
             if not isinstance(parts, list):
                 parts = item[part_where[0]] = []
+            if sub > len(parts) + _MAX_PART_GAP:  # no list of a million empty parts
+                return
             while len(parts) <= sub:
                 parts.append({})
             parts[sub] = copy_json(part)
@@ -120,7 +125,7 @@ class OutputSoFar:
             target: Any = items.get(index)
             if target is not None and container is not None:
                 parts = target.get(container)
-                target = parts[sub] if isinstance(parts, list) and sub is not None and sub < len(parts) else None
+                target = parts[sub] if isinstance(parts, list) and sub is not None and 0 <= sub < len(parts) else None
             if isinstance(target, dict):
                 start = target.get(field)
                 target[field] = (start if isinstance(start, str) else "") + "".join(pieces)
@@ -295,7 +300,8 @@ class ResponsesDocument(DocumentTranslator):
         doc = self.doc
         writer = _Writer()
         if self.worker_error and doc.get("object") != "response" and "output" not in doc:
-            err = doc.get("error") if isinstance(doc.get("error"), dict) else {}
+            found = doc.get("error")
+            err = found if isinstance(found, dict) else {}
             writer.emit(
                 "error",
                 {"code": err.get("code"), "message": err.get("message") or "", "param": err.get("param")},
