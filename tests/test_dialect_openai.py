@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 from sidecar import failures
 from sidecar.config import Price, Pricing
+from sidecar.dialects import get_dialect
 from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
 from sidecar.dialects.openai import (
     OPENAI_CHAT,
@@ -118,11 +119,6 @@ def test_plan_never_asks_for_one_document() -> None:
     assert p.client_stream is True and p.asked_stream is False and p.include_usage is True
 
 
-@pytest.mark.parametrize("flag", ["true", 1, None, False])
-def test_only_json_true_is_a_streaming_client(flag: Any) -> None:
-    assert plan({**NON_STREAMING, "stream": flag}).client_stream is False
-
-
 def test_plan_keeps_other_fields_and_tolerates_missing_model() -> None:
     p = plan({"messages": [{"role": "user", "content": "\u00e9\U0001f600"}], "tools": [{"a": 1}]})
     sent = orjson.loads(p.body)
@@ -137,6 +133,17 @@ def test_plan_refuses_what_is_not_a_json_object(body: bytes) -> None:
         OPENAI_CHAT.plan(body, "auto", "r")
     with pytest.raises(BadRequest):
         OPENAI_COMPLETIONS.plan(body, "auto", "r")
+
+
+@pytest.mark.parametrize("name", ["openai-chat", "openai-completions", "anthropic-messages", "openai-responses"])
+def test_every_dialect_takes_only_a_boolean_stream_flag(name: str) -> None:
+    dialect = get_dialect(name)
+    for flag, streams in ((True, True), (False, False), (None, False)):
+        assert dialect.plan(orjson.dumps({"model": "m", "stream": flag}), "auto", "r").client_stream is streams
+    assert dialect.plan(b'{"model": "m"}', "auto", "r").client_stream is False
+    for flag in ("true", "false", 1, 0, [], {}):  # a worker may read "true" as true: no guess
+        with pytest.raises(BadRequest, match="stream"):
+            dialect.plan(orjson.dumps({"model": "m", "stream": flag}), "always", "r")
 
 
 def test_error_body_shape() -> None:

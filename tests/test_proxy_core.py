@@ -337,7 +337,8 @@ def test_404_keeps_the_connection_when_there_is_no_body_to_skip(w: FakeWorker, p
     assert len(w.requests) == 1
 
 
-@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00"])
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b"", b"\xff\xfe\x00",
+                                  b'{"model": "m", "stream": "true"}', b'{"stream": 1}'])
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/completions"])
 def test_400_bad_json_on_openai_routes_is_never_forwarded(
     w: FakeWorker, proxy: Daemon, body: bytes, target: str

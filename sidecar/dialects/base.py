@@ -56,6 +56,17 @@ def read_request(body: bytes) -> dict[str, Any]:
     )
 
 
+def client_stream_flag(request: dict[str, Any]) -> bool:
+    """Whether the client asked to stream: `stream` true; false, null or absent say no.
+    Anything else is a BadRequest, not a guess (a worker may read `"true"` as true)."""
+    flag = request.get("stream")
+    if flag is None or flag is False:
+        return False
+    if flag is True:
+        return True
+    raise BadRequest("`stream` must be a boolean")
+
+
 def read_document(body: bytes) -> dict[str, Any]:
     """The worker's JSON document as a dict; StreamProtocolError when it is not one."""
     return _json_object(
@@ -77,7 +88,7 @@ def stream_flag_plan(
     is asked not to stream.
     """
     request = read_request(body)
-    client_stream = request.get("stream") is True
+    client_stream = client_stream_flag(request)
     asked = stream_asked(upstream_stream, client_stream)
     if request.get("stream", None if upstream_stream == "never" else False) is not asked:
         request["stream"] = asked

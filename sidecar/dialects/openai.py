@@ -27,6 +27,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    client_stream_flag,
     openai_error_body,
     price_usage,
     read_document,
@@ -536,7 +537,7 @@ class OpenAIDialect(Dialect):
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
         request = read_request(body)
-        client_stream = request.get("stream") is True
+        client_stream = client_stream_flag(request)
         options = request.get("stream_options")
         include_usage = (
             client_stream and isinstance(options, dict) and options.get("include_usage") is True
