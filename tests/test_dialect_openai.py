@@ -541,7 +541,7 @@ def test_completions_error_frame() -> None:
     p = plan({**STREAMING, "prompt": "x"}, dialect=OPENAI_COMPLETIONS)
     obj = payloads(OPENAI_COMPLETIONS.error_frame(p, failures.UPSTREAM_TIMEOUT, "slow"))[0]
     assert obj["object"] == "text_completion"
-    assert obj["choices"][0]["finish_reason"] == "error"
+    assert obj["choices"] == [{"index": 0, "delta": {}, "text": "", "finish_reason": "error"}]
     assert obj["error"]["code"] == "upstream_timeout"
 
 

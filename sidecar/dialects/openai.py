@@ -432,10 +432,9 @@ class OpenAIStream(StreamTranslator):
         return choice
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "error"}
-        if self.shape.chat:
-            choice["delta"] = {}
-        else:
+        # SPEC's frame has `delta`; a completion's choice also gets the `text` its readers take
+        choice: dict[str, Any] = {"index": 0, "delta": {}, "finish_reason": "error"}
+        if not self.shape.chat:
             choice["text"] = ""
         return _dumps_event(
             {
