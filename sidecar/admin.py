@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Protocol, cast
 
 import h11
 
+from sidecar.headers import reason
 from sidecar.metrics import CONTENT_TYPE
 from sidecar.upstream import probe
 
@@ -133,7 +134,7 @@ class AdminConnection(asyncio.Protocol):
             *(extra or ()),
         ]
         try:
-            head = self.conn.send(h11.Response(status_code=status, headers=headers))
+            head = self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason(status)))
         except h11.LocalProtocolError:
             head = b"HTTP/1.1 %d x\r\ncontent-length: %d\r\nconnection: close\r\n\r\n" % (
                 status,

@@ -973,7 +973,26 @@ _TOP_KEYS: dict[str, _Key] = {
     "log_format": _Key(_choice(LOG_FORMATS, "log_format", fold_case=True), "auto"),
     "log_level": _Key(_choice(LOG_LEVELS, "log_level", fold_case=True), "info"),
 }
-_config = _section(_TOP_KEYS, build=_build_config)
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+
+
+def _check_listeners(out: dict[str, Any], path: str, problems: list[str]) -> bool:
+    """The admin port cannot be the client port: `run` could not bind both."""
+    listen, admin = out["listen"], out["admin_listen"]
+    if not isinstance(listen, Address) or not isinstance(admin, Address) or listen.kind != admin.kind:
+        return True
+    if listen.kind == "unix":
+        clash = listen.path == admin.path
+    else:
+        clash = listen.port == admin.port != 0 and (
+            listen.host == admin.host or {listen.host, admin.host} & set(_WILDCARD_HOSTS) != set()
+        )
+    if clash:
+        problems.append(f"{_join(path, 'admin_listen')}: {admin} is taken by listen ({listen})")
+    return not clash
+
+
+_config = _section(_TOP_KEYS, build=_build_config, check=_check_listeners)
 
 
 # ---------------------------------------------------------------------------------------------

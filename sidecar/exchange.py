@@ -17,7 +17,6 @@ import logging
 import time
 from collections.abc import Callable
 from decimal import Decimal
-from http import HTTPStatus
 from typing import TYPE_CHECKING
 
 import h11
@@ -46,6 +45,7 @@ from sidecar.headers import (
     header_value,
     raw_method_and_path,
     raw_request_id,
+    reason,
     request_id_from,
     simple_response,
     splice_lines,
@@ -70,13 +70,6 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
-
-_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
-
-
-def reason(status: int) -> bytes:
-    """The standard reason phrase for `status` (h11 sends none unless told)."""
-    return _REASONS.get(status, b"")
 
 
 class TooLarge(Exception):
@@ -676,6 +669,9 @@ class Exchange(StreamListener):
         if plan is None or not 200 <= status < 300:
             if not 200 <= status < 300:
                 self.outcome = "upstream_http_error"
+                if plan is not None:  # the error answer, passed on as it is, is what came
+                    content_type = header_value(raw_headers, b"content-type")
+                    self.upstream_sse = body_kind(content_type) == "sse"
             handler = RawHandler(self, status, worker_headers, raw_headers)
         else:
             kind = body_kind(header_value(raw_headers, b"content-type"))

@@ -12,6 +12,7 @@ import itertools
 import os
 import re
 from collections.abc import Iterable, Sequence
+from http import HTTPStatus
 
 Header = tuple[bytes, bytes]
 
@@ -262,19 +263,12 @@ def without(headers: Iterable[Header], *names: bytes) -> list[Header]:
     return [(k, v) for k, v in headers if k.lower() not in names]
 
 
-_REASONS = {
-    100: b"Continue",
-    200: b"OK",
-    400: b"Bad Request",
-    404: b"Not Found",
-    408: b"Request Timeout",
-    413: b"Content Too Large",
-    431: b"Request Header Fields Too Large",
-    500: b"Internal Server Error",
-    502: b"Bad Gateway",
-    503: b"Service Unavailable",
-    504: b"Gateway Timeout",
-}
+_REASONS = {status.value: status.phrase.encode() for status in HTTPStatus}
+
+
+def reason(status: int) -> bytes:
+    """The standard reason phrase for `status` (h11 sends none unless told)."""
+    return _REASONS.get(status, b"")
 
 
 def simple_response(
@@ -284,10 +278,10 @@ def simple_response(
     request_id: str | None = None,
 ) -> bytes:
     """A complete `Connection: close` response, for answers given outside any h11 exchange."""
-    reason = _REASONS.get(status, b"Error")
+    phrase = _REASONS.get(status, b"Error")
     id_line = b"" if request_id is None else b"x-request-id: %s\r\n" % request_id.encode()
     return (
         b"HTTP/1.1 %d %s\r\ncontent-type: %s\r\ncontent-length: %d\r\n%sconnection: close\r\n\r\n"
-        % (status, reason, content_type, len(body), id_line)
+        % (status, phrase, content_type, len(body), id_line)
         + body
     )

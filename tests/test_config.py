@@ -868,6 +868,13 @@ CASES: list[tuple[dict[str, Any], str]] = [
         {**MINIMAL, "pricing": {"default": {"prompt": 1, "completion": "x"}}},
         "pricing.default.completion: expected a price",
     ),
+    # the admin port on the client port: `run` could not bind both
+    ({**MINIMAL, "listen": "127.0.0.1:8080", "admin_listen": "127.0.0.1:8080"},
+     "admin_listen: 127.0.0.1:8080 is taken by listen (127.0.0.1:8080)"),
+    ({**MINIMAL, "listen": "0.0.0.0:8080", "admin_listen": "127.0.0.1:8080"},
+     "admin_listen: 127.0.0.1:8080 is taken by listen (0.0.0.0:8080)"),
+    ({**MINIMAL, "listen": "unix:/run/s.sock", "admin_listen": "unix:/run/s.sock"},
+     "admin_listen: unix:/run/s.sock is taken by listen (unix:/run/s.sock)"),
     # enums
     ({**MINIMAL, "log_level": "verbose"}, 'log_level: unknown log_level "verbose"'),
     ({**MINIMAL, "log_format": 1}, "log_format: unknown log_format 1"),
@@ -878,6 +885,14 @@ CASES: list[tuple[dict[str, Any], str]] = [
 def test_each_problem_class_names_its_key_path(raw: dict[str, Any], expected: str) -> None:
     problems = problems_of(raw)
     assert any(p.startswith(expected) for p in problems), problems
+
+
+@pytest.mark.parametrize(("listen", "admin"), [("127.0.0.1:8080", "127.0.0.2:8080"),
+                                             ("127.0.0.1:0", "127.0.0.1:0"),
+                                             ("127.0.0.1:8080", "unix:/run/admin.sock")])
+def test_an_admin_port_apart_from_the_client_port_is_fine(listen: str, admin: str) -> None:
+    config = config_from_dict({**MINIMAL, "listen": listen, "admin_listen": admin}, {})
+    assert str(config.admin_listen) == admin
 
 
 def test_a_password_in_the_worker_url_is_refused_without_being_shown() -> None:

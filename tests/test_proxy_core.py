@@ -487,7 +487,9 @@ def test_worker_non_2xx_is_passed_through_with_status_and_body(w: FakeWorker, pr
                                                      [("retry-after", "3")]))
     response = post(proxy, chat_body(stream=True))
     assert response.status == 404 and response.body == body
-    assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "upstream_http_error"
+    record = proxy.ledger_for(response.header("x-request-id"))
+    assert record["outcome"] == "upstream_http_error"
+    assert record["client_stream"] is True and record["upstream_stream"] is False  # JSON came
     response = post(proxy, chat_body())
     assert response.status == 429 and response.body == b'{"detail":"slow down"}'
     assert response.header("retry-after") == "3"
@@ -1113,13 +1115,15 @@ def test_admin_healthz_readyz_metrics(worker: FakeWorker, make_daemon: Callable[
     assert samples[("sidecar_upstream_errors_total",
                     frozenset({("code", "upstream_disconnected")}))] == 1
     assert httpx.head(admin + "/healthz", timeout=5).status_code == 200
-    assert httpx.get(admin + "/nope", timeout=5).status_code == 404
+    missing = httpx.get(admin + "/nope", timeout=5)
+    assert missing.status_code == 404 and missing.reason_phrase == "Not Found"
 
 
 def test_readyz_503_when_the_worker_refuses(make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(daemon_config(f"http://127.0.0.1:{free_port()}"))
     assert httpx.get(daemon.admin_url + "/healthz", timeout=5).status_code == 200
-    assert httpx.get(daemon.admin_url + "/readyz", timeout=5).status_code == 503
+    not_ready = httpx.get(daemon.admin_url + "/readyz", timeout=5)
+    assert not_ready.status_code == 503 and not_ready.reason_phrase == "Service Unavailable"
 
 
 def test_readyz_follows_the_worker(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
