@@ -146,6 +146,36 @@ def test_every_dialect_takes_only_a_boolean_stream_flag(name: str) -> None:
             dialect.plan(orjson.dumps({"model": "m", "stream": flag}), "always", "r")
 
 
+@pytest.mark.parametrize(("body", "mode"), [
+    (b'{"model": "m", "messages": [], "temperature": 0.70}', "auto"),
+    (b'{"stream" : false, "model": "m", "prompt": "\\u00e9"}', "never"),
+    (b'{"model": "m", "stream": true, "stream_options": {"include_usage": true, "x": 1}}', "auto"),
+    (b'{"model": "m", "stream": true, "stream_options": {"include_usage": true}}', "always"),
+])
+def test_a_body_that_already_says_what_the_worker_is_asked_goes_as_it_came(body: bytes, mode: str) -> None:
+    for dialect in (OPENAI_CHAT, OPENAI_COMPLETIONS):
+        assert dialect.plan(body, mode, "r").body == body  # not re-encoded: spacing, escapes, 0.70
+
+
+@pytest.mark.parametrize("name", ["openai-chat", "openai-completions", "anthropic-messages", "openai-responses"])
+def test_integers_past_64_bits_reach_the_worker_exactly(name: str) -> None:
+    big = 2**70 + 1  # orjson alone would make it 1.1805916207174113e+21
+    body = b'{"model": "m", "seed": %d, "logit_bias": {"5": -100}, "n": -%d, "t": 0.5, "s": "\\u00e9"}' % (big, big)
+    for mode in ("always", "never"):
+        sent = json.loads(get_dialect(name).plan(body, mode, "r").body)
+        assert sent["seed"] == big and sent["n"] == -big and sent["t"] == 0.5 and sent["s"] == "\u00e9"
+        assert sent["stream"] is (mode == "always") and sent["logit_bias"] == {"5": -100}
+
+
+@pytest.mark.parametrize("body", [b'{"seed": 12345678901234567890123, "x": 1e400}',
+                                  b'{"seed": 12345678901234567890123, "x": NaN}',
+                                  b'{"seed": 12345678901234567890123, "x": "\xff"}',
+                                  b'[12345678901234567890123]'])
+def test_a_body_read_exactly_is_still_only_json(body: bytes) -> None:
+    with pytest.raises(BadRequest):
+        OPENAI_CHAT.plan(body, "always", "r")
+
+
 def test_error_body_shape() -> None:
     body = orjson.loads(OPENAI_CHAT.error_body(502, "upstream_unavailable", "worker down"))
     assert body == {"error": {"message": "worker down", "type": body["error"]["type"],

@@ -8,6 +8,9 @@ Messages, OpenAI Responses, ...) is one new module implementing `Dialect`,
 
 from __future__ import annotations
 
+import json
+import math
+import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -49,11 +52,42 @@ def _json_object(
     return obj
 
 
+# orjson reads an integer past 64 bits as a float (a seed of 2**70 would be forwarded as
+# 1.1805916207174113e+21): a body with a run of 19 digits anywhere is read and written
+# by the standard library instead, which keeps every integer exact.
+_LONG_DIGITS = re.compile(rb"\d{19}")
+_NOT_JSON = "request body is not valid JSON"
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number out of range: {text[:40]}")
+    return value
+
+
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
 def read_request(body: bytes) -> dict[str, Any]:
     """The client's JSON request body as a dict; BadRequest when it is not one."""
-    return _json_object(
-        body, BadRequest, "request body is not valid JSON", "request body must be a JSON object"
-    )
+    if _LONG_DIGITS.search(body) is None:
+        return _json_object(body, BadRequest, _NOT_JSON, "request body must be a JSON object")
+    try:
+        obj = json.loads(body, parse_float=_finite, parse_constant=_refuse_constant)
+    except ValueError as exc:  # (a UnicodeDecodeError is one)
+        raise BadRequest(f"{_NOT_JSON}: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
+
+
+def encode_request(request: dict[str, Any], body: bytes) -> bytes:
+    """`request`, read from `body` by `read_request` and changed, as the worker's body."""
+    if _LONG_DIGITS.search(body) is None:
+        return orjson.dumps(request)
+    return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
 
 
 def client_stream_flag(request: dict[str, Any]) -> bool:
@@ -95,7 +129,7 @@ def stream_flag_plan(
         if not asked:
             for key in streaming_only:
                 request.pop(key, None)
-        body = orjson.dumps(request)
+        body = encode_request(request, body)
     model = request.get("model")
     return RequestPlan(
         request_id=request_id,

@@ -28,6 +28,7 @@ from sidecar.dialects.base import (
     StreamProtocolError,
     StreamTranslator,
     client_stream_flag,
+    encode_request,
     openai_error_body,
     price_usage,
     read_document,
@@ -544,19 +545,25 @@ class OpenAIDialect(Dialect):
         model = request.get("model")
         asked = stream_asked(upstream_stream, client_stream)
         if asked:
-            request["stream"] = True
-            opts = dict(options) if isinstance(options, dict) else {}
-            opts["include_usage"] = True
-            request["stream_options"] = opts
-        else:
+            if not (client_stream and include_usage):  # else the body says it already
+                request["stream"] = True
+                opts = dict(options) if isinstance(options, dict) else {}
+                opts["include_usage"] = True
+                request["stream_options"] = opts
+                body = encode_request(request, body)
+        elif "stream_options" in request or (
+            # a missing `stream` says false, but a `never` route says it in so many words
+            request.get("stream", None if upstream_stream == "never" else False) is not False
+        ):
             request["stream"] = False
             request.pop("stream_options", None)
+            body = encode_request(request, body)
         return RequestPlan(
             request_id=request_id,
             client_stream=client_stream,
             include_usage=include_usage,
             request_model=model if isinstance(model, str) else None,
-            body=orjson.dumps(request),
+            body=body,
             asked_stream=asked,
         )
 
