@@ -106,11 +106,26 @@ def check(path: str) -> int:
     try:
         config = load_config(path)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(problem, file=sys.stderr)
+        _print_problems(exc.problems)
         return 2
     print(f"{path}: ok ({len(config.routes)} routes, worker {config.upstream.url})")
     return 0
+
+
+def _print_problems(problems: list[str]) -> None:
+    """check's findings are its output (stdout) and its diagnostics (stderr): written to
+    both, once when both streams go to the same place (a terminal, `2>&1`), so a script
+    that reads either one sees every problem and a person sees each once."""
+    text = "".join(f"{problem}\n" for problem in problems)
+    sys.stdout.write(text)
+    sys.stdout.flush()
+    try:
+        out, err = os.fstat(sys.stdout.fileno()), os.fstat(sys.stderr.fileno())
+        same = (out.st_dev, out.st_ino) == (err.st_dev, err.st_ino)
+    except (OSError, ValueError, AttributeError):  # not real files (captured in process)
+        same = False
+    if not same:
+        sys.stderr.write(text)
 
 
 def run(path: str) -> int:

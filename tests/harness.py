@@ -1334,13 +1334,15 @@ class Daemon:
 
 
 def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None,
-            timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """`python -m sidecar ARGS` to completion, text output captured."""
+            timeout: float = 30.0, merged: bool = False) -> subprocess.CompletedProcess[str]:
+    """`python -m sidecar ARGS` to completion, text output captured (`merged`: stderr
+    into the same pipe as stdout, as `2>&1`)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
         [sys.executable, "-m", "sidecar", *args], cwd=cwd or REPO, env=env,
-        capture_output=True, text=True, timeout=timeout, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT if merged else subprocess.PIPE,
+        text=True, timeout=timeout, check=False,
     )
 
 

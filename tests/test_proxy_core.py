@@ -937,11 +937,16 @@ def test_check_bad_config_prints_every_problem_with_its_key_path(tmp_path: Path)
     path.write_text(json.dumps(bad))
     result = run_cli("check", "-c", str(path))
     assert result.returncode == 2
-    out = result.stdout + result.stderr
+    # the problems are check's output and its diagnostics: on stdout and on stderr
+    assert result.stdout == result.stderr
+    out = result.stdout
     for key in ("upstream.url", "upstream.idle_timeout", "limits.max_request_body", "bogus_key",
                 "routes[0].match.path", "routes[1].dialect", "routes[2].upstream_stream"):
         assert key in out, f"{key} missing from:\n{out}"
     assert 'routes[0].match.path: must start with "/"' in out
+    # once when both go to the same place
+    merged = run_cli("check", "-c", str(path), merged=True)
+    assert merged.returncode == 2 and merged.stdout == out
 
 
 def test_check_missing_file_and_bad_yaml(tmp_path: Path) -> None:
