@@ -170,7 +170,8 @@ def test_integers_past_64_bits_reach_the_worker_exactly(name: str) -> None:
 @pytest.mark.parametrize("body", [b'{"seed": 12345678901234567890123, "x": 1e400}',
                                   b'{"seed": 12345678901234567890123, "x": NaN}',
                                   b'{"seed": 12345678901234567890123, "x": "\xff"}',
-                                  b'[12345678901234567890123]'])
+                                  b'[12345678901234567890123]',
+                                  b'{"seed": 12345678901234567890123, "x": "\\ud800"}'])
 def test_a_body_read_exactly_is_still_only_json(body: bytes) -> None:
     with pytest.raises(BadRequest):
         OPENAI_CHAT.plan(body, "always", "r")

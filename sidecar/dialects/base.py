@@ -87,7 +87,10 @@ def encode_request(request: dict[str, Any], body: bytes) -> bytes:
     """`request`, read from `body` by `read_request` and changed, as the worker's body."""
     if _LONG_DIGITS.search(body) is None:
         return orjson.dumps(request)
-    return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+    try:
+        return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+    except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`), which orjson refuses to read
+        raise BadRequest(f"{_NOT_JSON}: a string holds a lone surrogate") from None
 
 
 def client_stream_flag(request: dict[str, Any]) -> bool:
