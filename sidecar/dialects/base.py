@@ -9,8 +9,6 @@ Messages, OpenAI Responses, ...) is one new module implementing `Dialect`,
 from __future__ import annotations
 
 import json
-import math
-import re
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -52,45 +50,35 @@ def _json_object(
     return obj
 
 
-# orjson reads an integer past 64 bits as a float (a seed of 2**70 would be forwarded as
-# 1.1805916207174113e+21): a body with a run of 19 digits anywhere is read and written
-# by the standard library instead, which keeps every integer exact.
-_LONG_DIGITS = re.compile(rb"\d{19}")
-_NOT_JSON = "request body is not valid JSON"
-
-
-def _finite(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number out of range: {text[:40]}")
-    return value
-
-
-def _refuse_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
-
-
 def read_request(body: bytes) -> dict[str, Any]:
     """The client's JSON request body as a dict; BadRequest when it is not one."""
-    if _LONG_DIGITS.search(body) is None:
-        return _json_object(body, BadRequest, _NOT_JSON, "request body must be a JSON object")
-    try:
-        obj = json.loads(body, parse_float=_finite, parse_constant=_refuse_constant)
-    except ValueError as exc:  # (a UnicodeDecodeError is one)
-        raise BadRequest(f"{_NOT_JSON}: {exc}") from None
-    if not isinstance(obj, dict):
-        raise BadRequest("request body must be a JSON object")
-    return obj
+    return _json_object(
+        body, BadRequest, "request body is not valid JSON", "request body must be a JSON object"
+    )
 
 
-def encode_request(request: dict[str, Any], body: bytes) -> bytes:
-    """`request`, read from `body` by `read_request` and changed, as the worker's body."""
-    if _LONG_DIGITS.search(body) is None:
-        return orjson.dumps(request)
-    try:
+# orjson reads an integer past 64 bits as a float (a seed of 2**70 would be forwarded as
+# 1.1805916207174113e+21): a body to re-encode that holds a run of 19 digits anywhere is
+# read again, and written, by the standard library, which keeps every integer exact. The
+# run is looked for only then, with every digit made a "0" (a regex is ten times slower).
+_DIGITS_AS_ZERO = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+_LONG_RUN = b"0" * 19
+
+
+def encode_request(
+    request: dict[str, Any], body: bytes, changes: dict[str, Any], dropped: tuple[str, ...] = ()
+) -> bytes:
+    """The worker's body: `body` (read into `request` by `read_request`) with the top-level
+    `changes` made and the `dropped` keys removed."""
+    exact = _LONG_RUN in body.translate(_DIGITS_AS_ZERO)
+    if exact:
+        request = json.loads(body)  # (orjson has already refused what is not JSON)
+    request.update(changes)
+    for key in dropped:
+        request.pop(key, None)
+    if exact:
         return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
-    except UnicodeEncodeError:  # a lone surrogate (`"\ud800"`), which orjson refuses to read
-        raise BadRequest(f"{_NOT_JSON}: a string holds a lone surrogate") from None
+    return orjson.dumps(request)
 
 
 def client_stream_flag(request: dict[str, Any]) -> bool:
@@ -128,11 +116,7 @@ def stream_flag_plan(
     client_stream = client_stream_flag(request)
     asked = stream_asked(upstream_stream, client_stream)
     if request.get("stream", None if upstream_stream == "never" else False) is not asked:
-        request["stream"] = asked
-        if not asked:
-            for key in streaming_only:
-                request.pop(key, None)
-        body = encode_request(request, body)
+        body = encode_request(request, body, {"stream": asked}, () if asked else streaming_only)
     model = request.get("model")
     return RequestPlan(
         request_id=request_id,

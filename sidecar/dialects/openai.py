@@ -546,18 +546,14 @@ class OpenAIDialect(Dialect):
         asked = stream_asked(upstream_stream, client_stream)
         if asked:
             if not (client_stream and include_usage):  # else the body says it already
-                request["stream"] = True
                 opts = dict(options) if isinstance(options, dict) else {}
                 opts["include_usage"] = True
-                request["stream_options"] = opts
-                body = encode_request(request, body)
+                body = encode_request(request, body, {"stream": True, "stream_options": opts})
         elif "stream_options" in request or (
             # a missing `stream` says false, but a `never` route says it in so many words
             request.get("stream", None if upstream_stream == "never" else False) is not False
         ):
-            request["stream"] = False
-            request.pop("stream_options", None)
-            body = encode_request(request, body)
+            body = encode_request(request, body, {"stream": False}, ("stream_options",))
         return RequestPlan(
             request_id=request_id,
             client_stream=client_stream,
