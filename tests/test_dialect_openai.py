@@ -177,6 +177,19 @@ def test_a_body_read_exactly_is_still_only_json(body: bytes) -> None:
         OPENAI_CHAT.plan(body, "always", "r")
 
 
+@pytest.mark.parametrize("wrong", [[1], "x", 5])
+def test_aggregating_a_chat_message_or_delta_that_is_no_object(wrong: Any) -> None:
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    for choice in ({"index": 0, "message": wrong}, {"index": 0, "delta": wrong},
+                   {"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}):
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [choice]}
+        (event,) = events(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        t.feed(event)
+    (choice,) = orjson.loads(t.document())["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "hi"}
+
+
 def test_error_body_shape() -> None:
     body = orjson.loads(OPENAI_CHAT.error_body(502, "upstream_unavailable", "worker down"))
     assert body == {"error": {"message": "worker down", "type": body["error"]["type"],

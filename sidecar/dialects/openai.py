@@ -364,8 +364,9 @@ class OpenAIStream(StreamTranslator):
                 if key in _GENERATED:  # the pieces of what is generated: concatenated
                     if key == "text":
                         acc[key] = merge_value(key, acc.get(key), value)
-                    elif chat and isinstance(value, dict):  # a delta (or a message) to merge
-                        merge_into(acc.setdefault("message", {}), value)
+                    elif chat:  # a delta (or a message) to merge; one that is no object says nothing
+                        if isinstance(value, dict):
+                            merge_into(acc.setdefault("message", {}), value)
                     elif key == "message":  # a completion's: as it came, merged
                         acc[key] = merge_value(key, acc.get(key), value)
                     # (a completion chunk's `delta` is not part of a text_completion)
