@@ -973,7 +973,7 @@ _TOP_KEYS: dict[str, _Key] = {
     "log_format": _Key(_choice(LOG_FORMATS, "log_format", fold_case=True), "auto"),
     "log_level": _Key(_choice(LOG_LEVELS, "log_level", fold_case=True), "info"),
 }
-_WILDCARD_HOSTS = ("", "0.0.0.0", "::")
+_WILDCARD_HOSTS = frozenset(("", "0.0.0.0", "::"))
 
 
 def _check_listeners(out: dict[str, Any], path: str, problems: list[str]) -> bool:
@@ -985,7 +985,7 @@ def _check_listeners(out: dict[str, Any], path: str, problems: list[str]) -> boo
         clash = listen.path == admin.path
     else:
         clash = listen.port == admin.port != 0 and (
-            listen.host == admin.host or {listen.host, admin.host} & set(_WILDCARD_HOSTS) != set()
+            listen.host == admin.host or listen.host in _WILDCARD_HOSTS or admin.host in _WILDCARD_HOSTS
         )
     if clash:
         problems.append(f"{_join(path, 'admin_listen')}: {admin} is taken by listen ({listen})")

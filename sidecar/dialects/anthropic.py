@@ -142,7 +142,9 @@ class AnthropicStream(TypedEventStream):
         if not isinstance(delta, dict):
             return
         dtype = delta.get("type")
-        field = _CONTENT_DELTAS.get(dtype) if isinstance(dtype, str) else None
+        if not isinstance(dtype, str):
+            dtype = ""  # (a list would not even be a key to look up)
+        field = _CONTENT_DELTAS.get(dtype)
         if field is not None and delta.get(field):
             self.content_events += 1
         if not self.aggregate:
@@ -152,7 +154,7 @@ class AnthropicStream(TypedEventStream):
             raise StreamProtocolError("content_block_delta has no integer index")
         block = self._blocks.get(index)
         if block is None:
-            block = self._blocks[index] = {"type": _DELTA_BLOCK_TYPE.get(dtype, "text") if isinstance(dtype, str) else "text"}
+            block = self._blocks[index] = {"type": _DELTA_BLOCK_TYPE.get(dtype, "text")}
         if field is not None:
             value = delta.get(field)
             if isinstance(value, str) and value:

@@ -423,10 +423,8 @@ class OpenAIStream(StreamTranslator):
             if isinstance(calls, list):
                 message["tool_calls"] = [
                     {k: v for k, v in call.items() if k != "index"}
-                    for call in sorted(
-                        (call for call in calls if type(call) is dict),
-                        key=lambda call: call["index"] if type(call.get("index")) is int else 0,
-                    )
+                    # (merge_indexed made every entry a dict with an integer index)
+                    for call in sorted(calls, key=lambda call: call["index"])
                 ]
         else:
             choice.setdefault("text", "")
