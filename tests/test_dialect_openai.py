@@ -30,6 +30,7 @@ from sidecar.dialects.openai import (
 )
 from sidecar.sse import Event, SSEParser
 from tests.harness import (
+    CREATED,
     DONE,
     MODEL,
     USAGE,
@@ -338,6 +339,31 @@ def test_response_model_is_priced_before_the_request_model() -> None:
     t = stream_for({**STREAMING_USAGE, "model": "alias"}, pricing=PRICES)
     relay(t, b"".join(chat_stream_events(model=MODEL)))
     assert t.model == MODEL and t.cost == Decimal("0.000017")
+
+
+AZURE_OPENER = sse_data({"id": "", "object": "", "created": 0, "model": "", "choices": [],
+                         "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]})
+
+
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_the_response_model_is_the_first_one_named_after_chunks_that_name_none(aggregate: bool) -> None:
+    # Azure opens with a chunk whose id, created and model are empty: the response's
+    # model, the one priced and written to the ledger, is the one the later chunks name
+    body = NON_STREAMING if aggregate else STREAMING_USAGE
+    t = stream_for({**body, "model": "alias"}, pricing=PRICES, aggregate=aggregate,
+                   mode="always" if aggregate else "auto")
+    out = relay(t, AZURE_OPENER + b"".join(chat_stream_events(model=MODEL)))
+    assert (t.model, t.id, t.created) == (MODEL, "chatcmpl-abc123", CREATED)
+    assert t.cost == Decimal("0.000017")
+    if aggregate:
+        document = json.loads(t.document())
+        assert (document["model"], document["id"], document["created"]) == (MODEL, "chatcmpl-abc123", CREATED)
+        assert document["usage"]["cost"] == pytest.approx(COST)
+    else:
+        chunks = payloads(out)[:-1]
+        assert chunks[0]["model"] == "alias"  # the opener: nothing better was known yet
+        assert {c["model"] for c in chunks[1:]} == {MODEL}
+        assert chunks[-1]["usage"]["cost"] == pytest.approx(COST)
 
 
 def test_missing_id_created_model_are_filled_in() -> None:

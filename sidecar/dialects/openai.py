@@ -129,7 +129,8 @@ class OpenAIStream(StreamTranslator):
         self._extras: dict[str, Any] = {}
         self._error_obj: Any = None
         self._content_key = "delta" if shape.chat else "text"
-        self._fill: dict[str, Any] = {}  # from the first chunk: what a chunk without them gets
+        self._fill: dict[str, Any] = {}  # what a chunk without them gets: see _learn_identity
+        self._identity_open = True  # some of id/created/model not yet seen
         # the last plain content event, cut around its text: see _learn_template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
         self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
@@ -158,12 +159,20 @@ class OpenAIStream(StreamTranslator):
         self._error_obj = obj
         return None if self.aggregate else encode_event(orjson.dumps(obj))
 
-    def _first_chunk(self, obj: dict[str, Any]) -> None:
-        """Take id/created/model from the first chunk: what every chunk that lacks one gets."""
-        ident, created, model = obj.get("id"), obj.get("created"), obj.get("model")
-        self.id = ident if isinstance(ident, str) and ident else None
-        self.created = created if isinstance(created, int) and created else None
-        self.model = model if isinstance(model, str) and model else None
+    def _learn_identity(self, obj: dict[str, Any]) -> None:
+        """Take each of id/created/model from the first chunk that carries it (non-empty):
+        what every chunk that lacks one gets. Azure's opening `prompt_filter_results` chunk
+        and TGI's chunks carry empty ones, and the response's model is the one priced."""
+        if self.id is None:
+            ident = obj.get("id")
+            self.id = ident if isinstance(ident, str) and ident else None
+        if self.created is None:
+            created = obj.get("created")
+            self.created = created if isinstance(created, int) and created else None
+        if self.model is None:
+            model = obj.get("model")
+            self.model = model if isinstance(model, str) and model else None
+        self._identity_open = self.id is None or self.created is None or self.model is None
         fill = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.chunk_object,
@@ -210,8 +219,8 @@ class OpenAIStream(StreamTranslator):
             self._error_obj = obj
             return None if self.aggregate else event.raw
         rewrite = False
-        if not self._fill:
-            self._first_chunk(obj)
+        if self._identity_open:
+            self._learn_identity(obj)
         fill = self._fill
         for key in fill:  # left out of any chunk (TGI's empty id, a key only the first has)
             if not obj.get(key):
