@@ -168,6 +168,19 @@ def test_integers_past_64_bits_reach_the_worker_exactly(name: str) -> None:
         assert sent["stream"] is (mode == "always") and sent["logit_bias"] == {"5": -100}
 
 
+@pytest.mark.parametrize("name", ["openai-chat", "anthropic-messages"])
+def test_a_deeply_nested_body_that_must_change_is_forwarded_or_refused(name: str) -> None:
+    # orjson reads 1,024 levels but writes only 254: deeper bodies are written exactly by
+    # the standard library, and past what it can write the client gets a 400, not a 500
+    nested = b"[" * 600 + b"]" * 600
+    body = b'{"model": "m", "x": %s}' % nested
+    sent = json.loads(get_dialect(name).plan(body, "always", "r").body)
+    assert sent["stream"] is True and json.dumps(sent["x"]).replace(" ", "").encode() == nested
+    deepest = b'{"model": "m", "x": %s}' % (b"[" * 1020 + b"]" * 1020)
+    with pytest.raises(BadRequest, match="nested too deeply"):
+        get_dialect(name).plan(deepest, "always", "r")
+
+
 @pytest.mark.parametrize("body", [b'{"seed": 12345678901234567890123, "x": 1e400}',
                                   b'{"seed": 12345678901234567890123, "x": NaN}',
                                   b'{"seed": 12345678901234567890123, "x": "\xff"}',

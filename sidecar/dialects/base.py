@@ -69,16 +69,25 @@ def encode_request(
     request: dict[str, Any], body: bytes, changes: dict[str, Any], dropped: tuple[str, ...] = ()
 ) -> bytes:
     """The worker's body: `body` (read into `request` by `read_request`) with the top-level
-    `changes` made and the `dropped` keys removed."""
-    exact = _LONG_RUN in body.translate(_DIGITS_AS_ZERO)
-    if exact:
+    `changes` made and the `dropped` keys removed. BadRequest when it cannot be written."""
+    if _LONG_RUN not in body.translate(_DIGITS_AS_ZERO):
+        _change(request, changes, dropped)
+        try:
+            return orjson.dumps(request)
+        except orjson.JSONEncodeError:
+            pass  # nested deeper than orjson writes (254, it reads 1,024): the exact way
+    try:
         request = json.loads(body)  # (orjson has already refused what is not JSON)
+        _change(request, changes, dropped)
+        return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply to forward") from None
+
+
+def _change(request: dict[str, Any], changes: dict[str, Any], dropped: tuple[str, ...]) -> None:
     request.update(changes)
     for key in dropped:
         request.pop(key, None)
-    if exact:
-        return json.dumps(request, ensure_ascii=False, separators=(",", ":")).encode()
-    return orjson.dumps(request)
 
 
 def client_stream_flag(request: dict[str, Any]) -> bool:
