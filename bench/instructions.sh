@@ -3,12 +3,13 @@
 # whatever else the machine is doing, so a change to the hot path can be judged on a noisy
 # box where CPU-time ratios move by 10% between runs.
 #
-#   bench/instructions.sh [json|stream|sat|aggregate] [N]
+#   bench/instructions.sh [json|stream|sat|aggregate|synthesize] [N]
 #
 # Runs the daemon under callgrind twice, over N and 3N requests on one keep-alive connection
 # (json: non-streaming, 64 tokens; stream: 64-token streams paced at 1 ms; sat: 64-token
 # streams, 8 events per worker write; aggregate: 64-token worker streams paced at 1 ms,
-# each aggregated into one JSON answer for a non-streaming client), and prints
+# each aggregated into one JSON answer for a non-streaming client; synthesize: streaming
+# clients on a `never` route, each worker JSON answer made into SSE), and prints
 # (I(3N) - I(N)) / 2N: the user-space instructions one request costs, start-up excluded.
 # Kernel work is not counted. Needs valgrind (Debian's package) and the repo's .venv.
 # Measures only; edits nothing.
@@ -23,7 +24,8 @@ case $kind in
   stream) args=(--tokens 64) ;;
   sat) args=(--path /sat/v1/chat/completions --tokens 64) ;;
   aggregate) args=(--json --path /always/v1/chat/completions --tokens 64) ;;
-  *) echo "usage: bench/instructions.sh [json|stream|sat|aggregate] [N]" >&2; exit 2 ;;
+  synthesize) args=(--path /never/v1/chat/completions --tokens 64) ;;
+  *) echo "usage: bench/instructions.sh [json|stream|sat|aggregate|synthesize] [N]" >&2; exit 2 ;;
 esac
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT
@@ -44,6 +46,7 @@ routes:
   - {name: chat, match: {path: /v1/chat/completions}, dialect: openai-chat}
   - {name: sat, match: {path: /sat/v1/chat/completions}, dialect: openai-chat}
   - {name: always, match: {path: /always/v1/chat/completions}, dialect: openai-chat, upstream_stream: always}
+  - {name: never, match: {path: /never/v1/chat/completions}, dialect: openai-chat, upstream_stream: never}
 EOF
   valgrind --tool=callgrind --callgrind-out-file="$tmp/cg.out" \
     "$py" -m sidecar run -c "$tmp/sidecar.yaml" >"$tmp/sidecar.log" 2>&1 &
