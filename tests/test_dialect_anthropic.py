@@ -502,3 +502,41 @@ def test_a_reencoded_event_keeps_the_workers_id() -> None:
     out, _ = relay(chunks)
     (sent,) = [e for e in parse(b"".join(out)) if e.event == "message_delta"]
     assert sent.id == "7" and "cost" in json.loads(sent.data)["usage"]
+
+
+# -- UTF-16 halves split across deltas (a JavaScript gateway's cut) ----------------------------
+
+EMOJI = "\U0001f600"
+HIGH, LOW = "\ud83d", "\ude00"  # its two UTF-16 halves, as a JavaScript gateway may cut it
+
+
+def _text_stream(*texts: str) -> bytes:
+    return b"".join(
+        [
+            ev("message_start", {"type": "message_start", "message": {"id": "m", "model": MODEL}}),
+            ev("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}),
+            *(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "text_delta", "text": t}}) for t in texts),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}}),
+            ev("message_stop", {"type": "message_stop"}),
+        ]
+    )
+
+
+def test_relay_passes_split_surrogate_events_byte_for_byte() -> None:
+    data = _text_stream("a", HIGH, LOW, "b")
+    assert b'"text": "\\ud83d"' in data
+    out, t = relay([data], Pricing())
+    assert b"".join(o or b"" for o in out) == data and t.complete
+
+
+def test_aggregate_joins_a_surrogate_pair_split_across_deltas() -> None:
+    doc = orjson.loads(aggregate(_text_stream("a", HIGH, LOW, "b")).document())
+    assert doc["content"][0]["text"] == "a" + EMOJI + "b"
+
+
+def test_aggregate_a_lone_surrogate_at_the_end_becomes_a_replacement_character() -> None:
+    doc = orjson.loads(aggregate(_text_stream("a", HIGH)).document())
+    assert doc["content"][0]["text"] == "a\ufffd"
+

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import time
 from decimal import Decimal
+from itertools import pairwise
 from typing import Any
 
 import orjson
@@ -28,6 +29,7 @@ from sidecar.dialects.openai import (
     OpenAIDocument,
     OpenAIStream,
 )
+from sidecar.fastlane import template_text
 from sidecar.sse import Event, SSEParser
 from tests.harness import (
     CREATED,
@@ -923,3 +925,125 @@ def test_hidden_usage_removes_exactly_the_usage_chunk(content: list[str], flavor
     t = stream_for(STREAMING)
     assert relay(t, b"".join(evs)) == b"".join(e for e in evs if e is not usage_chunk)
     assert t.usage.completion_tokens == USAGE["completion_tokens"]
+
+
+# ============================================================================ UTF-16 escapes
+# JavaScript gateways slice strings by UTF-16 unit: an emoji written as JSON escapes may come
+# as `"\ud83d"` in one delta and `"\ude00"` in the next (each half valid JSON text, which
+# orjson refuses alone).
+
+EMOJI = "\U0001f600"
+HIGH, LOW = "\ud83d", "\ude00"  # its two UTF-16 halves (lone surrogates as Python strings)
+
+
+def _chat_chunk(delta: dict[str, Any], finish: str | None = None, **top: Any) -> bytes:
+    obj = {"id": "c1", "object": "chat.completion.chunk", "created": CREATED, "model": MODEL,
+           "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **top}
+    # compact, as workers write it (a template needs `"content":"`); ensure_ascii: `\ud83d`
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def _split_stream(*texts: str, **top: Any) -> list[bytes]:
+    """Role chunk, three template-learning "Hi " chunks, `texts` one per chunk, finish, [DONE]."""
+    return [
+        _chat_chunk({"role": "assistant", "content": ""}, **top),
+        *(_chat_chunk({"content": "Hi "}, **top) for _ in range(3)),
+        *(_chat_chunk({"content": t}, **top) for t in texts),
+        _chat_chunk({}, "stop", **top),
+        DONE,
+    ]
+
+
+def test_a_lone_surrogate_literal_is_no_template_text() -> None:
+    assert template_text(b'"\\ud83d"') is None  # the general way, never a mis-joined string
+    assert template_text(b'"\\ud83d\\ude00"') == EMOJI
+
+
+def test_aggregate_joins_a_surrogate_pair_split_across_two_deltas() -> None:
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    chunks = _split_stream(HIGH, LOW, " ok")
+    assert b'"content":"\\ud83d"' in chunks[4]
+    for i, event in enumerate(events(b"".join(chunks))):
+        assert t.feed(event) is None
+        if i == 3:
+            assert t.text_template is not None  # the split halves meet the fast path
+    doc = t.document()
+    assert orjson.loads(doc)["choices"][0]["message"]["content"] == "Hi Hi Hi " + EMOJI + " ok"
+
+
+def test_relay_passes_split_surrogate_events_byte_for_byte() -> None:
+    data = b"".join(_split_stream(HIGH, LOW, " ok"))
+    t = stream_for(STREAMING)
+    assert relay(t, data) == data
+    assert t.complete
+
+
+def test_a_reencoded_event_keeps_a_lone_surrogate_as_its_escape() -> None:
+    # no `created`: every chunk gets the request's, so each is re-encoded
+    data = b"".join(
+        _chat_chunk({"content": t}).replace(b'"created":%d,' % CREATED, b"")
+        for t in ("a", HIGH, LOW, "b")
+    )
+    out = relay(stream_for(STREAMING), data)
+    assert out != data
+    texts = [json.loads(p)["choices"][0]["delta"]["content"] for p in sse_payloads(out)]
+    # the halves as the worker sent them (a JavaScript reader joins them into the emoji)
+    assert "".join(texts).encode("utf-16-le", "surrogatepass").decode("utf-16-le") == "a" + EMOJI + "b"
+    assert b'"\\ud83d"' in out and b'"\\ude00"' in out
+
+
+def test_aggregate_a_lone_surrogate_at_the_end_becomes_a_replacement_character() -> None:
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, b"".join(_split_stream("x", HIGH)))
+    # (a lone surrogate is no character: U+FFFD, as a JavaScript TextEncoder writes it)
+    assert orjson.loads(t.document())["choices"][0]["message"]["content"] == "Hi Hi Hi x\ufffd"
+
+
+def _utf16_pieces(text: str, cuts: list[int]) -> list[str]:
+    """`text` cut at UTF-16 unit offsets (a cut between a pair's halves gives lone surrogates)."""
+    units = text.encode("utf-16-le")
+    bounds = sorted({0, len(units) // 2, *(c % (len(units) // 2 + 1) for c in cuts)})
+    return [units[2 * a : 2 * b].decode("utf-16-le", "surrogatepass") for a, b in pairwise(bounds)]
+
+
+_ASTRAL = st.text(st.characters(min_codepoint=0x1F300, max_codepoint=0x1F64F) | st.sampled_from("a é\n\"\\"),
+                  min_size=1, max_size=12)
+
+
+@settings(max_examples=80, deadline=None)
+@given(_ASTRAL, st.lists(st.integers(0, 30), max_size=8), st.booleans(), st.booleans())
+def test_aggregated_document_is_json_whatever_utf16_cuts(
+    text: str, cuts: list[int], lone_end: bool, missing_created: bool
+) -> None:
+    pieces = [p for p in _utf16_pieces(text, cuts) if p]
+    if lone_end:
+        pieces.append(HIGH)
+    chunks = _split_stream(*pieces)
+    if missing_created:  # the slow way, every event read whole
+        chunks = [c.replace(b'"created":%d,' % CREATED, b"") for c in chunks]
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, b"".join(chunks))
+    doc = orjson.loads(t.document())  # always JSON that orjson reads
+    assert doc["choices"][0]["message"]["content"] == "Hi Hi Hi " + text + ("\ufffd" if lone_end else "")
+    relayed = relay(stream_for(STREAMING), b"".join(chunks))
+    joined = "".join(json.loads(p)["choices"][0]["delta"].get("content") or ""
+                     for p in sse_payloads(relayed) if p != "[DONE]")
+    assert joined.encode("utf-16-le", "surrogatepass") == "".join(["Hi Hi Hi ", *pieces]).encode(
+        "utf-16-le", "surrogatepass")
+
+
+@pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])
+def test_an_event_with_nan_or_infinity_is_still_not_json(literal: bytes) -> None:
+    data = b'data: {"id":"c1","choices":[{"index":0,"delta":{"content":"\\ud83d"}}],"x":' + literal + b"}\n\n"
+    with pytest.raises(StreamProtocolError, match="not JSON"):
+        relay(stream_for(STREAMING), data)
+
+
+def test_an_event_with_a_number_past_a_double_is_kept_as_it_came() -> None:
+    # (orjson refuses `1e400`; JSON puts no range on numbers: the standard library reads it)
+    chunk = _chat_chunk({"content": "a"}, x=0).replace(b'"x":0', b'"x":1e400,"y":123456789012345678901234')
+    data = b"".join([chunk, _chat_chunk({}, "stop"), DONE])
+    assert relay(stream_for(STREAMING), data) == data
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, data)
+    assert b'"x":1e400,"y":123456789012345678901234' in t.document()

@@ -459,3 +459,28 @@ def test_round_trip_json_sse_json(output: list[Any], usage: Any, status: str, mo
     r = DIALECT.stream(p, PRICING, aggregate=False)
     frames = [r.feed(e) for e in parse(data)]
     assert loads(frames[-1])[1]["response"] == back
+
+
+# -- UTF-16 halves split across deltas (a JavaScript gateway's cut) ----------------------------
+
+
+def _split_emoji_events() -> list[dict[str, Any]]:
+    """An unnumbered stream (every event re-encoded when relayed) whose text deltas are the
+    two UTF-16 halves of an emoji, and whose completed response carries no output."""
+    events = worker_events(numbered=False)
+    events[4]["delta"], events[5]["delta"] = "\ud83d", "\ude00"
+    del events[-1]["response"]["output"]
+    return events[:6] + events[-1:]  # no `.done` events: the output is the deltas
+
+
+def test_a_reencoded_event_keeps_a_lone_surrogate_as_its_escape() -> None:
+    out, t = relay(encode(_split_emoji_events()))
+    assert b'"delta":"\\ud83d"' in (out[4] or b"") and b'"delta":"\\ude00"' in (out[5] or b"")
+    halves = loads(out[4])[1]["delta"] + loads(out[5])[1]["delta"]  # as the worker sent them
+    assert halves.encode("utf-16-le", "surrogatepass").decode("utf-16-le") == "\U0001f600"
+    assert t.complete
+
+
+def test_aggregate_joins_a_surrogate_pair_split_across_deltas() -> None:
+    doc = orjson.loads(aggregate(encode(_split_emoji_events())).document())
+    assert doc["output"][0]["content"][0]["text"] == "\U0001f600"

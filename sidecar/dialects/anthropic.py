@@ -28,6 +28,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamProtocolError,
     StreamTranslator,
+    dumps_document,
     price_usage,
     read_document,
     stream_flag_plan,
@@ -196,7 +197,7 @@ class AnthropicStream(TypedEventStream):
     def document(self) -> bytes:
         """The folded `message`; raises StreamProtocolError for a tool input that is not JSON."""
         if self._error_obj is not None:
-            return orjson.dumps(worker_error_object(self._error_obj))
+            return dumps_document(worker_error_object(self._error_obj))
         self.settle()
         doc: dict[str, Any] = {
             "id": None,
@@ -223,7 +224,7 @@ class AnthropicStream(TypedEventStream):
             if self.cost is not None:
                 usage["cost"] = cost_json_number(self.cost)
             doc["usage"] = usage
-        return orjson.dumps(doc)
+        return dumps_document(doc)
 
     def _final_block(self, index: int) -> dict[str, Any]:
         block: dict[str, Any] = finished(self._blocks[index])

@@ -9,6 +9,7 @@ Messages, OpenAI Responses, ...) is one new module implementing `Dialect`,
 from __future__ import annotations
 
 import json
+import math
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -138,10 +139,103 @@ def stream_flag_plan(
 
 
 def read_event(data: str) -> dict[str, Any]:
-    """One worker event's JSON data as a dict; StreamProtocolError when it is not one."""
-    return _json_object(
-        data, StreamProtocolError, "event data is not JSON", "event data is not a JSON object"
-    )
+    """One worker event's JSON data as a dict; StreamProtocolError when it is not one.
+
+    JSON that orjson refuses is read again by `read_beyond_orjson` (only then): a JavaScript
+    gateway that slices strings by UTF-16 unit may send an emoji's escaped halves in two
+    events (`"\\ud83d"`, then `"\\ude00"`), each valid JSON text alone.
+    """
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        try:
+            obj = read_beyond_orjson(data)
+        except ValueError:
+            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise StreamProtocolError("event data is not a JSON object")
+    return obj
+
+
+def _not_json(literal: str) -> Any:
+    raise ValueError(f"{literal} is not JSON")
+
+
+def _exact_int(text: str) -> Any:
+    """An integer as orjson writes it: an int in the 64-bit range, else its text as it came."""
+    if len(text) <= 21:  # (-9223372036854775808 .. 18446744073709551615)
+        value = int(text)
+        if -(2**63) <= value < 2**64:
+            return value
+    return orjson.Fragment(text)
+
+
+def _exact_float(text: str) -> Any:
+    """A float, or its text as it came when a double cannot hold it (`1e400`: RFC 8259 puts no
+    range on numbers, and orjson would write the infinity as `null`)."""
+    value = float(text)
+    return value if math.isfinite(value) else orjson.Fragment(text)
+
+
+def read_beyond_orjson(text: str) -> Any:
+    """`text` read by the standard library, for JSON that orjson refused but is JSON all the
+    same: a lone UTF-16 surrogate escape (read as a lone surrogate in a str), a number past a
+    double (kept as an `orjson.Fragment` of its text, as are integers past 64 bits). Raises
+    ValueError for what is not JSON (`NaN` and `Infinity` included). Only for where orjson
+    has already failed: the standard library is several times slower."""
+    try:
+        return json.loads(
+            text, parse_constant=_not_json, parse_int=_exact_int, parse_float=_exact_float
+        )
+    except RecursionError:  # nested deeper than the interpreter goes
+        raise ValueError("nested too deep") from None
+
+
+def joined_surrogates(text: str) -> str:
+    """`text` with each pair of UTF-16 surrogates (an emoji's halves, which came in two events)
+    joined into its character, and a surrogate still alone (its other half never came) made
+    U+FFFD, as a JavaScript TextEncoder writes one: no str with a surrogate is UTF-8."""
+    return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
+
+
+def _mended(value: Any, whole: bool) -> Any:
+    """`value` with every str that holds a surrogate made one orjson writes (see `dumps_mended`)."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            if whole:
+                return joined_surrogates(value)
+            return orjson.Fragment(json.dumps(value))  # ASCII, `\ud83d` escapes
+        return value
+    if isinstance(value, dict):
+        # (a key cannot be a fragment: a surrogate in a key is mended as in a document)
+        return {_mended(k, True): _mended(v, whole) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mended(v, whole) for v in value]
+    return value
+
+
+def dumps_mended(obj: Any, whole: bool) -> bytes:
+    """`obj` as JSON where `orjson.dumps(obj)` raised: its strings hold UTF-16 surrogates (read
+    by `read_beyond_orjson` from escapes), which orjson refuses. Called only after orjson
+    failed, by every writer of objects that hold a worker's text.
+
+    An event (`whole` False) keeps each surrogate as the escape it came as (`\\ud83d`): the
+    half of a pair goes to the client as the worker sent it, and the client's JSON reader
+    joins it with the other half in the next event. A document (`whole` True), whose strings
+    are joined from all the events, gets each pair as its character and a surrogate still
+    alone as U+FFFD (`joined_surrogates`), so every JSON reader, orjson too, reads it.
+    """
+    return orjson.dumps(_mended(obj, whole))
+
+
+def dumps_document(obj: Any) -> bytes:
+    """A document the sidecar built from a worker's events, as JSON (see `dumps_mended`)."""
+    try:
+        return orjson.dumps(obj)
+    except orjson.JSONEncodeError:
+        return dumps_mended(obj, whole=True)
 
 
 def stream_asked(upstream_stream: str, client_stream: bool) -> bool:

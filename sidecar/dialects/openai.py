@@ -28,6 +28,8 @@ from sidecar.dialects.base import (
     StreamProtocolError,
     StreamTranslator,
     client_stream_flag,
+    dumps_document,
+    dumps_mended,
     encode_request,
     openai_error_body,
     price_usage,
@@ -68,7 +70,11 @@ COMPLETIONS = Shape("text_completion", "text_completion", "cmpl-", chat=False)
 
 
 def _dumps_event(obj: dict[str, Any]) -> bytes:
-    return b"data: " + orjson.dumps(obj) + b"\n\n"
+    try:
+        data = orjson.dumps(obj)
+    except orjson.JSONEncodeError:  # a surrogate in a string read by the standard library
+        data = dumps_mended(obj, whole=False)
+    return b"data: " + data + b"\n\n"
 
 
 
@@ -334,7 +340,10 @@ class OpenAIStream(StreamTranslator):
             target = acc.get("message") if self.shape.chat else acc
             if type(target) is not dict or not isinstance(target.get(key), (str, TextParts)):
                 return
-        literal = orjson.dumps(text)
+        try:
+            literal = orjson.dumps(text)
+        except orjson.JSONEncodeError:  # half of a surrogate pair: its bytes are an escape
+            return
         needle = b'"' + key.encode() + b'":' + literal
         at = raw.find(needle)
         if at < 0 or raw.find(needle, at + 1) >= 0:
@@ -389,7 +398,7 @@ class OpenAIStream(StreamTranslator):
         if not self.usage.seen:
             self.settle()
         if self._error_obj is not None:
-            return orjson.dumps(self._error_obj)
+            return dumps_document(self._error_obj)
         doc: dict[str, Any] = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.document_object,
@@ -400,7 +409,7 @@ class OpenAIStream(StreamTranslator):
         doc.update(self._extras)
         if self._usage_obj is not None:
             doc["usage"] = _usage_with_cost(self._merged_usage(self._usage_obj), self.cost)
-        return orjson.dumps(doc)
+        return dumps_document(doc)
 
     def _merged_usage(self, usage_obj: dict[str, Any]) -> dict[str, Any]:
         """The worker's usage object with the counts the sidecar settled on (per field the

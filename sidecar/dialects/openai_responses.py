@@ -29,6 +29,7 @@ from sidecar.dialects.base import (
     DocumentTranslator,
     RequestPlan,
     StreamTranslator,
+    dumps_document,
     openai_error_body,
     price_usage,
     read_document,
@@ -231,7 +232,7 @@ class ResponsesStream(TypedEventStream):
                 err = self._final.get("error")
             if not isinstance(err, dict):
                 err = {}
-            return orjson.dumps(
+            return dumps_document(
                 {
                     "error": {
                         "message": err.get("message") or "the worker's response failed",
@@ -251,7 +252,7 @@ class ResponsesStream(TypedEventStream):
         if not isinstance(doc.get("output"), list):
             doc["output"] = self._output.output()
         _with_cost(doc, self.cost)
-        return orjson.dumps(doc)
+        return dumps_document(doc)
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
         """`response.failed` with the stream's own response and its output so far; when the
