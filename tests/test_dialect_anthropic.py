@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from decimal import Decimal
+from itertools import pairwise
 from types import MappingProxyType
 from typing import Any
 
@@ -540,3 +541,69 @@ def test_aggregate_a_lone_surrogate_at_the_end_becomes_a_replacement_character()
     doc = orjson.loads(aggregate(_text_stream("a", HIGH)).document())
     assert doc["content"][0]["text"] == "a\ufffd"
 
+
+# -- tool inputs as the worker wrote them ------------------------------------------------------
+
+
+def _tool_stream(*partials: str, stop: str = "tool_use") -> bytes:
+    """A message whose one tool_use block's input comes as `partials`."""
+    return b"".join(
+        [
+            ev("message_start", {"type": "message_start", "message": {"id": "m", "model": MODEL}}),
+            ev("content_block_start", {"type": "content_block_start", "index": 0,
+                                       "content_block": {"type": "tool_use", "id": "t", "name": "f", "input": {}}}),
+            *(ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                         "delta": {"type": "input_json_delta", "partial_json": p}})
+              for p in partials),
+            ev("content_block_stop", {"type": "content_block_stop", "index": 0}),
+            ev("message_delta", {"type": "message_delta", "delta": {"stop_reason": stop}, "usage": {"output_tokens": 2}}),
+            ev("message_stop", {"type": "message_stop"}),
+        ]
+    )
+
+
+def test_aggregate_tool_input_keeps_integers_past_64_bits() -> None:
+    # orjson reads an integer past 64 bits as a float: the input is the worker's own text
+    doc = aggregate(_tool_stream('{"id": 1234567890', '1234567890123, "n": [-98765432109876543210]}')).document()
+    assert b'{"id": 12345678901234567890123, "n": [-98765432109876543210]}' in doc
+    assert json.loads(doc)["content"][0]["input"] == {"id": 12345678901234567890123, "n": [-98765432109876543210]}
+
+
+@pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400])
+def test_aggregate_tool_input_with_a_number_past_a_double_is_kept(number: str) -> None:
+    # JSON puts no range on numbers (RFC 8259): orjson refuses these, the input is kept as it came
+    raw = '{"x": ' + number + ', "s": "\\u00e9"}'
+    doc = aggregate(_tool_stream(raw[:7], raw[7:])).document()
+    assert b'"input":' + raw.encode() in doc
+    assert json.loads(doc)["content"][0]["input"]["x"] == json.loads(number)
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity"])
+def test_aggregate_tool_input_with_nan_or_infinity_is_not_json(literal: str) -> None:
+    t = aggregate(_tool_stream('{"x": ' + literal + "}"))
+    with pytest.raises(StreamProtocolError, match="not valid JSON"):
+        t.document()
+
+
+def test_aggregate_tool_input_cut_by_max_tokens_still_reads_as_far_as_it_came() -> None:
+    doc = aggregate(_tool_stream('{"a": 1, "city": "Par', stop="max_tokens")).document()
+    assert json.loads(doc)["content"][0]["input"] == {"a": 1}
+
+
+def test_aggregate_tool_input_with_an_emoji_split_across_deltas() -> None:
+    # the tool input's text has the emoji itself; the event strings carry its halves
+    doc = aggregate(_tool_stream('{"s": "x' + HIGH, LOW + '"}')).document()
+    assert orjson.loads(doc)["content"][0]["input"] == {"s": "x" + EMOJI}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(st.characters(min_codepoint=0x1F300, max_codepoint=0x1F64F) | st.sampled_from('a é"\\'),
+               min_size=1, max_size=10),
+       st.lists(st.integers(0, 30), max_size=6), st.booleans())
+def test_aggregated_document_is_json_whatever_utf16_cuts(text: str, cuts: list[int], tool: bool) -> None:
+    units = (json.dumps({"s": text}, ensure_ascii=False) if tool else text).encode("utf-16-le")
+    n = len(units) // 2
+    bounds = sorted({0, n, *(c % (n + 1) for c in cuts)})
+    pieces = [units[2 * a : 2 * b].decode("utf-16-le", "surrogatepass") for a, b in pairwise(bounds)]
+    doc = orjson.loads(aggregate(_tool_stream(*pieces) if tool else _text_stream(*pieces)).document())
+    assert doc["content"][0]["input" if tool else "text"] == ({"s": text} if tool else text)

@@ -29,6 +29,8 @@ from sidecar.dialects.base import (
     StreamProtocolError,
     StreamTranslator,
     dumps_document,
+    joined_surrogates,
+    json_fragment,
     price_usage,
     read_document,
     stream_flag_plan,
@@ -236,15 +238,18 @@ class AnthropicStream(TypedEventStream):
         pieces = self._pieces.get((index, "partial_json"))
         if pieces:
             raw = "".join(pieces)
-            try:
-                block["input"] = orjson.loads(raw)
-            except orjson.JSONDecodeError:
-                if self._delta.get("stop_reason") != "max_tokens":
-                    raise StreamProtocolError(
-                        f"the tool input of content block {index} is not valid JSON"
-                    ) from None
+            # the worker's text as it came, not orjson's reading of it (which makes integers
+            # past 64 bits floats, and refuses `1e400`): see json_fragment
+            fragment = json_fragment(raw)
+            if fragment is not None:
+                block["input"] = fragment
+            elif self._delta.get("stop_reason") != "max_tokens":
+                raise StreamProtocolError(
+                    f"the tool input of content block {index} is not valid JSON"
+                )
+            else:
                 # cut off by max_tokens, a normal end: what had come of it, as SDKs read it
-                block["input"] = partial_json(raw)
+                block["input"] = partial_json(joined_surrogates(raw))
         return block
 
     def error_frame(self, failure: Failure, message: str) -> bytes:

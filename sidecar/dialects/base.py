@@ -198,6 +198,26 @@ def joined_surrogates(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+def json_fragment(text: str) -> orjson.Fragment | None:
+    """`text`, when it is JSON, to be written as it is into a document (None when it is not).
+
+    orjson validates it; what orjson refuses is validated by `read_beyond_orjson`, after its
+    surrogate halves (an emoji's, cut between two event strings) are joined. So the text is
+    written unchanged even where orjson could not hold its value: an integer past 64 bits
+    (orjson reads a float), a number past a double (`1e400`). (An escaped lone surrogate,
+    `\\ud83d` as six characters, is kept as it came: JSON's grammar allows it.)
+    """
+    try:
+        orjson.loads(text)
+    except orjson.JSONDecodeError:
+        text = joined_surrogates(text)
+        try:
+            read_beyond_orjson(text)
+        except ValueError:
+            return None
+    return orjson.Fragment(text)
+
+
 def _mended(value: Any, whole: bool) -> Any:
     """`value` with every str that holds a surrogate made one orjson writes (see `dumps_mended`)."""
     if isinstance(value, str):
