@@ -927,7 +927,7 @@ def test_hidden_usage_removes_exactly_the_usage_chunk(content: list[str], flavor
     assert t.usage.completion_tokens == USAGE["completion_tokens"]
 
 
-# ============================================================================ UTF-16 escapes
+# ============================================================================ UTF-16 escapes, tool_calls: []
 # JavaScript gateways slice strings by UTF-16 unit: an emoji written as JSON escapes may come
 # as `"\ud83d"` in one delta and `"\ude00"` in the next (each half valid JSON text, which
 # orjson refuses alone).
@@ -1030,6 +1030,35 @@ def test_aggregated_document_is_json_whatever_utf16_cuts(
                      for p in sse_payloads(relayed) if p != "[DONE]")
     assert joined.encode("utf-16-le", "surrogatepass") == "".join(["Hi Hi Hi ", *pieces]).encode(
         "utf-16-le", "surrogatepass")
+
+
+def test_aggregate_leaves_out_a_tool_calls_list_no_call_came_in() -> None:
+    # some workers send `"tool_calls": []` on every delta; OpenAI's own answer has no such key
+    data = b"".join([
+        _chat_chunk({"role": "assistant", "content": "", "tool_calls": []}),
+        _chat_chunk({"content": "Hel", "tool_calls": []}),
+        _chat_chunk({"content": "lo", "tool_calls": []}),
+        _chat_chunk({"tool_calls": []}, "stop"),
+        DONE,
+    ])
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, data)
+    message = orjson.loads(t.document())["choices"][0]["message"]
+    assert message == {"role": "assistant", "content": "Hello"}
+
+
+def test_aggregate_keeps_tool_calls_among_empty_lists() -> None:
+    call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    data = b"".join([
+        _chat_chunk({"role": "assistant", "content": None, "tool_calls": []}),
+        _chat_chunk({"tool_calls": [call]}),
+        _chat_chunk({"tool_calls": []}, "tool_calls"),
+        DONE,
+    ])
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, data)
+    message = orjson.loads(t.document())["choices"][0]["message"]
+    assert message["tool_calls"] == [{k: v for k, v in call.items() if k != "index"}]
 
 
 @pytest.mark.parametrize("literal", [b"NaN", b"Infinity", b"-Infinity"])

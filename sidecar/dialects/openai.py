@@ -439,11 +439,14 @@ class OpenAIStream(StreamTranslator):
             message.setdefault("content", None)
             calls = message.get("tool_calls")
             if isinstance(calls, list):
-                message["tool_calls"] = [
-                    {k: v for k, v in call.items() if k != "index"}
-                    # (merge_indexed made every entry a dict with an integer index)
-                    for call in sorted(calls, key=lambda call: call["index"])
-                ]
+                if calls:
+                    message["tool_calls"] = [
+                        {k: v for k, v in call.items() if k != "index"}
+                        # (merge_indexed made every entry a dict with an integer index)
+                        for call in sorted(calls, key=lambda call: call["index"])
+                    ]
+                else:  # `"tool_calls": []` on every delta (some workers): no call came, and
+                    del message["tool_calls"]  # OpenAI's own answer then has no such key
         else:
             choice.setdefault("text", "")
         choice.setdefault("finish_reason", None)
