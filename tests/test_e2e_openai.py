@@ -569,3 +569,24 @@ def test_client_head_is_sent_when_the_worker_head_arrives(w: FakeWorker, proxy: 
         assert b"text/event-stream" in head
     (request,) = w.requests
     assert w.wait_connection_closed(request, 1.0)
+
+
+def test_a_worker_document_nested_deeper_than_can_be_written_is_a_clear_error(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    """orjson reads 1,024 levels and writes 254: a worker's document (cost injected, or made
+    into SSE) nested between the two is the worker's protocol error, never a crash."""
+    doc = chat_completion("deep")
+    doc["choices"][0]["extra"] = json.loads("[" * 300 + "]" * 300)
+    w.reply(json_reply(doc))
+    with pytest.raises(openai.InternalServerError) as failed:
+        sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert failed.value.status_code == 502
+    assert failed.value.body["code"] == "upstream_protocol_error"
+    assert "nested too deeply" in failed.value.body["message"]
+    w.reply(json_reply(doc))
+    stream = sdk(proxy, "/never").chat.completions.create(model=MODEL, messages=MESSAGES, stream=True)
+    with pytest.raises(openai.APIError) as info:
+        list(stream)
+    assert "nested too deeply" in info.value.message
+    assert proxy.ledger_for(stream.response.headers["x-request-id"])["outcome"] == "upstream_error"

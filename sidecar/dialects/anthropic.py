@@ -273,7 +273,7 @@ class AnthropicDocument(DocumentTranslator):
             doc["usage"] = {**usage_obj, "cost": cost_json_number(self.cost)}
 
     def json(self) -> bytes:
-        return orjson.dumps(self.doc)
+        return dumps_document(self.doc)
 
     def sse(self) -> bytes:
         doc = self.doc
@@ -332,7 +332,7 @@ def _block_events(index: int, block: dict[str, Any]) -> list[bytes]:
     elif isinstance(btype, str) and btype in _JSON_INPUT_BLOCKS and "input" in block:
         start["input"] = {}
         if block["input"] != {}:
-            deltas.append({"type": "input_json_delta", "partial_json": orjson.dumps(block["input"]).decode()})
+            deltas.append({"type": "input_json_delta", "partial_json": dumps_document(block["input"]).decode()})
     out = [named_event({"type": "content_block_start", "index": index, "content_block": start}, "content_block_start")]
     out.extend(
         named_event({"type": "content_block_delta", "index": index, "delta": d}, "content_block_delta")

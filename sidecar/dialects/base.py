@@ -219,7 +219,8 @@ def json_fragment(text: str) -> orjson.Fragment | None:
 
 
 def _mended(value: Any, whole: bool) -> Any:
-    """`value` with every str that holds a surrogate made one orjson writes (see `dumps_mended`)."""
+    """`value` with every str that holds a surrogate made one orjson writes (see
+    `_dumps_worker_data`)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -236,26 +237,38 @@ def _mended(value: Any, whole: bool) -> Any:
     return value
 
 
-def dumps_mended(obj: Any, whole: bool) -> bytes:
-    """`obj` as JSON where `orjson.dumps(obj)` raised: its strings hold UTF-16 surrogates (read
-    by `read_beyond_orjson` from escapes), which orjson refuses. Called only after orjson
-    failed, by every writer of objects that hold a worker's text.
+def _dumps_worker_data(obj: Any, whole: bool) -> bytes:
+    """`obj`, which holds a worker's text, as JSON: orjson's, and only where orjson refuses
+    it, the same with its strings mended; StreamProtocolError for what cannot be written.
 
-    An event (`whole` False) keeps each surrogate as the escape it came as (`\\ud83d`): the
-    half of a pair goes to the client as the worker sent it, and the client's JSON reader
-    joins it with the other half in the next event. A document (`whole` True), whose strings
-    are joined from all the events, gets each pair as its character and a surrogate still
-    alone as U+FFFD (`joined_surrogates`), so every JSON reader, orjson too, reads it.
+    orjson refuses two things a worker's JSON may hold. UTF-16 surrogates (read by
+    `read_beyond_orjson` from escapes): an event (`whole` False) keeps each as the escape it
+    came as (`\\ud83d`), so the half of a pair goes to the client as the worker sent it and
+    the client's JSON reader joins it with the other half in the next event; a document
+    (`whole` True), whose strings are joined from all the events, gets each pair as its
+    character and a surrogate still alone as U+FFFD (`joined_surrogates`), so every JSON
+    reader, orjson too, reads it. And nesting deeper than the 254 levels orjson writes (it
+    reads 1,024): a protocol error of the worker's, not a crash.
     """
-    return orjson.dumps(_mended(obj, whole))
-
-
-def dumps_document(obj: Any) -> bytes:
-    """A document the sidecar built from a worker's events, as JSON (see `dumps_mended`)."""
     try:
         return orjson.dumps(obj)
     except orjson.JSONEncodeError:
-        return dumps_mended(obj, whole=True)
+        pass
+    try:
+        return orjson.dumps(_mended(obj, whole))
+    except (orjson.JSONEncodeError, RecursionError):
+        raise StreamProtocolError("the worker's JSON is nested too deeply to write") from None
+
+
+def dumps_document(obj: Any) -> bytes:
+    """A document the sidecar built from, or read as, a worker's answer, as JSON (see
+    `_dumps_worker_data`)."""
+    return _dumps_worker_data(obj, whole=True)
+
+
+def dumps_event_data(obj: Any) -> bytes:
+    """The data of one event that holds a worker's text, as JSON (see `_dumps_worker_data`)."""
+    return _dumps_worker_data(obj, whole=False)
 
 
 def stream_asked(upstream_stream: str, client_stream: bool) -> bool:

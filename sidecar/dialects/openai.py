@@ -29,7 +29,7 @@ from sidecar.dialects.base import (
     StreamTranslator,
     client_stream_flag,
     dumps_document,
-    dumps_mended,
+    dumps_event_data,
     encode_request,
     openai_error_body,
     price_usage,
@@ -70,11 +70,7 @@ COMPLETIONS = Shape("text_completion", "text_completion", "cmpl-", chat=False)
 
 
 def _dumps_event(obj: dict[str, Any]) -> bytes:
-    try:
-        data = orjson.dumps(obj)
-    except orjson.JSONEncodeError:  # a surrogate in a string read by the standard library
-        data = dumps_mended(obj, whole=False)
-    return b"data: " + data + b"\n\n"
+    return b"data: " + dumps_event_data(obj) + b"\n\n"
 
 
 
@@ -163,7 +159,7 @@ class OpenAIStream(StreamTranslator):
         self.worker_error = True
         self.text_template = None
         self._error_obj = obj
-        return None if self.aggregate else encode_event(orjson.dumps(obj))
+        return None if self.aggregate else encode_event(dumps_event_data(obj))
 
     def _learn_identity(self, obj: dict[str, Any]) -> None:
         """Take each of id/created/model from the first chunk that carries it (non-empty):
@@ -487,7 +483,7 @@ class OpenAIDocument(DocumentTranslator):
             doc["usage"] = _usage_with_cost(usage_obj, self.cost)
 
     def json(self) -> bytes:
-        return orjson.dumps(self.doc)
+        return dumps_document(self.doc)
 
     def sse(self) -> bytes:
         doc = self.doc

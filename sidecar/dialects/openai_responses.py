@@ -21,8 +21,6 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
     Dialect,
@@ -295,7 +293,7 @@ class ResponsesDocument(DocumentTranslator):
             _with_cost(doc, self.cost)
 
     def json(self) -> bytes:
-        return orjson.dumps(self.doc)
+        return dumps_document(self.doc)
 
     def sse(self) -> bytes:
         doc = self.doc

@@ -11,21 +11,15 @@ from __future__ import annotations
 from abc import abstractmethod
 from typing import Any
 
-import orjson
-
 from sidecar.config import Pricing
-from sidecar.dialects.base import RequestPlan, StreamTranslator, dumps_mended, read_event
+from sidecar.dialects.base import RequestPlan, StreamTranslator, dumps_event_data, read_event
 from sidecar.sse import Event, encode_event
 
 
 def named_event(obj: dict[str, Any], kind: str, id: str | None = None) -> bytes:
     """One event written by the sidecar: `event: <type>`, the worker's `id:` when it is a
     worker's event re-encoded, and the JSON data."""
-    try:
-        data = orjson.dumps(obj)
-    except orjson.JSONEncodeError:  # a surrogate in a string read by the standard library
-        data = dumps_mended(obj, whole=False)
-    return encode_event(data, event=kind, id=id)
+    return encode_event(dumps_event_data(obj), event=kind, id=id)
 
 
 def event_type(obj: dict[str, Any], event: Event) -> str | None:
