@@ -417,6 +417,24 @@ def test_document_sse_is_a_complete_named_stream() -> None:
     assert start["stop_reason"] is None
 
 
+@pytest.mark.parametrize("client_stream", [False, True])
+def test_a_documents_tool_input_keeps_its_numbers_as_they_came(client_stream: bool) -> None:
+    # the document is written again (cost injected, or made into a stream): integers past
+    # 64 bits (orjson reads floats) and numbers past a double (orjson refuses them) are kept
+    raw = b'{"n": 12345678901234567890123, "m": [-98765432109876543210], "x": 1e400, "f": 0.5}'
+    message = orjson.dumps({**MESSAGE, "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]})
+    body = message.replace(b'"input":{}', b'"input":' + raw)
+    d = DIALECT.document(plan(client_stream=client_stream), PRICING, body)
+    if client_stream:
+        deltas = [json.loads(e.data or "") for e in parse(d.sse()) if e.event == "content_block_delta"]
+        (partial,) = [x["delta"]["partial_json"] for x in deltas]
+        assert partial == raw.replace(b" ", b"").decode()
+    else:
+        out = d.json()
+        assert raw.replace(b" ", b"") in out.replace(b" ", b"")
+        assert json.loads(out)["usage"]["cost"] > 0
+
+
 def test_worker_error_document() -> None:
     err = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
     d = DIALECT.document(plan(), PRICING, orjson.dumps(err))

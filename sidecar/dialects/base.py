@@ -38,24 +38,15 @@ def price_usage(
     return None if price is None else cost_of(usage, price)
 
 
-def _json_object(
-    data: str | bytes, error: type[Exception], not_json: str, not_object: str
-) -> dict[str, Any]:
-    """`data` parsed as a JSON object, else `error` with the matching message."""
-    try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
-        raise error(f"{not_json}: {exc}") from None
-    if not isinstance(obj, dict):
-        raise error(not_object)
-    return obj
-
-
 def read_request(body: bytes) -> dict[str, Any]:
     """The client's JSON request body as a dict; BadRequest when it is not one."""
-    return _json_object(
-        body, BadRequest, "request body is not valid JSON", "request body must be a JSON object"
-    )
+    try:
+        obj = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise BadRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise BadRequest("request body must be a JSON object")
+    return obj
 
 
 # orjson reads an integer past 64 bits as a float (a seed of 2**70 would be forwarded as
@@ -103,13 +94,14 @@ def client_stream_flag(request: dict[str, Any]) -> bool:
 
 
 def read_document(body: bytes) -> dict[str, Any]:
-    """The worker's JSON document as a dict; StreamProtocolError when it is not one."""
-    return _json_object(
-        body,
-        StreamProtocolError,
-        "the worker's document is not JSON",
-        "the worker's document is not a JSON object",
-    )
+    """The worker's JSON document as a dict; StreamProtocolError when it is not one.
+
+    A document with a run of 19 digits is read by `read_beyond_orjson`, which keeps integers
+    past 64 bits as they came (orjson makes them floats, and the document is written again
+    with its cost): an Anthropic `tool_use` input is the worker's object, numbers and all.
+    """
+    exact = _LONG_RUN in body.translate(_DIGITS_AS_ZERO)
+    return _read_worker_json(body, "the worker's document", exact)
 
 
 def stream_flag_plan(
@@ -145,15 +137,22 @@ def read_event(data: str) -> dict[str, Any]:
     gateway that slices strings by UTF-16 unit may send an emoji's escaped halves in two
     events (`"\\ud83d"`, then `"\\ude00"`), each valid JSON text alone.
     """
+    return _read_worker_json(data, "event data")
+
+
+def _read_worker_json(data: str | bytes, what: str, exact: bool = False) -> dict[str, Any]:
+    """`data` read as a JSON object: by orjson, else (or with `exact`) by `read_beyond_orjson`."""
     try:
-        obj = orjson.loads(data)
-    except orjson.JSONDecodeError as exc:
+        obj = read_beyond_orjson(data) if exact else orjson.loads(data)
+    except ValueError as exc:  # (orjson.JSONDecodeError is one)
         try:
+            if exact:
+                raise
             obj = read_beyond_orjson(data)
         except ValueError:
-            raise StreamProtocolError(f"event data is not JSON: {exc}") from None
+            raise StreamProtocolError(f"{what} is not JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise StreamProtocolError("event data is not a JSON object")
+        raise StreamProtocolError(f"{what} is not a JSON object")
     return obj
 
 
@@ -177,12 +176,12 @@ def _exact_float(text: str) -> Any:
     return value if math.isfinite(value) else orjson.Fragment(text)
 
 
-def read_beyond_orjson(text: str) -> Any:
+def read_beyond_orjson(text: str | bytes) -> Any:
     """`text` read by the standard library, for JSON that orjson refused but is JSON all the
     same: a lone UTF-16 surrogate escape (read as a lone surrogate in a str), a number past a
     double (kept as an `orjson.Fragment` of its text, as are integers past 64 bits). Raises
-    ValueError for what is not JSON (`NaN` and `Infinity` included). Only for where orjson
-    has already failed: the standard library is several times slower."""
+    ValueError for what is not JSON (`NaN` and `Infinity` included). Only where orjson has
+    failed, or would lose an integer: the standard library is several times slower."""
     try:
         return json.loads(
             text, parse_constant=_not_json, parse_int=_exact_int, parse_float=_exact_float
