@@ -15,7 +15,7 @@ the first chunk that is not the template's.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from orjson import JSONDecodeError
 from orjson import loads as _loads
@@ -33,6 +33,9 @@ class TextTemplate:
     cut: int  # -len(suffix)
     framed_suffix: bytes  # suffix + the chunk's CRLF
     framed_cut: int  # -len(framed_suffix)
+    #: per chunk length, what a whole chunk of that length starts with (its size line, then
+    #: `prefix`): one compare instead of two; at most _HEADS lengths are kept
+    heads: dict[int, bytes] = field(default_factory=dict, compare=False, repr=False)
 
     @classmethod
     def around(cls, prefix: bytes, suffix: bytes) -> TextTemplate:
@@ -40,18 +43,20 @@ class TextTemplate:
         return cls(prefix, suffix, len(prefix), -len(suffix), framed, -len(framed))
 
 
+#: chunk lengths whose head a template keeps (the first ones seen: a token is a few bytes,
+#: so a stream's content chunks come in few lengths; at most ~4 KiB per stream)
+_HEADS = 16
+
+
 def template_text(literal: bytes) -> str | None:
     """The string when `literal` is exactly one JSON string, else None (not a string, not
     valid JSON, or anything around it: a line break there would cut the event's line)."""
-    if len(literal) < 2 or literal[0] != 34 or literal[-1] != 34:
-        return None
-    if len(literal) == 2:
-        return ""
     try:
-        text = _loads(literal)
-    except JSONDecodeError:
+        if literal[0] != 34 or literal[-1] != 34:
+            return None
+        return _loads(literal)  # a str: it starts and ends with a quote and parsed whole
+    except (IndexError, JSONDecodeError):  # empty; a lone quote, a bad escape, ...
         return None
-    return text  # a str: it starts and ends with a quote and parsed whole
 
 
 def chunk_text(data: bytes, template: TextTemplate) -> str | None:
@@ -60,17 +65,16 @@ def chunk_text(data: bytes, template: TextTemplate) -> str | None:
     else. This runs for every token: slices compared with `!=` cost about half what
     `startswith`/`endswith` do (those parse their arguments as a tuple on every call)."""
     n = len(data)
-    if n >= LONGEST_CHUNK:
-        return None
-    line = SIZE_LINE_OF_CHUNK[n]
-    size = len(line)  # 0: no whole chunk is this long
-    start = size + template.start
-    if (
-        not size
-        or data[template.framed_cut :] != template.framed_suffix
-        or data[size:start] != template.prefix
-        or data[:size] != line
-    ):
+    head = template.heads.get(n)
+    if head is None:
+        line = SIZE_LINE_OF_CHUNK[n] if n < LONGEST_CHUNK else b""
+        if not line:  # no whole chunk is this long
+            return None
+        head = line + template.prefix
+        if len(template.heads) < _HEADS:
+            template.heads[n] = head
+    start = len(head)
+    if data[:start] != head or data[template.framed_cut :] != template.framed_suffix:
         return None
     return template_text(data[start : template.framed_cut])
 

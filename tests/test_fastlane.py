@@ -104,6 +104,19 @@ def test_anything_else_is_not_the_lane(data: bytes) -> None:
     assert verdict(data) == -1
 
 
+def test_a_template_keeps_the_heads_of_a_few_lengths_and_reads_every_length() -> None:
+    template = TextTemplate.around(PREFIX, SUFFIX)
+    for _ in range(2):  # the second time round, the first lengths come from the cache
+        for room in range(40):
+            data = chunk_with(b'"' + b"a" * room + b'"')
+            assert chunk_text(data, template) == "a" * room
+            line, _, rest = data.partition(b"\r\n")
+            assert chunk_text(line.upper() + b"0\r\n" + rest, template) is None
+            if line != line.upper():  # a size line with a hex letter, written upper-case
+                assert chunk_text(line.upper() + b"\r\n" + rest, template) is None
+    assert len(template.heads) == 16  # bounded: the memory a stream holds
+
+
 _PIECES = st.one_of(
     st.sampled_from([b'"tok"', b'""', b'"a\\"b"', b'"\\u00e9"', b'"' + b"x" * 300 + b'"']).map(chunk_with),
     st.sampled_from([b"123", b'"abc', b'"a","x":"b"']).map(chunk_with),  # not the template's
