@@ -197,9 +197,6 @@ class Metrics:
             return model
         if len(self._models) >= MAX_MODELS:
             return OTHER_MODEL
-        # a worker's event may name it with a lone surrogate escape (`\ud83d`), read as is:
-        # no UTF-8, which /metrics is (the unmended name comes this way again each time)
-        model = model.encode("utf-8", "replace").decode()
         self._models.add(model)
         return model
 

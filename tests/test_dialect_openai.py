@@ -183,6 +183,27 @@ def test_a_deeply_nested_body_that_must_change_is_forwarded_or_refused(name: str
         get_dialect(name).plan(deepest, "always", "r")
 
 
+_DOCUMENTS_NAMING = {  # a worker's document naming its model with a lone surrogate escape
+    "openai-chat": b'{"object":"chat.completion","model":"m\\ud83d","choices":[]}',
+    "openai-completions": b'{"object":"text_completion","model":"m\\ud83d","choices":[]}',
+    "anthropic-messages": b'{"type":"message","role":"assistant","model":"m\\ud83d","content":[]}',
+    "openai-responses": b'{"object":"response","model":"m\\ud83d","output":[]}',
+}
+
+
+@pytest.mark.parametrize("name", list(_DOCUMENTS_NAMING))
+def test_a_model_named_with_a_lone_surrogate_escape_is_mended(name: str) -> None:
+    # the ledger, metrics and logs write UTF-8: the name they get has U+FFFD in its place
+    dialect = get_dialect(name)
+    body = b'{"model": "m", "stream": false}'
+    document = dialect.document(dialect.plan(body, "never", "r"), NO_PRICES, _DOCUMENTS_NAMING[name])
+    assert document.model == "m\ufffd"
+    if name.startswith("openai-c"):
+        t = stream_for(STREAMING, dialect=OPENAI_CHAT if name == "openai-chat" else OPENAI_COMPLETIONS)
+        relay(t, b'data: {"id":"x","created":1,"model":"m\\ud83d","choices":[]}\n\n')
+        assert t.model == "m\ufffd"
+
+
 @pytest.mark.parametrize("body", [b'{"seed": 12345678901234567890123, "x": 1e400}',
                                   b'{"seed": 12345678901234567890123, "x": NaN}',
                                   b'{"seed": 12345678901234567890123, "x": "\xff"}',

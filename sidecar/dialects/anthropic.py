@@ -31,6 +31,7 @@ from sidecar.dialects.base import (
     dumps_document,
     joined_surrogates,
     json_fragment,
+    model_name,
     price_usage,
     read_document,
     stream_flag_plan,
@@ -133,8 +134,8 @@ class AnthropicStream(TypedEventStream):
         if not isinstance(message, dict):
             raise StreamProtocolError("message_start carries no message object")
         self._message = message
-        model = message.get("model")
-        if isinstance(model, str) and model:
+        model = model_name(message.get("model"))
+        if model is not None:
             self.model = model
         usage = message.get("usage")
         if isinstance(usage, dict):
@@ -264,8 +265,7 @@ class AnthropicDocument(DocumentTranslator):
         self.plan = plan
         self.doc = doc
         self.worker_error = doc.get("type") == "error"
-        model = doc.get("model")
-        self.model = model if isinstance(model, str) and model else None
+        self.model = model_name(doc.get("model"))
         usage_obj = doc.get("usage")
         self.usage = usage_from_anthropic(usage_obj) if isinstance(usage_obj, dict) else Usage()
         self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, anthropic_cost)

@@ -197,6 +197,15 @@ def joined_surrogates(text: str) -> str:
     return text.encode("utf-16-le", "surrogatepass").decode("utf-16-le", "replace")
 
 
+def model_name(value: Any) -> str | None:
+    """A worker's model name: a non-empty string, else None. One read from an escaped lone
+    surrogate (see `read_beyond_orjson`) gets U+FFFD in its place (`joined_surrogates`): the
+    ledger, metrics and logs that name it write UTF-8."""
+    if not isinstance(value, str) or not value:
+        return None
+    return value if value.isascii() else joined_surrogates(value)
+
+
 def json_fragment(text: str) -> orjson.Fragment | None:
     """`text`, when it is JSON, to be written as it is into a document (None when it is not).
 

@@ -31,6 +31,7 @@ from sidecar.dialects.base import (
     dumps_document,
     dumps_event_data,
     encode_request,
+    model_name,
     openai_error_body,
     price_usage,
     read_document,
@@ -172,8 +173,7 @@ class OpenAIStream(StreamTranslator):
             created = obj.get("created")
             self.created = created if isinstance(created, int) and created else None
         if self.model is None:
-            model = obj.get("model")
-            self.model = model if isinstance(model, str) and model else None
+            self.model = model_name(obj.get("model"))
         self._identity_open = self.id is None or self.created is None or self.model is None
         fill = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
@@ -474,8 +474,7 @@ class OpenAIDocument(DocumentTranslator):
         self.plan = plan
         self.doc = doc
         self.worker_error = doc.get("error") is not None
-        model = doc.get("model")
-        self.model = model if isinstance(model, str) and model else None
+        self.model = model_name(doc.get("model"))
         usage_obj = doc.get("usage")
         self.usage = usage_from_openai(usage_obj) if isinstance(usage_obj, dict) else Usage()
         self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, openai_cost)

@@ -28,6 +28,7 @@ from sidecar.dialects.base import (
     RequestPlan,
     StreamTranslator,
     dumps_document,
+    model_name,
     openai_error_body,
     price_usage,
     read_document,
@@ -176,8 +177,8 @@ class ResponsesStream(TypedEventStream):
         self._note_model(response)
 
     def _note_model(self, response: dict[str, Any]) -> None:
-        model = response.get("model")
-        if isinstance(model, str) and model:
+        model = model_name(response.get("model"))
+        if model is not None:
             self.model = model
 
     def _read_terminal(self, kind: str, obj: dict[str, Any]) -> bool:
@@ -284,8 +285,7 @@ class ResponsesDocument(DocumentTranslator):
         self.plan = plan
         self.doc = doc
         self.worker_error = doc.get("error") is not None or doc.get("status") == "failed"
-        model = doc.get("model")
-        self.model = model if isinstance(model, str) and model else None
+        self.model = model_name(doc.get("model"))
         usage_obj = doc.get("usage")
         self.usage = usage_from_responses(usage_obj) if isinstance(usage_obj, dict) else Usage()
         self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, openai_cost)
