@@ -24,13 +24,8 @@ import h11
 from sidecar import failures
 from sidecar.chunked import SIZE_LINES, frame
 from sidecar.dialects import get_dialect
-from sidecar.dialects.base import (
-    BadRequest,
-    Dialect,
-    DocumentTranslator,
-    RequestPlan,
-    StreamTranslator,
-)
+from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, StreamTranslator
+from sidecar.dialects.jsonio import BadRequest
 from sidecar.failures import Failure, UpstreamFailure
 from sidecar.framing import body_decoder
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind

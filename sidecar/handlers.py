@@ -18,9 +18,9 @@ from sidecar.dialects.base import (
     MAX_DOCUMENT,
     MAX_STREAM_BYTES,
     DocumentTranslator,
-    StreamProtocolError,
     StreamTranslator,
 )
+from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without

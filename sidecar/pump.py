@@ -18,7 +18,7 @@ import h11
 
 from sidecar import failures
 from sidecar.chunked import ChunkedError, first_chunk_end
-from sidecar.dialects.base import StreamProtocolError
+from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.framing import BodyDecoder
 from sidecar.handlers import BodyHandler

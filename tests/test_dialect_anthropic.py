@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 from sidecar import failures
 from sidecar.config import Price, Pricing
 from sidecar.dialects import get_dialect
-from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.dialects.base import RequestPlan
+from sidecar.dialects.jsonio import BadRequest, StreamProtocolError
 from sidecar.sse import Event, SSEParser
 
 DIALECT = get_dialect("anthropic-messages")

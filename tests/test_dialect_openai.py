@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 from sidecar import failures
 from sidecar.config import Price, Pricing
 from sidecar.dialects import get_dialect
-from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.dialects.base import RequestPlan
+from sidecar.dialects.jsonio import BadRequest, StreamProtocolError
 from sidecar.dialects.openai import (
     OPENAI_CHAT,
     OPENAI_COMPLETIONS,

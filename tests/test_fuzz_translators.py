@@ -43,7 +43,8 @@ from hypothesis import strategies as st
 from sidecar import failures
 from sidecar.config import Price, Pricing
 from sidecar.dialects import get_dialect
-from sidecar.dialects.base import BadRequest, RequestPlan, StreamProtocolError
+from sidecar.dialects.base import RequestPlan
+from sidecar.dialects.jsonio import BadRequest, StreamProtocolError
 from sidecar.sse import Event, SSEParser, SSEProtocolError, encode_event
 
 REPO = Path(__file__).resolve().parent.parent
@@ -591,7 +592,7 @@ with atheris.instrument_imports(include=["sidecar"]):
     from sidecar import failures
     from sidecar.config import Pricing
     from sidecar.dialects import get_dialect
-    from sidecar.dialects.base import StreamProtocolError
+    from sidecar.dialects.jsonio import StreamProtocolError
     from sidecar.sse import SSEParser, SSEProtocolError
 
 DIALECT = get_dialect("openai-chat")

@@ -19,7 +19,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.config import Price, Pricing
-from sidecar.dialects.base import MAX_DOCUMENT, PIECE_COST, StreamProtocolError
+from sidecar.dialects.base import MAX_DOCUMENT, PIECE_COST
+from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.dialects.openai import COMPLETIONS, OPENAI_CHAT, OPENAI_COMPLETIONS, OpenAIStream
 from sidecar.sse import SSEParser
 

@@ -26,15 +26,17 @@ from sidecar.dialects.base import (
     Dialect,
     DocumentTranslator,
     RequestPlan,
-    StreamProtocolError,
     StreamTranslator,
+    price_usage,
+    stream_flag_plan,
+)
+from sidecar.dialects.jsonio import (
+    StreamProtocolError,
     dumps_document,
     joined_surrogates,
     json_fragment,
     model_name,
-    price_usage,
     read_document,
-    stream_flag_plan,
 )
 from sidecar.dialects.merge import finished, merge_into, partial_json
 from sidecar.dialects.typed import TypedEventStream, named_event

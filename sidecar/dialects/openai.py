@@ -25,19 +25,21 @@ from sidecar.dialects.base import (
     Dialect,
     DocumentTranslator,
     RequestPlan,
-    StreamProtocolError,
     StreamTranslator,
     client_stream_flag,
+    openai_error_body,
+    price_usage,
+    stream_asked,
+)
+from sidecar.dialects.jsonio import (
+    StreamProtocolError,
     dumps_document,
     dumps_event_data,
     encode_request,
     model_name,
-    openai_error_body,
-    price_usage,
     read_document,
     read_event,
     read_request,
-    stream_asked,
 )
 from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, merge_value
 from sidecar.failures import Failure

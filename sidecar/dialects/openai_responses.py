@@ -27,13 +27,11 @@ from sidecar.dialects.base import (
     DocumentTranslator,
     RequestPlan,
     StreamTranslator,
-    dumps_document,
-    model_name,
     openai_error_body,
     price_usage,
-    read_document,
     stream_flag_plan,
 )
+from sidecar.dialects.jsonio import dumps_document, model_name, read_document
 from sidecar.dialects.merge import copy_json
 from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure

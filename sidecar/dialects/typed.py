@@ -12,7 +12,8 @@ from abc import abstractmethod
 from typing import Any
 
 from sidecar.config import Pricing
-from sidecar.dialects.base import RequestPlan, StreamTranslator, dumps_event_data, read_event
+from sidecar.dialects.base import RequestPlan, StreamTranslator
+from sidecar.dialects.jsonio import dumps_event_data, read_event
 from sidecar.sse import Event, encode_event
 
 
