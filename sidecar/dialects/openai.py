@@ -168,6 +168,7 @@ class OpenAIStream(StreamTranslator):
         """Take each of id/created/model from the first chunk that carries it (non-empty):
         what every chunk that lacks one gets. Azure's opening `prompt_filter_results` chunk
         and TGI's chunks carry empty ones, and the response's model is the one priced."""
+        known = (self.id, self.created, self.model)
         if self.id is None:
             ident = obj.get("id")
             self.id = ident if isinstance(ident, str) and ident else None
@@ -176,6 +177,8 @@ class OpenAIStream(StreamTranslator):
             self.created = created if isinstance(created, int) and created else None
         if self.model is None:
             self.model = model_name(obj.get("model"))
+        if self._fill and known == (self.id, self.created, self.model):
+            return  # nothing new (a worker that never sends one of them: every slow event)
         self._identity_open = self.id is None or self.created is None or self.model is None
         fill = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
