@@ -1098,3 +1098,19 @@ def test_an_event_with_a_number_past_a_double_is_kept_as_it_came() -> None:
     t = stream_for(NON_STREAMING, aggregate=True, mode="always")
     relay(t, data)
     assert b'"x":1e400,"y":123456789012345678901234' in t.document()
+
+
+@pytest.mark.parametrize("dialect", [OPENAI_CHAT, OPENAI_COMPLETIONS])
+def test_a_documents_choices_without_index_replay_at_their_places_and_created_0_stays(dialect) -> None:
+    if dialect is OPENAI_CHAT:
+        choices = [{"message": {"role": "assistant", "content": c}, "finish_reason": f}
+                   for c, f in (("first", "stop"), ("second", "length"))]
+    else:
+        choices = [{"text": c, "finish_reason": f} for c, f in (("first", "stop"), ("second", "length"))]
+    doc = {"id": "x", "object": "o", "created": 0, "model": MODEL, "choices": choices}
+    p = plan(STREAMING, "never", dialect=dialect)
+    chunks = payloads(dialect.document(p, NO_PRICES, orjson.dumps(doc)).sse())[:-1]
+    assert {c["created"] for c in chunks} == {0}
+    finishes = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
+                for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")}
+    assert finishes == {0: "stop", 1: "length"}

@@ -497,7 +497,8 @@ class OpenAIDocument(DocumentTranslator):
         base: dict[str, Any] = {
             "id": doc.get("id") or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.chunk_object,
-            "created": doc.get("created") or self.plan.created,
+            # the worker's `created`, 0 included: only a missing or non-integer one is filled
+            "created": created if type(created := doc.get("created")) is int else self.plan.created,
             "model": doc.get("model") or self.plan.request_model,
         }
         base.update(
@@ -505,10 +506,10 @@ class OpenAIDocument(DocumentTranslator):
         )
         out: list[bytes] = []
         choices = doc.get("choices")
-        for choice in choices if isinstance(choices, list) else []:
+        for position, choice in enumerate(choices if isinstance(choices, list) else []):
             if not isinstance(choice, dict):
                 continue
-            index = choice.get("index", 0)
+            index = choice.get("index", position)  # a choice without one: its place in the list
             extras = {
                 k: v
                 for k, v in choice.items()
