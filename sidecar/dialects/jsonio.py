@@ -42,12 +42,17 @@ _DIGITS_AS_ZERO = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
 _LONG_RUN = b"0" * 19
 
 
+def _has_long_digit_run(data: bytes) -> bool:
+    """Whether `data` holds 19 digits in a row: an integer orjson might read as a float."""
+    return _LONG_RUN in data.translate(_DIGITS_AS_ZERO)
+
+
 def encode_request(
     request: dict[str, Any], body: bytes, changes: dict[str, Any], dropped: tuple[str, ...] = ()
 ) -> bytes:
     """The worker's body: `body` (read into `request` by `read_request`) with the top-level
     `changes` made and the `dropped` keys removed. BadRequest when it cannot be written."""
-    if _LONG_RUN not in body.translate(_DIGITS_AS_ZERO):
+    if not _has_long_digit_run(body):
         _change(request, changes, dropped)
         try:
             return orjson.dumps(request)
@@ -74,8 +79,7 @@ def read_document(body: bytes) -> dict[str, Any]:
     past 64 bits as they came (orjson makes them floats, and the document is written again
     with its cost): an Anthropic `tool_use` input is the worker's object, numbers and all.
     """
-    exact = _LONG_RUN in body.translate(_DIGITS_AS_ZERO)
-    return _read_worker_json(body, "the worker's document", exact)
+    return _read_worker_json(body, "the worker's document", _has_long_digit_run(body))
 
 
 def read_event(data: str) -> dict[str, Any]:
