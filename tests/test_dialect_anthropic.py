@@ -588,6 +588,24 @@ def test_aggregate_tool_input_keeps_integers_past_64_bits() -> None:
     assert json.loads(doc)["content"][0]["input"] == {"id": 12345678901234567890123, "n": [-98765432109876543210]}
 
 
+@pytest.mark.parametrize("aggregated", [False, True])
+def test_integers_past_64_bits_in_events_written_again_are_kept(aggregated: bool) -> None:
+    # the message_start read into the aggregated message, and the message_delta that gets its
+    # cost, are written again: their integers past 64 bits stay as they came
+    big = 2**64 + 1
+    events = worker_stream()
+    events[0] = events[0].replace(b'"id": "msg_01"', b'"id": "msg_01", "trace": %d' % big)
+    events[-2] = events[-2].replace(b'"type": "message_delta"', b'"type": "message_delta", "trace": %d' % big)
+    if aggregated:
+        written = aggregate(b"".join(events)).document()
+        assert json.loads(written)["trace"] == big
+    else:
+        out, _ = relay(events)
+        written = out[-2] or b""
+        assert json.loads(parse(written)[0].data or "")["usage"]["cost"] > 0
+    assert b'"trace":%d' % big in written
+
+
 @pytest.mark.parametrize("number", ["1e400", "-1e400", "1" + "0" * 400])
 def test_aggregate_tool_input_with_a_number_past_a_double_is_kept(number: str) -> None:
     # JSON puts no range on numbers (RFC 8259): orjson refuses these, the input is kept as it came

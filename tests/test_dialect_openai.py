@@ -403,6 +403,25 @@ def test_the_response_model_is_the_first_one_named_after_chunks_that_name_none(a
         assert chunks[-1]["usage"]["cost"] == pytest.approx(COST)
 
 
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_integers_past_64_bits_in_chunks_are_written_again_as_they_came(aggregate: bool) -> None:
+    # chunks that are written again (merged into one document, or the usage chunk that gets
+    # its cost) keep their integers past 64 bits: orjson alone would read them as floats
+    big, small = 2**64 + 1, -(2**63) - 1
+    chunks = [json.loads(e[6:]) for e in chat_stream_events()[:-1]]
+    raw = b"".join(b"data: " + orjson.dumps(c)[:-1] + b',"seed":%d,"n":[%d]}\n\n' % (big, small)
+                   for c in chunks) + DONE
+    body = NON_STREAMING if aggregate else STREAMING_USAGE
+    t = stream_for(body, pricing=PRICES, aggregate=aggregate, mode="always" if aggregate else "auto")
+    out = relay(t, raw)
+    written = t.document() if aggregate else out
+    assert b'"seed":%d' % big in written and b'"n":[%d]' % small in written
+    parsed = [json.loads(written)] if aggregate else payloads(out)[:-1]
+    assert {c["seed"] for c in parsed} == {big}
+    assert parsed[-1]["usage"]["cost"] == pytest.approx(COST)
+    assert t.cost == Decimal("0.000017")
+
+
 def test_missing_id_created_model_are_filled_in() -> None:
     before = int(time.time())
     t = stream_for({**STREAMING_USAGE, "model": "asked-model"})

@@ -87,9 +87,11 @@ def read_event(data: str) -> dict[str, Any]:
 
     JSON that orjson refuses is read again by `read_beyond_orjson` (only then): a JavaScript
     gateway that slices strings by UTF-16 unit may send an emoji's escaped halves in two
-    events (`"\\ud83d"`, then `"\\ude00"`), each valid JSON text alone.
+    events (`"\\ud83d"`, then `"\\ude00"`), each valid JSON text alone. Data with a run
+    of 19 digits is read that way from the start, as documents are: an event may be written
+    again (cost injected, merged into one document) and its integers past 64 bits kept.
     """
-    return _read_worker_json(data, "event data")
+    return _read_worker_json(data, "event data", _has_long_digit_run(data.encode()))
 
 
 def _read_worker_json(data: str | bytes, what: str, exact: bool = False) -> dict[str, Any]:
