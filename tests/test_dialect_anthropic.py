@@ -625,6 +625,13 @@ def test_aggregate_tool_input_with_nan_or_infinity_is_not_json(literal: str) -> 
 def test_aggregate_tool_input_cut_by_max_tokens_still_reads_as_far_as_it_came() -> None:
     doc = aggregate(_tool_stream('{"a": 1, "city": "Par', stop="max_tokens")).document()
     assert json.loads(doc)["content"][0]["input"] == {"a": 1}
+    # what came is kept as it came: an integer past 64 bits, a number past a double
+    doc = aggregate(_tool_stream('{"id": 123456789012345678901234, "x": -1e400, "s": "' + HIGH,
+                                 LOW + '", "city": "Par', stop="max_tokens")).document()
+    assert b'"input":{"id": 123456789012345678901234, "x": -1e400, "s": "' in doc
+    assert json.loads(doc)["content"][0]["input"] == {"id": 123456789012345678901234, "x": -1e400, "s": EMOJI}
+    doc = aggregate(_tool_stream('{"city": "Par', stop="max_tokens")).document()
+    assert json.loads(doc)["content"][0]["input"] == {}
 
 
 def test_aggregate_tool_input_with_an_emoji_split_across_deltas() -> None:

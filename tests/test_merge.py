@@ -3,13 +3,14 @@ concatenating them as they come (which is quadratic in the length of the output)
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, partial_json
+from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, partial_json_text
 
 
 def concatenating(acc: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -73,7 +74,12 @@ def test_text_is_kept_in_parts_until_finished() -> None:
     assert finished({"choices": [acc]}) == {"choices": [{"content": "abc", "role": "assistant"}]}
 
 
-# -- partial_json: a tool input cut off by max_tokens ------------------------------------------
+# -- partial_json_text: a tool input cut off by max_tokens -------------------------------------
+
+
+def partial_json(text: str) -> Any:
+    whole = partial_json_text(text)
+    return json.loads(whole) if whole else {}
 
 
 def test_partial_json_keeps_what_is_whole() -> None:
@@ -82,7 +88,14 @@ def test_partial_json_keeps_what_is_whole() -> None:
     assert partial_json('{"a": [1, 2') == {"a": [1]}  # 2 may go on: 25
     assert partial_json('{"a": {"b": "c"}, "d') == {"a": {"b": "c"}}
     assert partial_json('{"k\\"": "v\\"", "z": ') == {'k"': 'v"'}
-    assert partial_json("") == {} and partial_json("{") == {} and partial_json('{"a": tru') == {}
+    assert partial_json_text("") == "" and partial_json('{"a": tru') == {}
+    assert partial_json_text("{") == "{}"
+
+
+def test_partial_json_text_keeps_the_numbers_as_they_came() -> None:
+    assert partial_json_text('{"id": 123456789012345678901234, "x": 1e400, "city": "Par') == (
+        '{"id": 123456789012345678901234, "x": 1e400}'
+    )
 
 
 def _is_part_of(part: Any, whole: Any) -> bool:

@@ -33,12 +33,11 @@ from sidecar.dialects.base import (
 from sidecar.dialects.jsonio import (
     StreamProtocolError,
     dumps_document,
-    joined_surrogates,
     json_fragment,
     model_name,
     read_document,
 )
-from sidecar.dialects.merge import finished, merge_into, partial_json
+from sidecar.dialects.merge import finished, merge_into, partial_json_text
 from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure
 from sidecar.usage import Usage, anthropic_cost, cost_json_number, usage_from_anthropic
@@ -252,7 +251,7 @@ class AnthropicStream(TypedEventStream):
                 )
             else:
                 # cut off by max_tokens, a normal end: what had come of it, as SDKs read it
-                block["input"] = partial_json(joined_surrogates(raw))
+                block["input"] = json_fragment(partial_json_text(raw)) or {}
         return block
 
     def error_frame(self, failure: Failure, message: str) -> bytes:

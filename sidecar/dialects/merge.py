@@ -8,8 +8,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import orjson
-
 #: Keys whose repeated value is the same thing said again, not a continuation.
 REPLACED_KEYS = frozenset({"role", "id", "type", "index", "object"})
 
@@ -96,11 +94,12 @@ def finished(value: Any) -> Any:
     return value
 
 
-def partial_json(text: str) -> Any:
-    """What a JSON text cut short holds so far: its longest prefix that ends a whole value
-    (or opens an object or array), with what is open closed. A member or element cut in
-    its middle is left out, as the anthropic SDK reads a tool input that `max_tokens` cut
-    off: `{"a": 1, "city": "Par` -> `{"a": 1}`. `{}` when nothing whole came."""
+def partial_json_text(text: str) -> str:
+    """What a JSON text cut short holds so far, as JSON text: its longest prefix that ends a
+    whole value (or opens an object or array), with what is open closed. A member or element
+    cut in its middle is left out, as the anthropic SDK reads a tool input that `max_tokens`
+    cut off: `{"a": 1, "city": "Par` -> `{"a": 1}`; "" when nothing whole came. The text is
+    the worker's own (its numbers as they came); it is JSON when `text` began as JSON."""
     closers: list[str] = []  # what closes each object and array open at this point
     cut, cut_closers = 0, ""  # the longest prefix known to end whole, and what closes it
     in_string = escaped = key = False
@@ -133,7 +132,4 @@ def partial_json(text: str) -> Any:
         elif c == "," and last not in '"}]{[,:':
             cut, cut_closers = i, "".join(reversed(closers))  # a number or literal ended
         last = c
-    try:
-        return orjson.loads(text[:cut] + cut_closers)
-    except orjson.JSONDecodeError:
-        return {}
+    return text[:cut] + cut_closers
