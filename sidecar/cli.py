@@ -52,7 +52,9 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     run = commands.add_parser("run", help="run the daemon in the foreground")
     run.add_argument(
-        "-c", "--config", help="config file (default: $SIDECAR_CONFIG, then config/sidecar.yaml)"
+        "-c",
+        "--config",
+        help="config file (default: $SIDECAR_CONFIG, then config/sidecar.yaml here, then the bundled one)",
     )
     check = commands.add_parser("check", help="validate a config file; exit 0 or 2")
     check.add_argument("-c", "--config", help="config file (default as for run)")
