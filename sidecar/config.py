@@ -793,6 +793,7 @@ def _method(value: Any) -> str:
 
 _MAX_PRICE = Decimal(10) ** 30
 _MAX_PRICE_PLACES = 60
+_MAX_PRICE_TEXT = 60
 
 
 def _decimal(value: Any) -> Decimal:
@@ -806,8 +807,10 @@ def _decimal(value: Any) -> Decimal:
         raise ValueError(f"price too large: {_show(value)}")
     else:
         text = str(value)
-    if len(text) > 60:
-        raise ValueError(f"expected a price, got {_show(value)}")
+    if len(text) > _MAX_PRICE_TEXT:  # (the text as written: a YAML float's repr drops digits)
+        raise ValueError(
+            f"a price may be written with at most {_MAX_PRICE_TEXT} characters, got {len(text)}"
+        )
     try:
         number = Decimal(text)
     except InvalidOperation:

@@ -492,6 +492,11 @@ def test_prices_keep_every_written_digit(tmp_path: Path) -> None:
     )
     price = load_config(path, env={}).pricing.models["m"]
     assert (price.prompt, price.completion) == (Decimal(digits), Decimal(digits + "1"))
+    # a YAML float written with too many digits is named by its length, not by its float
+    path.write_text(path.read_text().replace(digits, "0." + "1" * 60, 1))
+    with pytest.raises(ConfigError) as info:
+        load_config(path, env={})
+    assert info.value.problems == ["pricing.models.m.prompt: a price may be written with at most 60 characters, got 62"]
     assert Decimal("1e-60") == config_from_dict(
         {**MINIMAL, "pricing": {"models": {"m": {"prompt": "1e-60", "completion": "0E-100"}}}}, {}
     ).pricing.models["m"].prompt
@@ -510,6 +515,7 @@ def test_prices_keep_every_written_digit(tmp_path: Path) -> None:
         # costs are worked out in integers at the smallest exponent of a row
         ("1e-2000000", 'a price may have at most 60 decimal places, got "1e-2000000"'),
         ("1.5e-60", 'a price may have at most 60 decimal places, got "1.5e-60"'),
+        ("0." + "1" * 59, "a price may be written with at most 60 characters, got 61"),
     ],
 )
 def test_prices_must_be_finite_and_at_most_1e30(value: Any, message: str) -> None:
