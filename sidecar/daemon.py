@@ -307,7 +307,9 @@ class Service:
             if not conn.busy:
                 conn.close()
         deadline = asyncio.get_running_loop().time() + runtime.config.drain_timeout
-        while any(c.busy for c in self.connections) and not self.cut_short:
+        # in flight: a request being answered, or an answer written but still in this
+        # process's buffers (a client that reads slowly), which exiting would cut short
+        while any(c.busy or c.unsent for c in self.connections) and not self.cut_short:
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning("drain timeout: closing %d connections", len(self.connections))
                 break

@@ -304,6 +304,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     @property
+    def unsent(self) -> bool:
+        """Bytes of an answer still in this process (the transport's buffer), not yet handed
+        to the kernel: lost if the process exits now (the kernel's send queue is not)."""
+        transport = self.transport
+        return transport is not None and not self.closed and transport.get_write_buffer_size() > 0
+
+    @property
     def backlog(self) -> int:
         """Bytes written to the client that it has not taken yet: in the transport's buffer
         and in the kernel's send queue (SIOCOUTQ). While it shrinks the client reads, however

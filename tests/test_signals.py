@@ -33,10 +33,12 @@ from tests.harness import (
     RawClient,
     RawResponse,
     chat_body,
+    chat_completion,
     chat_stream_events,
     daemon_config,
     deep_merge,
     held_stream,
+    json_reply,
     openai_handler,
     post,
     request_bytes,
@@ -353,3 +355,25 @@ def test_drain_timeout_bounds_the_wait(
     record = daemon.ledger_for("cut-by-drain", timeout=2)
     assert record["outcome"] != "ok"
     release.set()
+
+
+def test_sigterm_waits_for_an_answer_the_client_has_not_taken_yet(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """An answer the daemon has written whole (accounted `ok`) but a slow client has not
+    read yet sits partly in the daemon's own buffers, beyond what the kernel queues: the
+    drain waits for it (it is in flight), rather than exiting and cutting it short."""
+    content = "x" * 16_000_000  # far more than the kernel's socket buffers hold
+    worker.reply(json_reply(chat_completion(content=content)))
+    daemon = make_daemon(worker=worker, drain_timeout="30s")
+    with RawClient(daemon.address, timeout=20) as client:
+        client.send(request_bytes(body=chat_body(), headers=[("x-request-id", "unread")]))
+        assert daemon.ledger_for("unread")["outcome"] == "ok"  # answered, from its side
+        daemon.send_signal(signal.SIGTERM)
+        time.sleep(0.5)  # the client reads nothing yet
+        response = client.read_response(timeout=20)
+    assert response.status == 200
+    assert response.complete, f"{len(response.body)} of {response.header('content-length')} bytes"
+    assert response.json()["choices"][0]["message"]["content"] == content
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
