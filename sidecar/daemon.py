@@ -304,12 +304,10 @@ class Service:
         for server in self.servers:
             server.close()
         for conn in list(self.connections):
-            if not conn.busy:
+            if not conn.in_flight:
                 conn.close()
         deadline = asyncio.get_running_loop().time() + runtime.config.drain_timeout
-        # in flight: a request being answered, or an answer written but still in this
-        # process's buffers (a client that reads slowly), which exiting would cut short
-        while any(c.busy or c.unsent for c in self.connections) and not self.cut_short:
+        while any(c.in_flight for c in self.connections) and not self.cut_short:
             if asyncio.get_running_loop().time() >= deadline:
                 log.warning("drain timeout: closing %d connections", len(self.connections))
                 break

@@ -87,8 +87,8 @@ async def serve_connection(client: ClientConnection) -> None:
             if first:
                 idle_deadline = head_deadline = started + limits.header_timeout
             else:
-                if runtime.draining:
-                    break
+                if runtime.draining and not client.buffer:
+                    break  # (a request already received, pipelined, is still answered)
                 # the next (pipelined) request waits until the client reads what it has
                 # been sent: answers the sidecar writes itself never pile up unread
                 if client.paused_writing and not await client.drained(limits.send_timeout):

@@ -304,6 +304,13 @@ class ClientConnection(asyncio.Protocol):
             self.transport.write(data)
 
     @property
+    def in_flight(self) -> bool:
+        """What a graceful drain waits for: a request being answered, one received and not
+        yet answered (pipelined, or arrived as the drain began), or an answer written but
+        still in this process's buffers (a client that reads slowly)."""
+        return self.busy or bool(self.buffer) or self.unsent
+
+    @property
     def unsent(self) -> bool:
         """Bytes of an answer still in this process (the transport's buffer), not yet handed
         to the kernel: lost if the process exits now (the kernel's send queue is not)."""

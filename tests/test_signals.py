@@ -377,3 +377,33 @@ def test_sigterm_waits_for_an_answer_the_client_has_not_taken_yet(
     assert response.json()["choices"][0]["message"]["content"] == content
     assert daemon.proc is not None
     assert daemon.proc.wait(10) == 0
+
+
+def test_sigterm_still_answers_a_request_already_received_behind_the_one_in_flight(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A pipelined request that had arrived whole when the drain began is answered (with
+    `connection: close`) and recorded, not dropped with the connection it came on."""
+    release, started = threading.Event(), threading.Event()
+    worker.reply(held_stream(chat_stream_events(("drain", "ed")), release, started=started))
+    worker.default = openai_handler()
+    daemon = make_daemon(worker=worker, drain_timeout="10s", upstream={"idle_timeout": "10s"})
+    with RawClient(daemon.address, timeout=20) as client:
+        client.send(
+            request_bytes(body=chat_body(stream=True), headers=[("x-request-id", "first")])
+            + request_bytes(body=chat_body(), headers=[("x-request-id", "behind")])
+        )
+        assert started.wait(5)
+        daemon.send_signal(signal.SIGTERM)
+        assert wait_refused(daemon)
+        release.set()
+        first = client.read_response()
+        second = client.read_response()
+        assert client.closed_by_peer(5)
+    assert first.status == 200 and first.complete and first.sse()[-1] == "[DONE]"
+    assert second.status == 200 and second.complete
+    assert second.header("x-request-id") == "behind"
+    assert second.header("connection") == "close"
+    assert daemon.ledger_for("behind")["outcome"] == "ok"
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
