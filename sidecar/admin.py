@@ -68,6 +68,7 @@ class AdminConnection(asyncio.Protocol):
         self.conn = h11.Connection(h11.SERVER, max_incomplete_event_size=_MAX_HEAD)
         self.transport: asyncio.Transport | None = None
         self.handled = False
+        self._task: asyncio.Task[None] | None = None  # the answer being written
         self.head_only = False  # the request is a HEAD: the answer has no body
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -95,7 +96,8 @@ class AdminConnection(asyncio.Protocol):
             return
         if isinstance(event, h11.Request):
             self.handled = True
-            asyncio.get_running_loop().create_task(self._answer(event))
+            # held: the loop keeps only a weak reference to a task
+            self._task = asyncio.get_running_loop().create_task(self._answer(event))
 
     async def _answer(self, request: h11.Request) -> None:
         path = request.target.partition(b"?")[0]

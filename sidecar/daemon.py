@@ -258,7 +258,13 @@ class Service:
         self.runtime.ledger.reopen()
 
     def reload(self) -> None:
-        """SIGHUP: load the config again; keep the old one if the new one is bad."""
+        """SIGHUP: load the config again; keep the old one if the new one is bad. While
+        stopping, only the ledger is reopened (no request will start under a new config,
+        and systemd is not told RELOADING/READY after STOPPING)."""
+        if self.stopping.is_set():
+            log.info("reload ignored while stopping; the ledger is reopened")
+            self.reopen_ledger()
+            return
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
@@ -763,7 +769,12 @@ class Supervisor:
     # -- signals
 
     def reload(self) -> None:
-        """SIGHUP: validate the config, then have every worker reload it; a bad one is refused."""
+        """SIGHUP: validate the config, then have every worker reload it; a bad one is refused.
+        While stopping, only the ledgers are reopened (as `Service.reload`)."""
+        if self.stopping:
+            log.info("reload ignored while stopping; the ledgers are reopened")
+            self.signal_workers(REOPEN_LEDGER)
+            return
         self.notifier.reloading()
         try:
             config = load_config(self.config.source)

@@ -11,6 +11,7 @@ STOPPING, WATCHDOG) are tested in test_systemd_units.py.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import socket
@@ -407,3 +408,42 @@ def test_sigterm_still_answers_a_request_already_received_behind_the_one_in_flig
     assert daemon.ledger_for("behind")["outcome"] == "ok"
     assert daemon.proc is not None
     assert daemon.proc.wait(10) == 0
+
+
+def test_sighup_while_draining_reopens_the_ledger_and_tells_systemd_nothing(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """After STOPPING=1 a reload would tell systemd RELOADING=1 then READY=1: a SIGHUP
+    during the drain (logrotate's) only reopens the ledger; the stream in flight ends."""
+    release, started = threading.Event(), threading.Event()
+    worker.reply(held_stream(chat_stream_events(("drain", "ed")), release, started=started))
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.2)
+    daemon = make_daemon(worker=worker, drain_timeout="10s", upstream={"idle_timeout": "10s"},
+                         env={"NOTIFY_SOCKET": str(tmp_path / "notify")})
+    try:
+        stream = stream_in_background(daemon, "in-flight")
+        assert started.wait(5)
+        daemon.send_signal(signal.SIGTERM)
+        assert wait_refused(daemon)
+        assert daemon.ledger_path is not None
+        daemon.ledger_path.rename(daemon.ledger_path.with_suffix(".1"))  # logrotate
+        daemon.send_signal(signal.SIGHUP)
+        ignored = daemon.wait_log(lambda e: "reload" in str(e.get("msg")), 5)
+        release.set()
+        assert stream.result(10).sse()[-1] == "[DONE]"
+        assert daemon.proc is not None and daemon.proc.wait(10) == 0
+        states: list[bytes] = []
+        with contextlib.suppress(TimeoutError):
+            while True:
+                states.append(notify.recv(4096))
+        after_stop = b"\n".join(states).partition(b"STOPPING=1")[2]
+        assert b"STOPPING=1" in b"\n".join(states)
+        assert b"RELOADING=1" not in after_stop and b"READY=1" not in after_stop, states
+        assert ignored is not None and "reload ignored" in ignored["msg"]
+        assert daemon.ledger_for("in-flight")["outcome"] == "ok"  # in the reopened ledger
+        assert "in-flight" in daemon.ledger_path.read_text()
+    finally:
+        release.set()
+        notify.close()
