@@ -87,7 +87,7 @@ async def serve_connection(client: ClientConnection) -> None:
             if first:
                 idle_deadline = head_deadline = started + limits.header_timeout
             else:
-                if runtime.draining and not client.buffer:
+                if runtime.draining and not client.request_pending:
                     break  # (a request already received, pipelined, is still answered)
                 # the next (pipelined) request waits until the client reads what it has
                 # been sent: answers the sidecar writes itself never pile up unread

@@ -308,7 +308,13 @@ class ClientConnection(asyncio.Protocol):
         """What a graceful drain waits for: a request being answered, one received and not
         yet answered (pipelined, or arrived as the drain began), or an answer written but
         still in this process's buffers (a client that reads slowly)."""
-        return self.busy or bool(self.buffer) or self.unsent
+        return self.busy or self.request_pending or self.unsent
+
+    @property
+    def request_pending(self) -> bool:
+        """Bytes of a request have arrived and wait to be read (blank lines, which RFC 9112
+        lets a client send between requests, are none)."""
+        return bool(self.buffer) and bool(self.buffer.lstrip(b"\r\n"))
 
     @property
     def unsent(self) -> bool:
