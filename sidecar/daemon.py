@@ -790,13 +790,17 @@ class Supervisor:
 
     def terminate(self) -> None:
         """SIGTERM/SIGINT: the workers drain; a second one makes them close what is in
-        flight at once, and the parent exit."""
+        flight at once (the parent still waits for them: its exit ends the workers too
+        under systemd's KillMode=mixed or as a container's pid 1, before their ledger
+        lines are written); a third makes the parent exit now."""
         self.terminations += 1
-        if self.terminations > 1:
-            log.warning("second termination signal: exiting now")
+        if self.terminations == 1:
+            self.stop()
+        elif self.terminations == 2:
+            log.warning("second termination signal: closing the requests in flight now")
             self.signal_workers(PARENT_CUTS)
+        else:
             os._exit(0)
-        self.stop()
 
     def fail(self) -> None:
         """The start failed: stop what runs and exit non-zero."""

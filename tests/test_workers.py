@@ -441,3 +441,49 @@ def test_sigterm_stops_every_worker_after_their_streams(
     records = daemon.wait_ledger(streams)
     assert sorted(r["request_id"] for r in records) == sorted(f"term-{i}" for i in range(streams))
     assert all(r["outcome"] == "ok" for r in records)
+
+
+def test_a_second_sigterm_waits_for_the_workers_to_close_what_is_in_flight(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The second SIGTERM cuts the streams in flight, each still with its ledger line, then
+    exit 0. The parent exits only after its workers: as a container's pid 1, or under the
+    shipped unit's KillMode=mixed, its exit kills the workers before they write those lines.
+    (A worker process held in SIGSTOP stands in for one that takes a moment to close.)"""
+    release = threading.Event()
+    streams = 12
+    started = [threading.Event() for _ in range(streams)]
+    worker.default = None
+    for i in range(streams):
+        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
+    daemon = make_daemon(worker=worker, workers=2, drain_timeout="30s",
+                         upstream={"idle_timeout": "30s"})
+    kids = wait_children(daemon.pid, 2)
+    assert len(kids) == 2
+    with ExitStack() as stack:
+        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
+        for i, client in enumerate(clients):
+            client.send(request_bytes(body=chat_body(stream=True),
+                                      headers=[("x-request-id", f"cut-{i}")]))
+        assert all(e.wait(5) for e in started)
+        owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        slow = min(kids)
+        os.kill(slow, signal.SIGSTOP)
+        try:
+            daemon.send_signal(signal.SIGTERM)
+            time.sleep(0.2)
+            daemon.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert daemon.alive(), "the parent exited while a worker still held requests"
+        finally:
+            os.kill(slow, signal.SIGCONT)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(5) == 0
+        assert not children(daemon.pid)
+        records = daemon.ledger()  # complete when the daemon is gone, not some time later
+        assert sorted(r["request_id"] for r in records) == sorted(f"cut-{i}" for i in range(streams))
+        assert {r["outcome"] for r in records} == {"client_disconnect"}
+        for client in clients:
+            assert "[DONE]" not in client.read_response(timeout=5).sse()
+    release.set()
