@@ -530,7 +530,11 @@ class Supervisor:
         self.workers = config.workers
         self.children: dict[int, WorkerLink] = {}  # live worker processes by pid
         self.links: set[WorkerLink] = set()  # links not at EOF yet (may outlive the process)
-        self.retired = Metrics(config.pricing.currency)  # counters of workers that are gone
+        # the model labels of /metrics (capped) as first admitted: kept across scrapes, so
+        # that no model's series moves into `other` when the order of the sum changes
+        self.model_labels: set[str] = set()
+        # counters of workers that are gone
+        self.retired = Metrics(config.pricing.currency, model_labels=self.model_labels)
         self.admin_connections: set[AdminConnection] = set()
         self.starting = True
         self.stopping = False
@@ -843,7 +847,7 @@ class Supervisor:
         """
         links = sorted((link for link in self.links if link.ready), key=lambda link: link.pid)
         answers = await asyncio.gather(*(link.ask(SCRAPE_TIMEOUT) for link in links))
-        merged = Metrics(self.config.pricing.currency)
+        merged = Metrics(self.config.pricing.currency, model_labels=self.model_labels)
         merged.add(self.retired, gauges=False)
         for link, answer in zip(links, answers, strict=True):
             if link.closed:

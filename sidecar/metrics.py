@@ -173,7 +173,12 @@ class Metrics:
     `currency` labels the cost counter; set it again after a config reload.
     """
 
-    def __init__(self, currency: str = "USD", version: str = __version__) -> None:
+    def __init__(
+        self, currency: str = "USD", version: str = __version__, *,
+        model_labels: set[str] | None = None,
+    ) -> None:
+        """`model_labels`: the model labels admitted so far, updated in place (a set kept
+        across registries summed anew at each scrape keeps each model's label stable)."""
         self.currency = currency
         self.version = version
         self.requests: dict[tuple[str, str, str], int] = {}
@@ -186,7 +191,7 @@ class Metrics:
         self.active_streams = 0
         self.client_connections = 0
         self.ledger_write_errors = 0
-        self._models: set[str] = set()
+        self._models: set[str] = set() if model_labels is None else model_labels
 
     # -- updates ---------------------------------------------------------------
 

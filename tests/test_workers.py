@@ -33,10 +33,14 @@ from tests.harness import (
     RawClient,
     RawResponse,
     chat_body,
+    chat_completion,
     chat_stream_events,
     daemon_config,
     deep_merge,
     held_stream,
+    json_reply,
+    metric_samples,
+    metrics_text,
     openai_handler,
     post,
     request_bytes,
@@ -487,3 +491,43 @@ def test_a_second_sigterm_waits_for_the_workers_to_close_what_is_in_flight(
         for client in clients:
             assert "[DONE]" not in client.read_response(timeout=5).sse()
     release.set()
+
+
+def test_model_labels_stay_put_when_a_worker_process_is_replaced(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """Model labels are capped (256, then `other`) in the daemon's sum too. Which models keep
+    their label must not depend on the order the parent sums its workers in (a dead worker's
+    counters move to the front): a model's series would vanish and `other` go backwards."""
+    worker.default = lambda request: json_reply(chat_completion(model=request.json()["model"]))
+    config = daemon_config(worker.url, workers=2, limits={"max_connections": 512})
+    per_connection = 14  # 24 x 14 = 336 models, about 168 per process: over the cap together
+    with Daemon(config, tmp_path) as daemon:
+        kids = wait_children(daemon.pid, 2)
+        with ExitStack() as stack:
+            clients = [stack.enter_context(RawClient(daemon.address)) for _ in range(CONNECTIONS)]
+
+            def one(i: int) -> list[int]:
+                statuses = []
+                for j in range(per_connection):
+                    clients[i].send(request_bytes(body=chat_body(model=f"model-{i:02d}-{j:02d}")))
+                    statuses.append(clients[i].read_response().status)
+                return statuses
+
+            with ThreadPoolExecutor(8) as pool:
+                assert all(s == [200] * per_connection for s in pool.map(one, range(CONNECTIONS)))
+            owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        daemon.wait_ledger(CONNECTIONS * per_connection)
+        before = metric_samples(metrics_text(daemon))
+        labels = {dict(key[1])["model"] for key in before if key[0] == "sidecar_tokens_total"}
+        assert len(labels) == 257 and "other" in labels  # 256 models, then `other`
+
+        victim = max(kids)  # summed last while alive; first once gone
+        os.kill(victim, signal.SIGKILL)
+        assert daemon.wait_log(lambda e: str(e.get("msg", "")).startswith(
+            f"worker process {victim} was killed"))
+        after = metric_samples(metrics_text(daemon))
+        for key, value in before.items():
+            if key[0] in ("sidecar_tokens_total", "sidecar_cost_total"):
+                assert after.get(key, -1) >= value, (key, value, after.get(key))
