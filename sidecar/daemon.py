@@ -779,18 +779,20 @@ class Supervisor:
             log.info("reload ignored while stopping; the ledgers are reopened")
             self.signal_workers(REOPEN_LEDGER)
             return
-        self.notifier.reloading()
+        # while the workers start, systemd is told nothing: its READY=1 waits for them all
+        notifier = self.notifier if not self.starting else Notifier({})
+        notifier.reloading()
         try:
             config = load_config(self.config.source)
         except ConfigError as exc:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.signal_workers(REOPEN_LEDGER)  # logrotate's rename still needs it
-            self.notifier.ready("reload refused: config invalid")
+            notifier.ready("reload refused: config invalid")
             return
         reload_logging(self.config, config, self.started)
         self.config = config  # for /readyz and for replacement workers
         self.signal_workers(signal.SIGHUP)
-        self.notifier.ready("config reloaded")
+        notifier.ready("config reloaded")
 
     def terminate(self) -> None:
         """SIGTERM/SIGINT: the workers drain; a second one makes them close what is in

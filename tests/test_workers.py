@@ -531,3 +531,43 @@ def test_model_labels_stay_put_when_a_worker_process_is_replaced(
         for key, value in before.items():
             if key[0] in ("sidecar_tokens_total", "sidecar_cost_total"):
                 assert after.get(key, -1) >= value, (key, value, after.get(key))
+
+
+def test_a_reload_while_the_workers_start_does_not_tell_systemd_ready(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """READY=1 means every worker process listens: a SIGHUP that comes while they start
+    (logrotate's) must not send RELOADING=1/READY=1 early; systemd would start what waits
+    for sidecar while its port still refuses connections. (The ledger is a FIFO: a worker
+    process starts only once something opens it for reading.)"""
+    fifo = tmp_path / "usage.fifo"
+    os.mkfifo(fifo)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(0.5)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    daemon = Daemon(daemon_config(worker.url, workers=2, usage_log=str(fifo)), tmp_path, env=env)
+    starting = threading.Thread(target=daemon.start, daemon=True)
+    reader = -1
+    with notify:
+        try:
+            starting.start()
+            deadline = time.monotonic() + 10
+            while daemon.proc is None or len(children(daemon.pid)) < 2:
+                assert time.monotonic() < deadline, "no worker processes"
+                time.sleep(0.01)
+            daemon.send_signal(signal.SIGHUP)
+            with pytest.raises(TimeoutError):
+                early = notify.recv(4096)
+                pytest.fail(f"told systemd {early!r} before the workers listen")
+            reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # the workers start now
+            starting.join(10)
+            assert daemon.port, daemon.lines
+            ready = next_notify(notify, "READY=1")
+            assert f"STATUS=listening on {daemon.host}:{daemon.port} with 2 workers" in ready
+            assert post(daemon, chat_body()).status == 200
+        finally:
+            if reader < 0:
+                reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+            assert daemon.stop() == 0
+            os.close(reader)
