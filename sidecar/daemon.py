@@ -903,8 +903,10 @@ async def _answer_parent(
             line = b""
         if not line.endswith(b"\n"):
             if not service.stopping.is_set():
+                # a drain, but not a termination signal: the SIGTERM that may follow (systemd
+                # stopping what is left of the unit) is the first, and drains too
                 log.warning("the supervising process is gone: draining")
-                service.terminate()
+                service.stopping.set()
             return
         try:
             ident = orjson.loads(line)["id"]

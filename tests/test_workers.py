@@ -571,3 +571,49 @@ def test_a_reload_while_the_workers_start_does_not_tell_systemd_ready(
                 reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
             assert daemon.stop() == 0
             os.close(reader)
+
+
+def test_workers_left_by_their_parent_drain_through_the_next_sigterm(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """The parent dies (SIGKILL, the OOM killer): its workers drain by themselves. Under
+    KillMode=control-group systemd then sends SIGTERM to each remaining process: that is the
+    first termination signal they get, which drains (as it does), not a second one that
+    cuts the streams in flight."""
+    release = threading.Event()
+    streams = 12
+    started = [threading.Event() for _ in range(streams)]
+    worker.default = None
+    for i in range(streams):
+        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
+    daemon = make_daemon(worker=worker, workers=2, drain_timeout="10s",
+                         upstream={"idle_timeout": "10s"})
+    kids = wait_children(daemon.pid, 2)
+    assert len(kids) == 2
+    with ExitStack() as stack:
+        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
+        for i, client in enumerate(clients):
+            client.send(request_bytes(body=chat_body(stream=True),
+                                      headers=[("x-request-id", f"orphan-{i}")]))
+        assert all(e.wait(5) for e in started)
+        owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        os.kill(daemon.pid, signal.SIGKILL)
+        assert daemon.proc is not None
+        daemon.proc.wait(5)
+        time.sleep(0.3)  # the workers saw their link close
+        for kid in kids:
+            os.kill(kid, signal.SIGTERM)
+        time.sleep(0.3)
+        release.set()
+        for client in clients:
+            response = client.read_response(timeout=10)
+            assert response.status == 200 and response.complete
+            assert response.sse()[-1] == "[DONE]"
+        deadline = time.monotonic() + 5
+        while any(Path(f"/proc/{k}").exists() for k in kids):
+            assert time.monotonic() < deadline, "a worker left by its parent still runs"
+            time.sleep(0.02)
+    records = daemon.wait_ledger(streams)
+    assert sorted(r["request_id"] for r in records) == sorted(f"orphan-{i}" for i in range(streams))
+    assert all(r["outcome"] == "ok" for r in records)
