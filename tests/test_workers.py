@@ -390,6 +390,30 @@ def test_sd_notify_and_watchdog_come_from_the_parent(worker: FakeWorker, tmp_pat
     assert not daemon.errors(), daemon.errors()
 
 
+def streams_on_both_processes(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], stack: ExitStack,
+    release: threading.Event, streams: int, prefix: str, timeout: str,
+) -> tuple[Daemon, set[int], list[RawClient]]:
+    """A `workers: 2` daemon with `streams` streams held open until `release` (request ids
+    `prefix-N`), some on each worker process: (the daemon, its worker pids, the clients)."""
+    started = [threading.Event() for _ in range(streams)]
+    worker.default = None
+    for i in range(streams):
+        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
+    daemon = make_daemon(worker=worker, workers=2, drain_timeout=timeout,
+                         upstream={"idle_timeout": timeout})
+    kids = wait_children(daemon.pid, 2)
+    assert len(kids) == 2
+    clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
+    for i, client in enumerate(clients):
+        client.send(request_bytes(body=chat_body(stream=True),
+                                  headers=[("x-request-id", f"{prefix}-{i}")]))
+    assert all(e.wait(5) for e in started)
+    owners = established_by_process(kids, daemon.port)
+    assert all(owners[k] > 0 for k in kids), owners
+    return daemon, kids, clients
+
+
 @pytest.mark.parametrize("to_every_process", [False, True], ids=["to-parent", "to-the-group"])
 def test_sigterm_stops_every_worker_after_their_streams(
     worker: FakeWorker, make_daemon: Callable[..., Daemon], to_every_process: bool
@@ -397,24 +421,11 @@ def test_sigterm_stops_every_worker_after_their_streams(
     """One SIGTERM drains, whether sent to the parent or to every process of the group
     (systemd's KillMode=control-group): a worker process that gets it from both sides has
     been told once."""
-    release = threading.Event()
     streams = 12
-    started = [threading.Event() for _ in range(streams)]
-    worker.default = None
-    for i in range(streams):
-        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
-    daemon = make_daemon(worker=worker, workers=2, drain_timeout="10s",
-                         upstream={"idle_timeout": "10s"})
-    kids = wait_children(daemon.pid, 2)
-    assert len(kids) == 2
+    release = threading.Event()
     with ExitStack() as stack:
-        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
-        for i, client in enumerate(clients):
-            client.send(request_bytes(body=chat_body(stream=True),
-                                      headers=[("x-request-id", f"term-{i}")]))
-        assert all(e.wait(5) for e in started)
-        owners = established_by_process(kids, daemon.port)
-        assert all(owners[k] > 0 for k in kids), owners
+        daemon, kids, clients = streams_on_both_processes(
+            worker, make_daemon, stack, release, streams, "term", "10s")
 
         if to_every_process:  # (not killpg: the daemon shares the test's process group)
             for kid in kids:
@@ -454,24 +465,11 @@ def test_a_second_sigterm_waits_for_the_workers_to_close_what_is_in_flight(
     exit 0. The parent exits only after its workers: as a container's pid 1, or under the
     shipped unit's KillMode=mixed, its exit kills the workers before they write those lines.
     (A worker process held in SIGSTOP stands in for one that takes a moment to close.)"""
-    release = threading.Event()
     streams = 12
-    started = [threading.Event() for _ in range(streams)]
-    worker.default = None
-    for i in range(streams):
-        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
-    daemon = make_daemon(worker=worker, workers=2, drain_timeout="30s",
-                         upstream={"idle_timeout": "30s"})
-    kids = wait_children(daemon.pid, 2)
-    assert len(kids) == 2
+    release = threading.Event()
     with ExitStack() as stack:
-        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
-        for i, client in enumerate(clients):
-            client.send(request_bytes(body=chat_body(stream=True),
-                                      headers=[("x-request-id", f"cut-{i}")]))
-        assert all(e.wait(5) for e in started)
-        owners = established_by_process(kids, daemon.port)
-        assert all(owners[k] > 0 for k in kids), owners
+        daemon, kids, clients = streams_on_both_processes(
+            worker, make_daemon, stack, release, streams, "cut", "30s")
         slow = min(kids)
         os.kill(slow, signal.SIGSTOP)
         try:
@@ -580,24 +578,11 @@ def test_workers_left_by_their_parent_drain_through_the_next_sigterm(
     KillMode=control-group systemd then sends SIGTERM to each remaining process: that is the
     first termination signal they get, which drains (as it does), not a second one that
     cuts the streams in flight."""
-    release = threading.Event()
     streams = 12
-    started = [threading.Event() for _ in range(streams)]
-    worker.default = None
-    for i in range(streams):
-        worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
-    daemon = make_daemon(worker=worker, workers=2, drain_timeout="10s",
-                         upstream={"idle_timeout": "10s"})
-    kids = wait_children(daemon.pid, 2)
-    assert len(kids) == 2
+    release = threading.Event()
     with ExitStack() as stack:
-        clients = [stack.enter_context(RawClient(daemon.address, timeout=20)) for _ in range(streams)]
-        for i, client in enumerate(clients):
-            client.send(request_bytes(body=chat_body(stream=True),
-                                      headers=[("x-request-id", f"orphan-{i}")]))
-        assert all(e.wait(5) for e in started)
-        owners = established_by_process(kids, daemon.port)
-        assert all(owners[k] > 0 for k in kids), owners
+        daemon, kids, clients = streams_on_both_processes(
+            worker, make_daemon, stack, release, streams, "orphan", "10s")
         os.kill(daemon.pid, signal.SIGKILL)
         assert daemon.proc is not None
         daemon.proc.wait(5)
