@@ -21,7 +21,9 @@ What it is for: each limit where it bites, in the cases the other client tests
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
+import socket
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -33,6 +35,8 @@ from tests.harness import (
     FakeWorker,
     RawClient,
     RawResponse,
+    Reset,
+    Send,
     Stall,
     WorkerRequest,
     chat_body,
@@ -44,6 +48,7 @@ from tests.harness import (
     metrics_text,
     openai_handler,
     request_bytes,
+    response_head,
     sse_reply,
 )
 
@@ -53,12 +58,14 @@ ROUTES: list[dict[str, Any]] = [
     {"name": "dead", "match": {"path_prefix": "/v1/dead/"}, "dialect": "passthrough",
      "upstream": {"url": f"http://127.0.0.1:{free_port()}"}},  # nobody listens there: 502
     {"name": "public", "match": {"path_prefix": "/v1/public/"}, "dialect": "passthrough"},
+    {"name": "never", "match": {"path": "/never/v1/chat/completions", "methods": ["POST"]},
+     "dialect": "openai-chat", "upstream_stream": "never"},
 ]
 
 
 def answer(request: WorkerRequest) -> Any:
     """Chat requests like a real worker; anything else: a JSON echo of the request."""
-    if request.target.startswith("/v1/chat/completions"):
+    if request.target.endswith("/v1/chat/completions"):
         return openai_handler()(request)
     body = json.dumps({"target": request.target, "method": request.method,
                        "body": request.body.decode("latin-1")}).encode()
@@ -139,6 +146,11 @@ def exactly_the_limit_is_served(daemon: Daemon, timeout: float = 8.0) -> None:
             for client in clients:
                 client.close()
         time.sleep(0.05)
+    no_client_connections(daemon, timeout)
+
+
+def no_client_connections(daemon: Daemon, timeout: float = 8.0) -> None:
+    """Wait until the daemon counts no open client connection (its gauge)."""
     deadline = time.monotonic() + timeout
     while client_connections(daemon) != 0:
         assert time.monotonic() < deadline, f"gauge stuck at {client_connections(daemon)}"
@@ -305,6 +317,7 @@ def http10_client(daemon: Daemon, worker: FakeWorker) -> None:
 
 
 def refused_503(daemon: Daemon, worker: FakeWorker) -> None:
+    no_client_connections(daemon)  # the last round's clients are gone on the daemon's side too
     clients = [RawClient(daemon.address) for _ in range(LIMIT)]
     try:
         for client in clients:
@@ -340,3 +353,433 @@ def test_every_close_path_gives_its_connection_slot_back(
     for _ in range(3):
         CLOSE_PATHS[path](limited, lw)
     exactly_the_limit_is_served(limited)
+
+
+# =============================================================================================
+# The other limits: one daemon for the module
+# =============================================================================================
+
+HEADER_TIMEOUT = 1.0
+BODY_TIMEOUT = 1.0
+KEEPALIVE_TIMEOUT = 2.5
+MAX_HEADER_BYTES = 16 * 1024  # the harness's max_header_bytes
+REQUEST_IDS = itertools.count()
+
+
+@pytest.fixture(scope="module")
+def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    return make_module_daemon(
+        worker=module_worker, routes=ROUTES,
+        limits={"header_timeout": f"{int(HEADER_TIMEOUT * 1000)}ms",
+                "body_timeout": f"{int(BODY_TIMEOUT * 1000)}ms",
+                "keepalive_timeout": f"{int(KEEPALIVE_TIMEOUT * 1000)}ms",
+                "max_header_bytes": MAX_HEADER_BYTES, "max_request_body": "64KiB",
+                "send_timeout": "3s"},
+    )
+
+
+@pytest.fixture
+def worker(module_worker: FakeWorker, daemon: Daemon) -> Iterator[FakeWorker]:
+    module_worker.reset()
+    module_worker.default = answer
+    yield module_worker
+    errors = list(module_worker.errors)
+    module_worker.reset()
+    assert not errors, errors
+
+
+def new_id() -> str:
+    return f"limits-{next(REQUEST_IDS)}"
+
+
+def only_the_marker_was_forwarded(daemon: Daemon, worker: FakeWorker) -> None:
+    """No whole request reached the worker before a marker request sent now."""
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/marker"))
+        assert client.read_response().status == 200
+    requests = worker.wait_requests(1)
+    assert [r.target for r in requests] == ["/v1/public/marker"], [r.raw_head for r in requests]
+
+
+def still_in_step(client: RawClient) -> None:
+    """The connection takes another request and answers it."""
+    client.send(request_bytes("GET", "/v1/public/after"))
+    after = client.read_response()
+    assert after.status == 200 and after.json()["target"] == "/v1/public/after", after.raw
+
+
+# -- body_timeout on chunked bodies -----------------------------------------------------------
+
+CHUNKED_CUTS: dict[str, bytes] = {
+    "mid-chunk": chunk(b"abc") + b"10\r\nabc",
+    "mid-size-line": chunk(b"abc") + b"1",
+    "no-last-chunk": chunk(b"abc") + chunk(b"def"),
+    "last-chunk-without-blank-line": chunk(b"abc") + b"0\r\n",
+    "mid-trailers": chunk(b"abc") + b"0\r\nx-trailer: 1\r\n",
+}
+
+
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/public/upload"])
+@pytest.mark.parametrize("cut", list(CHUNKED_CUTS))
+def test_a_chunked_body_cut_anywhere_ends_at_body_timeout(
+    daemon: Daemon, worker: FakeWorker, cut: str, target: str
+) -> None:
+    """SPEC: body_timeout counts from the end of the head; then 408 and a closed connection.
+    A dialect route forwards nothing; a passthrough route, which streams the body, leaves the
+    worker a request whose chunked body never ends, on a connection the daemon closes: the
+    worker never gets a whole request."""
+    request_id = new_id()
+    with RawClient(daemon.address) as client:
+        client.send(head(target, "Transfer-Encoding: chunked", "Content-Type: application/json",
+                         f"X-Request-Id: {request_id}") + CHUNKED_CUTS[cut])
+        started = time.monotonic()
+        assert client.closed_by_peer(BODY_TIMEOUT + 5), "the connection outlived body_timeout"
+        elapsed = time.monotonic() - started
+        data = bytes(client.buffer)
+    assert BODY_TIMEOUT * 0.8 <= elapsed <= BODY_TIMEOUT + 3, elapsed
+    assert data.startswith(b"HTTP/1.1 408 "), data
+    assert f"\r\nx-request-id: {request_id}\r\n".encode() in data, data
+    assert json.loads(data.partition(b"\r\n\r\n")[2])["error"]["code"] == "request_timeout"
+    record = daemon.ledger_for(request_id)
+    assert (record["outcome"], record["status"]) == ("bad_request", 408)
+    if target.startswith("/v1/public/"):
+        assert worker.wait_until(lambda: len(worker.incomplete) == 1), worker.incomplete
+        assert f"x-request-id: {request_id}".encode() in worker.incomplete[0]
+    else:
+        assert worker.incomplete == []
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+# -- max_header_bytes -------------------------------------------------------------------------
+
+
+def head_of_size(size: int, request_id: str) -> bytes:
+    """A GET head of exactly `size` bytes, its final blank line included."""
+    start = f"GET /v1/public/sized HTTP/1.1\r\nhost: x\r\nx-request-id: {request_id}\r\nx-pad: "
+    pad = size - len(start) - 4
+    data = start.encode() + b"p" * pad + b"\r\n\r\n"
+    assert len(data) == size
+    return data
+
+
+def send_in_pieces(client: RawClient, data: bytes, delivery: str) -> None:
+    """One write; 64-byte packets; or all but the last 3 bytes, then each of those alone (the
+    blank line that ends the head split across packets)."""
+    client.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    with contextlib.suppress(OSError):  # refused and closed before the last byte went out
+        if delivery == "one-write":
+            client.send(data)
+        elif delivery == "small-packets":
+            for i in range(0, len(data), 64):
+                client.send(data[i : i + 64])
+        else:
+            client.send(data[:-3])
+            for i in range(len(data) - 3, len(data)):
+                time.sleep(0.02)
+                client.send(data[i : i + 1])
+
+
+DELIVERIES = ["one-write", "small-packets", "blank-line-split"]
+
+
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_a_head_of_exactly_max_header_bytes_is_served(
+    daemon: Daemon, worker: FakeWorker, delivery: str
+) -> None:
+    with RawClient(daemon.address) as client:
+        send_in_pieces(client, head_of_size(MAX_HEADER_BYTES, new_id()), delivery)
+        response = client.read_response()
+        assert response.status == 200, response.raw
+        assert response.header("connection") is None
+        still_in_step(client)
+    assert worker.wait_requests(2)[0].target == "/v1/public/sized"
+
+
+@pytest.mark.parametrize("delivery", DELIVERIES)
+def test_a_head_one_byte_over_max_header_bytes_is_431(
+    daemon: Daemon, worker: FakeWorker, delivery: str
+) -> None:
+    """README: past max_header_bytes a head is answered 431 (a refused request with its
+    ledger line) and the connection is closed; nothing reaches the worker."""
+    request_id = new_id()
+    with RawClient(daemon.address) as client:
+        send_in_pieces(client, head_of_size(MAX_HEADER_BYTES + 1, request_id), delivery)
+        response = client.read_response()
+        assert client.closed_by_peer(3), "the connection stayed open after the 431"
+    assert response.status == 431, response.raw
+    assert error_of(response)["code"] == "headers_too_large"
+    assert response.header("connection") == "close"
+    assert response.header("x-request-id") == request_id
+    record = daemon.ledger_for(request_id)
+    assert (record["outcome"], record["status"]) == ("bad_request", 431)
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+@pytest.mark.parametrize("ended", [True, False])
+def test_a_huge_single_header_line_is_431_at_once(
+    daemon: Daemon, worker: FakeWorker, ended: bool
+) -> None:
+    """One header line of 1 MiB (a whole head, or a line that never ends): refused as soon as
+    the head is past max_header_bytes, not at header_timeout, and closed."""
+    line = b"x-huge: " + b"h" * (1 << 20) + (b"\r\n\r\n" if ended else b"")
+    with RawClient(daemon.address) as client:
+        started = time.monotonic()
+        with contextlib.suppress(OSError):  # the daemon closes before it has read it all
+            client.send(b"GET /v1/public/huge HTTP/1.1\r\nhost: x\r\n" + line)
+        response = client.read_response(HEADER_TIMEOUT + 5)
+        assert client.closed_by_peer(3)
+        assert time.monotonic() - started < HEADER_TIMEOUT + 3
+    assert response.status == 431, response.raw
+    assert error_of(response)["code"] == "headers_too_large"
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+# -- HTTP/1.0 clients ---------------------------------------------------------------------------
+
+
+def http10(data: bytes) -> bytes:
+    return data.replace(b" HTTP/1.1\r\n", b" HTTP/1.0\r\n", 1)
+
+
+@pytest.mark.parametrize("connection", [None, "keep-alive"])
+@pytest.mark.parametrize("kind", ["chat", "passthrough", "no-route", "bad-json"])
+def test_an_http10_client_gets_a_sized_answer_and_a_closed_connection(
+    daemon: Daemon, worker: FakeWorker, kind: str, connection: str | None
+) -> None:
+    """HTTP/1.0 knows no chunked coding: a whole answer carries its Content-Length, says
+    `Connection: close` and the connection closes after it, `Connection: keep-alive` or not
+    (README: sidecar keeps no HTTP/1.0 connection alive)."""
+    headers = [("connection", connection)] if connection else []
+    target, body = {"chat": ("/v1/chat/completions", chat_body()),
+                    "passthrough": ("/v1/public/old", None),
+                    "no-route": ("/nowhere", None),
+                    "bad-json": ("/v1/chat/completions", b"{nope")}[kind]
+    method = "GET" if body is None else "POST"
+    with RawClient(daemon.address) as client:
+        # a second request behind it is never answered: the connection ends with the first
+        client.send(http10(request_bytes(method, target, body, headers))
+                    + request_bytes("GET", "/v1/public/never"))
+        response = client.read_response()
+        assert client.closed_by_peer(3), "an HTTP/1.0 connection was kept open"
+        rest = bytes(client.buffer)
+    assert rest == b"", rest
+    assert response.status == {"chat": 200, "passthrough": 200, "no-route": 404,
+                               "bad-json": 400}[kind]
+    assert response.header("content-length") == str(len(response.body))
+    assert response.header("transfer-encoding") is None
+    assert response.header("connection") == "close"
+    assert "/v1/public/never" not in [r.target for r in worker.requests]
+
+
+def close_delimited(response: RawResponse) -> bytes:
+    """The body of an answer to an HTTP/1.0 client that has no length: read to the close,
+    never chunk-framed."""
+    assert response.header("transfer-encoding") is None, response.raw
+    assert response.header("content-length") is None, response.raw
+    assert response.header("connection") == "close"
+    return response.body
+
+
+STREAM_EVENTS = chat_stream_events(["Hel", "lo"], include_usage=True)
+
+
+@pytest.mark.parametrize("kind", ["relayed", "json-to-sse", "passthrough", "error-frame"])
+def test_a_stream_to_an_http10_client_is_close_delimited(
+    daemon: Daemon, worker: FakeWorker, kind: str
+) -> None:
+    """No chunked coding for HTTP/1.0: the event stream is the bytes up to the close."""
+    target, body = "/v1/chat/completions", chat_body(stream=True, include_usage=True)
+    if kind == "json-to-sse":
+        target = "/never/v1/chat/completions"
+    elif kind == "passthrough":
+        target, body = "/v1/public/events", None
+        worker.reply(sse_reply(STREAM_EVENTS))
+    elif kind == "error-frame":
+        worker.reply([*sse_reply(STREAM_EVENTS[:2], end=False), Reset()])
+    method = "GET" if body is None else "POST"
+    with RawClient(daemon.address) as client:
+        client.send(http10(request_bytes(method, target, body)))
+        response = client.read_response()
+        assert client.closed_by_peer(3)
+    assert response.status == 200
+    payload = close_delimited(response)
+    assert response.header("content-type") == "text/event-stream"
+    assert not payload.startswith(b"0\r\n") and b"\r\n0\r\n" not in payload, payload
+    events = response.sse_json()
+    if kind == "passthrough":
+        assert payload == b"".join(STREAM_EVENTS)
+    elif kind == "error-frame":
+        assert events[-1]["error"]["code"] == "upstream_disconnected"
+        assert "[DONE]" not in events
+    else:
+        assert events[-1] == "[DONE]"
+        assert "".join(e["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+                       if e["choices"]) == "Hello!"
+        assert events[-2]["usage"]["total_tokens"] > 0
+
+
+def test_http10_head_gets_no_body_and_a_closed_connection(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    worker.reply([Send(response_head(200, [("content-type", "text/event-stream"),
+                                           ("transfer-encoding", "chunked")]))])
+    with RawClient(daemon.address) as client:
+        client.send(http10(request_bytes("HEAD", "/v1/public/events")))
+        response = client.read_response(head_only_body=True)
+        assert client.closed_by_peer(3)
+        assert bytes(client.buffer) == b""
+    assert response.status == 200
+    assert response.header("transfer-encoding") is None
+    assert response.header("connection") == "close"
+
+
+# -- HEAD and other methods on a passthrough route ----------------------------------------------
+
+HEAD_ANSWERS: dict[str, tuple[bytes, str, str | None]] = {
+    # the worker's head (it sends no body), and the framing header the client then sees
+    "length": (response_head(200, [("content-type", "application/json"),
+                                   ("content-length", "123")]), "content-length", "123"),
+    "chunked": (response_head(200, [("content-type", "text/event-stream"),
+                                    ("transfer-encoding", "chunked")]),
+                "transfer-encoding", "chunked"),
+    "no-content": (response_head(204, []), "content-length", None),
+}
+
+
+@pytest.mark.parametrize("framing", list(HEAD_ANSWERS))
+def test_head_on_a_passthrough_route_has_no_body_and_the_connection_stays(
+    daemon: Daemon, worker: FakeWorker, framing: str
+) -> None:
+    """A HEAD answer's framing headers describe the GET answer it stands for, and no body
+    follows: the next request on the connection is read and answered in step."""
+    worker_head, name, value = HEAD_ANSWERS[framing]
+    worker.reply([Send(worker_head)])
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("HEAD", "/v1/public/thing"))
+        response = client.read_response(head_only_body=True)
+        assert response.header(name) == value, response.raw
+        still_in_step(client)
+    first, second = worker.wait_requests(2)
+    assert first.method == "HEAD" and first.body == b""
+    assert first.connection == second.connection  # the worker's connection was reused too
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_get_with_a_body_is_forwarded_with_its_body(
+    daemon: Daemon, worker: FakeWorker, chunked: bool
+) -> None:
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/search", b'{"q": 1}', chunked=chunked))
+        response = client.read_response()
+        assert response.json() == {"target": "/v1/public/search", "method": "GET",
+                                   "body": '{"q": 1}'}
+        still_in_step(client)
+    request = worker.wait_requests(1)[0]
+    assert request.header("content-length" if not chunked else "transfer-encoding") == (
+        "8" if not chunked else "chunked")
+
+
+@pytest.mark.parametrize("method", ["DELETE", "OPTIONS", "PUT", "PATCH"])
+def test_other_methods_on_a_passthrough_route(
+    daemon: Daemon, worker: FakeWorker, method: str
+) -> None:
+    """Forwarded as they came, no body invented (no Content-Length or Transfer-Encoding
+    added to a request that had none), and the connection stays in step."""
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes(method, "/v1/public/item/7"))
+        response = client.read_response()
+        assert response.json() == {"target": "/v1/public/item/7", "method": method, "body": ""}
+        still_in_step(client)
+    request = worker.wait_requests(1)[0]
+    assert request.header("content-length") is None
+    assert request.header("transfer-encoding") is None
+
+
+def test_options_asterisk_matches_no_route(daemon: Daemon, worker: FakeWorker) -> None:
+    with RawClient(daemon.address) as client:
+        client.send(b"OPTIONS * HTTP/1.1\r\nhost: x\r\n\r\n")
+        response = client.read_response()
+        assert response.status == 404 and error_of(response)["code"] == "not_found"
+        still_in_step(client)
+
+
+# -- Expect: 100-continue ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "status"), [("/v1/chat/completions", 413),
+                                                ("/v1/public/upload", 413),
+                                                ("/v1/nowhere", 404)])
+def test_expect_100_continue_refused_with_a_length_closes_unread(
+    daemon: Daemon, worker: FakeWorker, target: str, status: int
+) -> None:
+    """A request refused at its head with `Expect: 100-continue` gets no 100: its final
+    answer says `Connection: close` and the connection closes (the body was never asked
+    for, nor read)."""
+    length = 1 << 20 if status == 413 else 10
+    with RawClient(daemon.address) as client:
+        client.send(head(target, f"Content-Length: {length}", "Expect: 100-continue"))
+        response = client.read_response(3)
+        assert client.closed_by_peer(3)
+    assert b"HTTP/1.1 100" not in response.raw
+    assert response.status == status
+    assert response.header("connection") == "close"
+    assert error_of(response)
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/public/upload"])
+def test_expect_100_continue_chunked_body_over_max_request_body(
+    daemon: Daemon, worker: FakeWorker, target: str
+) -> None:
+    """A chunked body has no length to refuse it by: the 100 goes out, and the body is cut
+    at max_request_body with a 413 and a closed connection; the worker never gets it whole."""
+    with RawClient(daemon.address) as client:
+        client.send(head(target, "Transfer-Encoding: chunked", "Expect: 100-continue"))
+        assert client.read_until(b"\r\n\r\n", 3).startswith(b"HTTP/1.1 100 ")
+        with contextlib.suppress(OSError):
+            for _ in range(4):
+                client.send(chunk(b"a" * 32 * 1024))
+        response = client.read_response(5)
+        assert client.closed_by_peer(3)
+    assert response.status == 413
+    assert error_of(response)["code"] == "request_too_large"
+    assert response.header("connection") == "close"
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+# -- keepalive_timeout and header_timeout on a kept-alive connection ----------------------------
+
+
+def test_an_idle_kept_alive_connection_is_closed_quietly_at_keepalive_timeout(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """README: idle up to keepalive_timeout after a response (past header_timeout), then
+    closed without a word (no 408: no request had begun)."""
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/first"))
+        assert client.read_response().status == 200
+        answered = time.monotonic()
+        assert client.closed_by_peer(KEEPALIVE_TIMEOUT + 5)
+        idle = time.monotonic() - answered
+        assert bytes(client.buffer) == b""
+    assert KEEPALIVE_TIMEOUT * 0.8 <= idle <= KEEPALIVE_TIMEOUT + 3, idle
+
+
+def test_a_head_begun_after_header_timeout_has_header_timeout_from_its_first_byte(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """README: on a kept-alive connection a head that begins after header_timeout has passed
+    gets header_timeout from its first byte; not finished by then, it is refused with 408."""
+    request_id = new_id()
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/first"))
+        assert client.read_response().status == 200
+        time.sleep(HEADER_TIMEOUT + 0.3)
+        client.send(f"GET /v1/public/late HTTP/1.1\r\nx-request-id: {request_id}\r\n".encode())
+        began = time.monotonic()
+        assert client.closed_by_peer(HEADER_TIMEOUT + 5)
+        elapsed = time.monotonic() - began
+        data = bytes(client.buffer)
+    assert HEADER_TIMEOUT * 0.8 <= elapsed <= HEADER_TIMEOUT + 3, elapsed
+    assert data.startswith(b"HTTP/1.1 408 ") and request_id.encode() in data, data
+    assert [r.target for r in worker.requests] == ["/v1/public/first"]
