@@ -277,6 +277,14 @@ def upstream_502(daemon: Daemon, worker: FakeWorker) -> None:
         assert client.read_response().status == 502
 
 
+def upstream_502_body_unread(daemon: Daemon, worker: FakeWorker) -> None:
+    with RawClient(daemon.address) as client:
+        client.send(head("/v1/dead/upload", "Content-Length: 1000") + b"x" * 10)
+        response = client.read_response()
+        assert response.status == 502 and response.header("connection") == "close"
+        assert client.closed_by_peer(3)
+
+
 def upstream_504(daemon: Daemon, worker: FakeWorker) -> None:
     worker.reply([Stall()])
     with RawClient(daemon.address) as client:
@@ -336,8 +344,9 @@ CLOSE_PATHS: dict[str, Callable[[Daemon, FakeWorker], None]] = {
         reset_mid_head, reset_mid_body, reset_mid_chunked_passthrough_body, reset_mid_stream,
         fin_mid_stream, leave_before_the_worker_head, header_timeout_silent,
         header_timeout_partial_head, body_timeout, keepalive_timeout, refused_400, refused_431,
-        refused_413, not_found_404, upstream_502, upstream_504, pipelined_then_close,
-        pipelined_then_fin, pipelined_then_reset, http10_client, refused_503,
+        refused_413, not_found_404, upstream_502, upstream_502_body_unread, upstream_504,
+        pipelined_then_close, pipelined_then_fin, pipelined_then_reset, http10_client,
+        refused_503,
     )
 }
 
