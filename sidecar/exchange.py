@@ -81,6 +81,7 @@ async def serve_connection(client: ClientConnection) -> None:
     runtime = client.runtime
     started = loop.time()
     first = True
+    unread = False  # the connection ends with the client's input not read to its end
     try:
         while not client.closed:
             limits = runtime.config.limits
@@ -146,6 +147,7 @@ async def serve_connection(client: ClientConnection) -> None:
                 or not exchange.request_read
             )
             if not reuse:
+                unread = not exchange.request_read or bool(client.buffer)
                 break
             leftover, _ = conn.trailing_data
             if leftover:
@@ -154,7 +156,7 @@ async def serve_connection(client: ClientConnection) -> None:
     except Exception:  # a bug must cost one connection, never the daemon
         log.exception("connection handler failed")
     finally:
-        client.close()
+        client.close(discard_input=unread)
 
 
 def _refuse(
@@ -178,7 +180,7 @@ def _refuse(
         return
     request_id = raw_request_id(head)
     client.write(simple_response(status, body, request_id=request_id))
-    client.close()
+    client.close(discard_input=True)  # the rest of the head, a body: read and dropped
     runtime = client.runtime
     duration = max(client.loop.time() - client.head_began, 0.0)
     runtime.metrics.request_finished("", "bad_request", status, None, Usage(), None, duration, duration)

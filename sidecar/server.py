@@ -34,6 +34,11 @@ _YIELD_EVERY = 256  # request body events handed out before other connections ge
 #: Read no more from a client while this much of its input waits unprocessed.
 _INPUT_HIGH_WATER = 256 * 1024
 _CLIENT_WRITE_HIGH_WATER = 64 * 1024
+#: How long a connection closed with its client still sending (a refused head, a request
+#: body not read) reads and drops that input after its answer, waiting for the client's own
+#: close: closing a socket with input unread makes the kernel answer with a reset, which can
+#: reach the client before it has read the answer (nginx's lingering close, lingering_time)
+DISCARD_TIME = 5.0
 
 
 class ClientGone(Exception):
@@ -102,6 +107,7 @@ class ClientConnection(asyncio.Protocol):
         self._task: asyncio.Task[None] | None = None
         self._events_in_a_row = 0  # body events handed out without waiting for the socket
         self._linger_timer: asyncio.TimerHandle | None = None  # a close waiting on the client
+        self.discarding = False  # closed for writing; what the client still sends is dropped
 
     # -- asyncio.Protocol -----------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -131,6 +137,8 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
 
     def data_received(self, data: bytes) -> None:
+        if self.discarding:
+            return
         self.buffer += data
         if len(self.buffer) > _INPUT_HIGH_WATER and not self._reading_paused:
             self._reading_paused = True
@@ -140,6 +148,8 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
+        if self.discarding:
+            return False  # the client closed too: the connection closes
         self._wake()
         # During an exchange a client's FIN means it went away, as nginx takes it: the
         # worker connection is closed now (not once our unsent bytes have drained), and so
@@ -360,14 +370,37 @@ class ClientConnection(asyncio.Protocol):
         """A watch, from now, on whether this client takes nothing for `timeout`."""
         return SendStall(self.backlog, self.loop.time(), timeout)
 
-    def close(self) -> None:
+    def close(self, discard_input: bool = False) -> None:
+        """Close after what was written. With `discard_input` (the client may still be sending:
+        a head refused, a request body not read), first only for writing: the answer ends with
+        a FIN, and what the client sends is read and dropped until it closes too, at most
+        DISCARD_TIME, so that it can read the answer before the close (see DISCARD_TIME)."""
         transport = self.transport
-        if transport is not None and not transport.is_closing():
-            transport.close()
-            if transport.get_write_buffer_size():
-                # what is left goes out as the client reads it; a client that takes none of
-                # it for send_timeout is not waited on for ever
-                self._linger(self.send_stall(self.runtime.config.limits.send_timeout))
+        if transport is None or transport.is_closing() or self.discarding:
+            return
+        if discard_input and not self.eof and transport.can_write_eof():
+            self.discarding = True
+            self.buffer.clear()
+            if self._reading_paused:
+                self._reading_paused = False
+                transport.resume_reading()
+            transport.write_eof()
+            self._linger_timer = self.loop.call_later(DISCARD_TIME, self._stop_discarding)
+            return
+        self._close_transport(transport)
+
+    def _stop_discarding(self) -> None:
+        self._linger_timer = None
+        self.discarding = False
+        if self.transport is not None and not self.transport.is_closing():
+            self._close_transport(self.transport)
+
+    def _close_transport(self, transport: asyncio.Transport) -> None:
+        transport.close()
+        if transport.get_write_buffer_size():
+            # what is left goes out as the client reads it; a client that takes none of
+            # it for send_timeout is not waited on for ever
+            self._linger(self.send_stall(self.runtime.config.limits.send_timeout))
 
     def _linger(self, stall: SendStall) -> None:
         """Look at a closed connection's backlog again an eighth of send_timeout later."""

@@ -30,6 +30,7 @@ from typing import Any
 
 import pytest
 
+from sidecar.server import DISCARD_TIME
 from tests.harness import (
     Daemon,
     FakeWorker,
@@ -792,3 +793,58 @@ def test_a_head_begun_after_header_timeout_has_header_timeout_from_its_first_byt
     assert HEADER_TIMEOUT * 0.8 <= elapsed <= HEADER_TIMEOUT + 3, elapsed
     assert data.startswith(b"HTTP/1.1 408 ") and request_id.encode() in data, data
     assert [r.target for r in worker.requests] == ["/v1/public/first"]
+
+
+# -- a client refused while it is still sending -----------------------------------------------
+
+UPLOAD = 8 * 1024 * 1024  # far more than the socket buffers hold: the sidecar must read it
+
+REFUSED_WHILE_SENDING: dict[str, tuple[bytes, int]] = {
+    "413 by its length": (head("/v1/chat/completions", f"Content-Length: {UPLOAD}"), 413),
+    "404 with a body": (head("/v1/nowhere", f"Content-Length: {UPLOAD}"), 404),
+    "400 smuggling head": (
+        head("/v1/chat/completions", f"Content-Length: {UPLOAD}", "Transfer-Encoding: chunked"),
+        400,
+    ),
+    "431 head": (b"POST /v1/chat/completions HTTP/1.1\r\nx-big: ", 431),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSED_WHILE_SENDING))
+def test_a_client_refused_while_it_sends_reads_the_answer_then_a_clean_close(
+    daemon: Daemon, worker: FakeWorker, case: str
+) -> None:
+    """A request refused before its input was read (the rest of a head, a body) is answered,
+    then the sidecar closes only its side and reads and drops what the client still sends
+    until the client closes too, as nginx's lingering close does: every write of the client
+    succeeds, and it reads the whole answer and a clean end, never a reset (which a close
+    with input unread gives, and which can reach a client before it has read the answer)."""
+    first, status = REFUSED_WHILE_SENDING[case]
+    with socket.create_connection(daemon.address, timeout=10) as sock:
+        sock.sendall(first)
+        sock.sendall(b"x" * UPLOAD)  # BrokenPipeError / ConnectionResetError on a reset
+        sock.shutdown(socket.SHUT_WR)
+        received = bytearray()
+        while data := sock.recv(65536):  # ConnectionResetError on a reset
+            received += data
+    assert received.startswith(b"HTTP/1.1 %d " % status), bytes(received[:200])
+    assert b"\r\nconnection: close\r\n" in received.lower()
+    only_the_marker_was_forwarded(daemon, worker)
+
+
+def test_a_refused_client_that_never_closes_is_let_go_after_the_discard_time(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """The input of a refused client is read and dropped for DISCARD_TIME at most: one that
+    neither stops sending nor closes does not hold its connection for longer."""
+    with RawClient(daemon.address) as client:
+        client.send(head("/v1/chat/completions", "Content-Length: 100000"))
+        assert client.read_response(3).status == 413
+        assert client.closed_by_peer(3)  # the answer ends with the sidecar's FIN
+        let_go = time.monotonic() + DISCARD_TIME
+        client.send(b"x" * 50_000)  # read and dropped: no reset
+        assert client_connections(daemon) == 1  # still open, for reading
+        while client_connections(daemon) and time.monotonic() < let_go + 3:
+            time.sleep(0.1)
+        assert client_connections(daemon) == 0
+        assert time.monotonic() > let_go - 1
