@@ -628,6 +628,27 @@ def test_errors_before_the_head(daemon: Daemon, worker: FakeWorker, tail: str) -
     assert worker.requests == []
 
 
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+@pytest.mark.parametrize("client_stream", [True, False, None])
+def test_never_asks_the_worker_without_stream_options(
+    daemon: Daemon, worker: FakeWorker, tail: str, client_stream: bool | None
+) -> None:
+    """`never`: the worker is asked `stream: false` with no `stream_options` (SPEC), on every
+    dialect, whatever the client's `stream` said; a client's own `stream_options` included."""
+    worker.default = anthropic_worker() if tail == "messages" else responses_worker()
+    body: dict[str, Any] = {**ask(), "stream_options": {"include_usage": True}} if tail == "messages" \
+        else {"model": GPT, "input": "Hi", "stream_options": {"include_obfuscation": False}}
+    if client_stream is not None:
+        body["stream"] = client_stream
+    response = post(daemon, body, f"/never/v1/{tail}")
+    assert response.status == 200
+    (request,) = worker.requests
+    sent = request.json()
+    assert sent["stream"] is False and "stream_options" not in sent, sent
+    assert {k: v for k, v in sent.items() if k != "stream"} == \
+        {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
+
+
 def test_anthropic_tool_input_cut_by_max_tokens_is_aggregated_as_far_as_it_came(
     daemon: Daemon, worker: FakeWorker
 ) -> None:
