@@ -8,6 +8,7 @@ use the harness's raw client.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -23,6 +24,7 @@ from tests.harness import (
     Close,
     Daemon,
     FakeWorker,
+    RawClient,
     Reset,
     Send,
     Step,
@@ -625,6 +627,32 @@ def test_errors_before_the_head(daemon: Daemon, worker: FakeWorker, tail: str) -
         if tail == "messages":
             assert obj["type"] == "error" and obj["error"]["type"] == anthropic_type
         assert (obj["error"]["code"], bool(obj["error"]["message"])) == (code, True)
+    assert worker.requests == []
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [("Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 400),  # SPEC's refused framing
+     ("Content-Length: 2\r\nX-Pad: " + "x" * (70 * 1024) + "\r\n", 431)],  # past max_header_bytes
+)
+def test_a_refused_head_speaks_the_dialect_of_its_path(
+    daemon: Daemon, worker: FakeWorker, tail: str, extra: str, status: int
+) -> None:
+    """A head refused before routing is still an error before the head on that API's path:
+    an Anthropic client gets the Anthropic error object (SPEC: the type from the status)."""
+    head = f"POST /v1/{tail}?beta=true HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n"
+    with RawClient(daemon.address) as client:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.send(head.encode() + b"{}")
+        response = client.read_response()
+    assert response.status == status
+    obj = response.json()
+    if tail == "messages":
+        assert obj["type"] == "error" and obj["error"]["type"] == "invalid_request_error", obj
+    else:
+        assert obj["error"]["type"] == "invalid_request_error", obj
+    assert obj["error"]["code"] in ("invalid_request", "headers_too_large") and obj["error"]["message"]
     assert worker.requests == []
 
 
