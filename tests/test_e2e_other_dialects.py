@@ -560,6 +560,34 @@ def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker
     assert info.value.body["code"] == "upstream_disconnected"  # the SDK unwraps {"error": {...}}
 
 
+def test_responses_failed_document_is_a_502_with_the_error_object(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A worker's JSON `response` with `status: "failed"` reaches a non-streaming client as an
+    aggregated `response.failed` does: a 502 with the OpenAI error object, not the response."""
+    failed = {**RESPONSE, "status": "failed", "output": [],
+              "error": {"code": "server_error", "message": "the slot was lost"}}
+    events = responses_events(failed)
+    events[-1] = ev("response.failed", {"type": "response.failed", "response": failed,
+                                        "sequence_number": len(events) - 1})
+
+    def handle(request: WorkerRequest) -> list[Step]:
+        return sse_reply(events) if request.json().get("stream") is True else json_reply(failed)
+
+    worker.default = handle
+    bodies = []
+    for prefix in ("", "/always"):  # the worker's document; its stream, aggregated
+        rid = request_id()
+        with pytest.raises(openai.InternalServerError) as info:
+            openai_client(daemon, prefix).responses.create(
+                model=GPT, input="Hello", extra_headers={"x-request-id": rid})
+        assert info.value.status_code == 502 and "x-sidecar-cost" not in info.value.response.headers
+        bodies.append(info.value.response.json())
+        assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+    assert bodies[0] == bodies[1] == {"error": {"message": "the slot was lost", "type": "upstream_error",
+                                                "code": "server_error", "param": None}}
+
+
 def test_responses_unnamed_worker_error_is_the_workers_error(daemon: Daemon, worker: FakeWorker) -> None:
     """llama.cpp's Responses failure: `data: {"error": {...}}`, no event name, no type. The
     streaming client gets it (the SDK raises with the worker's message); an aggregating
