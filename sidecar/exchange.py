@@ -159,6 +159,22 @@ async def serve_connection(client: ClientConnection) -> None:
         client.close(discard_input=unread)
 
 
+def _refusal_dialect(client: ClientConnection, head: bytes | bytearray | None) -> Dialect:
+    """The dialect whose error object a refused head gets: the one of the first route its
+    raw path matches (methods ignored, as for a request that matches no route), once its
+    request line is whole; else passthrough's (the OpenAI shape). Only the answer's shape:
+    the request still matched no route (ledger `route`/`dialect` null)."""
+    if head is not None:
+        line = bytes(head[:2048]).partition(b"\n")
+        if line[1]:
+            _, path = raw_method_and_path(line[0])
+            if path != "-":
+                route = match_route(client.runtime.current.config.routes, None, path.encode("ascii"))
+                if route is not None:
+                    return get_dialect(route.dialect)
+    return get_dialect("passthrough")
+
+
 def _refuse(
     client: ClientConnection,
     status: int,
@@ -173,7 +189,7 @@ def _refuse(
     metrics and an access-log line. `head` is None when no byte of a request arrived:
     then there is only the answer.
     """
-    body = get_dialect("passthrough").error_body(status, code, message)
+    body = _refusal_dialect(client, head).error_body(status, code, message)
     if head is None:
         client.write(simple_response(status, body))
         client.close()

@@ -445,8 +445,10 @@ class DocumentHandler(BodyHandler):
             *without(self.headers, b"content-type"),
             (b"content-type", b"application/json"),
         ]
-        ex.respond(502 if translator.worker_error else 200, [*headers, *cost_header(translator)],
-                   translator.json())
+        if translator.worker_error:  # an error object carries no cost (as an aggregated one)
+            ex.respond(502, headers, translator.json())
+        else:
+            ex.respond(200, [*headers, *cost_header(translator)], translator.json())
         return True
 
     def fail(self, failure: Failure, message: str) -> None:

@@ -8,6 +8,7 @@ use the harness's raw client.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -23,6 +24,7 @@ from tests.harness import (
     Close,
     Daemon,
     FakeWorker,
+    RawClient,
     Reset,
     Send,
     Step,
@@ -558,6 +560,34 @@ def test_responses_aggregate_failure_is_a_502(daemon: Daemon, worker: FakeWorker
     assert info.value.body["code"] == "upstream_disconnected"  # the SDK unwraps {"error": {...}}
 
 
+def test_responses_failed_document_is_a_502_with_the_error_object(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A worker's JSON `response` with `status: "failed"` reaches a non-streaming client as an
+    aggregated `response.failed` does: a 502 with the OpenAI error object, not the response."""
+    failed = {**RESPONSE, "status": "failed", "output": [],
+              "error": {"code": "server_error", "message": "the slot was lost"}}
+    events = responses_events(failed)
+    events[-1] = ev("response.failed", {"type": "response.failed", "response": failed,
+                                        "sequence_number": len(events) - 1})
+
+    def handle(request: WorkerRequest) -> list[Step]:
+        return sse_reply(events) if request.json().get("stream") is True else json_reply(failed)
+
+    worker.default = handle
+    bodies = []
+    for prefix in ("", "/always"):  # the worker's document; its stream, aggregated
+        rid = request_id()
+        with pytest.raises(openai.InternalServerError) as info:
+            openai_client(daemon, prefix).responses.create(
+                model=GPT, input="Hello", extra_headers={"x-request-id": rid})
+        assert info.value.status_code == 502 and "x-sidecar-cost" not in info.value.response.headers
+        bodies.append(info.value.response.json())
+        assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+    assert bodies[0] == bodies[1] == {"error": {"message": "the slot was lost", "type": "upstream_error",
+                                                "code": "server_error", "param": None}}
+
+
 def test_responses_unnamed_worker_error_is_the_workers_error(daemon: Daemon, worker: FakeWorker) -> None:
     """llama.cpp's Responses failure: `data: {"error": {...}}`, no event name, no type. The
     streaming client gets it (the SDK raises with the worker's message); an aggregating
@@ -626,6 +656,53 @@ def test_errors_before_the_head(daemon: Daemon, worker: FakeWorker, tail: str) -
             assert obj["type"] == "error" and obj["error"]["type"] == anthropic_type
         assert (obj["error"]["code"], bool(obj["error"]["message"])) == (code, True)
     assert worker.requests == []
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+@pytest.mark.parametrize(
+    ("extra", "status"),
+    [("Content-Length: 2\r\nTransfer-Encoding: chunked\r\n", 400),  # SPEC's refused framing
+     ("Content-Length: 2\r\nX-Pad: " + "x" * (70 * 1024) + "\r\n", 431)],  # past max_header_bytes
+)
+def test_a_refused_head_speaks_the_dialect_of_its_path(
+    daemon: Daemon, worker: FakeWorker, tail: str, extra: str, status: int
+) -> None:
+    """A head refused before routing is still an error before the head on that API's path:
+    an Anthropic client gets the Anthropic error object (SPEC: the type from the status)."""
+    head = f"POST /v1/{tail}?beta=true HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{extra}\r\n"
+    with RawClient(daemon.address) as client:
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            client.send(head.encode() + b"{}")
+        response = client.read_response()
+    assert response.status == status
+    obj = response.json()
+    if tail == "messages":
+        assert obj["type"] == "error" and obj["error"]["type"] == "invalid_request_error", obj
+    else:
+        assert obj["error"]["type"] == "invalid_request_error", obj
+    assert obj["error"]["code"] in ("invalid_request", "headers_too_large") and obj["error"]["message"]
+    assert worker.requests == []
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+@pytest.mark.parametrize("client_stream", [True, False, None])
+def test_never_asks_the_worker_without_stream_options(
+    daemon: Daemon, worker: FakeWorker, tail: str, client_stream: bool | None
+) -> None:
+    """`never`: the worker is asked `stream: false` with no `stream_options` (SPEC), on every
+    dialect, whatever the client's `stream` said; a client's own `stream_options` included."""
+    worker.default = anthropic_worker() if tail == "messages" else responses_worker()
+    body: dict[str, Any] = {**ask(), "stream_options": {"include_usage": True}} if tail == "messages" \
+        else {"model": GPT, "input": "Hi", "stream_options": {"include_obfuscation": False}}
+    if client_stream is not None:
+        body["stream"] = client_stream
+    response = post(daemon, body, f"/never/v1/{tail}")
+    assert response.status == 200
+    (request,) = worker.requests
+    sent = request.json()
+    assert sent["stream"] is False and "stream_options" not in sent, sent
+    assert {k: v for k, v in sent.items() if k != "stream"} == \
+        {k: v for k, v in body.items() if k not in ("stream", "stream_options")}
 
 
 def test_anthropic_tool_input_cut_by_max_tokens_is_aggregated_as_far_as_it_came(

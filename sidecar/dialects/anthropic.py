@@ -12,7 +12,8 @@ Pass-through events are returned as the exact bytes they arrived as. Only the
 missing or differs from its data's `type`, are re-encoded (every event the
 sidecar writes has an `event:` line equal to its `type`: the Anthropic SDKs
 ignore unnamed events). It never adds `stream_options` to a request:
-Anthropic streams always carry usage.
+Anthropic streams always carry usage (a client's own is dropped when the worker is
+asked not to stream, as SPEC's `never` says).
 """
 
 from __future__ import annotations
@@ -349,7 +350,7 @@ class AnthropicDialect(Dialect):
     name = "anthropic-messages"
 
     def plan(self, body: bytes, upstream_stream: str, request_id: str) -> RequestPlan:
-        return stream_flag_plan(body, upstream_stream, request_id)
+        return stream_flag_plan(body, upstream_stream, request_id, ("stream_options",))
 
     def stream(self, plan: RequestPlan, pricing: Pricing, aggregate: bool) -> StreamTranslator:
         return AnthropicStream(plan, pricing, aggregate)

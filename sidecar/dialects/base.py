@@ -56,12 +56,14 @@ def stream_flag_plan(
     The body is forwarded byte for byte when its `stream` already says what the worker
     is asked (a missing `stream` says false, but on a `never` route the worker is told
     `stream: false` in so many words); keys in `streaming_only` are dropped when the worker
-    is asked not to stream.
+    is asked not to stream, also from a body whose `stream` already says false.
     """
     request = read_request(body)
     client_stream = client_stream_flag(request)
     asked = stream_asked(upstream_stream, client_stream)
-    if request.get("stream", None if upstream_stream == "never" else False) is not asked:
+    if request.get("stream", None if upstream_stream == "never" else False) is not asked or (
+        not asked and any(key in request for key in streaming_only)
+    ):
         body = encode_request(request, body, {"stream": asked}, () if asked else streaming_only)
     model = request.get("model")
     return RequestPlan(

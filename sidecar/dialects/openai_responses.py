@@ -65,6 +65,23 @@ def _with_cost(response: dict[str, Any], cost: Decimal | None) -> bool:
     return True
 
 
+def worker_error_document(err: Any) -> bytes:
+    """The 502 body of a non-streaming client whose worker reported its own failure: the
+    OpenAI error object with the worker's message, code and param."""
+    if not isinstance(err, dict):
+        err = {}
+    return dumps_document(
+        {
+            "error": {
+                "message": err.get("message") or "the worker's response failed",
+                "type": "upstream_error",
+                "code": err.get("code"),
+                "param": err.get("param"),
+            }
+        }
+    )
+
+
 _MAX_PART_GAP = 64  # a content part announced this far past the last one is ignored
 
 
@@ -227,18 +244,7 @@ class ResponsesStream(TypedEventStream):
                 err = err["error"]  # an unnamed `{"error": {...}}` (llama.cpp's)
             if err is None and self._final is not None:
                 err = self._final.get("error")
-            if not isinstance(err, dict):
-                err = {}
-            return dumps_document(
-                {
-                    "error": {
-                        "message": err.get("message") or "the worker's response failed",
-                        "type": "upstream_error",
-                        "code": err.get("code"),
-                        "param": err.get("param"),
-                    }
-                }
-            )
+            return worker_error_document(err)
         if self._final is None:
             self.settle()
         base = self._base()
@@ -291,12 +297,17 @@ class ResponsesDocument(DocumentTranslator):
             _with_cost(doc, self.cost)
 
     def json(self) -> bytes:
-        return dumps_document(self.doc)
+        doc = self.doc
+        if self.worker_error and _is_response(doc):
+            # a `response` whose status says it failed: its client gets a 502 (as when the
+            # worker streams it and it is aggregated) with the error object, not the response
+            return worker_error_document(doc.get("error"))
+        return dumps_document(doc)
 
     def sse(self) -> bytes:
         doc = self.doc
         writer = _Writer()
-        if self.worker_error and doc.get("object") != "response" and "output" not in doc:
+        if self.worker_error and not _is_response(doc):
             found = doc.get("error")
             err = found if isinstance(found, dict) else {}
             writer.emit(
@@ -328,6 +339,11 @@ class ResponsesDocument(DocumentTranslator):
         final.setdefault("status", "completed")
         writer.emit(kind, {"response": final})
         return writer.bytes()
+
+
+def _is_response(doc: dict[str, Any]) -> bool:
+    """Whether a worker's document is a `response` object (else a bare error object)."""
+    return doc.get("object") == "response" or "output" in doc
 
 
 class _Writer:
