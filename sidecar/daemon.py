@@ -257,14 +257,14 @@ class Service:
         """Reopen the ledger by its path (logrotate renamed it), config reloaded or not."""
         self.runtime.ledger.reopen()
 
-    def reload(self) -> None:
-        """SIGHUP: load the config again; keep the old one if the new one is bad. While
+    def reload(self) -> bool:
+        """SIGHUP: load the config again; keep the old one if the new one is bad (False). While
         stopping, only the ledger is reopened (no request will start under a new config,
         and systemd is not told RELOADING/READY after STOPPING)."""
         if self.stopping.is_set():
             log.info("reload ignored while stopping; the ledger is reopened")
             self.reopen_ledger()
-            return
+            return False
         self.notifier.reloading()
         try:
             config = load_config(self.config_path)
@@ -272,11 +272,12 @@ class Service:
             log.error("reload refused, keeping the running config: %s", "; ".join(exc.problems))
             self.reopen_ledger()
             self.notifier.ready("reload refused: config invalid")
-            return
+            return False
         reload_logging(self.runtime.config, config, self.started)
         self.runtime.reload(config)
         log.info("config reloaded from %s", self.config_path)
         self.notifier.ready("config reloaded")
+        return True
 
     def terminate(self) -> None:
         """SIGTERM/SIGINT: drain; a second one closes what is in flight at once (ledger lines
@@ -367,11 +368,15 @@ def run_daemon(config: Config) -> int:
 #   parent -> worker  {"id": n}                       a scrape asks for the metrics
 #   worker -> parent  {"id": n, "metrics": snapshot}  (Metrics.snapshot())
 #   worker -> parent  {"final": snapshot}             after its drain, before it exits
+#   parent -> worker  {"reload": n}                   SIGHUP came, the config was valid
+#   worker -> parent  {"reloaded": n, "ok": bool}     loaded it again (ok: applied)
 # EOF on the parent's end: the worker process is gone. EOF on the worker's
 # end: the parent is gone, and the worker drains and exits.
 
 #: How long a scrape waits for each worker process's metrics.
 SCRAPE_TIMEOUT = 1.0
+#: How long a reload waits for each worker process to have loaded the config again.
+RELOAD_TIMEOUT = 10.0
 #: How long the worker processes may take to start listening.
 START_TIMEOUT = 30.0
 #: A worker process that dies younger than this counts towards the restart backoff.
@@ -470,6 +475,10 @@ class WorkerLink:
             future = self._pending.pop(message["id"], None)
             if future is not None and not future.done():
                 future.set_result(message.get("metrics"))
+        elif "reloaded" in message:
+            future = self._pending.pop(message["reloaded"], None)
+            if future is not None and not future.done():
+                future.set_result(message.get("ok") is True)
         elif "final" in message:
             with contextlib.suppress(ValueError):
                 self.last = Metrics.from_snapshot(message["final"])
@@ -480,6 +489,33 @@ class WorkerLink:
         if not self.closed and self._writer is not None:
             self._next_id += 1
             self._writer.write(_line({"id": self._next_id}))
+
+    @property
+    def connected(self) -> bool:
+        """The link is open both ways (a worker just forked has no writer yet)."""
+        return self._writer is not None and not self.closed
+
+    async def reload(self, timeout: float) -> bool | None:
+        """Have the worker load the config again: True once it applied it, False when it
+        refused it, None when it did not say within `timeout` (gone, hung). A worker whose
+        link is not open yet is sent SIGHUP instead (it reloads once it listens), unawaited."""
+        if self.closed:
+            return None
+        if self._writer is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signal.SIGHUP)
+            return None
+        self._next_id += 1
+        ident = self._next_id
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        self._writer.write(_line({"reload": ident}))
+        try:
+            async with asyncio.timeout(timeout):
+                return await future is True
+        except TimeoutError:
+            self._pending.pop(ident, None)
+            return None
 
     async def ask(self, timeout: float) -> Metrics | None:
         """The worker's metrics now, or None (gone, not answering within `timeout`)."""
@@ -517,7 +553,8 @@ class Supervisor:
 
     Forks the worker processes and replaces one that dies while the daemon is
     not stopping; serves the admin port, where /metrics sums every worker's
-    registry; relays SIGHUP (after validating the config) and SIGTERM/SIGINT to
+    registry; relays SIGHUP (after validating the config; READY=1 once every worker
+    has reloaded) and SIGTERM/SIGINT to
     the workers; speaks sd_notify (READY, RELOADING, STOPPING, WATCHDOG) from
     its event loop; exits 0 after every worker drained, 1 when one failed.
     """
@@ -544,6 +581,7 @@ class Supervisor:
         self.changed = asyncio.Event()
         self.done = asyncio.Event()
         self.respawns: dict[object, asyncio.Handle] = {}  # replacements not started yet
+        self.reloads: set[asyncio.Task[None]] = set()  # reloads waiting on the workers
 
     @property
     def draining(self) -> bool:
@@ -791,8 +829,26 @@ class Supervisor:
             return
         reload_logging(self.config, config, self.started)
         self.config = config  # for /readyz and for replacement workers
-        self.signal_workers(signal.SIGHUP)
-        notifier.ready("config reloaded")
+        task = asyncio.get_running_loop().create_task(
+            self._reload_workers(notifier, list(self.children.values()))
+        )
+        self.reloads.add(task)
+        task.add_done_callback(self.reloads.discard)
+
+    async def _reload_workers(self, notifier: Notifier, links: list[WorkerLink]) -> None:
+        """Have every worker process load the config again, and tell systemd READY=1 once
+        they all have (a `systemctl reload` returns then: every request after it is served
+        by the new config), or once RELOAD_TIMEOUT passed."""
+        results = await asyncio.gather(*(link.reload(RELOAD_TIMEOUT) for link in links))
+        for link, applied in zip(links, results, strict=True):
+            if applied is False:
+                log.error("worker process %d refused the config it loaded again "
+                          "(the file changed since it was checked?)", link.pid)
+            elif applied is None and link.connected:
+                log.warning("worker process %d did not say within %g s that it reloaded",
+                            link.pid, RELOAD_TIMEOUT)
+        if not self.stopping:
+            notifier.ready("config reloaded")
 
     def terminate(self) -> None:
         """SIGTERM/SIGINT: the workers drain; a second one makes them close what is in
@@ -909,7 +965,11 @@ async def _answer_parent(
                 service.stopping.set()
             return
         try:
-            ident = orjson.loads(line)["id"]
+            message = orjson.loads(line)
+            if "reload" in message:
+                writer.write(_line({"reloaded": message["reload"], "ok": service.reload()}))
+                continue
+            ident = message["id"]
         except (ValueError, KeyError, TypeError):
             continue
         try:

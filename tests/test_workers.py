@@ -602,3 +602,54 @@ def test_workers_left_by_their_parent_drain_through_the_next_sigterm(
     records = daemon.wait_ledger(streams)
     assert sorted(r["request_id"] for r in records) == sorted(f"orphan-{i}" for i in range(streams))
     assert all(r["outcome"] == "ok" for r in records)
+
+
+def test_ready_after_a_reload_means_every_worker_process_has_the_new_config(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """`systemctl reload` returns at the READY=1 that follows RELOADING=1: from then on every
+    request is served by the new config, whichever worker process takes it. The parent
+    says READY=1 once every worker process has said it loaded the config again, not once
+    it has signalled them (they were still parsing it: requests on kept-alive
+    connections were priced by the old config)."""
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(10)
+    env = {"NOTIFY_SOCKET": str(tmp_path / "notify")}
+    config = daemon_config(worker.url, workers=2, limits={"max_connections": 512})
+    with notify, Daemon(config, tmp_path, env=env) as daemon, ExitStack() as stack:
+        next_notify(notify, "READY=1")
+        kids = wait_children(daemon.pid, 2)
+        clients = [stack.enter_context(RawClient(daemon.address)) for _ in range(CONNECTIONS)]
+
+        def costs(prefix: str) -> set[Decimal]:
+            def one(i: int) -> Decimal:
+                clients[i].send(request_bytes(body=chat_body(),
+                                              headers=[("x-request-id", f"{prefix}-{i}")]))
+                return Decimal(clients[i].read_response().header("x-sidecar-cost") or "nan")
+
+            with ThreadPoolExecutor(CONNECTIONS) as pool:
+                return set(pool.map(one, range(CONNECTIONS)))
+
+        assert costs("before") == {OLD_COST}
+        owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        write_config(daemon, deep_merge(
+            config, {"pricing": {"models": {MODEL: {"prompt": 10.0, "completion": 20.0}}}}))
+        for kid in kids:  # the worker processes cannot load it yet
+            os.kill(kid, signal.SIGSTOP)
+        try:
+            daemon.send_signal(signal.SIGHUP)
+            next_notify(notify, "RELOADING=1")
+            notify.settimeout(1.0)
+            with pytest.raises(TimeoutError):
+                early = notify.recv(4096)
+                pytest.fail(f"told systemd {early!r} before the workers had the new config")
+        finally:
+            for kid in kids:
+                os.kill(kid, signal.SIGCONT)
+        notify.settimeout(10)
+        next_notify(notify, "READY=1")
+        assert costs("after") == {NEW_COST}  # at once, on the connections both processes hold
+        assert wait_children(daemon.pid, 2) == kids  # reloaded, not restarted
+    assert not daemon.errors(), daemon.errors()
