@@ -475,6 +475,9 @@ class WorkerLink:
             future = self._pending.pop(message["id"], None)
             if future is not None and not future.done():
                 future.set_result(message.get("metrics"))
+            elif "metrics" in message:  # a poke's answer: kept, should the process die now
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    self.last = Metrics.from_snapshot(message["metrics"])
         elif "reloaded" in message:
             future = self._pending.pop(message["reloaded"], None)
             if future is not None and not future.done():
@@ -484,8 +487,9 @@ class WorkerLink:
                 self.last = Metrics.from_snapshot(message["final"])
 
     def poke(self) -> None:
-        """Ask for an answer nobody waits for: it only refreshes `heard` (the worker's event
-        loop turns; a hung one never answers)."""
+        """Ask for an answer nobody waits for: it refreshes `heard` (the worker's event loop
+        turns; a hung one never answers) and `last` (what a worker that is killed before the
+        next scrape counted stays in the totals, as of this answer)."""
         if not self.closed and self._writer is not None:
             self._next_id += 1
             self._writer.write(_line({"id": self._next_id}))

@@ -653,3 +653,25 @@ def test_ready_after_a_reload_means_every_worker_process_has_the_new_config(
         assert costs("after") == {NEW_COST}  # at once, on the connections both processes hold
         assert wait_children(daemon.pid, 2) == kids  # reloaded, not restarted
     assert not daemon.errors(), daemon.errors()
+
+
+def test_a_killed_worker_process_keeps_its_counts_up_to_the_last_poke(
+    worker: FakeWorker, tmp_path: Path
+) -> None:
+    """A worker process killed before any scrape asked for its counters (the OOM killer,
+    SIGKILL) still has them in the totals as of the parent's last poke (every
+    `worker_timeout`/4): its requests do not vanish from /metrics (the ledger has them)."""
+    config = daemon_config(worker.url, workers=2, worker_timeout="1s",
+                           limits={"max_connections": 512})
+    with Daemon(config, tmp_path) as daemon:
+        kids = wait_children(daemon.pid, 2)
+        with ExitStack() as stack:
+            open_kept(daemon, stack, CONNECTIONS, "poked")
+            owners = established_by_process(kids, daemon.port)
+        assert all(owners[k] > 0 for k in kids), owners
+        daemon.wait_ledger(CONNECTIONS)
+        time.sleep(0.75)  # a poke or two (every 0.25 s), and no scrape
+        os.kill(min(kids), signal.SIGKILL)
+        replaced = daemon.wait_log(lambda e: str(e.get("msg", "")).endswith(" is ready"))
+        assert replaced is not None, daemon.lines[-20:]
+        assert scraped_requests(daemon) == CONNECTIONS
