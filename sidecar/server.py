@@ -148,8 +148,9 @@ class ClientConnection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.discarding:
-            return False  # the client closed too: the connection closes
+        if self.discarding:  # the client closed too: so does the connection
+            self._stop_discarding()
+            return True  # (closed there, after what is left of the answer)
         self._wake()
         # During an exchange a client's FIN means it went away, as nginx takes it: the
         # worker connection is closed now (not once our unsent bytes have drained), and so
@@ -166,18 +167,21 @@ class ClientConnection(asyncio.Protocol):
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
-        if not self.closed:
-            self.closed = True
-            if self in self.connections:
-                self.connections.discard(self)
-                self.runtime.connections -= 1
-                self.runtime.metrics.connection_closed()
+        self.closed = True
+        self._release_slot()
         self._wake()
         self._wake_drain()
         listener = self.listener
         if listener is not None:
             self.listener = None
             listener.client_lost()
+
+    def _release_slot(self) -> None:
+        """No longer one of the `max_connections` (closed, or only dropping input)."""
+        if self in self.connections:
+            self.connections.discard(self)
+            self.runtime.connections -= 1
+            self.runtime.metrics.connection_closed()
 
     def pause_writing(self) -> None:
         self.paused_writing = True
@@ -374,12 +378,15 @@ class ClientConnection(asyncio.Protocol):
         """Close after what was written. With `discard_input` (the client may still be sending:
         a head refused, a request body not read), first only for writing: the answer ends with
         a FIN, and what the client sends is read and dropped until it closes too, at most
-        DISCARD_TIME, so that it can read the answer before the close (see DISCARD_TIME)."""
+        DISCARD_TIME, so that it can read the answer before the close (see DISCARD_TIME).
+        Such a connection no longer counts towards `max_connections`."""
         transport = self.transport
         if transport is None or transport.is_closing() or self.discarding:
             return
         if discard_input and not self.eof and transport.can_write_eof():
             self.discarding = True
+            self.closed = True  # for everything but dropping input: its slot is free now
+            self._release_slot()
             self.buffer.clear()
             if self._reading_paused:
                 self._reading_paused = False
@@ -390,8 +397,9 @@ class ClientConnection(asyncio.Protocol):
         self._close_transport(transport)
 
     def _stop_discarding(self) -> None:
-        self._linger_timer = None
-        self.discarding = False
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+            self._linger_timer = None
         if self.transport is not None and not self.transport.is_closing():
             self._close_transport(self.transport)
 
@@ -407,7 +415,7 @@ class ClientConnection(asyncio.Protocol):
         self._linger_timer = self.loop.call_later(stall.timeout / 8, self._linger_look, stall)
 
     def _linger_look(self, stall: SendStall) -> None:
-        if self.closed or self.transport is None:
+        if self.transport is None:  # (connection_lost cancels the look)
             return
         if stall.over(self.backlog, self.loop.time()):
             self.transport.abort()
