@@ -7,9 +7,8 @@ exactly with `Decimal` per the SPEC's formulas (prices are per 1,000,000
 tokens).
 
 What it must never do: I/O of any kind, import asyncio or socket, or use
-binary floats in the arithmetic. Floats appear only in `cost_json_number`,
-the value injected into the client's JSON; the ledger and the metrics keep
-exact decimals.
+binary floats in the arithmetic. The cost injected into the client's JSON
+(`cost_json_number`), the ledger and the metrics keep exact decimals.
 """
 
 from __future__ import annotations
@@ -17,6 +16,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from decimal import Context, Decimal
 from typing import TYPE_CHECKING, Any
+
+import orjson
 
 if TYPE_CHECKING:  # only attribute access is needed at run time
     from sidecar.config import Price
@@ -293,9 +294,11 @@ def cost_header_value(cost: Decimal) -> str:
     return format(cost.normalize(_CTX), "f")
 
 
-def cost_json_number(cost: Decimal) -> float:
-    """The value injected as `usage.cost` in a client's JSON."""
-    return float(cost)
+def cost_json_number(cost: Decimal) -> orjson.Fragment:
+    """The value injected as `usage.cost` in a client's JSON (written by orjson): the exact
+    fixed-point number, as in `x-sidecar-cost` and the ledger (`0.0000103`, never a binary
+    float's `1.03e-05`, nor one rounded to 17 digits)."""
+    return orjson.Fragment(cost_literal(cost))
 
 
 def cost_literal(cost: Decimal) -> bytes:

@@ -6,6 +6,7 @@ import json
 import random
 from decimal import Context, Decimal
 
+import orjson
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -192,7 +193,15 @@ def test_openai_cost_spec_example_header() -> None:
     assert cost == D("0.0000103")
     assert cost_header_value(cost) == "0.0000103"
     assert cost_literal(cost) == b"0.0000103"
-    assert cost_json_number(cost) == 1.03e-05
+    assert orjson.dumps({"cost": cost_json_number(cost)}) == b'{"cost":0.0000103}'
+
+
+def test_cost_in_json_keeps_every_digit() -> None:
+    """A binary float keeps 17 significant digits at most; the cost written into a client's
+    JSON is the exact decimal, as in `x-sidecar-cost` and the ledger."""
+    cost = D("12345.678901234567891")
+    assert orjson.dumps([cost_json_number(cost)]) == b"[12345.678901234567891]"
+    assert orjson.dumps([cost_json_number(D("0E-12"))]) == b"[0]"
 
 
 def test_anthropic_cost_formula() -> None:
