@@ -499,6 +499,22 @@ class WorkerLink:
         """The link is open both ways (a worker just forked has no writer yet)."""
         return self._writer is not None and not self.closed
 
+    async def _request(self, key: str, timeout: float) -> tuple[bool, object]:
+        """Send `{key: n}` and wait for the worker's answer to n: (True, what it said, None
+        when the link closed first), or (False, None) when none came within `timeout`."""
+        assert self._writer is not None
+        self._next_id += 1
+        ident = self._next_id
+        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._pending[ident] = future
+        self._writer.write(_line({key: ident}))
+        try:
+            async with asyncio.timeout(timeout):
+                return True, await future
+        except TimeoutError:
+            self._pending.pop(ident, None)
+            return False, None
+
     async def reload(self, timeout: float) -> bool | None:
         """Have the worker load the config again: True once it applied it, False when it
         refused it, None when it did not say within `timeout` (gone, hung). A worker whose
@@ -509,32 +525,15 @@ class WorkerLink:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(self.pid, signal.SIGHUP)
             return None
-        self._next_id += 1
-        ident = self._next_id
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[ident] = future
-        self._writer.write(_line({"reload": ident}))
-        try:
-            async with asyncio.timeout(timeout):
-                return await future is True
-        except TimeoutError:
-            self._pending.pop(ident, None)
-            return None
+        _, applied = await self._request("reload", timeout)
+        return None if applied is None else applied is True
 
     async def ask(self, timeout: float) -> Metrics | None:
         """The worker's metrics now, or None (gone, not answering within `timeout`)."""
         if self.closed or self._writer is None:
             return None
-        self._next_id += 1
-        ident = self._next_id
-        future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
-        self._pending[ident] = future
-        self._writer.write(_line({"id": ident}))
-        try:
-            async with asyncio.timeout(timeout):
-                answer = await future
-        except TimeoutError:
-            self._pending.pop(ident, None)
+        answered, answer = await self._request("id", timeout)
+        if not answered:
             log.warning(
                 "worker process %d did not answer for /metrics within %g s: "
                 "its counters are those of its last answer",
