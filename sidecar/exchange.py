@@ -688,7 +688,11 @@ class Exchange(StreamListener):
             handler = RawHandler(self, status, worker_headers, raw_headers)
         else:
             kind = body_kind(header_value(raw_headers, b"content-type"))
-            handler = SniffHandler(self, worker_headers, kind)
+            # what the client gets here is sidecar's own bytes (decoded, parsed, written
+            # again), never the worker's coded ones: its Content-Encoding does not apply
+            # (Accept-Encoding was not forwarded; a worker that compresses anyway sent a body
+            # sidecar cannot read, and the client must be able to read the error frame)
+            handler = SniffHandler(self, without(worker_headers, b"content-encoding"), kind)
         decoder = body_decoder(self.raw_method, status, raw_headers)
         pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump

@@ -8,6 +8,7 @@ stream flavours of vLLM, SGLang, llama.cpp, Ollama and TGI. Failure paths
 
 from __future__ import annotations
 
+import gzip
 import json
 from collections.abc import Callable
 from typing import Any
@@ -495,6 +496,30 @@ def test_bom_before_a_json_document_is_dropped(w: FakeWorker, proxy: Daemon) -> 
     assert finish_of(chunks) == ["stop"]
     response = post(proxy, chat_body())
     assert response.status == 200 and not response.body.startswith(b"\xef\xbb\xbf")
+
+
+@pytest.mark.parametrize("kind", ["json", "sse"])
+def test_worker_compressing_unasked_never_labels_sidecar_bytes_compressed(
+    w: FakeWorker, proxy: Daemon, kind: str
+) -> None:
+    """Accept-Encoding is not forwarded where sidecar reads the body, so a compressed 2xx
+    body is one it cannot read: the client's event stream (sidecar's own bytes, ending in
+    the error frame) must not carry the worker's `Content-Encoding`, or no client can read
+    the frame (httpx raises DecodingError)."""
+    if kind == "json":
+        body, ctype = gzip.compress(json.dumps(chat_completion()).encode()), "application/json"
+    else:
+        body, ctype = gzip.compress(b"".join(chat_stream_events())), "text/event-stream"
+    w.reply([Send(http_response(200, body, [("content-type", ctype), ("content-encoding", "gzip")]))])
+    with httpx.Client(timeout=10) as client:
+        response = client.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True))
+    assert response.status_code == 200
+    assert "content-encoding" not in response.headers
+    frames = [json.loads(line[6:]) for line in response.text.split("\n") if line.startswith("data: ")]
+    # (a compressed event stream with no line break in it is one unfinished event)
+    assert frames[-1]["error"]["code"] in ("upstream_protocol_error", "upstream_incomplete")
+    assert frames[-1]["choices"][0]["finish_reason"] == "error"
+    assert proxy.ledger_for(response.headers["x-request-id"])["outcome"] == "upstream_error"
 
 
 def test_data_without_space_and_empty_id(w: FakeWorker, proxy: Daemon) -> None:

@@ -45,6 +45,7 @@ from tests.harness import (
     post,
     request_bytes,
     response_head,
+    text_completion,
 )
 
 EV = chat_stream_events()  # role, "Hel", "lo", "!", finish(stop), usage, [DONE]
@@ -143,6 +144,8 @@ def proxy(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) 
         routes=[chat_route(),
                 chat_route("always", match={"path": "/always/v1/chat/completions"},
                            upstream_stream="always"),
+                {"name": "completions", "match": {"path": "/v1/completions"},
+                 "dialect": "openai-completions"},
                 {"name": "rest", "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"}],
     )
 
@@ -302,6 +305,28 @@ def test_failure_with_nothing_forwarded_yet_uses_the_request_for_the_frame(
     assert frame["model"] == "asked-model"
     assert isinstance(frame["created"], int) and frame["created"] > 1_600_000_000
     assert frame["error"]["code"] == "upstream_disconnected"
+
+
+@pytest.mark.parametrize("worker", ["sse", "json"])
+def test_completions_frame_with_nothing_forwarded_has_spec_id(
+    w: FakeWorker, proxy: Daemon, worker: str
+) -> None:
+    """SPEC: with no chunk from the worker the frame's id is `chatcmpl-` + the request id, on
+    `openai-completions` too (its frame's object is `text_completion`: README)."""
+    if worker == "sse":
+        w.reply([*started(), Close()])
+    else:
+        doc = json.dumps(text_completion()).encode()
+        w.reply([Send(head_length(len(doc), ("content-type", "application/json"))),
+                 Send(doc[:20]), Close()])
+    response = post(proxy, {"model": "asked-model", "prompt": "hi", "stream": True},
+                    target="/v1/completions", headers=[("x-request-id", "frame-ids")])
+    frame = response.sse_json()[-1]
+    assert frame["object"] == "text_completion"
+    assert frame["id"] == "chatcmpl-frame-ids"
+    assert frame["model"] == "asked-model"
+    assert frame["error"]["code"] == "upstream_disconnected"
+    assert b"[DONE]" not in response.body
 
 
 # ================================================= a break after the stream's last event

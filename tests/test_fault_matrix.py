@@ -209,7 +209,7 @@ DIALECTS: list[DialectCase] = [
               "model": WORKER_MODEL,
               "choices": [{"index": 0, "text": marker(0), "logprobs": None, "finish_reason": "stop"}],
               "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}),
-        "cmpl-",
+        "chatcmpl-",  # SPEC's fallback id, on both OpenAI dialects
     ),
     DialectCase(
         "anthropic-messages", "/v1/messages",

@@ -69,7 +69,9 @@ class Shape:
 
 
 CHAT = Shape("chat.completion.chunk", "chat.completion", "chatcmpl-", chat=True)
-COMPLETIONS = Shape("text_completion", "text_completion", "cmpl-", chat=False)
+# SPEC: an id the worker did not give is `chatcmpl-` + the request id, on both dialects
+# (llama.cpp's completion ids start with it too)
+COMPLETIONS = Shape("text_completion", "text_completion", "chatcmpl-", chat=False)
 
 
 def _dumps_event(obj: dict[str, Any]) -> bytes:
