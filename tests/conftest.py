@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, FakeWorker, daemon_config
+from tests.harness import Daemon, FakeWorker, daemon_config, serving
 
 
 class DaemonFactory:
@@ -99,8 +99,4 @@ def make_module_daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cal
 
 @pytest.fixture
 def w(module_worker: FakeWorker) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, f"fake worker errors: {errors}"
+    yield from serving(module_worker)

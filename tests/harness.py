@@ -1069,6 +1069,40 @@ def openai_handler(
 # =============================================================================================
 
 
+def chat_or_echo(request: WorkerRequest) -> Any:
+    """Chat requests answered like a real worker; anything else: a JSON echo of the
+    request's target, method and body."""
+    if request.target.startswith("/v1/chat/completions") or request.target.endswith(
+        "/v1/chat/completions"
+    ):
+        return openai_handler()(request)
+    body = json.dumps({"target": request.target, "method": request.method,
+                       "body": request.body.decode("latin-1")}).encode()
+    return http_response(200, body)
+
+
+def serving(worker: FakeWorker, default: Handler | None = None) -> Iterator[FakeWorker]:
+    """A module's shared fake worker for one test (a fixture's body: `yield from`): reset,
+    answering with `default`, and afterwards no error of its own."""
+    worker.reset()
+    if default is not None:
+        worker.default = default
+    yield worker
+    errors = list(worker.errors)
+    worker.reset()
+    assert not errors, f"fake worker errors: {errors}"
+
+
+def nothing_forwarded(daemon: Daemon, worker: FakeWorker) -> None:
+    """No whole request reached the worker before a marker request sent now (through a
+    route whose prefix is `/v1/public/`, answered 200) that must be the only one."""
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/public/marker"))
+        assert client.read_response().status == 200
+    requests = worker.wait_requests(1)
+    assert [r.target for r in requests] == ["/v1/public/marker"], [r.raw_head for r in requests]
+
+
 def deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     """`base` updated by `over`, recursing into nested dicts (lists are replaced)."""
     out = dict(base)

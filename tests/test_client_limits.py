@@ -41,15 +41,16 @@ from tests.harness import (
     Stall,
     WorkerRequest,
     chat_body,
+    chat_or_echo,
     chat_stream_events,
     chunk,
     free_port,
-    http_response,
     metric_samples,
     metrics_text,
-    openai_handler,
+    nothing_forwarded,
     request_bytes,
     response_head,
+    serving,
     sse_reply,
 )
 
@@ -62,15 +63,6 @@ ROUTES: list[dict[str, Any]] = [
     {"name": "never", "match": {"path": "/never/v1/chat/completions", "methods": ["POST"]},
      "dialect": "openai-chat", "upstream_stream": "never"},
 ]
-
-
-def answer(request: WorkerRequest) -> Any:
-    """Chat requests like a real worker; anything else: a JSON echo of the request."""
-    if request.target.endswith("/v1/chat/completions"):
-        return openai_handler()(request)
-    body = json.dumps({"target": request.target, "method": request.method,
-                       "body": request.body.decode("latin-1")}).encode()
-    return http_response(200, body)
 
 
 def head(target: str, *lines: str, method: str = "POST", version: str = "1.1") -> bytes:
@@ -111,12 +103,7 @@ def limited(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]
 
 @pytest.fixture
 def lw(module_worker: FakeWorker, limited: Daemon) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    module_worker.default = answer
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
+    yield from serving(module_worker, chat_or_echo)
 
 
 def exactly_the_limit_is_served(daemon: Daemon, timeout: float = 8.0) -> None:
@@ -390,25 +377,11 @@ def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon])
 
 @pytest.fixture
 def worker(module_worker: FakeWorker, daemon: Daemon) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    module_worker.default = answer
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
+    yield from serving(module_worker, chat_or_echo)
 
 
 def new_id() -> str:
     return f"limits-{next(REQUEST_IDS)}"
-
-
-def only_the_marker_was_forwarded(daemon: Daemon, worker: FakeWorker) -> None:
-    """No whole request reached the worker before a marker request sent now."""
-    with RawClient(daemon.address) as client:
-        client.send(request_bytes("GET", "/v1/public/marker"))
-        assert client.read_response().status == 200
-    requests = worker.wait_requests(1)
-    assert [r.target for r in requests] == ["/v1/public/marker"], [r.raw_head for r in requests]
 
 
 def still_in_step(client: RawClient) -> None:
@@ -457,7 +430,7 @@ def test_a_chunked_body_cut_anywhere_ends_at_body_timeout(
         assert f"x-request-id: {request_id}".encode() in worker.incomplete[0]
     else:
         assert worker.incomplete == []
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 # -- max_header_bytes -------------------------------------------------------------------------
@@ -522,7 +495,7 @@ def test_a_head_one_byte_over_max_header_bytes_is_431(
     assert response.header("x-request-id") == request_id
     record = daemon.ledger_for(request_id)
     assert (record["outcome"], record["status"]) == ("bad_request", 431)
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 @pytest.mark.parametrize("ended", [True, False])
@@ -541,7 +514,7 @@ def test_a_huge_single_header_line_is_431_at_once(
         assert time.monotonic() - started < HEADER_TIMEOUT + 3
     assert response.status == 431, response.raw
     assert error_of(response)["code"] == "headers_too_large"
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 # -- HTTP/1.0 clients ---------------------------------------------------------------------------
@@ -734,7 +707,7 @@ def test_expect_100_continue_refused_with_a_length_closes_unread(
     assert response.status == status
     assert response.header("connection") == "close"
     assert error_of(response)
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 @pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/public/upload"])
@@ -754,7 +727,7 @@ def test_expect_100_continue_chunked_body_over_max_request_body(
     assert response.status == 413
     assert error_of(response)["code"] == "request_too_large"
     assert response.header("connection") == "close"
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 # -- keepalive_timeout and header_timeout on a kept-alive connection ----------------------------
@@ -829,7 +802,7 @@ def test_a_client_refused_while_it_sends_reads_the_answer_then_a_clean_close(
             received += data
     assert received.startswith(b"HTTP/1.1 %d " % status), bytes(received[:200])
     assert b"\r\nconnection: close\r\n" in received.lower()
-    only_the_marker_was_forwarded(daemon, worker)
+    nothing_forwarded(daemon, worker)
 
 
 def test_a_refused_client_that_never_closes_is_let_go_after_the_discard_time(

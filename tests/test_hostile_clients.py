@@ -34,15 +34,17 @@ from tests.harness import (
     WorkerRequest,
     chat_body,
     chat_completion,
+    chat_or_echo,
     chat_stream_events,
     chunk,
-    http_response,
     json_reply,
     metric_samples,
     metrics_text,
+    nothing_forwarded,
     openai_handler,
     request_bytes,
     response_head,
+    serving,
 )
 
 HEADER_TIMEOUT = 1.0
@@ -53,15 +55,6 @@ ROUTES = [
      "dialect": "openai-chat", "upstream_stream": "auto"},
     {"name": "public", "match": {"path_prefix": "/v1/public/"}, "dialect": "passthrough"},
 ]
-
-
-def answer(request: WorkerRequest) -> Any:
-    """Chat requests like a real worker; anything else: a JSON echo of the target and body."""
-    if request.target.startswith("/v1/chat/completions"):
-        return openai_handler()(request)
-    body = json.dumps({"target": request.target, "method": request.method,
-                       "body": request.body.decode("latin-1")}).encode()
-    return http_response(200, body)
 
 
 @pytest.fixture(scope="module")
@@ -76,12 +69,7 @@ def daemon(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon])
 
 @pytest.fixture
 def worker(module_worker: FakeWorker, daemon: Daemon) -> Iterator[FakeWorker]:
-    module_worker.reset()
-    module_worker.default = answer
-    yield module_worker
-    errors = list(module_worker.errors)
-    module_worker.reset()
-    assert not errors, errors
+    yield from serving(module_worker, chat_or_echo)
 
 
 def error_of(response: RawResponse) -> dict[str, Any]:
@@ -93,15 +81,6 @@ def error_of(response: RawResponse) -> dict[str, Any]:
     assert isinstance(error["message"], str) and error["message"]
     assert isinstance(error["code"], str) and error["code"]
     return error
-
-
-def nothing_forwarded(daemon: Daemon, worker: FakeWorker) -> None:
-    """No request reached the worker: checked after a good request that must be the only one."""
-    with RawClient(daemon.address) as client:
-        client.send(request_bytes("GET", "/v1/public/marker"))
-        assert client.read_response().status == 200
-    requests = worker.wait_requests(1)
-    assert [r.target for r in requests] == ["/v1/public/marker"], [r.raw_head for r in requests]
 
 
 # =============================================================================================
