@@ -276,12 +276,17 @@ class ClientConnection(asyncio.Protocol):
         while len(buffer) < length:
             if self.closed or self.eof:
                 raise ClientGone()
-            if conn.they_are_waiting_for_100_continue:
-                self.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self._continue(conn)
             await self._more(deadline)
         body = bytes(buffer[:length])
         del buffer[:length]
         return body
+
+    def _continue(self, conn: h11.Connection) -> None:
+        """`100 Continue` when the client waits for it before sending its body."""
+        if conn.they_are_waiting_for_100_continue:
+            self.write(conn.send(
+                h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
 
     async def next_request_event(
         self, conn: h11.Connection, deadline: float
@@ -301,8 +306,7 @@ class ClientConnection(asyncio.Protocol):
             self._events_in_a_row = 0
             if self.closed:
                 raise ClientGone()
-            if conn.they_are_waiting_for_100_continue:
-                self.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            self._continue(conn)
             if self.buffer:  # bytes that arrived while nobody was reading
                 self.feed_h11(conn)
                 continue

@@ -403,7 +403,7 @@ def test_expect_100_continue(daemon: Daemon, worker: FakeWorker, target: str) ->
         client.send(head(target, f"Content-Length: {len(body)}", "Content-Type: application/json",
                          "Expect: 100-continue"))
         interim = client.read_until(b"\r\n\r\n", 3)
-        assert interim.startswith(b"HTTP/1.1 100 "), interim
+        assert interim.startswith(b"HTTP/1.1 100 Continue\r\n"), interim
         client.send(body)
         response = client.read_response()
     assert response.status == 200
