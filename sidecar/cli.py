@@ -65,11 +65,21 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Signals that stop the daemon. Until its own handlers are in place (the listener is bound
+#: before that, so a supervisor may already stop it) they are held, not lost: SIGTERM's
+#: default action would kill the process (not SPEC's clean exit 0) and Ctrl-C would raise
+#: wherever the imports are. The daemon releases them (`daemon.release_stop_signals`).
+STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
+
+
 def main(argv: list[str] | None = None) -> int:
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     # A SIGHUP before the daemon's own handler is in place (logrotate's postrotate racing a
     # restart) would kill it: until then there is no running config to reload anyway.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     args = _parser().parse_args(argv)
+    if args.command not in ("run", "demo"):
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     if args.command is None:
         _parser().print_help(sys.stderr)
         return 2

@@ -180,6 +180,13 @@ def on_signal(
     signal.signal(signum, handler)
 
 
+def release_stop_signals() -> None:
+    """Deliver SIGTERM and SIGINT again, now that their handlers are in place (`sidecar run`
+    and `demo` hold them from the start, see `cli.STOP_SIGNALS`); one that came meanwhile
+    is handled now."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+
+
 #: Keys a reload cannot apply: the sockets are bound and the processes forked at start.
 RESTART_ONLY_KEYS = ("listen", "admin_listen", "workers")
 
@@ -331,6 +338,7 @@ async def serve(config: Config, sockets: Sockets, notifier: Notifier, ready: boo
     """Run one service until SIGTERM/SIGINT and its drain; returns the exit code."""
     service = Service(config, sockets, notifier)
     await service.start()
+    release_stop_signals()
     log.info(
         "listening on %s%s, worker %s",
         bound_address(sockets.listen),
@@ -600,6 +608,7 @@ class Supervisor:
         on_signal(loop, signal.SIGTERM, self.terminate)
         on_signal(loop, signal.SIGINT, self.terminate)
         on_signal(loop, signal.SIGCHLD, self.reap)
+        release_stop_signals()
         interval = self.notifier.watchdog_interval()
         if interval:
             self._watchdog(interval)

@@ -13,8 +13,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -28,7 +31,9 @@ import pytest
 import yaml
 
 from tests.harness import (
+    LOOPBACK,
     MODEL,
+    REPO,
     Daemon,
     FakeWorker,
     RawClient,
@@ -38,6 +43,7 @@ from tests.harness import (
     chat_stream_events,
     daemon_config,
     deep_merge,
+    free_port,
     held_stream,
     json_reply,
     openai_handler,
@@ -447,3 +453,108 @@ def test_sighup_while_draining_reopens_the_ledger_and_tells_systemd_nothing(
     finally:
         release.set()
         notify.close()
+
+
+# =============================================================================================
+# SIGTERM and Ctrl-C while starting
+# =============================================================================================
+
+
+def spawn_sidecar(*args: str, cwd: Path) -> subprocess.Popen[str]:
+    env = dict(os.environ)
+    for name in ("NOTIFY_SOCKET", "LISTEN_FDS", "SIDECAR_LISTEN", "SIDECAR_ADMIN_LISTEN",
+                 "SIDECAR_UPSTREAM"):
+        env.pop(name, None)
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    return subprocess.Popen(
+        [sys.executable, "-m", "sidecar", *args], cwd=cwd, env=env, stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def wait_accepting(proc: subprocess.Popen[str], port: int, timeout: float = 20.0) -> None:
+    """Return the moment a TCP connection to `port` is accepted (the listener is bound)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, proc.communicate()
+        try:
+            socket.create_connection((LOOPBACK, port), timeout=1).close()
+            return
+        except OSError:
+            assert time.monotonic() < deadline, "the daemon never listened"
+            time.sleep(0.001)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_as_soon_as_the_port_listens_exits_0(
+    worker: FakeWorker, tmp_path: Path, workers: int
+) -> None:
+    """A supervisor (or a test) that stops the daemon the moment its port accepts
+    connections gets SPEC's SIGTERM: a clean stop and exit 0, never a death by the signal
+    (the listener is bound before the daemon's own handlers are in place)."""
+    worker.default = openai_handler()
+    port = free_port()
+    config = daemon_config(worker.url, listen=f"{LOOPBACK}:{port}", workers=workers)
+    del config["admin_listen"]
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    for _ in range(3):
+        proc = spawn_sidecar("run", "-c", str(path), cwd=tmp_path)
+        try:
+            wait_accepting(proc, port)
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err
+        assert "Traceback" not in err, err
+        assert '"stopped"' in err, err
+
+
+def test_sigterm_right_after_the_demo_prints_its_url_exits_0(tmp_path: Path) -> None:
+    """`sidecar demo` prints its URL once the port listens: a SIGTERM (or Ctrl-C) sent on
+    reading it stops both cleanly, exit 0."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
+        proc = spawn_sidecar("demo", cwd=tmp_path)
+        try:
+            assert proc.stdout is not None
+            first = proc.stdout.readline()
+            assert first.startswith("sidecar demo: the daemon is at http://127.0.0.1:"), first
+            proc.send_signal(sig)
+            _, err = proc.communicate(timeout=20)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, (sig, err)
+        assert "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_stop_signal_while_the_command_starts_is_a_clean_stop(
+    worker: FakeWorker, tmp_path: Path, sig: signal.Signals
+) -> None:
+    """From the moment the command runs its own code (it sets SIGHUP aside first), a
+    SIGTERM or Ctrl-C that comes before the daemon listens (imports, config) is not lost
+    and kills nothing: the daemon stops as soon as it can, exit 0, no traceback."""
+    worker.default = openai_handler()
+    config = daemon_config(worker.url)
+    path = tmp_path / "sidecar.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    proc = spawn_sidecar("run", "-c", str(path), cwd=tmp_path)
+    try:
+        deadline = time.monotonic() + 20
+        while not sighup_ignored(proc.pid):
+            assert time.monotonic() < deadline, "the command never set SIGHUP aside"
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.0005)
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err, err
