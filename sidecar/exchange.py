@@ -590,7 +590,9 @@ class Exchange(StreamListener):
         timeout = pool.config.response_timeout
         streamed = not body_complete  # framed by h11 (chunked or a length), sent as it comes
         for attempt in (0, 1):
-            conn, reused = await pool.acquire()
+            # the one retry goes to a new connection (SPEC), never to another pooled one,
+            # which the worker may have dropped the same way
+            conn, reused = await pool.acquire() if attempt == 0 else (await pool.connect(), False)
             self.upstream = conn
             try:
                 if not streamed:  # the common case: one write for the whole request

@@ -15,6 +15,7 @@ import itertools
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import openai
@@ -33,6 +34,7 @@ from tests.harness import (
     Sleep,
     Stall,
     Step,
+    WorkerRequest,
     chat_body,
     chat_completion,
     chat_route,
@@ -587,6 +589,33 @@ def test_retry_happens_only_once(worker: FakeWorker, pooled: Daemon) -> None:
     assert response.status == 502
     assert response.json()["error"]["code"] == "upstream_disconnected"
     assert len(worker.requests) == 3
+
+
+def test_retry_takes_a_new_connection_not_another_pooled_one(
+    worker: FakeWorker, pooled: Daemon
+) -> None:
+    """SPEC: the request is "sent again, once, on a new connection". With two connections
+    in the pool and a worker that has dropped both, the retry must not take the second
+    pooled one (it would die the same way and the client get a 502)."""
+
+    def handler(request: WorkerRequest) -> list[Step]:
+        if request.index > 0:  # the worker dropped every kept-alive connection
+            return [Close()]
+        return [Sleep(0.3), *_ok("fresh")]  # slow: the two warm-up requests take two connections
+
+    worker.default = handler
+    with ThreadPoolExecutor(2) as pool:
+        warm = list(pool.map(lambda _: post(pooled, chat_body()), range(2)))
+    assert [r.status for r in warm] == [200, 200]
+    first, second = worker.wait_requests(2)
+    assert first.connection != second.connection, "the warm-up did not fill the pool with two"
+    response = post(pooled, chat_body())
+    assert response.status == 200, response.body
+    assert response.json()["choices"][0]["message"]["content"] == "fresh"
+    dead, retry = worker.wait_requests(4)[2:]
+    assert dead.index == 1, "the request did not use a pooled connection"
+    assert retry.index == 0, "the retry went to another pooled connection"
+    assert len(worker.requests) == 4
 
 
 def test_no_retry_after_a_response_byte(worker: FakeWorker, pooled: Daemon) -> None:
