@@ -65,6 +65,8 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
+#: how often a request the worker is still reading is looked at (see `_request_flushed`)
+FLUSH_POLL = 0.02
 
 
 class TooLarge(Exception):
@@ -602,6 +604,7 @@ class Exchange(StreamListener):
                     body_complete = await self._stream_body(
                         conn, body_parts, body_complete, body_deadline
                     )
+                await self._request_flushed(conn, timeout)
                 deadline = None if timeout is None else self.loop.time() + timeout
                 return await self._response_head(conn, deadline)
             except TimeoutError:
@@ -651,6 +654,25 @@ class Exchange(StreamListener):
                 raise
         self.close_after = True  # the client's body was not read to its end
         return False
+
+    async def _request_flushed(self, conn: UpstreamConnection, timeout: float | None) -> None:
+        """Wait until the request has left the write buffer: response_timeout counts from
+        the request sent (SPEC), not from a write a worker is still reading (a large body,
+        a busy worker). A worker that takes none of it for response_timeout is that
+        timeout (TimeoutError). An answer that comes before the whole request went out
+        (an early 413) ends the wait. Small requests leave in the write itself: no wait."""
+        transport = conn.transport
+        if transport is None:
+            return
+        left = transport.get_write_buffer_size()
+        progress = self.loop.time()
+        while left and not (conn.response_started or conn._pending or conn.eof or conn.closed):
+            await asyncio.sleep(FLUSH_POLL)
+            now, before, left = self.loop.time(), left, transport.get_write_buffer_size()
+            if left < before:
+                progress = now
+            elif timeout is not None and now - progress >= timeout:
+                raise TimeoutError()
 
     async def _response_head(self, conn: UpstreamConnection, deadline: float | None) -> h11.Response:
         while True:

@@ -11,8 +11,12 @@ Before the head the same failures are 502/504 with an OpenAI-shaped body.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import re
+import socket
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -528,6 +532,87 @@ def test_passthrough_failure_after_head_breaks_the_client_framing(w: FakeWorker,
         assert response.status == 200
         assert not response.complete, "a cut passthrough body was presented as complete"
         assert client.closed_by_peer(2.0)
+
+
+# ============================================================================ response_timeout
+
+
+class SlowReadingWorker:
+    """A worker (raw sockets, a thread) that reads the request body 512 KiB every 50 ms, or
+    never (`reads=False`), then answers at once: a busy worker taking a large request."""
+
+    def __init__(self, reads: bool = True) -> None:
+        self.reads = reads
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        with contextlib.suppress(OSError):
+            conn, _ = self.listener.accept()
+            with conn:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))  # type: ignore[union-attr]
+                if not self.reads:
+                    time.sleep(5)
+                    return
+                left = length - len(body)
+                while left > 0:
+                    time.sleep(0.05)
+                    tick = min(left, 524288)
+                    while tick > 0:
+                        got = len(conn.recv(tick))
+                        if not got:
+                            return
+                        tick -= got
+                        left -= got
+                doc = json.dumps(chat_completion("read it all")).encode()
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                             b"content-length: %d\r\n\r\n" % len(doc) + doc)
+                time.sleep(0.5)
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_response_timeout_counts_from_the_request_sent(make_daemon: Callable[..., Daemon]) -> None:
+    """SPEC: response_timeout is "request sent -> response head received". A 20 MB request
+    that a busy worker takes about 2 s to read is not a worker silent for 1.5 s: the worker
+    answers as soon as it has it, and the client gets that answer, not a 504. (What the
+    kernel holds once sidecar's buffer is empty, a few MB, counts: well under 1.5 s here.)"""
+    worker = SlowReadingWorker()
+    try:
+        daemon = make_daemon(daemon_config(worker.url, upstream={"response_timeout": "1500ms"},
+                                           limits={"max_request_body": "32MiB"}))
+        body = chat_body(messages=[{"role": "user", "content": "y" * 20_000_000}])
+        started_at = time.monotonic()
+        response = post(daemon, body, timeout=20)
+        assert response.status == 200, response.body[:300]
+        assert response.json()["choices"][0]["message"]["content"] == "read it all"
+        assert time.monotonic() - started_at > 1.7, "the worker read the body faster than planned"
+    finally:
+        worker.close()
+
+
+def test_a_worker_that_never_reads_the_request_still_times_out(
+    make_daemon: Callable[..., Daemon]
+) -> None:
+    worker = SlowReadingWorker(reads=False)
+    try:
+        daemon = make_daemon(daemon_config(worker.url, upstream={"response_timeout": "700ms"},
+                                           limits={"max_request_body": "20MiB"}))
+        body = chat_body(messages=[{"role": "user", "content": "y" * 9_000_000}])
+        started_at = time.monotonic()
+        response = post(daemon, body, timeout=20)
+        assert response.status == 504
+        assert response.json()["error"]["code"] == "upstream_timeout"
+        assert time.monotonic() - started_at < 3.5
+    finally:
+        worker.close()
 
 
 # ============================================================================ retry once
