@@ -485,6 +485,22 @@ def wait_accepting(proc: subprocess.Popen[str], port: int, timeout: float = 20.0
             time.sleep(0.001)
 
 
+def stopped_by(proc: subprocess.Popen[str], sig: signal.Signals, when: Callable[[], None]) -> str:
+    """Send `sig` to a `sidecar` command once `when()` returns; it must stop cleanly: exit 0,
+    no traceback. Returns its stderr."""
+    try:
+        when()
+        proc.send_signal(sig)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, (sig, err)
+    assert "Traceback" not in err, err
+    return err
+
+
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_as_soon_as_the_port_listens_exits_0(
     worker: FakeWorker, tmp_path: Path, workers: int
@@ -500,16 +516,7 @@ def test_sigterm_as_soon_as_the_port_listens_exits_0(
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     for _ in range(3):
         proc = spawn_sidecar("run", "-c", str(path), cwd=tmp_path)
-        try:
-            wait_accepting(proc, port)
-            proc.send_signal(signal.SIGTERM)
-            _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, err
-        assert "Traceback" not in err, err
+        err = stopped_by(proc, signal.SIGTERM, lambda p=proc: wait_accepting(p, port))
         assert '"stopped"' in err, err
 
 
@@ -518,18 +525,13 @@ def test_sigterm_right_after_the_demo_prints_its_url_exits_0(tmp_path: Path) -> 
     reading it stops both cleanly, exit 0."""
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGTERM):
         proc = spawn_sidecar("demo", cwd=tmp_path)
-        try:
+
+        def url_printed(proc: subprocess.Popen[str] = proc) -> None:
             assert proc.stdout is not None
             first = proc.stdout.readline()
             assert first.startswith("sidecar demo: the daemon is at http://127.0.0.1:"), first
-            proc.send_signal(sig)
-            _, err = proc.communicate(timeout=20)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-        assert proc.returncode == 0, (sig, err)
-        assert "Traceback" not in err, err
+
+        stopped_by(proc, sig, url_printed)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -544,17 +546,12 @@ def test_a_stop_signal_while_the_command_starts_is_a_clean_stop(
     path = tmp_path / "sidecar.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     proc = spawn_sidecar("run", "-c", str(path), cwd=tmp_path)
-    try:
+
+    def starting() -> None:
         deadline = time.monotonic() + 20
         while not sighup_ignored(proc.pid):
             assert time.monotonic() < deadline, "the command never set SIGHUP aside"
             assert proc.poll() is None, proc.communicate()
             time.sleep(0.0005)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=20)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, err
-    assert "Traceback" not in err, err
+
+    stopped_by(proc, sig, starting)
