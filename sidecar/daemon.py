@@ -31,6 +31,7 @@ import orjson
 import uvloop
 
 from sidecar.admin import AdminConnection, local_metrics
+from sidecar.cli import STOP_SIGNALS
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.exchange import serve_connection
 from sidecar.logs import setup_logging
@@ -184,7 +185,7 @@ def release_stop_signals() -> None:
     """Deliver SIGTERM and SIGINT again, now that their handlers are in place (`sidecar run`
     and `demo` hold them from the start, see `cli.STOP_SIGNALS`); one that came meanwhile
     is handled now."""
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, (signal.SIGTERM, signal.SIGINT))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 #: Keys a reload cannot apply: the sockets are bound and the processes forked at start.
@@ -480,27 +481,37 @@ class WorkerLink:
             self.ready = True
             self.supervisor.worker_ready(self)
         elif "id" in message:
-            future = self._pending.pop(message["id"], None)
-            if future is not None and not future.done():
-                future.set_result(message.get("metrics"))
-            elif "metrics" in message:  # a poke's answer: kept, should the process die now
+            if not self._resolve(message["id"], message.get("metrics")) and "metrics" in message:
+                # a poke's answer: kept, should the process die now
                 with contextlib.suppress(ValueError, TypeError, KeyError):
                     self.last = Metrics.from_snapshot(message["metrics"])
         elif "reloaded" in message:
-            future = self._pending.pop(message["reloaded"], None)
-            if future is not None and not future.done():
-                future.set_result(message.get("ok") is True)
+            self._resolve(message["reloaded"], message.get("ok") is True)
         elif "final" in message:
             with contextlib.suppress(ValueError):
                 self.last = Metrics.from_snapshot(message["final"])
+
+    def _resolve(self, ident: int, value: object) -> bool:
+        """Hand `value` to whoever waits for the answer to `ident`; False when nobody does."""
+        future = self._pending.pop(ident, None)
+        if future is None or future.done():
+            return False
+        future.set_result(value)
+        return True
+
+    def _send(self, key: str) -> int:
+        """Send `{key: n}` with a fresh n, and return n."""
+        assert self._writer is not None
+        self._next_id += 1
+        self._writer.write(_line({key: self._next_id}))
+        return self._next_id
 
     def poke(self) -> None:
         """Ask for an answer nobody waits for: it refreshes `heard` (the worker's event loop
         turns; a hung one never answers) and `last` (what a worker that is killed before the
         next scrape counted stays in the totals, as of this answer)."""
         if not self.closed and self._writer is not None:
-            self._next_id += 1
-            self._writer.write(_line({"id": self._next_id}))
+            self._send("id")
 
     @property
     def connected(self) -> bool:
@@ -510,12 +521,9 @@ class WorkerLink:
     async def _request(self, key: str, timeout: float) -> tuple[bool, object]:
         """Send `{key: n}` and wait for the worker's answer to n: (True, what it said, None
         when the link closed first), or (False, None) when none came within `timeout`."""
-        assert self._writer is not None
-        self._next_id += 1
-        ident = self._next_id
         future: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        ident = self._send(key)
         self._pending[ident] = future
-        self._writer.write(_line({key: ident}))
         try:
             async with asyncio.timeout(timeout):
                 return True, await future

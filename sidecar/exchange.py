@@ -15,7 +15,7 @@ import asyncio
 import errno
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from decimal import Decimal
 from typing import TYPE_CHECKING
 
@@ -161,19 +161,23 @@ async def serve_connection(client: ClientConnection) -> None:
         client.close(discard_input=unread)
 
 
+def _path_dialect(routes: Sequence[RouteConfig], target: bytes) -> Dialect:
+    """The dialect whose error objects a request no route takes speaks: the one of the first
+    route its path matches, methods ignored; else passthrough's (the OpenAI shape). Only the
+    answer's shape: the request still matched no route (ledger `route`/`dialect` null)."""
+    route = match_route(routes, None, target)
+    return get_dialect(route.dialect if route is not None else "passthrough")
+
+
 def _refusal_dialect(client: ClientConnection, head: bytes | bytearray | None) -> Dialect:
-    """The dialect whose error object a refused head gets: the one of the first route its
-    raw path matches (methods ignored, as for a request that matches no route), once its
-    request line is whole; else passthrough's (the OpenAI shape). Only the answer's shape:
-    the request still matched no route (ledger `route`/`dialect` null)."""
+    """The dialect whose error object a refused head gets (`_path_dialect`), once its
+    request line is whole; else passthrough's."""
     if head is not None:
         line = bytes(head[:2048]).partition(b"\n")
         if line[1]:
             _, path = raw_method_and_path(line[0])
             if path != "-":
-                route = match_route(client.runtime.current.config.routes, None, path.encode("ascii"))
-                if route is not None:
-                    return get_dialect(route.dialect)
+                return _path_dialect(client.runtime.current.config.routes, path.encode("ascii"))
     return get_dialect("passthrough")
 
 
@@ -278,8 +282,10 @@ class Exchange(StreamListener):
             generation.config.routes, self.method, request.target
         )
         # with no route, errors still speak the shape of the API the path belongs to
-        shape_route = self.route or match_route(generation.config.routes, None, request.target)
-        self.dialect: Dialect = get_dialect(shape_route.dialect if shape_route else "passthrough")
+        self.dialect: Dialect = (
+            get_dialect(self.route.dialect) if self.route is not None
+            else _path_dialect(generation.config.routes, request.target)
+        )
         self.plan: RequestPlan | None = None
         self.upstream: UpstreamConnection | None = None
         self.pump: ResponsePump | None = None
@@ -666,7 +672,7 @@ class Exchange(StreamListener):
             return
         left = transport.get_write_buffer_size()
         progress = self.loop.time()
-        while left and not (conn.response_started or conn._pending or conn.eof or conn.closed):
+        while left and not (conn.response_started or conn.eof or conn.closed):
             await asyncio.sleep(FLUSH_POLL)
             now, before, left = self.loop.time(), left, transport.get_write_buffer_size()
             if left < before:
