@@ -34,6 +34,7 @@ from sidecar.admin import AdminConnection, local_metrics
 from sidecar.cli import STOP_SIGNALS
 from sidecar.config import Address, Config, ConfigError, load_config
 from sidecar.exchange import serve_connection
+from sidecar.ledger import end_torn_line
 from sidecar.logs import setup_logging
 from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
@@ -356,6 +357,8 @@ async def serve(config: Config, sockets: Sockets, notifier: Notifier, ready: boo
 
 def run_daemon(config: Config) -> int:
     """Bind, then serve in this process (workers: 1) or in N forked processes."""
+    if config.usage_log is not None:  # before any process of this daemon writes to it
+        end_torn_line(config.usage_log)
     sockets = open_sockets(config)
     notifier = Notifier()
     if config.workers <= 1:

@@ -7,6 +7,11 @@ interleave or tear lines, and a crash loses at most the requests in flight.
 `reopen()` (on SIGHUP) lets logrotate move the file away. `record_line()`
 is the pure serializer; `cost` is written as an exact decimal literal.
 
+A line cut short (a write that failed half-way, a disk that filled; a process
+killed in the middle of a line longer than a page) never has the next line glued
+to it: the next line this process writes starts on a line of its own, and
+`end_torn_line()` mends a file that a previous run left that way, at start-up.
+
 What it must never do: raise into request handling. A ledger that cannot be
 opened or written is logged loudly (at most once per 10 s, on the
 `sidecar.ledger` logger) and counted in the metrics, and traffic goes on.
@@ -19,6 +24,7 @@ import contextlib
 import errno
 import logging
 import os
+import stat
 import threading
 import time
 from dataclasses import dataclass
@@ -33,7 +39,7 @@ from sidecar.usage import cost_literal
 if TYPE_CHECKING:
     from sidecar.metrics import Metrics
 
-__all__ = ["Ledger", "LedgerRecord", "record_line", "utc_timestamp"]
+__all__ = ["Ledger", "LedgerRecord", "end_torn_line", "record_line", "utc_timestamp"]
 
 log = logging.getLogger("sidecar.ledger")
 
@@ -124,6 +130,38 @@ def record_line(record: LedgerRecord) -> bytes:
     return head[:-1] + b',"cost":' + cost + b"," + tail[1:] + b"\n"
 
 
+def _ends_torn(path: str) -> bool:
+    """Whether `path` is a regular file, not empty, whose last byte is not a line break (a
+    FIFO or a device is never torn, and opening one must not wait for its writer)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        size = info.st_size
+        return stat.S_ISREG(info.st_mode) and size > 0 and os.pread(fd, 1, size - 1) != b"\n"
+    finally:
+        os.close(fd)
+
+
+def end_torn_line(path: str) -> bool:
+    """Give a ledger whose last line was cut short (a crash in the middle of writing it) the
+    missing line break, so that the next line is not glued to the torn one. For start-up,
+    before any process of the daemon writes. True when it added one; never raises (a ledger
+    that cannot be opened is reported when the daemon opens it)."""
+    try:
+        if not _ends_torn(path):
+            return False
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CLOEXEC)
+        try:
+            os.write(fd, b"\n")
+        finally:
+            os.close(fd)
+    except OSError:
+        return False
+    log.warning("usage_log %r ended in a line cut short (a crash while writing it?): "
+                "a line break was added after it", path)
+    return True
+
+
 class Ledger:
     """Appends ledger lines to `path`; `path=None` is a ledger that writes nothing."""
 
@@ -136,6 +174,7 @@ class Ledger:
         self._last_log = -LOG_INTERVAL_S
         self._suppressed = 0
         self._last_open_try = -REOPEN_RETRY_S
+        self._torn = False  # a write failed half-way: the next line starts with a line break
         if path is not None:
             with self._lock:
                 self._fd = self._open()
@@ -147,12 +186,14 @@ class Ledger:
         assert self.path is not None
         self._last_open_try = time.monotonic()
         try:
-            return os.open(
-                self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE
-            )
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, FILE_MODE)
         except OSError as exc:
             self._report(f"cannot open usage_log {self.path!r}: {exc}", count=False)
             return None
+        if self._torn:  # a line of this process was torn: is it in this file (not rotated)?
+            with contextlib.suppress(OSError):
+                self._torn = _ends_torn(self.path)
+        return fd
 
     def _report(self, message: str, count: bool = True) -> None:
         """Log an error (rate-limited) and, for a lost line, count it."""
@@ -174,15 +215,23 @@ class Ledger:
             self._suppressed += 1
 
     def _write_all(self, fd: int, data: bytes) -> None:
+        """Write `data` whole; if it fails after a part of it went out, the file now ends in
+        a torn line, which the next line written will not be glued to (`_torn`)."""
+        if self._torn:
+            data = b"\n" + data
         view = memoryview(data)
-        while view:
-            try:
-                n = os.write(fd, view)
-            except InterruptedError:
-                continue
-            if n <= 0:
-                raise OSError(errno.EIO, "write returned 0")
-            view = view[n:]
+        try:
+            while view:
+                try:
+                    n = os.write(fd, view)
+                except InterruptedError:
+                    continue
+                if n <= 0:
+                    raise OSError(errno.EIO, "write returned 0")
+                view = view[n:]
+        finally:
+            if len(view) < len(data):  # something was written: the file's end is known
+                self._torn = bool(view)
 
     # -- public ----------------------------------------------------------------
 

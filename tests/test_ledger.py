@@ -1,5 +1,6 @@
 """Tests for sidecar.ledger: exact line bytes, whole-line appends under concurrency,
-logrotate reopen, and failures that are logged and counted but never raised."""
+logrotate reopen, failures that are logged and counted but never raised, and lines cut
+short (a failed write, a crash) that the next line is never glued to."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import logging
 import multiprocessing
 import os
 import re
+import resource
 import stat
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import fields, replace
 from decimal import Decimal
 from pathlib import Path
@@ -18,6 +22,7 @@ import pytest
 
 from sidecar.ledger import Ledger, LedgerRecord, record_line, utc_timestamp
 from sidecar.metrics import Metrics
+from tests.harness import Daemon, FakeWorker, chat_body, openai_handler, post
 
 SPEC_FIELDS = [
     "ts", "request_id", "route", "model", "request_model", "client_stream",
@@ -274,3 +279,62 @@ def test_unserializable_record_is_counted(tmp_path: Path) -> None:
     led.close()
     assert metrics.ledger_write_errors == 1
     assert [r["request_id"] for r in read_records(path)] == ["good"]
+
+
+# -- a line cut short ---------------------------------------------------------------------------
+
+TORN_AT = 40  # bytes of the torn line that reach the file
+
+
+def _write_torn_then_whole(path: str) -> None:
+    """In a forked child: one line, one cut short by the file size limit (the write takes
+    `TORN_AT` bytes, the next part fails with EFBIG, as with a disk that fills), then the
+    limit lifted and one more line. Python ignores SIGXFSZ, so the failure is an error."""
+    led = Ledger(path)
+    led.write(make_record("first"))
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (os.path.getsize(path) + TORN_AT, hard))
+    led.write(make_record("torn"))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+    led.write(make_record("after"))
+    led.close()
+    os._exit(0 if led.errors == 1 else 3)
+
+
+def test_a_line_after_a_write_that_failed_half_way_starts_on_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "usage.jsonl"
+    child = multiprocessing.get_context("fork").Process(
+        target=_write_torn_then_whole, args=(str(path),))
+    child.start()
+    child.join(30)
+    assert child.exitcode == 0  # exactly the torn line was counted as lost
+    first, torn, after, end = path.read_bytes().split(b"\n")
+    assert json.loads(first)["request_id"] == "first"
+    assert torn == record_line(make_record("torn"))[:TORN_AT]
+    assert json.loads(after)["request_id"] == "after"  # not glued to the torn line
+    assert end == b""
+
+
+def test_a_ledger_a_crash_left_torn_is_mended_at_start_up(
+    tmp_path: Path, worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """A previous run killed in the middle of a line (SIGKILL between two pages of a long
+    one) left the file without its last line break: the first line of this run must not
+    be glued to it."""
+    ledger = tmp_path / "usage.jsonl"
+    whole = record_line(make_record("before"))
+    torn = whole[:TORN_AT]
+    ledger.write_bytes(whole + torn)
+    worker.default = openai_handler("vllm")
+    daemon = make_daemon(worker=worker, usage_log=str(ledger))
+    assert any("cut short" in str(e.get("msg")) and e.get("level") == "warning"
+               for e in daemon.logs)
+    response = post(daemon, chat_body())
+    assert response.status == 200
+    deadline = time.monotonic() + 10
+    while ledger.read_bytes().count(b"\n") < 3 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    first, torn_line, new, end = ledger.read_bytes().split(b"\n")
+    assert (first + b"\n", torn_line) == (whole, torn)
+    assert json.loads(new)["request_id"] == response.header("x-request-id")
+    assert end == b""
