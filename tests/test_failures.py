@@ -113,6 +113,18 @@ AFTER_HEAD: dict[str, tuple[list[Step], str]] = {
                   Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
     "not-a-chunk-object": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: [1, 2]\n\n")),
                             Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
+    # bytes that cannot start a size line (an HTML page with LF line ends, bare-LF framing), or a
+    # chunk's end, break the framing as they arrive: whatever the worker does next (closes, or
+    # says nothing more) does not make it a disconnect or a timeout
+    "html-for-a-chunk-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"<html>\n<body>502 Bad Gateway HALF</body>\n"),
+         Close()], "upstream_protocol_error"),
+    "html-for-a-chunk-then-silent": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"<html>\n<body>502 Bad Gateway HALF</body>\n"),
+         Stall()], "upstream_protocol_error"),
+    "bare-lf-chunk-size-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"%x\n" % len(EV[2]) + EV[2] + b"\n"), Close()],
+        "upstream_protocol_error"),
     # the same breakages arriving in the same read as the good events before them
     "bad-chunk-size-same-read": (
         [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + b"zz\r\n" + EV[2] + b"\r\n"),
