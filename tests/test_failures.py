@@ -125,6 +125,19 @@ AFTER_HEAD: dict[str, tuple[list[Step], str]] = {
     "bare-lf-chunk-size-then-close": (
         [*started(EV[0], EV[1]), Sleep(0.05), Send(b"%x\n" % len(EV[2]) + EV[2] + b"\n"), Close()],
         "upstream_protocol_error"),
+    # a line that is no SSE field line with no blank line after it (an HTML page, a plain-text
+    # traceback) broke the stream as much as a whole garbage event: what ends it next (the
+    # body's end, a close, a silence) is not the failure the client is told
+    "html-without-blank-line-then-end": (
+        [*started(EV[0], EV[1]), Sleep(0.05),
+         Send(chunk(b"<html><body>502 Bad Gateway HALF</body></html>\n")), Send(LAST_CHUNK), Stall()],
+        "upstream_protocol_error"),
+    "html-without-line-end-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"<html><body>502 Bad Gateway HALF")),
+         Close()], "upstream_protocol_error"),
+    "traceback-without-line-end-then-silent": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"Internal Server Error HALF")), Stall()],
+        "upstream_protocol_error"),
     # the same breakages arriving in the same read as the good events before them
     "bad-chunk-size-same-read": (
         [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + b"zz\r\n" + EV[2] + b"\r\n"),

@@ -12,7 +12,8 @@ its first byte and in its middle.
 
 The failures: clean FIN, RST, a broken chunk-size line, a Content-Length body
 cut short, a stall past idle_timeout (response_timeout inside the head), bytes
-that are not SSE (not HTTP inside the head, not JSON for a document), a data:
+that are not SSE (not HTTP inside the head, not JSON for a document; also with no
+blank line after them before the body ends), a data:
 that is not JSON, an event over limits.max_event_size, a clean end with neither
 [DONE] nor a finish_reason (a truncated document for JSON), and a worker
 4xx/5xx with an HTML body (at the head only). After a protocol error the
@@ -244,7 +245,8 @@ TIMEOUT = "upstream_timeout"
 PROTOCOL = "upstream_protocol_error"
 INCOMPLETE = "upstream_incomplete"
 
-FAILURES = ("fin", "rst", "bad_chunk", "cl_short", "stall", "not_sse", "not_json", "oversize",
+FAILURES = ("fin", "rst", "bad_chunk", "cl_short", "stall", "not_sse", "not_sse_unended", "not_json",
+            "oversize",
             "no_terminator", "html")
 HTML_STATUSES = (400, 404, 429, 500, 502, 503)
 
@@ -369,6 +371,8 @@ def _script(cell: Cell) -> list[Any]:
                 WaitPeerClosed()]
     if failure == "not_sse":
         return [*steps, chunk(NOT_SSE_GARBAGE), LAST_CHUNK, WaitPeerClosed()]
+    if failure == "not_sse_unended":  # the same page with no blank line after it, then the end
+        return [*steps, chunk(NOT_SSE_GARBAGE.rstrip()), LAST_CHUNK, WaitPeerClosed()]
     if failure == "not_json":
         if cell.sse:
             bad = b"\x00" + LEAK.encode() + b"\n\n" if half else b"data: {" + LEAK.encode() + b"\n\n"
@@ -401,6 +405,9 @@ def cells_for(case: DialectCase, mode: str, client_stream: bool) -> list[Cell]:
             cuts.insert(0, head)
         if failure == "oversize" and not sse:
             continue  # a document is not cut into events
+        if failure == "not_sse_unended" and sse:
+            # after half an event the page would only end that event's data line
+            cuts = [c for c in cuts if c.where == "boundary"]
         for cut in cuts:
             codes = {
                 "fin": {DISCONNECTED}, "rst": {DISCONNECTED}, "cl_short": {DISCONNECTED},
@@ -408,7 +415,7 @@ def cells_for(case: DialectCase, mode: str, client_stream: bool) -> list[Cell]:
                 "oversize": {PROTOCOL}, "no_terminator": {INCOMPLETE},
                 # garbage in an event stream breaks its framing (sidecar's parser is strict
                 # about field names, where WHATWG would ignore the lines)
-                "not_sse": {PROTOCOL},
+                "not_sse": {PROTOCOL}, "not_sse_unended": {PROTOCOL},
             }[failure]
             if failure == "no_terminator" and not sse:
                 codes = {PROTOCOL, INCOMPLETE}  # a cleanly framed but truncated document
