@@ -66,6 +66,19 @@ def first_chunk_end(data: bytes, at: int = 0) -> int:
     return end if end <= len(data) else 0
 
 
+def _size_line_broken(part: bytes) -> bool:
+    """Whether the start of a size line (its CRLF not here yet) is already no size line,
+    whatever follows: a bare LF, or a size (before any `;`) that is not hex digits. A worker
+    that sent such bytes broke the framing now; waiting for the line's end would report its
+    silence or its close instead (an HTML error page with LF line ends, say)."""
+    if b"\n" in part:
+        return True
+    semi = part.find(b";")
+    size = part[:semi] if semi >= 0 else part.removesuffix(b"\r")
+    size = size.strip(b" \t")
+    return len(size) > 16 or bool(size.translate(None, _HEX_DIGITS))
+
+
 class ChunkedDecoder:
     """Decodes a chunked body fed in arbitrary pieces; `feed` returns the payload pieces.
 
@@ -117,6 +130,8 @@ class ChunkedDecoder:
                 if nl < 0:
                     if end - pos > self.max_line:
                         raise ChunkedError("chunk size line too long")
+                    if _size_line_broken(buf[pos:]):
+                        raise ChunkedError("bad chunk size line")
                     break
                 line = buf[pos:nl]
                 if 0 < len(line) < 17 and line.isalnum() and line[1:2] not in (b"x", b"X"):
@@ -159,6 +174,8 @@ class ChunkedDecoder:
                     state = 2
             elif state == 2:
                 if end - pos < 2:
+                    if buf[pos] != 13:  # no CR where the chunk's CRLF must begin
+                        raise ChunkedError("chunk data not followed by CRLF")
                     break
                 if buf[pos : pos + 2] != b"\r\n":
                     raise ChunkedError("chunk data not followed by CRLF")

@@ -104,6 +104,12 @@ class BodyHandler:
         framing, the connection, a silence) is not the stream's failure (see `end`)."""
         return False
 
+    @property
+    def framing_broken(self) -> bool:
+        """What is held of an unfinished event already breaks SSE framing (asked only when
+        the response failed or ended without its terminator, never per read)."""
+        return False
+
 
 #: How an SSE stream ends when its last line is blank (two line ends in a row: LF, CR or
 #: CRLF each): between events, where a comment line can go.
@@ -256,6 +262,10 @@ class EventHandler(BodyHandler):
     @property
     def stream_ended(self) -> bool:
         return self.translator.ended
+
+    @property
+    def framing_broken(self) -> bool:
+        return self.parser.pending_garbage()
 
     def whole(self, at_close: bool) -> bool:
         """Whether the stream ended as a stream may end (see `BodyHandler.end`): the

@@ -270,6 +270,11 @@ class ResponsePump:
                 if self.handler.end():
                     self._close()
                     return
+        if failure is not failures.UPSTREAM_PROTOCOL_ERROR and self.handler.framing_broken:
+            # a line that is no SSE field line came before the close, the silence or the
+            # body's end (an HTML page with no blank line after it): that broke the stream
+            failure = failures.UPSTREAM_PROTOCOL_ERROR
+            detail = "a line of the event stream is not an SSE field line"
         ex.failure = failure
         ex.outcome = failure.outcome
         ex.runtime.metrics.upstream_error(failure.code)

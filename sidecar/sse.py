@@ -241,6 +241,22 @@ class SSEParser:
         """True when bytes of an unfinished block are buffered (a half-received event)."""
         return len(self._buf) > self._lead
 
+    def pending_garbage(self) -> bool:
+        """Whether the unfinished block already holds a line no SSE field line can be: a
+        whole line `Event.garbage` would flag, or a last line still coming whose name (up to
+        its colon, if any) is already not an HTTP token (``<html>...``, binary junk). For a
+        stream that ended or failed with such a block held: its framing was broken before
+        its end. Not called per read."""
+        buf = bytes(self._buf[self._lead :])
+        if not buf:
+            return False
+        last = buf.splitlines(keepends=True)[-1]
+        whole, partial = (buf, b"") if last.endswith((b"\r", b"\n")) else (buf[: -len(last)], last)
+        if whole and _parse_block(whole).garbage:
+            return True
+        name = partial.partition(b":")[0]
+        return bool(name) and _TOKEN.fullmatch(name) is None
+
     def close(self) -> list[Event]:
         """End of stream. An unterminated final block is never dispatched (WHATWG), so this
         returns ``[]``; check ``has_partial`` first to learn whether one was dropped."""

@@ -56,6 +56,24 @@ def test_bad_framing_raises(bad: bytes) -> None:
         decode(bad)
 
 
+@pytest.mark.parametrize(
+    "bad",
+    [b"<html>\n<body>502", b"5\nhello\n", b"zz", b" 5x", b"12345678901234567", b"5\r5",
+     b"5\r\nhelloX"],
+)
+def test_framing_broken_before_the_line_ends_raises_at_once(bad: bytes) -> None:
+    """Bytes no CRLF can make a size line (or a chunk's end) raise when they arrive: a worker
+    that sent them and then went silent or closed broke the framing, it did not just stop."""
+    with pytest.raises(ChunkedError):
+        decode(frame(b"ok") + bad)
+
+
+@pytest.mark.parametrize("good", [b"5", b"5 ", b"5\r", b"5;", b"5;x=\"a b\"", b" a", b"5\r\nhello\r"])
+def test_a_size_line_still_coming_is_waited_for(good: bytes) -> None:
+    body, decoder = decode(frame(b"ok") + good)
+    assert body.startswith(b"ok") and not decoder.done
+
+
 def test_size_line_is_bounded() -> None:
     decoder = ChunkedDecoder(max_line=64)
     with pytest.raises(ChunkedError):

@@ -113,6 +113,31 @@ AFTER_HEAD: dict[str, tuple[list[Step], str]] = {
                   Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
     "not-a-chunk-object": ([*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"data: [1, 2]\n\n")),
                             Send(chunk(EV[2])), Stall()], "upstream_protocol_error"),
+    # bytes that cannot start a size line (an HTML page with LF line ends, bare-LF framing), or a
+    # chunk's end, break the framing as they arrive: whatever the worker does next (closes, or
+    # says nothing more) does not make it a disconnect or a timeout
+    "html-for-a-chunk-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"<html>\n<body>502 Bad Gateway HALF</body>\n"),
+         Close()], "upstream_protocol_error"),
+    "html-for-a-chunk-then-silent": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"<html>\n<body>502 Bad Gateway HALF</body>\n"),
+         Stall()], "upstream_protocol_error"),
+    "bare-lf-chunk-size-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(b"%x\n" % len(EV[2]) + EV[2] + b"\n"), Close()],
+        "upstream_protocol_error"),
+    # a line that is no SSE field line with no blank line after it (an HTML page, a plain-text
+    # traceback) broke the stream as much as a whole garbage event: what ends it next (the
+    # body's end, a close, a silence) is not the failure the client is told
+    "html-without-blank-line-then-end": (
+        [*started(EV[0], EV[1]), Sleep(0.05),
+         Send(chunk(b"<html><body>502 Bad Gateway HALF</body></html>\n")), Send(LAST_CHUNK), Stall()],
+        "upstream_protocol_error"),
+    "html-without-line-end-then-close": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"<html><body>502 Bad Gateway HALF")),
+         Close()], "upstream_protocol_error"),
+    "traceback-without-line-end-then-silent": (
+        [*started(EV[0], EV[1]), Sleep(0.05), Send(chunk(b"Internal Server Error HALF")), Stall()],
+        "upstream_protocol_error"),
     # the same breakages arriving in the same read as the good events before them
     "bad-chunk-size-same-read": (
         [Send(HEAD_CHUNKED), Send(chunk(EV[0]) + chunk(EV[1]) + b"zz\r\n" + EV[2] + b"\r\n"),

@@ -12,7 +12,8 @@ its first byte and in its middle.
 
 The failures: clean FIN, RST, a broken chunk-size line, a Content-Length body
 cut short, a stall past idle_timeout (response_timeout inside the head), bytes
-that are not SSE (not HTTP inside the head, not JSON for a document), a data:
+that are not SSE (not HTTP inside the head, not JSON for a document; also with no
+blank line after them before the body ends), a data:
 that is not JSON, an event over limits.max_event_size, a clean end with neither
 [DONE] nor a finish_reason (a truncated document for JSON), and a worker
 4xx/5xx with an HTML body (at the head only). After a protocol error the
@@ -50,6 +51,7 @@ import pytest
 
 from tests.harness import (
     LAST_CHUNK,
+    Call,
     Close,
     Daemon,
     FakeWorker,
@@ -244,7 +246,8 @@ TIMEOUT = "upstream_timeout"
 PROTOCOL = "upstream_protocol_error"
 INCOMPLETE = "upstream_incomplete"
 
-FAILURES = ("fin", "rst", "bad_chunk", "cl_short", "stall", "not_sse", "not_json", "oversize",
+FAILURES = ("fin", "rst", "bad_chunk", "cl_short", "stall", "not_sse", "not_sse_unended", "not_json",
+            "oversize",
             "no_terminator", "html")
 HTML_STATUSES = (400, 404, 429, 500, 502, 503)
 
@@ -369,6 +372,8 @@ def _script(cell: Cell) -> list[Any]:
                 WaitPeerClosed()]
     if failure == "not_sse":
         return [*steps, chunk(NOT_SSE_GARBAGE), LAST_CHUNK, WaitPeerClosed()]
+    if failure == "not_sse_unended":  # the same page with no blank line after it, then the end
+        return [*steps, chunk(NOT_SSE_GARBAGE.rstrip()), LAST_CHUNK, WaitPeerClosed()]
     if failure == "not_json":
         if cell.sse:
             bad = b"\x00" + LEAK.encode() + b"\n\n" if half else b"data: {" + LEAK.encode() + b"\n\n"
@@ -401,6 +406,9 @@ def cells_for(case: DialectCase, mode: str, client_stream: bool) -> list[Cell]:
             cuts.insert(0, head)
         if failure == "oversize" and not sse:
             continue  # a document is not cut into events
+        if failure == "not_sse_unended" and sse:
+            # after half an event the page would only end that event's data line
+            cuts = [c for c in cuts if c.where == "boundary"]
         for cut in cuts:
             codes = {
                 "fin": {DISCONNECTED}, "rst": {DISCONNECTED}, "cl_short": {DISCONNECTED},
@@ -408,7 +416,7 @@ def cells_for(case: DialectCase, mode: str, client_stream: bool) -> list[Cell]:
                 "oversize": {PROTOCOL}, "no_terminator": {INCOMPLETE},
                 # garbage in an event stream breaks its framing (sidecar's parser is strict
                 # about field names, where WHATWG would ignore the lines)
-                "not_sse": {PROTOCOL},
+                "not_sse": {PROTOCOL}, "not_sse_unended": {PROTOCOL},
             }[failure]
             if failure == "no_terminator" and not sse:
                 codes = {PROTOCOL, INCOMPLETE}  # a cleanly framed but truncated document
@@ -906,3 +914,108 @@ def test_error_messages_never_echo_worker_bytes(
     assert response.status in (200, 502), response.raw
     assert SECRET.encode() not in response.raw, response.raw
     assert b"upstream_" in response.body, response.body  # it is the daemon's error, with a code
+
+
+# =============================================================================================
+# The client leaves: the worker connection is closed at once, on every dialect and mode
+# =============================================================================================
+
+
+@dataclass
+class LeaveCell:
+    """A client that leaves while its request is in flight (`when`: before the worker's head,
+    or after it and some of its body)."""
+
+    id: str
+    dialect: DialectCase
+    mode: str
+    client_stream: bool
+    when: str
+    worker_sent: threading.Event = field(default_factory=threading.Event)
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def sse(self) -> bool:
+        return {"auto": self.client_stream, "always": True, "never": False}[self.mode]
+
+    def script(self) -> list[Any]:
+        case = self.dialect
+        if self.when == "before_head":
+            body: list[bytes] = []
+        elif self.sse:
+            head = response_head(200, [("content-type", "text/event-stream"),
+                                       ("transfer-encoding", "chunked")])
+            body = [head, *(chunk(e) for e in case.events[:3])]
+        else:
+            head = response_head(200, [("content-type", "application/json"),
+                                       ("transfer-encoding", "chunked")])
+            body = [head, chunk(case.document[:20])]
+        return [*body, Call(lambda io: self.worker_sent.set()), WaitPeerClosed(20.0)]
+
+
+def leave_cells() -> list[LeaveCell]:
+    return [LeaveCell(f"leave-{case.name}-{mode}-{int(client_stream)}-{when}", case, mode,
+                      client_stream, when)
+            for case in DIALECTS for mode in MODES for client_stream in (True, False)
+            for when in ("before_head", "after_head")]
+
+
+def test_a_client_leaving_closes_the_worker_connection_at_once_on_every_dialect_and_mode(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """SPEC: when the client goes away mid-response, the worker connection is closed at once
+    (the worker stops generating) and the ledger records what was seen. The timeouts are
+    far away (30 s), so only the client leaving can close the worker connection."""
+    cells = {cell.id: cell for cell in leave_cells()}
+
+    async def handler(request: WorkerRequest, io: WorkerIO) -> None:
+        for step in cells[request.header("x-request-id") or ""].script():
+            if isinstance(step, bytes):
+                await io.send(step)
+            else:
+                await step.run(io)
+
+    worker.default = handler
+    daemon = make_daemon(
+        worker=worker,
+        upstream={"idle_timeout": "30s", "response_timeout": "30s"},
+        pricing={"currency": "USD", "models": {WORKER_MODEL: {"prompt": 1.0, "completion": 2.0}}},
+        limits={"max_connections": 256},
+        routes=[{"name": f"{case.name}-{mode}", "match": {"path": f"/{mode}{case.path}"},
+                 "dialect": case.name, "upstream_stream": mode}
+                for case in DIALECTS for mode in MODES],
+    )
+
+    def run(cell: LeaveCell) -> None:
+        body = cell.dialect.request(cell.client_stream)
+        with RawClient(daemon.address, timeout=10) as client:
+            client.send(request_bytes("POST", f"/{cell.mode}{cell.dialect.path}", body,
+                                      [("x-request-id", cell.id)]))
+            if not cell.worker_sent.wait(10):
+                cell.problems.append("the worker never got the request")
+                return
+            if cell.when == "after_head" and cell.client_stream:
+                client.read_until(b"\r\n\r\n")  # the head went out with the worker's
+                if cell.sse:  # relayed as it came: the last whole event reached the client
+                    last = cell.dialect.events[2]
+                    client.read_until(marker(2).encode() if marker(2).encode() in last
+                                      else b'"sequence_number":2')
+            else:
+                time.sleep(0.3)  # let the daemon read what the worker sent
+        # the client has left (closed); the worker connection must follow
+        request = next(r for r in worker.requests if r.header("x-request-id") == cell.id)
+        if not worker.wait_connection_closed(request, 5.0):
+            cell.problems.append("the worker connection is still open 5 s after the client left")
+        record = daemon.ledger_for(cell.id)
+        head_sent = cell.when == "after_head" and cell.client_stream
+        want = ("client_disconnect", 200 if head_sent else 499, cell.dialect.name)
+        got = (record["outcome"], record["status"], record["dialect"])
+        if got != want:
+            cell.problems.append(f"ledger {got}, expected {want}")
+        if cell.when == "after_head" and cell.sse and record["model"] != WORKER_MODEL:
+            cell.problems.append(f"ledger model {record['model']!r}: not what the stream said")
+
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(run, cells.values()))
+    problems = [f"{cell.id}: {cell.problems}" for cell in cells.values() if cell.problems]
+    assert not problems, "\n".join(problems)

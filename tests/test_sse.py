@@ -589,3 +589,27 @@ def test_an_error_field_is_kept_for_the_dialects() -> None:
     assert (event.data, event.error) == (None, '{"code":500}')
     events, refused = strict_parse([b"data: 1\n\nerror\n\n"])
     assert refused and [e.data for e in events] == ["1"]
+
+
+@pytest.mark.parametrize(
+    ("held", "garbage"),
+    [
+        (b"<html><body>502 Bad Gateway</body></html>\n", True),  # a whole line, no blank line
+        (b"<html><body>502 Bad", True),  # a line still coming, already no field name
+        (b"data: 1\nInternal Server Error", True),
+        (b"\x00\x01junk", True),
+        (b"data: {\"half", False),  # a half-received event: cut, not broken
+        (b"dat", False),  # may still become `data:`
+        (b"x-vendor", False),
+        (b": comment\nevent: e\n", False),
+        (b"error: {\"code\": 500}", False),
+        (b"", False),
+    ],
+)
+def test_pending_garbage_tells_a_broken_block_from_a_cut_one(held: bytes, garbage: bool) -> None:
+    """What a strict parser holds when the stream stops (ends, closes, goes silent): a line
+    that cannot be an SSE field line broke its framing; a block cut short did not."""
+    for cut in range(len(held) + 1):  # however the held bytes arrived
+        parser = SSEParser(strict=True)
+        assert parser.feed(b"data: 0\n\n") and not parser.feed(held[:cut]) and not parser.feed(held[cut:])
+        assert parser.pending_garbage() is garbage, cut
