@@ -35,6 +35,7 @@ from sidecar.headers import (
     Header,
     check_raw_head,
     connection_tokens,
+    content_codings,
     end_to_end,
     header_list,
     header_value,
@@ -524,6 +525,15 @@ class Exchange(StreamListener):
                 self.body_read = True
             else:
                 body = await self._read_body(limits.max_request_body, body_deadline)
+            codings = content_codings(self.headers)
+            if codings:  # never read as JSON (nor forwarded re-encoded under a coding it lacks)
+                self.respond_error(
+                    400, "invalid_request_error",
+                    "the request body has Content-Encoding: " + b", ".join(codings).decode("latin-1")
+                    + "; this route reads the JSON body and takes it uncompressed",
+                    "bad_request",
+                )
+                return
             try:
                 self.plan = dialect.plan(body, route.upstream_stream, self.request_id)
             except BadRequest as exc:

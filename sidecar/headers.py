@@ -173,6 +173,18 @@ def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
     return None
 
 
+def content_codings(headers: Iterable[Header]) -> list[bytes]:
+    """The content codings a message's `Content-Encoding` headers name (lower-case), `identity`
+    (no coding) left out: an empty list for a body that is not encoded."""
+    return [
+        coding
+        for name, value in headers
+        if name.lower() == b"content-encoding"
+        for coding in (part.strip(b" \t").lower() for part in value.split(b","))
+        if coding and coding != b"identity"
+    ]
+
+
 _REQUEST_ID_OK = re.compile(rb"[!-~]{1,200}")
 # generated ids: 20 random hex digits drawn once per process, then a counter (32 hex
 # digits in all, like a uuid4 hex, unique across processes and restarts, no syscall)

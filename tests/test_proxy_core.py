@@ -9,6 +9,7 @@ worker, `sidecar check`, header hygiene, x-request-id and the admin port.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import socket
@@ -349,6 +350,42 @@ def test_400_bad_json_on_openai_routes_is_never_forwarded(
     assert error["type"] == "invalid_request_error"
     assert w.requests == []
     assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "GZIP", "identity, gzip", "br"])
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "plain-labelled"])
+def test_a_content_encoded_body_on_a_json_route_is_refused_never_forwarded(
+    w: FakeWorker, proxy: Daemon, coding: str, compressed: bool
+) -> None:
+    # the body cannot be read as JSON; a plain one under that label must not be read as
+    # JSON either (and forwarded, re-encoded, still saying it is compressed)
+    body = json.dumps(chat_body(stream=True)).encode()
+    if compressed:
+        body = gzip.compress(body)
+    response = post(proxy, body, headers=[("content-encoding", coding)])
+    assert response.status == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and "Content-Encoding" in error["message"]
+    assert w.requests == []
+    assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
+
+
+def test_an_identity_content_encoding_is_no_coding(w: FakeWorker, proxy: Daemon) -> None:
+    w.reply(openai_handler())
+    response = post(proxy, chat_body(), headers=[("content-encoding", "identity")])
+    assert response.status == 200
+    assert w.wait_requests(1)[0].json()["model"] == MODEL
+
+
+def test_a_content_encoded_body_on_a_passthrough_route_is_forwarded_as_it_is(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    w.reply(http_response(200, b"{}"))
+    body = gzip.compress(b'{"input": "hi"}')
+    response = post(proxy, body, target="/v1/embeddings", headers=[("content-encoding", "gzip")])
+    assert response.status == 200
+    (request,) = w.wait_requests(1)
+    assert request.body == body and request.header("content-encoding") == "gzip"
 
 
 def test_bad_json_on_a_passthrough_route_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
