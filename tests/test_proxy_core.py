@@ -1081,6 +1081,41 @@ def test_secrets_appear_in_no_log_ledger_or_metric(w: FakeWorker, proxy: Daemon)
         assert secret not in everything
 
 
+def test_secrets_appear_in_no_log_ledger_or_metric_when_the_request_fails(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    # every way a request can fail, at debug level, with secrets in headers and the query
+    daemon = make_daemon(worker=worker, log_level="debug",
+                         routes=[*DEFAULT_ROUTES[:2], SHORT_ROUTE, DEFAULT_ROUTES[2]])
+    secrets = {"authorization": "Bearer sk-fail-secret-51", "cookie": "sid=fail-secret-52",
+               "x-api-key": "fail-secret-53", "proxy-authorization": "Basic fail-secret-54",
+               "api-key": "fail-secret-55"}
+    query = "?api_key=fail-secret-56"
+    headers = list(secrets.items())
+    # (a request on a pooled connection closed before its answer is sent again once)
+    worker.reply(http_response(401, b'{"error": "bad key"}'), [Close()], [Close()], [Stall()])
+    answers = [
+        post(daemon, chat_body(), "/v1/chat/completions" + query, headers),  # worker's 401
+        post(daemon, chat_body(), "/v1/chat/completions" + query, headers),  # 502
+        post(daemon, chat_body(), "/short/v1/chat/completions" + query, headers),  # 504
+        post(daemon, b"{", "/v1/chat/completions" + query, headers),  # 400
+        post(daemon, b"x" * (2 * MiB), "/v1/chat/completions" + query, headers),  # 413
+        post(daemon, chat_body(), "/nowhere" + query, headers),  # 404
+    ]
+    assert [a.status for a in answers] == [401, 502, 504, 400, 413, 404]
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers).encode()
+    refused = raw_exchange(daemon.address, b"POST /v1/chat/completions" + query.encode()
+                           + b" HTTP/1.1\r\nHost: x\r\n" + head
+                           + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}")
+    assert refused.startswith(b"HTTP/1.1 400 ")
+    daemon.wait_ledger(len(answers) + 1)
+    metrics = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+    everything = "\n".join(daemon.lines) + daemon.ledger_path.read_text() + metrics
+    for secret in [*secrets.values(), query]:
+        assert secret.split()[-1] not in everything
+    assert "api_key" not in everything
+
+
 def test_request_id_taken_from_the_client(w: FakeWorker, proxy: Daemon) -> None:
     w.reply(openai_handler())
     response = post(proxy, chat_body(stream=True), headers=[("X-Request-ID", "client-id-77")])
