@@ -1066,6 +1066,35 @@ def test_hop_by_hop_headers_dropped_both_ways(w: FakeWorker, proxy: Daemon, targ
         assert response.header(name) == value
 
 
+UPGRADES = {
+    "websocket": ("GET", "/v1/realtime", None, False,
+                  [("connection", "Upgrade"), ("upgrade", "websocket"),
+                   ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                   ("sec-websocket-version", "13")]),
+    "h2c-chunked-chat": ("POST", "/v1/chat/completions", chat_body(), True,
+                         [("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"),
+                          ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")]),
+}
+
+
+@pytest.mark.parametrize("case", list(UPGRADES))
+def test_an_upgrade_request_is_declined_and_the_connection_kept(
+    w: FakeWorker, proxy: Daemon, case: str
+) -> None:
+    method, target, body, chunked, headers = UPGRADES[case]
+    w.default = lambda request: (models_handler(request) if request.method == "GET"
+                                 else openai_handler()(request))
+    with RawClient(proxy.address) as client:
+        for _ in range(2):  # (curl --http2 on http:// asks for h2c this way)
+            client.send(request_bytes(method, target, body, headers, chunked=chunked))
+            response = client.read_response()
+            assert response.status == 200
+            assert response.header("connection") is None, response.headers
+    for request in w.wait_requests(2):
+        assert not {"connection", "upgrade", "http2-settings"} & request.header_names()
+        assert request.target == target
+
+
 def test_secrets_appear_in_no_log_ledger_or_metric(w: FakeWorker, proxy: Daemon) -> None:
     w.reply(openai_handler())
     response = post(proxy, chat_body(), headers=[("authorization", "Bearer sk-very-secret-42"),
