@@ -532,7 +532,7 @@ class Exchange(StreamListener):
             else:
                 body = await self._read_body(limits.max_request_body, body_deadline)
             codings = content_codings(self.headers)
-            if codings:  # never read as JSON (nor forwarded re-encoded under a coding it lacks)
+            if codings:  # not JSON as it is (nor forwarded re-encoded under a coding it lacks)
                 self.respond_error(
                     400, "invalid_request_error",
                     "the request body has Content-Encoding: " + b", ".join(codings).decode("latin-1")

@@ -352,7 +352,7 @@ def test_400_bad_json_on_openai_routes_is_never_forwarded(
     assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
 
 
-@pytest.mark.parametrize("coding", ["gzip", "GZIP", "identity, gzip", "br"])
+@pytest.mark.parametrize("coding", ["gzip", "GZIP", "identity, gzip", "br", "x-gzip"])
 @pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "plain-labelled"])
 def test_a_content_encoded_body_on_a_json_route_is_refused_never_forwarded(
     w: FakeWorker, proxy: Daemon, coding: str, compressed: bool
@@ -370,9 +370,13 @@ def test_a_content_encoded_body_on_a_json_route_is_refused_never_forwarded(
     assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
 
 
-def test_an_identity_content_encoding_is_no_coding(w: FakeWorker, proxy: Daemon) -> None:
+@pytest.mark.parametrize("label", ["identity", "utf-8", "UTF-8, identity"])
+def test_a_content_encoding_that_names_no_coding_is_no_coding(
+    w: FakeWorker, proxy: Daemon, label: str
+) -> None:
+    # (`utf-8` is a charset sent in the wrong header; workers ignore it, so does sidecar)
     w.reply(openai_handler())
-    response = post(proxy, chat_body(), headers=[("content-encoding", "identity")])
+    response = post(proxy, chat_body(), headers=[("content-encoding", label)])
     assert response.status == 200
     assert w.wait_requests(1)[0].json()["model"] == MODEL
 
