@@ -35,6 +35,7 @@ from sidecar.headers import (
     Header,
     check_raw_head,
     connection_tokens,
+    content_codings,
     end_to_end,
     header_list,
     header_value,
@@ -65,6 +66,8 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
+#: h11 states of a client whose request was read to its end
+_REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
 
@@ -306,8 +309,12 @@ class Exchange(StreamListener):
 
     @property
     def request_read(self) -> bool:
-        """The request was read to its end (else the connection cannot take another)."""
-        return self.body_read or self.conn.their_state is h11.DONE
+        """The request was read to its end (else the connection cannot take another).
+
+        A request that asked to upgrade the connection (`Upgrade`, which is never passed
+        on) is whole at its end too: h11 waits there for the answer, and the answer,
+        never a 101, declines the upgrade and keeps the connection HTTP/1.1."""
+        return self.body_read or self.conn.their_state in _REQUEST_READ
 
     # -- the client side, as the pump and handlers see it ------------------------------
     def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
@@ -524,6 +531,15 @@ class Exchange(StreamListener):
                 self.body_read = True
             else:
                 body = await self._read_body(limits.max_request_body, body_deadline)
+            codings = content_codings(self.headers)
+            if codings:  # not JSON as it is (nor forwarded re-encoded under a coding it lacks)
+                self.respond_error(
+                    400, "invalid_request_error",
+                    "the request body has Content-Encoding: " + b", ".join(codings).decode("latin-1")
+                    + "; this route reads the JSON body and takes it uncompressed",
+                    "bad_request",
+                )
+                return
             try:
                 self.plan = dialect.plan(body, route.upstream_stream, self.request_id)
             except BadRequest as exc:

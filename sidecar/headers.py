@@ -173,6 +173,27 @@ def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
     return None
 
 
+#: IANA's HTTP content codings, `identity` (no coding) aside: a body with one of them is not
+#: the bytes of its content. Other tokens (`utf-8`, a charset sent in the wrong header) name
+#: no coding; workers ignore them, and so does the sidecar.
+CONTENT_CODINGS = frozenset(
+    {b"aes128gcm", b"br", b"compress", b"dcb", b"dcz", b"deflate", b"exi", b"gzip",
+     b"pack200-gzip", b"x-compress", b"x-gzip", b"zstd"}
+)
+
+
+def content_codings(headers: Iterable[Header]) -> list[bytes]:
+    """The content codings (`CONTENT_CODINGS`, lower-case) a message's `Content-Encoding`
+    headers name: an empty list for a body that is its content as it is."""
+    return [
+        coding
+        for name, value in headers
+        if name.lower() == b"content-encoding"
+        for coding in (part.strip(b" \t").lower() for part in value.split(b","))
+        if coding in CONTENT_CODINGS
+    ]
+
+
 _REQUEST_ID_OK = re.compile(rb"[!-~]{1,200}")
 # generated ids: 20 random hex digits drawn once per process, then a counter (32 hex
 # digits in all, like a uuid4 hex, unique across processes and restarts, no syscall)

@@ -9,6 +9,7 @@ worker, `sidecar check`, header hygiene, x-request-id and the admin port.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import os
 import socket
@@ -349,6 +350,46 @@ def test_400_bad_json_on_openai_routes_is_never_forwarded(
     assert error["type"] == "invalid_request_error"
     assert w.requests == []
     assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "GZIP", "identity, gzip", "br", "x-gzip"])
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "plain-labelled"])
+def test_a_content_encoded_body_on_a_json_route_is_refused_never_forwarded(
+    w: FakeWorker, proxy: Daemon, coding: str, compressed: bool
+) -> None:
+    # the body cannot be read as JSON; a plain one under that label must not be read as
+    # JSON either (and forwarded, re-encoded, still saying it is compressed)
+    body = json.dumps(chat_body(stream=True)).encode()
+    if compressed:
+        body = gzip.compress(body)
+    response = post(proxy, body, headers=[("content-encoding", coding)])
+    assert response.status == 400
+    error = error_of(response)
+    assert error["type"] == "invalid_request_error" and "Content-Encoding" in error["message"]
+    assert w.requests == []
+    assert proxy.ledger_for(response.header("x-request-id"))["outcome"] == "bad_request"
+
+
+@pytest.mark.parametrize("label", ["identity", "utf-8", "UTF-8, identity"])
+def test_a_content_encoding_that_names_no_coding_is_no_coding(
+    w: FakeWorker, proxy: Daemon, label: str
+) -> None:
+    # (`utf-8` is a charset sent in the wrong header; workers ignore it, so does sidecar)
+    w.reply(openai_handler())
+    response = post(proxy, chat_body(), headers=[("content-encoding", label)])
+    assert response.status == 200
+    assert w.wait_requests(1)[0].json()["model"] == MODEL
+
+
+def test_a_content_encoded_body_on_a_passthrough_route_is_forwarded_as_it_is(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    w.reply(http_response(200, b"{}"))
+    body = gzip.compress(b'{"input": "hi"}')
+    response = post(proxy, body, target="/v1/embeddings", headers=[("content-encoding", "gzip")])
+    assert response.status == 200
+    (request,) = w.wait_requests(1)
+    assert request.body == body and request.header("content-encoding") == "gzip"
 
 
 def test_bad_json_on_a_passthrough_route_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
@@ -1029,6 +1070,35 @@ def test_hop_by_hop_headers_dropped_both_ways(w: FakeWorker, proxy: Daemon, targ
         assert response.header(name) == value
 
 
+UPGRADES = {
+    "websocket": ("GET", "/v1/realtime", None, False,
+                  [("connection", "Upgrade"), ("upgrade", "websocket"),
+                   ("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ=="),
+                   ("sec-websocket-version", "13")]),
+    "h2c-chunked-chat": ("POST", "/v1/chat/completions", chat_body(), True,
+                         [("connection", "Upgrade, HTTP2-Settings"), ("upgrade", "h2c"),
+                          ("http2-settings", "AAMAAABkAARAAAAAAAIAAAAA")]),
+}
+
+
+@pytest.mark.parametrize("case", list(UPGRADES))
+def test_an_upgrade_request_is_declined_and_the_connection_kept(
+    w: FakeWorker, proxy: Daemon, case: str
+) -> None:
+    method, target, body, chunked, headers = UPGRADES[case]
+    w.default = lambda request: (models_handler(request) if request.method == "GET"
+                                 else openai_handler()(request))
+    with RawClient(proxy.address) as client:
+        for _ in range(2):  # (curl --http2 on http:// asks for h2c this way)
+            client.send(request_bytes(method, target, body, headers, chunked=chunked))
+            response = client.read_response()
+            assert response.status == 200
+            assert response.header("connection") is None, response.headers
+    for request in w.wait_requests(2):
+        assert not {"connection", "upgrade", "http2-settings"} & request.header_names()
+        assert request.target == target
+
+
 def test_secrets_appear_in_no_log_ledger_or_metric(w: FakeWorker, proxy: Daemon) -> None:
     w.reply(openai_handler())
     response = post(proxy, chat_body(), headers=[("authorization", "Bearer sk-very-secret-42"),
@@ -1042,6 +1112,41 @@ def test_secrets_appear_in_no_log_ledger_or_metric(w: FakeWorker, proxy: Daemon)
     everything = "\n".join(proxy.lines) + proxy.ledger_path.read_text() + metrics
     for secret in ("sk-very-secret-42", "xk-secret-43", "secret-44"):
         assert secret not in everything
+
+
+def test_secrets_appear_in_no_log_ledger_or_metric_when_the_request_fails(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    # every way a request can fail, at debug level, with secrets in headers and the query
+    daemon = make_daemon(worker=worker, log_level="debug",
+                         routes=[*DEFAULT_ROUTES[:2], SHORT_ROUTE, DEFAULT_ROUTES[2]])
+    secrets = {"authorization": "Bearer sk-fail-secret-51", "cookie": "sid=fail-secret-52",
+               "x-api-key": "fail-secret-53", "proxy-authorization": "Basic fail-secret-54",
+               "api-key": "fail-secret-55"}
+    query = "?api_key=fail-secret-56"
+    headers = list(secrets.items())
+    # (a request on a pooled connection closed before its answer is sent again once)
+    worker.reply(http_response(401, b'{"error": "bad key"}'), [Close()], [Close()], [Stall()])
+    answers = [
+        post(daemon, chat_body(), "/v1/chat/completions" + query, headers),  # worker's 401
+        post(daemon, chat_body(), "/v1/chat/completions" + query, headers),  # 502
+        post(daemon, chat_body(), "/short/v1/chat/completions" + query, headers),  # 504
+        post(daemon, b"{", "/v1/chat/completions" + query, headers),  # 400
+        post(daemon, b"x" * (2 * MiB), "/v1/chat/completions" + query, headers),  # 413
+        post(daemon, chat_body(), "/nowhere" + query, headers),  # 404
+    ]
+    assert [a.status for a in answers] == [401, 502, 504, 400, 413, 404]
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers).encode()
+    refused = raw_exchange(daemon.address, b"POST /v1/chat/completions" + query.encode()
+                           + b" HTTP/1.1\r\nHost: x\r\n" + head
+                           + b"Content-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}")
+    assert refused.startswith(b"HTTP/1.1 400 ")
+    daemon.wait_ledger(len(answers) + 1)
+    metrics = httpx.get(daemon.admin_url + "/metrics", timeout=5).text
+    everything = "\n".join(daemon.lines) + daemon.ledger_path.read_text() + metrics
+    for secret in [*secrets.values(), query]:
+        assert secret.split()[-1] not in everything
+    assert "api_key" not in everything
 
 
 def test_request_id_taken_from_the_client(w: FakeWorker, proxy: Daemon) -> None:
