@@ -217,6 +217,24 @@ def test_anthropic_stream_bytes_pass_through(daemon: Daemon, worker: FakeWorker)
     assert obj["usage"] == {"output_tokens": 42, "cost": pytest.approx(MESSAGE_COST)}
 
 
+def test_anthropic_named_events_without_a_type_in_their_data_work_with_the_sdk(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A worker that names its events but leaves `type` out of their data: the SDK reads the
+    data's type (it fails on these events as they came), so they go out with it written in."""
+    untyped = []
+    for raw in anthropic_events(MESSAGE):
+        head, _, data = raw.partition(b"data: ")
+        obj = json.loads(data)
+        del obj["type"]
+        untyped.append(head + b"data: " + json.dumps(obj).encode() + b"\n\n")
+    worker.reply(sse_reply(untyped))
+    with anthropic_client(daemon).messages.stream(**ask()) as stream:
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 42
+
+
 def test_anthropic_json_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
     worker.default = anthropic_worker()
     rid = request_id()
