@@ -466,6 +466,19 @@ def test_worker_error_document() -> None:
     assert event.event == "error" and json.loads(event.data or "") == err
 
 
+def test_an_untyped_error_document_is_the_workers_error() -> None:
+    """`{"error": {...}}` with no type (llama.cpp's shape) is the worker's failure, as the same
+    data is in a stream: never replayed as a message (a success with no content), but the
+    Anthropic error object, named `error`, and the 502 body of a non-streaming client."""
+    err = {"error": {"code": 500, "message": "boom", "type": "server_error"}}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(err))
+    assert d.worker_error and d.cost is None
+    wrapped = {"type": "error", "error": {"type": "api_error", "message": "boom", "code": 500}}
+    (event,) = parse(d.sse())
+    assert event.event == "error" and json.loads(event.data or "") == wrapped
+    assert json.loads(d.json()) == wrapped
+
+
 def test_unreadable_document() -> None:
     with pytest.raises(StreamProtocolError):
         DIALECT.document(plan(), PRICING, b"<html>")

@@ -346,6 +346,28 @@ def test_anthropic_worker_error_event_is_forwarded(daemon: Daemon, worker: FakeW
     assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
 
 
+def test_anthropic_untyped_error_document_is_never_a_success(daemon: Daemon, worker: FakeWorker) -> None:
+    """A 2xx document `{"error": {...}}` with no type: the worker's failure, as the same data
+    in a stream is. A streaming client (JSON -> SSE) gets `event: error` (the SDK raises), never
+    a message_start ... message_stop; a non-streaming one a 502; the ledger `upstream_error`."""
+    worker.default = json_reply({"error": {"code": 500, "message": "boom", "type": "server_error"}})
+    rid = request_id()
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert "boom" in str(info.value)
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    assert b"message_stop" not in response.body and response.body.startswith(b"event: error\n")
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        anthropic_client(daemon).messages.create(**ask())
+    assert failed.value.status_code == 502
+    assert failed.value.body == {"type": "error", "error": {"type": "api_error", "message": "boom", "code": 500}}
+
+
 LLAMACPP_ERROR = {"code": 500, "message": "the slot was lost", "type": "server_error"}
 
 
