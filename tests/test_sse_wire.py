@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -295,6 +296,55 @@ def test_heartbeats_only_while_the_worker_is_silent_and_never_after_the_terminat
     assert before.startswith(b"".join(events[:2]) + BEAT) and before.count(BEAT) >= 2, beating
     assert BEAT not in after, beating
     assert beating.replace(BEAT, b"") == stream
+
+
+def many(name: str, count: int) -> list[bytes]:
+    """The dialect's stream with `count` more content events of 2 KiB before its end."""
+    _, _, events = STREAMS[name]
+    piece = "x" * 2048
+    if name in ("openai-chat", "passthrough"):
+        extra = block([b"data: " + json.dumps({
+            "id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1, "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": piece}, "finish_reason": None}]}).encode()],
+            b"\n")
+        return [*events[:3], *[extra] * count, *events[3:]]
+    if name == "openai-completions":
+        extra = block([b"data: " + json.dumps({
+            "id": "cmpl-1", "object": "text_completion", "created": 1, "model": MODEL,
+            "choices": [{"index": 0, "text": piece, "finish_reason": None}]}).encode()], b"\n")
+        return [*events[:2], *[extra] * count, *events[2:]]
+    if name == "anthropic-messages":
+        extra = typed("content_block_delta", {"index": 0, "delta": {"type": "text_delta", "text": piece}},
+                      b"\n")
+        return [*events[:5], *[extra] * count, *events[5:]]
+    extra = typed("response.output_text.delta", {"item_id": "msg_1", "output_index": 0,
+                                                 "content_index": 0, "delta": piece,
+                                                 "sequence_number": 1}, b"\n")
+    return [*events[:2], *[extra] * count, *events[2:]]
+
+
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_a_client_that_stops_reading_is_no_silence_of_the_worker(
+    daemon: Daemon, worker: FakeWorker, name: str
+) -> None:
+    """idle_timeout (1 s) counts only the worker's silence: a client that reads nothing for
+    longer while the worker writes fast (backpressure pauses the worker) gets the whole
+    stream, no timeout error; a worker that says nothing for as long gets one."""
+    target, body, _ = STREAMS[name]
+    events = many(name, 1500)  # 3 MiB: far more than the socket buffers between them hold
+    stream = b"".join(events)
+    worker.reply([Send(SSE_HEAD), *(Send(chunk(e)) for e in events), Send(LAST_CHUNK)],
+                 [Send(SSE_HEAD), Send(chunk(b"".join(events[:3]))), Stall()])
+    with RawClient(daemon.address, rcvbuf=4096) as client:
+        client.send(request_bytes("POST", target, body))
+        time.sleep(2.0)
+        response = client.read_response()
+        assert response.complete and response.body == stream
+        if name == "passthrough":
+            return  # (a stalled raw body is cut: tested elsewhere)
+        silent = exchange(client, target, body)
+    assert silent.startswith(b"".join(events[:3]))
+    assert b"upstream_timeout" in silent[len(b"".join(events[:3])):]
 
 
 def unnamed(event: bytes) -> bytes:
