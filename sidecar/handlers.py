@@ -221,7 +221,11 @@ class SniffHandler(BodyHandler):
             chunk = self.held + chunk
             stripped = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
             if not stripped:
-                self.held = chunk[-8:]
+                # blanks only, so far: the last few are held (a CR whose LF may follow), and
+                # a byte-order mark that starts them whole (never cut: the rest of one is
+                # no BOM, and no JSON or SSE either)
+                bom = BOM if chunk.startswith(BOM) else b""
+                self.held = bom + chunk[len(bom) :][-8:]
                 return
             first = stripped[0]
             if first == ord("{"):

@@ -161,6 +161,28 @@ def test_event_without_event_line_is_named() -> None:
     assert event.event == "message_start" and json.loads(event.data or "")["message"]["id"] == "m"
 
 
+@pytest.mark.parametrize("pricing", [PRICING, Pricing()])
+def test_a_named_event_whose_data_lacks_its_type_gets_it_written_in(pricing: Pricing) -> None:
+    """`event: X` over data with no `type`: the name says the type, and the Anthropic SDK
+    reads the data's; every event goes out with both, equal (SPEC: `event:` = the data's
+    `type`)."""
+    untyped = []
+    for chunk in worker_stream():
+        (event,) = parse(chunk)
+        obj = json.loads(event.data or "")
+        del obj["type"]
+        untyped.append(f"event: {event.event}\ndata: {json.dumps(obj)}\n\n".encode())
+    out, t = relay(untyped, pricing)
+    for frame, sent in zip(out, worker_stream(), strict=True):
+        assert frame is not None
+        names_match_types(frame)
+        (got,), (want,) = parse(frame), parse(sent)
+        assert got.event == want.event
+        if want.event != "message_delta":  # (the priced one carries its cost)
+            assert json.loads(got.data or "") == json.loads(want.data or "")
+    assert t.complete
+
+
 def test_comments_pass_and_after_message_stop_nothing_is_read() -> None:
     t = DIALECT.stream(plan(), PRICING, aggregate=False)
     (c,) = parse(b": keep-alive\n\n")
@@ -442,6 +464,19 @@ def test_worker_error_document() -> None:
     assert d.worker_error
     (event,) = parse(d.sse())
     assert event.event == "error" and json.loads(event.data or "") == err
+
+
+def test_an_untyped_error_document_is_the_workers_error() -> None:
+    """`{"error": {...}}` with no type (llama.cpp's shape) is the worker's failure, as the same
+    data is in a stream: never replayed as a message (a success with no content), but the
+    Anthropic error object, named `error`, and the 502 body of a non-streaming client."""
+    err = {"error": {"code": 500, "message": "boom", "type": "server_error"}}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(err))
+    assert d.worker_error and d.cost is None
+    wrapped = {"type": "error", "error": {"type": "api_error", "message": "boom", "code": 500}}
+    (event,) = parse(d.sse())
+    assert event.event == "error" and json.loads(event.data or "") == wrapped
+    assert json.loads(d.json()) == wrapped
 
 
 def test_unreadable_document() -> None:

@@ -281,6 +281,26 @@ def test_usage_on_the_finish_chunk_is_removed_but_the_finish_kept(flavor: str) -
     assert t.usage.prompt_tokens == 11
 
 
+@pytest.mark.parametrize("body", [STREAMING, STREAMING_USAGE])
+def test_a_rewritten_chunk_keeps_the_workers_event_name_and_id(body: dict[str, Any]) -> None:
+    """A chunk the sidecar writes again (usage removed, cost injected, an empty id filled in)
+    keeps the `event:` and `id:` lines the worker gave it, as the typed dialects keep `id:`:
+    a client that reads them (Last-Event-ID) sees the same stream with or without sidecar."""
+    named = [b"event: chunk\nid: %d\n" % i + e if e != DONE else e
+             for i, e in enumerate(chat_stream_events(flavor="tgi"))]
+    t = stream_for(body, pricing=PRICES)
+    out = relay(t, b"".join(named))
+    sent = [e for e in events(out) if e.data is not None]
+    assert sent[-1].data == "[DONE]"
+    rewritten = [e for e in sent[:-1] if e.raw not in named]
+    assert rewritten, "the TGI stream's empty ids make every chunk a rewritten one"
+    for e in sent[:-1]:
+        assert e.event == "chunk" and e.id is not None
+        assert e.raw in named or json.loads(e.data or "")["id"] == "chatcmpl-rid1"
+    ids = [int(e.id or "") for e in sent[:-1]]
+    assert ids == sorted(ids)
+
+
 def test_continuous_usage_largest_value_wins_and_is_hidden_unless_asked() -> None:
     evs = []
     for i, piece in enumerate(["a", "b", "c"]):

@@ -162,6 +162,20 @@ def test_missing_event_line_is_added_without_renumbering() -> None:
         assert name == sent["type"] and obj == sent
 
 
+def test_a_named_event_whose_data_lacks_its_type_gets_it_written_in() -> None:
+    """`event: X` over data with no `type`: the name says the type, and the client reads the
+    data's (the openai SDK builds each event from it); the event goes out with both."""
+    events = worker_events()
+    untyped = [{k: v for k, v in e.items() if k != "type"} for e in events]
+    chunks = [f"event: {e['type']}\ndata: {json.dumps(u)}\n\n".encode()
+              for e, u in zip(events, untyped, strict=True)]
+    out, t = relay(chunks, Pricing())
+    for frame, sent in zip(out, events, strict=True):
+        name, obj = loads(frame)
+        assert name == obj["type"] == sent["type"] and obj == sent
+    assert t.complete
+
+
 @pytest.mark.parametrize("numbered", [True, False])
 def test_error_frame_mid_stream(numbered: bool) -> None:
     events = worker_events(numbered=numbered)

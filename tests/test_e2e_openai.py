@@ -544,6 +544,26 @@ def test_worker_content_type_missing_first_byte_decides(w: FakeWorker, proxy: Da
     assert content_of(chunks) == "Sniffed"
 
 
+@pytest.mark.parametrize("blank", [b"", b"\n", b"\n" * 6, b"\r\n" * 6, b"\n" * 7])
+def test_with_no_content_type_a_bom_and_blanks_in_a_read_of_their_own_are_dropped(
+    w: FakeWorker, proxy: Daemon, blank: bytes
+) -> None:
+    """No Content-Type: the first non-blank byte decides, whatever reads the blank bytes
+    before it come in; a BOM that starts them is dropped whole, never cut (a read of only a
+    BOM and blanks is held until that byte comes)."""
+    sse = b"".join(chat_stream_events())
+    doc = json.dumps(chat_completion("Sniffed")).encode()
+    lead = b"\xef\xbb\xbf" + blank
+    head = response_head(200, [("content-length", str(len(lead) + len(doc)))])
+    w.reply([Send(response_head(200, [("transfer-encoding", "chunked")])), Send(frame_chunk(lead)), Sleep(0.05),
+             Send(frame_chunk(sse)), Send(LAST_CHUNK)],
+            [Send(head + lead), Sleep(0.05), Send(doc)])
+    chunks = list(sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES, stream=True))
+    assert content_of(chunks) == "Hello!" and finish_of(chunks) == ["stop"]
+    completion = sdk(proxy).chat.completions.create(model=MODEL, messages=MESSAGES)
+    assert completion.choices[0].message.content == "Sniffed"
+
+
 def test_worker_error_event_is_forwarded(w: FakeWorker, proxy: Daemon) -> None:
     err = {"error": {"message": "out of memory", "type": "server_error", "code": 500}}
     w.reply(sse_reply([chat_stream_events()[0], sse_data(err)]))

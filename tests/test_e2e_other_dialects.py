@@ -217,6 +217,24 @@ def test_anthropic_stream_bytes_pass_through(daemon: Daemon, worker: FakeWorker)
     assert obj["usage"] == {"output_tokens": 42, "cost": pytest.approx(MESSAGE_COST)}
 
 
+def test_anthropic_named_events_without_a_type_in_their_data_work_with_the_sdk(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """A worker that names its events but leaves `type` out of their data: the SDK reads the
+    data's type (it fails on these events as they came), so they go out with it written in."""
+    untyped = []
+    for raw in anthropic_events(MESSAGE):
+        head, _, data = raw.partition(b"data: ")
+        obj = json.loads(data)
+        del obj["type"]
+        untyped.append(head + b"data: " + json.dumps(obj).encode() + b"\n\n")
+    worker.reply(sse_reply(untyped))
+    with anthropic_client(daemon).messages.stream(**ask()) as stream:
+        final = stream.get_final_message()
+    assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    assert final.stop_reason == "tool_use" and final.usage.output_tokens == 42
+
+
 def test_anthropic_json_with_the_sdk(daemon: Daemon, worker: FakeWorker) -> None:
     worker.default = anthropic_worker()
     rid = request_id()
@@ -326,6 +344,28 @@ def test_anthropic_worker_error_event_is_forwarded(daemon: Daemon, worker: FakeW
             pass
     assert "overloaded_error" in str(info.value)
     assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+
+
+def test_anthropic_untyped_error_document_is_never_a_success(daemon: Daemon, worker: FakeWorker) -> None:
+    """A 2xx document `{"error": {...}}` with no type: the worker's failure, as the same data
+    in a stream is. A streaming client (JSON -> SSE) gets `event: error` (the SDK raises), never
+    a message_start ... message_stop; a non-streaming one a 502; the ledger `upstream_error`."""
+    worker.default = json_reply({"error": {"code": 500, "message": "boom", "type": "server_error"}})
+    rid = request_id()
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert "boom" in str(info.value)
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    assert b"message_stop" not in response.body and response.body.startswith(b"event: error\n")
+    with pytest.raises(anthropic.InternalServerError) as failed:
+        anthropic_client(daemon).messages.create(**ask())
+    assert failed.value.status_code == 502
+    assert failed.value.body == {"type": "error", "error": {"type": "api_error", "message": "boom", "code": 500}}
 
 
 LLAMACPP_ERROR = {"code": 500, "message": "the slot was lost", "type": "server_error"}

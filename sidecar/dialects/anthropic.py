@@ -266,7 +266,10 @@ class AnthropicDocument(DocumentTranslator):
         doc = read_document(body)
         self.plan = plan
         self.doc = doc
-        self.worker_error = doc.get("type") == "error"
+        # its own failure: an Anthropic error object, or (as in a stream, see `event_type`)
+        # an `error` object with no type (llama.cpp's shape)
+        kind = doc.get("type")
+        self.worker_error = kind == "error" or (kind is None and doc.get("error") is not None)
         self.model = model_name(doc.get("model"))
         usage_obj = doc.get("usage")
         self.usage = usage_from_anthropic(usage_obj) if isinstance(usage_obj, dict) else Usage()
@@ -275,12 +278,12 @@ class AnthropicDocument(DocumentTranslator):
             doc["usage"] = {**usage_obj, "cost": cost_json_number(self.cost)}
 
     def json(self) -> bytes:
-        return dumps_document(self.doc)
+        return dumps_document(worker_error_object(self.doc) if self.worker_error else self.doc)
 
     def sse(self) -> bytes:
         doc = self.doc
         if self.worker_error:
-            return named_event(doc, "error")
+            return named_event(worker_error_object(doc), "error")
         message = {k: v for k, v in doc.items() if k not in ("content", "usage", *_DELTA_FIELDS)}
         message.setdefault("id", "msg_" + self.plan.request_id)
         message.setdefault("type", "message")

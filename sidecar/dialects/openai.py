@@ -274,7 +274,10 @@ class OpenAIStream(StreamTranslator):
                 obj["usage"] = _usage_with_cost(self._merged_usage(usage_obj), self.cost)
                 rewrite = True
         if rewrite:
-            return _dumps_event(obj)
+            if event.event is None and event.id is None:
+                return _dumps_event(obj)
+            # the worker's own `event:` and `id:` lines stay (Last-Event-ID), as on typed events
+            return encode_event(dumps_event_data(obj), event=event.event, id=event.id)
         self._maybe_learn(event.raw, obj, choices, final)
         return event.raw
 

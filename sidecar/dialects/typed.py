@@ -23,22 +23,23 @@ def named_event(obj: dict[str, Any], kind: str, id: str | None = None) -> bytes:
     return encode_event(dumps_event_data(obj), event=kind, id=id)
 
 
-def event_type(obj: dict[str, Any], event: Event) -> str | None:
+def event_type(obj: dict[str, Any], event: Event) -> tuple[str | None, bool]:
     """A typed event's `type`, taken from its `event:` line when the data lacks it (and then
-    written into the data); None when neither names it.
+    written into the data); None when neither names it. The flag says the type was written
+    into the data: a relayed event must then be re-encoded (SDKs read the data's `type`).
 
     A worker's own error is `error` whatever its data says: an `event: error` line (llama.cpp
     writes `{"type": "server_error", ...}` under it), or unnamed data with an `error` object
     and no type (llama.cpp's Responses failure)."""
     kind = obj.get("type")
     if event.event == "error" or (kind is None and not event.event and "error" in obj):
-        return "error"
+        return "error", False
     if isinstance(kind, str):
-        return kind
+        return kind, False
     if not event.event:
-        return None
+        return None, False
     obj["type"] = event.event
-    return event.event
+    return event.event, True
 
 
 class TypedEventStream(StreamTranslator):
@@ -50,7 +51,8 @@ class TypedEventStream(StreamTranslator):
     event's type is read (or written
     into its data from its `event:` line); a worker `error` event is kept for the
     outcome; a relayed event is re-encoded, with an `event:` line equal to its type,
-    only when it changed or was not named, else its own bytes go out.
+    only when it changed, was not named, or its data lacked the type its name gave, else
+    its own bytes go out.
     """
 
     #: event types that report the worker's failure (its error, a failed terminal event)
@@ -67,7 +69,7 @@ class TypedEventStream(StreamTranslator):
         if self.complete:  # nothing after the terminal event
             return None
         obj = read_event(data)
-        kind = event_type(obj, event)
+        kind, typed_here = event_type(obj, event)
         if self.worker_error and kind not in self.failure_events:
             return None  # after the worker's error, never a success (nor more of the stream)
         if kind is None:
@@ -78,7 +80,9 @@ class TypedEventStream(StreamTranslator):
             self._error_obj = obj
         if self.aggregate:
             return None
-        return named_event(obj, kind, event.id) if changed or event.event != kind else event.raw
+        if changed or typed_here or event.event != kind:
+            return named_event(obj, kind, event.id)
+        return event.raw
 
     @abstractmethod
     def read(self, kind: str, obj: dict[str, Any]) -> bool:
