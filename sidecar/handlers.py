@@ -47,11 +47,12 @@ def body_kind(content_type: bytes | None) -> str | None:
 
 
 def cost_header(source: StreamTranslator | DocumentTranslator) -> list[Header]:
-    """`x-sidecar-cost` for a whole answer: the cost its body carries as `usage.cost`. None
-    for an estimate (the worker reported no usage): that one only the ledger prices."""
-    if source.cost is None or source.usage.estimated:
+    """`x-sidecar-cost` for a whole answer: the cost its body carries as `usage.cost` (none
+    for an estimate: see `Outcome.stated_cost`)."""
+    cost = source.stated_cost
+    if cost is None:
         return []
-    return [(b"x-sidecar-cost", cost_header_value(source.cost).encode())]
+    return [(b"x-sidecar-cost", cost_header_value(cost).encode())]
 
 
 class BodyHandler:

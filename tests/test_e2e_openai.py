@@ -348,6 +348,28 @@ def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> 
     assert record["usage_estimated"] is True and record["cost"] == pytest.approx(6e-6)
 
 
+@pytest.mark.parametrize("usage", [{}, {"prompt_tokens": None, "completion_tokens": None}])
+def test_a_usage_object_without_counts_is_estimated_for_the_ledger_alone(
+    w: FakeWorker, proxy: Daemon, usage: dict[str, Any]
+) -> None:
+    """A worker whose usage object counts nothing (`{}`, nulls) reported no usage: the
+    estimate prices the ledger line, and the client's body carries neither counts nor a cost
+    made from it (as when the worker sends no usage object), nor an `x-sidecar-cost`."""
+    w.reply(sse_reply(chat_stream_events(usage=usage)), sse_reply(chat_stream_events(usage=usage)))
+    relayed = post(proxy, chat_body(stream=True, include_usage=True),
+                   headers=[("x-request-id", f"countless-relay-{len(usage)}")])
+    (usage_chunk,) = [p for p in relayed.sse_json()[:-1] if p.get("usage") is not None]
+    assert usage_chunk["usage"] == usage
+    aggregated = post(proxy, chat_body(), "/always/v1/chat/completions",
+                      headers=[("x-request-id", f"countless-agg-{len(usage)}")])
+    assert aggregated.status == 200 and aggregated.header("x-sidecar-cost") is None
+    assert aggregated.json()["usage"] == usage
+    for rid in (f"countless-relay-{len(usage)}", f"countless-agg-{len(usage)}"):
+        record = proxy.ledger_for(rid)
+        assert record["usage_estimated"] is True and record["completion_tokens"] == 3
+        assert record["cost"] == pytest.approx(6e-6)
+
+
 def test_invalid_utf8_from_the_worker_reaches_clients_mended(w: FakeWorker, proxy: Daemon) -> None:
     """A worker that cuts a character's UTF-8 bytes across two events: clients get U+FFFD
     for them (as an event-stream decoder reads them), never invalid UTF-8, which the SDK

@@ -122,6 +122,12 @@ class Outcome:
     cost: Decimal | None
     worker_error: bool  # the worker reported an error inside a 2xx body
 
+    @property
+    def stated_cost(self) -> Decimal | None:
+        """The cost the client is told (`usage.cost`, `x-sidecar-cost`): None for an estimate
+        (the worker reported no usage), which only the ledger and metrics price."""
+        return None if self.usage.estimated else self.cost
+
 
 class StreamTranslator(Outcome, ABC):
     """Reads a worker's SSE events one at a time, for a streaming or an aggregating client.
