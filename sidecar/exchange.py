@@ -65,6 +65,9 @@ log = logging.getLogger("sidecar.exchange")
 
 #: h11 events are immutable: one end-of-message serves every request
 END_OF_MESSAGE = h11.EndOfMessage()
+#: worker response headers that sidecar's own replace: x-request-id always, x-sidecar-cost on
+#: routes whose dialect reads (and prices) the body
+_WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
 
@@ -705,8 +708,12 @@ class Exchange(StreamListener):
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
-        # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends
-        worker_headers = end_to_end(raw_headers, b"x-request-id")
+        # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends;
+        # where sidecar prices the answer, so does a worker's x-sidecar-cost (another
+        # sidecar's, in front of the worker): the header states this one's cost, or is absent
+        worker_headers = end_to_end(
+            raw_headers, *(_WORKER_DROPPED if self.dialect.reads_body else _WORKER_DROPPED[:1])
+        )
         plan = self.plan
         handler: BodyHandler
         if plan is None or not 200 <= status < 300:

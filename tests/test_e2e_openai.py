@@ -348,6 +348,24 @@ def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> 
     assert record["usage_estimated"] is True and record["cost"] == pytest.approx(6e-6)
 
 
+@pytest.mark.parametrize("model", [MODEL, "no-price"])
+def test_x_sidecar_cost_is_only_ever_this_sidecars(w: FakeWorker, proxy: Daemon, model: str) -> None:
+    """A worker that sends an `x-sidecar-cost` of its own (another sidecar in front of it):
+    the client gets one header, the cost this sidecar worked out, or none (a stream, a model
+    with no price), never the worker's."""
+    own = [("x-sidecar-cost", "123.45")]
+    w.reply(json_reply(chat_completion(model=model), headers=own),
+            json_reply(chat_completion(model=model), headers=own),
+            sse_reply(chat_stream_events(model=model), headers=own))
+    document = post(proxy, chat_body(model=model))
+    synthesized = post(proxy, chat_body(stream=True, model=model))
+    relayed = post(proxy, chat_body(stream=True, model=model))
+    assert [v for k, v in document.headers if k == "x-sidecar-cost"] == (
+        ["0.000017"] if model == MODEL else [])
+    for response in (synthesized, relayed):
+        assert response.status == 200 and response.header("x-sidecar-cost") is None
+
+
 @pytest.mark.parametrize("usage", [{}, {"prompt_tokens": None, "completion_tokens": None}])
 def test_a_usage_object_without_counts_is_estimated_for_the_ledger_alone(
     w: FakeWorker, proxy: Daemon, usage: dict[str, Any]
