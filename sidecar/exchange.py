@@ -382,6 +382,11 @@ class Exchange(StreamListener):
             return None
         return transport.write
 
+    def account(self) -> None:
+        """Account the request now (ledger line, metrics, access log): the next write gives
+        the client its whole answer. Once: `end_response` then only ends the answer."""
+        self._finish()
+
     def end_response(self) -> None:
         data = self.conn.send(END_OF_MESSAGE)
         self._finish()  # ledger, metrics and log before the client can see the end

@@ -125,8 +125,18 @@ class RawHandler(BodyHandler):
         length = header_value(raw_headers, b"content-length")
         # with Transfer-Encoding too, the body is chunked and the length meaningless: a proxy
         # must not forward it (RFC 9112 6.3)
-        if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
+        if header_value(raw_headers, b"transfer-encoding") is not None:
+            length = None
+        if length is not None:
             headers = [*headers, (b"content-length", length)]
+        #: body bytes still to come while the client is told the body's length (none after a
+        #: HEAD, a 204 or a 304): the request is accounted (ledger line, metrics) before the
+        #: write that completes its answer, as a chunked answer is before its last chunk
+        self.left: int | None = None
+        if exchange.method == "HEAD" or status in (204, 304):
+            self.left = 0
+        elif length is not None:
+            self.left = int(length)
         event_stream = (
             200 <= status < 300
             and exchange.method != "HEAD"
@@ -146,7 +156,9 @@ class RawHandler(BodyHandler):
         self.lead: bytes | None = b"" if unframed_stream else None
         if event_stream:
             exchange.stream_opened()
-        exchange.start_response(status, headers)
+        #: the head is the whole answer: it was ended (and accounted) with it
+        self.whole_at_head = self.left == 0
+        exchange.start_response(status, headers, b"" if self.whole_at_head else None)
 
     def data(self, chunk: bytes) -> None:
         if self.lead is not None:
@@ -155,6 +167,10 @@ class RawHandler(BodyHandler):
                 return
         if self.tail is not None:
             self.tail = (self.tail + chunk[-3:])[-3:]
+        if self.left is not None:
+            self.left -= len(chunk)
+            if self.left <= 0:  # these bytes complete the answer the client was told
+                self.ex.account()
         self.ex.write_data(chunk)
 
     @property
@@ -162,6 +178,8 @@ class RawHandler(BodyHandler):
         return self.tail is not None and not self.lead and self.tail.endswith(_BETWEEN_EVENTS)
 
     def end(self, at_close: bool = False) -> bool:
+        if self.whole_at_head:
+            return True
         if self.lead:  # a body shorter than a byte-order mark, and the start of one
             self.ex.write_data(self.lead)
         self.ex.end_response()
