@@ -204,8 +204,6 @@ def _refuse(
         client.close()
         return
     request_id = raw_request_id(head)
-    client.write(simple_response(status, body, request_id=request_id))
-    client.close(discard_input=True)  # the rest of the head, a body: read and dropped
     runtime = client.runtime
     duration = max(client.loop.time() - client.head_began, 0.0)
     runtime.metrics.request_finished("", "bad_request", status, None, Usage(), None, duration, duration)
@@ -226,6 +224,9 @@ def _refuse(
             request_id, "", method, path, status, "bad_request", code, duration, duration,
             None, None,
         )
+    # accounted (above) before the client can have its answer, as every request is
+    client.write(simple_response(status, body, request_id=request_id))
+    client.close(discard_input=True)  # the rest of the head, a body: read and dropped
 
 
 def _log_request(
