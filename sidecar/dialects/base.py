@@ -178,7 +178,8 @@ class StreamTranslator(Outcome, ABC):
         the price is worked out again only when the usage or the model changed.
         """
         usage = self.usage
-        if not usage.seen and self.content_events:
+        if (usage.estimated or not usage.seen) and self.content_events:
+            # (an estimate made at an earlier final chunk counts the deltas since, too)
             usage = self.usage = estimated_usage(self.content_events)
         model = self.model or self.plan.request_model
         key = (
