@@ -68,6 +68,9 @@ log = logging.getLogger("sidecar.exchange")
 END_OF_MESSAGE = h11.EndOfMessage()
 #: h11 states of a client whose request was read to its end
 _REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+#: worker response headers that sidecar's own replace: x-request-id always, x-sidecar-cost on
+#: routes whose dialect reads (and prices) the body
+_WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
 
@@ -204,8 +207,6 @@ def _refuse(
         client.close()
         return
     request_id = raw_request_id(head)
-    client.write(simple_response(status, body, request_id=request_id))
-    client.close(discard_input=True)  # the rest of the head, a body: read and dropped
     runtime = client.runtime
     duration = max(client.loop.time() - client.head_began, 0.0)
     runtime.metrics.request_finished("", "bad_request", status, None, Usage(), None, duration, duration)
@@ -226,6 +227,9 @@ def _refuse(
             request_id, "", method, path, status, "bad_request", code, duration, duration,
             None, None,
         )
+    # accounted (above) before the client can have its answer, as every request is
+    client.write(simple_response(status, body, request_id=request_id))
+    client.close(discard_input=True)  # the rest of the head, a body: read and dropped
 
 
 def _log_request(
@@ -385,6 +389,11 @@ class Exchange(StreamListener):
         if not self.chunked_out or transport is None:
             return None
         return transport.write
+
+    def account(self) -> None:
+        """Account the request now (ledger line, metrics, access log): the next write gives
+        the client its whole answer. Once: `end_response` then only ends the answer."""
+        self._finish()
 
     def end_response(self) -> None:
         data = self.conn.send(END_OF_MESSAGE)
@@ -721,8 +730,12 @@ class Exchange(StreamListener):
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )
-        # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends
-        worker_headers = end_to_end(raw_headers, b"x-request-id")
+        # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends;
+        # where sidecar prices the answer, so does a worker's x-sidecar-cost (another
+        # sidecar's, in front of the worker): the header states this one's cost, or is absent
+        worker_headers = end_to_end(
+            raw_headers, *(_WORKER_DROPPED if self.dialect.reads_body else _WORKER_DROPPED[:1])
+        )
         plan = self.plan
         handler: BodyHandler
         if plan is None or not 200 <= status < 300:

@@ -47,11 +47,12 @@ def body_kind(content_type: bytes | None) -> str | None:
 
 
 def cost_header(source: StreamTranslator | DocumentTranslator) -> list[Header]:
-    """`x-sidecar-cost` for a whole answer: the cost its body carries as `usage.cost`. None
-    for an estimate (the worker reported no usage): that one only the ledger prices."""
-    if source.cost is None or source.usage.estimated:
+    """`x-sidecar-cost` for a whole answer: the cost its body carries as `usage.cost` (none
+    for an estimate: see `Outcome.stated_cost`)."""
+    cost = source.stated_cost
+    if cost is None:
         return []
-    return [(b"x-sidecar-cost", cost_header_value(source.cost).encode())]
+    return [(b"x-sidecar-cost", cost_header_value(cost).encode())]
 
 
 class BodyHandler:
@@ -130,8 +131,18 @@ class RawHandler(BodyHandler):
         length = header_value(raw_headers, b"content-length")
         # with Transfer-Encoding too, the body is chunked and the length meaningless: a proxy
         # must not forward it (RFC 9112 6.3)
-        if length is not None and header_value(raw_headers, b"transfer-encoding") is None:
+        if header_value(raw_headers, b"transfer-encoding") is not None:
+            length = None
+        if length is not None:
             headers = [*headers, (b"content-length", length)]
+        #: body bytes still to come while the client is told the body's length (none after a
+        #: HEAD, a 204 or a 304): the request is accounted (ledger line, metrics) before the
+        #: write that completes its answer, as a chunked answer is before its last chunk
+        self.left: int | None = None
+        if exchange.method == "HEAD" or status in (204, 304):
+            self.left = 0
+        elif length is not None:
+            self.left = int(length)
         event_stream = (
             200 <= status < 300
             and exchange.method != "HEAD"
@@ -151,7 +162,9 @@ class RawHandler(BodyHandler):
         self.lead: bytes | None = b"" if unframed_stream else None
         if event_stream:
             exchange.stream_opened()
-        exchange.start_response(status, headers)
+        #: the head is the whole answer: it was ended (and accounted) with it
+        self.whole_at_head = self.left == 0
+        exchange.start_response(status, headers, b"" if self.whole_at_head else None)
 
     def data(self, chunk: bytes) -> None:
         if self.lead is not None:
@@ -160,6 +173,10 @@ class RawHandler(BodyHandler):
                 return
         if self.tail is not None:
             self.tail = (self.tail + chunk[-3:])[-3:]
+        if self.left is not None:
+            self.left -= len(chunk)
+            if self.left <= 0:  # these bytes complete the answer the client was told
+                self.ex.account()
         self.ex.write_data(chunk)
 
     @property
@@ -167,6 +184,8 @@ class RawHandler(BodyHandler):
         return self.tail is not None and not self.lead and self.tail.endswith(_BETWEEN_EVENTS)
 
     def end(self, at_close: bool = False) -> bool:
+        if self.whole_at_head:
+            return True
         if self.lead:  # a body shorter than a byte-order mark, and the start of one
             self.ex.write_data(self.lead)
         self.ex.end_response()

@@ -76,8 +76,14 @@ class Usage:
 
         `None` loses to any int. For Anthropic-shaped usage the derived
         `prompt_tokens` is recomputed from the merged parts, so reports that
-        each carry only some of the parts still add up.
+        each carry only some of the parts still add up. An estimate (counted from
+        the stream while no report had come) gives way to the worker's first real
+        report: its counts are never a value the worker reported.
         """
+        if self.estimated and not other.estimated and other.seen:
+            for name in _COUNT_FIELDS:
+                setattr(self, name, None)
+            self.estimated = False
         was_seen = self.seen
         for name in _COUNT_FIELDS:
             theirs = getattr(other, name)

@@ -646,6 +646,24 @@ def test_usage_estimated_from_content_events_when_the_worker_sends_none() -> Non
     assert t.usage.completion_tokens == 3
 
 
+def test_an_estimate_made_at_one_choices_finish_counts_the_rest_of_the_stream() -> None:
+    """n = 2, each finish chunk with a usage that counts nothing (an estimate is made at the
+    first): the estimate at the end counts every content delta, those after it too."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, **extra: Any) -> bytes:
+        return sse_data({**base, "choices": [{"index": index, "delta": delta,
+                                              "finish_reason": finish}], **extra})
+
+    t = stream_for(STREAMING, pricing=PRICES)
+    relay(t, b"".join([chunk(0, {"content": "a"}), chunk(1, {"content": "b"}),
+                       chunk(0, {}, "stop", usage={}), chunk(1, {"content": "c"}),
+                       chunk(1, {"content": "d"}), chunk(1, {}, "stop", usage={}), DONE]))
+    t.settle()
+    assert (t.usage.completion_tokens, t.usage.estimated) == (4, True)
+    assert t.cost == Decimal("0.000008")
+
+
 # ============================================================================ error frame
 
 

@@ -348,6 +348,76 @@ def test_no_usage_from_the_worker_is_estimated(w: FakeWorker, proxy: Daemon) -> 
     assert record["usage_estimated"] is True and record["cost"] == pytest.approx(6e-6)
 
 
+def test_a_usage_that_comes_after_an_estimate_is_the_usage(w: FakeWorker, proxy: Daemon) -> None:
+    """A finish chunk whose usage counts nothing (`{}`: priced from an estimate then), then
+    the worker's usage chunk: the client, the header and the ledger all get the worker's
+    counts (2 completion tokens for its 5 deltas), never the estimate's larger count."""
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": MODEL}
+    events = [sse_data({**base, "choices": [{"index": 0, "delta": {"content": c},
+                                             "finish_reason": None}]}) for c in "abcde"]
+    events += [
+        sse_data({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}],
+                  "usage": {}}),
+        sse_data({**base, "choices": [], "usage": USAGE_2}),
+        DONE,
+    ]
+    w.reply(sse_reply(events), sse_reply(events))
+    relayed = post(proxy, chat_body(stream=True, include_usage=True),
+                   headers=[("x-request-id", "after-estimate-1")])
+    usage = relayed.sse_json()[-2]["usage"]
+    aggregated = post(proxy, chat_body(), headers=[("x-request-id", "after-estimate-2")])
+    assert aggregated.header("x-sidecar-cost") == "0.000015"  # 11 x 1 + 2 x 2 per million
+    for shown in (usage, aggregated.json()["usage"]):
+        assert shown == {**USAGE_2, "cost": pytest.approx(15e-6)}
+    for rid in ("after-estimate-1", "after-estimate-2"):
+        record = proxy.ledger_for(rid)
+        assert (record["completion_tokens"], record["usage_estimated"]) == (2, False)
+        assert record["cost"] == pytest.approx(15e-6)
+
+
+USAGE_2 = {"prompt_tokens": 11, "completion_tokens": 2, "total_tokens": 13}
+
+
+@pytest.mark.parametrize("model", [MODEL, "no-price"])
+def test_x_sidecar_cost_is_only_ever_this_sidecars(w: FakeWorker, proxy: Daemon, model: str) -> None:
+    """A worker that sends an `x-sidecar-cost` of its own (another sidecar in front of it):
+    the client gets one header, the cost this sidecar worked out, or none (a stream, a model
+    with no price), never the worker's."""
+    own = [("x-sidecar-cost", "123.45")]
+    w.reply(json_reply(chat_completion(model=model), headers=own),
+            json_reply(chat_completion(model=model), headers=own),
+            sse_reply(chat_stream_events(model=model), headers=own))
+    document = post(proxy, chat_body(model=model))
+    synthesized = post(proxy, chat_body(stream=True, model=model))
+    relayed = post(proxy, chat_body(stream=True, model=model))
+    assert [v for k, v in document.headers if k == "x-sidecar-cost"] == (
+        ["0.000017"] if model == MODEL else [])
+    for response in (synthesized, relayed):
+        assert response.status == 200 and response.header("x-sidecar-cost") is None
+
+
+@pytest.mark.parametrize("usage", [{}, {"prompt_tokens": None, "completion_tokens": None}])
+def test_a_usage_object_without_counts_is_estimated_for_the_ledger_alone(
+    w: FakeWorker, proxy: Daemon, usage: dict[str, Any]
+) -> None:
+    """A worker whose usage object counts nothing (`{}`, nulls) reported no usage: the
+    estimate prices the ledger line, and the client's body carries neither counts nor a cost
+    made from it (as when the worker sends no usage object), nor an `x-sidecar-cost`."""
+    w.reply(sse_reply(chat_stream_events(usage=usage)), sse_reply(chat_stream_events(usage=usage)))
+    relayed = post(proxy, chat_body(stream=True, include_usage=True),
+                   headers=[("x-request-id", f"countless-relay-{len(usage)}")])
+    (usage_chunk,) = [p for p in relayed.sse_json()[:-1] if p.get("usage") is not None]
+    assert usage_chunk["usage"] == usage
+    aggregated = post(proxy, chat_body(), "/always/v1/chat/completions",
+                      headers=[("x-request-id", f"countless-agg-{len(usage)}")])
+    assert aggregated.status == 200 and aggregated.header("x-sidecar-cost") is None
+    assert aggregated.json()["usage"] == usage
+    for rid in (f"countless-relay-{len(usage)}", f"countless-agg-{len(usage)}"):
+        record = proxy.ledger_for(rid)
+        assert record["usage_estimated"] is True and record["completion_tokens"] == 3
+        assert record["cost"] == pytest.approx(6e-6)
+
+
 def test_invalid_utf8_from_the_worker_reaches_clients_mended(w: FakeWorker, proxy: Daemon) -> None:
     """A worker that cuts a character's UTF-8 bytes across two events: clients get U+FFFD
     for them (as an event-stream decoder reads them), never invalid UTF-8, which the SDK

@@ -537,6 +537,49 @@ def test_responses_sse_to_json(daemon: Daemon, worker: FakeWorker) -> None:
     check_responses_ledger(daemon, rid, client_stream=False, upstream_sse=True)
 
 
+def countless_usage_events(tail: str) -> list[bytes]:
+    """The dialect's stream whose usage objects count nothing (`{}`): no usage reported."""
+    if tail == "responses":
+        return responses_events({**RESPONSE, "usage": {}})
+    out = []
+    for event in anthropic_events(MESSAGE):
+        obj = json.loads(sse_payloads(event)[0])
+        if obj["type"] == "message_start":
+            obj["message"]["usage"] = {}
+        elif obj["type"] == "message_delta":
+            obj["usage"] = {}
+        out.append(ev(obj["type"], obj))
+    return out
+
+
+@pytest.mark.parametrize("client_stream", [True, False])
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_a_usage_object_without_counts_is_estimated_for_the_ledger_alone(
+    daemon: Daemon, worker: FakeWorker, tail: str, client_stream: bool
+) -> None:
+    """Usage objects that count nothing are no usage: the estimate from the stream prices the
+    ledger line only; the client's usage object stays the worker's, with no cost in it (an
+    invented one would disagree with the absent x-sidecar-cost)."""
+    worker.default = sse_reply(countless_usage_events(tail))
+    rid = request_id()
+    body = {**ask(), "stream": True} if client_stream else ask()
+    response = post(daemon, body, ("" if client_stream else "/always") + "/v1/" + tail,
+                    headers=[("x-request-id", rid)])
+    assert response.status == 200
+    if client_stream:
+        last = [json.loads(p) for p in sse_payloads(response.body)
+                if '"usage"' in p and json.loads(p)["type"] in ("message_delta", "response.completed")]
+        (final,) = last
+        usage = final["usage"] if tail == "messages" else final["response"]["usage"]
+    else:
+        assert response.header("x-sidecar-cost") is None
+        usage = response.json()["usage"]
+    assert usage == {}
+    record = daemon.ledger_for(rid)
+    assert record["outcome"] == "ok" and record["usage_estimated"] is True
+    assert record["completion_tokens"] and record["cost"]
+
+
 def test_responses_unnumbered_worker_is_numbered(daemon: Daemon, worker: FakeWorker) -> None:
     worker.default = responses_worker(numbered=False)
     with openai_client(daemon).responses.stream(model=GPT, input="Hello") as stream:

@@ -141,6 +141,8 @@ def refused(daemon: Daemon, data: bytes, status: int = 400) -> RawResponse:
         with contextlib.suppress(OSError):  # closed before we finished writing
             client.send(data)
         response = client.read_response(5)
+        # ... whose line is written before the client has its answer, as every request's
+        assert request_id in {r["request_id"] for r in daemon.ledger()}, "no line yet"
         assert client.closed_by_peer(3), f"the daemon kept the connection open after a {status}"
     assert response.status == status, response.raw
     assert error_of(response)

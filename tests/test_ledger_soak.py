@@ -38,6 +38,7 @@ from tests.harness import (
     FakeWorker,
     RawClient,
     Reset,
+    Send,
     Stall,
     Step,
     WorkerIO,
@@ -55,6 +56,7 @@ from tests.harness import (
     openai_handler,
     post,
     request_bytes,
+    response_head,
     sse_data,
     sse_payloads,
     sse_reply,
@@ -385,6 +387,37 @@ def exact_record(daemon: Daemon, request_id: str) -> dict[str, Any]:
     assert len(matches) == 1, matches
     check_well_formed(matches[0])
     return matches[0]
+
+
+@pytest.mark.parametrize(
+    ("method", "target", "answer"),
+    [
+        # a worker's error answer, with its Content-Length, on a dialect's route
+        ("POST", "/v1/chat/completions",
+         json_reply({"error": {"message": "context too long", "code": 400}}, status=400)),
+        # a passthrough route: a body of known length, none after HEAD or in a 204
+        ("GET", "/v1/models", json_reply({"object": "list", "data": [{"id": MODEL}]})),
+        ("HEAD", "/v1/models", [Send(response_head(200, [("content-length", "42")]))]),
+        ("DELETE", "/v1/files/f1", [Send(response_head(204))]),
+        # a chunked answer, for comparison (its last chunk goes out after the line)
+        ("GET", "/v1/models", json_reply({"object": "list", "data": []}, chunked=True)),
+    ],
+)
+def test_the_line_is_there_once_the_client_has_its_whole_answer(
+    daemon: Daemon, worker: FakeWorker, method: str, target: str, answer: list[Step]
+) -> None:
+    """README: the ledger line is written before the last byte of the answer goes out, so a
+    client that has its whole answer finds its line, also when the answer's end is the last
+    byte of a length it was told (or its head, when there is no body)."""
+    worker.default = answer
+    with RawClient(daemon.address) as client:
+        for i in range(8):
+            rid = f"whole-{method}-{target}-{len(answer)}-{i}"
+            body = chat_body() if method == "POST" else None
+            client.send(request_bytes(method, target, body, [("x-request-id", rid)]))
+            response = client.read_response(head_only_body=method == "HEAD")
+            assert response.complete and response.status in (200, 204, 400)
+            assert rid in {r["request_id"] for r in daemon.ledger()}, (rid, response.status)
 
 
 def test_bad_json_is_a_bad_request_line(daemon: Daemon, worker: FakeWorker) -> None:

@@ -150,6 +150,19 @@ def test_merge_estimated_flag() -> None:
     assert not r.estimated
 
 
+def test_an_estimate_gives_way_to_the_first_real_report() -> None:
+    """A stream priced early from an estimate (a finish chunk whose usage counted nothing),
+    then the worker's usage: its counts, not the larger of them and the estimate."""
+    u = estimated_usage(5)
+    u.merge_max(Usage(prompt_tokens=11, completion_tokens=2, total_tokens=13))
+    assert u == Usage(prompt_tokens=11, completion_tokens=2, total_tokens=13)
+    u.merge_max(Usage(completion_tokens=1))  # from here on, reports merge as ever
+    assert (u.completion_tokens, u.estimated) == (2, False)
+    v = estimated_usage(5)
+    v.merge_max(Usage())  # a report that counts nothing leaves the estimate
+    assert v == estimated_usage(5)
+
+
 def test_usage_or_estimate() -> None:
     real = Usage(prompt_tokens=3, completion_tokens=4)
     assert usage_or_estimate(real, 99) is real

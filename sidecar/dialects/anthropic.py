@@ -183,12 +183,13 @@ class AnthropicStream(TypedEventStream):
         if isinstance(usage, dict):
             self._add_usage(usage)
         self.settle()
-        if self.aggregate or self.cost is None or self.usage.estimated:
-            return False  # an estimate (the worker reported nothing) is the ledger's alone
+        cost = self.stated_cost
+        if self.aggregate or cost is None:
+            return False
         out = dict(usage) if isinstance(usage, dict) else {}
         if "output_tokens" not in out and self.usage.completion_tokens is not None:
             out["output_tokens"] = self.usage.completion_tokens
-        out["cost"] = cost_json_number(self.cost)
+        out["cost"] = cost_json_number(cost)
         obj["usage"] = out
         return True
 
@@ -226,8 +227,9 @@ class AnthropicStream(TypedEventStream):
         doc.update(self._delta)
         usage = dict(self._usage_obj) if self._usage_obj is not None else None
         if usage is not None:
-            if self.cost is not None:
-                usage["cost"] = cost_json_number(self.cost)
+            cost = self.stated_cost
+            if cost is not None:
+                usage["cost"] = cost_json_number(cost)
             doc["usage"] = usage
         return dumps_document(doc)
 

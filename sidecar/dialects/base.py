@@ -122,6 +122,12 @@ class Outcome:
     cost: Decimal | None
     worker_error: bool  # the worker reported an error inside a 2xx body
 
+    @property
+    def stated_cost(self) -> Decimal | None:
+        """The cost the client is told (`usage.cost`, `x-sidecar-cost`): None for an estimate
+        (the worker reported no usage), which only the ledger and metrics price."""
+        return None if self.usage.estimated else self.cost
+
 
 class StreamTranslator(Outcome, ABC):
     """Reads a worker's SSE events one at a time, for a streaming or an aggregating client.
@@ -172,7 +178,8 @@ class StreamTranslator(Outcome, ABC):
         the price is worked out again only when the usage or the model changed.
         """
         usage = self.usage
-        if not usage.seen and self.content_events:
+        if (usage.estimated or not usage.seen) and self.content_events:
+            # (an estimate made at an earlier final chunk counts the deltas since, too)
             usage = self.usage = estimated_usage(self.content_events)
         model = self.model or self.plan.request_model
         key = (

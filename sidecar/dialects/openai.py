@@ -270,8 +270,8 @@ class OpenAIStream(StreamTranslator):
                     return None  # the usage chunk we asked for on the client's behalf
                 del obj["usage"]
                 rewrite = True
-            elif final and self.cost is not None:
-                obj["usage"] = _usage_with_cost(self._merged_usage(usage_obj), self.cost)
+            elif final and (cost := self.stated_cost) is not None:
+                obj["usage"] = _usage_with_cost(self._merged_usage(usage_obj), cost)
                 rewrite = True
         if rewrite:
             if event.event is None and event.id is None:
@@ -414,7 +414,11 @@ class OpenAIStream(StreamTranslator):
         }
         doc.update(self._extras)
         if self._usage_obj is not None:
-            doc["usage"] = _usage_with_cost(self._merged_usage(self._usage_obj), self.cost)
+            # an estimate (the worker's usage counted nothing) is the ledger's alone: the
+            # client gets the worker's usage object as it came
+            doc["usage"] = self._usage_obj if self.usage.estimated else _usage_with_cost(
+                self._merged_usage(self._usage_obj), self.cost
+            )
         return dumps_document(doc)
 
     def _merged_usage(self, usage_obj: dict[str, Any]) -> dict[str, Any]:

@@ -211,7 +211,7 @@ class ResponsesStream(TypedEventStream):
         if kind == "response.failed":
             self.worker_error = True  # forwarded as it is
             return False
-        return not self.aggregate and _with_cost(response, self.cost)
+        return not self.aggregate and _with_cost(response, self.stated_cost)
 
     # -- results ------------------------------------------------------------------
     def _base(self) -> dict[str, Any]:
@@ -254,7 +254,7 @@ class ResponsesStream(TypedEventStream):
                 doc[key] = base[key]
         if not isinstance(doc.get("output"), list):
             doc["output"] = self._output.output()
-        _with_cost(doc, self.cost)
+        _with_cost(doc, self.stated_cost)
         return dumps_document(doc)
 
     def error_frame(self, failure: Failure, message: str) -> bytes:
@@ -294,7 +294,7 @@ class ResponsesDocument(DocumentTranslator):
         self.usage = usage_from_responses(usage_obj) if isinstance(usage_obj, dict) else Usage()
         self.cost = price_usage(pricing, self.model or plan.request_model, self.usage, openai_cost)
         if not self.worker_error:
-            _with_cost(doc, self.cost)
+            _with_cost(doc, self.stated_cost)
 
     def json(self) -> bytes:
         doc = self.doc
