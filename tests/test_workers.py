@@ -458,6 +458,48 @@ def test_sigterm_stops_every_worker_after_their_streams(
     assert all(r["outcome"] == "ok" for r in records)
 
 
+def test_sigterm_refuses_new_clients_on_a_shared_unix_socket(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """On a unix socket every process shares one listening socket, the parent's copy too:
+    once the drain begins a new client is refused at once, not queued in a backlog that no
+    process takes from any more (it would hang until the daemon exits)."""
+    release, started = threading.Event(), threading.Event()
+    worker.default = None
+    worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started))
+    path = str(tmp_path / "sidecar.sock")
+    daemon = make_daemon(worker=worker, workers=2, listen=f"unix:{path}", drain_timeout="10s",
+                         upstream={"idle_timeout": "10s"})
+    assert len(wait_children(daemon.pid, 2)) == 2
+    try:
+        with RawClient(path, timeout=20) as client:
+            client.send(request_bytes(body=chat_body(stream=True),
+                                      headers=[("x-request-id", "held")]))
+            assert started.wait(5)
+            daemon.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(2)
+                    try:
+                        probe.connect(path)
+                    except OSError:
+                        refused = True
+                        continue
+                    time.sleep(0.02)
+            assert refused, "new clients are still queued on the unix socket while draining"
+            assert daemon.alive()
+            release.set()
+            response = client.read_response(timeout=10)
+            assert response.status == 200 and response.sse()[-1] == "[DONE]"
+    finally:
+        release.set()
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
+    assert daemon.ledger_for("held")["outcome"] == "ok"
+
+
 def test_a_second_sigterm_waits_for_the_workers_to_close_what_is_in_flight(
     worker: FakeWorker, make_daemon: Callable[..., Daemon]
 ) -> None:
