@@ -81,6 +81,11 @@ class AdminConnection(asyncio.Protocol):
         if self.live is not None:
             self.live.discard(self)
 
+    def eof_received(self) -> bool:
+        """The client closed its sending side: a request already read is still answered
+        (`printf 'GET /readyz ...' | nc -N`), so the transport stays open for writing."""
+        return self.handled
+
     def _expire(self) -> None:
         if self.transport is not None and not self.handled:
             self.transport.close()

@@ -902,6 +902,10 @@ class Supervisor:
             handle.cancel()
         self.respawns.clear()
         self.signal_workers(PARENT_STOPS)
+        # The parent's copy of the client socket: a shared one (unix, socket activation)
+        # still listens through it, so the kernel would queue new clients that no worker
+        # takes any more, instead of refusing them. No worker is forked after this.
+        self.sockets.listen.close()
         self.changed.set()
         if not self.children:
             self.done.set()

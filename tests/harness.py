@@ -1203,6 +1203,7 @@ class Daemon:
         self.port = 0
         self.unix_path: str | None = None
         self.admin_port = 0
+        self.admin_unix_path: str | None = None
         self._cond = threading.Condition()
         self._reader: threading.Thread | None = None
 
@@ -1234,8 +1235,10 @@ class Daemon:
             self.host, self.port = listen
         if match.group(2):
             admin = _address(match.group(2))
-            assert not isinstance(admin, str), "admin on a unix socket is not supported here"
-            self.admin_port = admin[1]
+            if isinstance(admin, str):
+                self.admin_unix_path = admin
+            else:
+                self.admin_port = admin[1]
         return self
 
     def _read_stderr(self) -> None:

@@ -1274,6 +1274,49 @@ def test_admin_head_has_no_body_and_405_says_allow(make_daemon: Callable[..., Da
     assert refused.status_code == 405 and refused.headers["allow"] == "GET, HEAD"
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_answers_a_client_that_half_closed_after_its_request(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], workers: int
+) -> None:
+    """A health check written as `printf 'GET /readyz ...' | nc -N host port` shuts its
+    sending side down right after the request: the answers that take a moment (/readyz
+    probes the worker, /metrics asks the worker processes) are still written."""
+    daemon = make_daemon(worker=worker, workers=workers)
+    for path, status in (("/healthz", 200), ("/readyz", 200), ("/metrics", 200)):
+        with socket.create_connection((LOOPBACK, daemon.admin_port), timeout=10) as sock:
+            sock.sendall(request_bytes("GET", path))
+            sock.shutdown(socket.SHUT_WR)
+            raw = b""
+            while data := sock.recv(65536):
+                raw += data
+        assert raw.startswith(b"HTTP/1.1 %d " % status), (path, raw)
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_admin_port_on_a_unix_socket(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path, workers: int
+) -> None:
+    """`admin_listen: unix:/path` serves the same pages; /readyz follows the worker there too."""
+    path = str(tmp_path / "admin.sock")
+    daemon = make_daemon(worker=worker, workers=workers, admin_listen=f"unix:{path}")
+    assert daemon.admin_unix_path == path
+
+    def get(page: str) -> httpx.Response:
+        with httpx.Client(transport=httpx.HTTPTransport(uds=path), timeout=5) as client:
+            return client.get(f"http://admin{page}")
+
+    assert get("/healthz").status_code == 200
+    assert get("/readyz").status_code == 200
+    metrics = get("/metrics")
+    assert metrics.status_code == 200
+    assert metrics.headers["content-type"].startswith("text/plain; version=0.0.4")
+    assert "sidecar_build_info" in metrics.text
+    assert get("/nope").status_code == 404
+    worker.stop_listening()
+    assert get("/readyz").status_code == 503
+    assert get("/healthz").status_code == 200
+
+
 def test_admin_port_is_separate_from_client_traffic(w: FakeWorker, proxy: Daemon) -> None:
     raw = raw_exchange(proxy.address, request_bytes("GET", "/metrics"), timeout=2.0)
     assert raw.startswith(b"HTTP/1.1 404")

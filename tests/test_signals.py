@@ -199,6 +199,40 @@ def test_sighup_with_a_bad_config_keeps_the_old_one(
         assert daemon.stop() == 0
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_sighup_storm_leaves_it_serving_on_the_last_config(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], workers: int
+) -> None:
+    """20 SIGHUPs in a row, the file rewritten before each (a price, then the worker too):
+    signals may merge, but the daemon keeps serving and ends on the last file, in every
+    worker process."""
+    worker.default = openai_handler()
+    with FakeWorker() as last_worker:
+        last_worker.default = openai_handler()
+        daemon = make_daemon(worker=worker, workers=workers)
+        for i in range(20):
+            upstream = last_worker.url if i == 19 else worker.url
+            staged = daemon.config_path.with_suffix(".new")  # whole, as a deploy tool writes it
+            staged.write_text(yaml.safe_dump(deep_merge(daemon.config, {
+                "upstream": {"url": upstream},
+                "pricing": {"models": {MODEL: {"prompt": i + 1, "completion": 0}}}})))
+            staged.replace(daemon.config_path)
+            daemon.send_signal(signal.SIGHUP)
+        last_cost = Decimal(20 * 11) / 1_000_000  # the harness's 11 prompt tokens at 20
+        deadline = time.monotonic() + 15
+        streak = 0
+        while streak < 12:  # on fresh connections: both processes of workers: 2 take some
+            assert time.monotonic() < deadline, "the last config was not applied"
+            response = post(daemon, chat_body())
+            assert response.status == 200
+            streak = streak + 1 if Decimal(response.header("x-sidecar-cost") or "0") == last_cost else 0
+        before = len(worker.requests)
+        assert post(daemon, chat_body()).status == 200
+        assert len(worker.requests) == before and last_worker.requests
+        assert daemon.alive()
+    assert daemon.stop() == 0
+
+
 def test_sighup_applies_logging_and_names_what_needs_a_restart(
     worker: FakeWorker, tmp_path: Path
 ) -> None:

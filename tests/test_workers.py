@@ -392,7 +392,7 @@ def test_sd_notify_and_watchdog_come_from_the_parent(worker: FakeWorker, tmp_pat
 
 def streams_on_both_processes(
     worker: FakeWorker, make_daemon: Callable[..., Daemon], stack: ExitStack,
-    release: threading.Event, streams: int, prefix: str, timeout: str,
+    release: threading.Event, streams: int, prefix: str, timeout: str, drain: str | None = None,
 ) -> tuple[Daemon, set[int], list[RawClient]]:
     """A `workers: 2` daemon with `streams` streams held open until `release` (request ids
     `prefix-N`), some on each worker process: (the daemon, its worker pids, the clients)."""
@@ -400,7 +400,7 @@ def streams_on_both_processes(
     worker.default = None
     for i in range(streams):
         worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started[i]))
-    daemon = make_daemon(worker=worker, workers=2, drain_timeout=timeout,
+    daemon = make_daemon(worker=worker, workers=2, drain_timeout=drain or timeout,
                          upstream={"idle_timeout": timeout})
     kids = wait_children(daemon.pid, 2)
     assert len(kids) == 2
@@ -456,6 +456,75 @@ def test_sigterm_stops_every_worker_after_their_streams(
     records = daemon.wait_ledger(streams)
     assert sorted(r["request_id"] for r in records) == sorted(f"term-{i}" for i in range(streams))
     assert all(r["outcome"] == "ok" for r in records)
+
+
+def test_sigterm_refuses_new_clients_on_a_shared_unix_socket(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """On a unix socket every process shares one listening socket, the parent's copy too:
+    once the drain begins a new client is refused at once, not queued in a backlog that no
+    process takes from any more (it would hang until the daemon exits)."""
+    release, started = threading.Event(), threading.Event()
+    worker.default = None
+    worker.reply(held_stream(chat_stream_events(("bye",)), release, started=started))
+    path = str(tmp_path / "sidecar.sock")
+    daemon = make_daemon(worker=worker, workers=2, listen=f"unix:{path}", drain_timeout="10s",
+                         upstream={"idle_timeout": "10s"})
+    assert len(wait_children(daemon.pid, 2)) == 2
+    try:
+        with RawClient(path, timeout=20) as client:
+            client.send(request_bytes(body=chat_body(stream=True),
+                                      headers=[("x-request-id", "held")]))
+            assert started.wait(5)
+            daemon.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + 5
+            refused = False
+            while not refused and time.monotonic() < deadline:
+                with socket.socket(socket.AF_UNIX) as probe:
+                    probe.settimeout(2)
+                    try:
+                        probe.connect(path)
+                    except OSError:
+                        refused = True
+                        continue
+                    time.sleep(0.02)
+            assert refused, "new clients are still queued on the unix socket while draining"
+            assert daemon.alive()
+            release.set()
+            response = client.read_response(timeout=10)
+            assert response.status == 200 and response.sse()[-1] == "[DONE]"
+    finally:
+        release.set()
+    assert daemon.proc is not None
+    assert daemon.proc.wait(10) == 0
+    assert daemon.ledger_for("held")["outcome"] == "ok"
+
+
+def test_drain_timeout_cuts_the_streams_of_every_worker_and_exits_0(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon]
+) -> None:
+    """One SIGTERM, streams that never end: each worker process cuts its own at
+    drain_timeout, every cut stream has its ledger line, and the daemon exits 0."""
+    streams = 8
+    release = threading.Event()
+    try:
+        with ExitStack() as stack:
+            daemon, _, clients = streams_on_both_processes(
+                worker, make_daemon, stack, release, streams, "cut-by-drain", "30s", drain="1s")
+            began = time.monotonic()
+            daemon.send_signal(signal.SIGTERM)
+            assert daemon.proc is not None
+            assert daemon.proc.wait(15) == 0
+            assert time.monotonic() - began >= 0.8, "exited before drain_timeout"
+            assert not children(daemon.pid)
+            for client in clients:
+                assert "[DONE]" not in client.read_response(timeout=5).sse()
+        records = daemon.ledger()
+        assert sorted(r["request_id"] for r in records) == sorted(
+            f"cut-by-drain-{i}" for i in range(streams))
+        assert {r["outcome"] for r in records} == {"client_disconnect"}
+    finally:
+        release.set()
 
 
 def test_a_second_sigterm_waits_for_the_workers_to_close_what_is_in_flight(
