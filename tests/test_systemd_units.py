@@ -119,6 +119,7 @@ def test_service_directives() -> None:
     assert svc["ExecStart"] == f"{INSTALLED_EXEC} run -c /etc/sidecar/sidecar.yaml"
     assert "-HUP" in svc["ExecReload"] and "$MAINPID" in svc["ExecReload"]
     assert svc["Restart"] == "on-failure"
+    assert svc["RestartPreventExitStatus"] == "2"  # `sidecar run` on a config that does not load
     assert svc["WatchdogSec"] == "30s"
     assert svc["KillSignal"] == "SIGTERM"
     assert svc["StateDirectory"] == "sidecar"
