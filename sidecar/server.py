@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.server")
 _YIELD_EVERY = 256  # request body events handed out before other connections get a turn
+#: Request body pieces h11 has ready are joined up to this size (or _YIELD_EVERY chunks):
+#: a body of tiny chunks is held and forwarded as its bytes, not as an object per chunk
+_BODY_PIECE = 64 * 1024
 
 #: Read no more from a client while this much of its input waits unprocessed.
 _INPUT_HIGH_WATER = 256 * 1024
@@ -106,6 +109,9 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._events_in_a_row = 0  # body events handed out without waiting for the socket
+        #: what h11 gave after the body data `_join_data` took (an event or its error), with
+        #: the request's h11 connection: handed out by the next `next_request_event`
+        self._held: tuple[h11.Connection, h11.Event | h11.RemoteProtocolError] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None  # a close waiting on the client
         self.discarding = False  # closed for writing; what the client still sends is dropped
 
@@ -293,12 +299,22 @@ class ClientConnection(asyncio.Protocol):
     ) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event of the request body; sends 100 Continue when the client waits.
 
-        One read can hold tens of thousands of tiny chunks: every `_YIELD_EVERY` events in
-        a row, the other connections get a turn."""
+        One read can hold tens of thousands of tiny chunks: the body data h11 has ready comes
+        as one `Data` (see `_join_data`), and every `_YIELD_EVERY` events in a row, the other
+        connections get a turn."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if held[0] is conn:
+                if isinstance(held[1], h11.RemoteProtocolError):
+                    raise held[1]
+                return held[1]
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 self._events_in_a_row += 1
+                if type(event) is h11.Data and len(event.data) < _BODY_PIECE:
+                    event = self._join_data(conn, event)
                 if self._events_in_a_row >= _YIELD_EVERY:
                     self._events_in_a_row = 0
                     await asyncio.sleep(0)
@@ -315,6 +331,30 @@ class ClientConnection(asyncio.Protocol):
                 continue
             await self._more(deadline)
             self.feed_h11(conn)
+
+    def _join_data(self, conn: h11.Connection, first: h11.Data) -> h11.Data:
+        """`first` and the body data h11 has ready after it, as one `Data` of up to
+        `_BODY_PIECE` bytes (and `_YIELD_EVERY` events in a row): a chunked body of 1-byte
+        chunks would otherwise cost an object (~100 bytes) per byte, held whole on a route
+        that reads JSON and written to the worker one chunk at a time on a passthrough one.
+        The event (or error) that ends the run is held for the next call."""
+        pieces = [first.data]
+        size = len(first.data)
+        while size < _BODY_PIECE and self._events_in_a_row < _YIELD_EVERY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._held = (conn, exc.with_traceback(None))  # after the data before it
+                break
+            if event is h11.NEED_DATA:
+                break
+            self._events_in_a_row += 1
+            if type(event) is not h11.Data:
+                self._held = (conn, event)  # type: ignore[assignment]
+                break
+            pieces.append(event.data)
+            size += len(event.data)
+        return first if len(pieces) == 1 else h11.Data(data=b"".join(pieces))
 
     # -- writing ------------------------------------------------------------------------
     def write(self, data: bytes) -> None:

@@ -46,6 +46,7 @@ from tests.harness import (
     WorkerRequest,
     _WorkerProtocol,
     chat_body,
+    chat_or_echo,
     chat_route,
     chat_stream_events,
     chunk,
@@ -551,3 +552,50 @@ def test_aggregating_a_stream_past_the_document_bound_is_a_502(
     assert response.status == 502, response.raw[:300]
     assert json.loads(response.body)["error"]["code"] == "upstream_protocol_error"
     assert daemon.ledger_for("big")["outcome"] == "upstream_error"
+
+
+# =============================================================================================
+# A request body of tiny chunks is held as its bytes
+# =============================================================================================
+
+TINY_PAYLOAD = 1_000_000  # bytes of body, each in a chunk of its own (6 MB on the wire)
+
+
+def one_byte_chunks(payload: bytes) -> bytes:
+    return b"".join(b"1\r\n" + payload[i : i + 1] + b"\r\n" for i in range(len(payload)))
+
+
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/echo"])
+def test_a_body_of_one_byte_chunks_costs_its_bytes_not_an_object_per_chunk(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], target: str
+) -> None:
+    """A chunked request body of 1-byte chunks, within max_request_body: the daemon holds
+    it (a route that reads JSON) or passes it on (passthrough) as its bytes. Held as one
+    h11 event per chunk it cost ~160 bytes of RSS per body byte (a 10 MiB body, the
+    default limit: over 1.5 GiB), and a passthrough route wrote the worker one chunk per
+    byte. A broken chunk after such a run is still a 400."""
+    worker.default = chat_or_echo
+    daemon = make_daemon(worker=worker, limits={"max_request_body": "2MiB", "body_timeout": "30s"})
+    prefix = b'{"model":"test-model","messages":[],"pad":"'
+    payload = prefix + b"x" * (TINY_PAYLOAD - len(prefix) - 2) + b'"}'
+    head = (f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            "transfer-encoding: chunked\r\n\r\n").encode()
+    idle = daemon.rss_kib()
+    sampler = RssSampler(daemon)
+    sampler.start()
+    try:
+        with RawClient(daemon.address, timeout=30) as client:
+            client.send(head + one_byte_chunks(payload) + LAST_CHUNK)
+            response = client.read_response(30)
+    finally:
+        sampler.stop_event.set()
+        sampler.join()
+    assert response.status == 200, response.raw[:300]
+    assert worker.wait_requests(1)[0].body == payload
+    growth = sampler.peak - idle
+    print(f"\n{len(payload)} bytes in 1-byte chunks to {target}: RSS idle {idle} KiB, +{growth} KiB")
+    assert growth < 32 * MiB // KiB, f"RSS grew by {growth} KiB for a body of {len(payload)} bytes"
+    with RawClient(daemon.address, timeout=30) as client:
+        client.send(head + one_byte_chunks(payload[:5000]) + b"zz\r\n")
+        response = client.read_response(30)
+    assert response.status == 400, response.raw[:300]
