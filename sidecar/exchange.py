@@ -710,6 +710,10 @@ class Exchange(StreamListener):
             if type(event) is h11.Response:
                 return event
             if type(event) is h11.InformationalResponse:
+                # an interim answer is no response head: a worker that keeps sending them
+                # (never waited on, so the wait's own timer never fires) still times out
+                if deadline is not None and self.loop.time() >= deadline:
+                    raise TimeoutError()
                 continue
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "closed before the response head")
 
