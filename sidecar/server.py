@@ -120,6 +120,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = client_transport = cast(asyncio.Transport, transport)
         runtime = self.runtime
         runtime.check_fd_limit()
+        if runtime.lingering and runtime.connections < runtime.max_connections:
+            _trim_lingering(runtime, 1)  # this client may need its fd and a worker's
         if runtime.connections >= runtime.max_connections or runtime.draining:
             if not runtime.draining:
                 runtime.shedding()
@@ -170,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.runtime.lingering.pop(self, None)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -437,10 +440,13 @@ class ClientConnection(asyncio.Protocol):
                 transport.resume_reading()
             transport.write_eof()
             self._linger_timer = self.loop.call_later(DISCARD_TIME, self._stop_discarding)
+            self.runtime.lingering[self] = None
+            _trim_lingering(self.runtime, 0)
             return
         self._close_transport(transport)
 
     def _stop_discarding(self) -> None:
+        self.runtime.lingering.pop(self, None)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -470,3 +476,23 @@ class ClientConnection(asyncio.Protocol):
         """Drop the connection without finishing the response (the client sees the break)."""
         if self.transport is not None:
             self.transport.abort()
+
+
+def _trim_lingering(runtime: Runtime, new: int) -> None:
+    """Drop the oldest lingering closes (`ClientConnection.close` with `discard_input`) while
+    they hold more than their share of descriptors: they count towards no connection limit,
+    so clients refused while they kept sending could otherwise fill the fd table, and then
+    neither a new client nor a worker connection would get a descriptor (no 503 either:
+    accept() fails). At most `max_connections` of them, and never a descriptor that the
+    open connections and `new` more (each with a worker connection) need within the fd
+    limit's cap. A dropped one may lose the end of its answer to the reset."""
+    lingering = runtime.lingering
+    room = 2 * (runtime.fd_cap - runtime.connections - new)
+    while lingering and (len(lingering) > room or len(lingering) > runtime.max_connections):
+        conn = next(iter(lingering))
+        del lingering[conn]
+        if conn._linger_timer is not None:
+            conn._linger_timer.cancel()
+            conn._linger_timer = None
+        if conn.transport is not None:
+            conn.transport.abort()

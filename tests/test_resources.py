@@ -435,6 +435,38 @@ def test_a_low_fd_limit_caps_connections_503_then_serves(
     assert daemon.alive()
 
 
+def test_refused_clients_that_keep_sending_do_not_take_every_fd(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A refused head's connection lingers (drops what its client still sends, up to
+    DISCARD_TIME) outside max_connections: clients refused in a burst that keep their
+    connections open must not fill the fd table, where accept() fails and nobody else is
+    served, not even with a 503. The oldest lingering ones give their fds up instead."""
+    nofile = 128
+    worker.default = chat_or_echo
+    daemon = make_daemon(worker=worker, env=limited_env(tmp_path, nofile),
+                         limits={"max_connections": 4096})
+    refused: list[socket.socket] = []
+    try:
+        for _ in range(nofile + 20):
+            sock = socket.create_connection(daemon.address, timeout=5)
+            sock.sendall(b"GET http://elsewhere/ HTTP/1.1\r\nhost: x\r\n\r\n")  # 400
+            refused.append(sock)
+        time.sleep(0.3)
+        for sock in refused:  # still sending: each keeps its lingering close going
+            with contextlib.suppress(OSError):
+                sock.sendall(b"more")
+        assert fd_count(daemon.pid) < nofile
+        for i in range(10):
+            with RawClient(daemon.address, timeout=4) as client:
+                client.send(request_bytes(body=chat_body(), headers=[("x-request-id", f"ok-{i}")]))
+                assert client.read_response(4).status == 200
+    finally:
+        for sock in refused:
+            sock.close()
+    assert daemon.alive()
+
+
 def test_emfile_is_survived(worker: FakeWorker, tmp_path: Path) -> None:
     """The fd limit drops under a running daemon: accept()/connect() fail with EMFILE.
 
