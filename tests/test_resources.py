@@ -631,3 +631,65 @@ def test_a_body_of_one_byte_chunks_costs_its_bytes_not_an_object_per_chunk(
         client.send(head + one_byte_chunks(payload[:5000]) + b"zz\r\n")
         response = client.read_response(30)
     assert response.status == 400, response.raw[:300]
+
+
+# =============================================================================================
+# A worker that answers while its request body is still being passed on
+# =============================================================================================
+
+EARLY_CAP = 256 * MiB  # what the worker below sends at most (without the bound: all of it held)
+
+
+def test_a_worker_answering_before_the_body_ends_is_held_back(
+    make_daemon: Callable[..., Daemon]
+) -> None:
+    """A passthrough upload is passed on as it arrives, and its response is read once it
+    has been: a worker that answers at once (never reading the body) and streams fast must
+    be held back, not kept in memory, while the client is still sending (the whole of it
+    was, at ~1 GiB/s: +3 GiB of RSS within body_timeout). The answer then goes out."""
+    listener = socket.create_server((LOOPBACK, 0))
+    sent = [0]
+
+    def early_worker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)  # the head (and whatever of the body came with it)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            piece = chunk(b"w" * (256 * KiB))
+            with contextlib.suppress(OSError):
+                while sent[0] < EARLY_CAP:
+                    conn.sendall(piece)
+                    sent[0] += len(piece)
+                conn.settimeout(15)
+                while conn.recv(65536):  # then open (and reading) until the daemon closes
+                    pass
+
+    thread = threading.Thread(target=early_worker, daemon=True)
+    thread.start()
+    daemon = make_daemon(daemon_config(f"http://{LOOPBACK}:{listener.getsockname()[1]}",
+                                       limits={"body_timeout": "10s"},
+                                       upstream={"idle_timeout": "5s"}))
+    idle = daemon.rss_kib()
+    sampler = RssSampler(daemon)
+    sampler.start()
+    try:
+        with RawClient(daemon.address, timeout=10) as client:
+            client.send(b"POST /v1/upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(8):  # the body, slowly: 2 s
+                client.send(chunk(b"x" * 10))
+                time.sleep(0.25)
+            held = sent[0]
+            client.send(LAST_CHUNK)
+            head = client.read_until(b"\r\n\r\n", 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert client.read_exactly(MiB, 10).count(b"w") > MiB // 2
+    finally:
+        sampler.stop_event.set()
+        sampler.join()
+        listener.close()
+    growth = sampler.peak - idle
+    print(f"\nworker answering early: it sent {held // KiB} KiB while the body came; "
+          f"daemon RSS idle {idle} KiB, +{growth} KiB")
+    assert held <= KERNEL_BUFFERS, f"the worker sent {held} bytes before the body ended"
+    assert growth < 64 * MiB // KiB, f"RSS grew by {growth} KiB"
