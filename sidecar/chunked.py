@@ -86,7 +86,9 @@ class ChunkedDecoder:
     that are kept in `trailing` (a worker that sends them cannot be reused).
     """
 
-    __slots__ = ("_buf", "_remaining", "_state", "at_boundary", "done", "max_line", "trailing")
+    __slots__ = (
+        "_buf", "_remaining", "_state", "_trailer", "at_boundary", "done", "max_line", "trailing"
+    )
 
     # states: 0 = expecting a size line, 1 = inside chunk data (`_remaining` bytes left),
     # 2 = expecting the CRLF after chunk data, 3 = inside the trailer section
@@ -94,6 +96,7 @@ class ChunkedDecoder:
         self._buf = b""
         self._remaining = 0
         self._state = 0
+        self._trailer = 0  # bytes of whole trailer lines taken so far
         self.done = False
         self.max_line = max_line
         self.trailing = b""
@@ -184,9 +187,14 @@ class ChunkedDecoder:
             else:  # trailer section: lines until an empty one
                 nl = buf.find(b"\r\n", pos)
                 if nl < 0:
-                    if end - pos > self.max_line:
+                    if self._trailer + end - pos > self.max_line:
                         raise ChunkedError("trailer section too long")
                     break
+                # the whole section is bounded, not only each line: endless trailer lines
+                # would hold the response open with bytes flowing (no idle timeout) for ever
+                self._trailer += nl + 2 - pos
+                if self._trailer > self.max_line:
+                    raise ChunkedError("trailer section too long")
                 if nl == pos:
                     self.done = True
                     self.at_boundary = False

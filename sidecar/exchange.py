@@ -73,6 +73,8 @@ _REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
 _WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
+#: bytes written as they are rather than joined to their head or chunk framing (a copy)
+LARGE_WRITE = 1024 * 1024
 
 
 class TooLarge(Exception):
@@ -344,11 +346,19 @@ class Exchange(StreamListener):
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
         if body is not None:
-            if body and self.method != "HEAD":
-                data += conn.send(h11.Data(data=body))
-            data += conn.send(END_OF_MESSAGE)
+            framed = conn.send(h11.Data(data=body)) if body and self.method != "HEAD" else b""
+            end = conn.send(END_OF_MESSAGE)
             self._finish()  # accounted before the client can see the end
-        self.client.write(data)
+            if len(framed) >= LARGE_WRITE:
+                # a document (up to MAX_DOCUMENT) goes out as it is, not copied once more
+                # behind its head
+                self.client.write(data)
+                self.client.write(framed)
+                data = end
+            else:
+                data += framed + end
+        if data:
+            self.client.write(data)
         self.head_sent = True
         self.chunked_out = (
             self.conn.their_http_version == b"1.1"
@@ -359,6 +369,11 @@ class Exchange(StreamListener):
 
     def write_data(self, data: bytes) -> None:
         if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
+            if len(data) >= LARGE_WRITE:  # a synthesized stream: not copied into its chunk
+                self.client.write(b"%x\r\n" % len(data))
+                self.client.write(data)
+                self.client.write(b"\r\n")
+                return
             self.client.write(frame(data))
         else:
             self.client.write(self.conn.send(h11.Data(data=data)))
@@ -719,6 +734,10 @@ class Exchange(StreamListener):
             if type(event) is h11.Response:
                 return event
             if type(event) is h11.InformationalResponse:
+                # an interim answer is no response head: a worker that keeps sending them
+                # (never waited on, so the wait's own timer never fires) still times out
+                if deadline is not None and self.loop.time() >= deadline:
+                    raise TimeoutError()
                 continue
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "closed before the response head")
 

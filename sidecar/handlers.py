@@ -467,6 +467,7 @@ class DocumentHandler(BodyHandler):
         if document.startswith(BOM):  # dropped, as from an event stream
             document = document[len(BOM) :]
         translator = ex.dialect.document(ex.plan, ex.generation.config.pricing, document)
+        del document  # parsed: not held as well while the answer is made and written
         ex.outcome_source = translator
         if translator.worker_error:
             ex.outcome = "upstream_error"

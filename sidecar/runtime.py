@@ -13,11 +13,15 @@ import logging
 import resource
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from sidecar.config import Config, UpstreamConfig
 from sidecar.ledger import Ledger
 from sidecar.metrics import Metrics
 from sidecar.upstream import UpstreamPool
+
+if TYPE_CHECKING:
+    from sidecar.server import ClientConnection
 
 
 @dataclass(slots=True)
@@ -84,6 +88,9 @@ class Runtime:
         self.ledger = Ledger(config.usage_log, self.metrics)
         self.current = Generation(config)
         self.connections = 0
+        #: client connections closed while their client still sends, dropping its input for a
+        #: while (ClientConnection.close): outside `connections`, oldest first
+        self.lingering: dict[ClientConnection, None] = {}
         self.draining = False
         self._last_shed_log = 0.0
         self._fd_limit = 0

@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.server")
 _YIELD_EVERY = 256  # request body events handed out before other connections get a turn
+#: Request body pieces h11 has ready are joined up to this size (or _YIELD_EVERY chunks):
+#: a body of tiny chunks is held and forwarded as its bytes, not as an object per chunk
+_BODY_PIECE = 64 * 1024
 
 #: Read no more from a client while this much of its input waits unprocessed.
 _INPUT_HIGH_WATER = 256 * 1024
@@ -106,6 +109,9 @@ class ClientConnection(asyncio.Protocol):
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._events_in_a_row = 0  # body events handed out without waiting for the socket
+        #: what h11 gave after the body data `_join_data` took (an event or its error), with
+        #: the request's h11 connection: handed out by the next `next_request_event`
+        self._held: tuple[h11.Connection, h11.Event | h11.RemoteProtocolError] | None = None
         self._linger_timer: asyncio.TimerHandle | None = None  # a close waiting on the client
         self.discarding = False  # closed for writing; what the client still sends is dropped
 
@@ -114,6 +120,8 @@ class ClientConnection(asyncio.Protocol):
         self.transport = client_transport = cast(asyncio.Transport, transport)
         runtime = self.runtime
         runtime.check_fd_limit()
+        if runtime.lingering and runtime.connections < runtime.max_connections:
+            _trim_lingering(runtime, 1)  # this client may need its fd and a worker's
         if runtime.connections >= runtime.max_connections or runtime.draining:
             if not runtime.draining:
                 runtime.shedding()
@@ -164,6 +172,7 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.runtime.lingering.pop(self, None)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -293,12 +302,22 @@ class ClientConnection(asyncio.Protocol):
     ) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event of the request body; sends 100 Continue when the client waits.
 
-        One read can hold tens of thousands of tiny chunks: every `_YIELD_EVERY` events in
-        a row, the other connections get a turn."""
+        One read can hold tens of thousands of tiny chunks: the body data h11 has ready comes
+        as one `Data` (see `_join_data`), and every `_YIELD_EVERY` events in a row, the other
+        connections get a turn."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            if held[0] is conn:
+                if isinstance(held[1], h11.RemoteProtocolError):
+                    raise held[1]
+                return held[1]
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 self._events_in_a_row += 1
+                if type(event) is h11.Data and len(event.data) < _BODY_PIECE:
+                    event = self._join_data(conn, event)
                 if self._events_in_a_row >= _YIELD_EVERY:
                     self._events_in_a_row = 0
                     await asyncio.sleep(0)
@@ -315,6 +334,30 @@ class ClientConnection(asyncio.Protocol):
                 continue
             await self._more(deadline)
             self.feed_h11(conn)
+
+    def _join_data(self, conn: h11.Connection, first: h11.Data) -> h11.Data:
+        """`first` and the body data h11 has ready after it, as one `Data` of up to
+        `_BODY_PIECE` bytes (and `_YIELD_EVERY` events in a row): a chunked body of 1-byte
+        chunks would otherwise cost an object (~100 bytes) per byte, held whole on a route
+        that reads JSON and written to the worker one chunk at a time on a passthrough one.
+        The event (or error) that ends the run is held for the next call."""
+        pieces = [first.data]
+        size = len(first.data)
+        while size < _BODY_PIECE and self._events_in_a_row < _YIELD_EVERY:
+            try:
+                event = conn.next_event()
+            except h11.RemoteProtocolError as exc:
+                self._held = (conn, exc.with_traceback(None))  # after the data before it
+                break
+            if event is h11.NEED_DATA:
+                break
+            self._events_in_a_row += 1
+            if type(event) is not h11.Data:
+                self._held = (conn, event)  # type: ignore[assignment]
+                break
+            pieces.append(event.data)
+            size += len(event.data)
+        return first if len(pieces) == 1 else h11.Data(data=b"".join(pieces))
 
     # -- writing ------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
@@ -397,10 +440,13 @@ class ClientConnection(asyncio.Protocol):
                 transport.resume_reading()
             transport.write_eof()
             self._linger_timer = self.loop.call_later(DISCARD_TIME, self._stop_discarding)
+            self.runtime.lingering[self] = None
+            _trim_lingering(self.runtime, 0)
             return
         self._close_transport(transport)
 
     def _stop_discarding(self) -> None:
+        self.runtime.lingering.pop(self, None)
         if self._linger_timer is not None:
             self._linger_timer.cancel()
             self._linger_timer = None
@@ -430,3 +476,23 @@ class ClientConnection(asyncio.Protocol):
         """Drop the connection without finishing the response (the client sees the break)."""
         if self.transport is not None:
             self.transport.abort()
+
+
+def _trim_lingering(runtime: Runtime, new: int) -> None:
+    """Drop the oldest lingering closes (`ClientConnection.close` with `discard_input`) while
+    they hold more than their share of descriptors: they count towards no connection limit,
+    so clients refused while they kept sending could otherwise fill the fd table, and then
+    neither a new client nor a worker connection would get a descriptor (no 503 either:
+    accept() fails). At most `max_connections` of them, and never a descriptor that the
+    open connections and `new` more (each with a worker connection) need within the fd
+    limit's cap. A dropped one may lose the end of its answer to the reset."""
+    lingering = runtime.lingering
+    room = 2 * (runtime.fd_cap - runtime.connections - new)
+    while lingering and (len(lingering) > room or len(lingering) > runtime.max_connections):
+        conn = next(iter(lingering))
+        del lingering[conn]
+        if conn._linger_timer is not None:
+            conn._linger_timer.cancel()
+            conn._linger_timer = None
+        if conn.transport is not None:
+            conn.transport.abort()

@@ -29,8 +29,15 @@ if TYPE_CHECKING:
     from sidecar.dialects.base import StreamTranslator
 
 
+#: Bytes of a response kept while nobody reads it (a passthrough request body still being
+#: passed on, a worker that answers early): past this, reading pauses until the head is read
+PENDING_HIGH_WATER = 256 * 1024
+
+
 class BodyConsumer(Protocol):
     """Receives a worker connection's bytes once the response head has been read."""
+
+    paused: bool  # it holds the worker back (its client does not take what it is sent)
 
     def upstream_data(self, data: bytes) -> None: ...
     def upstream_eof(self) -> None: ...
@@ -53,6 +60,8 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True  # the worker did not ask to close after this response
         self.request_sent = False  # the current request went out whole, body included
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
+        self._pending_size = 0
+        self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
         self._waiter: Waiter | None = None
         self._pool_timer: asyncio.TimerHandle | None = None
         self.rx_seen = False  # a read happened since the response pump's timer last looked
@@ -96,7 +105,20 @@ class UpstreamConnection(asyncio.Protocol):
             self.close()  # (a worker that sends them is not one to reuse, nor to buffer)
             return
         self._pending.append(data)
+        self._pending_size += len(data)
+        if self._pending_size > PENDING_HIGH_WATER and not self._held_back:
+            # nobody reads this response yet (its request body is still being passed on):
+            # the worker waits, its bytes do not pile up here
+            self._held_back = True
+            self.pause_reading()
         self._wake()
+
+    def _take_pending(self) -> bytes:
+        """The bytes that came before anyone read them, handed over once."""
+        data = b"".join(self._pending)
+        self._pending.clear()
+        self._pending_size = 0
+        return data
 
     def eof_received(self) -> bool:
         self.eof = True
@@ -175,8 +197,10 @@ class UpstreamConnection(asyncio.Protocol):
             if event is not h11.NEED_DATA:
                 return event
             if self._pending:
-                self.h11.receive_data(b"".join(self._pending))
-                self._pending.clear()
+                self.h11.receive_data(self._take_pending())
+                if self._held_back:
+                    self._held_back = False
+                    self.resume_reading()
                 continue
             if self.eof or self.closed:
                 self.h11.receive_data(b"")
@@ -199,10 +223,12 @@ class UpstreamConnection(asyncio.Protocol):
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""
         self.consumer = consumer
+        if self._held_back:
+            self._held_back = False
+            if not consumer.paused:  # (a consumer that pauses it has paused it already)
+                self.resume_reading()
         if self._pending:
-            data = b"".join(self._pending)
-            self._pending.clear()
-            consumer.upstream_data(data)
+            consumer.upstream_data(self._take_pending())
         if self.eof and not self.closed:
             consumer.upstream_eof()
         elif self.closed:

@@ -81,6 +81,21 @@ def test_size_line_is_bounded() -> None:
             decoder.feed(b"0" * 10)
 
 
+def test_trailer_section_is_bounded_not_only_each_line() -> None:
+    """Endless short trailer lines (bytes flowing, so no idle timeout) are an error once the
+    section passes max_line, whether they come in one read or line by line."""
+    decoder = ChunkedDecoder(max_line=64)
+    assert decoder.feed(b"2\r\nok\r\n0\r\n") == [b"ok"]
+    with pytest.raises(ChunkedError, match="trailer section too long"):
+        for _ in range(100):
+            decoder.feed(b"x-t: 1\r\n")
+    with pytest.raises(ChunkedError, match="trailer section too long"):
+        ChunkedDecoder(max_line=64).feed(b"0\r\n" + b"x-t: 1\r\n" * 100 + b"\r\n")
+    decoder = ChunkedDecoder(max_line=64)  # a section within the bound still ends the body
+    assert decoder.feed(b"0\r\n" + b"x-t: 1\r\n" * 7 + b"\r\nEXTRA") == []
+    assert decoder.done and decoder.trailing == b"EXTRA"
+
+
 @settings(max_examples=60, deadline=None)
 @given(st.lists(st.binary(min_size=1, max_size=40), max_size=6))
 def test_every_split_point_matches_h11(pieces: list[bytes]) -> None:

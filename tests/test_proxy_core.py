@@ -37,6 +37,8 @@ from tests.harness import (
     RawResponse,
     Send,
     Stall,
+    WorkerIO,
+    WorkerRequest,
     chat_body,
     chat_completion,
     chat_route,
@@ -1326,3 +1328,23 @@ def test_admin_port_is_separate_from_client_traffic(w: FakeWorker, proxy: Daemon
 def test_sigterm_exits_0(worker: FakeWorker, make_daemon: Callable[..., Daemon]) -> None:
     daemon = make_daemon(worker=worker)
     assert daemon.stop() == 0
+
+
+def test_504_when_the_worker_floods_interim_answers(w: FakeWorker, proxy: Daemon) -> None:
+    """Interim (1xx) answers are no response head: a worker that sends them without pause
+    (so that reading never has to wait) is still cut at response_timeout, and its
+    connection closed."""
+
+    async def flood(request: WorkerRequest, io: WorkerIO) -> None:
+        while io.open and not io.info.peer_closed:
+            await io.send(b"HTTP/1.1 100 Continue\r\n\r\n" * 500)
+
+    w.reply(flood)
+    started = time.monotonic()
+    response = post(proxy, chat_body(stream=True), target="/short/v1/chat/completions")
+    elapsed = time.monotonic() - started
+    assert response.status == 504, response.raw[:300]
+    assert error_of(response)["code"] == "upstream_timeout"
+    assert elapsed < 5.0  # response_timeout is 300 ms (loose bound)
+    (request,) = w.requests
+    assert w.wait_connection_closed(request, 2.0), "the flooding worker's connection was not closed"

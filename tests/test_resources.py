@@ -46,11 +46,14 @@ from tests.harness import (
     WorkerRequest,
     _WorkerProtocol,
     chat_body,
+    chat_completion,
+    chat_or_echo,
     chat_route,
     chat_stream_events,
     chunk,
     daemon_config,
     http_response,
+    json_reply,
     request_bytes,
     response_head,
 )
@@ -197,6 +200,7 @@ class RssSampler(threading.Thread):
         self.peak = 0
         self.samples: list[int] = []
         self.stop_event = threading.Event()
+        self.interval = 0.05
 
     def run(self) -> None:
         while not self.stop_event.is_set():
@@ -204,7 +208,7 @@ class RssSampler(threading.Thread):
                 rss = self.daemon_proc.rss_kib()
                 self.samples.append(rss)
                 self.peak = max(self.peak, rss)
-            self.stop_event.wait(0.05)
+            self.stop_event.wait(self.interval)
 
 
 def fd_count(pid: int) -> int:
@@ -434,6 +438,38 @@ def test_a_low_fd_limit_caps_connections_503_then_serves(
     assert daemon.alive()
 
 
+def test_refused_clients_that_keep_sending_do_not_take_every_fd(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A refused head's connection lingers (drops what its client still sends, up to
+    DISCARD_TIME) outside max_connections: clients refused in a burst that keep their
+    connections open must not fill the fd table, where accept() fails and nobody else is
+    served, not even with a 503. The oldest lingering ones give their fds up instead."""
+    nofile = 128
+    worker.default = chat_or_echo
+    daemon = make_daemon(worker=worker, env=limited_env(tmp_path, nofile),
+                         limits={"max_connections": 4096})
+    refused: list[socket.socket] = []
+    try:
+        for _ in range(nofile + 20):
+            sock = socket.create_connection(daemon.address, timeout=5)
+            sock.sendall(b"GET http://elsewhere/ HTTP/1.1\r\nhost: x\r\n\r\n")  # 400
+            refused.append(sock)
+        time.sleep(0.3)
+        for sock in refused:  # still sending: each keeps its lingering close going
+            with contextlib.suppress(OSError):
+                sock.sendall(b"more")
+        assert fd_count(daemon.pid) < nofile
+        for i in range(10):
+            with RawClient(daemon.address, timeout=4) as client:
+                client.send(request_bytes(body=chat_body(), headers=[("x-request-id", f"ok-{i}")]))
+                assert client.read_response(4).status == 200
+    finally:
+        for sock in refused:
+            sock.close()
+    assert daemon.alive()
+
+
 def test_emfile_is_survived(worker: FakeWorker, tmp_path: Path) -> None:
     """The fd limit drops under a running daemon: accept()/connect() fail with EMFILE.
 
@@ -551,3 +587,150 @@ def test_aggregating_a_stream_past_the_document_bound_is_a_502(
     assert response.status == 502, response.raw[:300]
     assert json.loads(response.body)["error"]["code"] == "upstream_protocol_error"
     assert daemon.ledger_for("big")["outcome"] == "upstream_error"
+
+
+# =============================================================================================
+# A request body of tiny chunks is held as its bytes
+# =============================================================================================
+
+TINY_PAYLOAD = 1_000_000  # bytes of body, each in a chunk of its own (6 MB on the wire)
+
+
+def one_byte_chunks(payload: bytes) -> bytes:
+    return b"".join(b"1\r\n" + payload[i : i + 1] + b"\r\n" for i in range(len(payload)))
+
+
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/echo"])
+def test_a_body_of_one_byte_chunks_costs_its_bytes_not_an_object_per_chunk(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], target: str
+) -> None:
+    """A chunked request body of 1-byte chunks, within max_request_body: the daemon holds
+    it (a route that reads JSON) or passes it on (passthrough) as its bytes. Held as one
+    h11 event per chunk it cost ~160 bytes of RSS per body byte (a 10 MiB body, the
+    default limit: over 1.5 GiB), and a passthrough route wrote the worker one chunk per
+    byte. A broken chunk after such a run is still a 400."""
+    worker.default = chat_or_echo
+    daemon = make_daemon(worker=worker, limits={"max_request_body": "2MiB", "body_timeout": "30s"})
+    prefix = b'{"model":"test-model","messages":[],"pad":"'
+    payload = prefix + b"x" * (TINY_PAYLOAD - len(prefix) - 2) + b'"}'
+    head = (f"POST {target} HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            "transfer-encoding: chunked\r\n\r\n").encode()
+    idle = daemon.rss_kib()
+    sampler = RssSampler(daemon)
+    sampler.start()
+    try:
+        with RawClient(daemon.address, timeout=30) as client:
+            client.send(head + one_byte_chunks(payload) + LAST_CHUNK)
+            response = client.read_response(30)
+    finally:
+        sampler.stop_event.set()
+        sampler.join()
+    assert response.status == 200, response.raw[:300]
+    assert worker.wait_requests(1)[0].body == payload
+    growth = sampler.peak - idle
+    print(f"\n{len(payload)} bytes in 1-byte chunks to {target}: RSS idle {idle} KiB, +{growth} KiB")
+    assert growth < 32 * MiB // KiB, f"RSS grew by {growth} KiB for a body of {len(payload)} bytes"
+    with RawClient(daemon.address, timeout=30) as client:
+        client.send(head + one_byte_chunks(payload[:5000]) + b"zz\r\n")
+        response = client.read_response(30)
+    assert response.status == 400, response.raw[:300]
+
+
+# =============================================================================================
+# A worker that answers while its request body is still being passed on
+# =============================================================================================
+
+EARLY_CAP = 256 * MiB  # what the worker below sends at most (without the bound: all of it held)
+
+
+def test_a_worker_answering_before_the_body_ends_is_held_back(
+    make_daemon: Callable[..., Daemon]
+) -> None:
+    """A passthrough upload is passed on as it arrives, and its response is read once it
+    has been: a worker that answers at once (never reading the body) and streams fast must
+    be held back, not kept in memory, while the client is still sending (the whole of it
+    was, at ~1 GiB/s: +3 GiB of RSS within body_timeout). The answer then goes out."""
+    listener = socket.create_server((LOOPBACK, 0))
+    sent = [0]
+
+    def early_worker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)  # the head (and whatever of the body came with it)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/octet-stream\r\n"
+                         b"transfer-encoding: chunked\r\n\r\n")
+            piece = chunk(b"w" * (256 * KiB))
+            with contextlib.suppress(OSError):
+                while sent[0] < EARLY_CAP:
+                    conn.sendall(piece)
+                    sent[0] += len(piece)
+                conn.settimeout(15)
+                while conn.recv(65536):  # then open (and reading) until the daemon closes
+                    pass
+
+    thread = threading.Thread(target=early_worker, daemon=True)
+    thread.start()
+    daemon = make_daemon(daemon_config(f"http://{LOOPBACK}:{listener.getsockname()[1]}",
+                                       limits={"body_timeout": "10s"},
+                                       upstream={"idle_timeout": "5s"}))
+    idle = daemon.rss_kib()
+    sampler = RssSampler(daemon)
+    sampler.start()
+    try:
+        with RawClient(daemon.address, timeout=10) as client:
+            client.send(b"POST /v1/upload HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n")
+            for _ in range(8):  # the body, slowly: 2 s
+                client.send(chunk(b"x" * 10))
+                time.sleep(0.25)
+            held = sent[0]
+            client.send(LAST_CHUNK)
+            head = client.read_until(b"\r\n\r\n", 10)
+            assert head.startswith(b"HTTP/1.1 200"), head
+            assert client.read_exactly(MiB, 10).count(b"w") > MiB // 2
+    finally:
+        sampler.stop_event.set()
+        sampler.join()
+        listener.close()
+    growth = sampler.peak - idle
+    print(f"\nworker answering early: it sent {held // KiB} KiB while the body came; "
+          f"daemon RSS idle {idle} KiB, +{growth} KiB")
+    assert held <= KERNEL_BUFFERS, f"the worker sent {held} bytes before the body ended"
+    assert growth < 64 * MiB // KiB, f"RSS grew by {growth} KiB"
+
+
+# =============================================================================================
+# A worker's JSON document is not copied more than it must be
+# =============================================================================================
+
+DOCUMENT_TEXT = 48 * MiB
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_large_document_is_not_copied_more_than_needed(
+    worker: FakeWorker, make_daemon: Callable[..., Daemon], stream: bool
+) -> None:
+    """A worker's JSON document is held whole (MAX_DOCUMENT bounds it), then answered as
+    JSON with its cost or made into SSE: the daemon's RSS may grow by a few copies of it,
+    not by one more for every step (the raw document kept while the answer is made, the
+    answer copied behind its head or into its chunk): here 4.0x (JSON) and 5.0x (SSE)
+    before, 2.9x and 3.0x after."""
+    worker.default = json_reply(chat_completion("y" * DOCUMENT_TEXT))
+    routes = [chat_route("never", upstream_stream="never")]
+    daemon = make_daemon(worker=worker, routes=routes,
+                         upstream={"response_timeout": "20s", "idle_timeout": "20s"})
+    idle = daemon.rss_kib()
+    sampler = RssSampler(daemon)
+    sampler.interval = 0.005
+    sampler.start()
+    try:
+        with RawClient(daemon.address, timeout=60) as client:
+            client.send(request_bytes(body=chat_body(stream=stream)))
+            response = client.read_response(60)
+    finally:
+        sampler.stop_event.set()
+        sampler.join()
+    assert response.status == 200
+    assert len(response.body) > DOCUMENT_TEXT
+    growth = (sampler.peak - idle) * KiB
+    print(f"\n{DOCUMENT_TEXT // MiB} MiB document, stream={stream}: RSS +{growth / DOCUMENT_TEXT:.1f}x")
+    assert growth < 3.5 * DOCUMENT_TEXT, f"RSS grew by {growth / DOCUMENT_TEXT:.1f} documents"
