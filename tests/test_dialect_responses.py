@@ -343,11 +343,21 @@ def test_document_json_and_sse() -> None:
     assert objs[-1]["response"] == json.loads(d.json())
 
 
-def test_document_status_picks_the_terminal_event() -> None:
+@pytest.mark.parametrize(("status", "terminal", "final_status"), [
+    ("incomplete", "response.incomplete", "incomplete"),
+    ("completed", "response.completed", "completed"),
+    (None, "response.completed", "completed"),  # a document with no status: no "in_progress"
+])
+def test_document_status_picks_the_terminal_event(status: str | None, terminal: str, final_status: str) -> None:
     doc = response("incomplete", [MESSAGE_ITEM], USAGE)
-    doc["incomplete_details"] = {"reason": "max_output_tokens"}
+    doc["incomplete_details"] = {"reason": "max_output_tokens"} if status == "incomplete" else None
+    if status is None:
+        del doc["status"]
+    else:
+        doc["status"] = status
     last = parse(DIALECT.document(plan(), PRICING, orjson.dumps(doc)).sse())[-1]
-    assert last.event == "response.incomplete"
+    assert last.event == terminal
+    assert json.loads(last.data or "")["response"]["status"] == final_status
 
 
 def test_worker_error_documents() -> None:

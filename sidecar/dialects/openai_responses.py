@@ -336,7 +336,8 @@ class ResponsesDocument(DocumentTranslator):
         kind = {"incomplete": "response.incomplete", "failed": "response.failed"}.get(
             status if isinstance(status, str) else "", "response.completed"
         )
-        final.setdefault("status", "completed")
+        if status is None:  # (start's "in_progress" is no status of a finished response)
+            final["status"] = "completed"
         writer.emit(kind, {"response": final})
         return writer.bytes()
 
