@@ -766,6 +766,22 @@ def test_aggregate_concatenates_logprobs() -> None:
     assert choice["finish_reason"] == "length"
 
 
+def test_aggregate_concatenates_completion_logprobs_per_choice() -> None:
+    """openai-completions: each choice's `logprobs` lists (tokens, token_logprobs,
+    top_logprobs, text_offset) are appended chunk by chunk, choices interleaved."""
+    def ev(index: int, tok: str, offset: int, finish: str | None = None) -> bytes:
+        lp = {"tokens": [tok], "token_logprobs": [-0.5], "top_logprobs": [{tok: -0.5}], "text_offset": [offset]}
+        return sse_data({"id": "cmpl-x", "object": "text_completion", "created": 1, "model": MODEL,
+                         "choices": [{"index": index, "text": tok, "logprobs": lp, "finish_reason": finish}]})
+    t = stream_for({"model": MODEL, "prompt": "x"}, aggregate=True, mode="always", dialect=OPENAI_COMPLETIONS)
+    relay(t, ev(0, "He", 0) + ev(1, "Yo", 0) + ev(0, "llo", 2, "length") + ev(1, "!", 2, "stop") + DONE)
+    choices = orjson.loads(t.document())["choices"]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in choices] == [(0, "Hello", "length"), (1, "Yo!", "stop")]
+    assert choices[0]["logprobs"] == {"tokens": ["He", "llo"], "token_logprobs": [-0.5, -0.5],
+                                      "top_logprobs": [{"He": -0.5}, {"llo": -0.5}], "text_offset": [0, 2]}
+    assert choices[1]["logprobs"]["tokens"] == ["Yo", "!"]
+
+
 def test_aggregate_of_a_worker_error_returns_the_error() -> None:
     err = {"error": {"message": "boom", "type": "server_error", "code": 500}}
     t = stream_for(NON_STREAMING, aggregate=True, mode="always")
@@ -939,6 +955,12 @@ def test_round_trip_json_to_sse_to_json(doc: dict[str, Any], cuts: list[int]) ->
     assert back == doc
 
 
+_completion_logprobs = st.one_of(st.none(), st.fixed_dictionaries({
+    "tokens": st.lists(_text, max_size=3), "token_logprobs": st.lists(st.floats(-20, 0), max_size=3),
+    "top_logprobs": st.lists(st.dictionaries(_text, st.floats(-20, 0), max_size=2), max_size=3),
+    "text_offset": st.lists(st.integers(0, 100), max_size=3)}))
+
+
 @st.composite
 def completion_documents(draw: st.DrawFn) -> dict[str, Any]:
     doc: dict[str, Any] = {
@@ -946,7 +968,7 @@ def completion_documents(draw: st.DrawFn) -> dict[str, Any]:
         "object": "text_completion",
         "created": draw(st.integers(1, 2**40)),
         "model": draw(st.text(min_size=1, max_size=10)),
-        "choices": [{"index": i, "text": draw(_text), "logprobs": None,
+        "choices": [{"index": i, "text": draw(_text), "logprobs": draw(_completion_logprobs),
                      "finish_reason": draw(st.sampled_from(["stop", "length"]))}
                     for i in range(draw(st.integers(1, 2)))],
     }
