@@ -123,6 +123,22 @@ def test_plan_never_asks_for_one_document() -> None:
     assert p.client_stream is True and p.asked_stream is False and p.include_usage is True
 
 
+@pytest.mark.parametrize(("mode", "client_stream", "worker_streams"), [
+    ("auto", True, True), ("auto", False, False), ("always", True, True), ("always", False, True),
+    ("never", True, False), ("never", False, False),
+])
+def test_plan_completions_asks_a_streaming_worker_for_usage(mode: str, client_stream: bool,
+                                                            worker_streams: bool) -> None:
+    """openai-completions too: `stream_options.include_usage` whenever the worker streams,
+    no `stream_options` when it is asked for one document."""
+    body: dict[str, Any] = {"model": MODEL, "prompt": "x", "stream_options": {"include_usage": False}}
+    if client_stream:
+        body["stream"] = True
+    sent = orjson.loads(plan(body, mode, dialect=OPENAI_COMPLETIONS).body)
+    assert sent["stream"] is worker_streams
+    assert sent.get("stream_options") == ({"include_usage": True} if worker_streams else None)
+
+
 def test_plan_keeps_other_fields_and_tolerates_missing_model() -> None:
     p = plan({"messages": [{"role": "user", "content": "\u00e9\U0001f600"}], "tools": [{"a": 1}]})
     sent = orjson.loads(p.body)
