@@ -123,3 +123,12 @@ def test_check_names_an_unset_variable_without_a_default(tmp_path: Path) -> None
     result = cli("check", "-c", str(path))
     assert result.returncode == 2, result
     assert result.stdout == "upstream.url: environment variable SIDECAR_TEST_NEVER_SET is not set\n"
+
+
+@pytest.mark.parametrize("args", [(), ("launch",), ("check", "--bogus")],
+                         ids=["no-command", "unknown-command", "unknown-option"])
+def test_a_command_line_it_cannot_run_prints_the_usage_and_exits_2(args: tuple[str, ...]) -> None:
+    result = cli(*args)
+    assert result.returncode == 2, result
+    assert result.stderr.startswith("usage: sidecar"), result.stderr
+    assert result.stdout == ""
