@@ -66,17 +66,23 @@ def first_chunk_end(data: bytes, at: int = 0) -> int:
     return end if end <= len(data) else 0
 
 
+def _size_text(line: bytes) -> bytes:
+    """A size line's size: what comes before any `;` (its extensions), blanks stripped."""
+    semi = line.find(b";")
+    return (line if semi < 0 else line[:semi]).strip(b" \t")
+
+
+def _no_hex_size(size: bytes) -> bool:
+    """Whether `size` (or the start of one) can be no chunk size: past 16 digits or not hex."""
+    return len(size) > 16 or bool(size.translate(None, _HEX_DIGITS))
+
+
 def _size_line_broken(part: bytes) -> bool:
     """Whether the start of a size line (its CRLF not here yet) is already no size line,
     whatever follows: a bare LF, or a size (before any `;`) that is not hex digits. A worker
     that sent such bytes broke the framing now; waiting for the line's end would report its
     silence or its close instead (an HTML error page with LF line ends, say)."""
-    if b"\n" in part:
-        return True
-    semi = part.find(b";")
-    size = part[:semi] if semi >= 0 else part.removesuffix(b"\r")
-    size = size.strip(b" \t")
-    return len(size) > 16 or bool(size.translate(None, _HEX_DIGITS))
+    return b"\n" in part or _no_hex_size(_size_text(part.removesuffix(b"\r")))
 
 
 class ChunkedDecoder:
@@ -145,13 +151,8 @@ class ChunkedDecoder:
                     except ValueError:
                         raise ChunkedError("bad chunk size line") from None
                 else:
-                    semi = line.find(b";")
-                    size_text = (line if semi < 0 else line[:semi]).strip(b" \t")
-                    if (
-                        not size_text
-                        or len(size_text) > 16
-                        or size_text.translate(None, _HEX_DIGITS)
-                    ):
+                    size_text = _size_text(line)
+                    if not size_text or _no_hex_size(size_text):
                         raise ChunkedError("bad chunk size line")
                     size = int(size_text, 16)
                 pos = nl + 2
