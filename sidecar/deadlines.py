@@ -29,3 +29,31 @@ def arm(
     """A timer ending the wait on `waiter` at `deadline` (loop time) with True; None when
     there is no deadline. Cancel it once the wait is over."""
     return None if deadline is None else loop.call_at(deadline, time_out, waiter)
+
+
+class Wakeup:
+    """The one wait of a connection for its peer: `wait` until `wake` (bytes, EOF, a close)
+    or a deadline, whichever comes first. The client and the worker connections each hold
+    one; a wake with nobody waiting is nothing (the waiter looks at its buffers first)."""
+
+    __slots__ = ("_loop", "_waiter")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._waiter: Waiter | None = None
+
+    def wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self, deadline: float | None) -> bool:
+        """Wait for the next `wake`; True when `deadline` (loop time) passed first."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = arm(self._loop, deadline, waiter)
+        try:
+            return await waiter is True
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
-from sidecar.deadlines import Waiter, arm
+from sidecar.deadlines import Wakeup
 from sidecar.dialects import get_dialect
 from sidecar.headers import find_head_end, simple_response
 
@@ -105,7 +105,7 @@ class ClientConnection(asyncio.Protocol):
         self.listener: StreamListener | None = None
         self.busy = False  # inside an exchange (for graceful drain)
         self._reading_paused = False
-        self._waiter: Waiter | None = None
+        self._wakeup = Wakeup(loop)  # the reading task waits on it for bytes, EOF or a close
         self._drain_waiter: asyncio.Future[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._events_in_a_row = 0  # body events handed out without waiting for the socket
@@ -152,14 +152,14 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = True
             assert self.transport is not None
             self.transport.pause_reading()
-        self._wake()
+        self._wakeup.wake()
 
     def eof_received(self) -> bool:
         self.eof = True
         if self.discarding:  # the client closed too: so does the connection
             self._stop_discarding()
             return True  # (closed there, after what is left of the answer)
-        self._wake()
+        self._wakeup.wake()
         # During an exchange a client's FIN means it went away, as nginx takes it: the
         # worker connection is closed now (not once our unsent bytes have drained), and so
         # is this one. Between requests the connection stays open so buffered pipelined
@@ -178,7 +178,7 @@ class ClientConnection(asyncio.Protocol):
             self._linger_timer = None
         self.closed = True
         self._release_slot()
-        self._wake()
+        self._wakeup.wake()
         self._wake_drain()
         listener = self.listener
         if listener is not None:
@@ -203,11 +203,6 @@ class ClientConnection(asyncio.Protocol):
         if self.listener is not None:
             self.listener.client_resumed()
 
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
     def _wake_drain(self) -> None:
         waiter = self._drain_waiter
         if waiter is not None and not waiter.done():
@@ -220,16 +215,7 @@ class ClientConnection(asyncio.Protocol):
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        loop = self.loop
-        waiter = self._waiter = loop.create_future()
-        timer = arm(loop, deadline, waiter)
-        try:
-            timed_out = await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-        if timed_out:
+        if await self._wakeup.wait(deadline):
             raise ClientTimeout()
 
     async def read_head(self, idle_deadline: float, head_deadline: float) -> bytes | None:

@@ -20,7 +20,7 @@ import h11
 
 from sidecar import failures
 from sidecar.config import UpstreamConfig
-from sidecar.deadlines import Waiter, arm
+from sidecar.deadlines import Wakeup
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
 from sidecar.headers import splice_lines
@@ -62,7 +62,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
-        self._waiter: Waiter | None = None
+        self._wakeup = Wakeup(loop)  # the head phase waits on it for bytes, EOF or a close
         self._pool_timer: asyncio.TimerHandle | None = None
         self.rx_seen = False  # a read happened since the response pump's timer last looked
         self.lane_template: TextTemplate | None = None  # see arm_lane
@@ -111,7 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
             # the worker waits, its bytes do not pile up here
             self._held_back = True
             self.pause_reading()
-        self._wake()
+        self._wakeup.wake()
 
     def _take_pending(self) -> bytes:
         """The bytes that came before anyone read them, handed over once."""
@@ -125,7 +125,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.consumer is not None:
             self.consumer.upstream_eof()
         else:
-            self._wake()
+            self._wakeup.wake()
         return False
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -135,12 +135,7 @@ class UpstreamConnection(asyncio.Protocol):
         if self.consumer is not None:
             self.consumer.upstream_lost(exc)
         else:
-            self._wake()
-
-    def _wake(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            self._wakeup.wake()
 
     # -- used by the exchange ------------------------------------------------------
     @property
@@ -208,16 +203,7 @@ class UpstreamConnection(asyncio.Protocol):
                 if event is h11.NEED_DATA:  # pragma: no cover - h11 always concludes
                     raise h11.RemoteProtocolError("connection closed")
                 return event
-            loop = self.loop
-            waiter = self._waiter = loop.create_future()
-            timer = arm(loop, deadline, waiter)
-            try:
-                timed_out = await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
-            if timed_out:
+            if await self._wakeup.wait(deadline):
                 raise TimeoutError()
 
     def attach(self, consumer: BodyConsumer) -> None:
