@@ -34,6 +34,7 @@ import openai
 import pytest
 
 from tests.harness import (
+    LAST_CHUNK,
     MODEL,
     Close,
     Daemon,
@@ -41,13 +42,16 @@ from tests.harness import (
     Send,
     chat_body,
     chat_stream_events,
+    chunk,
     http_response,
     post,
+    response_head,
     sse_reply,
 )
 
 MODES = ("auto", "always", "never")
-TAILS = {"openai-chat": "chat/completions", "openai-completions": "completions"}
+TAILS = {"openai-chat": "chat/completions", "openai-completions": "completions",
+         "anthropic-messages": "messages"}
 ROUTES = [
     {"name": f"{dialect}-{mode}", "match": {"path": f"/{mode}/v1/{tail}", "methods": ["POST"]},
      "dialect": dialect, "upstream_stream": mode}
@@ -75,7 +79,11 @@ def target(dialect: str, mode: str) -> str:
 def body_for(dialect: str, stream: bool) -> dict[str, Any]:
     if dialect == "openai-chat":
         return chat_body(stream=stream)
-    out: dict[str, Any] = {"model": MODEL, "prompt": "hi"}
+    if dialect == "anthropic-messages":
+        out: dict[str, Any] = {"model": MODEL, "max_tokens": 16,
+                               "messages": [{"role": "user", "content": "hi"}]}
+    else:
+        out = {"model": MODEL, "prompt": "hi"}
     if stream:
         out["stream"] = True
     return out
@@ -263,6 +271,8 @@ def test_a_failed_stream_reaches_a_streaming_client_as_a_failure(
         last = objects[-1]
         assert last["error"]["code"] == shape.code and last["error"]["type"] == "upstream_error"
         assert last["choices"][0]["finish_reason"] == "error"
+        first = objects[0]  # SPEC: the frame carries the worker's id, created and model
+        assert [last[k] for k in ("id", "created", "model")] == [first[k] for k in ("id", "created", "model")]
     line = proxy.ledger_for(rid)
     assert (line["outcome"], line["status"]) == ("upstream_error", 200), line
     if shape.usage is not None:
@@ -424,3 +434,183 @@ def test_a_2xx_error_document_with_a_string_error_is_a_502_with_an_error_object(
     assert response.json() == {"error": {"message": TGI_OLD_ERROR["error"], "type": "upstream_error",
                                          "code": "generation"}}
     assert proxy.ledger_for(rid)["outcome"] == "upstream_error"
+
+
+# =============================================================================================
+# The Anthropic Messages endpoints of the same workers
+# =============================================================================================
+
+
+def named(kind: str, obj: Any) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + dumps_compact(obj) + b"\n\n"
+
+
+MESSAGES_PREFIX = [
+    named("message_start", {"type": "message_start", "message": {
+        "id": "msg_1", "type": "message", "role": "assistant", "model": MODEL, "content": [],
+        "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 0}}}),
+    named("content_block_start", {"type": "content_block_start", "index": 0,
+                                  "content_block": {"type": "text", "text": ""}}),
+    named("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                  "delta": {"type": "text_delta", "text": "Hel"}}),
+]
+
+MESSAGES_SHAPES = [
+    # vLLM, vllm/entrypoints/anthropic/serving_messages.py message_stream_converter's
+    # `except Exception`: AnthropicStreamEvent(type="error", error=AnthropicError(
+    # type="internal_error", message=str(e))).model_dump_json(exclude_unset=True) wrapped by
+    # wrap_data_with_event (`event: error\ndata: ...\n\n`), then `yield "data: [DONE]\n\n"`.
+    Shape("vllm-messages-error-then-done", "anthropic-messages", MESSAGES_PREFIX,
+          named("error", {"type": "error", "error": {"type": "internal_error",
+                                                      "message": "1 validation error for ChatCompletionStreamResponse"}}),
+          "1 validation error", after=[b"data: [DONE]\n\n"]),
+    # llama.cpp, server-context.cpp: format_anthropic_sse({{"event", "error"}, {"data", res_json}})
+    # with res_json = format_error_response(...): no Anthropic envelope; the body then ends.
+    Shape("llamacpp-messages-error", "anthropic-messages", MESSAGES_PREFIX,
+          named("error", LLAMACPP_ERROR), "failed to decode the batch"),
+    # Ollama, middleware/anthropic.go: a mid-stream `{"error": ...}` of the native stream becomes an
+    # empty ChatResponse, for which the StreamConverter writes nothing; the body ends, no message_stop.
+    Shape("ollama-messages-midstream", "anthropic-messages", MESSAGES_PREFIX, None,
+          code="upstream_incomplete"),
+]
+
+
+def typed_events(body: bytes) -> list[tuple[str | None, str]]:
+    """(event name, data) of each SSE block of `body` that has data."""
+    out = []
+    for block in body.decode().replace("\r\n", "\n").split("\n\n"):
+        name = None
+        data = []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
+        if data:
+            out.append((name, "\n".join(data)))
+    return out
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", MESSAGES_SHAPES, ids=[s.name for s in MESSAGES_SHAPES])
+def test_a_failed_messages_stream_reaches_a_streaming_client_as_a_failure(
+    w: FakeWorker, proxy: Daemon, shape: Shape, mode: str
+) -> None:
+    w.default = lambda request: shape.steps()
+    rid = request_id()
+    response = post(proxy, body_for(shape.dialect, True), target(shape.dialect, mode),
+                    headers=[("x-request-id", rid)])
+    assert response.status == 200 and response.complete
+    events = typed_events(response.body)
+    names = [name for name, _ in events]
+    assert "message_stop" not in names and "[DONE]" not in [d for _, d in events], events
+    assert not any(json.loads(d).get("delta", {}).get("stop_reason") for _, d in events), events
+    assert names[-1] == "error"
+    if shape.error is not None:
+        assert response.body.endswith(shape.error), response.body
+        assert names.count("error") == 1
+    else:
+        error = json.loads(events[-1][1])
+        assert error["type"] == "error" and error["error"]["code"] == shape.code
+    line = proxy.ledger_for(rid)
+    assert (line["outcome"], line["status"], line["prompt_tokens"]) == ("upstream_error", 200, 11), line
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("shape", MESSAGES_SHAPES, ids=[s.name for s in MESSAGES_SHAPES])
+def test_a_failed_messages_stream_reaches_a_non_streaming_client_as_a_502(
+    w: FakeWorker, proxy: Daemon, shape: Shape, mode: str
+) -> None:
+    w.default = lambda request: shape.steps()
+    rid = request_id()
+    response = post(proxy, body_for(shape.dialect, False), target(shape.dialect, mode),
+                    headers=[("x-request-id", rid)])
+    assert response.status == 502, response.raw
+    body = response.json()
+    assert body["type"] == "error" and isinstance(body["error"]["message"], str), body
+    if shape.error is not None:
+        assert shape.message in body["error"]["message"]
+    else:
+        assert body["error"]["code"] == shape.code
+    line = proxy.ledger_for(rid)
+    assert (line["outcome"], line["status"], line["prompt_tokens"]) == ("upstream_error", 502, 11), line
+
+
+MESSAGES_HTTP_ERRORS = [
+    # Ollama, middleware/anthropic.go AnthropicWriter.writeError: anthropic.NewError(status, msg)
+    # encoded by json.NewEncoder (a trailing newline), with a request_id.
+    HttpError("ollama-messages-404", 404, b'{"type":"error","error":{"type":"not_found_error","message":'
+                                          b'"model \\"nope\\" not found, try pulling it first"},'
+                                          b'"request_id":"req_0123456789"}\n', chunked=True),
+    # llama.cpp answers its Messages endpoint's errors in its OpenAI shape (res->error).
+    HttpError("llamacpp-messages-400", 400, b'{"error":{"code":400,"message":"the request exceeds the '
+                                            b'available context size, try increasing it","n_ctx":4096,'
+                                            b'"n_prompt_tokens":5000,"type":"exceed_context_size_error"}}',
+              "application/json; charset=utf-8"),
+]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("shape", MESSAGES_HTTP_ERRORS, ids=[s.name for s in MESSAGES_HTTP_ERRORS])
+def test_a_workers_non_2xx_passes_through_on_messages(
+    w: FakeWorker, proxy: Daemon, shape: HttpError, stream: bool, mode: str
+) -> None:
+    w.default = lambda request: [Send(http_response(shape.status, shape.body,
+                                                    [("content-type", shape.content_type)],
+                                                    chunked=shape.chunked))]
+    rid = request_id()
+    response = post(proxy, body_for("anthropic-messages", stream), target("anthropic-messages", mode),
+                    headers=[("x-request-id", rid)])
+    assert (response.status, response.body) == (shape.status, shape.body)
+    assert response.header("content-type") == shape.content_type
+    line = proxy.ledger_for(rid)
+    assert (line["outcome"], line["status"]) == ("upstream_http_error", shape.status), line
+
+
+# =============================================================================================
+# A long stream, then the error: the per-token fast lane must still see it
+# =============================================================================================
+
+LONG_ERRORS = {
+    "vllm": (b"data: " + dumps_py(VLLM_V1_ERROR) + b"\n\n", b"data: [DONE]\n\n"),
+    "tgi": (b"data:" + dumps_compact(TGI_ERROR) + b"\n\n", b"data:[DONE]\n\n"),
+    "llamacpp": (b"error: " + dumps_compact(LLAMACPP_ERROR) + b"\n\n", b"data: [DONE]\n\n"),
+}
+
+
+@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
+@pytest.mark.parametrize("coalesced", [False, True], ids=["event-per-write", "one-write"])
+@pytest.mark.parametrize("flavor", list(LONG_ERRORS))
+def test_an_error_after_a_long_stream_is_still_the_workers_error(
+    w: FakeWorker, proxy: Daemon, flavor: str, coalesced: bool, stream: bool
+) -> None:
+    """200 content events (the fast lane has long learnt the content event's template), then
+    the worker's error and its [DONE], each in its own write or all in one: the error is the
+    last event (or the 502), the ledger `upstream_error` with the content counted."""
+    error, done = LONG_ERRORS[flavor]
+    events = chat_stream_events([f"t{i} " for i in range(200)], flavor=flavor, finish_reason=None,
+                                done=False, include_usage=False)
+    if coalesced:
+        whole = b"".join([*events, error, done])
+        steps = [Send(response_head(200, [("content-type", "text/event-stream"),
+                                          ("transfer-encoding", "chunked")]) + chunk(whole) + LAST_CHUNK)]
+    else:
+        steps = sse_reply([*events, error, done])
+    w.default = lambda request: steps
+    rid = request_id()
+    response = post(proxy, body_for("openai-chat", stream), target("openai-chat", "auto" if stream else "always"),
+                    headers=[("x-request-id", rid)])
+    message = json.loads(error.split(b":", 1)[1])
+    message = (message.get("error") or message)["message"]
+    if stream:
+        payloads = response.sse()
+        assert response.status == 200 and "[DONE]" not in payloads
+        assert json.loads(payloads[-1])["error"]["message"] == message
+        assert "".join(json.loads(p)["choices"][0]["delta"].get("content") or "" for p in payloads[:-1]) == \
+            "".join(f"t{i} " for i in range(200))
+    else:
+        assert response.status == 502 and response.json()["error"]["message"] == message
+    line = proxy.ledger_for(rid)
+    assert line["outcome"] == "upstream_error"
+    assert (line["completion_tokens"], line["usage_estimated"]) == (200, True), line
