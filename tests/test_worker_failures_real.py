@@ -353,6 +353,10 @@ HTTP_ERRORS = [
     # fails validation gets it too (the generator is never started).
     HttpError("vllm-400", 400, b'{"error":{"message":"max_tokens must be at least 1, got 0.",'
                                b'"type":"BadRequestError","param":"max_tokens","code":400}}'),
+    # vLLM, a non-streaming request whose generation failed (GenerationError ->
+    # _convert_generation_error_to_response) or whose engine died.
+    HttpError("vllm-500-generation", 500, b'{"error":{"message":"Internal server error",'
+                                          b'"type":"InternalServerError","param":null,"code":500}}'),
     HttpError("vllm-404-model", 404, b'{"error":{"message":"The model `nope` does not exist.",'
                                      b'"type":"NotFoundError","param":"model","code":404}}'),
     # vLLM <= 0.10.1 and SGLang (serving_base.py create_error_response: ORJSONResponse of
@@ -384,6 +388,8 @@ HTTP_ERRORS = [
                                          b'strictly positive","error_type":"validation"}'),
     HttpError("tgi-424-generation", 424, b'{"error":"Request failed during generation: Server error: '
                                          b'CUDA out of memory","error_type":"generation"}'),
+    HttpError("tgi-500-incomplete", 500, b'{"error":"Incomplete generation","error_type":'
+                                         b'"incomplete_generation"}'),
     HttpError("tgi-429-overloaded", 429, b'{"error":"Model is overloaded","error_type":"overloaded"}'),
 ]
 
