@@ -806,6 +806,22 @@ def test_aggregate_of_a_worker_error_returns_the_error() -> None:
     assert orjson.loads(t.document()) == err
 
 
+TGI_STRING_ERROR = {"error": "Request failed during generation: Server error: CUDA out of memory",
+                    "error_type": "generation"}
+TGI_STRING_ERROR_BODY = {"error": {"message": TGI_STRING_ERROR["error"], "type": "upstream_error",
+                                   "code": "generation"}}
+
+
+def test_aggregate_of_a_worker_error_that_is_a_string_is_an_openai_error_object() -> None:
+    """TGI before 2.4.1 streams `data:{"error":"...","error_type":"generation"}`: the 502 body
+    of an aggregating client is SPEC's error object (`error` an object with the worker's text
+    as its message), not the worker's chunk, whose `error` no client reads as an object."""
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, chat_stream_events()[0] + sse_data(TGI_STRING_ERROR) + DONE)
+    assert t.worker_error
+    assert orjson.loads(t.document()) == TGI_STRING_ERROR_BODY
+
+
 def test_aggregate_completions() -> None:
     body = {"model": MODEL, "prompt": "x"}
     t = stream_for(body, aggregate=True, mode="always", dialect=OPENAI_COMPLETIONS)
@@ -875,6 +891,16 @@ def test_json_worker_error_document() -> None:
     d = document(err)
     assert d.worker_error
     assert payloads(d.sse()) == [err]
+    assert orjson.loads(d.json()) == err
+
+
+def test_json_worker_error_document_that_is_a_string() -> None:
+    """A worker's error document whose `error` is a string: the 502 body is the OpenAI error
+    object with that text; a streaming client gets the worker's error as it came."""
+    d = document(TGI_STRING_ERROR)
+    assert d.worker_error
+    assert orjson.loads(d.json()) == TGI_STRING_ERROR_BODY
+    assert payloads(d.sse()) == [TGI_STRING_ERROR]
 
 
 @pytest.mark.parametrize("body", [b"", b"{", b"[]", b"nope"])

@@ -58,6 +58,20 @@ _GENERATED = frozenset({"delta", "message", "text"})
 _TEXT_KEYS = ("content", "reasoning_content", "reasoning")
 
 
+def worker_error_document(obj: dict[str, Any]) -> dict[str, Any]:
+    """A worker's own error (chunk or document) as the 502 body of a non-streaming client:
+    as it came when its `error` is an object (vLLM, SGLang, llama.cpp, TGI >= 2.4.1), else
+    the OpenAI error object with the worker's text as its message (TGI before 2.4.1 writes
+    `{"error": "Request failed during generation: ...", "error_type": "generation"}`)."""
+    error = obj.get("error")
+    if isinstance(error, dict):
+        return obj
+    kind = obj.get("error_type")
+    message = error if isinstance(error, str) and error else "the worker reported an error"
+    return {"error": {"message": message, "type": "upstream_error",
+                      "code": kind if isinstance(kind, str) else None}}
+
+
 @dataclass(frozen=True, slots=True)
 class Shape:
     """What differs between chat completions and legacy completions."""
@@ -404,7 +418,7 @@ class OpenAIStream(StreamTranslator):
         if not self.usage.seen:
             self.settle()
         if self._error_obj is not None:
-            return dumps_document(self._error_obj)
+            return dumps_document(worker_error_document(self._error_obj))
         doc: dict[str, Any] = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.document_object,
@@ -496,7 +510,7 @@ class OpenAIDocument(DocumentTranslator):
             doc["usage"] = _usage_with_cost(usage_obj, self.cost)
 
     def json(self) -> bytes:
-        return dumps_document(self.doc)
+        return dumps_document(worker_error_document(self.doc) if self.worker_error else self.doc)
 
     def sse(self) -> bytes:
         doc = self.doc
