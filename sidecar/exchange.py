@@ -37,6 +37,7 @@ from sidecar.headers import (
     connection_tokens,
     content_codings,
     end_to_end,
+    has_control_byte,
     header_list,
     header_value,
     raw_method_and_path,
@@ -746,6 +747,8 @@ class Exchange(StreamListener):
         assert self.upstream is not None and self.route is not None
         status = response.status_code
         raw_headers: list[Header] = header_list(response.headers)
+        if has_control_byte(raw_headers):
+            raise UpstreamFailure(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head")
         self.upstream.keep_alive = (
             response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
         )

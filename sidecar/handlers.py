@@ -133,7 +133,7 @@ class RawHandler(BodyHandler):
         # must not forward it (RFC 9112 6.3)
         if header_value(raw_headers, b"transfer-encoding") is not None:
             length = None
-        if length is not None:
+        if length is not None and status != 204:  # RFC 9110 8.6: a 204 has no Content-Length
             headers = [*headers, (b"content-length", length)]
         #: body bytes still to come while the client is told the body's length (none after a
         #: HEAD, a 204 or a 304): the request is accounted (ledger line, metrics) before the

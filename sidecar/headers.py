@@ -145,6 +145,17 @@ def header_list(headers: Sequence[Header]) -> list[Header]:
     return [(name, value) for _, name, value in full]
 
 
+#: Bytes no field value may hold (RFC 9110 5.5: the control characters but HTAB). h11 reads
+#: every one of them but NUL, CR and LF; parsers downstream (Node's llhttp: undici, fetch,
+#: the Node SDKs) refuse a whole head that carries one.
+_CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
+
+
+def has_control_byte(headers: Iterable[Header]) -> bool:
+    """Whether a header value holds a control byte: such a head is malformed, not written on."""
+    return _CONTROL_BYTE.search(b"".join([value for _, value in headers])) is not None
+
+
 def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     """Header names listed in `Connection:`; they are hop-by-hop too."""
     tokens: set[bytes] = set()

@@ -647,6 +647,25 @@ def test_head_on_a_passthrough_route_has_no_body_and_the_connection_stays(
     assert first.connection == second.connection  # the worker's connection was reused too
 
 
+@pytest.mark.parametrize("length", ["0", "5"])
+@pytest.mark.parametrize("method", ["DELETE", "HEAD"])
+def test_a_204_never_carries_a_content_length(
+    daemon: Daemon, worker: FakeWorker, method: str, length: str
+) -> None:
+    """RFC 9110 8.6: a server MUST NOT send Content-Length in a 204 (its body is empty
+    whatever a header says). A worker that sends one is not copied: undici's `request()`
+    refuses a 204 with a Content-Length other than 0 (UND_ERR_RES_CONTENT_LENGTH_MISMATCH),
+    and the bytes a worker sends after the head are no body of it."""
+    worker.reply([Send(response_head(204, [("content-length", length)]) + b"hello"[: int(length)])])
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes(method, "/v1/public/thing"))
+        response = client.read_response(head_only_body=True)
+        assert response.status == 204
+        assert response.header("content-length") is None, response.raw
+        assert response.body == b""
+        still_in_step(client)
+
+
 @pytest.mark.parametrize("chunked", [False, True])
 def test_get_with_a_body_is_forwarded_with_its_body(
     daemon: Daemon, worker: FakeWorker, chunked: bool

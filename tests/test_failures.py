@@ -163,6 +163,16 @@ BEFORE_HEAD: dict[str, tuple[list[Step], int, str]] = {
                            "upstream_disconnected"),
     "partial-head-silent": ([Send(b"HTTP/1.1 200 OK\r\n"), Stall()], 504, "upstream_timeout"),
     "silent": ([Stall()], 504, "upstream_timeout"),
+    # a control byte in a header value: h11 reads it, but HTTP parsers downstream (Node's
+    # llhttp: undici, fetch, the openai and anthropic SDKs) refuse the whole response head
+    "control-byte-in-a-header-value": (
+        [Send(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-junk: a\x01b\r\n"
+              b"transfer-encoding: chunked\r\n\r\n" + chunk(EV[0])), Stall()],
+        502, "upstream_protocol_error"),
+    "delete-byte-in-a-header-value": (
+        [Send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-junk: a\x7f\r\n"
+              b"content-length: 2\r\n\r\n{}"), Stall()],
+        502, "upstream_protocol_error"),
 }
 
 
@@ -557,6 +567,26 @@ def test_passthrough_failure_after_head_breaks_the_client_framing(w: FakeWorker,
         assert response.status == 200
         assert not response.complete, "a cut passthrough body was presented as complete"
         assert client.closed_by_peer(2.0)
+
+
+@pytest.mark.parametrize("value", [b"a\x01b", b"\x1b[31m", b"a\x7f", b"\x08"])
+def test_a_worker_head_with_a_control_byte_never_reaches_the_client(
+    w: FakeWorker, proxy: Daemon, value: bytes
+) -> None:
+    """RFC 9110 5.5: control bytes make a field value invalid; h11 reads them, Node's llhttp
+    (undici, fetch, every Node SDK) refuses the whole head ("Invalid header value char"). On a
+    passthrough route too the worker's head is not written on: 502, as for any malformed head."""
+    w.reply([Send(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nx-junk: " + value
+                  + b"\r\ncontent-length: 2\r\n\r\n{}"), Stall()])
+    rid = "ctl-byte-" + value.hex()
+    with RawClient(proxy.address) as client:
+        client.send(request_bytes("GET", "/v1/files/1", headers=[("x-request-id", rid)]))
+        response = client.read_response(5.0)
+    assert response.status == 502, response.raw[:300]
+    assert value not in response.raw
+    assert response.json()["error"]["code"] == "upstream_protocol_error"
+    assert all_worker_connections_closed(w)
+    assert proxy.ledger_for(rid)["outcome"] == "upstream_error"
 
 
 # ============================================================================ response_timeout

@@ -24,6 +24,7 @@ from sidecar.headers import (
     connection_tokens,
     end_to_end,
     find_head_end,
+    has_control_byte,
     header_value,
     raw_request_id,
     request_id_from,
@@ -231,6 +232,16 @@ def test_a_spliced_response_head_keeps_h11s_framing() -> None:
     assert isinstance(event, h11.Response)
     assert _by_name(list(event.headers)) == _by_name(headers)
     assert splice_lines(head, b"") is head
+
+
+@pytest.mark.parametrize(
+    ("value", "bad"),
+    [(b"plain", False), (b"a\tb", False), (b"", False), ("caf\u00e9".encode(), False),
+     (b"a\x01b", True), (b"\x1b[0m", True), (b"x\x7f", True), (b"\x00", True), (b"a\x1f", True)],
+)
+def test_has_control_byte(value: bytes, bad: bool) -> None:
+    """RFC 9110 5.5: HTAB and obs-text are field content, the other control bytes are not."""
+    assert has_control_byte([(b"x-ok", b"fine"), (b"x-test", value)]) is bad
 
 
 def test_hop_by_hop_names_are_lower_case() -> None:
