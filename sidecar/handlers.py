@@ -24,7 +24,7 @@ from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
-from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError, without_bom
+from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError, encode_comment, without_bom
 from sidecar.usage import cost_header_value
 
 if TYPE_CHECKING:
@@ -32,6 +32,19 @@ if TYPE_CHECKING:
     from sidecar.pump import ResponsePump
 
 _SSE_FIRST_BYTES = frozenset(b"deir:")
+
+#: The heartbeat a silent worker's event stream gets: a comment block, `: keep-alive` and a
+#: blank line (clients ignore it) ...
+HEARTBEAT = encode_comment("keep-alive")
+#: ... except once an event set a last event ID (`id:`): from then on the openai SDK (and
+#: httpx-sse) dispatch every blank line as an event, and one with empty data is JSON the SDK
+#: fails to parse. There the heartbeat is the comment line alone, still between two events.
+HEARTBEAT_LINE = HEARTBEAT[:-1]
+
+
+def _sets_id(data: bytes) -> bool:
+    """Whether `data` may hold an `id:` line (a false positive only costs a blank line)."""
+    return b"\nid:" in data or b"\rid:" in data
 
 
 def body_kind(content_type: bytes | None) -> str | None:
@@ -100,6 +113,11 @@ class BodyHandler:
         return False
 
     @property
+    def heartbeat(self) -> bytes:
+        """The comment to write now, when `wants_heartbeat`."""
+        return HEARTBEAT
+
+    @property
     def stream_ended(self) -> bool:
         """The worker's event stream sent its last event; what breaks after it (the body's
         framing, the connection, a silence) is not the stream's failure (see `end`)."""
@@ -157,6 +175,8 @@ class RawHandler(BodyHandler):
             b"\n\n" if unframed_stream and route is not None and route.heartbeat is not None
             else None
         )
+        #: an `id:` line went by (looked for only while `tail` is kept)
+        self.ids = False
         #: an event stream's first bytes, while they may still be a byte-order mark: it is
         #: dropped (SPEC: never written), unless the length the client is told counts it
         self.lead: bytes | None = b"" if unframed_stream else None
@@ -172,6 +192,8 @@ class RawHandler(BodyHandler):
             if not chunk:
                 return
         if self.tail is not None:
+            if not self.ids and (_sets_id(chunk) or _sets_id(self.tail + chunk[:3])):
+                self.ids = True
             self.tail = (self.tail + chunk[-3:])[-3:]
         if self.left is not None:
             self.left -= len(chunk)
@@ -182,6 +204,10 @@ class RawHandler(BodyHandler):
     @property
     def wants_heartbeat(self) -> bool:
         return self.tail is not None and not self.lead and self.tail.endswith(_BETWEEN_EVENTS)
+
+    @property
+    def heartbeat(self) -> bytes:
+        return HEARTBEAT_LINE if self.ids else HEARTBEAT
 
     def end(self, at_close: bool = False) -> bool:
         if self.whole_at_head:
@@ -271,6 +297,10 @@ class SniffHandler(BodyHandler):
     def wants_heartbeat(self) -> bool:
         return self.inner is not None and self.inner.wants_heartbeat
 
+    @property
+    def heartbeat(self) -> bytes:
+        return HEARTBEAT if self.inner is None else self.inner.heartbeat
+
 
 class EventHandler(BodyHandler):
     """An SSE body read event by event by a stream translator, with the fast lane
@@ -344,6 +374,8 @@ class RelayHandler(EventHandler):
         parser: SSEParser,
     ) -> None:
         super().__init__(exchange, translator, parser)
+        #: the client's last event ID (WHATWG): the last `id:` of an event passed on
+        self.last_id = ""
         exchange.start_event_stream(headers)
         self.write = exchange.body_writer()
         # when the client's body is chunked too, a chunk passed unchanged is written as it came
@@ -359,9 +391,12 @@ class RelayHandler(EventHandler):
             self._relay(exc.events)
             raise StreamProtocolError(str(exc)) from None
         if len(events) == 1:
-            out = self.translator.feed(events[0])
+            event = events[0]
+            out = self.translator.feed(event)
             if out:
                 self.write(out)
+                if event.id is not None:
+                    self.last_id = event.id
             return
         self._relay(events)
 
@@ -374,6 +409,8 @@ class RelayHandler(EventHandler):
                 out = feed(event)
                 if out:
                     pieces.append(out)
+                    if event.id is not None:
+                        self.last_id = event.id
         finally:
             if pieces:
                 self.write(b"".join(pieces))
@@ -397,6 +434,10 @@ class RelayHandler(EventHandler):
     @property
     def wants_heartbeat(self) -> bool:
         return not self.translator.ended  # nothing after [DONE]
+
+    @property
+    def heartbeat(self) -> bytes:
+        return HEARTBEAT_LINE if self.last_id else HEARTBEAT
 
 
 class AggregateHandler(EventHandler):

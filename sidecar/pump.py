@@ -22,7 +22,6 @@ from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.framing import BodyDecoder
 from sidecar.handlers import BodyHandler
-from sidecar.sse import encode_comment
 from sidecar.upstream import UpstreamConnection
 
 if TYPE_CHECKING:
@@ -32,7 +31,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("sidecar.exchange")
 
-HEARTBEAT = encode_comment("keep-alive")
 #: chunks of one read decoded one at a time while the fast lane waits for its template
 _SPLITS_PER_READ = 4
 #: After the stream's last event, how long the end of its body is waited for (at most
@@ -363,5 +361,5 @@ class ResponsePump:
             and self.handler.wants_heartbeat
         ):
             self.last_beat = now
-            self.ex.write_data(HEARTBEAT)
+            self.ex.write_data(self.handler.heartbeat)
         self._schedule()

@@ -44,6 +44,7 @@ from tests.harness import (
     sse_data,
     sse_reply,
     text_completion,
+    text_completion_events,
 )
 from tests.harness import chunk as frame_chunk
 
@@ -501,6 +502,42 @@ def test_heartbeats_are_harmless_to_sdk_and_httpx_sse(w: FakeWorker, proxy: Daem
         data = [event.data for event in source.iter_sse()]
     assert data[-1] == "[DONE]"
     assert all(d for d in data), "an event with empty data reached the client"
+
+
+def with_ids(events: list[bytes]) -> list[bytes]:
+    """The events with an `id:` line each (as some workers and gateways write them)."""
+    return [b"id: %d\n%s" % (i, e) for i, e in enumerate(events)]
+
+
+@pytest.mark.parametrize("route", ["relay", "passthrough"])
+def test_heartbeats_after_an_event_with_an_id_are_harmless_to_the_sdk(
+    w: FakeWorker, proxy: Daemon, route: str
+) -> None:
+    """After an `id:` line, the openai SDK and httpx-sse keep a last event ID and then
+    dispatch every blank line as an event: `: keep-alive` + a blank line would be an event
+    with empty data, which the SDK fails to parse. There the heartbeat is the comment line
+    alone, still between two events."""
+    if route == "relay":
+        events = with_ids(chat_stream_events())
+    else:  # no completions route under /beat/: its passthrough route takes it
+        events = with_ids(text_completion_events(("Hel", "lo", "!")))
+    script = [*sse_reply(events[:1], end=False), Sleep(0.4), *sse_reply(events[1:])[1:]]
+    w.reply(script, script)
+    client = sdk(proxy, "/beat")
+    if route == "relay":
+        text = content_of(list(client.chat.completions.create(model=MODEL, messages=MESSAGES,
+                                                              stream=True)))
+        path = "/beat/v1/chat/completions"
+    else:
+        text = "".join(c.choices[0].text for c in client.completions.create(
+            model=MODEL, prompt="hi", stream=True) if c.choices)
+        path = "/beat/v1/completions"
+    assert text == "Hello!"
+    with RawClient(proxy.address) as raw:
+        raw.send(request_bytes("POST", path, chat_body(stream=True)))
+        body = raw.read_response().body
+    assert b": keep-alive\n" in body and b": keep-alive\n\n" not in body, body
+    assert body.replace(b": keep-alive\n", b"").startswith(events[0]), body
 
 
 # ============================================================================ worker variety
