@@ -141,10 +141,13 @@ def route_configs(worker2_url: str) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in ROUTE_DEFS:
         if r.dialect == "passthrough":
-            out.append({"name": r.name, "match": {"path_prefix": "/v1/"}, "dialect": "passthrough"})
+            out.append({"name": r.name, "match": {"path_prefix": "/v1/"}, "dialect": "passthrough",
+                        "heartbeat": "150ms"})
             continue
         route: dict[str, Any] = {"name": r.name, "match": {"path": r.path, "methods": ["POST"]},
                                  "dialect": r.dialect, "upstream_stream": r.mode}
+        if r.name in ("chat", "messages"):
+            route["heartbeat"] = "150ms"  # comments while a worker is silent (stall, late head)
         if r.own_upstream:
             route["upstream"] = own
         out.append(route)
@@ -230,7 +233,11 @@ class Plan:
         return out
 
     def request(self) -> bytes:
-        return request_bytes("POST", self.route.path, self.body(), self.headers(), chunked=self.chunked_body)
+        if self.behaviour == "bad_json":
+            return request_bytes("POST", self.route.path, b'{"model": "' + self.model.encode() + b'", "mess',
+                                 self.headers(), chunked=self.chunked_body)
+        path = "/nope" + self.route.path if self.behaviour == "no_route" else self.route.path
+        return request_bytes("POST", path, self.body(), self.headers(), chunked=self.chunked_body)
 
 
 def draw_plans(seed: int, n: int, prefix: str) -> list[Plan]:
@@ -252,8 +259,10 @@ def draw_plans(seed: int, n: int, prefix: str) -> list[Plan]:
             behaviour = rng.choices(
                 ["sse", "json", "usage_every", "no_usage", "reset", "fin", "stall", "broken",
                  "no_term", "http", "slow_head", "worker_error", "sse_close", "sse_length", "sse_eof",
-                 "late_head"],
-                [6, 4, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1])[0]
+                 "late_head", "bad_json", "no_route"],
+                [6, 4, 2, 2, 1, 1, 1, 1, 1, 1, 1, 1, 2, 1, 1, 1, 1, 1])[0]
+            if behaviour in ("bad_json", "no_route"):
+                client = "raw"  # refused before any worker; a 404 with a body closes the connection
         if behaviour == "usage_every" and route.shape != "chat":
             behaviour = "sse"
         if behaviour == "no_usage" and route.shape not in ("chat", "completions"):
@@ -478,6 +487,10 @@ def classify(plan: Plan, status: int, headers: dict[str, str], body: bytes, comp
     events = sse_events(body)
     if not events:
         seen.kind = "cut"
+        return seen
+    tail = body[body.rfind(b"data:"):]
+    if b"\n:" in tail or b"\r:" in tail:
+        seen.kind, seen.note = "cut", "a comment after the stream's last event"
         return seen
     for _name, data in events:
         if data == "[DONE]":
@@ -733,6 +746,10 @@ def expected(plan: Plan) -> Expect:
         return Expect("upstream_http_error", plan.status, "http", f"w{plan.status}")
     if b == "slow_head":
         return Expect("upstream_timeout", 504, "http", "upstream_timeout")
+    if b == "bad_json":
+        return Expect("bad_request", 400, "http")
+    if b == "no_route":
+        return Expect("bad_request", 404, "http")
     assert not passthrough
     if b in MID_FAILURES:
         code = MID_FAILURES[b]
@@ -833,6 +850,13 @@ def check_requests(plans: list[Plan], seen: dict[str, Seen], records: dict[str, 
             want.status = client_status = record["status"] if record["status"] in (200, 499) else 499
         if record["status"] != client_status or record["status"] != want.status:
             problems.append(f"ledger status {record['status']}, client {s.status}, want {want.status}: " + where)
+        if plan.behaviour in ("bad_json", "no_route"):
+            if plan.arrived.is_set():
+                problems.append("a refused request reached the worker: " + where)
+            want_route = None if plan.behaviour == "no_route" else plan.route.name
+            if record["route"] != want_route or record["cost"] is not None or s.cost_header is not None:
+                problems.append("ledger route or a cost for a refused request: " + where)
+            continue
         if record["route"] != plan.route.name or record["dialect"] != plan.route.dialect:
             problems.append("ledger route/dialect: " + where)
         if plan.route.dialect == "passthrough":
