@@ -186,7 +186,6 @@ class Plan:
     chunked_body: bool = False  # the request body is chunked
     expect_continue: bool = False  # the request says Expect: 100-continue
     leave_at: str = "data"  # leave: early (right after sending) | data (some of the answer)
-    given_rid: str | None = None  # the x-request-id the client saw, when it sent none
     arrived: threading.Event = field(default_factory=threading.Event)
     release: threading.Event | None = None
     worker_rid: str | None = None  # the x-request-id the worker got
@@ -1015,6 +1014,12 @@ def check_metrics(daemon: Daemon, records: list[dict[str, Any]], seen: list[Seen
             problems.append(f"{gauge} is {values} at rest")
 
 
+def children(pid: int) -> set[int]:
+    """The processes `pid` started (the worker processes of `workers: N`)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as f:
+        return {int(x) for x in f.read().split()}
+
+
 def fd_count(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
@@ -1222,7 +1227,14 @@ def test_chaos_two_processes_with_a_default_price(workers: tuple[FakeWorker, Fak
     base = chaos_config(one, two, PRICES_1, default=True, processes=2)
     problems: list[str] = []
     with Daemon(base, tmp_path) as daemon:
+        assert wait_for(lambda: len(children(daemon.pid)) == 2, 10)
+        fds_at_start = {kid: fd_count(kid) for kid in children(daemon.pid)}
         run_variant(daemon, workers, daemon.config, default=True, rounds=2, processes=2, problems=problems)
+        if children(daemon.pid) != set(fds_at_start):
+            problems.append(f"worker processes replaced: {fds_at_start} -> {children(daemon.pid)}")
+        elif not wait_for(lambda: all(fd_count(k) <= n for k, n in fds_at_start.items()), 10):
+            problems.append(f"descriptors of the worker processes: {[fd_count(k) for k in fds_at_start]} "
+                            f"at rest, {list(fds_at_start.values())} at start")
         errors = daemon.errors()
     dump_log(daemon, problems, workers)
     assert not errors, errors
