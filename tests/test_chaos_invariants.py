@@ -95,6 +95,13 @@ N = int(os.environ.get("SIDECAR_CHAOS_N", "120"))
 ROUNDS = max(2, int(os.environ.get("SIDECAR_CHAOS_ROUNDS", "3")))
 THREADS = int(os.environ.get("SIDECAR_CHAOS_THREADS", "12"))
 
+
+def ms(base: int) -> str:
+    """A short timeout, longer with more concurrent clients: on a busy machine (two CPUs, the
+    clients, the fake workers and the daemon in one box) a worker thread that waits for its
+    turn must not look like a silent worker."""
+    return f"{int(base * max(1.0, THREADS / 12))}ms"
+
 PRICED, CLAUDE, FREE = "m-priced", "m-claude", "m-free"
 #: prices as exact decimal strings (the YAML gets the same digits)
 PRICES_1: dict[str, dict[str, str]] = {
@@ -136,7 +143,7 @@ ROUTES = {r.name: r for r in ROUTE_DEFS}
 
 
 def route_configs(worker2_url: str) -> list[dict[str, Any]]:
-    own = {"url": worker2_url, "idle_timeout": "500ms", "response_timeout": "700ms",
+    own = {"url": worker2_url, "idle_timeout": ms(500), "response_timeout": ms(700),
            "pool_idle_timeout": "1s", "max_idle_connections": 4}
     out: list[dict[str, Any]] = []
     for r in ROUTE_DEFS:
@@ -1077,7 +1084,7 @@ def chaos_config(one: FakeWorker, two: FakeWorker, prices: dict[str, dict[str, s
                  default: bool, processes: int = 1) -> dict[str, Any]:
     return daemon_config(
         one.url, workers=processes, routes=route_configs(two.url), pricing=pricing(prices, default),
-        upstream={"idle_timeout": "400ms", "response_timeout": "600ms", "pool_idle_timeout": "1s",
+        upstream={"idle_timeout": ms(400), "response_timeout": ms(600), "pool_idle_timeout": "1s",
                   "max_idle_connections": 8},
         limits={"max_connections": 256, "keepalive_timeout": "5s", "header_timeout": "5s",
                 "body_timeout": "5s"},
