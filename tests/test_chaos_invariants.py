@@ -10,8 +10,9 @@ a raw socket that leaves mid-response, httpx, the openai SDK), `stream` and
 every chunk, no usage, reset / FIN / stall / broken chunk framing / clean end
 without terminator mid-stream, a non-2xx answer, no head past
 `response_timeout`, its own error event). The requests run concurrently, with
-a same-content SIGHUP in the middle of each round and a changed price between
-rounds (with a stream in flight across it).
+a SIGHUP in the middle of each round (same content; in the second round, changed
+prices with requests in flight) and changed prices between the first two rounds
+(with a stream held in flight across the change).
 
 Then, once the daemon has written everything:
 
@@ -77,7 +78,6 @@ from tests.harness import (
     chat_stream_events,
     chunk,
     daemon_config,
-    deep_merge,
     metric_samples,
     metrics_text,
     request_bytes,
@@ -110,6 +110,10 @@ PRICES_1: dict[str, dict[str, str]] = {
 }
 PRICES_2: dict[str, dict[str, str]] = {
     **PRICES_1, PRICED: {"prompt": "0.2", "completion": "0.8", "cached_prompt": "0.1", "reasoning": "1.1"},
+}
+PRICES_3: dict[str, dict[str, str]] = {
+    **PRICES_1, PRICED: {"prompt": "0.25", "completion": "1", "cached_prompt": "0.125"},
+    CLAUDE: {"prompt": "2.5", "completion": "12.5"},
 }
 DEFAULT_ROW = {"prompt": "0.5", "completion": "1.25"}
 
@@ -827,9 +831,12 @@ def ledger_id(plan: Plan, seen: Seen) -> str:
 
 
 def check_requests(plans: list[Plan], seen: dict[str, Seen], records: dict[str, dict[str, Any]],
-                   prices: dict[str, dict[str, str]], default: bool, problems: list[str]) -> None:
-    """Per request: client <-> ledger <-> SPEC."""
+                   tables: dict[str, list[dict[str, dict[str, str]]]], default: bool,
+                   problems: list[str]) -> None:
+    """Per request: client <-> ledger <-> SPEC (`tables`: the price tables that may have been in
+    force when each request started; body, header and ledger must agree on one of them)."""
     for plan in plans:
+        prices = tables[plan.rid][0]
         s = seen[plan.rid]
         want = expected(plan)
         record = records.get(ledger_id(plan, s))
@@ -882,7 +889,7 @@ def check_requests(plans: list[Plan], seen: dict[str, Seen], records: dict[str, 
         # cost, three ways
         row = price_row(plan.model, prices, default)
         if record["cost"] is not None and plan.route.shape != "anthropic" and not record["usage_estimated"] \
-                and ledger_cost(record, prices, default) != record["cost"]:
+                and record["cost"] not in {ledger_cost(record, t, default) for t in tables[plan.rid]}:
             problems.append(f"ledger cost {record['cost']} != formula of its tokens "
                             f"{ledger_cost(record, prices, default)}: " + where)
         if (record["ttfb_ms"] is None) != (record["status"] == 499):
@@ -910,6 +917,11 @@ def check_requests(plans: list[Plan], seen: dict[str, Seen], records: dict[str, 
         if record["usage_estimated"] is not False:
             problems.append("usage_estimated for a worker that sent usage: " + where)
         cost = formula_cost(plan.route.shape, plan.usage, row) if row is not None else None
+        for t in tables[plan.rid][1:]:
+            other_row = price_row(plan.model, t, default)
+            other = formula_cost(plan.route.shape, plan.usage, other_row) if other_row is not None else None
+            if record["cost"] == other:
+                cost = other  # it started under that table
         if record["cost"] != cost:
             problems.append(f"ledger cost {record['cost']} != SPEC {cost}: " + where)
         if s.cost_body is not None and s.cost_body != cost:
@@ -1113,11 +1125,15 @@ def run_variant(daemon: Daemon, pair: tuple[FakeWorker, FakeWorker], base: dict[
     each round (one process only)."""
     all_plans: list[Plan] = []
     all_seen: dict[str, Seen] = {}
-    prices_of: dict[str, dict[str, dict[str, str]]] = {}
+    prices_of: dict[str, list[dict[str, dict[str, str]]]] = {}
     rss: list[int] = []
     daemon_current = [base]
 
     def same() -> None:
+        reload_with(daemon, daemon_current[0], processes)
+
+    def changed_price() -> None:
+        daemon_current[0] = {**base, "pricing": pricing(PRICES_3, default)}  # rows replaced, not merged
         reload_with(daemon, daemon_current[0], processes)
 
     # a warm-up: one plain request per route and dialect, so no first use (of a worker
@@ -1126,13 +1142,17 @@ def run_variant(daemon: Daemon, pair: tuple[FakeWorker, FakeWorker], base: dict[
                  "raw", False, None, "json") for i, route in enumerate(ROUTE_DEFS)]
     all_seen.update(run_round(daemon, warm))
     all_plans += warm
-    prices_of.update((p.rid, PRICES_1) for p in warm)
+    prices_of.update((p.rid, [PRICES_1]) for p in warm)
     for round_no in range(rounds):
-        prices = PRICES_1 if round_no == 0 else PRICES_2
+        # round 0 under PRICES_1; round 1 under PRICES_2, changed to PRICES_3 half-way with
+        # requests in flight (each one priced by the table in force when it started, the
+        # same in its body, header and ledger line); then PRICES_3, a same-content reload
+        # half-way through each round
+        tables = [[PRICES_1], [PRICES_2, PRICES_3]][round_no] if round_no < 2 else [PRICES_3]
         plans = draw_plans(SEED, N, f"chaos{processes}-r{round_no}")
-        seen = run_round(daemon, plans, hup_at=N // 2, reloads=same)
+        seen = run_round(daemon, plans, hup_at=N // 2, reloads=changed_price if round_no == 1 else same)
         for p in plans:
-            prices_of[p.rid] = prices
+            prices_of[p.rid] = tables
         all_plans += plans
         all_seen.update(seen)
         if round_no == 0:
@@ -1143,7 +1163,7 @@ def run_variant(daemon: Daemon, pair: tuple[FakeWorker, FakeWorker], base: dict[
             with RawClient(daemon.address, timeout=15) as client:
                 client.send(held.request())
                 assert held.arrived.wait(10)  # the request started (the worker has it)
-                changed = deep_merge(base, {"pricing": pricing(PRICES_2, default)})
+                changed = {**base, "pricing": pricing(PRICES_2, default)}
                 daemon_current[0] = changed
                 reload_with(daemon, changed, processes)
                 held.release.set()
@@ -1155,7 +1175,7 @@ def run_variant(daemon: Daemon, pair: tuple[FakeWorker, FakeWorker], base: dict[
                 problems.append(f"a stream across a price reload costs {costs}, not the old price's {want}")
             all_plans.append(held)
             all_seen[held.rid] = Seen(200, held.rid, "ok", cost_body=costs[-1] if costs else None)
-            prices_of[held.rid] = PRICES_1
+            prices_of[held.rid] = [PRICES_1]
         settle(daemon, pair, [p for p in plans if p.client == "leave"], problems)
         if processes == 1:
             rss.append(daemon.rss_kib())
@@ -1177,9 +1197,7 @@ def run_variant(daemon: Daemon, pair: tuple[FakeWorker, FakeWorker], base: dict[
     held_cost = formula_cost("chat", held_usage, PRICES_1[PRICED])
     if held_record is None or held_record["cost"] != held_cost:
         problems.append(f"the ledger prices a stream across a price reload at {held_record}, not {held_cost}")
-    for prices in (PRICES_1, PRICES_2):
-        group = [p for p in all_plans if prices_of[p.rid] is prices and p.client != "held"]
-        check_requests(group, all_seen, by_rid, prices, default, problems)
+    check_requests([p for p in all_plans if p.client != "held"], all_seen, by_rid, prices_of, default, problems)
     everything = ledger_records(daemon.ledger_path)
     if os.environ.get("SIDECAR_CHAOS_VERBOSE"):
         print("plans:", Counter((p.client, p.behaviour) for p in all_plans))
