@@ -312,7 +312,9 @@ class Exchange(StreamListener):
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self._finished = False
-        self.body_read = False  # the request body was read past h11 (Content-Length)
+        # the request body was read to its end: past h11 (Content-Length), or streamed on
+        # (passthrough) up to its end, which a retry must then not wait for again
+        self.body_read = False
 
     @property
     def request_read(self) -> bool:
@@ -649,7 +651,7 @@ class Exchange(StreamListener):
                 else:  # a retry sends again, framed again, what was read so far, then the rest
                     conn.send_request(*head, None)
                     body_complete = await self._stream_body(
-                        conn, body_parts, body_complete, body_deadline
+                        conn, body_parts, body_complete or self.body_read, body_deadline
                     )
                 await self._request_flushed(conn, timeout)
                 deadline = None if timeout is None else self.loop.time() + timeout
@@ -688,6 +690,7 @@ class Exchange(StreamListener):
             while not whole:
                 part = await self._next_body_part(deadline)
                 if part is None:
+                    self.body_read = True  # before the write that may find the worker gone
                     break
                 size += len(part)
                 if size > limit:

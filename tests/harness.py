@@ -283,6 +283,20 @@ class WorkerIO:
         p.transport.abort()
         p.worker._changed()
 
+    async def wait_received(self, marker: bytes, timeout: float | None = None) -> bool:
+        """Wait until the bytes that arrived after the request being answered (the start of
+        the next one, still unread) hold `marker` (True), or `timeout` passes (False)."""
+        p = self._p
+        try:
+            async with asyncio.timeout(timeout):
+                while marker not in p.buffer:
+                    if p.lost or p.eof or p.worker._stopping:
+                        return False
+                    await p.changed()
+        except TimeoutError:
+            return False
+        return True
+
     async def wait_peer_closed(self, timeout: float | None = None) -> bool:
         """Wait until the peer closes (True) or `timeout` passes (False)."""
         p = self._p

@@ -20,6 +20,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -28,6 +29,7 @@ import pytest
 from tests.harness import (
     LAST_CHUNK,
     MODEL,
+    Call,
     Close,
     Daemon,
     FakeWorker,
@@ -38,6 +40,7 @@ from tests.harness import (
     Sleep,
     Stall,
     Step,
+    WorkerIO,
     WorkerRequest,
     chat_body,
     chat_completion,
@@ -720,6 +723,46 @@ def test_retried_passthrough_upload_is_framed_again(
     assert retry.header("transfer-encoding") == ("chunked" if chunked else None)
     time.sleep(0.3)
     assert len(worker.requests) == 3, "the worker read a request the client never sent"
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["alone", "pipelined"])
+def test_retried_passthrough_upload_whose_end_was_read_before_the_worker_was_found_gone(
+    worker: FakeWorker, pooled: Daemon, pipelined: bool
+) -> None:
+    # The pooled connection carried the head and the start of a chunked upload, then the
+    # worker dropped it (a keep-alive timeout racing the request); the client's last chunk
+    # came after. The request is sent again, whole, on a new connection and answered: the
+    # body's end, already read from the client, is not waited for again until body_timeout
+    # (a 408), nor taken for a client that left when a pipelined request follows it (a 499
+    # and the connection closed, the pipelined request never answered).
+    async def drop_at_the_next_head(io: WorkerIO) -> None:
+        assert await io.wait_received(b"\r\n\r\n", timeout=5)
+        await io.reset(settle=0)
+
+    worker.reply([Send(http_response(200, b"first")), Call(drop_at_the_next_head)],
+                 http_response(200, b"second"), http_response(200, b"third"))
+    fds = Path(f"/proc/{pooled.pid}/fd")
+    with RawClient(pooled.address) as client:
+        client.send(request_bytes("GET", "/v1/models"))
+        assert client.read_response().body == b"first"
+        pooled_fds = len(list(fds.iterdir()))
+        client.send(b"POST /v1/files HTTP/1.1\r\nhost: x\r\ncontent-type: application/octet-stream\r\n"
+                    b"transfer-encoding: chunked\r\n\r\n" + chunk(b"part one, "))
+        # the daemon saw the reset (and closed that connection) before the body's end comes
+        deadline = time.monotonic() + 5
+        while len(list(fds.iterdir())) >= pooled_fds and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(list(fds.iterdir())) < pooled_fds
+        client.send(LAST_CHUNK + (request_bytes("GET", "/v1/models") if pipelined else b""))
+        started = time.monotonic()
+        response = client.read_response()
+        assert (response.status, response.body) == (200, b"second")
+        assert time.monotonic() - started < 1.5, "answered only after body_timeout"
+        if pipelined:
+            assert client.read_response().body == b"third"
+    first, retry, *_ = worker.wait_requests(3 if pipelined else 2)
+    assert retry.connection != first.connection
+    assert retry.body == b"part one, "
 
 
 def test_retry_happens_only_once(worker: FakeWorker, pooled: Daemon) -> None:
