@@ -16,15 +16,18 @@ from hypothesis import strategies as st
 
 from sidecar.config import config_from_dict
 from sidecar.headers import (
+    CONTENT_CODINGS,
     H11_REQUEST_HEADERS,
     H11_RESPONSE_HEADERS,
     HOP_BY_HOP,
     check_head_lines,
     check_raw_head,
     connection_tokens,
+    content_codings,
     end_to_end,
     find_head_end,
     has_control_byte,
+    header_list,
     header_value,
     raw_request_id,
     request_id_from,
@@ -59,6 +62,7 @@ def head(*lines: str, request_line: str = "POST /v1/chat/completions HTTP/1.1", 
         head("Host: [::1]:8080"),
         head("Host: my_host.local:80"),
         head("Host: x", "Content-Length: 5", request_line="POST /v1/chat HTTP/1.0"),
+        head("Host: x", "Transfer-Encoding:\tchunked\t"),  # OWS is SP or HTAB
     ],
 )
 def test_acceptable_heads(raw: bytes) -> None:
@@ -72,6 +76,9 @@ def test_acceptable_heads(raw: bytes) -> None:
         (head("Host: x", "Transfer-Encoding: chunked", "Content-Length: 5"), "both"),
         (head("Host: x", "Content-Length: 5", "Content-Length: 6"), "differing"),
         (head("Host: x", "Content-Length: 5, 6"), "differing"),
+        # no space after the colon: the values differ in their first digit only
+        (head("Host: x", "Content-Length:15", "Content-Length:25"), "differing"),
+        (head("Host: x", "Transfer-Encoding: chunkedX"), "chunked"),
         (head("Host: x", "Transfer-Encoding: gzip"), "chunked"),
         (head("Host: x", "Transfer-Encoding: gzip, chunked"), "chunked"),
         (head("Host: x", "Transfer-Encoding: chunked", "Transfer-Encoding: chunked"), "chunked"),
@@ -91,6 +98,8 @@ def test_acceptable_heads(raw: bytes) -> None:
         (head("Host: x", request_line="POST /v1/chat/completions#x HTTP/1.1"), "fragment"),
         (head("Host: a b"), "Host"),
         (head("Host: x/y"), "Host"),
+        # bare-LF line ends: the Host value's last byte is read too
+        (head("Host: x/", eol="\n"), "Host"),
         (head("Host: x@y"), "Host"),
         (head("Host: x:notaport"), "Host"),
         (head("Host: x", "Transfer-Encoding: chunked", request_line="POST /v1/chat HTTP/1.0"),
@@ -259,6 +268,29 @@ def test_header_value_first_match_case_insensitive() -> None:
     headers = [(b"X-Request-ID", b"one"), (b"x-request-id", b"two")]
     assert header_value(headers, b"x-request-id") == b"one"
     assert header_value(headers, b"x-missing") is None
+
+
+@pytest.mark.parametrize("coding", sorted(CONTENT_CODINGS))
+def test_every_iana_content_coding_is_recognized(coding: bytes) -> None:
+    assert content_codings([(b"Content-Encoding", coding.upper())]) == [coding]
+
+
+def test_content_codings_reads_every_list_member_and_ignores_non_codings() -> None:
+    headers = [
+        (b"content-encoding", b"gzip,\tBR , utf-8"),
+        (b"Content-Type", b"application/json"),
+        (b"Content-Encoding", b"identity, zstd"),
+    ]
+    assert content_codings(headers) == [b"gzip", b"br", b"zstd"]
+    assert content_codings([(b"content-encoding", b"identity")]) == []
+    assert content_codings([]) == []
+
+
+def test_header_list_of_h11_headers_and_of_a_plain_list() -> None:
+    request = h11.Request(method="GET", target="/", headers=[("Host", "x"), ("X-A", "1")])
+    assert header_list(request.headers) == [(b"host", b"x"), (b"x-a", b"1")]
+    plain = [(b"host", b"x")]
+    assert header_list(plain) == plain
 
 
 def test_without_is_case_insensitive_and_keeps_order() -> None:
@@ -431,6 +463,7 @@ def test_query_is_not_part_of_the_path() -> None:
         (b"/.", True),
         (b"/v1%2Fmodels", True),
         (b"/v1%5cmodels", True),
+        (b"/v1/chat\\completions", True),  # a backslash, even inside a matching prefix
         (b"/v1/a%20b", False),
         (b"/v1/100%25", False),
         (b"", True),
