@@ -22,7 +22,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.chunked import ChunkedDecoder, frame
+from sidecar.chunked import LONGEST_CHUNK, ChunkedDecoder, frame
 from sidecar.config import Limits
 from sidecar.fastlane import TextTemplate, chunk_text, template_chunks, template_text
 from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
@@ -44,6 +44,15 @@ def verdict(data: bytes) -> int:
     """`chunk_text` as a count: 1 a non-empty string, 0 an empty one, -1 not the lane's."""
     text = chunk_text(data, TEMPLATE)
     return -1 if text is None else 1 if text else 0
+
+
+def test_reads_as_long_as_the_longest_lane_chunk_or_longer_are_not_the_lanes() -> None:
+    """The lane keeps chunks of at most 4095 payload bytes; a longer read (a bigger chunk,
+    or several) goes the general way rather than failing."""
+    room = 4096 - len(PREFIX) - len(SUFFIX) - 2
+    assert verdict(chunk_with(b'"' + b"a" * room + b'"')) == -1
+    for n in (LONGEST_CHUNK - 1, LONGEST_CHUNK, LONGEST_CHUNK + 1):
+        assert verdict(b"x" * n) == -1
 
 
 @pytest.mark.parametrize("size", [1, 5, 13, 14, 15, 16, 17, 200, 254, 255, 256, 257, 4000, 4095])
