@@ -39,7 +39,6 @@ __all__ = [
 # Exact arithmetic: token counts are ints and prices are short decimals, so
 # 60 significant digits never round; scaleb(-6) is an exact exponent shift.
 _CTX = Context(prec=60)
-_ZERO = Decimal(0)
 
 _COUNT_FIELDS = (
     "prompt_tokens",
