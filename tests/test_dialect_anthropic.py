@@ -686,3 +686,35 @@ def test_aggregated_document_is_json_whatever_utf16_cuts(text: str, cuts: list[i
     pieces = [units[2 * a : 2 * b].decode("utf-16-le", "surrogatepass") for a, b in pairwise(bounds)]
     doc = orjson.loads(aggregate(_tool_stream(*pieces) if tool else _text_stream(*pieces)).document())
     assert doc["content"][0]["input" if tool else "text"] == ({"s": text} if tool else text)
+
+
+def test_aggregate_a_delta_without_its_block_start_implies_the_blocks_type() -> None:
+    data = b"".join([
+        worker_stream()[0],
+        ev("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                   "delta": {"type": "thinking_delta", "thinking": "hm"}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 1,
+                                   "delta": {"type": "text_delta", "text": "Hi"}}),
+        ev("content_block_delta", {"type": "content_block_delta", "index": 2,
+                                   "delta": {"type": "input_json_delta", "partial_json": '{"a": 1}'}}),
+        *worker_stream()[-2:],
+    ])
+    doc = json.loads(aggregate(data).document())
+    assert doc["content"] == [
+        {"type": "thinking", "thinking": "hm"},
+        {"type": "text", "text": "Hi"},
+        {"type": "tool_use", "input": {"a": 1}},
+    ]
+
+
+def test_document_sse_fills_the_message_start_and_prices_only_the_message_delta() -> None:
+    """A worker document without id, type or role still makes a message_start a client
+    reads (they are filled in); `usage.cost` is in the final message_delta only."""
+    bare = {k: v for k, v in MESSAGE.items() if k not in ("id", "type", "role")}
+    data = DIALECT.document(plan(), PRICING, orjson.dumps(bare)).sse()
+    events = [json.loads(e.data or "") for e in parse(data)]
+    start = events[0]["message"]
+    assert (start["id"], start["type"], start["role"], start["model"]) == ("msg_req1", "message", "assistant", MODEL)
+    assert "cost" not in start["usage"]
+    (delta,) = [e for e in events if e["type"] == "message_delta"]
+    assert delta["usage"]["cost"] == pytest.approx((10 * 3 + 4 * 3.75 + 2 * 15) / 1e6)
