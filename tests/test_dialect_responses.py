@@ -18,6 +18,7 @@ from sidecar.config import Price, Pricing
 from sidecar.dialects import get_dialect
 from sidecar.dialects.base import RequestPlan
 from sidecar.dialects.jsonio import BadRequest, StreamProtocolError
+from sidecar.dialects.openai_responses import OutputSoFar
 from sidecar.sse import Event, SSEParser
 
 DIALECT = get_dialect("openai-responses")
@@ -509,3 +510,26 @@ def test_a_reencoded_event_keeps_a_lone_surrogate_as_its_escape() -> None:
 def test_aggregate_joins_a_surrogate_pair_split_across_deltas() -> None:
     doc = orjson.loads(aggregate(encode(_split_emoji_events())).document())
     assert doc["output"][0]["content"][0]["text"] == "\U0001f600"
+
+
+def test_output_so_far_folds_refusal_and_summary_deltas_into_their_own_parts() -> None:
+    """The output a failed (or output-less) response carries: each delta lands in the part
+    its content_index / summary_index names."""
+    out = OutputSoFar()
+    message = {"type": "message", "role": "assistant", "content": []}
+    out.read("response.output_item.added", {"output_index": 0, "item": message})
+    for sub, part in enumerate([{"type": "output_text", "text": ""}, {"type": "refusal", "refusal": ""}]):
+        out.read("response.content_part.added", {"output_index": 0, "content_index": sub, "part": part})
+    out.read("response.output_text.delta", {"output_index": 0, "content_index": 0, "delta": "Hi"})
+    out.read("response.refusal.delta", {"output_index": 0, "content_index": 1, "delta": "no"})
+    out.read("response.output_item.added", {"output_index": 1, "item": {"type": "reasoning", "summary": []}})
+    for sub in (0, 1):
+        out.read("response.reasoning_summary_part.added",
+                 {"output_index": 1, "summary_index": sub, "part": {"type": "summary_text", "text": ""}})
+    out.read("response.reasoning_summary_text.delta", {"output_index": 1, "summary_index": 1, "delta": "why"})
+    assert out.output() == [
+        {"type": "message", "role": "assistant",
+         "content": [{"type": "output_text", "text": "Hi"}, {"type": "refusal", "refusal": "no"}]},
+        {"type": "reasoning",
+         "summary": [{"type": "summary_text", "text": ""}, {"type": "summary_text", "text": "why"}]},
+    ]
