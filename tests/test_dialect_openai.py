@@ -1235,3 +1235,86 @@ def test_a_documents_choices_without_index_replay_at_their_places_and_created_0_
     finishes = {c["choices"][0]["index"]: c["choices"][0]["finish_reason"]
                 for c in chunks if c["choices"] and c["choices"][0].get("finish_reason")}
     assert finishes == {0: "stop", 1: "length"}
+
+
+# ============================================================================ mutation-found gaps
+
+
+def _chunk(choice: dict[str, Any], obj: str = "chat.completion.chunk") -> bytes:
+    return sse_data({"id": "c1", "object": obj, "created": CREATED, "model": MODEL, "choices": [choice]})
+
+
+def test_a_rewritten_chunk_with_only_an_id_line_keeps_it() -> None:
+    """Usage removed from a chunk whose worker numbered it with `id:` alone (no `event:`):
+    the `id:` line stays."""
+    last = sse_data({"id": "c1", "object": "chat.completion.chunk", "created": CREATED, "model": MODEL,
+                     "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": USAGE})
+    data = b"id: 1\n" + _chunk({"index": 0, "delta": {"content": "hi"}}) + b"id: 2\n" + last + DONE
+    out = relay(stream_for(STREAMING), data)
+    sent = [e for e in events(out) if e.data is not None and e.data != "[DONE]"]
+    assert [e.id for e in sent] == ["1", "2"]
+    assert "usage" not in json.loads(sent[1].data or "")
+
+
+def test_a_named_error_event_is_the_workers_error_whatever_its_data() -> None:
+    err = b'event: error\ndata: {"message": "overloaded"}\n\n'
+    t = stream_for(STREAMING_USAGE)
+    assert relay(t, chat_stream_events()[1] + err) == chat_stream_events()[1] + err
+    assert t.worker_error
+
+
+def test_a_content_event_after_done_is_not_passed_even_when_it_matches_the_lane() -> None:
+    """Nothing after `[DONE]` is passed on, even a content event the lane would take (a
+    `[DONE]` straight after content: no finish chunk dropped the lane's template first)."""
+    first = chat_stream_events(["Hel", "lo", "you"])
+    t = stream_for(STREAMING_USAGE)
+    assert relay(t, b"".join(first[:4])) == b"".join(first[:4])
+    assert t.text_template is not None
+    relay(t, DONE)
+    assert relay(t, first[2] + first[3]) == b""
+
+
+def test_aggregate_completions_a_choice_that_got_no_text_has_empty_text() -> None:
+    obj = "text_completion"
+    data = b"".join([
+        _chunk({"index": 0, "text": "hi", "finish_reason": None}, obj),
+        _chunk({"index": 1, "finish_reason": "length"}, obj),
+        _chunk({"index": 0, "text": "", "finish_reason": "stop"}, obj),
+        DONE,
+    ])
+    t = stream_for({"model": MODEL, "prompt": "x", "n": 2}, aggregate=True, mode="always",
+                   dialect=OPENAI_COMPLETIONS)
+    relay(t, data)
+    choices = orjson.loads(t.document())["choices"]
+    assert [(c["index"], c["text"], c["finish_reason"]) for c in choices] == [(0, "hi", "stop"), (1, "", "length")]
+
+
+@pytest.mark.parametrize("index_first", [True, False])
+@pytest.mark.parametrize("aggregate", [False, True])
+def test_two_choices_whose_content_events_differ_only_in_the_index_keep_their_own_text(
+    aggregate: bool, index_first: bool
+) -> None:
+    """n=2 with tokens of one length: each event differs from the last one only in its
+    index (before or after the text) and its text; each text still goes to its own choice."""
+    texts = ["a", "b", "c", "d", "e", "f"]
+
+    def choice(i: int, text: str) -> dict[str, Any]:
+        if index_first:
+            return {"index": i % 2, "delta": {"content": text}, "finish_reason": None}
+        return {"delta": {"content": text}, "index": i % 2, "finish_reason": None}
+
+    data = b"".join(
+        [_chunk(choice(i, text)) for i, text in enumerate(texts)]
+        + [_chunk({"index": i, "delta": {}, "finish_reason": "stop"}) for i in (0, 1)]
+        + [DONE]
+    )
+    body = {**STREAMING, "n": 2}
+    if aggregate:
+        t = stream_for({**NON_STREAMING, "n": 2}, aggregate=True, mode="always")
+        relay(t, data)
+        choices = orjson.loads(t.document())["choices"]
+        assert [c["message"]["content"] for c in choices] == ["ace", "bdf"]
+    else:
+        t = stream_for(body)
+        assert relay(t, data) == data
+        assert t.complete
