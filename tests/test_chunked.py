@@ -42,6 +42,36 @@ def test_extensions_trailers_and_trailing_bytes() -> None:
     assert body == b"hello" and decoder.done and decoder.trailing == b"EXTRA"
 
 
+def test_bytes_after_the_end_are_all_kept_as_trailing() -> None:
+    decoder = ChunkedDecoder()
+    assert decoder.feed(frame(b"ok") + LAST_CHUNK + b"EX") == [b"ok"]
+    assert decoder.feed(b"TRA") == []
+    assert decoder.done and decoder.trailing == b"EXTRA"
+
+
+def test_a_read_that_looks_like_a_whole_chunk_continues_a_size_line() -> None:
+    """After a read that ended inside a size line (`1`), the next read is its rest: `3` makes
+    the size 0x13, so `3\r\nabc\r\n` is that line and 5 of the chunk's 19 bytes, not a
+    3-byte chunk of its own."""
+    decoder = ChunkedDecoder()
+    assert decoder.feed(frame(b"ok") + b"1") == [b"ok"]
+    assert decoder.feed(b"3\r\nabc\r\n") == [b"abc\r\n"]
+    assert b"".join(decoder.feed(b"x" * 14 + b"\r\n" + LAST_CHUNK)) == b"x" * 14
+    assert decoder.done
+
+
+def test_a_trailer_section_of_exactly_max_line_bytes_is_accepted() -> None:
+    line = b"x-t: " + b"a" * 11 + b"\r\n"  # 18 bytes; with the closing CRLF 20
+    decoder = ChunkedDecoder(max_line=20)
+    assert decoder.feed(b"0\r\n" + line + b"\r\n") == [] and decoder.done
+    decoder = ChunkedDecoder(max_line=20)  # the same, its last 20 bytes still coming
+    assert decoder.feed(b"0\r\n") == []
+    assert decoder.feed(line + b"\r") == [] and not decoder.done
+    assert decoder.feed(b"\n") == [] and decoder.done
+    with pytest.raises(ChunkedError, match="trailer section too long"):
+        ChunkedDecoder(max_line=19).feed(b"0\r\n" + line + b"\r\n")
+
+
 def test_not_done_until_the_blank_line() -> None:
     body, decoder = decode(frame(b"abc") + b"0\r\n")
     assert body == b"abc" and not decoder.done
@@ -49,7 +79,8 @@ def test_not_done_until_the_blank_line() -> None:
 
 @pytest.mark.parametrize(
     "bad",
-    [b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"-1\r\n", b"\r\n", b"12345678901234567\r\n"],
+    [b"zz\r\nhello\r\n", b"5\r\nhelloXX", b"-1\r\n", b"\r\n", b"12345678901234567\r\n",
+     b"0x5\r\nhello\r\n", b"0X5\r\nhello\r\n"],
 )
 def test_bad_framing_raises(bad: bytes) -> None:
     with pytest.raises(ChunkedError):
