@@ -527,9 +527,80 @@ def test_output_so_far_folds_refusal_and_summary_deltas_into_their_own_parts() -
         out.read("response.reasoning_summary_part.added",
                  {"output_index": 1, "summary_index": sub, "part": {"type": "summary_text", "text": ""}})
     out.read("response.reasoning_summary_text.delta", {"output_index": 1, "summary_index": 1, "delta": "why"})
+    for sub in (0, 1):
+        out.read("response.content_part.added",
+                 {"output_index": 1, "content_index": sub, "part": {"type": "reasoning_text", "text": ""}})
+    out.read("response.reasoning_text.delta", {"output_index": 1, "content_index": 1, "delta": "deep"})
     assert out.output() == [
         {"type": "message", "role": "assistant",
          "content": [{"type": "output_text", "text": "Hi"}, {"type": "refusal", "refusal": "no"}]},
         {"type": "reasoning",
-         "summary": [{"type": "summary_text", "text": ""}, {"type": "summary_text", "text": "why"}]},
+         "summary": [{"type": "summary_text", "text": ""}, {"type": "summary_text", "text": "why"}],
+         "content": [{"type": "reasoning_text", "text": ""}, {"type": "reasoning_text", "text": "deep"}]},
     ]
+
+
+def test_document_sse_events_carry_item_ids_statuses_names_and_refusals() -> None:
+    """The events replayed from a worker's document are the ones OpenAI streams: every part,
+    delta and done event names its item (`item_id`), an item is added `in_progress` (a
+    function call with empty arguments), the arguments' done event names the function,
+    and a refusal part is streamed as refusal events."""
+    refusing = {**MESSAGE_ITEM, "id": "msg_2", "content": [{"type": "refusal", "refusal": "no"}]}
+    doc = response("completed", [REASONING_ITEM, MESSAGE_ITEM, FUNCTION_ITEM, refusing], USAGE)
+    objs = [json.loads(e.data or "") for e in parse(DIALECT.document(plan(), PRICING, orjson.dumps(doc)).sse())]
+    ids = [item["id"] for item in doc["output"]]
+    for o in objs:
+        if "output_index" in o and o["type"] not in ("response.output_item.added", "response.output_item.done"):
+            assert o["item_id"] == ids[o["output_index"]], o
+    added = {o["output_index"]: o["item"] for o in objs if o["type"] == "response.output_item.added"}
+    assert [added[i].get("status") for i in range(4)] == [None, "in_progress", "in_progress", "in_progress"]
+    assert added[2]["arguments"] == ""
+    (args_done,) = [o for o in objs if o["type"] == "response.function_call_arguments.done"]
+    assert (args_done["name"], args_done["arguments"]) == ("lookup", '{"q": 1}')
+    refusal = [(o["type"], o.get("delta", o.get("refusal"))) for o in objs if o["type"].startswith("response.refusal")]
+    assert refusal == [("response.refusal.delta", "no"), ("response.refusal.done", "no")]
+
+
+def test_a_document_that_says_it_is_a_response_is_one_without_an_output_key() -> None:
+    doc = {k: v for k, v in response("completed", None, USAGE).items() if k != "output"}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(doc))
+    assert not d.worker_error
+    kinds = [e.event for e in parse(d.sse())]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+
+
+def test_error_frame_carries_the_workers_own_response_and_the_created_identity() -> None:
+    """SPEC: response.failed carries the stream's own response (the worker's fields kept)
+    with the id, model and created_at of its response.created, even when a later lifecycle
+    event leaves them out."""
+    events = worker_events()
+    events[0]["response"]["instructions"] = "be brief"
+    events[1]["response"] = {k: v for k, v in response().items() if k not in ("id", "model", "created_at")}
+    events[1]["response"]["instructions"] = "be brief"
+    t = DIALECT.stream(plan(), PRICING, aggregate=False)
+    for e in parse(b"".join(encode(events[:5]))):
+        t.feed(e)
+    _, obj = loads(t.error_frame(failures.UPSTREAM_DISCONNECTED, "gone"))
+    failed = obj["response"]
+    assert failed["instructions"] == "be brief"
+    assert (failed["id"], failed["model"], failed["created_at"]) == ("resp_1", MODEL, 1_700_000_000)
+
+
+def test_aggregate_fills_what_the_final_response_leaves_out_from_the_created_one() -> None:
+    events = worker_events()
+    events[-1]["response"] = {k: v for k, v in events[-1]["response"].items()
+                              if k not in ("id", "model", "created_at")}
+    doc = json.loads(aggregate(encode(events)).document())
+    assert (doc["id"], doc["model"], doc["created_at"]) == ("resp_1", MODEL, 1_700_000_000)
+    assert doc["output"] == [MESSAGE_ITEM] and doc["usage"]["cost"] == pytest.approx(float(COST))
+
+
+def test_a_failed_response_document_without_output_is_still_a_failed_response() -> None:
+    """`object: "response"` makes it a response (not a bare error object) even with no
+    `output` key: a streaming client gets its response.failed, a JSON one the error."""
+    failed = {k: v for k, v in response("failed", [], None).items() if k != "output"}
+    failed["error"] = {"code": "server_error", "message": "boom"}
+    d = DIALECT.document(plan(), PRICING, orjson.dumps(failed))
+    assert d.worker_error
+    assert [e.event for e in parse(d.sse())][-1] == "response.failed"
+    assert json.loads(d.json())["error"]["message"] == "boom"
