@@ -718,3 +718,21 @@ def test_document_sse_fills_the_message_start_and_prices_only_the_message_delta(
     assert "cost" not in start["usage"]
     (delta,) = [e for e in events if e["type"] == "message_delta"]
     assert delta["usage"]["cost"] == pytest.approx((10 * 3 + 4 * 3.75 + 2 * 15) / 1e6)
+
+
+def test_document_sse_streams_a_thinking_blocks_signature() -> None:
+    thinking = {"type": "thinking", "thinking": "hm", "signature": "SIG"}
+    doc = {**MESSAGE, "content": [thinking, *MESSAGE["content"]]}
+    data = DIALECT.document(plan(), PRICING, orjson.dumps(doc)).sse()
+    deltas = [json.loads(e.data or "")["delta"] for e in parse(data) if e.event == "content_block_delta"]
+    assert {"type": "signature_delta", "signature": "SIG"} in deltas
+    assert json.loads(aggregate(data).document())["content"][0] == thinking
+
+
+@pytest.mark.parametrize("mode", ["auto", "never"])
+def test_plan_drops_a_clients_stream_options_when_the_worker_is_not_asked_to_stream(mode: str) -> None:
+    """README: a client's own `stream_options` is dropped, on every dialect, whenever the
+    worker is asked not to stream."""
+    body = {"model": MODEL, "max_tokens": 10, "messages": [], "stream_options": {"include_usage": True}}
+    sent = orjson.loads(DIALECT.plan(orjson.dumps(body), mode, "r").body)
+    assert "stream_options" not in sent and sent.get("stream", False) is False
