@@ -313,6 +313,25 @@ def test_max_event_size_exact_limit_is_allowed() -> None:
     p.feed(b"\n")
     assert [e.data for e in p.feed(ev)] == ["a" * 56]
     assert [e.data for e in p.feed(ev[:30]) + p.feed(ev[30:])] == ["a" * 56]
+    # a block that is not one data line, LF or CRLF, cut in two: exactly the limit passes
+    for named in (b"event: e\ndata: " + b"a" * 47 + b"\n\n", b"event: e\r\ndata: " + b"a" * 44 + b"\r\n\r\n"):
+        assert len(named) == 64
+        p = SSEParser(max_event_size=64)
+        assert [e.data for e in p.feed(named[:30]) + p.feed(named[30:])] == [named.split(b"data: ")[1].strip().decode()]
+        with pytest.raises(SSEProtocolError):
+            p = SSEParser(max_event_size=63)
+            p.feed(named[:30])
+            p.feed(named[30:])
+
+
+def test_a_chunk_that_starts_with_a_blank_line_is_that_line_then_its_block() -> None:
+    """Whatever the chunking, a blank line before an event is a block of its own (the raw
+    bytes a relay passes for it), then the event: the one-block fast path must not take it."""
+    stream = b"\ndata: x\n\n"
+    for first in (b"", b"data: a\n\n"):
+        p = SSEParser()
+        p.feed(first)
+        assert [(e.raw, e.data) for e in p.feed(stream)] == [(b"\n", None), (b"data: x\n\n", "x")]
 
 
 def test_many_small_chunks_of_one_event() -> None:
