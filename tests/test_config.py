@@ -159,6 +159,8 @@ def test_parse_duration_message_shows_the_value() -> None:
         ("64KB", 64_000),
         ("10MB", 10_000_000),
         ("1GB", 10**9),
+        ("2TB", 2 * 10**12),
+        ("1TiB", 1024**4),
         ("1.5KiB", 1536),
         (" 10 MiB ", 10 * 1024 * 1024),
         ("10mib", 10 * 1024 * 1024),
@@ -905,6 +907,9 @@ def test_a_password_in_the_worker_url_is_refused_without_being_shown() -> None:
     (problem,) = problems_of({"upstream": {"url": "http://admin:S3CRET@worker:8000"}})
     assert problem.startswith("upstream.url: the worker URL must not contain user info"), problem
     assert "S3CRET" not in problem and "admin" not in problem and "worker:8000" in problem
+    # an `@` after the authority is no user info: that URL's problem is its path
+    (problem,) = problems_of({"upstream": {"url": "http://worker:8000/v1@x"}})
+    assert problem.startswith("upstream.url: the worker URL must not have a path"), problem
 
 
 def test_non_mapping_top_level_is_one_clean_problem() -> None:
