@@ -237,12 +237,14 @@ def test_anthropic_cost_without_raw_input() -> None:
     assert anthropic_cost(u, CLAUDE) == D("0.0002475")
 
 
-@pytest.mark.parametrize("prompt", [130, 129, 0])
-def test_anthropic_cost_without_raw_input_all_cached_or_fewer_is_no_uncached_input(prompt: int) -> None:
+@pytest.mark.parametrize("prompt", [130, 129, 0, None])
+def test_anthropic_cost_without_raw_input_all_cached_or_fewer_is_no_uncached_input(prompt: int | None) -> None:
     # prompt == cache read + cache creation: no uncached input token; fewer (a worker's
-    # inconsistent counts): still none, never a negative count
+    # inconsistent counts, or none at all): still none, never a negative count
     u = Usage(prompt_tokens=prompt, completion_tokens=5, cached_tokens=100, cache_write_tokens=30)
     assert anthropic_cost(u, CLAUDE) == D("0.0002175")  # 100*0.30 + 30*3.75 + 5*15 = 217.5
+    assert anthropic_cost(Usage(prompt_tokens=prompt, completion_tokens=5), CLAUDE) == (
+        D(prompt or 0) * 3 + 5 * 15) / 1000000
 
 
 @pytest.mark.parametrize(
