@@ -29,6 +29,7 @@ from sidecar.headers import (
     has_control_byte,
     header_list,
     header_value,
+    raw_method_and_path,
     raw_request_id,
     request_id_from,
     simple_response,
@@ -100,6 +101,7 @@ def test_acceptable_heads(raw: bytes) -> None:
         (head("Host: x/y"), "Host"),
         # bare-LF line ends: the Host value's last byte is read too
         (head("Host: x/", eol="\n"), "Host"),
+        (head("Host: x", "Content-Length: 5,", eol="\n"), "differing"),
         (head("Host: x@y"), "Host"),
         (head("Host: x:notaport"), "Host"),
         (head("Host: x", "Transfer-Encoding: chunked", request_line="POST /v1/chat HTTP/1.0"),
@@ -284,6 +286,21 @@ def test_content_codings_reads_every_list_member_and_ignores_non_codings() -> No
     assert content_codings(headers) == [b"gzip", b"br", b"zstd"]
     assert content_codings([(b"content-encoding", b"identity")]) == []
     assert content_codings([]) == []
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        (b"POST /v1/chat/completions?key=secret HTTP/1.1\r\nHost: x\r\n\r\n", ("POST", "/v1/chat/completions")),
+        (b"GET http://evil.example/x HTTP/1.1\r\n\r\n", ("GET", "-")),
+        (b"\tGET / HTTP/1.1\r\n\r\n", ("-", "-")),
+        (b"GET\t/ HTTP/1.1\r\n\r\n", ("-", "-")),
+    ],
+)
+def test_raw_method_and_path_shows_no_query_and_nothing_it_cannot_read(
+    raw: bytes, expected: tuple[str, str]
+) -> None:
+    assert raw_method_and_path(bytearray(raw)) == expected
 
 
 def test_header_list_of_h11_headers_and_of_a_plain_list() -> None:
