@@ -72,8 +72,9 @@ def check_raw_head(head: bytes) -> str | None:
         # the common case: only the framing headers and Host are left to look at
         low = head.lower()
         host = low.find(b"\nhost:")
-        if host >= 0 and not _HOST_VALUE.fullmatch(
-            low[host + 6 : low.find(b"\n", host + 1)].strip(b" \t\r")
+        if host >= 0 and (
+            not _HOST_VALUE.fullmatch(low[host + 6 : low.find(b"\n", host + 1)].strip(b" \t\r"))
+            or low.find(b"\nhost:", host + 1) >= 0  # a second Host: each line is checked
         ):
             return check_head_lines(head)
         if b"\ntransfer-encoding:" not in low:

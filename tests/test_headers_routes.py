@@ -102,6 +102,9 @@ def test_acceptable_heads(raw: bytes) -> None:
         # bare-LF line ends: the Host value's last byte is read too
         (head("Host: x/", eol="\n"), "Host"),
         (head("Host: x", "Content-Length: 5,", eol="\n"), "differing"),
+        # every Host line is checked, not only the first (h11 then refuses two anyway)
+        (head("Host: x", "Host: a/b"), "Host"),
+        (head("Host: x", "host:\x00"), "Host"),
         (head("Host: x@y"), "Host"),
         (head("Host: x:notaport"), "Host"),
         (head("Host: x", "Transfer-Encoding: chunked", request_line="POST /v1/chat HTTP/1.0"),
