@@ -366,6 +366,11 @@ def test_usage_where_cost_is_injected_carries_the_counts_that_were_priced() -> N
         assert usage["total_tokens"] == 101  # a field too: the largest reported
         assert usage["prompt_tokens_details"] == {"cached_tokens": 40}  # from the first report
         assert Decimal(str(usage["cost"])) == Decimal("0.000104") == t.cost  # 100 x 1 + 2 x 2
+    # the same for reasoning tokens reported in an earlier chunk only
+    data = data.replace(b'"prompt_tokens_details":{"cached_tokens":40}',
+                        b'"completion_tokens_details":{"reasoning_tokens":1}')
+    t = stream_for(STREAMING_USAGE, pricing=PRICES)
+    assert payloads(relay(t, data))[-2]["usage"]["completion_tokens_details"] == {"reasoning_tokens": 1}
 
 
 def test_per_choice_usage_on_each_finish_chunk_gives_the_largest_of_each_field() -> None:
@@ -1244,16 +1249,37 @@ def _chunk(choice: dict[str, Any], obj: str = "chat.completion.chunk") -> bytes:
     return sse_data({"id": "c1", "object": obj, "created": CREATED, "model": MODEL, "choices": [choice]})
 
 
-def test_a_rewritten_chunk_with_only_an_id_line_keeps_it() -> None:
-    """Usage removed from a chunk whose worker numbered it with `id:` alone (no `event:`):
-    the `id:` line stays."""
+@pytest.mark.parametrize("line", [b"id: %d\n", b"event: chunk%d\n"])
+def test_a_rewritten_chunk_with_only_an_id_or_only_an_event_line_keeps_it(line: bytes) -> None:
+    """Usage removed from a chunk whose worker wrote an `id:` line alone, or an `event:`
+    line alone: that line stays."""
     last = sse_data({"id": "c1", "object": "chat.completion.chunk", "created": CREATED, "model": MODEL,
                      "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}], "usage": USAGE})
-    data = b"id: 1\n" + _chunk({"index": 0, "delta": {"content": "hi"}}) + b"id: 2\n" + last + DONE
+    data = line % 1 + _chunk({"index": 0, "delta": {"content": "hi"}}) + line % 2 + last + DONE
     out = relay(stream_for(STREAMING), data)
     sent = [e for e in events(out) if e.data is not None and e.data != "[DONE]"]
-    assert [e.id for e in sent] == ["1", "2"]
+    assert [e.raw.split(b"\n")[0] + b"\n" for e in sent] == [line % 1, line % 2]
     assert "usage" not in json.loads(sent[1].data or "")
+
+
+def test_a_model_first_named_by_a_later_chunk_fills_the_chunks_after_it() -> None:
+    """An opening chunk with an empty model (Azure's prompt_filter_results), then the
+    worker's model: a chunk that leaves the model out gets the worker's, not the request's."""
+    def chunk_(**fields: Any) -> bytes:
+        return sse_data({"id": "c1", "object": "chat.completion.chunk", "created": CREATED,
+                         "choices": [{"index": 0, "delta": {"content": "x"}, "finish_reason": None}], **fields})
+    data = chunk_(model="") + chunk_(model="worker-model") + chunk_() + DONE
+    out = payloads(relay(stream_for(STREAMING), data))
+    assert out[2]["model"] == "worker-model"
+
+
+def test_aggregating_counts_every_absorbed_character_toward_the_document_limit() -> None:
+    """`absorbed` (what the handlers hold against MAX_DOCUMENT) grows with every text,
+    the ones the fast lane appends included."""
+    texts = ["abcd"] * 50
+    t = stream_for(NON_STREAMING, aggregate=True, mode="always")
+    relay(t, b"".join(chat_stream_events(texts)))
+    assert t.absorbed >= 4 * 50
 
 
 def test_a_named_error_event_is_the_workers_error_whatever_its_data() -> None:
