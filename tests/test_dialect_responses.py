@@ -604,3 +604,37 @@ def test_a_failed_response_document_without_output_is_still_a_failed_response() 
     assert d.worker_error
     assert [e.event for e in parse(d.sse())][-1] == "response.failed"
     assert json.loads(d.json())["error"]["message"] == "boom"
+
+
+def test_document_sse_adds_each_part_empty_and_finishes_it_whole() -> None:
+    part = {"type": "output_text", "text": "Hi", "annotations": [{"type": "url_citation", "url": "u"}],
+            "logprobs": [{"token": "Hi", "logprob": -0.1}]}
+    item = {**MESSAGE_ITEM, "content": [part]}
+    doc = {k: v for k, v in response("completed", [item, REASONING_ITEM], USAGE).items() if k != "model"}
+    objs = [json.loads(e.data or "") for e in parse(DIALECT.document(plan(), PRICING, orjson.dumps(doc)).sse())]
+    by_type: dict[str, Any] = {}
+    for o in objs:  # the first event of each type
+        by_type.setdefault(o["type"], o)
+    assert by_type["response.content_part.added"]["part"] == {
+        "type": "output_text", "text": "", "annotations": [], "logprobs": []}
+    assert by_type["response.content_part.done"]["part"] == part
+    assert by_type["response.reasoning_summary_part.added"]["part"] == {"type": "summary_text", "text": ""}
+    assert by_type["response.reasoning_summary_part.done"]["part"] == REASONING_ITEM["summary"][0]
+    # a document without a model: the request's names the response
+    assert by_type["response.created"]["response"]["model"] == MODEL
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {"output_index": 0, "content_index": -1, "part": {"type": "output_text", "text": "x"}},
+        {"output_index": 0, "content_index": 0, "part": "not a part"},
+        {"output_index": 0, "content_index": "0", "part": {"type": "output_text", "text": "x"}},
+        {"output_index": 7, "content_index": 0, "part": {"type": "output_text", "text": "x"}},
+    ],
+)
+def test_output_so_far_ignores_a_part_it_cannot_place(event: dict[str, Any]) -> None:
+    out = OutputSoFar()
+    out.read("response.output_item.added", {"output_index": 0, "item": {"type": "message", "content": []}})
+    out.read("response.content_part.added", event)
+    assert out.output() == [{"type": "message", "content": []}]
