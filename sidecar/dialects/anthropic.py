@@ -215,10 +215,9 @@ class AnthropicStream(TypedEventStream):
             "stop_sequence": None,
         }
         doc.update((k, v) for k, v in self._message.items() if v is not None or k not in doc)
+        # (type and role are never None here: a worker's null never replaces a default)
         for key, fill in (
             ("id", "msg_" + self.plan.request_id),
-            ("type", "message"),
-            ("role", "assistant"),
             ("model", self.model or self.plan.request_model),
         ):
             if doc[key] is None:
