@@ -326,8 +326,12 @@ class Exchange(StreamListener):
         return self.body_read or self.conn.their_state in _REQUEST_READ
 
     # -- the client side, as the pump and handlers see it ------------------------------
-    def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
-        """Send the response head; with `body`, the whole response in one write."""
+    def start_response(
+        self, status: int, headers: list[Header], body: bytes | None = None, hold: bool = False
+    ) -> bytes | None:
+        """Send the response head; with `body`, the whole response in one write. With `hold`
+        (and no body), the head is returned instead of written: the caller writes it, before
+        any byte of the body, and may join it to the body's first write."""
         headers = [*headers, (b"x-request-id", self.request_id.encode())]
         if (
             self.close_after
@@ -345,6 +349,7 @@ class Exchange(StreamListener):
         )
         assert head is not None
         data = splice_lines(head, lines)
+        held: bytes | None = None
         self.status = status
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
@@ -360,6 +365,8 @@ class Exchange(StreamListener):
                 data = end
             else:
                 data += framed + end
+        elif hold:
+            held, data = data, b""
         if data:
             self.client.write(data)
         self.head_sent = True
@@ -369,6 +376,7 @@ class Exchange(StreamListener):
             and status not in (204, 304)
             and header_value(headers, b"content-length") is None
         )
+        return held
 
     def write_data(self, data: bytes) -> None:
         if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
@@ -439,12 +447,13 @@ class Exchange(StreamListener):
         body = self.dialect.error_body(status, code, message)
         self.respond(status, [(b"content-type", b"application/json")], body)
 
-    def start_event_stream(self, worker_headers: list[Header]) -> None:
+    def start_event_stream(self, worker_headers: list[Header], hold: bool = False) -> bytes | None:
+        """The head of an event stream (held and returned with `hold`: see `start_response`)."""
         headers = without(
             worker_headers, b"content-type", b"cache-control", b"x-accel-buffering"
         )
         self.stream_opened()
-        self.start_response(
+        return self.start_response(
             200,
             [
                 (b"content-type", b"text/event-stream"),
@@ -452,6 +461,7 @@ class Exchange(StreamListener):
                 (b"x-accel-buffering", b"no"),
                 *headers,
             ],
+            hold=hold,
         )
 
     # -- StreamListener: the client while the exchange waits or streams -------------------
