@@ -383,6 +383,7 @@ class RelayHandler(EventHandler):
         # Made before the pump starts, the head is held: the events that came with the
         # worker's head go out in the same write as it (`_write_first`); else it is written
         # when the pump is done with them (`head_out`). Made later (sniffed), it goes now.
+        translator.defer_learning = True  # see data
         self.head = exchange.start_event_stream(headers, hold=exchange.pump is None)
         self.write = self.body_write = exchange.body_writer()
         # when the client's body is chunked too, a chunk passed unchanged is written as it came
@@ -436,15 +437,18 @@ class RelayHandler(EventHandler):
         except SSEProtocolError as exc:
             self._relay(exc.events)
             raise StreamProtocolError(str(exc)) from None
+        translator = self.translator
         if len(events) == 1:
             event = events[0]
-            out = self.translator.feed(event)
+            out = translator.feed(event)
             if out:
                 self.write(out)
                 if event.id is not None:
                     self.last_id = event.id
+            translator.learn_now()  # the template, once the event is out (defer_learning)
             return
         self._relay(events)
+        translator.learn_now()
 
     def _relay(self, events: list[Event]) -> None:
         """Translate events and write the result at once; events before a bad one still go out."""
