@@ -54,6 +54,7 @@ from sidecar.logs import access_enabled, log_access
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
+from sidecar.sse import SSEParser
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
 
@@ -309,6 +310,8 @@ class Exchange(StreamListener):
         self.upstream_sse: bool | None = None
         self.outcome_source: StreamTranslator | DocumentTranslator | None = None
         self.streaming_client = False
+        #: a stream's translator and parser made while the worker worked (`_prepare`)
+        self.premade: tuple[StreamTranslator, SSEParser] | None = None
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self._finished = False
@@ -658,6 +661,7 @@ class Exchange(StreamListener):
             try:
                 if not streamed:  # the common case: one write for the whole request
                     conn.send_request(*head, b"".join(body_parts))
+                    self._prepare()  # while the worker works
                 else:  # a retry sends again, framed again, what was read so far, then the rest
                     conn.send_request(*head, None)
                     body_complete = await self._stream_body(
@@ -680,6 +684,18 @@ class Exchange(StreamListener):
                     continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _prepare(self) -> None:
+        """What the answer will likely need, made while the worker works on the request
+        rather than after its head came: a stream's translator and parser, when the client
+        streams and the worker is asked to (`SniffHandler` takes them if it chooses SSE)."""
+        plan = self.plan
+        if plan is not None and plan.client_stream and plan.asked_stream and self.premade is None:
+            config = self.generation.config
+            self.premade = (
+                self.dialect.stream(plan, config.pricing, aggregate=False),
+                SSEParser(config.limits.max_event_size, strict=True),
+            )
 
     async def _stream_body(
         self, conn: UpstreamConnection, body_parts: list[bytes], whole: bool, deadline: float

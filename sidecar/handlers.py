@@ -251,11 +251,15 @@ class SniffHandler(BodyHandler):
         pricing = ex.generation.config.pricing
         ex.upstream_sse = kind == "sse"
         if kind == "sse":
-            translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
+            if plan.client_stream and ex.premade is not None:  # made while the worker worked
+                translator, parser = ex.premade
+                ex.premade = None
+            else:
+                translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
+                # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
+                # framing (upstream_protocol_error), it is not ignored and passed through
+                parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
             ex.outcome_source = translator
-            # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
-            # framing (upstream_protocol_error), it is not ignored and passed through
-            parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
             if plan.client_stream:
                 self.inner = RelayHandler(ex, self.headers, translator, parser)
             else:
