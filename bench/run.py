@@ -127,14 +127,23 @@ def box_busy_ns() -> int:
 class Proc:
     """A process this runner started; stopped by its own pid (and its leftover children)."""
 
-    def __init__(self, name: str, argv: list[str], log: Path, cpus: set[int] | None) -> None:
+    def __init__(
+        self,
+        name: str,
+        argv: list[str],
+        log: Path,
+        cpus: set[int] | None,
+        cwd: Path = ROOT,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.log = log
         if cpus is not None and shutil.which("taskset"):
             argv = ["taskset", "-c", cpulist(cpus), *argv]
         self.logf = open(log, "wb")  # noqa: SIM115 - lives as long as the process
         self.popen = subprocess.Popen(
-            argv, stdout=subprocess.PIPE, stderr=self.logf, stdin=subprocess.DEVNULL, cwd=ROOT
+            argv, stdout=subprocess.PIPE, stderr=self.logf, stdin=subprocess.DEVNULL, cwd=cwd,
+            env=env,
         )
         self.pid = self.popen.pid
 

@@ -54,6 +54,7 @@ from sidecar.logs import access_enabled, log_access
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
+from sidecar.sse import SSEParser
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
 
@@ -309,6 +310,8 @@ class Exchange(StreamListener):
         self.upstream_sse: bool | None = None
         self.outcome_source: StreamTranslator | DocumentTranslator | None = None
         self.streaming_client = False
+        #: a stream's translator and parser made while the worker worked (`_prepare`)
+        self.premade: tuple[StreamTranslator, SSEParser] | None = None
         self._task: asyncio.Task[None] | None = None
         self._client_gone = False
         self._finished = False
@@ -326,8 +329,12 @@ class Exchange(StreamListener):
         return self.body_read or self.conn.their_state in _REQUEST_READ
 
     # -- the client side, as the pump and handlers see it ------------------------------
-    def start_response(self, status: int, headers: list[Header], body: bytes | None = None) -> None:
-        """Send the response head; with `body`, the whole response in one write."""
+    def start_response(
+        self, status: int, headers: list[Header], body: bytes | None = None, hold: bool = False
+    ) -> bytes | None:
+        """Send the response head; with `body`, the whole response in one write. With `hold`
+        (and no body), the head is returned instead of written: the caller writes it, before
+        any byte of the body, and may join it to the body's first write."""
         headers = [*headers, (b"x-request-id", self.request_id.encode())]
         if (
             self.close_after
@@ -345,6 +352,7 @@ class Exchange(StreamListener):
         )
         assert head is not None
         data = splice_lines(head, lines)
+        held: bytes | None = None
         self.status = status
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
@@ -360,6 +368,8 @@ class Exchange(StreamListener):
                 data = end
             else:
                 data += framed + end
+        elif hold:
+            held, data = data, b""
         if data:
             self.client.write(data)
         self.head_sent = True
@@ -369,6 +379,7 @@ class Exchange(StreamListener):
             and status not in (204, 304)
             and header_value(headers, b"content-length") is None
         )
+        return held
 
     def write_data(self, data: bytes) -> None:
         if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
@@ -439,12 +450,13 @@ class Exchange(StreamListener):
         body = self.dialect.error_body(status, code, message)
         self.respond(status, [(b"content-type", b"application/json")], body)
 
-    def start_event_stream(self, worker_headers: list[Header]) -> None:
+    def start_event_stream(self, worker_headers: list[Header], hold: bool = False) -> bytes | None:
+        """The head of an event stream (held and returned with `hold`: see `start_response`)."""
         headers = without(
             worker_headers, b"content-type", b"cache-control", b"x-accel-buffering"
         )
         self.stream_opened()
-        self.start_response(
+        return self.start_response(
             200,
             [
                 (b"content-type", b"text/event-stream"),
@@ -452,6 +464,7 @@ class Exchange(StreamListener):
                 (b"x-accel-buffering", b"no"),
                 *headers,
             ],
+            hold=hold,
         )
 
     # -- StreamListener: the client while the exchange waits or streams -------------------
@@ -648,6 +661,7 @@ class Exchange(StreamListener):
             try:
                 if not streamed:  # the common case: one write for the whole request
                     conn.send_request(*head, b"".join(body_parts))
+                    self._prepare()  # while the worker works
                 else:  # a retry sends again, framed again, what was read so far, then the rest
                     conn.send_request(*head, None)
                     body_complete = await self._stream_body(
@@ -670,6 +684,18 @@ class Exchange(StreamListener):
                     continue
                 raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _prepare(self) -> None:
+        """What the answer will likely need, made while the worker works on the request
+        rather than after its head came: a stream's translator and parser, when the client
+        streams and the worker is asked to (`SniffHandler` takes them if it chooses SSE)."""
+        plan = self.plan
+        if plan is not None and plan.client_stream and plan.asked_stream and self.premade is None:
+            config = self.generation.config
+            self.premade = (
+                self.dialect.stream(plan, config.pricing, aggregate=False),
+                SSEParser(config.limits.max_event_size, strict=True),
+            )
 
     async def _stream_body(
         self, conn: UpstreamConnection, body_parts: list[bytes], whole: bool, deadline: float

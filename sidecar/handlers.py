@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sidecar.chunked import LONGEST_PAYLOAD
+from sidecar.chunked import LONGEST_PAYLOAD, SIZE_LINES
 from sidecar.dialects.base import (
     MAX_DOCUMENT,
     MAX_STREAM_BYTES,
@@ -94,6 +94,10 @@ class BodyHandler:
 
     def bind(self, pump: ResponsePump) -> None:
         """Called once by the pump that feeds this handler."""
+
+    def head_out(self) -> None:
+        """Write the response head now if it is still held (see `RelayHandler`): the pump
+        calls it once it has fed what arrived with the worker's head."""
 
     def data(self, chunk: bytes) -> None:
         raise NotImplementedError
@@ -247,11 +251,15 @@ class SniffHandler(BodyHandler):
         pricing = ex.generation.config.pricing
         ex.upstream_sse = kind == "sse"
         if kind == "sse":
-            translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
+            if plan.client_stream and ex.premade is not None:  # made while the worker worked
+                translator, parser = ex.premade
+                ex.premade = None
+            else:
+                translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
+                # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
+                # framing (upstream_protocol_error), it is not ignored and passed through
+                parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
             ex.outcome_source = translator
-            # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
-            # framing (upstream_protocol_error), it is not ignored and passed through
-            parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
             if plan.client_stream:
                 self.inner = RelayHandler(ex, self.headers, translator, parser)
             else:
@@ -376,13 +384,56 @@ class RelayHandler(EventHandler):
         super().__init__(exchange, translator, parser)
         #: the client's last event ID (WHATWG): the last `id:` of an event passed on
         self.last_id = ""
-        exchange.start_event_stream(headers)
-        self.write = exchange.body_writer()
+        # Made before the pump starts, the head is held: the events that came with the
+        # worker's head go out in the same write as it (`_write_first`); else it is written
+        # when the pump is done with them (`head_out`). Made later (sniffed), it goes now.
+        translator.defer_learning = True  # see data
+        self.head = exchange.start_event_stream(headers, hold=exchange.pump is None)
+        self.write = self.body_write = exchange.body_writer()
         # when the client's body is chunked too, a chunk passed unchanged is written as it came
-        write_framed = exchange.framed_writer()
+        write_framed = self.framed_write = exchange.framed_writer()
         if write_framed is not None:
             self.lane_write = write_framed
             self.lane = self.lane_fits
+        if self.head is not None:
+            # until the head is out, the writers put it first (then they are the plain ones
+            # again: nothing is checked per event)
+            self.write = self._write_first
+            if write_framed is not None:
+                self.lane_write = self._framed_first
+
+    def head_out(self) -> None:
+        head = self.head
+        if head is not None:
+            self._release()
+            self.ex.client.write(head)
+
+    def _release(self) -> None:
+        """The head is out (or going out in this write): the plain writers from now on."""
+        self.head = None
+        self.write = self.body_write
+        if self.framed_write is not None:
+            self.lane_write = self.framed_write
+
+    def _write_first(self, data: bytes) -> None:
+        """The body's first write while the head is held: both in one write."""
+        head = self.head
+        assert head is not None
+        self._release()
+        write_framed = self.framed_write
+        if write_framed is not None:
+            n = len(data)
+            write_framed(b"".join((head, SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n, data, b"\r\n")))
+        else:
+            self.ex.client.write(head)
+            self.write(data)
+
+    def _framed_first(self, data: bytes) -> None:
+        """The lane's first write (chunks as they came) while the head is held."""
+        head = self.head
+        assert head is not None and self.framed_write is not None
+        self._release()
+        self.framed_write(head + data)
 
     def data(self, chunk: bytes) -> None:
         try:
@@ -390,15 +441,18 @@ class RelayHandler(EventHandler):
         except SSEProtocolError as exc:
             self._relay(exc.events)
             raise StreamProtocolError(str(exc)) from None
+        translator = self.translator
         if len(events) == 1:
             event = events[0]
-            out = self.translator.feed(event)
+            out = translator.feed(event)
             if out:
                 self.write(out)
                 if event.id is not None:
                     self.last_id = event.id
+            translator.learn_now()  # the template, once the event is out (defer_learning)
             return
         self._relay(events)
+        translator.learn_now()
 
     def _relay(self, events: list[Event]) -> None:
         """Translate events and write the result at once; events before a bad one still go out."""
@@ -424,10 +478,12 @@ class RelayHandler(EventHandler):
         tail = self.parser.pending
         if tail and not tail.strip(b"\r\n"):
             self.write(tail)  # the LF of a CRLF split across reads: forward it, byte-exact
+        self.head_out()
         self.ex.end_response()
         return True
 
     def fail(self, failure: Failure, message: str) -> None:
+        self.head_out()
         self.ex.write_data(self.translator.error_frame(failure, message))
         self.ex.end_response()
 

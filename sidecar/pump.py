@@ -84,15 +84,24 @@ class ResponsePump:
         self._schedule()
         if self.ex.client.paused_writing:
             self.client_paused()
+        # what came with the worker's head is fed first: a held response head goes out with
+        # its first write, or alone (`head_out`) before the lane can write
         if self.decoder is not None:
             buffered, closed = self.up.h11.trailing_data
             if buffered or self.decoder.done:  # done: an empty fixed-length body
-                self.upstream_data(buffered)
+                self._take(buffered)
+                self.handler.head_out()
+                self.arm_lane()
+                self._watch_for_end()
+            else:
+                self.handler.head_out()
             if closed and not self.finished:
                 self.upstream_eof()
-        elif not self.finished:
-            self._drain()
-            self._watch_for_end()
+        else:
+            if not self.finished:
+                self._drain()
+                self._watch_for_end()
+            self.handler.head_out()
         if not self.finished:
             self.up.attach(self)
 

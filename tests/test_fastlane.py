@@ -170,9 +170,12 @@ class FakeExchange:
         self.failure: Any = None
         self.outcome = "ok"
         self._client_gone = False
+        self.pump: Any = None
+        self.client = SimpleNamespace(write=self.sent.append)
 
-    def start_event_stream(self, headers: Any) -> None:
-        self.sent.append(b"<head>")
+    def start_event_stream(self, headers: Any, hold: bool = False) -> bytes | None:
+        self.sent.append(b"<head>")  # never held here: these tests feed no pump.start()
+        return None
 
     def body_writer(self) -> Callable[[bytes], None]:
         return self.write_data

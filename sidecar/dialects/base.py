@@ -170,6 +170,14 @@ class StreamTranslator(Outcome, ABC):
         # the string is not empty, so a handler may take such an event without parsing it
         # and count it in `content_events` (relaying) or hand it to `absorbed_text`.
         self.text_template: TextTemplate | None = None
+        # Set by a relaying handler that calls `learn_now` after each write: an event's
+        # template is then learnt once its bytes are out (the client's first event sooner),
+        # not before `feed` returns (dialects with a template only)
+        self.defer_learning = False
+
+    def learn_now(self) -> None:
+        """Learn the template a `feed` left to learn (see `defer_learning`); nothing when
+        none is pending. Must be called before the next read is matched against it."""
 
     def settle(self) -> None:
         """The stream ended, whichever way: estimate usage if none was reported, and price it.

@@ -156,6 +156,8 @@ class OpenAIStream(StreamTranslator):
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
         self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
         self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
+        #: an event to learn the template from once it was written (`defer_learning`)
+        self._learn_later: tuple[bytes, dict[str, Any], dict[str, Any]] | None = None
 
     @property
     def ended(self) -> bool:
@@ -206,6 +208,8 @@ class OpenAIStream(StreamTranslator):
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
+        if self._learn_later is not None:  # (an event of the same read, not written yet)
+            self.learn_now()
         template = self.text_template
         if template is not None:
             # Fast path for the event every token is: byte for byte the template (the
@@ -292,8 +296,14 @@ class OpenAIStream(StreamTranslator):
                 return _dumps_event(obj)
             # the worker's own `event:` and `id:` lines stay (Last-Event-ID), as on typed events
             return encode_event(dumps_event_data(obj), event=event.event, id=event.id)
-        self._maybe_learn(event.raw, obj, choices, final)
+        self._maybe_learn(event.raw, obj, choices, final, self.defer_learning)
         return event.raw
+
+    def learn_now(self) -> None:
+        pending = self._learn_later
+        if pending is not None:
+            self._learn_later = None
+            self._learn_template(*pending)
 
     def absorbed_text(self, text: str) -> bool:
         # what _absorb would do with the template's event (merge_value, its common case first)
@@ -310,14 +320,20 @@ class OpenAIStream(StreamTranslator):
             target[key] = merge_value(key, old, text)
         return self.absorbed <= MAX_DOCUMENT
 
-    def _maybe_learn(self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool) -> None:
-        """After an event went the slow way: learn it as the next template, or drop the
-        template (kept from trying on more than a quarter of the content events, +16)."""
+    def _maybe_learn(
+        self, raw: bytes, obj: dict[str, Any], choices: list[Any], final: bool, later: bool = False
+    ) -> None:
+        """After an event went the slow way: learn it as the next template (`later`: at
+        `learn_now`), or drop the template (kept from trying on more than a quarter of the
+        content events, +16)."""
         self.text_template = None
         if final or len(choices) != 1 or self._tpl_learns > self.content_events // 4 + 16:
             return
         self._tpl_learns += 1
-        self._learn_template(raw, obj, choices[0])
+        if later:
+            self._learn_later = (raw, obj, choices[0])
+        else:
+            self._learn_template(raw, obj, choices[0])
 
     def _learn_template(self, raw: bytes, obj: dict[str, Any], choice: dict[str, Any]) -> None:
         """Make `raw` (a one-choice event, no finish, no usage, no error, no fill-in, passed
