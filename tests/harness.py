@@ -1443,15 +1443,27 @@ class RawResponse:
         return [p if p == "[DONE]" else json.loads(p) for p in self.sse()]
 
 
-def sse_payloads(body: bytes) -> list[str]:
-    """The data payload of every SSE event in `body` (multi-line data joined with newlines)."""
+def sse_events(body: bytes) -> list[tuple[str | None, str]]:
+    """(event name, data payload) of every SSE event in `body` that has data (multi-line data
+    joined with newlines; no `event:` line -> None)."""
     text = body.decode("utf-8", "replace").replace("\r\n", "\n").replace("\r", "\n")
     out = []
     for block in text.split("\n\n"):
-        data = [line[5:].removeprefix(" ") for line in block.split("\n") if line.startswith("data:")]
+        name = None
+        data = []
+        for line in block.split("\n"):
+            if line.startswith("event:"):
+                name = line[6:].strip()
+            elif line.startswith("data:"):
+                data.append(line[5:].removeprefix(" "))
         if data:
-            out.append("\n".join(data))
+            out.append((name, "\n".join(data)))
     return out
+
+
+def sse_payloads(body: bytes) -> list[str]:
+    """The data payload of every SSE event in `body` (multi-line data joined with newlines)."""
+    return [data for _, data in sse_events(body)]
 
 
 class RawClient:

@@ -83,6 +83,7 @@ from tests.harness import (
     request_bytes,
     response_head,
     sse_data,
+    sse_events,
     text_completion,
     text_completion_events,
 )
@@ -448,22 +449,6 @@ class Seen:
     cost_header: str | None = None
     has_body_usage: bool = False
     note: str = ""
-
-
-def sse_events(body: bytes) -> list[tuple[str | None, str]]:
-    text = body.decode("utf-8", "replace").replace("\r\n", "\n")
-    out = []
-    for block in text.split("\n\n"):
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            out.append((name, "\n".join(data)))
-    return out
 
 
 def loads(text: str | bytes) -> Any:

@@ -64,6 +64,7 @@ from tests.harness import (
     daemon_config,
     request_bytes,
     response_head,
+    sse_events,
 )
 
 REQ_MODEL = "req-model"
@@ -433,23 +434,6 @@ def cells_for(case: DialectCase, mode: str, client_stream: bool) -> list[Cell]:
 # =============================================================================================
 
 
-def _events(body: bytes) -> list[tuple[str | None, str]]:
-    """(event name, data) of every SSE event in a client body."""
-    text = body.decode("utf-8", "replace").replace("\r\n", "\n")
-    out = []
-    for block in text.split("\n\n"):
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            out.append((name, "\n".join(data)))
-    return out
-
-
 def _loads(text: str) -> Any:
     try:
         return json.loads(text)
@@ -617,7 +601,7 @@ def check_cell(cell: Cell) -> None:
             cell.false_success = True
             cell.problems.append(f"FALSE SUCCESS: status {response.status} for a failed response")
             return
-        events = _events(response.body)
+        events = sse_events(response.body)
         success = success_seen(cell, events)
         if success is not None:
             cell.false_success = True

@@ -46,6 +46,7 @@ from tests.harness import (
     http_response,
     post,
     response_head,
+    sse_events,
     sse_reply,
 )
 
@@ -424,7 +425,6 @@ def test_the_openai_sdk_raises_the_workers_status(w: FakeWorker, proxy: Daemon, 
     assert failed.value.status_code == shape.status
 
 
-
 @pytest.mark.parametrize("mode", ["auto", "never"])
 def test_a_2xx_error_document_with_a_string_error_is_a_502_with_an_error_object(
     w: FakeWorker, proxy: Daemon, mode: str
@@ -481,22 +481,6 @@ MESSAGES_SHAPES = [
 ]
 
 
-def typed_events(body: bytes) -> list[tuple[str | None, str]]:
-    """(event name, data) of each SSE block of `body` that has data."""
-    out = []
-    for block in body.decode().replace("\r\n", "\n").split("\n\n"):
-        name = None
-        data = []
-        for line in block.split("\n"):
-            if line.startswith("event:"):
-                name = line[6:].strip()
-            elif line.startswith("data:"):
-                data.append(line[5:].removeprefix(" "))
-        if data:
-            out.append((name, "\n".join(data)))
-    return out
-
-
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("shape", MESSAGES_SHAPES, ids=[s.name for s in MESSAGES_SHAPES])
 def test_a_failed_messages_stream_reaches_a_streaming_client_as_a_failure(
@@ -507,7 +491,7 @@ def test_a_failed_messages_stream_reaches_a_streaming_client_as_a_failure(
     response = post(proxy, body_for(shape.dialect, True), target(shape.dialect, mode),
                     headers=[("x-request-id", rid)])
     assert response.status == 200 and response.complete
-    events = typed_events(response.body)
+    events = sse_events(response.body)
     names = [name for name, _ in events]
     assert "message_stop" not in names and "[DONE]" not in [d for _, d in events], events
     assert not any(json.loads(d).get("delta", {}).get("stop_reason") for _, d in events), events
