@@ -394,18 +394,36 @@ HTTP_ERRORS = [
     HttpError("tgi-429-overloaded", 429, b'{"error":"Model is overloaded","error_type":"overloaded"}'),
 ]
 
+MESSAGES_HTTP_ERRORS = [
+    # Ollama, middleware/anthropic.go AnthropicWriter.writeError: anthropic.NewError(status, msg)
+    # encoded by json.NewEncoder (a trailing newline), with a request_id.
+    HttpError("ollama-messages-404", 404, b'{"type":"error","error":{"type":"not_found_error","message":'
+                                          b'"model \\"nope\\" not found, try pulling it first"},'
+                                          b'"request_id":"req_0123456789"}\n', chunked=True),
+    # llama.cpp answers its Messages endpoint's errors in its OpenAI shape (res->error).
+    HttpError("llamacpp-messages-400", 400, b'{"error":{"code":400,"message":"the request exceeds the '
+                                            b'available context size, try increasing it","n_ctx":4096,'
+                                            b'"n_prompt_tokens":5000,"type":"exceed_context_size_error"}}',
+              "application/json; charset=utf-8"),
+]
+
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
-@pytest.mark.parametrize("shape", HTTP_ERRORS, ids=[s.name for s in HTTP_ERRORS])
+@pytest.mark.parametrize(
+    ("dialect", "shape"),
+    [*(("openai-chat", s) for s in HTTP_ERRORS),
+     *(("anthropic-messages", s) for s in MESSAGES_HTTP_ERRORS)],
+    ids=[*(s.name for s in HTTP_ERRORS), *(f"messages-{s.name}" for s in MESSAGES_HTTP_ERRORS)],
+)
 def test_a_workers_non_2xx_passes_through(
-    w: FakeWorker, proxy: Daemon, shape: HttpError, stream: bool, mode: str
+    w: FakeWorker, proxy: Daemon, dialect: str, shape: HttpError, stream: bool, mode: str
 ) -> None:
     w.default = lambda request: [Send(http_response(shape.status, shape.body,
                                                     [("content-type", shape.content_type)],
                                                     chunked=shape.chunked))]
     rid = request_id()
-    response = post(proxy, body_for("openai-chat", stream), target("openai-chat", mode),
+    response = post(proxy, body_for(dialect, stream), target(dialect, mode),
                     headers=[("x-request-id", rid)])
     assert (response.status, response.body) == (shape.status, shape.body)
     assert response.header("content-type") == shape.content_type
@@ -524,38 +542,6 @@ def test_a_failed_messages_stream_reaches_a_non_streaming_client_as_a_502(
         assert body["error"]["code"] == shape.code
     line = proxy.ledger_for(rid)
     assert (line["outcome"], line["status"], line["prompt_tokens"]) == ("upstream_error", 502, 11), line
-
-
-MESSAGES_HTTP_ERRORS = [
-    # Ollama, middleware/anthropic.go AnthropicWriter.writeError: anthropic.NewError(status, msg)
-    # encoded by json.NewEncoder (a trailing newline), with a request_id.
-    HttpError("ollama-messages-404", 404, b'{"type":"error","error":{"type":"not_found_error","message":'
-                                          b'"model \\"nope\\" not found, try pulling it first"},'
-                                          b'"request_id":"req_0123456789"}\n', chunked=True),
-    # llama.cpp answers its Messages endpoint's errors in its OpenAI shape (res->error).
-    HttpError("llamacpp-messages-400", 400, b'{"error":{"code":400,"message":"the request exceeds the '
-                                            b'available context size, try increasing it","n_ctx":4096,'
-                                            b'"n_prompt_tokens":5000,"type":"exceed_context_size_error"}}',
-              "application/json; charset=utf-8"),
-]
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("stream", [True, False], ids=["stream", "json"])
-@pytest.mark.parametrize("shape", MESSAGES_HTTP_ERRORS, ids=[s.name for s in MESSAGES_HTTP_ERRORS])
-def test_a_workers_non_2xx_passes_through_on_messages(
-    w: FakeWorker, proxy: Daemon, shape: HttpError, stream: bool, mode: str
-) -> None:
-    w.default = lambda request: [Send(http_response(shape.status, shape.body,
-                                                    [("content-type", shape.content_type)],
-                                                    chunked=shape.chunked))]
-    rid = request_id()
-    response = post(proxy, body_for("anthropic-messages", stream), target("anthropic-messages", mode),
-                    headers=[("x-request-id", rid)])
-    assert (response.status, response.body) == (shape.status, shape.body)
-    assert response.header("content-type") == shape.content_type
-    line = proxy.ledger_for(rid)
-    assert (line["outcome"], line["status"]) == ("upstream_http_error", shape.status), line
 
 
 # =============================================================================================
