@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from sidecar.chunked import LONGEST_PAYLOAD, SIZE_LINES
+from sidecar.chunked import LONGEST_PAYLOAD, frame
 from sidecar.dialects.base import (
     MAX_DOCUMENT,
     MAX_STREAM_BYTES,
@@ -422,8 +422,7 @@ class RelayHandler(EventHandler):
         self._release()
         write_framed = self.framed_write
         if write_framed is not None:
-            n = len(data)
-            write_framed(b"".join((head, SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n, data, b"\r\n")))
+            write_framed(head + frame(data))
         else:
             self.ex.client.write(head)
             self.write(data)
