@@ -649,3 +649,23 @@ def test_atheris_sse_parser_and_openai_translator(tmp_path: Path) -> None:
     tail = (result.stdout + result.stderr)[-3000:]
     assert result.returncode == 0, tail
     assert "Done" in tail, tail
+
+
+@pytest.mark.parametrize("name", DIALECTS)
+def test_a_document_with_escaped_surrogates_makes_events_every_reader_takes(name: str) -> None:
+    """A worker's document may escape a lone UTF-16 surrogate (`\\udf74`) or a pair's halves
+    (JSON's grammar allows both). The events made from it (JSON -> SSE) carry each pair as its
+    character and a lone half as U+FFFD, as the JSON answer does: JSON orjson reads too (found
+    by `test_document_translators_take_any_document`)."""
+    body = (rb'{"id":"\udf74","model":"m","type":"message","role":"assistant",'
+            rb'"content":[{"type":"text","text":"a\udf74\ud83d\ude00"}],'
+            rb'"choices":[{"index":0,"message":{"role":"assistant","content":"a\udf74\ud83d\ude00"},'
+            rb'"text":"a\udf74\ud83d\ude00","finish_reason":"stop"}],"output":[]}')
+    translator = get_dialect(name).document(plan_for(name, True, False, "m"), PRICING, body)
+    document = orjson.loads(translator.json())
+    assert document["id"] == "\ufffd"
+    events = [e.data for e in SSEParser(1 << 24).feed(translator.sse()) if e.data not in (None, "[DONE]")]
+    assert events
+    texts = [orjson.loads(data) for data in events]  # each event's data: JSON orjson reads
+    assert "\\u" not in "".join(events)  # (no escape is left for a reader to refuse)
+    assert any("a\ufffd\U0001f600" in orjson.dumps(t).decode() for t in texts), events

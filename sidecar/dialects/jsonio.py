@@ -78,8 +78,11 @@ def read_document(body: bytes) -> dict[str, Any]:
     A document with a run of 19 digits is read by `read_beyond_orjson`, which keeps integers
     past 64 bits as they came (orjson makes them floats, and the document is written again
     with its cost): an Anthropic `tool_use` input is the worker's object, numbers and all.
+    A document is whole, so a UTF-16 surrogate read from an escape is mended at once, as
+    `dumps_document` writes it (each pair its character, one alone U+FFFD): the events made
+    from it (JSON -> SSE) are then JSON every reader takes, orjson too, as the document is.
     """
-    return _read_worker_json(body, "the worker's document", _has_long_digit_run(body))
+    return _read_worker_json(body, "the worker's document", _has_long_digit_run(body), whole=True)
 
 
 def read_event(data: str) -> dict[str, Any]:
@@ -94,19 +97,29 @@ def read_event(data: str) -> dict[str, Any]:
     return _read_worker_json(data, "event data", _has_long_digit_run(data.encode()))
 
 
-def _read_worker_json(data: str | bytes, what: str, exact: bool = False) -> dict[str, Any]:
-    """`data` read as a JSON object: by orjson, else (or with `exact`) by `read_beyond_orjson`."""
+def _read_worker_json(
+    data: str | bytes, what: str, exact: bool = False, whole: bool = False
+) -> dict[str, Any]:
+    """`data` read as a JSON object: by orjson, else (or with `exact`) by `read_beyond_orjson`,
+    and then, when it is `whole` (a document), with its surrogates mended (see `_mended`)."""
+    by_orjson = not exact
     try:
-        obj = read_beyond_orjson(data) if exact else orjson.loads(data)
+        obj = orjson.loads(data) if by_orjson else read_beyond_orjson(data)
     except ValueError as exc:  # (orjson.JSONDecodeError is one)
         try:
-            if exact:
+            if not by_orjson:
                 raise
+            by_orjson = False
             obj = read_beyond_orjson(data)
         except ValueError:
             raise StreamProtocolError(f"{what} is not JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise StreamProtocolError(f"{what} is not a JSON object")
+    if whole and not by_orjson:  # (orjson reads no surrogate: nothing to mend then)
+        try:
+            obj = _mended(obj, True)
+        except RecursionError:
+            raise StreamProtocolError(f"{what} is nested too deeply to write") from None
     return obj
 
 
