@@ -59,6 +59,10 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False  # the current response's body ended cleanly
         self.keep_alive = True  # the worker did not ask to close after this response
         self.request_sent = False  # the current request went out whole, body included
+        # h11 has said NEED_DATA and been given nothing since (or holds nothing, a fresh
+        # cycle): `next_event` does not ask it again until bytes come (an h11 call saved
+        # before and after the wait for every response head)
+        self._h11_starved = True
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
@@ -157,6 +161,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False
         self.keep_alive = True
         self.request_sent = False
+        self._h11_starved = True
 
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
@@ -188,15 +193,17 @@ class UpstreamConnection(asyncio.Protocol):
         """The next h11 event of the response, waiting for bytes as needed (head phase);
         TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
             if self._pending:
                 self.h11.receive_data(self._take_pending())
+                self._h11_starved = False
                 if self._held_back:
                     self._held_back = False
                     self.resume_reading()
-                continue
+            if not self._h11_starved:
+                event = self.h11.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                self._h11_starved = True
             if self.eof or self.closed:
                 self.h11.receive_data(b"")
                 event = self.h11.next_event()
