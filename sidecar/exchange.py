@@ -807,7 +807,8 @@ class Exchange(StreamListener):
         pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump
         pump.start()
-        await pump.done
+        if pump.done is not None:
+            await pump.done
         if pump.clean and self.upstream.reusable:
             pool.release(self.upstream)
         else:

@@ -63,7 +63,8 @@ class ResponsePump:
         self.loop = exchange.loop
         self.idle_timeout = route.upstream.idle_timeout
         self.heartbeat = route.heartbeat
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        #: made by `start` when the response outlasts it: set when the response is over
+        self.done: asyncio.Future[None] | None = None
         self.finished = False
         self.clean = False
         self.eof = False
@@ -81,7 +82,9 @@ class ResponsePump:
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._schedule()
+        """Feed what came with the worker's head, then take the reads to come. A body that
+        ended within that feed (a non-streaming answer, sent with its head) is over here:
+        it never needed a timer, nor a future to wait on (`done` stays None)."""
         if self.ex.client.paused_writing:
             self.client_paused()
         # what came with the worker's head is fed first: a held response head goes out with
@@ -103,6 +106,9 @@ class ResponsePump:
                 self._watch_for_end()
             self.handler.head_out()
         if not self.finished:
+            self.done = self.loop.create_future()
+            if self._timer is None:  # (the stream's last event may have set one: _wait_for_end)
+                self._schedule()
             self.up.attach(self)
 
     # -- the worker side (BodyConsumer) ---------------------------------------------
@@ -296,8 +302,9 @@ class ResponsePump:
         self.up.detach()
         if self._timer is not None:
             self._timer.cancel()
-        if not self.done.done():
-            self.done.set_result(None)
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     # -- the client side (via the exchange) -----------------------------------------------
     def client_lost(self) -> None:
