@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
+from h11._headers import Headers as H11Headers
+
 Header = tuple[bytes, bytes]
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -267,20 +269,25 @@ H11_RESPONSE_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"con
 H11_REQUEST_HEADERS = H11_RESPONSE_HEADERS | {b"host"}
 
 
-def split_for_h11(headers: Iterable[Header], h11_names: frozenset[bytes]) -> tuple[list[Header], bytes]:
+def split_for_h11(
+    headers: Iterable[Header], h11_names: frozenset[bytes]
+) -> tuple[H11Headers, bytes]:
     """(the headers named in `h11_names`, every other header rendered as `name: value` lines).
 
     The names and values came out of h11's parser or are the sidecar's own constants, so
-    they are written as they are.
+    they are written as they are. The first part is h11's own `Headers`, which an h11 event
+    takes as it is: given a list, even with `_parsed=True`, h11 would normalize it again
+    (a Content-Length split at commas, gathered in a set and matched by a regex).
     """
-    for_h11: list[Header] = []
+    for_h11: list[tuple[bytes, bytes, bytes]] = []
     lines: list[bytes] = []
     for name, value in headers:
-        if name.lower() in h11_names:
-            for_h11.append((name, value))
+        low = name.lower()
+        if low in h11_names:
+            for_h11.append((name, low, value))
         else:
             lines.append(name + b": " + value + b"\r\n")
-    return for_h11, b"".join(lines)
+    return H11Headers(for_h11), b"".join(lines)
 
 
 def splice_lines(head: bytes, lines: bytes) -> bytes:
