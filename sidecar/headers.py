@@ -168,15 +168,39 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: Sequence[Header], *also: bytes) -> list[Header]:
+def end_to_end(
+    headers: Sequence[Header], *also: bytes, tokens: set[bytes] | None = None
+) -> list[Header]:
     """The headers that travel on to the other side: hop-by-hop ones removed, and any
-    named in `also` (lower-case)."""
-    extra = connection_tokens(headers)
+    named in `also` (lower-case). `tokens`: their `connection_tokens`, when the caller
+    has them already."""
+    extra = connection_tokens(headers) if tokens is None else tokens
     return [
         (name, value)
         for name, value in headers
         if (low := name.lower()) not in HOP_BY_HOP and low not in extra and low not in also
     ]
+
+
+_DROPPED_WITH: dict[tuple[bytes, ...], frozenset[bytes]] = {}
+
+
+def end_to_end_lines(headers: Sequence[Header], *also: bytes) -> bytes:
+    """`end_to_end(headers, *also)` rendered as `name: value` lines, as `split_for_h11`
+    renders the headers h11 does not see (none of these is one it sees: those are all
+    hop-by-hop), in one pass over `headers` instead of three."""
+    dropped = _DROPPED_WITH.get(also)
+    if dropped is None:
+        dropped = _DROPPED_WITH[also] = HOP_BY_HOP.union(also)
+    lines: list[bytes] = []
+    for name, value in headers:
+        low = name.lower()
+        if low in dropped:
+            if low == b"connection":  # it may name more hop-by-hop headers: the general way
+                return b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
@@ -288,6 +312,12 @@ def split_for_h11(
         else:
             lines.append(name + b": " + value + b"\r\n")
     return H11Headers(for_h11), b"".join(lines)
+
+
+def h11_headers(headers: Iterable[Header]) -> H11Headers:
+    """Framing headers with lower-case names (the sidecar's own, or values h11 parsed) as
+    h11's `Headers`, taken as they are (see `split_for_h11`)."""
+    return H11Headers([(name, name, value) for name, value in headers])
 
 
 def splice_lines(head: bytes, lines: bytes) -> bytes:

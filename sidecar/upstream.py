@@ -23,7 +23,7 @@ from sidecar.config import UpstreamConfig
 from sidecar.deadlines import Wakeup
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
-from sidecar.headers import splice_lines
+from sidecar.headers import Header, splice_lines
 
 if TYPE_CHECKING:
     from sidecar.dialects.base import StreamTranslator
@@ -277,6 +277,8 @@ class UpstreamPool:
         self.config = config
         self.max_head = max_head
         self._idle: list[UpstreamConnection] = []
+        #: the Host header of every request to this worker, encoded once
+        self.host: Header = (b"host", config.host_header.encode())
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool (only those may be retried)."""
