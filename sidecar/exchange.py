@@ -817,7 +817,7 @@ class Exchange(StreamListener):
         pump.start()
         if pump.done is not None:
             await pump.done
-        if pump.clean and self.upstream.reusable:
+        if pump.clean:  # (release closes a connection that cannot be reused)
             pool.release(self.upstream)
         else:
             self.upstream.close()

@@ -77,7 +77,6 @@ class ResponsePump:
         self.last_rx = self.loop.time()  # when the timer last saw the worker active
         self.last_beat = self.last_rx
         self.end_due: float | None = None  # set when the stream's last event came
-        self._look_every = min(self.idle_timeout, self.send_timeout, self.heartbeat or math.inf) / 8
         upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
 
@@ -346,7 +345,9 @@ class ResponsePump:
             due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
         if self.end_due is not None and not self.paused:
             due = min(due, self.end_due)
-        due = min(due, self.loop.time() + self._look_every)
+        # (worked out here, not per response: most responses end before they need a timer)
+        look_every = min(self.idle_timeout, self.send_timeout, self.heartbeat or math.inf) / 8
+        due = min(due, self.loop.time() + look_every)
         self._timer = self.loop.call_at(due, self._tick)
 
     def _tick(self) -> None:

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 #: Bytes of a response kept while nobody reads it (a passthrough request body still being
 #: passed on, a worker that answers early): past this, reading pauses until the head is read
 PENDING_HIGH_WATER = 256 * 1024
+#: the event loop's timers fire to the millisecond: a deadline closer than this is reached
+TIMER_RESOLUTION = 0.001
 
 
 class BodyConsumer(Protocol):
@@ -67,6 +69,10 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
         self._wakeup = Wakeup(loop)  # the head phase waits on it for bytes, EOF or a close
+        #: loop time this connection went idle in the pool; None while it is not there
+        self.idle_since: float | None = None
+        #: its pool-idle timer, armed at the first release and kept through reuses (see
+        #: `UpstreamPool._expire`); None when not armed
         self._pool_timer: asyncio.TimerHandle | None = None
         self.rx_seen = False  # a read happened since the response pump's timer last looked
         self.lane_template: TextTemplate | None = None  # see arm_lane
@@ -105,7 +111,7 @@ class UpstreamConnection(asyncio.Protocol):
         if consumer is not None:
             consumer.upstream_data(data)
             return
-        if self._pool_timer is not None:  # idle in the pool: bytes no request asked for
+        if self.idle_since is not None:  # idle in the pool: bytes no request asked for
             self.close()  # (a worker that sends them is not one to reuse, nor to buffer)
             return
         self._pending.append(data)
@@ -284,9 +290,7 @@ class UpstreamPool:
         """A connection and whether it was reused from the pool (only those may be retried)."""
         while self._idle:
             conn = self._idle.pop()
-            if conn._pool_timer is not None:
-                conn._pool_timer.cancel()
-                conn._pool_timer = None
+            conn.idle_since = None  # (its timer, if armed, finds it in use: see _expire)
             if conn.reusable:
                 conn.new_cycle()
                 return conn, True
@@ -316,15 +320,31 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a finished connection to the pool, or close it if it cannot be reused."""
-        conn.detach()
+        """Return a finished connection to the pool, or close it if it cannot be reused.
+        Its response pump has detached it (`detach`) when the response ended."""
         if not conn.reusable or len(self._idle) >= self.config.max_idle_connections:
             conn.close()
             return
-        conn._pool_timer = conn.loop.call_later(self.config.pool_idle_timeout, self._expire, conn)
+        conn.idle_since = conn.loop.time()
+        if conn._pool_timer is None:
+            conn._pool_timer = conn.loop.call_at(
+                conn.idle_since + self.config.pool_idle_timeout, self._expire, conn
+            )
         self._idle.append(conn)
 
     def _expire(self, conn: UpstreamConnection) -> None:
+        """A connection's pool-idle timer: close it if it has been idle pool_idle_timeout.
+        The timer is not cancelled and armed again per request (a connection taken and
+        given back between two requests): when it finds the connection idle for less, or
+        in use, it is armed again for when the connection's idle time will be up, or left
+        for the next release to arm."""
+        conn._pool_timer = None
+        if conn.idle_since is None:
+            return
+        due = conn.idle_since + self.config.pool_idle_timeout
+        if due - conn.loop.time() > TIMER_RESOLUTION:
+            conn._pool_timer = conn.loop.call_at(due, self._expire, conn)
+            return
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
         conn.close()
