@@ -30,13 +30,14 @@ from sidecar.failures import Failure, UpstreamFailure
 from sidecar.framing import body_decoder
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
-    H11_REQUEST_HEADERS,
     H11_RESPONSE_HEADERS,
     Header,
     check_raw_head,
     connection_tokens,
     content_codings,
     end_to_end,
+    end_to_end_lines,
+    h11_headers,
     has_control_byte,
     header_list,
     header_value,
@@ -73,6 +74,8 @@ _REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
 #: worker response headers that sidecar's own replace: x-request-id always, x-sidecar-cost on
 #: routes whose dialect reads (and prices) the body
 _WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
+#: and on a 2xx answer those routes read, Content-Encoding too (see `_handle_response`)
+_READ_ANSWER_DROPPED = (*_WORKER_DROPPED, b"content-encoding")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
 #: bytes written as they are rather than joined to their head or chunk framing (a copy)
@@ -587,8 +590,8 @@ class Exchange(StreamListener):
                 return
             body_parts.append(self.plan.body)
             body_complete = True
-        head = self._upstream_head(route)
         pool = self.generation.pool_for(route.upstream)
+        head = self._upstream_head(pool)
         response = await self._send(pool, head, body_parts, body_complete, body_deadline)
         # The worker answered, so the request will not be sent again: neither it nor a long
         # prompt stays in memory for as long as its stream lasts.
@@ -622,24 +625,29 @@ class Exchange(StreamListener):
             return None
         raise ClientGone()
 
-    def _upstream_head(self, route: RouteConfig) -> tuple[h11.Request, bytes]:
-        """The worker's request head: what h11 writes and the header lines spliced into it."""
+    def _upstream_head(self, pool: UpstreamPool) -> tuple[h11.Request, bytes]:
+        """The worker's request head: what h11 writes and the header lines spliced into it.
+
+        h11 sees only the framing headers and Host (`split_for_h11`); the client's
+        end-to-end headers and the request id go in as lines."""
         if self.dialect.reads_body:  # the sidecar reads the answer: no compressed one
-            headers = end_to_end(self.headers, b"x-request-id", b"accept-encoding")
+            lines = end_to_end_lines(self.headers, b"x-request-id", b"accept-encoding")
             assert self.plan is not None
-            headers.append((b"content-length", str(len(self.plan.body)).encode()))
+            framing = [(b"content-length", str(len(self.plan.body)).encode()), pool.host]
         else:
-            headers = end_to_end(self.headers, b"x-request-id")
+            lines = end_to_end_lines(self.headers, b"x-request-id")
             length = header_value(self.headers, b"content-length")
             if length is not None:
-                headers.append((b"content-length", length))
+                framing = [(b"content-length", length), pool.host]
             elif header_value(self.headers, b"transfer-encoding") is not None:
-                headers.append((b"transfer-encoding", b"chunked"))
-        headers.append((b"host", route.upstream.host_header.encode()))
-        headers.append((b"x-request-id", self.request_id.encode()))
-        for_h11, lines = split_for_h11(headers, H11_REQUEST_HEADERS)
+                framing = [(b"transfer-encoding", b"chunked"), pool.host]
+            else:
+                framing = [pool.host]
+        lines += b"x-request-id: " + self.request_id.encode() + b"\r\n"
         # _parsed: method, target and client headers came out of h11's parser
-        head = h11.Request(method=self.raw_method, target=self.target, headers=for_h11, _parsed=True)
+        head = h11.Request(
+            method=self.raw_method, target=self.target, headers=h11_headers(framing), _parsed=True
+        )
         return head, lines
 
     async def _send(
@@ -778,15 +786,11 @@ class Exchange(StreamListener):
         raw_headers: list[Header] = header_list(response.headers)
         if has_control_byte(raw_headers):
             raise UpstreamFailure(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head")
-        self.upstream.keep_alive = (
-            response.http_version == b"1.1" and b"close" not in connection_tokens(raw_headers)
-        )
+        tokens = connection_tokens(raw_headers)
+        self.upstream.keep_alive = response.http_version == b"1.1" and b"close" not in tokens
         # the worker's own x-request-id (vLLM echoes one) gives way to the one sidecar sends;
         # where sidecar prices the answer, so does a worker's x-sidecar-cost (another
         # sidecar's, in front of the worker): the header states this one's cost, or is absent
-        worker_headers = end_to_end(
-            raw_headers, *(_WORKER_DROPPED if self.dialect.reads_body else _WORKER_DROPPED[:1])
-        )
         plan = self.plan
         handler: BodyHandler
         if plan is None or not 200 <= status < 300:
@@ -795,6 +799,8 @@ class Exchange(StreamListener):
                 if plan is not None:  # the error answer, passed on as it is, is what came
                     content_type = header_value(raw_headers, b"content-type")
                     self.upstream_sse = body_kind(content_type) == "sse"
+            dropped = _WORKER_DROPPED if self.dialect.reads_body else _WORKER_DROPPED[:1]
+            worker_headers = end_to_end(raw_headers, *dropped, tokens=tokens)
             handler = RawHandler(self, status, worker_headers, raw_headers)
         else:
             kind = body_kind(header_value(raw_headers, b"content-type"))
@@ -802,13 +808,16 @@ class Exchange(StreamListener):
             # again), never the worker's coded ones: its Content-Encoding does not apply
             # (Accept-Encoding was not forwarded; a worker that compresses anyway sent a body
             # sidecar cannot read, and the client must be able to read the error frame)
-            handler = SniffHandler(self, without(worker_headers, b"content-encoding"), kind)
+            # (a plan: the dialect reads the body)
+            worker_headers = end_to_end(raw_headers, *_READ_ANSWER_DROPPED, tokens=tokens)
+            handler = SniffHandler(self, worker_headers, kind)
         decoder = body_decoder(self.raw_method, status, raw_headers)
         pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump
         pump.start()
-        await pump.done
-        if pump.clean and self.upstream.reusable:
+        if pump.done is not None:
+            await pump.done
+        if pump.clean:  # (release closes a connection that cannot be reused)
             pool.release(self.upstream)
         else:
             self.upstream.close()

@@ -14,6 +14,8 @@ import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
+from h11._headers import Headers as H11Headers
+
 Header = tuple[bytes, bytes]
 
 #: Headers that describe one connection, not the message (RFC 9110 7.6.1),
@@ -166,15 +168,39 @@ def connection_tokens(headers: Iterable[Header]) -> set[bytes]:
     return tokens
 
 
-def end_to_end(headers: Sequence[Header], *also: bytes) -> list[Header]:
+def end_to_end(
+    headers: Sequence[Header], *also: bytes, tokens: set[bytes] | None = None
+) -> list[Header]:
     """The headers that travel on to the other side: hop-by-hop ones removed, and any
-    named in `also` (lower-case)."""
-    extra = connection_tokens(headers)
+    named in `also` (lower-case). `tokens`: their `connection_tokens`, when the caller
+    has them already."""
+    extra = connection_tokens(headers) if tokens is None else tokens
     return [
         (name, value)
         for name, value in headers
         if (low := name.lower()) not in HOP_BY_HOP and low not in extra and low not in also
     ]
+
+
+_DROPPED_WITH: dict[tuple[bytes, ...], frozenset[bytes]] = {}
+
+
+def end_to_end_lines(headers: Sequence[Header], *also: bytes) -> bytes:
+    """`end_to_end(headers, *also)` rendered as `name: value` lines, as `split_for_h11`
+    renders the headers h11 does not see (none of these is one it sees: those are all
+    hop-by-hop), in one pass over `headers` instead of three."""
+    dropped = _DROPPED_WITH.get(also)
+    if dropped is None:
+        dropped = _DROPPED_WITH[also] = HOP_BY_HOP.union(also)
+    lines: list[bytes] = []
+    for name, value in headers:
+        low = name.lower()
+        if low in dropped:
+            if low == b"connection":  # it may name more hop-by-hop headers: the general way
+                return b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
+            continue
+        lines.append(name + b": " + value + b"\r\n")
+    return b"".join(lines)
 
 
 def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
@@ -267,20 +293,31 @@ H11_RESPONSE_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"con
 H11_REQUEST_HEADERS = H11_RESPONSE_HEADERS | {b"host"}
 
 
-def split_for_h11(headers: Iterable[Header], h11_names: frozenset[bytes]) -> tuple[list[Header], bytes]:
+def split_for_h11(
+    headers: Iterable[Header], h11_names: frozenset[bytes]
+) -> tuple[H11Headers, bytes]:
     """(the headers named in `h11_names`, every other header rendered as `name: value` lines).
 
     The names and values came out of h11's parser or are the sidecar's own constants, so
-    they are written as they are.
+    they are written as they are. The first part is h11's own `Headers`, which an h11 event
+    takes as it is: given a list, even with `_parsed=True`, h11 would normalize it again
+    (a Content-Length split at commas, gathered in a set and matched by a regex).
     """
-    for_h11: list[Header] = []
+    for_h11: list[tuple[bytes, bytes, bytes]] = []
     lines: list[bytes] = []
     for name, value in headers:
-        if name.lower() in h11_names:
-            for_h11.append((name, value))
+        low = name.lower()
+        if low in h11_names:
+            for_h11.append((name, low, value))
         else:
             lines.append(name + b": " + value + b"\r\n")
-    return for_h11, b"".join(lines)
+    return H11Headers(for_h11), b"".join(lines)
+
+
+def h11_headers(headers: Iterable[Header]) -> H11Headers:
+    """Framing headers with lower-case names (the sidecar's own, or values h11 parsed) as
+    h11's `Headers`, taken as they are (see `split_for_h11`)."""
+    return H11Headers([(name, name, value) for name, value in headers])
 
 
 def splice_lines(head: bytes, lines: bytes) -> bytes:

@@ -63,7 +63,8 @@ class ResponsePump:
         self.loop = exchange.loop
         self.idle_timeout = route.upstream.idle_timeout
         self.heartbeat = route.heartbeat
-        self.done: asyncio.Future[None] = self.loop.create_future()
+        #: made by `start` when the response outlasts it: set when the response is over
+        self.done: asyncio.Future[None] | None = None
         self.finished = False
         self.clean = False
         self.eof = False
@@ -76,12 +77,13 @@ class ResponsePump:
         self.last_rx = self.loop.time()  # when the timer last saw the worker active
         self.last_beat = self.last_rx
         self.end_due: float | None = None  # set when the stream's last event came
-        self._look_every = min(self.idle_timeout, self.send_timeout, self.heartbeat or math.inf) / 8
         upstream.rx_seen = False
         self._timer: asyncio.TimerHandle | None = None
 
     def start(self) -> None:
-        self._schedule()
+        """Feed what came with the worker's head, then take the reads to come. A body that
+        ended within that feed (a non-streaming answer, sent with its head) is over here:
+        it never needed a timer, nor a future to wait on (`done` stays None)."""
         if self.ex.client.paused_writing:
             self.client_paused()
         # what came with the worker's head is fed first: a held response head goes out with
@@ -103,6 +105,9 @@ class ResponsePump:
                 self._watch_for_end()
             self.handler.head_out()
         if not self.finished:
+            self.done = self.loop.create_future()
+            if self._timer is None:  # (the stream's last event may have set one: _wait_for_end)
+                self._schedule()
             self.up.attach(self)
 
     # -- the worker side (BodyConsumer) ---------------------------------------------
@@ -296,8 +301,9 @@ class ResponsePump:
         self.up.detach()
         if self._timer is not None:
             self._timer.cancel()
-        if not self.done.done():
-            self.done.set_result(None)
+        done = self.done
+        if done is not None and not done.done():
+            done.set_result(None)
 
     # -- the client side (via the exchange) -----------------------------------------------
     def client_lost(self) -> None:
@@ -339,7 +345,9 @@ class ResponsePump:
             due = min(due, max(self.last_rx, self.last_beat) + self.heartbeat)
         if self.end_due is not None and not self.paused:
             due = min(due, self.end_due)
-        due = min(due, self.loop.time() + self._look_every)
+        # (worked out here, not per response: most responses end before they need a timer)
+        look_every = min(self.idle_timeout, self.send_timeout, self.heartbeat or math.inf) / 8
+        due = min(due, self.loop.time() + look_every)
         self._timer = self.loop.call_at(due, self._tick)
 
     def _tick(self) -> None:

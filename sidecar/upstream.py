@@ -23,7 +23,7 @@ from sidecar.config import UpstreamConfig
 from sidecar.deadlines import Wakeup
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
-from sidecar.headers import splice_lines
+from sidecar.headers import Header, splice_lines
 
 if TYPE_CHECKING:
     from sidecar.dialects.base import StreamTranslator
@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 #: Bytes of a response kept while nobody reads it (a passthrough request body still being
 #: passed on, a worker that answers early): past this, reading pauses until the head is read
 PENDING_HIGH_WATER = 256 * 1024
+#: the event loop's timers fire to the millisecond: a deadline closer than this is reached
+TIMER_RESOLUTION = 0.001
 
 
 class BodyConsumer(Protocol):
@@ -59,10 +61,24 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False  # the current response's body ended cleanly
         self.keep_alive = True  # the worker did not ask to close after this response
         self.request_sent = False  # the current request went out whole, body included
+        # h11 has said NEED_DATA and been given nothing since (or holds nothing, a fresh
+        # cycle): `next_event` does not ask it again until bytes come (an h11 call saved
+        # before and after the wait for every response head)
+        self._h11_starved = True
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
         self._wakeup = Wakeup(loop)  # the head phase waits on it for bytes, EOF or a close
+        # response_timeout while the head phase waits: the deadline of the wait going on
+        # (None when none is), and a timer armed once and kept across requests (see
+        # `_head_deadline_passed`), which sets `_head_timed_out` and wakes the wait
+        self._head_deadline: float | None = None
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._head_timed_out = False
+        #: loop time this connection went idle in the pool; None while it is not there
+        self.idle_since: float | None = None
+        #: its pool-idle timer, armed at the first release and kept through reuses (see
+        #: `UpstreamPool._expire`); None when not armed
         self._pool_timer: asyncio.TimerHandle | None = None
         self.rx_seen = False  # a read happened since the response pump's timer last looked
         self.lane_template: TextTemplate | None = None  # see arm_lane
@@ -101,7 +117,7 @@ class UpstreamConnection(asyncio.Protocol):
         if consumer is not None:
             consumer.upstream_data(data)
             return
-        if self._pool_timer is not None:  # idle in the pool: bytes no request asked for
+        if self.idle_since is not None:  # idle in the pool: bytes no request asked for
             self.close()  # (a worker that sends them is not one to reuse, nor to buffer)
             return
         self._pending.append(data)
@@ -132,6 +148,9 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if self._pool_timer is not None:
             self._pool_timer.cancel()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         if self.consumer is not None:
             self.consumer.upstream_lost(exc)
         else:
@@ -157,6 +176,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.response_complete = False
         self.keep_alive = True
         self.request_sent = False
+        self._h11_starved = True
 
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
@@ -188,23 +208,53 @@ class UpstreamConnection(asyncio.Protocol):
         """The next h11 event of the response, waiting for bytes as needed (head phase);
         TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:
-            event = self.h11.next_event()
-            if event is not h11.NEED_DATA:
-                return event
             if self._pending:
                 self.h11.receive_data(self._take_pending())
+                self._h11_starved = False
                 if self._held_back:
                     self._held_back = False
                     self.resume_reading()
-                continue
+            if not self._h11_starved:
+                event = self.h11.next_event()
+                if event is not h11.NEED_DATA:
+                    return event
+                self._h11_starved = True
             if self.eof or self.closed:
                 self.h11.receive_data(b"")
                 event = self.h11.next_event()
                 if event is h11.NEED_DATA:  # pragma: no cover - h11 always concludes
                     raise h11.RemoteProtocolError("connection closed")
                 return event
-            if await self._wakeup.wait(deadline):
+            if deadline is not None:
+                timer = self._head_timer
+                if timer is None or timer.when() > deadline:
+                    if timer is not None:
+                        timer.cancel()
+                    self._head_timer = self.loop.call_at(deadline, self._head_deadline_passed)
+            self._head_deadline = deadline
+            try:
+                await self._wakeup.wait(None)
+            finally:
+                self._head_deadline = None
+            if self._head_timed_out:
+                self._head_timed_out = False
                 raise TimeoutError()
+
+    def _head_deadline_passed(self) -> None:
+        """The head-phase timer: the wait going on times out if its deadline is reached.
+        The timer is not cancelled and armed again per request: it finds no wait, or a
+        later request's deadline, and is left for the next wait to arm, or armed again
+        for that deadline. A wait that bytes, EOF or a close woke first is no timeout (as
+        with a timer of its own): if it waits again, it arms the timer again."""
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None or self._pending or self.eof or self.closed:
+            return
+        if deadline - self.loop.time() > TIMER_RESOLUTION:
+            self._head_timer = self.loop.call_at(deadline, self._head_deadline_passed)
+            return
+        self._head_timed_out = True
+        self._wakeup.wake()
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""
@@ -270,14 +320,14 @@ class UpstreamPool:
         self.config = config
         self.max_head = max_head
         self._idle: list[UpstreamConnection] = []
+        #: the Host header of every request to this worker, encoded once
+        self.host: Header = (b"host", config.host_header.encode())
 
     async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A connection and whether it was reused from the pool (only those may be retried)."""
         while self._idle:
             conn = self._idle.pop()
-            if conn._pool_timer is not None:
-                conn._pool_timer.cancel()
-                conn._pool_timer = None
+            conn.idle_since = None  # (its timer, if armed, finds it in use: see _expire)
             if conn.reusable:
                 conn.new_cycle()
                 return conn, True
@@ -307,15 +357,31 @@ class UpstreamPool:
         return conn
 
     def release(self, conn: UpstreamConnection) -> None:
-        """Return a finished connection to the pool, or close it if it cannot be reused."""
-        conn.detach()
+        """Return a finished connection to the pool, or close it if it cannot be reused.
+        Its response pump has detached it (`detach`) when the response ended."""
         if not conn.reusable or len(self._idle) >= self.config.max_idle_connections:
             conn.close()
             return
-        conn._pool_timer = conn.loop.call_later(self.config.pool_idle_timeout, self._expire, conn)
+        conn.idle_since = conn.loop.time()
+        if conn._pool_timer is None:
+            conn._pool_timer = conn.loop.call_at(
+                conn.idle_since + self.config.pool_idle_timeout, self._expire, conn
+            )
         self._idle.append(conn)
 
     def _expire(self, conn: UpstreamConnection) -> None:
+        """A connection's pool-idle timer: close it if it has been idle pool_idle_timeout.
+        The timer is not cancelled and armed again per request (a connection taken and
+        given back between two requests): when it finds the connection idle for less, or
+        in use, it is armed again for when the connection's idle time will be up, or left
+        for the next release to arm."""
+        conn._pool_timer = None
+        if conn.idle_since is None:
+            return
+        due = conn.idle_since + self.config.pool_idle_timeout
+        if due - conn.loop.time() > TIMER_RESOLUTION:
+            conn._pool_timer = conn.loop.call_at(due, self._expire, conn)
+            return
         with contextlib.suppress(ValueError):
             self._idle.remove(conn)
         conn.close()

@@ -25,6 +25,7 @@ from sidecar.headers import (
     connection_tokens,
     content_codings,
     end_to_end,
+    end_to_end_lines,
     find_head_end,
     has_control_byte,
     header_list,
@@ -177,6 +178,29 @@ def test_end_to_end_drops_hop_by_hop_and_connection_listed_headers() -> None:
         (b"Content-Type", b"application/json"),
         (b"x-api-key", b"k"),
     ]
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(
+                [b"Host", b"connection", b"Connection", b"Keep-Alive", b"x-a", b"X-A", b"accept",
+                 b"x-request-id", b"Accept-Encoding", b"content-length", b"cookie"]
+            ),
+            st.sampled_from([b"1", b"x-a", b"close, X-A", b"keep-alive", b"cookie, te"]),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from([(), (b"x-request-id",), (b"x-request-id", b"accept-encoding")]),
+)
+def test_end_to_end_lines_are_end_to_end_rendered_as_split_for_h11_renders_them(
+    headers: list[tuple[bytes, bytes]], also: tuple[bytes, ...]
+) -> None:
+    kept = end_to_end(headers, *also)
+    for_h11, lines = split_for_h11(kept, H11_REQUEST_HEADERS)
+    assert not for_h11
+    assert end_to_end_lines(headers, *also) == lines
 
 
 _NAMES = st.sampled_from(
