@@ -50,7 +50,7 @@ from sidecar.headers import (
     without,
 )
 from sidecar.ledger import LedgerRecord, utc_timestamp
-from sidecar.logs import access_enabled, log_access
+from sidecar.logs import access_enabled, log_access, round_ms
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
@@ -250,22 +250,25 @@ def _log_request(
     cost: Decimal | None,
 ) -> None:
     """The access-log line of one finished request (times in seconds)."""
-    log_access(
-        f"{method} {status} {outcome}",
-        {
-            "request_id": request_id,
-            "route": route,
-            "method": method,
-            "path": path,
-            "status": status,
-            "outcome": outcome,
-            "code": code,
-            "ttfb_ms": None if ttfb is None else round(ttfb * 1000.0, 3),
-            "duration_ms": round(duration * 1000.0, 3),
-            "model": model,
-            "cost": None if cost is None else cost_header_value(cost),
-        },
-    )
+    # the fields that are set, in the order of the line (see log_access)
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "route": route,
+        "method": method,
+        "path": path,
+        "status": status,
+        "outcome": outcome,
+    }
+    if code is not None:
+        fields["code"] = code
+    if ttfb is not None:
+        fields["ttfb_ms"] = round_ms(ttfb * 1000.0)
+    fields["duration_ms"] = round_ms(duration * 1000.0)
+    if model is not None:
+        fields["model"] = model
+    if cost is not None:
+        fields["cost"] = cost_header_value(cost)
+    log_access(f"{method} {status} {outcome}", fields)
 
 class Exchange(StreamListener):
     """One request/response between a client and the worker, and its ledger record."""
