@@ -33,7 +33,7 @@ _FIELDS = (
 _second = -1
 _second_text = ""
 #: a timestamp's tail for each millisecond (".007Z"): looked up, not formatted, per line
-_MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
+MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
 def _timestamp(created: float) -> str:
@@ -43,7 +43,7 @@ def _timestamp(created: float) -> str:
     if whole != _second:
         _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
         _second = whole
-    return _second_text + _MILLIS[int((created - whole) * 1000)]
+    return _second_text + MILLIS[int((created - whole) * 1000)]
 
 
 def round_ms(value: float) -> float:

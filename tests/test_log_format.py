@@ -1,6 +1,6 @@
 """The per-request formatting shortcuts write exactly what the plain code they replaced wrote.
 
-Access-log lines, ledger times and cost texts are built on every request; the cheaper
+Access-log lines, ledger lines and their times are built on every request; the cheaper
 ways of building them (`round_ms`, the millisecond table of `_timestamp`, the access
 line built without a look-up per field) are compared here with the straightforward
 code, over many inputs, ties and edge cases included.
@@ -12,12 +12,13 @@ import io
 import math
 import random
 import time
+from collections.abc import Callable
 from decimal import Decimal
 
 import orjson
 import pytest
 
-from sidecar import logs
+from sidecar import ledger, logs
 from sidecar.exchange import _log_request
 from sidecar.logs import json_line, round_ms, text_line
 
@@ -109,3 +110,82 @@ def test_access_line_is_the_line_json_line_and_text_line_write(
         assert out.getvalue() == expected + "\n"
         if json_format:
             orjson.loads(out.getvalue())
+
+
+def test_ledger_timestamp_is_datetimes_text() -> None:
+    rng = random.Random(6)
+    instants = [0.0, 0.0004995, 0.0005, 0.9999995, 0.9999994999, 1.0, 1795792303.1239,
+                1795792303.9999995, 1795792303.9995, 253402300799.9999995, 253402300799.999,
+                253402300800.0, 253402300801.5, -0.5, -1.0, -86400.0005, time.time()]
+    instants += [rng.uniform(0, 4102444800.0) for _ in range(50_000)]
+    instants += [1795792303 + rng.randrange(10**6) / 1e6 for _ in range(20_000)]  # exact us
+    instants += [1795792303 + (rng.randrange(10**6) + 0.5) / 1e6 for _ in range(20_000)]  # ties
+    instants += [1795792303 + k / 1000.0 for k in range(2000)]
+    instants += [k / 8.0 for k in range(1000)]  # exact binary fractions
+    instants += [float("nan"), float("inf"), 1e20]  # refused alike
+    for created in instants:
+        assert _outcome(ledger.utc_timestamp, created) == _outcome(
+            ledger._datetime_timestamp, created
+        ), created
+
+
+def _outcome(function: Callable[[float], str], value: float) -> str | type[Exception]:
+    try:
+        return function(value)
+    except Exception as exc:  # the same error, the same type
+        return type(exc)
+
+
+def _old_record_line(record: ledger.LedgerRecord) -> bytes:
+    def ms(value: float | None) -> float | None:
+        return None if value is None else round(float(value), 3)
+
+    def clean(value: object) -> object:
+        return value.encode("utf-8", "replace").decode("utf-8") if isinstance(value, str) else value
+
+    def dumps(obj: dict[str, object]) -> bytes:
+        try:
+            return orjson.dumps(obj, default=str)
+        except orjson.JSONEncodeError:
+            return orjson.dumps({k: clean(v) for k, v in obj.items()}, default=str)
+
+    r = record
+    head = dumps({
+        "ts": r.ts, "request_id": r.request_id, "route": r.route, "model": r.model,
+        "request_model": r.request_model, "client_stream": r.client_stream,
+        "upstream_stream": r.upstream_stream, "outcome": r.outcome, "status": r.status,
+        "prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens,
+        "cached_tokens": r.cached_tokens, "reasoning_tokens": r.reasoning_tokens,
+    })
+    tail = dumps({"ttfb_ms": ms(r.ttfb_ms), "duration_ms": ms(r.duration_ms),
+                  "usage_estimated": r.usage_estimated, "dialect": r.dialect})
+    cost = b"null" if r.cost is None else ledger.cost_literal(r.cost)
+    return head[:-1] + b',"cost":' + cost + b"," + tail[1:] + b"\n"
+
+
+def test_record_line_is_the_spliced_line() -> None:
+    rng = random.Random(7)
+    texts = [None, "m", "gpt-4o", 'a "quoted"\nmodel', "\ud800 lone", "é ü", ""]
+    for i in range(5000):
+        record = ledger.LedgerRecord(
+            ts=ledger.utc_timestamp(rng.uniform(0, 4102444800.0)),
+            request_id=rng.choice([f"req-{i}", "\udfff"]),
+            route=rng.choice([None, "chat", "r\u2028"]),
+            model=rng.choice(texts),
+            request_model=rng.choice(texts),
+            client_stream=rng.choice([None, True, False]),
+            upstream_stream=rng.choice([None, True, False]),
+            outcome=rng.choice(["ok", "bad_request", "upstream_timeout"]),
+            status=rng.choice([None, 200, 499, 502]),
+            prompt_tokens=rng.choice([None, 0, rng.randrange(10**7)]),
+            completion_tokens=rng.choice([None, 0, rng.randrange(10**7)]),
+            cached_tokens=rng.choice([None, rng.randrange(100)]),
+            reasoning_tokens=rng.choice([None, rng.randrange(100)]),
+            cost=rng.choice([None, Decimal(0), Decimal("1.50"),
+                             Decimal(rng.randrange(10**9)).scaleb(-rng.randrange(15))]),
+            ttfb_ms=rng.choice([None, 0.0, rng.uniform(0, 5000), 10 ** rng.uniform(-6, 6)]),
+            duration_ms=rng.choice([None, rng.uniform(0, 60000), 10 ** rng.uniform(-6, 7)]),
+            usage_estimated=rng.choice([True, False]),
+            dialect=rng.choice([None, "openai-chat", "anthropic"]),
+        )
+        assert ledger.record_line(record) == _old_record_line(record), record
