@@ -179,6 +179,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self._release_slot()
         self._wakeup.wake()
+        self._wakeup.close()  # its timer is not left to go off for nobody
         self._wake_drain()
         listener = self.listener
         if listener is not None:
