@@ -273,6 +273,15 @@ def _log_request(
 class Exchange(StreamListener):
     """One request/response between a client and the worker, and its ledger record."""
 
+    # one per request: thirty attributes set in slots, not a dict
+    __slots__ = (
+        "_client_gone", "_finished", "_task", "body_read", "chunked_out", "client",
+        "close_after", "conn", "dialect", "failure", "first_values", "generation", "head_sent",
+        "headers", "loop", "method", "outcome", "outcome_source", "plan", "premade", "pump",
+        "raw_method", "request_id", "route", "runtime", "started", "status",
+        "streaming_client", "target", "ttfb", "upstream", "upstream_sse", "wall_start",
+    )
+
     def __init__(
         self,
         client: ClientConnection,
