@@ -7,6 +7,11 @@ a path every request takes several times. A wake-up by bytes completes it with
 None. The timeout is a result, not an exception set on the future: a future
 holding an exception holds its traceback, whose frames hold the future, and
 that cycle (with the request it reaches) would wait for the cyclic collector.
+
+The timer outlives the wait it was set for: a keep-alive connection's next wait
+has a later deadline, and the timer set for an earlier one, when it goes off,
+is set again for the deadline of the wait then pending (if any). A timer is made
+and cancelled about once per timeout period, not once per request.
 """
 
 from __future__ import annotations
@@ -17,30 +22,21 @@ import asyncio
 Waiter = asyncio.Future[bool | None]
 
 
-def time_out(waiter: Waiter) -> None:
-    """Timer callback: the wait on `waiter` ends, timed out."""
-    if not waiter.done():
-        waiter.set_result(True)
-
-
-def arm(
-    loop: asyncio.AbstractEventLoop, deadline: float | None, waiter: Waiter
-) -> asyncio.TimerHandle | None:
-    """A timer ending the wait on `waiter` at `deadline` (loop time) with True; None when
-    there is no deadline. Cancel it once the wait is over."""
-    return None if deadline is None else loop.call_at(deadline, time_out, waiter)
-
-
 class Wakeup:
     """The one wait of a connection for its peer: `wait` until `wake` (bytes, EOF, a close)
     or a deadline, whichever comes first. The client and the worker connections each hold
     one; a wake with nobody waiting is nothing (the waiter looks at its buffers first)."""
 
-    __slots__ = ("_loop", "_waiter")
+    __slots__ = ("_deadline", "_loop", "_timer", "_timer_at", "_waiter")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._waiter: Waiter | None = None
+        self._deadline: float | None = None  # the pending wait's (loop time)
+        #: set at `_timer_at`: never later than the pending wait's deadline (it may be an
+        #: earlier wait's, sooner), or None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
 
     def wake(self) -> None:
         waiter = self._waiter
@@ -50,10 +46,34 @@ class Wakeup:
     async def wait(self, deadline: float | None) -> bool:
         """Wait for the next `wake`; True when `deadline` (loop time) passed first."""
         waiter = self._waiter = self._loop.create_future()
-        timer = arm(self._loop, deadline, waiter)
+        self._deadline = deadline
+        if deadline is not None and (self._timer is None or self._timer_at > deadline):
+            self._set_timer(deadline)
         try:
             return await waiter is True
         finally:
             self._waiter = None
-            if timer is not None:
-                timer.cancel()
+
+    def _set_timer(self, deadline: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_at(deadline, self._went_off)
+        self._timer_at = deadline
+
+    def _went_off(self) -> None:
+        """The timer: the pending wait times out when it was set for that wait's deadline;
+        a wait with a later one has it set again, for that."""
+        self._timer = None
+        waiter, deadline = self._waiter, self._deadline
+        if waiter is None or waiter.done() or deadline is None:
+            return
+        if deadline <= self._timer_at:
+            waiter.set_result(True)
+        else:
+            self._set_timer(deadline)
+
+    def close(self) -> None:
+        """No more waits: the timer (if one is left) is cancelled."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

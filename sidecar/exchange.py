@@ -51,7 +51,7 @@ from sidecar.headers import (
     without,
 )
 from sidecar.ledger import LedgerRecord, utc_timestamp
-from sidecar.logs import access_enabled, log_access
+from sidecar.logs import access_enabled, log_access, round_ms
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
 from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
@@ -253,25 +253,37 @@ def _log_request(
     cost: Decimal | None,
 ) -> None:
     """The access-log line of one finished request (times in seconds)."""
-    log_access(
-        f"{method} {status} {outcome}",
-        {
-            "request_id": request_id,
-            "route": route,
-            "method": method,
-            "path": path,
-            "status": status,
-            "outcome": outcome,
-            "code": code,
-            "ttfb_ms": None if ttfb is None else round(ttfb * 1000.0, 3),
-            "duration_ms": round(duration * 1000.0, 3),
-            "model": model,
-            "cost": None if cost is None else cost_header_value(cost),
-        },
-    )
+    # the fields that are set, in the order of the line (see log_access)
+    fields: dict[str, object] = {
+        "request_id": request_id,
+        "route": route,
+        "method": method,
+        "path": path,
+        "status": status,
+        "outcome": outcome,
+    }
+    if code is not None:
+        fields["code"] = code
+    if ttfb is not None:
+        fields["ttfb_ms"] = round_ms(ttfb * 1000.0)
+    fields["duration_ms"] = round_ms(duration * 1000.0)
+    if model is not None:
+        fields["model"] = model
+    if cost is not None:
+        fields["cost"] = cost_header_value(cost)
+    log_access(f"{method} {status} {outcome}", fields)
 
 class Exchange(StreamListener):
     """One request/response between a client and the worker, and its ledger record."""
+
+    # one per request: thirty attributes set in slots, not a dict
+    __slots__ = (
+        "_client_gone", "_finished", "_task", "body_read", "chunked_out", "client",
+        "close_after", "conn", "dialect", "failure", "first_values", "generation", "head_sent",
+        "headers", "loop", "method", "outcome", "outcome_source", "plan", "premade", "pump",
+        "raw_method", "request_id", "route", "runtime", "started", "status",
+        "streaming_client", "target", "ttfb", "upstream", "upstream_sse", "wall_start",
+    )
 
     def __init__(
         self,
@@ -291,7 +303,11 @@ class Exchange(StreamListener):
         self.runtime = client.runtime
         self.method = request.method.decode("ascii", "replace")
         self.headers: list[Header] = header_list(request.headers)
-        self.request_id = request_id_from(self.headers)
+        #: the first value of each request header by name (h11's names are lower-case): one
+        #: look-up, where `header_value` scans the list (a bytes call per header) each time
+        self.first_values: dict[bytes, bytes] = dict(reversed(self.headers))
+        given_id = self.first_values.get(b"x-request-id")
+        self.request_id = request_id_from(() if given_id is None else ((b"x-request-id", given_id),))
         self.route: RouteConfig | None = match_route(
             generation.config.routes, self.method, request.target
         )
@@ -380,7 +396,7 @@ class Exchange(StreamListener):
             self.conn.their_http_version == b"1.1"
             and self.method != "HEAD"
             and status not in (204, 304)
-            and header_value(headers, b"content-length") is None
+            and header_value(framing, b"content-length") is None  # (framing has them all)
         )
         return held
 
@@ -550,11 +566,12 @@ class Exchange(StreamListener):
     async def _run(self) -> None:
         route = self.route
         limits = self.generation.config.limits
-        length = header_value(self.headers, b"content-length")
+        first_values = self.first_values
+        length = first_values.get(b"content-length")
         if route is None:
             # a body is not worth reading: the connection closes after the 404 when there
             # is one, and stays open for the next request when there is none
-            if length not in (None, b"0") or header_value(self.headers, b"transfer-encoding"):
+            if length not in (None, b"0") or first_values.get(b"transfer-encoding"):
                 self.close_after = True
             else:
                 self.conn.next_event()  # the (empty) body's end: h11 can start the next cycle
@@ -569,12 +586,12 @@ class Exchange(StreamListener):
         body_parts: list[bytes] = []
         body_complete = False
         if dialect.reads_body:
-            if length is not None and header_value(self.headers, b"transfer-encoding") is None:
+            if length is not None and b"transfer-encoding" not in first_values:
                 body = await self.client.read_body(int(length), self.conn, body_deadline)
                 self.body_read = True
             else:
                 body = await self._read_body(limits.max_request_body, body_deadline)
-            codings = content_codings(self.headers)
+            codings = content_codings(self.headers) if b"content-encoding" in first_values else []
             if codings:  # not JSON as it is (nor forwarded re-encoded under a coding it lacks)
                 self.respond_error(
                     400, "invalid_request_error",
@@ -598,6 +615,7 @@ class Exchange(StreamListener):
         del head, body_parts
         body = b""
         self.headers = []
+        self.first_values = {}
         if self.plan is not None:
             self.plan.body = b""
         await self._handle_response(pool, response)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import math
 import os
 import stat
 import threading
@@ -34,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from sidecar.logs import MILLIS, round_ms
 from sidecar.usage import cost_literal
 
 if TYPE_CHECKING:
@@ -48,11 +50,39 @@ REOPEN_RETRY_S = 1.0  # a ledger that failed to open is retried at most this oft
 FILE_MODE = 0o640
 
 
-def utc_timestamp(epoch_s: float | None = None) -> str:
-    """ISO-8601 UTC with milliseconds: "2026-11-27T15:11:43.123Z"."""
-    t = time.time() if epoch_s is None else epoch_s
-    dt = datetime.fromtimestamp(t, tz=UTC)
+def _datetime_timestamp(epoch_s: float) -> str:
+    """`utc_timestamp` through datetime: the definition of its text, for any instant."""
+    dt = datetime.fromtimestamp(epoch_s, tz=UTC)
     return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+#: instants whose text `utc_timestamp` writes from a cached second (years 1970 to 9999)
+_CACHED_RANGE = 253402300800.0
+#: the last second a line was stamped in, and its text: strftime once per second
+_last_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp(epoch_s: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds: "2026-11-27T15:11:43.123Z".
+
+    The text `_datetime_timestamp` writes (datetime's rounding to the microsecond, ties
+    to even, then the millisecond cut), without a datetime per line.
+    """
+    global _last_second
+    t = time.time() if epoch_s is None else epoch_s
+    if not 0.0 <= t < _CACHED_RANGE:  # (NaN too)
+        return _datetime_timestamp(t)
+    fraction, whole = math.modf(t)
+    micro = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        whole += 1.0
+    second = int(whole)
+    last = _last_second
+    if last[0] != second:  # (never rounded up into year 10000: floats that large have
+        # no fraction of a second below a microsecond)
+        last = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return last[1] + MILLIS[micro // 1000]
 
 
 @dataclass(slots=True, kw_only=True)
@@ -81,7 +111,7 @@ class LedgerRecord:
 
 
 def _ms(value: float | None) -> float | None:
-    return None if value is None else round(float(value), 3)
+    return None if value is None else round_ms(float(value))
 
 
 def _clean(value: Any) -> Any:
@@ -93,14 +123,16 @@ def _clean(value: Any) -> Any:
 
 def _dumps(obj: dict[str, Any]) -> bytes:
     try:
-        return orjson.dumps(obj, default=str)
+        return orjson.dumps(obj, default=str, option=orjson.OPT_APPEND_NEWLINE)
     except orjson.JSONEncodeError:
-        return orjson.dumps({k: _clean(v) for k, v in obj.items()}, default=str)
+        return orjson.dumps(
+            {k: _clean(v) for k, v in obj.items()}, default=str, option=orjson.OPT_APPEND_NEWLINE
+        )
 
 
 def record_line(record: LedgerRecord) -> bytes:
     """The exact bytes of one ledger line, newline included (pure)."""
-    head = _dumps(
+    return _dumps(
         {
             "ts": record.ts,
             "request_id": record.request_id,
@@ -115,19 +147,14 @@ def record_line(record: LedgerRecord) -> bytes:
             "completion_tokens": record.completion_tokens,
             "cached_tokens": record.cached_tokens,
             "reasoning_tokens": record.reasoning_tokens,
-        }
-    )
-    tail = _dumps(
-        {
+            # the exact literal, never a float's digits
+            "cost": None if record.cost is None else orjson.Fragment(cost_literal(record.cost)),
             "ttfb_ms": _ms(record.ttfb_ms),
             "duration_ms": _ms(record.duration_ms),
             "usage_estimated": record.usage_estimated,
             "dialect": record.dialect,
         }
     )
-    cost = b"null" if record.cost is None else cost_literal(record.cost)
-    # head ends with "}", tail starts with "{": splice the exact cost literal between.
-    return head[:-1] + b',"cost":' + cost + b"," + tail[1:] + b"\n"
 
 
 def _ends_torn(path: str) -> bool:

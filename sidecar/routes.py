@@ -27,17 +27,17 @@ def split_target(target: bytes) -> tuple[bytes, bytes]:
 #: A percent-encoded `/` or `\`, or an encoded character RFC 3986 calls unreserved (letters,
 #: digits, `-`, `.`, `_`, `~`), which no URI needs encoded and every worker decodes: with
 #: them `/v1/chat/complet%69ons` would be the chat endpoint to the worker and not to routes.
-_ENCODED = re.compile(rb"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[D-Fd-f]|5[CcFf]|7[Ee])")
+_ENCODED = rb"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[D-Fd-f]|5[CcFf]|7[Ee])"
+#: What makes a path that starts with `/` ambiguous, in one search (each check on its own
+#: costs about as much as the whole search): `//`, a backslash, a `.` or `..` segment
+#: (after a `/`, up to the next one or the end) or an `_ENCODED` character.
+_AMBIGUOUS = re.compile(rb"//|\\|/\.\.?(?:/|\Z)|" + _ENCODED)
 
 
 def is_ambiguous_path(path: bytes) -> bool:
     """True for paths that must match no route: `.`/`..` segments, `//`, backslashes, and
     `%2F`, `%5C` or an encoded unreserved character (`%2E`, `%41`, ...)."""
-    if not path.startswith(b"/") or b"//" in path or b"\\" in path:
-        return True
-    if b"%" in path and _ENCODED.search(path) is not None:
-        return True
-    return any(segment in (b".", b"..") for segment in path.split(b"/"))
+    return not path.startswith(b"/") or _AMBIGUOUS.search(path) is not None
 
 
 def match_route(routes: Sequence[R], method: str | None, target: bytes) -> R | None:

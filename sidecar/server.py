@@ -36,6 +36,7 @@ _BODY_PIECE = 64 * 1024
 
 #: Read no more from a client while this much of its input waits unprocessed.
 _INPUT_HIGH_WATER = 256 * 1024
+_CR_LF = (ord("\r"), ord("\n"))
 _CLIENT_WRITE_HIGH_WATER = 64 * 1024
 #: How long a connection closed with its client still sending (a refused head, a request
 #: body not read) reads and drops that input after its answer, waiting for the client's own
@@ -54,6 +55,8 @@ class ClientTimeout(Exception):
 
 class StreamListener:
     """What an exchange that is streaming wants to hear about its client."""
+
+    __slots__ = ()
 
     def client_paused(self) -> None: ...
     def client_resumed(self) -> None: ...
@@ -179,6 +182,7 @@ class ClientConnection(asyncio.Protocol):
         self.closed = True
         self._release_slot()
         self._wakeup.wake()
+        self._wakeup.close()  # its timer is not left to go off for nobody
         self._wake_drain()
         listener = self.listener
         if listener is not None:
@@ -230,25 +234,29 @@ class ClientConnection(asyncio.Protocol):
         """
         loop = self.loop
         limits = self.runtime.config.limits
+        buffer = self.buffer
         started = False
         deadline = idle_deadline
         scanned = 0
         while True:
-            # RFC 9112 2.2: ignore empty lines before a request line
-            while self.buffer[:1] == b"\n" or self.buffer[:2] == b"\r\n":
-                del self.buffer[: 1 if self.buffer[:1] == b"\n" else 2]
-            if self.buffer and not started:
-                started = True
-                now = self.head_began = loop.time()
-                deadline = head_deadline if now < head_deadline else now + limits.header_timeout
-            end = find_head_end(self.buffer, max(0, scanned - 3))
-            if end >= 0:
-                return b"" if end > limits.max_header_bytes else bytes(self.buffer[:end])
-            if len(self.buffer) > limits.max_header_bytes:
-                return b""
-            scanned = len(self.buffer)
+            # RFC 9112 2.2: ignore empty lines before a request line (looked for only when
+            # the buffer starts with CR or LF: slices and compares cost a request each)
+            if buffer and buffer[0] in _CR_LF:
+                while buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
+                    del buffer[: 1 if buffer[:1] == b"\n" else 2]
+            if buffer:  # (nothing to look for a head in, an idle connection's usual wait)
+                if not started:
+                    started = True
+                    now = self.head_began = loop.time()
+                    deadline = head_deadline if now < head_deadline else now + limits.header_timeout
+                end = find_head_end(buffer, max(0, scanned - 3))
+                if end >= 0:
+                    return b"" if end > limits.max_header_bytes else bytes(buffer[:end])
+                if len(buffer) > limits.max_header_bytes:
+                    return b""
+                scanned = len(buffer)
             if self.eof or self.closed:
-                if self.buffer:
+                if buffer:
                     raise ClientGone()
                 return None
             try:

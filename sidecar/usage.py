@@ -286,17 +286,27 @@ def anthropic_cost(usage: Usage, price: Price) -> Decimal:
     return _per_million(total, exponent)
 
 
+#: the cost last written and its text: a request's one cost is written up to four times
+#: (`usage.cost` in the body, `x-sidecar-cost`, the ledger, the access log), worked out
+#: once. One tuple, so that a thread never reads one cost with another's text.
+_last_cost_text: tuple[Decimal | None, str] = (None, "")
+
+
 def cost_header_value(cost: Decimal) -> str:
     """Fixed-point text of a cost: no exponent, no needless trailing zeros.
 
     Decimal("0.0000103") -> "0.0000103", Decimal("1.50") -> "1.5", 0 -> "0".
     Exact: every digit of the Decimal is kept.
     """
+    global _last_cost_text
+    last = _last_cost_text
+    if cost is last[0]:  # the same (immutable) object, held here: the same text
+        return last[1]
     if not cost.is_finite():
         raise ValueError(f"cost is not finite: {cost!r}")
-    if cost.is_zero():
-        return "0"
-    return format(cost.normalize(_CTX), "f")
+    text = "0" if cost.is_zero() else format(cost.normalize(_CTX), "f")
+    _last_cost_text = (cost, text)
+    return text
 
 
 def cost_json_number(cost: Decimal) -> orjson.Fragment:

@@ -6,6 +6,8 @@ check the same rules through the real daemon.
 
 from __future__ import annotations
 
+import itertools
+import random
 import re
 import string
 
@@ -516,6 +518,30 @@ def test_query_is_not_part_of_the_path() -> None:
 )
 def test_is_ambiguous_path(path: bytes, ambiguous: bool) -> None:
     assert is_ambiguous_path(path) is ambiguous
+
+
+def _ambiguous_checked_one_by_one(path: bytes) -> bool:
+    """is_ambiguous_path as it was written before its one search: each rule on its own."""
+    if not path.startswith(b"/") or b"//" in path or b"\\" in path:
+        return True
+    encoded = re.compile(rb"%(?:3[0-9]|[46][1-9A-Fa-f]|[57][0-9Aa]|2[D-Fd-f]|5[CcFf]|7[Ee])")
+    if b"%" in path and encoded.search(path) is not None:
+        return True
+    return any(segment in (b".", b"..") for segment in path.split(b"/"))
+
+
+def test_is_ambiguous_path_is_each_rule_on_its_own() -> None:
+    alphabet = [b"/", b".", b"%", b"\\", b"a", b"2", b"e", b"F", b"5", b"c", b"7", b"\n", b"~"]
+    for size in range(6):  # every path of up to five of these
+        for parts in itertools.product(alphabet, repeat=size):
+            path = b"".join(parts)
+            assert is_ambiguous_path(path) is _ambiguous_checked_one_by_one(path), path
+    rng = random.Random(9)
+    pieces = [b"/", b"//", b"/.", b"/..", b"/...", b".", b"..", b"v1", b"chat", b"%2F", b"%2e",
+              b"%41", b"%20", b"%25", b"%7E", b"%7f", b"\\", b"?", b"\n", b"a.b", b"%"]
+    for _ in range(50_000):
+        path = b"".join(rng.choice(pieces) for _ in range(rng.randrange(1, 9)))
+        assert is_ambiguous_path(path) is _ambiguous_checked_one_by_one(path), path
 
 
 @given(st.lists(st.sampled_from(["v1", "chat", "completions", ".", "..", "", "%2F", "a.b"]),

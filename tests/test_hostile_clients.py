@@ -380,6 +380,26 @@ def test_pipelined_requests_are_answered_in_order(daemon: Daemon, worker: FakeWo
     assert responses[4].json()["target"] == "/v1/public/five?q=1"
 
 
+def test_blank_lines_before_a_request_line_are_ignored(daemon: Daemon, worker: FakeWorker) -> None:
+    """RFC 9112 2.2: CRLF or LF lines before a request line, in the read of the request or
+    in reads of their own (a CR alone, its LF in the next read), at the connection's start
+    and between requests, are skipped; a CR followed by anything else is no blank line."""
+    def get(n: int) -> bytes:
+        return request_bytes("GET", f"/v1/public/b{n}", None, [("x-request-id", f"blank-{n}")])
+
+    with RawClient(daemon.address) as client:
+        client.send(b"\r\n\n\r\n" + get(1))
+        assert client.read_response().header("x-request-id") == "blank-1"
+        for piece in (b"\r", b"\n", b"\n", b"\r\n\r"):
+            client.send(piece)
+            time.sleep(0.05)
+        client.send(b"\n" + get(2) + b"\n\r\n" + get(3))
+        assert client.read_response().header("x-request-id") == "blank-2"
+        assert client.read_response().header("x-request-id") == "blank-3"
+        client.send(b"\r" + get(4))
+        assert client.read_response().status == 400
+
+
 def test_pipelined_request_after_an_error_the_sidecar_answers(daemon: Daemon, worker: FakeWorker) -> None:
     """After a 404 the daemon may close; if it does, it says so, and never serves the rest out of order."""
     with RawClient(daemon.address) as client:

@@ -273,6 +273,25 @@ def test_cost_header_value_rejects_non_finite() -> None:
         cost_header_value(D("NaN"))
 
 
+def test_cost_header_value_written_again_is_the_same_text() -> None:
+    """The text of the cost last written is kept for that object only: the same cost
+    written again (as a request writes it up to four times) is the same text, and any
+    other cost is worked out anew, a non-finite one refused every time."""
+    rng = random.Random(4)
+    costs = [D(rng.randrange(10**9)).scaleb(-rng.randrange(15)) for _ in range(2000)]
+    costs += [D("1.50"), D("1.5"), D("1.500"), D(0), D("0E-9"), D("-0")]
+    for cost in costs:
+        fresh = format(cost.normalize(Context(prec=60)), "f") if not cost.is_zero() else "0"
+        assert cost_header_value(cost) == fresh
+        assert cost_header_value(cost) == fresh
+        assert cost_literal(cost) == fresh.encode()
+        for bad in (D("NaN"), D("Infinity"), D("-Infinity")):
+            with pytest.raises(ValueError):
+                cost_header_value(bad)
+            with pytest.raises(ValueError):
+                cost_header_value(bad)
+
+
 @given(
     st.decimals(min_value=0, max_value=10**6, allow_nan=False, allow_infinity=False, places=None)
 )
