@@ -40,6 +40,8 @@ HEARTBEAT = encode_comment("keep-alive")
 #: httpx-sse) dispatch every blank line as an event, and one with empty data is JSON the SDK
 #: fails to parse. There the heartbeat is the comment line alone, still between two events.
 HEARTBEAT_LINE = HEARTBEAT[:-1]
+#: the bytes that end a line (an output starting with one starts with a blank line)
+_LINE_ENDS = (10, 13)
 
 
 def _sets_id(data: bytes) -> bool:
@@ -384,6 +386,8 @@ class RelayHandler(EventHandler):
         super().__init__(exchange, translator, parser)
         #: the client's last event ID (WHATWG): the last `id:` of an event passed on
         self.last_id = ""
+        #: the last byte the client got is a CR: an LF now is the rest of its line end
+        self.after_cr = False
         # Made before the pump starts, the head is held: the events that came with the
         # worker's head go out in the same write as it (`_write_first`); else it is written
         # when the pump is done with them (`head_out`). Made later (sniffed), it goes now.
@@ -444,8 +448,11 @@ class RelayHandler(EventHandler):
         if len(events) == 1:
             event = events[0]
             out = translator.feed(event)
+            if out and out[0] in _LINE_ENDS:
+                out = self._without_blank_lines(out)
             if out:
                 self.write(out)
+                self.after_cr = out[-1] == 13
                 if event.id is not None:
                     self.last_id = event.id
             translator.learn_now()  # the template, once the event is out (defer_learning)
@@ -460,13 +467,26 @@ class RelayHandler(EventHandler):
         try:
             for event in events:
                 out = feed(event)
+                if out and out[0] in _LINE_ENDS:
+                    out = self._without_blank_lines(out)
                 if out:
                     pieces.append(out)
+                    self.after_cr = out[-1] == 13
                     if event.id is not None:
                         self.last_id = event.id
         finally:
             if pieces:
                 self.write(b"".join(pieces))
+
+    def _without_blank_lines(self, out: bytes) -> bytes:
+        """`out` without the line ends it starts with: the worker's stray blank lines (a
+        block of its own each), or the LF half of a CRLF split across reads (the start of
+        the next block's bytes). A client would read either as a blank line of its own,
+        and after an `id:` the openai SDK and httpx-sse dispatch an event with empty data
+        on one (the SDK then fails). Kept: an LF right after the CR the client got last,
+        which only ends that line."""
+        keep = 1 if self.after_cr and out[0] == 10 else 0
+        return out[:keep] + out[keep:].lstrip(b"\r\n")
 
     def end(self, at_close: bool = False) -> bool:
         translator = self.translator
@@ -475,8 +495,10 @@ class RelayHandler(EventHandler):
         if translator.worker_error:
             self.ex.outcome = "upstream_error"
         tail = self.parser.pending
-        if tail and not tail.strip(b"\r\n"):
-            self.write(tail)  # the LF of a CRLF split across reads: forward it, byte-exact
+        if tail and self.after_cr and not tail.strip(b"\r\n"):
+            # the LF of a CRLF split across reads, whose CR the client got: forward it,
+            # byte-exact (after a CR the client did not get, it would be a blank line)
+            self.write(tail)
         self.head_out()
         self.ex.end_response()
         return True
@@ -492,6 +514,7 @@ class RelayHandler(EventHandler):
 
     @property
     def heartbeat(self) -> bytes:
+        self.after_cr = False  # (what is asked for is written: the client's last byte is LF)
         return HEARTBEAT_LINE if self.last_id else HEARTBEAT
 
 

@@ -9,6 +9,7 @@ stream flavours of vLLM, SGLang, llama.cpp, Ollama and TGI. Failure paths
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -538,6 +539,65 @@ def test_heartbeats_after_an_event_with_an_id_are_harmless_to_the_sdk(
         body = raw.read_response().body
     assert b": keep-alive\n" in body and b": keep-alive\n\n" not in body, body
     assert body.replace(b": keep-alive\n", b"").startswith(events[0]), body
+
+
+def _crlf(events: list[bytes]) -> list[bytes]:
+    return [e.replace(b"\n", b"\r\n") for e in events]
+
+
+def _cut_after_each_cr(body: bytes) -> list[bytes]:
+    """The body in reads that each end with a block's last CR: every CRLF that ends a block
+    is split, its LF the start of the next read."""
+    cuts = [0]
+    at = body.find(b"\r\n\r\n")
+    while at >= 0:
+        cuts.append(at + 3)
+        at = body.find(b"\r\n\r\n", at + 4)
+    cuts.append(len(body))
+    return [body[a:b] for a, b in itertools.pairwise(cuts) if b > a]
+
+
+@pytest.mark.parametrize("case", ["stray-blank-lines", "split-crlf", "split-crlf-only-usage-re-encoded"])
+def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
+    w: FakeWorker, proxy: Daemon, case: str
+) -> None:
+    """Once an event set a last event ID, the openai SDK and httpx-sse dispatch an event on
+    every blank line, and one with empty data fails the SDK. A worker's stray blank line
+    between events, and the LF of a CRLF split across reads when the CR before it went out
+    re-encoded (the usage chunk, cost injected; each event, on a typed dialect), reached
+    the client as such a blank line (hypothesis found it: test_sdk_accumulators). Now the
+    client gets neither; an LF after a CR the client got still goes, byte-exact."""
+    events = with_ids(chat_stream_events())
+    if case == "stray-blank-lines":
+        body = b"\n".join(events) + b"\n\r\n"
+    else:
+        body = b"".join(_crlf(events))
+    pieces = [body] if case == "stray-blank-lines" else _cut_after_each_cr(body)
+    if case == "split-crlf-only-usage-re-encoded":  # only the usage chunk's CRLF is cut
+        at = body.index(b'"usage"')
+        at = body.index(b"\r\n\r\n", at) + 3
+        pieces = [body[:at], body[at:]]
+    assert b"".join(pieces) == body
+    script = [Send(response_head(200, [("content-type", "text/event-stream"),
+                                       ("transfer-encoding", "chunked")])),
+              *(Send(frame_chunk(p)) for p in pieces), Send(LAST_CHUNK)]
+    w.reply(script, script, script)
+    stream = sdk(proxy).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)  # the SDK parses every event it dispatches
+    assert content_of(chunks) == "Hello!"
+    assert chunks[-1].usage is not None and chunks[-1].usage.cost == pytest.approx(COST)
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True), timeout=10)
+    dispatched = list(httpx_sse.EventSource(response).iter_sse())
+    assert [e.data for e in dispatched if not e.data] == [], dispatched
+    assert dispatched[-1].data == "[DONE]"
+    with RawClient(proxy.address) as raw:
+        raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        sent = raw.read_response().body
+    if case != "stray-blank-lines":  # the events passed on as they came: CRLF, whole
+        assert sent.startswith(b"".join(_crlf(events[:2]))), sent
+        assert sent.endswith(b"data: [DONE]\r\n\r\n"), sent
 
 
 # ============================================================================ worker variety
