@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from orjson import JSONDecodeError
+from orjson import dumps as _orjson_dumps
 from orjson import loads as _loads
 
 from sidecar.config import Pricing
@@ -49,6 +50,9 @@ from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_opena
 
 DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
+_CHUNK_KEY_SET = frozenset(_CHUNK_KEYS)
+#: a document's choice keys its JSON -> SSE replay places; any other goes on the finish chunk
+_REPLAYED_CHOICE_KEYS = frozenset(("index", "message", "text", "logprobs", "finish_reason"))
 #: chunk keys that mean nothing in a document: OpenAI's random padding of each chunk
 _CHUNK_ONLY_KEYS = ("obfuscation",)
 #: a choice's keys whose strings are pieces of what is generated (a chat worker may stream
@@ -532,27 +536,28 @@ class OpenAIDocument(DocumentTranslator):
         doc = self.doc
         if self.worker_error:
             return _dumps_event(doc)
-        chat = self.shape.chat
+        shape, plan = self.shape, self.plan
+        chat = shape.chat
         base: dict[str, Any] = {
-            "id": doc.get("id") or self.shape.id_prefix + self.plan.request_id,
-            "object": self.shape.chunk_object,
+            "id": doc.get("id") or shape.id_prefix + plan.request_id,
+            "object": shape.chunk_object,
             # the worker's `created`, 0 included: only a missing or non-integer one is filled
-            "created": created if type(created := doc.get("created")) is int else self.plan.created,
-            "model": doc.get("model") or self.plan.request_model,
+            "created": created if type(created := doc.get("created")) is int else plan.created,
+            "model": doc.get("model") or plan.request_model,
         }
-        base.update(
-            (k, v) for k, v in doc.items() if k not in _CHUNK_KEYS and k != "object"
-        )
-        out: list[bytes] = []
+        if not doc.keys() <= _CHUNK_KEY_SET:  # (most documents have none of their own)
+            for key, value in doc.items():
+                if key not in _CHUNK_KEY_SET:
+                    base[key] = value
+        parts: list[dict[str, Any]] = []  # each chunk's own members, after the base's
         choices = doc.get("choices")
         for position, choice in enumerate(choices if isinstance(choices, list) else []):
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", position)  # a choice without one: its place in the list
-            extras = {
-                k: v
-                for k, v in choice.items()
-                if k not in ("index", "message", "text", "logprobs", "finish_reason")
+            # what the choice says beyond its content, said again on its finish
+            extras = None if choice.keys() <= _REPLAYED_CHOICE_KEYS else {
+                k: v for k, v in choice.items() if k not in _REPLAYED_CHOICE_KEYS
             }
             if chat:
                 found = choice.get("message")
@@ -564,28 +569,44 @@ class OpenAIDocument(DocumentTranslator):
                         {"index": i, **call} if isinstance(call, dict) else call
                         for i, call in enumerate(calls)
                     ]
-                out.append(_chunk(base, {"index": index, "delta": {"role": role}, "finish_reason": None}))
+                parts.append(
+                    {"choices": [{"index": index, "delta": {"role": role}, "finish_reason": None}]}
+                )
                 content: dict[str, Any] = {"index": index, "delta": message}
             else:
                 content = {"index": index, "text": choice.get("text", "")}
             if "logprobs" in choice:
                 content["logprobs"] = choice["logprobs"]
             content["finish_reason"] = None
-            out.append(_chunk(base, content))
-            finish: dict[str, Any] = {"index": index}
-            finish["delta" if chat else "text"] = {} if chat else ""
-            finish["finish_reason"] = choice.get("finish_reason")
-            finish.update(extras)
-            out.append(_chunk(base, finish))
+            parts.append({"choices": [content]})
+            reason = choice.get("finish_reason")
+            finish: dict[str, Any] = (
+                {"index": index, "delta": {}, "finish_reason": reason} if chat
+                else {"index": index, "text": "", "finish_reason": reason}
+            )
+            if extras:
+                finish.update(extras)
+            parts.append({"choices": [finish]})
         usage_obj = doc.get("usage")
-        if self.plan.include_usage and isinstance(usage_obj, dict):
-            out.append(_dumps_event({**base, "choices": [], "usage": usage_obj}))
-        out.append(DONE)
-        return b"".join(out)
+        if plan.include_usage and isinstance(usage_obj, dict):
+            parts.append({"choices": [], "usage": usage_obj})
+        return _chunk_events(base, parts) + DONE
 
 
-def _chunk(base: dict[str, Any], choice: dict[str, Any]) -> bytes:
-    return _dumps_event({**base, "choices": [choice]})
+def _chunk_events(base: dict[str, Any], parts: list[dict[str, Any]]) -> bytes:
+    """One event per part, each the chunk `{**base, **part}` (no key in both) as
+    `_dumps_event` writes it: the base is written once and spliced before each part's
+    members. (A part alone nests as deep as its chunk: what orjson refuses to write in the
+    chunk, it refuses in the part.)"""
+    if not parts:
+        return b""
+    try:
+        head = b"data: " + _orjson_dumps(base)[:-1] + b","  # (the base is never empty)
+        members = [_orjson_dumps(part)[1:] for part in parts]
+    except orjson.JSONEncodeError:  # mended, or refused, as in a whole chunk
+        head = b"data: " + dumps_event_data(base)[:-1] + b","
+        members = [dumps_event_data(part)[1:] for part in parts]
+    return head + (b"\n\n" + head).join(members) + b"\n\n"
 
 
 class OpenAIDialect(Dialect):
