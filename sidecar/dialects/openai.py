@@ -158,8 +158,8 @@ class OpenAIStream(StreamTranslator):
         self._identity_open = True  # some of id/created/model not yet seen
         # the last plain content event, cut around its text: see _learn_template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
-        self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
-        self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
+        #: aggregating: the pieces the template's text is appended to (see `absorbed_text`)
+        self._tpl_parts: TextParts | None = None
         #: an event to learn the template from once it was written (`defer_learning`)
         self._learn_later: tuple[bytes, dict[str, Any], dict[str, Any]] | None = None
 
@@ -310,18 +310,14 @@ class OpenAIStream(StreamTranslator):
             self._learn_template(*pending)
 
     def absorbed_text(self, text: str) -> bool:
-        # what _absorb would do with the template's event (merge_value, its common case first)
+        # what _absorb would do with the template's event: merge_value appends its text to
+        # the pieces of the text so far (made a TextParts when the template was learnt)
         if text:
             self.content_events += 1
         self.absorbed += len(text) + PIECE_COST
-        target = self._tpl_target
-        assert target is not None  # set with the template when aggregating
-        key = self._tpl_key
-        old = target.get(key)
-        if type(old) is TextParts:
-            old.append(text)
-        else:
-            target[key] = merge_value(key, old, text)
+        parts = self._tpl_parts
+        assert parts is not None  # set with the template when aggregating
+        parts.append(text)
         return self.absorbed <= MAX_DOCUMENT
 
     def _maybe_learn(
@@ -404,8 +400,13 @@ class OpenAIStream(StreamTranslator):
                 return
         finally:
             holder[key] = text
-        self._tpl_key = key
-        self._tpl_target = target
+        if target is not None:
+            # the text so far as pieces to append to: a str would become them at the next
+            # piece anyway (merge_value: the text keys are continued, never replaced)
+            parts = target[key]
+            if type(parts) is not TextParts:
+                parts = target[key] = TextParts((parts,))
+            self._tpl_parts = parts
         self.text_template = TextTemplate.around(prefix, suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
