@@ -106,11 +106,12 @@ def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[st
 def _absorbs_idempotently(obj: dict[str, Any], *skip: str) -> bool:
     """True when merging `obj` (minus `skip`) into an accumulator again changes nothing:
     every field null, or a name that is replaced rather than appended."""
-    return all(
-        value is None or (key in REPLACED_KEYS and type(value) is str)
-        for key, value in obj.items()
-        if key not in skip
-    )
+    for key, value in obj.items():  # (a loop: no generator made per template learnt)
+        if value is not None and key not in skip and not (
+            key in REPLACED_KEYS and type(value) is str
+        ):
+            return False
+    return True
 
 
 def _choice_index(choice: dict[str, Any]) -> int:
@@ -354,12 +355,20 @@ class OpenAIStream(StreamTranslator):
             delta = choice.get("delta")
             if type(delta) is not dict:
                 return
-            keys = [k for k in _TEXT_KEYS if type(delta.get(k)) is str]
-            if len(keys) != 1:
+            found = None
+            for text_key in _TEXT_KEYS:
+                if type(delta.get(text_key)) is str:
+                    if found is not None:
+                        return
+                    found = text_key
+            if found is None:
                 return
-            holder, key = delta, keys[0]
-            if _content_bearing({k: v for k, v in delta.items() if k != key}):
+            holder, key = delta, found
+            if delta.get("tool_calls"):  # (what `_content_bearing` reads, but for the text)
                 return
+            for text_key in _TEXT_KEYS:
+                if text_key != key and delta.get(text_key):
+                    return
         text = holder.get(key)
         if type(text) is not str or not text:
             # an empty text is the role announcement, not a token: its bytes never repeat
