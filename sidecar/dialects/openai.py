@@ -600,23 +600,23 @@ class OpenAIDocument(DocumentTranslator):
         usage_obj = doc.get("usage")
         if plan.include_usage and isinstance(usage_obj, dict):
             parts.append({"choices": [], "usage": usage_obj})
-        return _chunk_events(base, parts) + DONE
+        return _chunk_events(base, parts)
 
 
 def _chunk_events(base: dict[str, Any], parts: list[dict[str, Any]]) -> bytes:
-    """One event per part, each the chunk `{**base, **part}` (no key in both) as
-    `_dumps_event` writes it: the base is written once and spliced before each part's
-    members. (A part alone nests as deep as its chunk: what orjson refuses to write in the
-    chunk, it refuses in the part.)"""
-    if not parts:
-        return b""
+    """The stream of one event per part, each the chunk `{**base, **part}` (no key in both)
+    as `_dumps_event` writes it, then `[DONE]`: the base is written once and put in place
+    of each part's opening brace. (A part alone nests as deep as its chunk: what orjson
+    refuses to write in the chunk, it refuses in the part. A large part is copied once
+    into its event and once into the stream, as when each chunk was written whole.)"""
     try:
         head = b"data: " + _orjson_dumps(base)[:-1] + b","  # (the base is never empty)
-        members = [_orjson_dumps(part)[1:] for part in parts]
+        events = [_orjson_dumps(part).replace(b"{", head, 1) for part in parts]
     except orjson.JSONEncodeError:  # mended, or refused, as in a whole chunk
         head = b"data: " + dumps_event_data(base)[:-1] + b","
-        members = [dumps_event_data(part)[1:] for part in parts]
-    return head + (b"\n\n" + head).join(members) + b"\n\n"
+        events = [dumps_event_data(part).replace(b"{", head, 1) for part in parts]
+    events.append(DONE)
+    return b"\n\n".join(events)
 
 
 class OpenAIDialect(Dialect):
