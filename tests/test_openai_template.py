@@ -214,7 +214,7 @@ def test_the_fast_path_aggregates_completions() -> None:
     plain = b'data: {"id":"c","object":"text_completion","created":1,"model":"m","choices":[{"index":0,"text":%s,"logprobs":null,"finish_reason":null}]}\n\n'
     raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "c"])
     run(fast, raw)
-    assert fast._tpl_target is not None
+    assert fast._tpl_parts is fast._choices[0]["text"]  # the choice's text, as pieces
     assert orjson.loads(fast.document())["choices"][0]["text"] == "abc"
     assert COMPLETIONS.chat is False
 
@@ -229,7 +229,8 @@ def test_the_fast_path_is_taken_for_reasoning_deltas() -> None:
     )
     raw = b"".join(plain % orjson.dumps(t) for t in ["a", "b", "", "c"])
     run(fast, raw)
-    assert fast.text_template is not None and fast._tpl_key == "reasoning_content"
+    assert fast.text_template is not None
+    assert fast._tpl_parts is fast._choices[0]["message"]["reasoning_content"]
     assert fast.content_events == 3
     message = orjson.loads(fast.document())["choices"][0]["message"]
     assert message["reasoning_content"] == "abc" and message["content"] is None

@@ -16,6 +16,7 @@ from typing import Any
 
 import orjson
 from orjson import JSONDecodeError
+from orjson import dumps as _orjson_dumps
 from orjson import loads as _loads
 
 from sidecar.config import Pricing
@@ -49,6 +50,9 @@ from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_opena
 
 DONE = b"data: [DONE]\n\n"
 _CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
+_CHUNK_KEY_SET = frozenset(_CHUNK_KEYS)
+#: a document's choice keys its JSON -> SSE replay places; any other goes on the finish chunk
+_REPLAYED_CHOICE_KEYS = frozenset(("index", "message", "text", "logprobs", "finish_reason"))
 #: chunk keys that mean nothing in a document: OpenAI's random padding of each chunk
 _CHUNK_ONLY_KEYS = ("obfuscation",)
 #: a choice's keys whose strings are pieces of what is generated (a chat worker may stream
@@ -102,11 +106,12 @@ def _usage_with_cost(usage_obj: dict[str, Any], cost: Decimal | None) -> dict[st
 def _absorbs_idempotently(obj: dict[str, Any], *skip: str) -> bool:
     """True when merging `obj` (minus `skip`) into an accumulator again changes nothing:
     every field null, or a name that is replaced rather than appended."""
-    return all(
-        value is None or (key in REPLACED_KEYS and type(value) is str)
-        for key, value in obj.items()
-        if key not in skip
-    )
+    for key, value in obj.items():  # (a loop: no generator made per template learnt)
+        if value is not None and key not in skip and not (
+            key in REPLACED_KEYS and type(value) is str
+        ):
+            return False
+    return True
 
 
 def _choice_index(choice: dict[str, Any]) -> int:
@@ -154,8 +159,8 @@ class OpenAIStream(StreamTranslator):
         self._identity_open = True  # some of id/created/model not yet seen
         # the last plain content event, cut around its text: see _learn_template
         self._tpl_learns = 0  # attempts; kept under a quarter of the content events (+16)
-        self._tpl_key = "content"  # the text's key in the delta (chat) or choice (text)
-        self._tpl_target: dict[str, Any] | None = None  # aggregating: where the text goes
+        #: aggregating: the pieces the template's text is appended to (see `absorbed_text`)
+        self._tpl_parts: TextParts | None = None
         #: an event to learn the template from once it was written (`defer_learning`)
         self._learn_later: tuple[bytes, dict[str, Any], dict[str, Any]] | None = None
 
@@ -306,18 +311,14 @@ class OpenAIStream(StreamTranslator):
             self._learn_template(*pending)
 
     def absorbed_text(self, text: str) -> bool:
-        # what _absorb would do with the template's event (merge_value, its common case first)
+        # what _absorb would do with the template's event: merge_value appends its text to
+        # the pieces of the text so far (made a TextParts when the template was learnt)
         if text:
             self.content_events += 1
         self.absorbed += len(text) + PIECE_COST
-        target = self._tpl_target
-        assert target is not None  # set with the template when aggregating
-        key = self._tpl_key
-        old = target.get(key)
-        if type(old) is TextParts:
-            old.append(text)
-        else:
-            target[key] = merge_value(key, old, text)
+        parts = self._tpl_parts
+        assert parts is not None  # set with the template when aggregating
+        parts.append(text)
         return self.absorbed <= MAX_DOCUMENT
 
     def _maybe_learn(
@@ -354,12 +355,20 @@ class OpenAIStream(StreamTranslator):
             delta = choice.get("delta")
             if type(delta) is not dict:
                 return
-            keys = [k for k in _TEXT_KEYS if type(delta.get(k)) is str]
-            if len(keys) != 1:
+            found = None
+            for text_key in _TEXT_KEYS:
+                if type(delta.get(text_key)) is str:
+                    if found is not None:
+                        return
+                    found = text_key
+            if found is None:
                 return
-            holder, key = delta, keys[0]
-            if _content_bearing({k: v for k, v in delta.items() if k != key}):
+            holder, key = delta, found
+            if delta.get("tool_calls"):  # (what `_content_bearing` reads, but for the text)
                 return
+            for text_key in _TEXT_KEYS:
+                if text_key != key and delta.get(text_key):
+                    return
         text = holder.get(key)
         if type(text) is not str or not text:
             # an empty text is the role announcement, not a token: its bytes never repeat
@@ -400,8 +409,13 @@ class OpenAIStream(StreamTranslator):
                 return
         finally:
             holder[key] = text
-        self._tpl_key = key
-        self._tpl_target = target
+        if target is not None:
+            # the text so far as pieces to append to: a str would become them at the next
+            # piece anyway (merge_value: the text keys are continued, never replaced)
+            parts = target[key]
+            if type(parts) is not TextParts:
+                parts = target[key] = TextParts((parts,))
+            self._tpl_parts = parts
         self.text_template = TextTemplate.around(prefix, suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
@@ -532,27 +546,28 @@ class OpenAIDocument(DocumentTranslator):
         doc = self.doc
         if self.worker_error:
             return _dumps_event(doc)
-        chat = self.shape.chat
+        shape, plan = self.shape, self.plan
+        chat = shape.chat
         base: dict[str, Any] = {
-            "id": doc.get("id") or self.shape.id_prefix + self.plan.request_id,
-            "object": self.shape.chunk_object,
+            "id": doc.get("id") or shape.id_prefix + plan.request_id,
+            "object": shape.chunk_object,
             # the worker's `created`, 0 included: only a missing or non-integer one is filled
-            "created": created if type(created := doc.get("created")) is int else self.plan.created,
-            "model": doc.get("model") or self.plan.request_model,
+            "created": created if type(created := doc.get("created")) is int else plan.created,
+            "model": doc.get("model") or plan.request_model,
         }
-        base.update(
-            (k, v) for k, v in doc.items() if k not in _CHUNK_KEYS and k != "object"
-        )
-        out: list[bytes] = []
+        if not doc.keys() <= _CHUNK_KEY_SET:  # (most documents have none of their own)
+            for key, value in doc.items():
+                if key not in _CHUNK_KEY_SET:
+                    base[key] = value
+        parts: list[dict[str, Any]] = []  # each chunk's own members, after the base's
         choices = doc.get("choices")
         for position, choice in enumerate(choices if isinstance(choices, list) else []):
             if not isinstance(choice, dict):
                 continue
             index = choice.get("index", position)  # a choice without one: its place in the list
-            extras = {
-                k: v
-                for k, v in choice.items()
-                if k not in ("index", "message", "text", "logprobs", "finish_reason")
+            # what the choice says beyond its content, said again on its finish
+            extras = None if choice.keys() <= _REPLAYED_CHOICE_KEYS else {
+                k: v for k, v in choice.items() if k not in _REPLAYED_CHOICE_KEYS
             }
             if chat:
                 found = choice.get("message")
@@ -564,28 +579,44 @@ class OpenAIDocument(DocumentTranslator):
                         {"index": i, **call} if isinstance(call, dict) else call
                         for i, call in enumerate(calls)
                     ]
-                out.append(_chunk(base, {"index": index, "delta": {"role": role}, "finish_reason": None}))
+                parts.append(
+                    {"choices": [{"index": index, "delta": {"role": role}, "finish_reason": None}]}
+                )
                 content: dict[str, Any] = {"index": index, "delta": message}
             else:
                 content = {"index": index, "text": choice.get("text", "")}
             if "logprobs" in choice:
                 content["logprobs"] = choice["logprobs"]
             content["finish_reason"] = None
-            out.append(_chunk(base, content))
-            finish: dict[str, Any] = {"index": index}
-            finish["delta" if chat else "text"] = {} if chat else ""
-            finish["finish_reason"] = choice.get("finish_reason")
-            finish.update(extras)
-            out.append(_chunk(base, finish))
+            parts.append({"choices": [content]})
+            reason = choice.get("finish_reason")
+            finish: dict[str, Any] = (
+                {"index": index, "delta": {}, "finish_reason": reason} if chat
+                else {"index": index, "text": "", "finish_reason": reason}
+            )
+            if extras:
+                finish.update(extras)
+            parts.append({"choices": [finish]})
         usage_obj = doc.get("usage")
-        if self.plan.include_usage and isinstance(usage_obj, dict):
-            out.append(_dumps_event({**base, "choices": [], "usage": usage_obj}))
-        out.append(DONE)
-        return b"".join(out)
+        if plan.include_usage and isinstance(usage_obj, dict):
+            parts.append({"choices": [], "usage": usage_obj})
+        return _chunk_events(base, parts)
 
 
-def _chunk(base: dict[str, Any], choice: dict[str, Any]) -> bytes:
-    return _dumps_event({**base, "choices": [choice]})
+def _chunk_events(base: dict[str, Any], parts: list[dict[str, Any]]) -> bytes:
+    """The stream of one event per part, each the chunk `{**base, **part}` (no key in both)
+    as `_dumps_event` writes it, then `[DONE]`: the base is written once and put in place
+    of each part's opening brace. (A part alone nests as deep as its chunk: what orjson
+    refuses to write in the chunk, it refuses in the part. A large part is copied once
+    into its event and once into the stream, as when each chunk was written whole.)"""
+    try:
+        head = b"data: " + _orjson_dumps(base)[:-1] + b","  # (the base is never empty)
+        events = [_orjson_dumps(part).replace(b"{", head, 1) for part in parts]
+    except orjson.JSONEncodeError:  # mended, or refused, as in a whole chunk
+        head = b"data: " + dumps_event_data(base)[:-1] + b","
+        events = [dumps_event_data(part).replace(b"{", head, 1) for part in parts]
+    events.append(DONE)
+    return b"\n\n".join(events)
 
 
 class OpenAIDialect(Dialect):
