@@ -23,19 +23,17 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
-import math
 import os
 import stat
 import threading
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from sidecar.logs import MILLIS, round_ms
+from sidecar.logs import round_ms, utc_timestamp
 from sidecar.usage import cost_literal
 
 if TYPE_CHECKING:
@@ -48,41 +46,6 @@ log = logging.getLogger("sidecar.ledger")
 LOG_INTERVAL_S = 10.0  # at most one error log line per this many seconds
 REOPEN_RETRY_S = 1.0  # a ledger that failed to open is retried at most this often
 FILE_MODE = 0o640
-
-
-def _datetime_timestamp(epoch_s: float) -> str:
-    """`utc_timestamp` through datetime: the definition of its text, for any instant."""
-    dt = datetime.fromtimestamp(epoch_s, tz=UTC)
-    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
-
-
-#: instants whose text `utc_timestamp` writes from a cached second (years 1970 to 9999)
-_CACHED_RANGE = 253402300800.0
-#: the last second a line was stamped in, and its text: strftime once per second
-_last_second: tuple[int, str] = (-1, "")
-
-
-def utc_timestamp(epoch_s: float | None = None) -> str:
-    """ISO-8601 UTC with milliseconds: "2026-11-27T15:11:43.123Z".
-
-    The text `_datetime_timestamp` writes (datetime's rounding to the microsecond, ties
-    to even, then the millisecond cut), without a datetime per line.
-    """
-    global _last_second
-    t = time.time() if epoch_s is None else epoch_s
-    if not 0.0 <= t < _CACHED_RANGE:  # (NaN too)
-        return _datetime_timestamp(t)
-    fraction, whole = math.modf(t)
-    micro = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
-    if micro >= 1_000_000:
-        micro -= 1_000_000
-        whole += 1.0
-    second = int(whole)
-    last = _last_second
-    if last[0] != second:  # (never rounded up into year 10000: floats that large have
-        # no fraction of a second below a microsecond)
-        last = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
-    return last[1] + MILLIS[micro // 1000]
 
 
 @dataclass(slots=True, kw_only=True)

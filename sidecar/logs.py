@@ -8,9 +8,11 @@ passes request headers to a logger.
 from __future__ import annotations
 
 import logging
+import math
 import re
 import sys
 import time
+from datetime import UTC, datetime
 from typing import TextIO
 
 import orjson
@@ -30,20 +32,43 @@ _FIELDS = (
 )
 
 
-_second = -1
-_second_text = ""
 #: a timestamp's tail for each millisecond (".007Z"): looked up, not formatted, per line
 MILLIS = tuple(f".{ms:03d}Z" for ms in range(1000))
 
 
-def _timestamp(created: float) -> str:
-    """`created` as an RFC 3339 UTC time with milliseconds (strftime once per second)."""
-    global _second, _second_text
-    whole = int(created)
-    if whole != _second:
-        _second_text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
-        _second = whole
-    return _second_text + MILLIS[int((created - whole) * 1000)]
+def _datetime_timestamp(epoch_s: float) -> str:
+    """`utc_timestamp` through datetime: the definition of its text, for any instant."""
+    dt = datetime.fromtimestamp(epoch_s, tz=UTC)
+    return dt.strftime("%Y-%m-%dT%H:%M:%S.") + f"{dt.microsecond // 1000:03d}Z"
+
+
+#: instants whose text `utc_timestamp` writes from a cached second (years 1970 to 9999)
+_CACHED_RANGE = 253402300800.0
+#: the last second a line was stamped in, and its text: strftime once per second
+_last_second: tuple[int, str] = (-1, "")
+
+
+def utc_timestamp(epoch_s: float | None = None) -> str:
+    """ISO-8601 UTC with milliseconds: "2026-11-27T15:11:43.123Z" (log lines, the ledger).
+
+    The text `_datetime_timestamp` writes (datetime's rounding to the microsecond, ties
+    to even, then the millisecond cut), without a datetime per line.
+    """
+    global _last_second
+    t = time.time() if epoch_s is None else epoch_s
+    if not 0.0 <= t < _CACHED_RANGE:  # (NaN too)
+        return _datetime_timestamp(t)
+    fraction, whole = math.modf(t)
+    micro = round(fraction * 1e6)  # as datetime.fromtimestamp rounds
+    if micro >= 1_000_000:
+        micro -= 1_000_000
+        whole += 1.0
+    second = int(whole)
+    last = _last_second
+    if last[0] != second:  # (never rounded up into year 10000: floats that large have
+        # no fraction of a second below a microsecond)
+        last = _last_second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return last[1] + MILLIS[micro // 1000]
 
 
 def round_ms(value: float) -> float:
@@ -74,7 +99,7 @@ def json_line(
 ) -> str:
     """One JSON log line: ts, level, logger, msg, the request fields that are set, exc."""
     entry: dict[str, object] = {
-        "ts": _timestamp(created),
+        "ts": utc_timestamp(created),
         "level": level,
         "logger": logger,
         "msg": msg,
@@ -165,7 +190,7 @@ def log_access(msg: str, fields: dict[str, object]) -> None:
     if _access_json:
         # json_line's entry, built without looking up each of the _FIELDS
         line = orjson.dumps(
-            {"ts": _timestamp(time.time()), "level": "info", "logger": ACCESS_LOGGER,
+            {"ts": utc_timestamp(), "level": "info", "logger": ACCESS_LOGGER,
              "msg": msg, **fields},
             default=str,
             option=orjson.OPT_APPEND_NEWLINE,
