@@ -448,8 +448,8 @@ class RelayHandler(EventHandler):
         if len(events) == 1:
             event = events[0]
             out = translator.feed(event)
-            if out and out[0] in _LINE_ENDS:
-                out = self._without_blank_lines(out)
+            if out and (out[0] in _LINE_ENDS or event.data is None):
+                out = self._harmless(event, out)
             if out:
                 self.write(out)
                 self.after_cr = out[-1] == 13
@@ -467,8 +467,8 @@ class RelayHandler(EventHandler):
         try:
             for event in events:
                 out = feed(event)
-                if out and out[0] in _LINE_ENDS:
-                    out = self._without_blank_lines(out)
+                if out and (out[0] in _LINE_ENDS or event.data is None):
+                    out = self._harmless(event, out)
                 if out:
                     pieces.append(out)
                     self.after_cr = out[-1] == 13
@@ -478,15 +478,23 @@ class RelayHandler(EventHandler):
             if pieces:
                 self.write(b"".join(pieces))
 
-    def _without_blank_lines(self, out: bytes) -> bytes:
-        """`out` without the line ends it starts with: the worker's stray blank lines (a
-        block of its own each), or the LF half of a CRLF split across reads (the start of
-        the next block's bytes). A client would read either as a blank line of its own,
-        and after an `id:` the openai SDK and httpx-sse dispatch an event with empty data
-        on one (the SDK then fails). Kept: an LF right after the CR the client got last,
-        which only ends that line."""
-        keep = 1 if self.after_cr and out[0] == 10 else 0
-        return out[:keep] + out[keep:].lstrip(b"\r\n")
+    def _harmless(self, event: Event, out: bytes) -> bytes:
+        """`out` without the blank lines a client would read as the end of an event of its
+        own: after an `id:` the openai SDK and httpx-sse dispatch an event with empty data
+        on every blank line (the SDK then fails), which WHATWG never dispatches.
+
+        The line ends `out` starts with go: the worker's stray blank lines (a block of its
+        own each), or the LF half of a CRLF split across reads (the start of the next
+        block's bytes); kept is an LF right after the CR the client got last, which only
+        ends that line. And once the client has a last event ID, a block of comments alone
+        (the worker's own keep-alive) goes without its blank line, as sidecar's heartbeat
+        does then."""
+        if self.last_id and out is event.raw and event.comment_only:
+            out = out[:-2] if out.endswith(b"\r\n") else out[:-1]
+        if out[0] in _LINE_ENDS:
+            keep = 1 if self.after_cr and out[0] == 10 else 0
+            out = out[:keep] + out[keep:].lstrip(b"\r\n")
+        return out
 
     def end(self, at_close: bool = False) -> bool:
         translator = self.translator

@@ -557,7 +557,9 @@ def _cut_after_each_cr(body: bytes) -> list[bytes]:
     return [body[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
-@pytest.mark.parametrize("case", ["stray-blank-lines", "split-crlf", "split-crlf-only-usage-re-encoded"])
+@pytest.mark.parametrize(
+    "case", ["stray-blank-lines", "split-crlf", "split-crlf-only-usage-re-encoded", "worker-keep-alives"]
+)
 def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
     w: FakeWorker, proxy: Daemon, case: str
 ) -> None:
@@ -566,13 +568,17 @@ def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
     between events, and the LF of a CRLF split across reads when the CR before it went out
     re-encoded (the usage chunk, cost injected; each event, on a typed dialect), reached
     the client as such a blank line (hypothesis found it: test_sdk_accumulators). Now the
-    client gets neither; an LF after a CR the client got still goes, byte-exact."""
+    client gets neither; an LF after a CR the client got still goes, byte-exact. The
+    worker's own keep-alive comments after an id go without their blank line, as sidecar's
+    heartbeat does."""
     events = with_ids(chat_stream_events())
     if case == "stray-blank-lines":
         body = b"\n".join(events) + b"\n\r\n"
+    elif case == "worker-keep-alives":
+        body = b"".join(e + b": ping\n\n" for e in events)
     else:
         body = b"".join(_crlf(events))
-    pieces = [body] if case == "stray-blank-lines" else _cut_after_each_cr(body)
+    pieces = [body] if case in ("stray-blank-lines", "worker-keep-alives") else _cut_after_each_cr(body)
     if case == "split-crlf-only-usage-re-encoded":  # only the usage chunk's CRLF is cut
         at = body.index(b'"usage"')
         at = body.index(b"\r\n\r\n", at) + 3
@@ -595,7 +601,9 @@ def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
     with RawClient(proxy.address) as raw:
         raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
         sent = raw.read_response().body
-    if case != "stray-blank-lines":  # the events passed on as they came: CRLF, whole
+    if case == "worker-keep-alives":
+        assert sent.count(b": ping\n") == len(events) and b": ping\n\n" not in sent, sent
+    elif case != "stray-blank-lines":  # the events passed on as they came: CRLF, whole
         assert sent.startswith(b"".join(_crlf(events[:2]))), sent
         assert sent.endswith(b"data: [DONE]\r\n\r\n"), sent
 
