@@ -44,7 +44,7 @@ from sidecar.headers import (
     raw_method_and_path,
     raw_request_id,
     reason,
-    request_id_from,
+    request_id_for,
     simple_response,
     splice_lines,
     split_for_h11,
@@ -306,8 +306,7 @@ class Exchange(StreamListener):
         #: the first value of each request header by name (h11's names are lower-case): one
         #: look-up, where `header_value` scans the list (a bytes call per header) each time
         self.first_values: dict[bytes, bytes] = dict(reversed(self.headers))
-        given_id = self.first_values.get(b"x-request-id")
-        self.request_id = request_id_from(() if given_id is None else ((b"x-request-id", given_id),))
+        self.request_id = request_id_for(self.first_values.get(b"x-request-id"))
         self.route: RouteConfig | None = match_route(
             generation.config.routes, self.method, request.target
         )
@@ -654,10 +653,10 @@ class Exchange(StreamListener):
             framing = [(b"content-length", str(len(self.plan.body)).encode()), pool.host]
         else:
             lines = end_to_end_lines(self.headers, b"x-request-id")
-            length = header_value(self.headers, b"content-length")
+            length = self.first_values.get(b"content-length")
             if length is not None:
                 framing = [(b"content-length", length), pool.host]
-            elif header_value(self.headers, b"transfer-encoding") is not None:
+            elif b"transfer-encoding" in self.first_values:
                 framing = [(b"transfer-encoding", b"chunked"), pool.host]
             else:
                 framing = [pool.host]

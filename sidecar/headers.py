@@ -251,7 +251,11 @@ os.register_at_fork(after_in_child=_new_id_prefix)  # worker processes must not 
 
 def request_id_from(headers: Iterable[Header]) -> str:
     """The client's `x-request-id` when it is a sane token, else a fresh one."""
-    given = header_value(headers, b"x-request-id")
+    return request_id_for(header_value(headers, b"x-request-id"))
+
+
+def request_id_for(given: bytes | None) -> str:
+    """`given` (an `x-request-id` value, or None) when it is a sane token, else a fresh id."""
     if given is not None and _REQUEST_ID_OK.fullmatch(given):
         return given.decode("ascii")
     return f"{_ID_PREFIX}{next(_ID_COUNTER):012x}"
@@ -282,7 +286,7 @@ def raw_method_and_path(head: bytes | bytearray) -> tuple[str, str]:
 def raw_request_id(head: bytes | bytearray) -> str:
     """`request_id_from` for a raw head h11 has not parsed (a refused or unfinished one)."""
     found = _RAW_REQUEST_ID.search(head)
-    return request_id_from([] if found is None else [(b"x-request-id", bytes(found.group(1)))])
+    return request_id_for(None if found is None else bytes(found.group(1)))
 
 
 #: The headers h11 acts on when it writes a message head: framing and keep-alive (and a
