@@ -24,7 +24,15 @@ from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
 from sidecar.headers import Header, header_value, without
-from sidecar.sse import BOM, Event, SSEParser, SSEProtocolError, encode_comment, without_bom
+from sidecar.sse import (
+    BOM,
+    Event,
+    SSEParser,
+    SSEProtocolError,
+    encode_comment,
+    undispatched_lines,
+    without_bom,
+)
 from sidecar.usage import cost_header_value
 
 if TYPE_CHECKING:
@@ -488,9 +496,16 @@ class RelayHandler(EventHandler):
         block's bytes); kept is an LF right after the CR the client got last, which only
         ends that line. And once the client has a last event ID, a block of comments alone
         (the worker's own keep-alive) goes without its blank line, as sidecar's heartbeat
-        does then."""
-        if self.last_id and out is event.raw and event.comment_only:
-            out = out[:-2] if out.endswith(b"\r\n") else out[:-1]
+        does then. A block with no `data` that is not only comments (`event: x` alone, an
+        `id:` or a `retry:` alone) is dispatched by those clients with empty data whether or
+        not an id came before: it goes as `undispatched_lines`."""
+        if out is event.raw and event.data is None:
+            if not event.comment_only:
+                out = undispatched_lines(out)
+                if not out:
+                    return out
+            elif self.last_id:
+                out = out[:-2] if out.endswith(b"\r\n") else out[:-1]
         if out[0] in _LINE_ENDS:
             keep = 1 if self.after_cr and out[0] == 10 else 0
             out = out[:keep] + out[keep:].lstrip(b"\r\n")

@@ -43,7 +43,8 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 __all__ = [
-    "BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event", "without_bom",
+    "BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event",
+    "undispatched_lines", "without_bom",
 ]
 
 #: the UTF-8 byte-order mark: dropped from the start of a worker's body, never written
@@ -453,6 +454,27 @@ def encode_event(
     if b"\n" not in raw and b"\r" not in raw:
         return head + b"data: " + raw + b"\n\n"
     return head + b"".join(b"data: " + line + b"\n" for line in _LINE_END.split(raw)) + b"\n"
+
+
+def undispatched_lines(block: bytes) -> bytes:
+    """A block with no `data` field (`event: x`, `id: 7`, `retry: 10`, each alone or with
+    comments) as lines a client does not take for an event: without its `event` lines and
+    its blank line.
+
+    WHATWG dispatches nothing for such a block (its `id` and `retry` take effect, its
+    event type is dropped), but the openai and Anthropic SDKs and httpx-sse dispatch it,
+    with empty data, which the SDKs fail to parse. Its `id`, `retry` and comment lines are
+    kept, with their own line ends, to be read with the next block: the last event ID and
+    the retry time come out as WHATWG has them once that block is read."""
+    kept = [
+        line
+        for line in block.splitlines(keepends=True)  # exactly CRLF, CR and LF
+        if line not in _BLANK_LINES and line.partition(b":")[0].rstrip(b"\r\n") != b"event"
+    ]
+    return b"".join(kept)
+
+
+_BLANK_LINES = frozenset((b"\n", b"\r", b"\r\n"))
 
 
 def encode_comment(text: str = "keep-alive") -> bytes:

@@ -608,6 +608,34 @@ def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
         assert sent.endswith(b"data: [DONE]\r\n\r\n"), sent
 
 
+def test_a_worker_block_without_data_reaches_no_client_as_an_event(
+    w: FakeWorker, proxy: Daemon
+) -> None:
+    """A block with no `data` (an `event:` line alone, a `retry:` or an `id:` alone) is no
+    event to WHATWG, but the openai SDK and httpx-sse dispatch it with empty data, and the
+    SDK fails to parse that. Its `event:` line and its blank line go; its `retry:` and
+    `id:` lines reach the client with the next event."""
+    events = chat_stream_events()
+    data_less = [b"event: progress\n\n", b"retry: 1500\n\n", b"id: 41\r\n\r\n"]
+    body = b"".join(e + extra for e, extra in zip(events, itertools.cycle(data_less)))
+    w.reply(*[sse_reply([body])] * 3)
+    stream = sdk(proxy).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)  # the SDK parses every event it dispatches
+    assert content_of(chunks) == "Hello!"
+    assert chunks[-1].usage is not None and chunks[-1].usage.cost == pytest.approx(COST)
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True), timeout=10)
+    dispatched = list(httpx_sse.EventSource(response).iter_sse())
+    assert [e for e in dispatched if not e.data] == [], dispatched
+    assert {e.event for e in dispatched} == {"message"}, dispatched
+    assert dispatched[-1].data == "[DONE]" and dispatched[-1].id == "41", dispatched
+    with RawClient(proxy.address) as raw:
+        raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        sent = raw.read_response().body
+    assert b"event:" not in sent and b"retry: 1500\n" in sent and b"id: 41\r\n" in sent, sent
+
+
 # ============================================================================ worker variety
 
 

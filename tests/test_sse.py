@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from sidecar.sse import Event, SSEParser, SSEProtocolError, encode_comment, encode_event
+from sidecar.sse import (
+    Event,
+    SSEParser,
+    SSEProtocolError,
+    encode_comment,
+    encode_event,
+    undispatched_lines,
+)
 
 BOM = b"\xef\xbb\xbf"
 
@@ -462,6 +469,39 @@ SOUP = st.lists(
 ).map(b"".join)
 
 FAST = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+@pytest.mark.parametrize(
+    ("block", "lines"),
+    [
+        (b"event: progress\n\n", b""),
+        (b"event: x\r\nid: 7\r\n\r\n", b"id: 7\r\n"),
+        (b"retry: 500\n: note\nevent\n\n", b"retry: 500\n: note\n"),
+        (b"id\rretry: 1\r\r", b"id\rretry: 1\r"),
+    ],
+)
+def test_undispatched_lines_keep_id_retry_and_comments_without_the_blank_line(
+    block: bytes, lines: bytes
+) -> None:
+    assert undispatched_lines(block) == lines
+
+
+@FAST
+@given(st.lists(lines(), min_size=1, max_size=5).map(b"".join), LINE_ENDS)
+def test_a_data_less_block_made_undispatched_sets_what_whatwg_sets(
+    block_lines: bytes, end: bytes
+) -> None:
+    """Read with the next block, the lines left of a block without `data` give that block
+    the last event ID and retry WHATWG has once both are read, and no event name."""
+    block = block_lines + end
+    events, parser = parse_chunks([block])
+    assume(len(events) == 1 and not parser.pending and events[0].data is None)
+    (alone,) = events
+    assume(not alone.garbage and not alone.comment_only)
+    assert parse(undispatched_lines(block)) == []  # nothing of its own is dispatched
+    (joined,) = parse(undispatched_lines(block) + b"data: x\n\n")
+    assert (joined.data, joined.event) == ("x", None)
+    assert (joined.id, joined.retry) == (alone.id, alone.retry)
 
 
 @FAST
