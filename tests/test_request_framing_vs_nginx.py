@@ -72,14 +72,18 @@ class Outcome:
     status: int = 200
     requests: tuple[tuple[str, str, bytes], ...] = ()
     closed: bool = False  # the connection is closed after the last answer
+    #: the status of a refusal after the requests served (the bytes after them are no
+    #: request): the connection closes after it
+    refused_after: int = 0
 
 
 def refused(status: int = 400) -> Outcome:
     return Outcome(status=status, closed=True)
 
 
-def served(*requests: tuple[str, str, bytes], closed: bool = False) -> Outcome:
-    return Outcome(requests=tuple(requests), closed=closed)
+def served(*requests: tuple[str, str, bytes], closed: bool = False, refused_after: int = 0) -> Outcome:
+    return Outcome(requests=tuple(requests), closed=closed or bool(refused_after),
+                   refused_after=refused_after)
 
 
 @dataclass(frozen=True)
@@ -230,6 +234,17 @@ for label, line in [("DEL in a value", b"X-A: a\x7fb"), ("obs-text in a value", 
                     # RFC 9112 2.2: a recipient MAY take a bare LF as a line end
                     ("bare LF between fields", b"X-A: a\nX-B: b")]:
     case(f"header {label}", lambda p, line=line: req(p, [line, CL7], B7), ONE7)
+# where a head ends (RFC 9112 2.2: a bare LF may end a line, so an empty line may be LF,
+# CRLF LF, LF CRLF): the fields after it are the next "request", refused
+for label, blank in [("LF LF", b"\n\n"), ("LF CRLF", b"\n\r\n"), ("CRLF LF", b"\r\n\n")]:
+    case(f"head ended early by {label}",
+         lambda p, blank=blank: f"GET {p} HTTP/1.1\r\nHost: x\r\nX-A: a".encode() + blank
+         + b"Content-Length: 7\r\n\r\n" + B7, served(("GET", "{p}", b""), refused_after=400))
+case("head ended early, then transfer-encoding", lambda p: f"GET {p} HTTP/1.1\r\nHost: x\r\n".encode()
+     + b"Content-Length: 3\n\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+     served(("GET", "{p}", b"Tra"), refused_after=400))
+case("header line ending in CR CR LF", lambda p: req(p, [b"X-A: a\r", CL7], B7), refused())
+case("header line of one space", lambda p: req(p, [CL7, b" "], B7), refused())
 case("head ending in a bare LF", lambda p: f"POST {p} HTTP/1.1\nHost: x\nContent-Length: 7\n\n".encode() + B7,
      ONE7)
 
@@ -453,7 +468,7 @@ def test_request_framing(daemon: Daemon, worker: FakeWorker, nginx: tuple[str, i
     data = item.data(path)
     outcome = item.expect
     want = expected_requests(outcome, path)
-    seen = send(daemon.address, worker, data, max(1, len(want)),
+    seen = send(daemon.address, worker, data, max(1, len(want) + bool(outcome.refused_after)),
                 wait_close=outcome.closed or outcome.status >= 400)
     if outcome.status >= 400:
         assert seen.statuses == [outcome.status], (seen.statuses, seen.responses[:1])
@@ -462,12 +477,13 @@ def test_request_framing(daemon: Daemon, worker: FakeWorker, nginx: tuple[str, i
         assert seen.closed, "the connection stayed open after a refused request"
         assert seen.requests == [], "a refused request reached the worker"
     else:
-        assert seen.statuses == [200] * len(want), [r.raw[:300] for r in seen.responses]
+        statuses = [200] * len(want) + ([outcome.refused_after] if outcome.refused_after else [])
+        assert seen.statuses == statuses, [r.raw[:300] for r in seen.responses]
         assert seen.requests == want
         assert seen.closed == outcome.closed
     if nginx is None or item.nginx_differs:
         return
-    theirs = send(nginx, worker, data, max(1, len(want)))
+    theirs = send(nginx, worker, data, max(1, len(want) + bool(outcome.refused_after)))
     if outcome.status < 400:
         # what sidecar serves, nginx (a strict-enough reader) must read the same way
         assert theirs.requests == want, f"nginx read it otherwise: {theirs.statuses} {theirs.requests}"
