@@ -625,7 +625,7 @@ class Exchange(StreamListener):
         size = 0
         while (part := await self._next_body_part(deadline)) is not None:
             size += len(part)
-            if size > limit:
+            if size + self.client.chunk_left(self.conn) > limit:  # counting what a chunk declared
                 raise TooLarge()
             parts.append(part)
         return b"".join(parts)
@@ -744,7 +744,7 @@ class Exchange(StreamListener):
                     self.body_read = True  # before the write that may find the worker gone
                     break
                 size += len(part)
-                if size > limit:
+                if size + self.client.chunk_left(self.conn) > limit:  # what a chunk declared
                     raise TooLarge()
                 body_parts.append(part)  # kept before the write: a retry sends it again
                 conn.send(h11.Data(data=part))

@@ -329,6 +329,16 @@ class ClientConnection(asyncio.Protocol):
             await self._more(deadline)
             self.feed_h11(conn)
 
+    @staticmethod
+    def chunk_left(conn: h11.Connection) -> int:
+        """Bytes of the chunk `conn` is reading that have not come yet: its size line's
+        value less the data h11 gave (0 outside a chunk, and for a `Content-Length` body).
+        A chunk declared past `max_request_body` is too large as soon as its size line
+        is read, as a `Content-Length` past it is at the head: nothing waits for bytes
+        that can only be refused (h11 keeps the count in its chunked reader, the same
+        in 0.14-0.16, as pinned)."""
+        return getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
+
     def _join_data(self, conn: h11.Connection, first: h11.Data) -> h11.Data:
         """`first` and the body data h11 has ready after it, as one `Data` of up to
         `_BODY_PIECE` bytes (and `_YIELD_EVERY` events in a row): a chunked body of 1-byte
