@@ -834,6 +834,12 @@ class Exchange(StreamListener):
         pump.start()
         if pump.done is not None:
             await pump.done
+        if pump.clean and decoder is None and self.upstream.h11.trailing_data[0]:
+            # h11 framed this answer (204, 304, a HEAD's, after a 1xx) and bytes came after
+            # its end, a body the answer cannot have: the worker and sidecar no longer agree
+            # where its answers end, so the connection is not one to reuse (a new cycle would
+            # drop those bytes, and the rest of them would be the next request's answer)
+            self.upstream.keep_alive = False
         if pump.clean:  # (release closes a connection that cannot be reused)
             pool.release(self.upstream)
         else:
