@@ -47,9 +47,14 @@ from tests.harness import (
     RawClient,
     Send,
     Sleep,
+    Stall,
+    chat_body,
+    chat_completion,
+    chat_stream_events,
     daemon_config,
     request_bytes,
     serving,
+    sse_payloads,
 )
 
 # ============================================================================ the proxies
@@ -391,3 +396,164 @@ def test_passthrough_gets_what_the_worker_framing_allows(
         expected = case.nginx or (case.status, case.end)
         assert (theirs.status, theirs.end) == expected, f"nginx: {theirs} ({case.why})"
         assert theirs.next == (200, b"next"), f"nginx: {theirs}"
+
+
+# ============================================================================ an openai-chat route
+
+DOC = json.dumps(chat_completion()).encode()
+JSON_HEAD = "Content-Type: application/json"
+SSE_HEAD = "Content-Type: text/event-stream"
+EVENTS = chat_stream_events()  # role, content pieces, finish, usage, [DONE]
+STREAM = b"".join(EVENTS)
+
+
+def chunked(data: bytes, size: str = "%x") -> bytes:
+    return (size % len(data)).encode() + b"\r\n" + data + b"\r\n"
+
+
+@dataclass
+class ChatCase:
+    """One worker answer to a chat request and what sidecar must make of it."""
+
+    id: str
+    reply: Handler
+    status: int
+    code: str | None = None  # None: the document (or a stream ending in [DONE]); else the error code
+    reused: bool = True
+    nginx: tuple[int | None, str] | None = None  # nginx's (status, end) for a document's case
+    why: str = ""
+
+
+DOC_CASES = [
+    ChatCase("length", head("HTTP/1.1 200 OK", JSON_HEAD, f"Content-Length: {len(DOC)}") + DOC, 200),
+    ChatCase("length-short", head("HTTP/1.1 200 OK", JSON_HEAD, f"Content-Length: {len(DOC) - 10}") + DOC,
+             502, PROTO, reused=False, nginx=(200, "clean"),
+             why="the length cuts the document: what is left is no JSON"),
+    ChatCase("length-long-then-close",
+             [Send(head("HTTP/1.1 200 OK", JSON_HEAD, f"Content-Length: {len(DOC) + 10}") + DOC), Close()],
+             502, "upstream_disconnected", reused=False, nginx=(200, "cut")),
+    ChatCase("length-long-then-silence",
+             head("HTTP/1.1 200 OK", JSON_HEAD, f"Content-Length: {len(DOC) + 10}") + DOC,
+             504, "upstream_timeout", reused=False, nginx=(200, "cut")),
+    ChatCase("until-close", [Send(head("HTTP/1.1 200 OK", JSON_HEAD) + DOC), Close()], 200,
+             reused=False, nginx=(200, "clean")),
+    ChatCase("until-close-http10", [Send(head("HTTP/1.0 200 OK", JSON_HEAD) + DOC), Close()], 200,
+             reused=False, nginx=(200, "clean")),
+    ChatCase("until-close-cut", [Send(head("HTTP/1.1 200 OK", JSON_HEAD) + DOC[:100]), Close()],
+             502, PROTO, reused=False, nginx=(200, "clean"),
+             why="the document that came is no JSON (nginx cannot tell)"),
+    ChatCase("chunked-upper-hex-ext", head("HTTP/1.1 200 OK", JSON_HEAD, "Transfer-Encoding: chunked")
+             + chunked(DOC, "%X;a=b") + b"0\r\n\r\n", 200, nginx=(200, "clean")),
+    ChatCase("chunked-trailers", head("HTTP/1.1 200 OK", JSON_HEAD, "Transfer-Encoding: chunked")
+             + chunked(DOC) + b"0\r\nX-A: 1\r\n\r\n", 200, nginx=(200, "clean")),
+    ChatCase("chunked-and-length", head("HTTP/1.1 200 OK", JSON_HEAD, "Content-Length: 3",
+                                        "Transfer-Encoding: chunked") + chunked(DOC) + b"0\r\n\r\n",
+             200, nginx=(200, "clean")),
+    ChatCase("chunked-no-last-chunk-close",
+             [Send(head("HTTP/1.1 200 OK", JSON_HEAD, "Transfer-Encoding: chunked") + chunked(DOC)), Close()],
+             502, "upstream_disconnected", reused=False, nginx=(200, "cut")),
+    ChatCase("100-first", head("HTTP/1.1 100 Continue")
+             + head("HTTP/1.1 200 OK", JSON_HEAD, f"Content-Length: {len(DOC)}") + DOC, 200,
+             nginx=(200, "clean")),
+    ChatCase("204", head("HTTP/1.1 204 No Content", JSON_HEAD), 502, PROTO, reused=False,
+             nginx=(204, "clean"), why="README: a 2xx that is neither JSON nor SSE"),
+    ChatCase("control-byte-in-head", head("HTTP/1.1 200 OK", JSON_HEAD, b"X-A: \x01",
+                                          f"Content-Length: {len(DOC)}") + DOC,
+             502, PROTO, reused=False, nginx=(200, "clean"), why="README: RFC 9110 5.5"),
+]
+
+
+@pytest.mark.parametrize("case", DOC_CASES, ids=[c.id for c in DOC_CASES])
+def test_chat_document_gets_what_the_worker_framing_allows(
+    case: ChatCase, worker: FakeWorker, sidecar: Daemon, nginx: tuple[str, int] | None
+) -> None:
+    rid = f"doc-{next(_ids)}"
+    seen = observe(sidecar.address, worker, case.reply, method="POST", target="/v1/chat/completions",
+                   body=chat_body(), request_id=rid)
+    note = f"{case.id}: {seen} ({case.why})"
+    assert seen.next == (200, b"next"), note
+    assert (seen.status, seen.end) == (case.status, "clean"), note
+    if case.code is None:
+        assert json.loads(seen.body)["choices"][0]["message"]["content"] == "Hello!", note
+    else:
+        assert seen.error_code() == case.code, note
+    assert seen.reused == case.reused, note
+    assert seen.closed, f"{case.id}: a connection not reused was left open"
+    record = sidecar.ledger_for(rid)
+    outcome = "ok" if case.code is None else "upstream_timeout" if case.code == "upstream_timeout" \
+        else "upstream_error"
+    assert (record["outcome"], record["status"]) == (outcome, case.status), (note, record)
+    if nginx is not None and case.nginx is not None:
+        theirs = observe(nginx, worker, case.reply, method="POST", target="/v1/chat/completions",
+                         body=chat_body())
+        assert (theirs.status, theirs.end) == case.nginx, f"nginx: {theirs} ({case.why})"
+        assert theirs.next == (200, b"next"), f"nginx: {theirs}"
+
+
+CHUNKED_SSE = head("HTTP/1.1 200 OK", SSE_HEAD, "Transfer-Encoding: chunked")
+FIRST = b"".join(chunked(e) for e in EVENTS[:2])  # the role chunk and the first content piece
+
+STREAM_CASES = [
+    ChatCase("chunked", CHUNKED_SSE + b"".join(chunked(e) for e in EVENTS) + b"0\r\n\r\n", 200),
+    ChatCase("chunked-upper-hex-quoted-ext",
+             CHUNKED_SSE + b"".join(chunked(e, '%X;q="a;b"') for e in EVENTS) + b"0\r\n\r\n", 200),
+    ChatCase("chunked-trailers", CHUNKED_SSE + b"".join(chunked(e) for e in EVENTS)
+             + b"0\r\nX-T: 1\r\n\r\n", 200),
+    ChatCase("bare-lf-mid-stream", [Send(CHUNKED_SSE + FIRST), Sleep(0.05), Send(b"5\nhello\r\n"), Stall()],
+             200, PROTO, reused=False),
+    ChatCase("size-overflow-mid-stream",
+             [Send(CHUNKED_SSE + FIRST), Sleep(0.05), Send(b"10000000000000005\r\nhello\r\n"), Stall()],
+             200, PROTO, reused=False),
+    ChatCase("data-without-crlf-mid-stream",
+             [Send(CHUNKED_SSE + FIRST), Sleep(0.05), Send(b"5\r\nhelloXX5\r\nhello\r\n"), Stall()],
+             200, PROTO, reused=False),
+    ChatCase("close-inside-a-chunk", [Send(CHUNKED_SSE + FIRST + chunked(EVENTS[2])[:20]), Close()],
+             200, "upstream_disconnected", reused=False, why="the half event is not forwarded"),
+    ChatCase("close-after-a-half-event", [Send(CHUNKED_SSE + FIRST + chunked(EVENTS[2][:20])), Close()],
+             200, "upstream_disconnected", reused=False, why="the half event is not forwarded"),
+    ChatCase("huge-chunk-then-close", [Send(CHUNKED_SSE + FIRST + b"ffffffff\r\n" + EVENTS[2]), Close()],
+             200, "upstream_disconnected", reused=False),
+    ChatCase("done-then-broken-framing",
+             [Send(CHUNKED_SSE + b"".join(chunked(e) for e in EVENTS)), Sleep(0.05), Send(b"zz\r\n"), Stall()],
+             200, reused=False, why="README: after [DONE] the stream is whole"),
+    ChatCase("done-then-close-without-last-chunk",
+             [Send(CHUNKED_SSE + b"".join(chunked(e) for e in EVENTS)), Close()], 200, reused=False),
+    ChatCase("until-close-with-done", [Send(head("HTTP/1.1 200 OK", SSE_HEAD) + STREAM), Close()], 200,
+             reused=False),
+    ChatCase("until-close-without-done",
+             [Send(head("HTTP/1.1 200 OK", SSE_HEAD) + b"".join(EVENTS[:-1])), Close()],
+             200, "upstream_disconnected", reused=False, why="README: a crash is the likelier"),
+    ChatCase("length-long-then-close",
+             [Send(head("HTTP/1.1 200 OK", SSE_HEAD, f"Content-Length: {len(STREAM) + 20}") + STREAM), Close()],
+             200, reused=False, why="the close came after [DONE]"),
+    ChatCase("length-cuts-before-finish",
+             head("HTTP/1.1 200 OK", SSE_HEAD, f"Content-Length: {len(b''.join(EVENTS[:3])) + 7}") + STREAM,
+             200, "upstream_incomplete", reused=False, why="a clean end with no terminator"),
+]
+
+
+@pytest.mark.parametrize("case", STREAM_CASES, ids=[c.id for c in STREAM_CASES])
+def test_chat_stream_gets_what_the_worker_framing_allows(
+    case: ChatCase, worker: FakeWorker, sidecar: Daemon
+) -> None:
+    """The client's stream ends in [DONE] or in SPEC's error frame with the right code, and
+    every event it got is whole (a half-received event is dropped, never forwarded)."""
+    rid = f"stream-{next(_ids)}"
+    seen = observe(sidecar.address, worker, case.reply, method="POST", target="/v1/chat/completions",
+                   body=chat_body(stream=True), request_id=rid)
+    note = f"{case.id}: {seen} ({case.why})"
+    assert seen.next == (200, b"next"), note
+    assert (seen.status, seen.end) == (case.status, "clean"), note
+    events = [p if p == "[DONE]" else json.loads(p) for p in sse_payloads(seen.body)]
+    assert events, note
+    last = events[-1]
+    if case.code is None:
+        assert last == "[DONE]", note
+    else:
+        assert "[DONE]" not in events, note
+        assert last["choices"] == [{"index": 0, "delta": {}, "finish_reason": "error"}], note
+        assert last["error"]["code"] == case.code, note
+    assert seen.reused == case.reused, note
+    assert seen.closed, f"{case.id}: a connection not reused was left open"
+    record = sidecar.ledger_for(rid)
+    assert record["outcome"] == ("ok" if case.code is None else "upstream_error"), (note, record)
