@@ -553,6 +553,10 @@ STREAM_CASES = [
              200, "upstream_disconnected", reused=False, why="the half event is not forwarded"),
     ChatCase("huge-chunk-then-close", [Send(CHUNKED_SSE + FIRST + b"ffffffff\r\n" + EVENTS[2]), Close()],
              200, "upstream_disconnected", reused=False),
+    ChatCase("close-after-head", [Send(CHUNKED_SSE), Close()], 200, "upstream_disconnected", reused=False),
+    ChatCase("silence-after-head", [Send(CHUNKED_SSE), Stall()], 200, "upstream_timeout", reused=False),
+    ChatCase("silence-after-a-half-event", [Send(CHUNKED_SSE + FIRST + chunked(EVENTS[2][:20])), Stall()],
+             200, "upstream_timeout", reused=False, why="the half event is not forwarded"),
     ChatCase("done-then-broken-framing",
              [Send(CHUNKED_SSE + b"".join(chunked(e) for e in EVENTS)), Sleep(0.05), Send(b"zz\r\n"), Stall()],
              200, reused=False, why="README: after [DONE] the stream is whole"),
@@ -596,4 +600,6 @@ def test_chat_stream_gets_what_the_worker_framing_allows(
     assert seen.reused == case.reused, note
     assert seen.closed, f"{case.id}: a connection not reused was left open"
     record = sidecar.ledger_for(rid)
-    assert record["outcome"] == ("ok" if case.code is None else "upstream_error"), (note, record)
+    outcome = "ok" if case.code is None else "upstream_timeout" if case.code == "upstream_timeout" \
+        else "upstream_error"
+    assert record["outcome"] == outcome, (note, record)
