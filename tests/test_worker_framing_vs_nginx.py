@@ -342,6 +342,22 @@ CASES = [
            reused=False, outcome="upstream_error")
       for name, line in [("space-before-colon", "X-A : 1"), ("space-before-colon-cl", "Content-Length : 5"),
                          ("nul-in-value", b"X-A: a\x00b"), ("cr-in-value", b"X-A: a\rb")]),
+    *(Case(f"head-{name}", head("HTTP/1.1 200 OK", line, "Content-Length: 5") + OK5, 502, PROTO,
+           reused=False, outcome="upstream_error", nginx=(200, "clean"), why="RFC 9110 5.1, 5.5")
+      for name, line in [("del-in-value", b"X-A: a\x7fb"), ("name-not-a-token", "X(A): 1")]),
+    *(Case(f"head-{name}", head("HTTP/1.1 200 OK", line, "Content-Length: 5") + OK5, 502, PROTO,
+           reused=False, outcome="upstream_error")
+      for name, line in [("empty-name", ": 1"), ("line-without-colon", "XA 1")]),
+    *(Case(f"head-{name}", head("HTTP/1.1 200 OK", line, "Content-Length: 5") + OK5, 200)
+      for name, line in [("obs-text-in-value", b"X-A: caf\xe9"), ("empty-value", "X-A:"),
+                         ("trailing-blanks-in-value", "X-A: 1  \t")]),
+    Case("head-mixed-line-ends", b"HTTP/1.1 200 OK\nContent-Length: 5\r\n\n" + OK5, 200),
+    Case("status-line-double-space", head("HTTP/1.1  200 OK", "Content-Length: 5") + OK5, 502, PROTO,
+         reused=False, outcome="upstream_error", nginx=(200, "clean")),
+    Case("status-line-tab", head("HTTP/1.1\t200 OK", "Content-Length: 5") + OK5, 502, PROTO,
+         reused=False, outcome="upstream_error", nginx="skip"),
+    Case("reason-with-control-byte", head(b"HTTP/1.1 200 O\x01K", "Content-Length: 5") + OK5, 200,
+         why="README: the client's status line carries the standard reason phrase"),
     Case("head-6k-header", head("HTTP/1.1 200 OK", "X-A: " + "a" * 6000, "Content-Length: 5") + OK5,
          200, nginx=(502, "clean"), why="nginx's proxy_buffer_size is 4k; sidecar's is max_header_bytes"),
     Case("100-continue-first", head("HTTP/1.1 100 Continue") + head("HTTP/1.1 200 OK", "Content-Length: 5")
