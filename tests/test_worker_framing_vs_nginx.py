@@ -324,6 +324,12 @@ CASES = [
            "README: a bare LF breaks chunked framing (nginx takes it)"),
           ("bare-lf-after-data", b"5\r\nhello\n0\r\n\r\n", (200, "clean"), "README, as above"),
       ]),
+    # a bare LF after the last chunk breaks the framing as it does in a size line: at once,
+    # not as the silence after it (idle_timeout), which nginx, taking it as a line end, has none of
+    *(Case(f"chunk-bare-lf-{name}", head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n0\r\n"
+           + data, 200, end="cut", reused=False, outcome="upstream_error", nginx=(200, "clean"))
+      for name, data in [("ending-the-body", b"\n"), ("ending-a-trailer", b"X-T: 1\n\r\n"),
+                         ("ending-a-trailer-and-the-body", b"X-T: 1\n\n")]),
     Case("chunk-bare-lf-last-chunk", head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked")
          + b"5\r\nhello\r\n0\n\n", 200, end="cut", reused=False, outcome="upstream_error",
          nginx=(200, "clean"), why="README: a bare LF breaks chunked framing"),
@@ -505,6 +511,9 @@ DOC_CASES = [
     ChatCase("chunked-and-length", head("HTTP/1.1 200 OK", JSON_HEAD, "Content-Length: 3",
                                         "Transfer-Encoding: chunked") + chunked(DOC) + b"0\r\n\r\n",
              200, nginx=(200, "clean")),
+    ChatCase("chunked-bare-lf-after-last-chunk", head("HTTP/1.1 200 OK", JSON_HEAD, "Transfer-Encoding: chunked")
+             + chunked(DOC) + b"0\r\n\n", 502, PROTO, reused=False, nginx=(200, "clean"),
+             why="not a 504 at idle_timeout: the framing broke when the LF came"),
     ChatCase("chunked-no-last-chunk-close",
              [Send(head("HTTP/1.1 200 OK", JSON_HEAD, "Transfer-Encoding: chunked") + chunked(DOC)), Close()],
              502, "upstream_disconnected", reused=False, nginx=(200, "cut")),
