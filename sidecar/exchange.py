@@ -27,7 +27,7 @@ from sidecar.dialects import get_dialect
 from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, StreamTranslator
 from sidecar.dialects.jsonio import BadRequest
 from sidecar.failures import Failure, UpstreamFailure
-from sidecar.framing import body_decoder
+from sidecar.framing import body_decoder, head_size
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     H11_RESPONSE_HEADERS,
@@ -78,6 +78,8 @@ _WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
 _READ_ANSWER_DROPPED = (*_WORKER_DROPPED, b"content-encoding")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
+#: the events that are a worker's response head (interim ones included)
+_HEADS = (h11.Response, h11.InformationalResponse)
 #: bytes written as they are rather than joined to their head or chunk framing (a copy)
 LARGE_WRITE = 1024 * 1024
 
@@ -786,6 +788,12 @@ class Exchange(StreamListener):
                 raise UpstreamFailure(
                     failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head"
                 ) from None
+            if isinstance(event, _HEADS) and head_size(event.reason, event.headers) > conn.max_head:
+                # h11 bounds only a head still incomplete: the same head that came whole in
+                # one read is refused too, not served or refused by how the bytes arrived
+                raise UpstreamFailure(
+                    failures.UPSTREAM_PROTOCOL_ERROR, "response head larger than max_header_bytes"
+                )
             if type(event) is h11.Response:
                 return event
             if type(event) is h11.InformationalResponse:

@@ -237,6 +237,7 @@ class Case:
 
 
 PROTO = "upstream_protocol_error"
+BIG_HEAD = head("HTTP/1.1 200 OK", "X-A: " + "a" * 20000, "Content-Length: 5")
 
 CASES = [
     # -- framing: Content-Length ---------------------------------------------------------
@@ -366,6 +367,15 @@ CASES = [
          why="README: the client's status line carries the standard reason phrase"),
     Case("head-6k-header", head("HTTP/1.1 200 OK", "X-A: " + "a" * 6000, "Content-Length: 5") + OK5,
          200, nginx=(502, "clean"), why="nginx's proxy_buffer_size is 4k; sidecar's is max_header_bytes"),
+    # a head past max_header_bytes (16 KiB here) is refused however its bytes arrive: in one
+    # read as in many (h11 alone limits only a head still incomplete)
+    *(Case(f"head-over-max-header-bytes-{name}", reply, 502, PROTO, reused=False,
+           outcome="upstream_error", nginx=(502, "clean"))
+      for name, reply in [
+          ("in-one-write", BIG_HEAD + OK5),
+          ("in-two-writes", [Send(BIG_HEAD[:8000]), Sleep(0.05), Send(BIG_HEAD[8000:] + OK5)]),
+          ("in-1k-pieces", [Drip(BIG_HEAD + OK5, 1024)]),
+      ]),
     Case("100-continue-first", head("HTTP/1.1 100 Continue") + head("HTTP/1.1 200 OK", "Content-Length: 5")
          + OK5, 200, why="README: interim answers are not forwarded"),
     Case("103-early-hints-first", head("HTTP/1.1 103 Early Hints", "Link: </a>; rel=preload")
