@@ -274,6 +274,10 @@ CASES = [
     Case("connection-close-then-more",
          [Send(head("HTTP/1.1 200 OK", "Connection: close", "Content-Length: 5") + b"helloMORE"),
           Sleep(0.1), Send(b"EVENMORE"), Close()], 200, reused=False),
+    *(Case(f"connection-{name}", head("HTTP/1.1 200 OK", f"Connection: {value}", "Content-Length: 5") + OK5,
+           200, reused=False, why="the worker closes after this answer: its connection is not pooled")
+      for name, value in [("Close", "Close"), ("list-with-close", "keep-alive, close"),
+                          ("close-with-blanks", " close ")]),
     # -- framing: Transfer-Encoding ------------------------------------------------------
     Case("chunked", head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked") + b"5\r\nhello\r\n0\r\n\r\n", 200),
     Case("te-Chunked", head("HTTP/1.1 200 OK", "Transfer-Encoding: Chunked")
