@@ -46,6 +46,7 @@ from tests.harness import (
     FakeWorker,
     Handler,
     RawClient,
+    Reset,
     Send,
     Sleep,
     Stall,
@@ -343,6 +344,9 @@ CASES = [
     # -- read until close --------------------------------------------------------------------
     Case("until-close-http11", [Send(head("HTTP/1.1 200 OK")), Send(OK5), Close()], 200, reused=False),
     Case("until-close-http10", [Send(head("HTTP/1.0 200 OK")), Send(OK5), Close()], 200, reused=False),
+    Case("until-close-reset", [Send(head("HTTP/1.1 200 OK")), Send(OK5), Reset()], 200, None, end="cut",
+         reused=False, outcome="upstream_error", nginx="skip",
+         why="a reset is no end: the client's body is cut, not ended"),
     Case("http10-keep-alive", head("HTTP/1.0 200 OK", "Connection: keep-alive", "Content-Length: 5") + OK5,
          200, reused=False, why="sidecar keeps only HTTP/1.1 connections"),
     # -- the head ------------------------------------------------------------------------------
