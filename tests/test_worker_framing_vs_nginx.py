@@ -25,12 +25,14 @@ for nginx too.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
 import shutil
 import socket
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -647,3 +649,82 @@ def test_chat_stream_gets_what_the_worker_framing_allows(
     outcome = "ok" if case.code is None else "upstream_timeout" if case.code == "upstream_timeout" \
         else "upstream_error"
     assert record["outcome"] == outcome, (note, record)
+
+
+# ============================================================================ an early answer
+
+
+class EarlyAnswerWorker:
+    """Answers a streamed upload (`POST /v1/up`, chunked) as soon as its head is read, with a
+    keep-alive 200, then reads the rest of the body as HTTP/1.1 asks and serves the next
+    request on the same connection; `answered` is set once the early answer is written."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.answered = threading.Event()
+        self.connections = 0
+        self.bodies: list[bytes] = []
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn,), daemon=True).start()
+
+    def _handle(self, conn: socket.socket) -> None:
+        data = b""
+        with conn, contextlib.suppress(OSError):
+            while True:
+                while b"\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                request, _, data = data.partition(b"\r\n\r\n")
+                if not request.startswith(b"POST /v1/up "):
+                    conn.sendall(NEXT)
+                    continue
+                conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+                self.answered.set()
+                while b"0\r\n\r\n" not in data:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        return
+                    data += piece
+                body, _, data = data.partition(b"0\r\n\r\n")
+                self.bodies.append(body)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_an_early_answer_to_an_upload_waits_for_the_body_and_keeps_the_connection(
+    make_daemon: Callable[..., Daemon],
+) -> None:
+    """A worker that answers a streamed upload before reading it all and stays open (RFC 9112
+    9.5 lets it) reads the rest: the answer goes to the client once its body is through
+    (README), and the connection, whose request went out whole, serves the next request."""
+    worker = EarlyAnswerWorker()
+    try:
+        daemon = make_daemon(daemon_config(worker.url))
+        with RawClient(daemon.address, timeout=5) as client:
+            client.send(request_bytes("POST", "/v1/up", None, [("transfer-encoding", "chunked")])
+                        + b"5\r\nhello\r\n")
+            assert worker.answered.wait(5)
+            client.send(b"6\r\n world\r\n0\r\n\r\n")
+            response = client.read_response(5)
+            assert (response.status, response.body, response.complete) == (200, b"ok", True)
+            client.send(request_bytes("GET", "/v1/next"))
+            response = client.read_response(5)
+            assert (response.status, response.body) == (200, b"next")
+        assert worker.bodies == [b"5\r\nhello\r\n6\r\n world\r\n"]
+        assert worker.connections == 1
+    finally:
+        worker.close()
