@@ -42,6 +42,7 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    Call,
     Close,
     Daemon,
     Drip,
@@ -52,6 +53,7 @@ from tests.harness import (
     Send,
     Sleep,
     Stall,
+    WorkerIO,
     chat_body,
     chat_completion,
     chat_stream_events,
@@ -240,6 +242,21 @@ class Case:
 
 
 PROTO = "upstream_protocol_error"
+#: what an HTTP/2-only server answers an HTTP/1.1 request with: SETTINGS, then GOAWAY
+HTTP2_FRAMES = (b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+                b"\x00\x00\x08\x07\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x01")
+
+
+def send_and_close(data: bytes) -> Callable[[WorkerIO], None]:
+    """A step body writing `data` and closing at once (its FIN right behind it, in one go)."""
+    def run(io: WorkerIO) -> None:
+        transport = io._p.transport
+        transport.write(data)
+        io.info.closed_by_us = True
+        transport.close()
+    return run
+
+
 BIG_HEAD = head("HTTP/1.1 200 OK", "X-A: " + "a" * 20000, "Content-Length: 5")
 
 CASES = [
@@ -407,7 +424,7 @@ CASES = [
     # upstream_protocol_error), not a response_timeout later, nor a disconnect when the worker
     # then closes (nginx passes them on as an HTTP/0.9 answer)
     *(Case(f"no-status-line-{name}", reply, 502, PROTO, reused=False, outcome="upstream_error",
-           nginx="skip" if name == "html-then-close" else (None, "cut"))
+           nginx="skip" if name.endswith("-then-close") else (None, "cut"))
       for name, reply in [
           ("html-then-silence", [Send(b"<html>\n<body>Bad Gateway</body>\n</html>\n"), Stall()]),
           ("html-then-close", [Send(b"<html>\n<body>Bad Gateway</body>\n</html>\n"), Close()]),
@@ -415,7 +432,17 @@ CASES = [
           ("word-without-line-end", [Send(b"hello"), Stall()]),
           ("lower-case-http", [Send(b"http/1.1 200 OK\r\nContent-Length: 5\r\n"), Stall()]),
           ("blank-line-first", [Send(b"\r\nHTTP/1.1 200 OK\r\nContent-Length: 5\r\n"), Stall()]),
+          ("http2-frames-then-close", [Send(HTTP2_FRAMES), Close()]),
       ]),
+    # a whole head h11 refuses, the worker closing right after it: the head broke HTTP, the
+    # close came after (not upstream_disconnected)
+    *(Case(f"malformed-head-then-close-{name}{how}", steps, 502, PROTO, reused=False,
+           outcome="upstream_error", nginx="skip")
+      for name, data in [("header-line-without-colon", b"HTTP/1.1 200 OK\r\nbad line\r\n\r\n"),
+                         ("status-099", b"HTTP/1.1 099 X\r\nContent-Length: 0\r\n\r\n"),
+                         ("two-lengths", b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nab"),
+                         ("http2-frames", HTTP2_FRAMES), ("html", b"<html>\n<body>Bad Gateway</body>\n</html>\n")]
+      for how, steps in [("", [Send(data), Close()]), ("-in-one-go", [Call(send_and_close(data))])]),
     # -- answers without a body that carry one ----------------------------------------------------
     Case("204-with-length", head("HTTP/1.1 204 No Content", "Content-Length: 5") + OK5, 204, b"",
          reused=False, why="bytes after a bodiless answer: the connection is not reused"),
