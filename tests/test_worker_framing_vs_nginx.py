@@ -453,6 +453,10 @@ CASES = [
     Case("100-then-204-then-bytes", head("HTTP/1.1 100 Continue") + head("HTTP/1.1 204 No Content")
          + OK5, 204, b"", reused=False),
     Case("head-request-clean", head("HTTP/1.1 200 OK", "Content-Length: 5"), 200, b"", method="HEAD"),
+    Case("head-request-chunked-clean", head("HTTP/1.1 200 OK", "Transfer-Encoding: chunked"), 200, b"",
+         method="HEAD"),
+    Case("head-request-no-framing", head("HTTP/1.1 200 OK"), 200, b"", method="HEAD",
+         why="a HEAD answer ends at its head whatever its framing headers say"),
     Case("head-request-with-body", head("HTTP/1.1 200 OK", "Content-Length: 5") + OK5, 200, b"",
          method="HEAD", reused=False, nginx=(200, "clean"),
          why="the worker sent a body a HEAD answer has not: the connection is not reused"),
