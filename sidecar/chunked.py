@@ -15,7 +15,7 @@ _END = b"0\r\n\r\n"
 
 
 class ChunkedError(Exception):
-    """The bytes break chunked framing (bad size line, missing CRLF, oversized line).
+    """The bytes break chunked framing (bad size line, missing CRLF, a bare LF, oversized line).
 
     `pieces` holds the payload decoded by the same `feed` call before the break, so a
     caller can still deliver what arrived intact.
@@ -187,6 +187,10 @@ class ChunkedDecoder:
                 state = 0
             else:  # trailer section: lines until an empty one
                 nl = buf.find(b"\r\n", pos)
+                if buf.find(b"\n", pos, nl if nl >= 0 else end) >= 0:
+                    # a LF before the next CRLF (or with none to come) ends no line: the
+                    # framing broke here, as a bare LF in a size line breaks it
+                    raise ChunkedError("bare LF in the trailer section")
                 if nl < 0:
                     if self._trailer + end - pos > self.max_line:
                         raise ChunkedError("trailer section too long")

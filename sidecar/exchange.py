@@ -27,7 +27,7 @@ from sidecar.dialects import get_dialect
 from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, StreamTranslator
 from sidecar.dialects.jsonio import BadRequest
 from sidecar.failures import Failure, UpstreamFailure
-from sidecar.framing import body_decoder
+from sidecar.framing import body_decoder, head_size
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     H11_RESPONSE_HEADERS,
@@ -78,6 +78,8 @@ _WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
 _READ_ANSWER_DROPPED = (*_WORKER_DROPPED, b"content-encoding")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
+#: the events that are a worker's response head (interim ones included)
+_HEADS = (h11.Response, h11.InformationalResponse)
 #: bytes written as they are rather than joined to their head or chunk framing (a copy)
 LARGE_WRITE = 1024 * 1024
 
@@ -786,6 +788,12 @@ class Exchange(StreamListener):
                 raise UpstreamFailure(
                     failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head"
                 ) from None
+            if isinstance(event, _HEADS) and head_size(event.reason, event.headers) > conn.max_head:
+                # h11 bounds only a head still incomplete: the same head that came whole in
+                # one read is refused too, not served or refused by how the bytes arrived
+                raise UpstreamFailure(
+                    failures.UPSTREAM_PROTOCOL_ERROR, "response head larger than max_header_bytes"
+                )
             if type(event) is h11.Response:
                 return event
             if type(event) is h11.InformationalResponse:
@@ -834,6 +842,12 @@ class Exchange(StreamListener):
         pump.start()
         if pump.done is not None:
             await pump.done
+        if pump.clean and decoder is None and self.upstream.h11.trailing_data[0]:
+            # h11 framed this answer (204, 304, a HEAD's, after a 1xx) and bytes came after
+            # its end, a body the answer cannot have: the worker and sidecar no longer agree
+            # where its answers end, so the connection is not one to reuse (a new cycle would
+            # drop those bytes, and the rest of them would be the next request's answer)
+            self.upstream.keep_alive = False
         if pump.clean:  # (release closes a connection that cannot be reused)
             pool.release(self.upstream)
         else:

@@ -54,6 +54,18 @@ class ContentLengthDecoder:
 BodyDecoder = ChunkedDecoder | ContentLengthDecoder
 
 
+def head_size(reason: bytes, headers: Iterable[Header]) -> int:
+    """The size of a response head with this reason phrase and these header lines, written
+    the plain way (`HTTP/1.1 200 reason`, `name: value` lines, CRLF line ends, the blank
+    line): how much of `max_header_bytes` a worker's parsed head takes, whichever reads it
+    came in (the whitespace h11 strips around values and line ends written as LF are not
+    counted, so a head is never found larger than it came)."""
+    size = 17 + len(reason)  # "HTTP/1.1 200 " and CRLF, the blank line's CRLF
+    for name, value in headers:
+        size += len(name) + len(value) + 4
+    return size
+
+
 def body_decoder(method: bytes, status: int, headers: Iterable[Header]) -> BodyDecoder | None:
     """The decoder for the body of a response with these (h11-parsed, lower-case) headers to a
     `method` request, or None when h11 must frame it (no body, or read until close).

@@ -32,6 +32,8 @@ if TYPE_CHECKING:
 #: Bytes of a response kept while nobody reads it (a passthrough request body still being
 #: passed on, a worker that answers early): past this, reading pauses until the head is read
 PENDING_HIGH_WATER = 256 * 1024
+#: how every status line begins (RFC 9112 2.3: HTTP-name is case-sensitive)
+_STATUS_LINE_START = b"HTTP/"
 #: the event loop's timers fire to the millisecond: a deadline closer than this is reached
 TIMER_RESOLUTION = 0.001
 
@@ -65,6 +67,8 @@ class UpstreamConnection(asyncio.Protocol):
         # cycle): `next_event` does not ask it again until bytes come (an h11 call saved
         # before and after the wait for every response head)
         self._h11_starved = True
+        # the head being read is known to begin as a status line must (see `next_event`)
+        self._head_begun = False
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
@@ -169,6 +173,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.keep_alive = True
         self.request_sent = False
         self._h11_starved = True
+        self._head_begun = False
 
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
@@ -209,8 +214,12 @@ class UpstreamConnection(asyncio.Protocol):
             if not self._h11_starved:
                 event = self.h11.next_event()
                 if event is not h11.NEED_DATA:
+                    if type(event) is h11.InformationalResponse:
+                        self._head_begun = False  # the next head starts after it
                     return event
                 self._h11_starved = True
+                if not self._head_begun:
+                    self._check_head_start()
             if self.eof or self.closed:
                 self.h11.receive_data(b"")
                 event = self.h11.next_event()
@@ -220,6 +229,19 @@ class UpstreamConnection(asyncio.Protocol):
             # (the wakeup's timer is kept across this connection's requests: see deadlines)
             if await self._wakeup.wait(deadline):
                 raise TimeoutError()
+
+    def _check_head_start(self) -> None:
+        """UpstreamFailure (protocol error) when the bytes of the head h11 waits to complete
+        cannot begin a status line: an HTML page, a JSON body or another protocol's greeting
+        broke HTTP framing as it arrived, however long the worker then stays silent or
+        whenever it closes. Checked until the head's first five bytes are `HTTP/`; h11's
+        buffer is copied only until then (a few bytes, or the one read that brought them)."""
+        start = self.h11.trailing_data[0][:5]
+        if not _STATUS_LINE_START.startswith(start):
+            raise UpstreamFailure(
+                failures.UPSTREAM_PROTOCOL_ERROR, "the worker's answer does not begin with HTTP/"
+            )
+        self._head_begun = len(start) == 5
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""

@@ -99,6 +99,23 @@ def test_framing_broken_before_the_line_ends_raises_at_once(bad: bytes) -> None:
         decode(frame(b"ok") + bad)
 
 
+@pytest.mark.parametrize("bad", [b"0\r\n\n", b"0\r\nx-t: 1\n", b"0\r\nx-t: 1\n\r\n", b"0\r\nx-t: 1\r\n\n"])
+def test_a_bare_lf_in_the_trailer_section_raises_at_once(bad: bytes) -> None:
+    """The trailer section's lines end with CRLF as the size lines do: a bare LF after the
+    last chunk breaks the framing when it arrives, whether or not a CRLF follows (a worker
+    that ends its body with `0\r\n\n` and waits would be a silence, reported as a timeout
+    at idle_timeout), one byte at a time too."""
+    for splits in ([], list(range(1, len(bad)))):
+        with pytest.raises(ChunkedError, match="bare LF"):
+            decode(frame(b"ok") + bad, [len(frame(b"ok")) + i for i in splits])
+
+
+@pytest.mark.parametrize("good", [b"0\r\n", b"0\r\nx-t: 1", b"0\r\nx-t: 1\r", b"0\r\nx-t: 1\r\n\r"])
+def test_a_trailer_section_still_coming_is_waited_for(good: bytes) -> None:
+    body, decoder = decode(frame(b"ok") + good)
+    assert body == b"ok" and not decoder.done
+
+
 @pytest.mark.parametrize("good", [b"5", b"5 ", b"5\r", b"5;", b"5;x=\"a b\"", b" a", b"5\r\nhello\r"])
 def test_a_size_line_still_coming_is_waited_for(good: bytes) -> None:
     body, decoder = decode(frame(b"ok") + good)

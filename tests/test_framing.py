@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.chunked import ChunkedDecoder, frame
-from sidecar.framing import ContentLengthDecoder, body_decoder
+from sidecar.framing import ContentLengthDecoder, body_decoder, head_size
 
 
 def feed_all(decoder: ContentLengthDecoder | ChunkedDecoder, data: bytes, splits: list[int]) -> bytes:
@@ -102,3 +102,11 @@ def test_which_decoder(method: bytes, status: int, headers: list[tuple[bytes, by
     got = feed_all(decoder, body + b"NEXT", [])
     want, ended, after = h11_reading(head, body + b"NEXT", method)
     assert (got, decoder.done, decoder.trailing) == (want, ended, after)
+
+
+def test_head_size_is_the_plain_head_written_out() -> None:
+    """What a worker head parsed by h11 takes of max_header_bytes: its plain CRLF form."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"5")]
+    plain = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n\r\n"
+    assert head_size(b"OK", headers) == len(plain)
+    assert head_size(b"", []) == len(b"HTTP/1.1 200 \r\n\r\n")
