@@ -199,11 +199,20 @@ def end_to_end_lines(headers: Sequence[Header], *also: bytes) -> bytes:
     for name, value in headers:
         low = name.lower()
         if low in dropped:
-            if low == b"connection":  # it may name more hop-by-hop headers: the general way
+            # a Connection header may name more hop-by-hop headers: then the general way.
+            # One naming only headers dropped anyway (`keep-alive`, as the openai SDK and
+            # most clients send it) drops nothing more
+            if low == b"connection" and not _names_only(value, dropped):
                 return b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
             continue
         lines.append(name + b": " + value + b"\r\n")
     return b"".join(lines)
+
+
+def _names_only(connection: bytes, names: frozenset[bytes]) -> bool:
+    """Whether every token of a Connection value (as `connection_tokens` reads it) is one
+    of `names`."""
+    return all(token.strip().lower() in names for token in connection.split(b","))
 
 
 def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:

@@ -19,6 +19,8 @@ from hypothesis import strategies as st
 from sidecar.headers import (
     H11_READS_IN_REQUESTS,
     check_raw_head,
+    end_to_end,
+    end_to_end_lines,
     find_head_end,
     header_list,
     read_request_head,
@@ -206,3 +208,26 @@ def test_a_line_h11_refuses_sends_the_whole_head_to_h11() -> None:
         head = b"GET / HTTP/1.1\r\nHost: a\r\n" + line + b"\r\n\r\n"
         assert read_request_head(head) is None, line
         check(head)
+
+
+@settings(max_examples=500, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([b"connection", b"host", b"x-a", b"keep-alive", b"te", b"close",
+                             b"accept-encoding", b"x-request-id", b"cookie", b"upgrade", b""]),
+            st.sampled_from([b"keep-alive", b"Keep-Alive", b" keep-alive ", b"keep-alive,",
+                             b"close", b"x-a", b"keep-alive, x-a", b"TE, Upgrade", b"cookie",
+                             b"accept-encoding", b"", b"1"]),
+        ),
+        max_size=8,
+    ),
+    st.sampled_from([(), (b"x-request-id",), (b"x-request-id", b"accept-encoding")]),
+)
+def test_the_worker_head_drops_what_connection_names_past_a_keep_alive(
+    headers: list[tuple[bytes, bytes]], also: tuple[bytes, ...]
+) -> None:
+    """end_to_end_lines keeps to its one pass when Connection names only headers dropped
+    anyway (the SDK's `keep-alive`): the same lines as the general way."""
+    general = b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
+    assert end_to_end_lines(headers, *also) == general
