@@ -3,10 +3,11 @@
 # whatever else the machine is doing, so a change to the hot path can be judged on a noisy
 # box where CPU-time ratios move by 10% between runs.
 #
-#   bench/instructions.sh [json|stream|sat|aggregate|synthesize] [N]
+#   bench/instructions.sh [json|sdkjson|stream|sat|aggregate|synthesize] [N]
 #
 # Runs the daemon under callgrind twice, over N and 3N requests on one keep-alive connection
-# (json: non-streaming, 64 tokens; stream: 64-token streams paced at 1 ms; sat: 64-token
+# (json: non-streaming, 64 tokens; sdkjson: json with the ~15 headers the openai Python SDK
+# sends; stream: 64-token streams paced at 1 ms; sat: 64-token
 # streams, 8 events per worker write; aggregate: 64-token worker streams paced at 1 ms,
 # each aggregated into one JSON answer for a non-streaming client; synthesize: streaming
 # clients on a `never` route, each worker JSON answer made into SSE), and prints
@@ -21,11 +22,12 @@ py=${SIDECAR_PYTHON:-.venv/bin/python}
 command -v valgrind >/dev/null || { echo "bench/instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 case $kind in
   json) args=(--json --tokens 64) ;;
+  sdkjson) args=(--json --tokens 64 --sdk-headers) ;;
   stream) args=(--tokens 64) ;;
   sat) args=(--path /sat/v1/chat/completions --tokens 64) ;;
   aggregate) args=(--json --path /always/v1/chat/completions --tokens 64) ;;
   synthesize) args=(--path /never/v1/chat/completions --tokens 64) ;;
-  *) echo "usage: bench/instructions.sh [json|stream|sat|aggregate|synthesize] [N]" >&2; exit 2 ;;
+  *) echo "usage: bench/instructions.sh [json|sdkjson|stream|sat|aggregate|synthesize] [N]" >&2; exit 2 ;;
 esac
 tmp=$(mktemp -d)
 trap 'kill $(jobs -p) 2>/dev/null || true; rm -rf "$tmp"' EXIT

@@ -28,6 +28,26 @@ except ImportError:  # pragma: no cover - the venv has it
     uvloop = None  # type: ignore[assignment]
 
 
+#: The headers the openai Python SDK (1.x, over httpx) sends with a chat request, between
+#: Host and Content-Length, in its order and spelling.
+SDK_HEADERS = (
+    "Accept-Encoding: gzip, deflate\r\n"
+    "Connection: keep-alive\r\n"
+    "Accept: application/json\r\n"
+    "Content-Type: application/json\r\n"
+    "User-Agent: OpenAI/Python 1.54.4\r\n"
+    "X-Stainless-Lang: python\r\n"
+    "X-Stainless-Package-Version: 1.54.4\r\n"
+    "X-Stainless-OS: Linux\r\n"
+    "X-Stainless-Arch: x64\r\n"
+    "X-Stainless-Runtime: CPython\r\n"
+    "X-Stainless-Runtime-Version: 3.11.10\r\n"
+    "Authorization: Bearer sk-proj-0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOP\r\n"
+    "X-Stainless-Async: false\r\n"
+    "x-stainless-retry-count: 0\r\n"
+)
+
+
 @dataclass(frozen=True)
 class Workload:
     """What each request asks for and how its response is checked."""
@@ -38,6 +58,7 @@ class Workload:
     include_usage: bool = True
     expect_events: int | None = None  # exact number of `data:` events per stream, if known
     expect_cost: bool = False  # JSON responses must carry usage.cost
+    sdk_headers: bool = False  # send the header set the openai Python SDK sends (via httpx)
 
     def request_bytes(self, host: str) -> bytes:
         """The whole HTTP request, encoded once."""
@@ -50,10 +71,16 @@ class Workload:
         if self.stream and self.include_usage:
             body["stream_options"] = {"include_usage": True}
         raw = orjson.dumps(body)
-        head = (
-            f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
-            f"Accept: */*\r\nContent-Length: {len(raw)}\r\n\r\n"
-        )
+        if self.sdk_headers:
+            head = (
+                f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\n{SDK_HEADERS}"
+                f"Content-Length: {len(raw)}\r\n\r\n"
+            )
+        else:
+            head = (
+                f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n"
+                f"Accept: */*\r\nContent-Length: {len(raw)}\r\n\r\n"
+            )
         return head.encode() + raw
 
 
@@ -379,6 +406,7 @@ async def _cli(args: argparse.Namespace) -> dict[str, object]:
         tokens=args.tokens,
         expect_events=(args.tokens + 3) if (not args.json and args.check_events) else None,
         expect_cost=args.expect_cost,
+        sdk_headers=args.sdk_headers,
     )
     gen = LoadGen(
         args.host,
@@ -426,6 +454,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--stagger", type=float, default=0.0, help="spread connection starts (s)")
     ap.add_argument("--check-events", action="store_true", help="expect tokens+3 events/stream")
     ap.add_argument("--expect-cost", action="store_true")
+    ap.add_argument(
+        "--sdk-headers", action="store_true", help="send the openai Python SDK's header set"
+    )
     args = ap.parse_args(argv)
     runner = uvloop.run if uvloop is not None else asyncio.run
     result = runner(_cli(args))

@@ -43,6 +43,7 @@ from sidecar.headers import (
     header_value,
     raw_method_and_path,
     raw_request_id,
+    read_request_head,
     reason,
     request_id_for,
     simple_response,
@@ -138,8 +139,12 @@ async def serve_connection(client: ClientConnection) -> None:
                 break
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
             # h11 gets the head only: a Content-Length body is read past it by the exchange
-            # (ClientConnection.read_body), anything else h11 is fed as it needs it
-            conn.receive_data(head)
+            # (ClientConnection.read_body), anything else h11 is fed as it needs it. Of the
+            # head, only the request line and the header lines it acts on, when every other
+            # line is one it would take (their list is read here, `read_request_head`); else
+            # the whole head, which it refuses
+            read = read_request_head(head)
+            conn.receive_data(head if read is None else read[1])
             del client.buffer[: len(head)]
             try:
                 event = conn.next_event()
@@ -149,8 +154,10 @@ async def serve_connection(client: ClientConnection) -> None:
             if not isinstance(event, h11.Request):
                 _refuse(client, 400, "invalid_request", "malformed request head", head)
                 break
-            exchange = Exchange(client, conn, event, runtime.current)
-            del event, head  # not held for as long as the exchange lasts
+            exchange = Exchange(
+                client, conn, event, runtime.current, None if read is None else read[0]
+            )
+            del event, head, read  # not held for as long as the exchange lasts
             client.busy = True
             try:
                 await exchange.run()
@@ -293,7 +300,10 @@ class Exchange(StreamListener):
         conn: h11.Connection,
         request: h11.Request,
         generation: Generation,
+        headers: list[Header] | None = None,
     ) -> None:
+        """`headers`: the request's header list, when read from its raw head
+        (`read_request_head`: h11 was given only the lines it acts on); else h11's."""
         self.loop = client.loop
         self.started = time.perf_counter()
         self.wall_start = time.time()
@@ -304,7 +314,7 @@ class Exchange(StreamListener):
         self.generation = generation
         self.runtime = client.runtime
         self.method = request.method.decode("ascii", "replace")
-        self.headers: list[Header] = header_list(request.headers)
+        self.headers: list[Header] = header_list(request.headers) if headers is None else headers
         #: the first value of each request header by name (h11's names are lower-case): one
         #: look-up, where `header_value` scans the list (a bytes call per header) each time
         self.first_values: dict[bytes, bytes] = dict(reversed(self.headers))

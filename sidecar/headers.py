@@ -14,6 +14,9 @@ import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
 
+from h11._abnf import OWS as H11_OWS
+from h11._abnf import field_name as h11_field_name
+from h11._abnf import field_value as h11_field_value
 from h11._headers import Headers as H11Headers
 
 Header = tuple[bytes, bytes]
@@ -196,11 +199,20 @@ def end_to_end_lines(headers: Sequence[Header], *also: bytes) -> bytes:
     for name, value in headers:
         low = name.lower()
         if low in dropped:
-            if low == b"connection":  # it may name more hop-by-hop headers: the general way
+            # a Connection header may name more hop-by-hop headers: then the general way.
+            # One naming only headers dropped anyway (`keep-alive`, as the openai SDK and
+            # most clients send it) drops nothing more
+            if low == b"connection" and not _names_only(value, dropped):
                 return b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
             continue
         lines.append(name + b": " + value + b"\r\n")
     return b"".join(lines)
+
+
+def _names_only(connection: bytes, names: frozenset[bytes]) -> bool:
+    """Whether every token of a Connection value (as `connection_tokens` reads it) is one
+    of `names`."""
+    return all(token.strip().lower() in names for token in connection.split(b","))
 
 
 def header_value(headers: Iterable[Header], name: bytes) -> bytes | None:
@@ -295,6 +307,80 @@ def raw_request_id(head: bytes | bytearray) -> str:
 #: (`split_for_h11`) and spliced in after the start line h11 wrote (`splice_lines`).
 H11_RESPONSE_HEADERS = frozenset((b"content-length", b"transfer-encoding", b"connection"))
 H11_REQUEST_HEADERS = H11_RESPONSE_HEADERS | {b"host"}
+
+
+#: The request headers h11 reads on the server side: framing (Content-Length,
+#: Transfer-Encoding: `_body_framing`), keep-alive (Connection: `_keep_alive`), 100-continue
+#: (Expect: `has_expect_100_continue`), a protocol switch (Upgrade: `_process_event`) and Host
+#: (required once in HTTP/1.1, refused twice: `Request.__init__`). Any other header h11 only
+#: matches against its header-line regex, lowers and copies.
+H11_READS_IN_REQUESTS = (b"host", b"content-length", b"transfer-encoding", b"connection",
+                         b"expect", b"upgrade")
+
+#: One header line as h11 reads it (`h11._readers.header_field_re`, made of h11's own ABNF
+#: strings, its groups made non-capturing; `\r?` for the CR h11 cuts off a line's end): name and value (optional
+#: whitespace around it left out), or, for any line h11 would refuse (or fold into the one
+#: before it), ("", ""). Matched over a head's header block line after line: each line is
+#: taken whole by one of the two branches. The head's blank line matches neither.
+_H11_HEADER_LINE = re.compile(
+    rb"(?:(" + h11_field_name.encode() + rb"):" + H11_OWS.encode()
+    + rb"(" + re.sub(rb"\((?!\?)", b"(?:", h11_field_value.encode()) + rb")" + H11_OWS.encode() + rb"\r?\n"
+    + rb"|(?!\r?\n)[^\n]*\n)"
+)
+_REFUSED_LINE = (b"", b"")
+#: The header lines h11 reads (H11_READS_IN_REQUESTS), each with the LF before it
+_H11_READ_LINE = re.compile(
+    rb"\n(?i:" + b"|".join(H11_READS_IN_REQUESTS) + rb"):[^\n]*"
+)
+#: Framing lines whose values h11 rewrites: a Transfer-Encoding (lowered), a Content-Length
+#: list (`5, 5`: one value) or a second Content-Length (dropped, when it is the same)
+_H11_REWRITES = re.compile(
+    rb"\n(?i:transfer-encoding:|content-length:[^\n]*,|content-length:(?s:.*)\ncontent-length:)"
+)
+
+
+def read_request_head(head: bytes) -> tuple[list[Header], bytes] | None:
+    """A raw request head (through its first blank line, as `ClientConnection.read_head`
+    returns it) read into (its headers as h11 would give them: in order, names lower-case,
+    values without the optional whitespace around them; the head h11 is to be given: the
+    request line and only the header lines h11 reads, `H11_READS_IN_REQUESTS`, as they came).
+
+    h11 given the whole head reads every header line (a regex match, lowering, a tuple, a
+    Python-level loop over them all for Host: some 15k instructions a line); here every line
+    is matched in one C-level pass, and h11 still parses the request line and the lines it
+    acts on, and refuses what it refused. None when a line is one h11 would refuse (a name
+    not a token, a value with NUL, CR, VT, FF, an obsolete line folding, ...): then h11 is
+    to be given the whole head, and refuses it as it always did, with the same message.
+    """
+    at = head.find(b"\n")  # the request line's end: h11 reads it itself
+    pairs = _H11_HEADER_LINE.findall(head, at + 1)
+    if _REFUSED_LINE in pairs:
+        return None
+    headers = [(name.lower(), value) for name, value in pairs]
+    framing = b"".join(_H11_READ_LINE.findall(head, at))
+    if framing and _H11_REWRITES.search(framing):
+        headers = _as_h11_gives(headers)
+    # the last header line's LF and the blank line
+    return headers, head[:at] + framing + head[head.rfind(b"\n", 0, -1) :]
+
+
+def _as_h11_gives(headers: list[Header]) -> list[Header]:
+    """`headers` with the framing values h11 rewrites rewritten as it does
+    (`h11._headers.normalize_and_validate`), for a head h11 accepts: a Content-Length
+    list's one value (h11 refuses differing ones), only the first Content-Length (h11
+    drops a second one with the same value, refuses another), Transfer-Encoding lowered."""
+    rewritten: list[Header] = []
+    seen_length = False
+    for name, value in headers:
+        if name == b"content-length":
+            if seen_length:
+                continue
+            seen_length = True
+            value = value.split(b",")[0].strip()
+        elif name == b"transfer-encoding":
+            value = value.lower()
+        rewritten.append((name, value))
+    return rewritten
 
 
 def split_for_h11(
