@@ -17,6 +17,12 @@ class TextParts(list[str]):
     once by `finished` (concatenating as they come is quadratic in the output's length)."""
 
 
+class GrownList(list[Any]):
+    """A list streamed in pieces (logprobs, one entry per token), owned by the accumulator:
+    each delta's entries are appended in place (a new list per delta, `old + new`, is
+    quadratic in the list's length). `finished` makes it a plain list again."""
+
+
 def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> Any:
     """How one field of an accumulated delta absorbs the same field of the next delta.
     `replace_strings`: every string (in dicts within too) is said again, not continued."""
@@ -41,7 +47,10 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
         merge_into(old, new, replace_strings)
         return old
     if isinstance(old, list) and isinstance(new, list):
-        return old + new
+        if type(old) is not GrownList:
+            old = GrownList(old)  # (one copy: `old` may be a worker event's own list)
+        old.extend(new)
+        return old
     return new
 
 

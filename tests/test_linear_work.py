@@ -1,0 +1,128 @@
+"""Work that grows with the stream grows linearly: legal input in an unlucky shape (thousands
+of tool calls, logprobs on every token, many output items open at once) must not make an
+aggregation quadratic, since the sidecar sits on every byte of every stream.
+
+Never timed: the work is counted, deterministically, as the lines of sidecar's own code a
+run executes (`sys.settrace` line events, which a loop pays on every turn), at n and 4n; or,
+for work done in C (a list copied per delta), by what the code keeps.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+
+from sidecar.config import Pricing
+from sidecar.dialects import get_dialect
+from sidecar.dialects.merge import finished, merge_into
+from sidecar.sse import Event
+
+SIDECAR = str(Path(__file__).resolve().parent.parent / "sidecar")
+#: linear work at 4n is at most 4 times the work at n (plus the constant part, which only
+#: lowers the ratio); quadratic work approaches 16 times
+LINEAR = 4.5
+
+
+def lines_run(work: Callable[[], object]) -> int:
+    """How many lines of sidecar's own code `work()` executes."""
+    count = 0
+
+    def local(frame: FrameType, event: str, arg: Any) -> Any:
+        nonlocal count
+        if event == "line":
+            count += 1
+        return local
+
+    def start(frame: FrameType, event: str, arg: Any) -> Any:
+        return local if frame.f_code.co_filename.startswith(SIDECAR) else None
+
+    previous = sys.gettrace()
+    sys.settrace(start)
+    try:
+        work()
+    finally:
+        sys.settrace(previous)
+    return count
+
+
+def c_calls(work: Callable[[], object], name: str) -> int:
+    """How many times `work()` calls a built-in function or method named `name`."""
+    count = 0
+
+    def profile(frame: FrameType, event: str, arg: Any) -> None:
+        nonlocal count
+        if event == "c_call" and getattr(arg, "__name__", None) == name:
+            count += 1
+
+    previous = sys.getprofile()
+    sys.setprofile(profile)
+    try:
+        work()
+    finally:
+        sys.setprofile(previous)
+    return count
+
+
+def growth(work: Callable[[int], object], n: int) -> float:
+    """The work at 4n over the work at n."""
+    return lines_run(lambda: work(4 * n)) / lines_run(lambda: work(n))
+
+
+def chunk_event(choices: list[Any]) -> Event:
+    data = orjson.dumps(
+        {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m", "choices": choices}
+    )
+    return Event(data.decode(), raw=b"data: " + data + b"\n\n")
+
+
+def aggregate_chat(events: list[Event]) -> dict[str, Any]:
+    dialect = get_dialect("openai-chat")
+    body = orjson.dumps({"model": "m", "messages": [], "stream": False})
+    translator = dialect.stream(dialect.plan(body, "always", "rid"), Pricing(), aggregate=True)
+    for event in events:
+        translator.feed(event)
+    translator.feed(Event("[DONE]", raw=b"data: [DONE]\n\n"))
+    result: dict[str, Any] = orjson.loads(translator.document())
+    return result
+
+
+def test_a_list_streamed_one_entry_per_delta_is_grown_in_place() -> None:
+    # logprobs come one entry per token: a new list per delta (old + new) copies the whole
+    # list every token, quadratic in the tokens
+    acc: dict[str, Any] = {}
+    kept = []
+    for i in range(5):
+        merge_into(acc, {"logprobs": {"content": [{"token": str(i)}], "tokens": [str(i)]}})
+        kept.append((acc["logprobs"]["content"], acc["logprobs"]["tokens"]))
+    assert all(lists[0] is kept[1][0] and lists[1] is kept[1][1] for lists in kept[1:])
+    done = finished(acc)
+    assert done == {"logprobs": {"content": [{"token": str(i)} for i in range(5)],
+                                 "tokens": [str(i) for i in range(5)]}}
+    assert type(done["logprobs"]["content"]) is list  # what orjson writes as it is
+
+
+def test_a_workers_own_list_is_never_grown() -> None:
+    # the first list an accumulator holds may be one of a worker event's objects
+    # (a field that was a string before): growing it would change that event
+    first: list[Any] = ["a"]
+    acc: dict[str, Any] = {"x": "text"}
+    merge_into(acc, {"x": first}, replace_strings=True)
+    merge_into(acc, {"x": ["b"]}, replace_strings=True)
+    assert first == ["a"] and finished(acc) == {"x": ["a", "b"]}
+
+
+def test_logprobs_of_every_token_aggregate_into_one_list() -> None:
+    events = [
+        chunk_event([{"index": 0, "delta": {"content": "t"},
+                      "logprobs": {"content": [{"token": "t", "logprob": -i, "top_logprobs": []}]},
+                      "finish_reason": None}])
+        for i in range(4)
+    ]
+    choice = aggregate_chat(events)["choices"][0]
+    assert [e["logprob"] for e in choice["logprobs"]["content"]] == [0, -1, -2, -3]
+    assert choice["message"]["content"] == "tttt"
