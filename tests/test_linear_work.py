@@ -91,6 +91,46 @@ def aggregate_chat(events: list[Event]) -> dict[str, Any]:
     return result
 
 
+def tool_call_events(calls: int) -> list[Event]:
+    """`calls` tool calls, each named in one delta and its arguments in three more."""
+    events = []
+    for k in range(calls):
+        first = {"index": k, "id": f"call_{k}", "type": "function",
+                 "function": {"name": "f", "arguments": ""}}
+        events.append(chunk_event([{"index": 0, "delta": {"tool_calls": [first]}}]))
+        for piece in ('{"a"', ": ", "1}"):
+            more = {"index": k, "function": {"arguments": piece}}
+            events.append(chunk_event([{"index": 0, "delta": {"tool_calls": [more]}}]))
+    return events
+
+
+def test_many_tool_calls_aggregate_in_linear_work() -> None:
+    # each delta used to rebuild the map from index to call: work quadratic in the calls
+    assert growth(lambda n: aggregate_chat(tool_call_events(n)), 200) < LINEAR
+    calls = aggregate_chat(tool_call_events(3))["choices"][0]["message"]["tool_calls"]
+    assert [c["function"]["arguments"] for c in calls] == ['{"a": 1}'] * 3
+    assert [c["id"] for c in calls] == ["call_0", "call_1", "call_2"]
+
+
+def test_tool_call_deltas_without_an_index_take_free_indexes_in_linear_work() -> None:
+    # calls at n..2n-1, then n without an index: each takes the first free index from the
+    # number of calls on, which a fresh search from there finds only after n steps
+    def work(n: int) -> None:
+        acc: dict[str, Any] = {}
+        merge_into(acc, {"tool_calls": [{"index": n + k, "id": str(k)} for k in range(n)]})
+        for k in range(n):
+            merge_into(acc, {"tool_calls": [{"id": f"x{k}"}]})
+
+    assert growth(work, 100) < LINEAR
+    acc: dict[str, Any] = {}
+    merge_into(acc, {"tool_calls": [{"index": 2, "id": "a"}, {"index": 3, "id": "b"}]})
+    for k in range(3):
+        merge_into(acc, {"tool_calls": [{"id": f"x{k}"}]})
+    assert [(c["index"], c["id"]) for c in finished(acc)["tool_calls"]] == [
+        (2, "a"), (3, "b"), (4, "x0"), (5, "x1"), (6, "x2")
+    ]
+
+
 def test_a_list_streamed_one_entry_per_delta_is_grown_in_place() -> None:
     # logprobs come one entry per token: a new list per delta (old + new) copies the whole
     # list every token, quadratic in the tokens

@@ -10,7 +10,14 @@ import orjson
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, partial_json_text
+from sidecar.dialects.merge import (
+    REPLACED_KEYS,
+    TextParts,
+    copy_json,
+    finished,
+    merge_into,
+    partial_json_text,
+)
 
 
 def concatenating(acc: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -72,6 +79,65 @@ def test_text_is_kept_in_parts_until_finished() -> None:
         merge_into(acc, {"content": piece, "role": "assistant"})
     assert type(acc["content"]) is TextParts and acc["role"] == "assistant"
     assert finished({"choices": [acc]}) == {"choices": [{"content": "abc", "role": "assistant"}]}
+
+
+def indexed_reference(acc: list[Any], deltas: list[Any]) -> list[Any]:
+    """The reference for a list of `{"index": i, ...}` deltas: the map from index to entry
+    built afresh for each list, a delta without an integer index the first free index from
+    the number of entries on."""
+    by_index = {item["index"]: item for item in acc}
+    for delta in deltas:
+        if not isinstance(delta, dict):
+            continue
+        index = delta.get("index")
+        if type(index) is not int:
+            index = len(by_index)
+            while index in by_index:
+                index += 1
+        if index in by_index:
+            merge_into(by_index[index], delta)
+        else:
+            entry = copy_json(delta)
+            entry["index"] = index
+            by_index[index] = entry
+            acc.append(entry)
+    return acc
+
+
+tool_call_lists = st.lists(
+    st.lists(
+        st.one_of(
+            st.fixed_dictionaries(
+                {"index": st.one_of(st.none(), st.integers(0, 6), st.just("1"))},
+                optional={"id": st.sampled_from(["", "a", "b"]),
+                          "function": st.fixed_dictionaries({"arguments": st.text("{}a", max_size=2)})},
+            ),
+            st.just("not a call"),
+        ),
+        max_size=3,
+    ),
+    max_size=12,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(tool_call_lists, st.lists(st.lists(st.integers(0, 3), max_size=2), max_size=6))
+def test_lists_merge_as_they_did_when_each_delta_made_a_new_one(
+    calls: list[list[Any]], entries: list[list[int]]
+) -> None:
+    # tool calls (by index) and other lists (appended, e.g. logprobs) are merged in place
+    # now, with the map from index to call kept: the same result as building anew per delta
+    acc: dict[str, Any] = {}
+    ref_calls: list[Any] = []
+    ref_list: list[int] | None = None
+    for delta_calls, delta_list in zip(calls, entries + [[]] * len(calls), strict=False):
+        merge_into(acc, {"tool_calls": copy_json(delta_calls), "logprobs": {"content": list(delta_list)}})
+        ref_calls = indexed_reference(ref_calls, copy_json(delta_calls))
+        ref_list = list(delta_list) if ref_list is None else ref_list + delta_list
+    if calls:
+        assert finished(acc) == finished(
+            {"tool_calls": ref_calls, "logprobs": {"content": ref_list}}
+        )
 
 
 # -- partial_json_text: a tool input cut off by max_tokens -------------------------------------

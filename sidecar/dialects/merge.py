@@ -23,6 +23,20 @@ class GrownList(list[Any]):
     quadratic in the list's length). `finished` makes it a plain list again."""
 
 
+class IndexedList(list[Any]):
+    """The entries merged by index so far (tool calls), owned by the accumulator, with the
+    map from each index to its entry kept as entries come (rebuilding it for each delta is
+    quadratic in the number of entries). `finished` makes it a plain list again."""
+
+    __slots__ = ("by_index", "free_from")
+
+    def __init__(self, entries: list[Any]) -> None:
+        super().__init__(entries)
+        self.by_index: dict[int, Any] = {item["index"]: item for item in entries}
+        #: no index below this one, at or past len(by_index), is free (see merge_indexed)
+        self.free_from = 0
+
+
 def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> Any:
     """How one field of an accumulated delta absorbs the same field of the next delta.
     `replace_strings`: every string (in dicts within too) is said again, not continued."""
@@ -63,16 +77,23 @@ def merge_into(acc: dict[str, Any], delta: dict[str, Any], replace_strings: bool
 def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
     """Merge a list of `{"index": i, ...}` deltas into `acc`, every entry a dict with an
     integer `index` (a delta with none, or with one that is not an integer, is a new entry
-    at the next index; an entry that is not a dict is dropped)."""
-    by_index = {item["index"]: item for item in acc}
+    at the next index: the first free one from the number of entries on; an entry that is
+    not a dict is dropped). Returns `acc` itself when it is an `IndexedList`, else an
+    `IndexedList` of its entries and the new ones."""
+    if type(acc) is not IndexedList:
+        acc = IndexedList(acc)
+    by_index = acc.by_index
     for delta in deltas:
         if not isinstance(delta, dict):
             continue
         index = delta.get("index")
         if type(index) is not int:
-            index = len(by_index)
+            # The first free index from len(by_index) on. Entries are only ever added, so
+            # it never goes down: the search resumes past the one it found last time.
+            index = max(len(by_index), acc.free_from)
             while index in by_index:
                 index += 1
+            acc.free_from = index + 1
         if index in by_index:
             merge_into(by_index[index], delta)
         else:
