@@ -20,6 +20,7 @@ import orjson
 from sidecar.config import Pricing
 from sidecar.dialects import get_dialect
 from sidecar.dialects.merge import finished, merge_into
+from sidecar.dialects.openai_responses import OutputSoFar
 from sidecar.sse import Event
 
 SIDECAR = str(Path(__file__).resolve().parent.parent / "sidecar")
@@ -166,3 +167,20 @@ def test_logprobs_of_every_token_aggregate_into_one_list() -> None:
     choice = aggregate_chat(events)["choices"][0]
     assert [e["logprob"] for e in choice["logprobs"]["content"]] == [0, -1, -2, -3]
     assert choice["message"]["content"] == "tttt"
+
+
+def test_responses_items_done_with_many_items_open_take_linear_work() -> None:
+    # every item's done used to look at the pieces of every item still open
+    def work(n: int) -> list[dict[str, Any]]:
+        out = OutputSoFar()
+        for k in range(n):
+            out.read("response.output_item.added", {"output_index": k, "item": {
+                "type": "function_call", "call_id": f"c{k}", "name": "f", "arguments": ""}})
+            out.read("response.function_call_arguments.delta", {"output_index": k, "delta": "{}"})
+        for k in range(n):
+            out.read("response.output_item.done", {"output_index": k, "item": {
+                "type": "function_call", "call_id": f"c{k}", "name": "f", "arguments": "{}"}})
+        return out.output()
+
+    assert growth(work, 200) < LINEAR
+    assert [item["arguments"] for item in work(3)] == ["{}"] * 3
