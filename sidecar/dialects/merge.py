@@ -131,7 +131,10 @@ def partial_json_text(text: str) -> str:
     cut off: `{"a": 1, "city": "Par` -> `{"a": 1}`; "" when nothing whole came. The text is
     the worker's own (its numbers as they came); it is JSON when `text` began as JSON."""
     closers: list[str] = []  # what closes each object and array open at this point
-    cut, cut_closers = 0, ""  # the longest prefix known to end whole, and what closes it
+    # The longest prefix known to end whole. Every push and pop of `closers` moves it, so
+    # what closes it is what is open at the end: written once (not at every cut, which is
+    # quadratic in the nesting: `[[[[...`)
+    cut = 0
     in_string = escaped = key = False
     last = ""  # the last character outside strings that is not white space
     for i, c in enumerate(text):
@@ -143,7 +146,7 @@ def partial_json_text(text: str) -> str:
             elif c == '"':
                 in_string = False
                 if not key:
-                    cut, cut_closers = i + 1, "".join(reversed(closers))
+                    cut = i + 1
                 last = '"'
             continue
         if c in " \t\r\n":
@@ -153,13 +156,13 @@ def partial_json_text(text: str) -> str:
             key = bool(closers) and closers[-1] == "}" and last in "{,"
         elif c in "{[":
             closers.append("}" if c == "{" else "]")
-            cut, cut_closers = i + 1, "".join(reversed(closers))
+            cut = i + 1
         elif c in "}]":
             if not closers:
                 break
             closers.pop()
-            cut, cut_closers = i + 1, "".join(reversed(closers))
+            cut = i + 1
         elif c == "," and last not in '"}]{[,:':
-            cut, cut_closers = i, "".join(reversed(closers))  # a number or literal ended
+            cut = i  # a number or literal ended
         last = c
-    return text[:cut] + cut_closers
+    return text[:cut] + "".join(reversed(closers))
