@@ -195,3 +195,16 @@ def test_a_deeply_nested_cut_json_closes_what_is_open_once() -> None:
         joins = c_calls(lambda text=text: partial_json_text(text), "join")  # type: ignore[misc]
         assert joins <= 1
         assert partial_json_text(text) == whole
+
+
+def test_a_name_streamed_in_pieces_is_not_rebuilt_per_piece() -> None:
+    # a tool call's name is continued piece by piece (unless said again whole): the name so
+    # far was concatenated anew for every piece, quadratic in its length
+    acc: dict[str, Any] = {}
+    merge_into(acc, {"tool_calls": [{"index": 0, "function": {"name": "get"}}]})
+    held = []
+    for piece in ("_", "wea", "ther", "", "get_weather", "s"):
+        merge_into(acc, {"tool_calls": [{"index": 0, "function": {"name": piece}}]})
+        held.append(acc["tool_calls"][0]["function"]["name"])
+    assert all(name is held[0] for name in held)
+    assert finished(acc)["tool_calls"][0]["function"]["name"] == "get_weathers"

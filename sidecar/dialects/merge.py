@@ -17,6 +17,25 @@ class TextParts(list[str]):
     once by `finished` (concatenating as they come is quadratic in the output's length)."""
 
 
+class NameParts(list[str]):
+    """A name streamed in pieces (a tool call's `function.name`), which is continued unless
+    a piece says the whole name again: each piece appended in O(its length), the name so far
+    joined only to compare it with a piece as long as it, and once by `finished`
+    (concatenating as they come is quadratic in the name's length)."""
+
+    __slots__ = ("length",)
+
+    def __init__(self, pieces: tuple[str, ...]) -> None:
+        super().__init__(pieces)
+        self.length = sum(map(len, pieces))
+
+    def add(self, piece: str) -> None:
+        """Continue the name with `piece`, unless `piece` is the name so far said again."""
+        if piece and not (len(piece) == self.length and piece == "".join(self)):
+            self.append(piece)
+            self.length += len(piece)
+
+
 class GrownList(list[Any]):
     """A list streamed in pieces (logprobs, one entry per token), owned by the accumulator:
     each delta's entries are appended in place (a new list per delta, `old + new`, is
@@ -51,11 +70,16 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
             old.append(new)
             return old
         return new
+    if type(old) is NameParts:
+        if isinstance(new, str):
+            old.add(new)
+            return old
+        return new
     if isinstance(old, str) and isinstance(new, str):
         if replace_strings or key in REPLACED_KEYS or (key == "name" and old == new):
             return new or old  # an empty one (TGI's `"id": ""` on later deltas) says nothing
-        if key == "name":  # short, and compared whole above
-            return old + new
+        if key == "name":
+            return NameParts((old, new))
         return TextParts((old, new))
     if isinstance(old, dict) and isinstance(new, dict):
         merge_into(old, new, replace_strings)
@@ -114,8 +138,9 @@ def copy_json(value: Any) -> Any:
 
 
 def finished(value: Any) -> Any:
-    """A copy of an accumulated value with every `TextParts` joined into its string."""
-    if type(value) is TextParts:
+    """A copy of an accumulated value with every `TextParts` and `NameParts` joined into its
+    string."""
+    if type(value) is TextParts or type(value) is NameParts:
         return "".join(value)
     if isinstance(value, dict):
         return {k: finished(v) for k, v in value.items()}
