@@ -7,9 +7,13 @@ import json
 from typing import Any
 
 import orjson
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sidecar.config import Pricing
+from sidecar.dialects import get_dialect
+from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.dialects.merge import (
     REPLACED_KEYS,
     TextParts,
@@ -18,6 +22,7 @@ from sidecar.dialects.merge import (
     merge_into,
     partial_json_text,
 )
+from sidecar.sse import Event
 
 
 def concatenating(acc: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -188,3 +193,73 @@ def test_partial_json_of_every_cut_is_part_of_the_whole(value: dict[str, Any], s
         part = partial_json(text[:i])
         assert _is_part_of(part, value), (text[:i], part)
     assert partial_json(text) == value
+
+
+# -- a worker's JSON nested deeper than the interpreter recurses -------------------------------
+
+DEEP = 1000  # orjson reads up to 1,024 levels; the interpreter recurses 1,000 frames
+
+
+def _deep_json(levels: int) -> str:
+    return '{"a":' * levels + "1" + "}" * levels
+
+
+def _event(data: str, name: str | None = None) -> Event:
+    head = b"" if name is None else b"event: " + name.encode() + b"\n"
+    return Event(data, name, raw=head + b"data: " + data.encode() + b"\n\n")
+
+
+def _chunk(choice_extra: str) -> Event:
+    return _event('{"id":"c","object":"chat.completion.chunk","created":1,"model":"m","choices":'
+                  '[{"index":0,"delta":{"content":"t"},"finish_reason":null,"x":' + choice_extra + "}]}")
+
+
+def test_merging_json_nested_too_deeply_is_a_protocol_error() -> None:
+    deep = orjson.loads(_deep_json(DEEP))
+    with pytest.raises(StreamProtocolError):
+        copy_json(deep)
+    with pytest.raises(StreamProtocolError):
+        merge_into({"x": orjson.loads(_deep_json(DEEP))}, {"x": deep})
+    with pytest.raises(StreamProtocolError):
+        finished({"x": deep})
+    assert finished(copy_json(orjson.loads(_deep_json(100)))) == orjson.loads(_deep_json(100))
+
+
+@pytest.mark.parametrize("levels", [600, DEEP])
+def test_aggregating_a_chat_stream_nested_too_deeply_is_a_protocol_error(levels: int) -> None:
+    # it was a RecursionError out of the worker connection's data_received (the client told
+    # the worker reset the connection, an error logged) or an internal error
+    dialect = get_dialect("openai-chat")
+    body = orjson.dumps({"model": "m", "messages": [], "stream": False})
+    translator = dialect.stream(dialect.plan(body, "always", "rid"), Pricing(), aggregate=True)
+    with pytest.raises(StreamProtocolError):
+        translator.feed(_chunk(_deep_json(levels)))
+        translator.feed(_chunk(_deep_json(levels)))
+        translator.feed(_event("[DONE]"))
+        translator.document()
+
+
+def test_aggregating_anthropic_and_responses_streams_nested_too_deeply_is_a_protocol_error() -> None:
+    anthropic = get_dialect("anthropic-messages")
+    body = orjson.dumps({"model": "m", "messages": [], "max_tokens": 5, "stream": False})
+    translator = anthropic.stream(anthropic.plan(body, "always", "rid"), Pricing(), aggregate=True)
+    with pytest.raises(StreamProtocolError):
+        translator.feed(_event('{"type":"content_block_delta","index":0,"delta":{"type":"x_delta",'
+                               '"x":' + _deep_json(DEEP) + "}}", "content_block_delta"))
+    responses = get_dialect("openai-responses")
+    body = orjson.dumps({"model": "m", "input": "x", "stream": True})
+    translator = responses.stream(responses.plan(body, "always", "rid"), Pricing(), aggregate=False)
+    with pytest.raises(StreamProtocolError):
+        translator.feed(_event('{"type":"response.output_item.added","output_index":0,"item":'
+                               + _deep_json(DEEP) + "}", "response.output_item.added"))
+
+
+@pytest.mark.xfail(strict=True, reason="openai.py (helper-71's): _learn_template compares "
+                   "`probe != obj`, a RecursionError for JSON nested ~1,000 deep")
+def test_relaying_a_chat_stream_nested_too_deeply_is_no_internal_error() -> None:
+    dialect = get_dialect("openai-chat")
+    body = orjson.dumps({"model": "m", "messages": [], "stream": True})
+    translator = dialect.stream(dialect.plan(body, "auto", "rid"), Pricing(), aggregate=False)
+    event = _chunk(_deep_json(DEEP))
+    assert translator.feed(event) == event.raw  # passed on as it came, as at 300 levels
+    assert translator.feed(event) == event.raw

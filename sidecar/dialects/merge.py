@@ -2,11 +2,17 @@
 
 Pure: no I/O. Shared by every dialect that aggregates a stream into a
 document (OpenAI choices and tool calls, Anthropic content blocks, ...).
+A worker's JSON nested deeper than the interpreter recurses (orjson reads 1,024 levels)
+is a StreamProtocolError here, as it is where such JSON is written (`jsonio`).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+from sidecar.dialects.jsonio import StreamProtocolError
+
+_TOO_DEEP = "the worker's JSON is nested too deeply to merge"
 
 #: Keys whose repeated value is the same thing said again, not a continuation.
 REPLACED_KEYS = frozenset({"role", "id", "type", "index", "object"})
@@ -94,8 +100,11 @@ def merge_value(key: str, old: Any, new: Any, replace_strings: bool = False) -> 
 
 def merge_into(acc: dict[str, Any], delta: dict[str, Any], replace_strings: bool = False) -> None:
     """Merge `delta` into `acc` in place, field by field (`replace_strings`: see merge_value)."""
-    for key, value in delta.items():
-        acc[key] = merge_value(key, acc.get(key), value, replace_strings)
+    try:
+        for key, value in delta.items():
+            acc[key] = merge_value(key, acc.get(key), value, replace_strings)
+    except RecursionError:
+        raise StreamProtocolError(_TOO_DEEP) from None
 
 
 def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
@@ -130,10 +139,13 @@ def merge_indexed(acc: list[Any], deltas: list[Any]) -> list[Any]:
 
 def copy_json(value: Any) -> Any:
     """A deep copy of a JSON value (so merging never mutates a worker event's objects)."""
-    if isinstance(value, dict):
-        return {k: copy_json(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [copy_json(v) for v in value]
+    try:
+        if isinstance(value, dict):
+            return {k: copy_json(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [copy_json(v) for v in value]
+    except RecursionError:
+        raise StreamProtocolError(_TOO_DEEP) from None
     return value
 
 
@@ -142,10 +154,13 @@ def finished(value: Any) -> Any:
     string."""
     if type(value) is TextParts or type(value) is NameParts:
         return "".join(value)
-    if isinstance(value, dict):
-        return {k: finished(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [finished(v) for v in value]
+    try:
+        if isinstance(value, dict):
+            return {k: finished(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finished(v) for v in value]
+    except RecursionError:
+        raise StreamProtocolError(_TOO_DEEP) from None
     return value
 
 
