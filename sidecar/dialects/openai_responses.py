@@ -91,7 +91,9 @@ class OutputSoFar:
     def __init__(self) -> None:
         self.items: dict[int, dict[str, Any]] = {}
         self.done: set[int] = set()
-        self.pieces: dict[tuple[int, str | None, int | None, str], list[str]] = {}
+        #: per output index, the pieces of each of its delta fields (container, sub, field):
+        #: an item's done drops its own in one step, whatever the number of items still open
+        self.pieces: dict[int, dict[tuple[str | None, int | None, str], list[str]]] = {}
 
     def read(self, kind: str, obj: dict[str, Any]) -> None:
         """Fold one output event in (events it does not know are ignored)."""
@@ -104,8 +106,7 @@ class OutputSoFar:
                 self.items[index] = copy_json(item)
                 if kind == "response.output_item.done":
                     self.done.add(index)
-                    for key in [k for k in self.pieces if k[0] == index]:
-                        del self.pieces[key]
+                    self.pieces.pop(index, None)
             return
         if index in self.done:
             return
@@ -115,8 +116,8 @@ class OutputSoFar:
             if isinstance(delta, str) and delta:
                 container, index_key, field = where
                 sub = obj.get(index_key) if index_key is not None else None
-                key = (index, container, sub if isinstance(sub, int) else None, field)
-                self.pieces.setdefault(key, []).append(delta)
+                key = (container, sub if isinstance(sub, int) else None, field)
+                self.pieces.setdefault(index, {}).setdefault(key, []).append(delta)
             return
         part_where = _PARTS.get(kind)
         if part_where is not None:
@@ -136,14 +137,16 @@ class OutputSoFar:
     def output(self) -> list[dict[str, Any]]:
         """Every item seen, in output order, with its deltas applied."""
         items = {i: copy_json(item) for i, item in self.items.items()}
-        for (index, container, sub, field), pieces in self.pieces.items():
-            target: Any = items.get(index)
-            if target is not None and container is not None:
-                parts = target.get(container)
-                target = parts[sub] if isinstance(parts, list) and sub is not None and 0 <= sub < len(parts) else None
-            if isinstance(target, dict):
-                start = target.get(field)
-                target[field] = (start if isinstance(start, str) else "") + "".join(pieces)
+        for index, fields in self.pieces.items():
+            item = items.get(index)
+            for (container, sub, field), pieces in fields.items():
+                target: Any = item
+                if target is not None and container is not None:
+                    parts = target.get(container)
+                    target = parts[sub] if isinstance(parts, list) and sub is not None and 0 <= sub < len(parts) else None
+                if isinstance(target, dict):
+                    start = target.get(field)
+                    target[field] = (start if isinstance(start, str) else "") + "".join(pieces)
         return [items[i] for i in sorted(items)]
 
 
