@@ -1123,7 +1123,10 @@ def test_a_stream_cut_anywhere_is_never_a_success(
     plan = data.draw(PLANS[dialect])
     n = plan.get("n", 1)
     body = plan["body"]
-    cut = data.draw(st.integers(0, len(body) - 1), label="cut")
+    # before the stream's last line end: a CR alone already ends a line (WHATWG), so a
+    # stream cut between the CR and LF of its last CRLF is whole, not cut short
+    whole_at = len(body) - 1 if body.endswith(b"\r\n") else len(body)
+    cut = data.draw(st.integers(0, whole_at - 1), label="cut")
     head = response_head(200, [("content-type", "text/event-stream"), ("transfer-encoding", "chunked")])
     steps: list[Step] = [Send(head), *([Send(chunk(body[:cut]))] if cut else []), Reset()]
     worker.reply(steps, steps)
