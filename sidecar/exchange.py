@@ -27,7 +27,7 @@ from sidecar.dialects import get_dialect
 from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, StreamTranslator
 from sidecar.dialects.jsonio import BadRequest
 from sidecar.failures import Failure, UpstreamFailure
-from sidecar.framing import body_decoder, head_size
+from sidecar.framing import body_decoder, head_size, keep_body_piece
 from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     H11_RESPONSE_HEADERS,
@@ -594,7 +594,7 @@ class Exchange(StreamListener):
             return
         body_deadline = self.loop.time() + limits.body_timeout
         dialect = self.dialect
-        body_parts: list[bytes] = []
+        body_parts: list[bytes | bytearray] = []
         body_complete = False
         if dialect.reads_body:
             if length is not None and b"transfer-encoding" not in first_values:
@@ -633,13 +633,13 @@ class Exchange(StreamListener):
 
     async def _read_body(self, limit: int, deadline: float) -> bytes:
         """A request body read through h11 (chunked), whole; TooLarge past `limit`."""
-        parts: list[bytes] = []
+        parts: list[bytes | bytearray] = []
         size = 0
         while (part := await self._next_body_part(deadline)) is not None:
             size += len(part)
             if size + self.client.chunk_left(self.conn) > limit:  # counting what a chunk declared
                 raise TooLarge()
-            parts.append(part)
+            keep_body_piece(parts, part)
         return b"".join(parts)
 
     async def _next_body_part(self, deadline: float) -> bytes | None:
@@ -683,7 +683,7 @@ class Exchange(StreamListener):
         self,
         pool: UpstreamPool,
         head: tuple[h11.Request, bytes],
-        body_parts: list[bytes],
+        body_parts: list[bytes | bytearray],
         body_complete: bool,
         body_deadline: float,
     ) -> h11.Response:
@@ -735,7 +735,8 @@ class Exchange(StreamListener):
             )
 
     async def _stream_body(
-        self, conn: UpstreamConnection, body_parts: list[bytes], whole: bool, deadline: float
+        self, conn: UpstreamConnection, body_parts: list[bytes | bytearray], whole: bool,
+        deadline: float,
     ) -> bool:
         """Pass a streamed (passthrough) request body on as it arrives; True once whole.
 
@@ -749,7 +750,7 @@ class Exchange(StreamListener):
         limit = self.generation.config.limits.max_request_body
         size = sum(map(len, body_parts))
         try:
-            conn.send(*(h11.Data(data=p) for p in body_parts))
+            conn.send(*(h11.Data(data=bytes(p)) for p in body_parts))  # (a retry: rare)
             while not whole:
                 part = await self._next_body_part(deadline)
                 if part is None:
@@ -758,7 +759,7 @@ class Exchange(StreamListener):
                 size += len(part)
                 if size + self.client.chunk_left(self.conn) > limit:  # what a chunk declared
                     raise TooLarge()
-                body_parts.append(part)  # kept before the write: a retry sends it again
+                keep_body_piece(body_parts, part)  # kept before the write: a retry sends it again
                 conn.send(h11.Data(data=part))
             conn.send(END_OF_MESSAGE)
             return True

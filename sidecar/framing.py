@@ -6,7 +6,8 @@ read by a decoder with one small interface (`feed(bytes) -> payload pieces`,
 `chunked.ChunkedDecoder` for chunked bodies (every streamed token), and
 `ContentLengthDecoder` for fixed-length ones (every non-streaming answer), so a
 body costs no h11 event per read. Bodies h11 must frame itself (HEAD answers,
-1xx/204/304, read-until-close) get no decoder.
+1xx/204/304, read-until-close) get no decoder. `keep_body_piece` is how a body
+read in pieces (a request's, a worker's document) is held until it is whole.
 """
 
 from __future__ import annotations
@@ -82,3 +83,25 @@ def body_decoder(method: bytes, status: int, headers: Iterable[Header]) -> BodyD
         if name == b"content-length":
             length = value
     return None if length is None else ContentLengthDecoder(int(length))
+
+
+#: body pieces shorter than this are copied into one growing bytearray (see
+#: `keep_body_piece`); longer ones are kept as they came
+SMALL_BODY_PIECE = 4096
+
+
+def keep_body_piece(pieces: list[bytes | bytearray], piece: bytes) -> None:
+    """Add one piece of a body, as read, to the `pieces` kept of it: a small piece
+    is appended to the bytearray the pieces end with (or begins one), a large one is kept
+    as it is (not copied). A body that came a few bytes per read (a client's 1-byte chunks,
+    a worker dripping its document) is held at about its size, not as an object of ~35
+    bytes per read."""
+    if len(piece) < SMALL_BODY_PIECE:
+        if pieces:
+            last = pieces[-1]
+            if type(last) is bytearray:
+                last += piece
+                return
+        pieces.append(bytearray(piece))
+    else:
+        pieces.append(piece)
