@@ -97,6 +97,37 @@ def test_the_literal_decides(literal: bytes, want: int) -> None:
         assert text == orjson.loads(literal)
 
 
+#: the bytes a literal is made of here: quotes, escapes and what follows one, control
+#: bytes, line ends, UTF-8 (whole and cut), surrogate escapes, the template's own bytes
+_HOSTILE = st.lists(
+    st.sampled_from(
+        [b'"', b"\\", b"u", b"d83d", b"de00", b"00e9", b"n", b"a", b" ", b"\x00", b"\x1f",
+         b"\x7f", b"\n", b"\r", b"\xc3\xa9", b"\xc3", b"\xff", b"}", b"]", b",", b":", SUFFIX,
+         PREFIX[-12:]]
+    ),
+    max_size=10,
+).map(b"".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_HOSTILE, st.booleans(), st.booleans())
+def test_the_lane_reads_a_literal_as_the_json_parse_does(
+    middle: bytes, opened: bool, closed: bool
+) -> None:
+    """`chunk_text` compares the literal's quotes with the template's bytes around it and
+    parses the rest once: over hostile literals (an empty or one-byte one, a quote or an
+    escape inside, control bytes, bad UTF-8, the template's own bytes) it says what
+    `template_text`, the literal parsed alone, says."""
+    literal = (b'"' if opened else b"") + middle + (b'"' if closed else b"")
+    assert chunk_text(chunk_with(literal), TEMPLATE) == template_text(literal)
+    # and for a template whose chunks have size lines of other widths
+    for pad in (b"", b"x" * 200, b"x" * 4000):
+        template = TextTemplate.around(PREFIX + pad, SUFFIX)
+        data = frame(PREFIX + pad + literal + SUFFIX) if len(pad) + len(literal) < 4000 else b""
+        if data:
+            assert chunk_text(data, template) == template_text(literal)
+
+
 @pytest.mark.parametrize(
     "data",
     [
