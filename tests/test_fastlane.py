@@ -33,7 +33,7 @@ from tests.test_openai_template import translators, worker_streams
 
 PREFIX = b'data: {"choices":[{"delta":{"content":'
 SUFFIX = b'}}]}\n\n'
-TEMPLATE = TextTemplate.around(PREFIX, SUFFIX)
+TEMPLATE = TextTemplate(PREFIX, SUFFIX)
 
 
 def chunk_with(literal: bytes) -> bytes:
@@ -122,7 +122,7 @@ def test_the_lane_reads_a_literal_as_the_json_parse_does(
     assert chunk_text(chunk_with(literal), TEMPLATE) == template_text(literal)
     # and for a template whose chunks have size lines of other widths
     for pad in (b"", b"x" * 200, b"x" * 4000):
-        template = TextTemplate.around(PREFIX + pad, SUFFIX)
+        template = TextTemplate(PREFIX + pad, SUFFIX)
         data = frame(PREFIX + pad + literal + SUFFIX) if len(pad) + len(literal) < 4000 else b""
         if data:
             assert chunk_text(data, template) == template_text(literal)
@@ -145,7 +145,7 @@ def test_anything_else_is_not_the_lane(data: bytes) -> None:
 
 
 def test_a_template_keeps_the_heads_of_a_few_lengths_and_reads_every_length() -> None:
-    template = TextTemplate.around(PREFIX, SUFFIX)
+    template = TextTemplate(PREFIX, SUFFIX)
     for _ in range(2):  # the second time round, the first lengths come from the cache
         for room in range(40):
             data = chunk_with(b'"' + b"a" * room + b'"')
