@@ -19,14 +19,15 @@ cd "$(dirname "$0")/.."
 kind=${1:-stream}
 n=${2:-100}
 py=${SIDECAR_PYTHON:-.venv/bin/python}
+tokens=${TOKENS:-64}  # tokens per answer (TOKENS=16 and TOKENS=272 split per-stream from per-token cost)
 command -v valgrind >/dev/null || { echo "bench/instructions.sh: needs valgrind (apt-get install valgrind)" >&2; exit 2; }
 case $kind in
-  json) args=(--json --tokens 64) ;;
-  sdkjson) args=(--json --tokens 64 --sdk-headers) ;;
-  stream) args=(--tokens 64) ;;
-  sat) args=(--path /sat/v1/chat/completions --tokens 64) ;;
-  aggregate) args=(--json --path /always/v1/chat/completions --tokens 64) ;;
-  synthesize) args=(--path /never/v1/chat/completions --tokens 64) ;;
+  json) args=(--json --tokens "$tokens") ;;
+  sdkjson) args=(--json --tokens "$tokens" --sdk-headers) ;;
+  stream) args=(--tokens "$tokens") ;;
+  sat) args=(--path /sat/v1/chat/completions --tokens "$tokens") ;;
+  aggregate) args=(--json --path /always/v1/chat/completions --tokens "$tokens") ;;
+  synthesize) args=(--path /never/v1/chat/completions --tokens "$tokens") ;;
   *) echo "usage: bench/instructions.sh [json|sdkjson|stream|sat|aggregate|synthesize] [N]" >&2; exit 2 ;;
 esac
 tmp=$(mktemp -d)

@@ -33,7 +33,7 @@ from tests.test_openai_template import translators, worker_streams
 
 PREFIX = b'data: {"choices":[{"delta":{"content":'
 SUFFIX = b'}}]}\n\n'
-TEMPLATE = TextTemplate.around(PREFIX, SUFFIX)
+TEMPLATE = TextTemplate(PREFIX, SUFFIX)
 
 
 def chunk_with(literal: bytes) -> bytes:
@@ -97,6 +97,35 @@ def test_the_literal_decides(literal: bytes, want: int) -> None:
         assert text == orjson.loads(literal)
 
 
+#: the bytes a literal is made of here: quotes, escapes and what follows one, control
+#: bytes, line ends, UTF-8 (whole and cut), surrogate escapes, the template's own bytes
+_HOSTILE = st.lists(
+    st.sampled_from(
+        [b'"', b"\\", b"u", b"d83d", b"de00", b"00e9", b"n", b"a", b" ", b"\x00", b"\x1f",
+         b"\x7f", b"\n", b"\r", b"\xc3\xa9", b"\xc3", b"\xff", b"}", b"]", b",", b":", SUFFIX,
+         PREFIX[-12:]]
+    ),
+    max_size=10,
+).map(b"".join)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(_HOSTILE, st.booleans(), st.booleans())
+def test_the_lane_reads_a_literal_as_the_json_parse_does(
+    middle: bytes, opened: bool, closed: bool
+) -> None:
+    """`chunk_text` compares the literal's quotes with the template's bytes around it and
+    parses the rest once: over hostile literals (an empty or one-byte one, a quote or an
+    escape inside, control bytes, bad UTF-8, the template's own bytes) it says what
+    `template_text`, the literal parsed alone, says."""
+    literal = (b'"' if opened else b"") + middle + (b'"' if closed else b"")
+    assert chunk_text(chunk_with(literal), TEMPLATE) == template_text(literal)
+    # and for templates whose chunks have size lines of two and three hex digits
+    for pad in (b"x" * 200, b"x" * 3900):
+        template = TextTemplate(PREFIX + pad, SUFFIX)
+        assert chunk_text(frame(PREFIX + pad + literal + SUFFIX), template) == template_text(literal)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -114,7 +143,7 @@ def test_anything_else_is_not_the_lane(data: bytes) -> None:
 
 
 def test_a_template_keeps_the_heads_of_a_few_lengths_and_reads_every_length() -> None:
-    template = TextTemplate.around(PREFIX, SUFFIX)
+    template = TextTemplate(PREFIX, SUFFIX)
     for _ in range(2):  # the second time round, the first lengths come from the cache
         for room in range(40):
             data = chunk_with(b'"' + b"a" * room + b'"')

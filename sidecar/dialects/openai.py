@@ -416,7 +416,7 @@ class OpenAIStream(StreamTranslator):
             if type(parts) is not TextParts:
                 parts = target[key] = TextParts((parts,))
             self._tpl_parts = parts
-        self.text_template = TextTemplate.around(prefix, suffix)
+        self.text_template = TextTemplate(prefix, suffix)
 
     def _absorb(self, obj: dict[str, Any], choices: list[Any]) -> None:
         for key, value in obj.items():
