@@ -407,6 +407,8 @@ class OpenAIStream(StreamTranslator):
         try:
             if probe != obj:
                 return
+        except RecursionError:  # nested deeper than compares go: no template, the general way
+            return
         finally:
             holder[key] = text
         if target is not None:
