@@ -23,6 +23,7 @@ from sidecar.dialects.base import (
 from sidecar.dialects.jsonio import StreamProtocolError
 from sidecar.failures import Failure
 from sidecar.fastlane import TextTemplate, template_chunks
+from sidecar.framing import keep_body_piece
 from sidecar.headers import Header, header_value, without
 from sidecar.sse import (
     BOM,
@@ -587,7 +588,7 @@ class DocumentHandler(BodyHandler):
 
     def __init__(self, exchange: Exchange, headers: list[Header]) -> None:
         self.ex = exchange
-        self.parts: list[bytes] = []
+        self.parts: list[bytes | bytearray] = []  # see keep_body_piece
         self.size = 0
         assert exchange.plan is not None
         self.client_stream = exchange.plan.client_stream
@@ -599,7 +600,7 @@ class DocumentHandler(BodyHandler):
         self.size += len(chunk)
         if self.size > MAX_DOCUMENT:
             raise StreamProtocolError("the worker's JSON document is too large")
-        self.parts.append(chunk)
+        keep_body_piece(self.parts, chunk)
 
     def end(self, at_close: bool = False) -> bool:
         ex = self.ex

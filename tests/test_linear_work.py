@@ -17,7 +17,6 @@ from types import FrameType, SimpleNamespace
 from typing import Any
 
 import orjson
-import pytest
 
 from sidecar.config import Pricing
 from sidecar.dialects import get_dialect
@@ -213,9 +212,6 @@ def test_a_name_streamed_in_pieces_is_not_rebuilt_per_piece() -> None:
     assert finished(acc)["tool_calls"][0]["function"]["name"] == "get_weathers"
 
 
-@pytest.mark.xfail(strict=True, reason="handlers.py (helper-71's): DocumentHandler keeps each "
-                   "read of the worker's document as its own bytes object (~40 bytes per byte "
-                   "when a worker drips it); a bytearray holds it at its size")
 def test_a_document_dripped_a_byte_per_read_is_held_at_about_its_size() -> None:
     # a worker's JSON document that comes a few bytes per read: each read was kept as its own
     # bytes object, ~20 bytes for each byte of 2-byte reads (64 MiB allowed: over 1 GB held)
