@@ -617,7 +617,7 @@ class Exchange(StreamListener):
                 return
             body_parts.append(self.plan.body)
             body_complete = True
-        pool = self.generation.pool_for(route.upstream)
+        pool = self.generation.route_pools[route.name]
         head = self._upstream_head(pool)
         response = await self._send(pool, head, body_parts, body_complete, body_deadline)
         # The worker answered, so the request will not be sent again: neither it nor a long
