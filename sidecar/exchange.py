@@ -32,7 +32,7 @@ from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
 from sidecar.headers import (
     H11_RESPONSE_HEADERS,
     Header,
-    check_raw_head,
+    check_and_read_request_head,
     connection_tokens,
     content_codings,
     end_to_end,
@@ -43,7 +43,6 @@ from sidecar.headers import (
     header_value,
     raw_method_and_path,
     raw_request_id,
-    read_request_head,
     reason,
     request_id_for,
     simple_response,
@@ -133,7 +132,8 @@ async def serve_connection(client: ClientConnection) -> None:
                 _refuse(client, 431, "headers_too_large", "the request head is too large",
                         client.buffer)
                 break
-            problem = check_raw_head(head)
+            # the refusals of `check_raw_head`, and the head read for h11 (below), in one pass
+            problem, read = check_and_read_request_head(head)
             if problem is not None:
                 _refuse(client, 400, "invalid_request", problem, head)
                 break
@@ -143,7 +143,6 @@ async def serve_connection(client: ClientConnection) -> None:
             # head, only the request line and the header lines it acts on, when every other
             # line is one it would take (their list is read here, `read_request_head`); else
             # the whole head, which it refuses
-            read = read_request_head(head)
             conn.receive_data(head if read is None else read[1])
             del client.buffer[: len(head)]
             try:
@@ -618,7 +617,7 @@ class Exchange(StreamListener):
                 return
             body_parts.append(self.plan.body)
             body_complete = True
-        pool = self.generation.pool_for(route.upstream)
+        pool = self.generation.route_pools[route.name]
         head = self._upstream_head(pool)
         response = await self._send(pool, head, body_parts, body_complete, body_deadline)
         # The worker answered, so the request will not be sent again: neither it nor a long

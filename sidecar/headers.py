@@ -53,11 +53,12 @@ def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
 
 
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
-#: A head every check below would pass on its own lines: an origin-form (or `*`) request
-#: line and plain `name:value` header lines. One C-level match instead of a loop per line.
-_PLAIN_HEAD = re.compile(
-    _TOKEN + rb" (?:/[^ \r\n#]*|\*) HTTP/[0-9]\.[0-9]\r?\n(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n"
-)
+#: A request line every check below would pass: an origin-form (or `*`) target
+_PLAIN_REQUEST_LINE = _TOKEN + rb" (?:/[^ \r\n#]*|\*) HTTP/[0-9]\.[0-9]\r?\n"
+_PLAIN_START = re.compile(_PLAIN_REQUEST_LINE)
+#: A head every check below would pass on its own lines: a plain request line and plain
+#: `name:value` header lines. One C-level match instead of a loop per line.
+_PLAIN_HEAD = re.compile(_PLAIN_REQUEST_LINE + rb"(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n")
 #: A Host value (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal or a registered name, and an
 #: optional port; empty is allowed (a target without authority)
 _HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
@@ -73,22 +74,33 @@ def check_raw_head(head: bytes) -> str | None:
     says is no request: a fragment (`#`) in the target, an invalid Host, and
     Transfer-Encoding in an HTTP/1.0 request (framing it must treat as faulty).
     """
-    if _PLAIN_HEAD.fullmatch(head) and not head.startswith(b"CONNECT "):
+    if (
+        _PLAIN_HEAD.fullmatch(head)
+        and not head.startswith(b"CONNECT ")
         # the common case: only the framing headers and Host are left to look at
-        low = head.lower()
-        host = low.find(b"\nhost:")
-        if host >= 0 and (
-            not _HOST_VALUE.fullmatch(low[host + 6 : low.find(b"\n", host + 1)].strip(b" \t\r"))
-            or low.find(b"\nhost:", host + 1) >= 0  # a second Host: each line is checked
-        ):
-            return check_head_lines(head)
-        if b"\ntransfer-encoding:" not in low:
-            at = low.find(b"\ncontent-length:")
-            if at < 0:
-                return None
-            if low.find(b"\ncontent-length:", at + 1) < 0 and b"," not in low[at : low.find(b"\n", at + 1)]:
-                return None
+        and _plain_framing(head.lower())
+    ):
+        return None
     return check_head_lines(head)
+
+
+def _plain_framing(low: bytes) -> bool:
+    """Whether the Host, Content-Length and Transfer-Encoding lines of a lower-cased head
+    (or of those lines alone, each with the LF before it and after it) pass `check_raw_head`
+    as they are: at most one Host, a plain one; no Transfer-Encoding; at most one
+    Content-Length, with no list. False sends the head the general way (`check_head_lines`)."""
+    host = low.find(b"\nhost:")
+    if host >= 0 and (
+        not _HOST_VALUE.fullmatch(low[host + 6 : low.find(b"\n", host + 1)].strip(b" \t\r"))
+        or low.find(b"\nhost:", host + 1) >= 0  # a second Host: each line is checked
+    ):
+        return False
+    if b"\ntransfer-encoding:" in low:
+        return False
+    at = low.find(b"\ncontent-length:")
+    return at < 0 or (
+        low.find(b"\ncontent-length:", at + 1) < 0 and b"," not in low[at : low.find(b"\n", at + 1)]
+    )
 
 
 def check_head_lines(head: bytes) -> str | None:
@@ -356,8 +368,42 @@ def read_request_head(head: bytes) -> tuple[list[Header], bytes] | None:
     pairs = _H11_HEADER_LINE.findall(head, at + 1)
     if _REFUSED_LINE in pairs:
         return None
-    headers = [(name.lower(), value) for name, value in pairs]
+    return _read_lines(head, at, pairs, b"".join(_H11_READ_LINE.findall(head, at)))
+
+
+def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Header], bytes] | None]:
+    """(`check_raw_head(head)`; when that is None, `read_request_head(head)`), in one pass
+    over the head's lines where the two would each make one.
+
+    The common head passes `check_raw_head` on what `read_request_head` finds anyway: when
+    every header line is one h11 takes (`name:value`, no CR or LF inside) and the request
+    line is a plain one, the head is one `_PLAIN_HEAD` matches, and only its Host and
+    framing lines, which are among the lines h11 reads, are left to look at. Any other head
+    is checked by `check_raw_head` itself, so every refusal and its reason stay its own.
+    """
+    at = head.find(b"\n")
+    pairs = _H11_HEADER_LINE.findall(head, at + 1)
     framing = b"".join(_H11_READ_LINE.findall(head, at))
+    if (
+        _REFUSED_LINE in pairs
+        or not _PLAIN_START.match(head)
+        or head.startswith(b"CONNECT ")
+        or not _plain_framing(framing.lower() + b"\n")
+    ):
+        problem = check_raw_head(head)
+        if problem is not None:
+            return problem, None
+        if _REFUSED_LINE in pairs:
+            return None, None
+    return None, _read_lines(head, at, pairs, framing)
+
+
+def _read_lines(
+    head: bytes, at: int, pairs: list[tuple[bytes, bytes]], framing: bytes
+) -> tuple[list[Header], bytes]:
+    """`read_request_head` for a head whose every header line h11 takes: `at`, its request
+    line's LF; `pairs`, its lines' names and values; `framing`, the lines h11 reads."""
+    headers = [(name.lower(), value) for name, value in pairs]
     if framing and _H11_REWRITES.search(framing):
         headers = _as_h11_gives(headers)
     # the last header line's LF and the blank line

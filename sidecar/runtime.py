@@ -30,6 +30,12 @@ class Generation:
 
     config: Config
     pools: dict[UpstreamConfig, UpstreamPool] = field(default_factory=dict)
+    #: each route's pool by route name, looked up once here: `pools` is keyed by the
+    #: (frozen) upstream config, whose hash is worked out over all its fields at each look-up
+    route_pools: dict[str, UpstreamPool] = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.route_pools = {route.name: self.pool_for(route.upstream) for route in self.config.routes}
 
     def pool_for(self, upstream: UpstreamConfig) -> UpstreamPool:
         pool = self.pools.get(upstream)

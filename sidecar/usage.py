@@ -138,12 +138,28 @@ def usage_from_openai(obj: dict[str, Any]) -> Usage:
     completion_tokens_details.reasoning_tokens; anything missing, null or of
     the wrong type is treated as not reported.
     """
-    return Usage(
-        prompt_tokens=_count(obj, "prompt_tokens"),
-        completion_tokens=_count(obj, "completion_tokens"),
-        cached_tokens=_count(_sub(obj, "prompt_tokens_details"), "cached_tokens"),
-        reasoning_tokens=_count(_sub(obj, "completion_tokens_details"), "reasoning_tokens"),
-        total_tokens=_count(obj, "total_tokens"),
+    # `_count` and `_sub` written out: once per answer, and seven calls cost as much again
+    if not isinstance(obj, dict):
+        return Usage()
+    get = obj.get
+    prompt = get("prompt_tokens")
+    completion = get("completion_tokens")
+    total = get("total_tokens")
+    cached = get("prompt_tokens_details")
+    if cached is not None:
+        cached = cached.get("cached_tokens") if isinstance(cached, dict) else None
+    reasoning = get("completion_tokens_details")
+    if reasoning is not None:
+        reasoning = reasoning.get("reasoning_tokens") if isinstance(reasoning, dict) else None
+    return Usage(  # by position: keyword arguments cost a third more
+        prompt if type(prompt) is int and prompt >= 0 else None,  # prompt_tokens
+        completion if type(completion) is int and completion >= 0 else None,  # completion_tokens
+        cached if type(cached) is int and cached >= 0 else None,  # cached_tokens
+        reasoning if type(reasoning) is int and reasoning >= 0 else None,  # reasoning_tokens
+        None,  # cache_write_tokens
+        False,  # estimated
+        None,  # input_tokens_uncached
+        total if type(total) is int and total >= 0 else None,  # total_tokens
     )
 
 
@@ -153,11 +169,23 @@ def usage_from_responses(obj: dict[str, Any]) -> Usage:
     input_tokens (which already includes the cached ones), output_tokens,
     input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens.
     """
+    # written out as `usage_from_openai` is
+    if not isinstance(obj, dict):
+        return Usage()
+    get = obj.get
+    prompt = get("input_tokens")
+    completion = get("output_tokens")
+    cached = get("input_tokens_details")
+    if cached is not None:
+        cached = cached.get("cached_tokens") if isinstance(cached, dict) else None
+    reasoning = get("output_tokens_details")
+    if reasoning is not None:
+        reasoning = reasoning.get("reasoning_tokens") if isinstance(reasoning, dict) else None
     return Usage(
-        prompt_tokens=_count(obj, "input_tokens"),
-        completion_tokens=_count(obj, "output_tokens"),
-        cached_tokens=_count(_sub(obj, "input_tokens_details"), "cached_tokens"),
-        reasoning_tokens=_count(_sub(obj, "output_tokens_details"), "reasoning_tokens"),
+        prompt if type(prompt) is int and prompt >= 0 else None,  # prompt_tokens
+        completion if type(completion) is int and completion >= 0 else None,  # completion_tokens
+        cached if type(cached) is int and cached >= 0 else None,  # cached_tokens
+        reasoning if type(reasoning) is int and reasoning >= 0 else None,  # reasoning_tokens
     )
 
 
@@ -286,10 +314,23 @@ def anthropic_cost(usage: Usage, price: Price) -> Decimal:
     return _per_million(total, exponent)
 
 
-#: the cost last written and its text: a request's one cost is written up to four times
-#: (`usage.cost` in the body, `x-sidecar-cost`, the ledger, the access log), worked out
-#: once. One tuple, so that a thread never reads one cost with another's text.
-_last_cost_text: tuple[Decimal | None, str] = (None, "")
+#: the cost last written, its text and that text as bytes: a request's one cost is written
+#: up to five times (`usage.cost` in the body, `x-sidecar-cost`, the ledger, the access log,
+#: the metrics), worked out once. One tuple, so that a thread never reads one cost with
+#: another's text.
+_last_cost_text: tuple[Decimal | None, str, bytes] = (None, "", b"")
+
+
+def _cost_texts(cost: Decimal) -> tuple[Decimal | None, str, bytes]:
+    """(cost, `cost_header_value(cost)`, its ASCII bytes), kept as the last ones. Each
+    caller below first looks whether `cost` is the last one: the same (immutable) object,
+    held here, has the same text."""
+    global _last_cost_text
+    if not cost.is_finite():
+        raise ValueError(f"cost is not finite: {cost!r}")
+    text = "0" if cost.is_zero() else format(cost.normalize(_CTX), "f")
+    last = _last_cost_text = (cost, text, text.encode("ascii"))
+    return last
 
 
 def cost_header_value(cost: Decimal) -> str:
@@ -298,24 +339,19 @@ def cost_header_value(cost: Decimal) -> str:
     Decimal("0.0000103") -> "0.0000103", Decimal("1.50") -> "1.5", 0 -> "0".
     Exact: every digit of the Decimal is kept.
     """
-    global _last_cost_text
     last = _last_cost_text
-    if cost is last[0]:  # the same (immutable) object, held here: the same text
-        return last[1]
-    if not cost.is_finite():
-        raise ValueError(f"cost is not finite: {cost!r}")
-    text = "0" if cost.is_zero() else format(cost.normalize(_CTX), "f")
-    _last_cost_text = (cost, text)
-    return text
+    return last[1] if cost is last[0] else _cost_texts(cost)[1]
 
 
 def cost_json_number(cost: Decimal) -> orjson.Fragment:
     """The value injected as `usage.cost` in a client's JSON (written by orjson): the exact
     fixed-point number, as in `x-sidecar-cost` and the ledger (`0.0000103`, never a binary
     float's `1.03e-05`, nor one rounded to 17 digits)."""
-    return orjson.Fragment(cost_literal(cost))
+    last = _last_cost_text
+    return orjson.Fragment(last[2] if cost is last[0] else _cost_texts(cost)[2])
 
 
 def cost_literal(cost: Decimal) -> bytes:
     """The exact JSON number literal of a cost, for the ledger (b"0.0000103")."""
-    return cost_header_value(cost).encode("ascii")
+    last = _last_cost_text
+    return last[2] if cost is last[0] else _cost_texts(cost)[2]

@@ -18,6 +18,7 @@ from hypothesis import strategies as st
 
 from sidecar.headers import (
     H11_READS_IN_REQUESTS,
+    check_and_read_request_head,
     check_raw_head,
     end_to_end,
     end_to_end_lines,
@@ -231,3 +232,55 @@ def test_the_worker_head_drops_what_connection_names_past_a_keep_alive(
     anyway (the SDK's `keep-alive`): the same lines as the general way."""
     general = b"".join([n + b": " + v + b"\r\n" for n, v in end_to_end(headers, *also)])
     assert end_to_end_lines(headers, *also) == general
+
+
+#: request lines check_raw_head refuses, or sends its own general way
+checked_request_line = st.one_of(
+    request_line,
+    st.tuples(
+        st.sampled_from([b"POST", b"GET", b"CONNECT", b"connect", b"CONNECTX"]),
+        st.sampled_from([b" / ", b" * ", b" /a#b ", b" http://x/ ", b" x.example:443 ",
+                         b" /a b ", b" "]),
+        st.sampled_from([b"HTTP/1.1", b"HTTP/1.0", b"HTTP/11"]),
+        st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b" \r\n"]),
+    ).map(b"".join),
+)
+#: Host values check_raw_head takes and refuses
+host_value = st.sampled_from([b"a", b"", b"x.example:8080", b"[::1]:80", b"a b", b"a/b",
+                              b"a@b", b"[::1", b"A.Example", b"a:b:c", b"%41"])
+framing_line = st.tuples(
+    st.sampled_from([b"Host", b"host", b"HOST", b"Content-Length", b"content-length",
+                     b"Transfer-Encoding", b"transfer-encoding"]),
+    st.just(b":"), ows, st.one_of(host_value, st.sampled_from(VALUES)), ows, eol,
+).map(b"".join)
+checked_header_line = st.one_of(header_line, framing_line)
+
+
+@settings(max_examples=3000, deadline=None)
+@given(checked_request_line, st.lists(checked_header_line, max_size=8), eol)
+@example(b"CONNECT x.example:443 HTTP/1.1\r\n", [b"Host: x.example\r\n"], b"\r\n")
+@example(b"GET /a#b HTTP/1.1\r\n", [b"Host: a\r\n"], b"\r\n")
+@example(b"GET / HTTP/1.1\r\n", [b"Host: a b\r\n"], b"\r\n")
+@example(b"GET / HTTP/1.1\r\n", [b"Host: a\r\n", b"Host: a\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Content-Length: 5\r\n", b"Content-Length: 5\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Content-Length: 5, 5\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Content-Length: 5,\n"], b"\n")
+@example(b"POST / HTTP/1.0\r\n", [b"Transfer-Encoding: chunked\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Transfer-Encoding: chunked\r\n", b"Content-Length: 5\r\n"],
+         b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Host: a\r\n", b"X: a\x0bb\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b"Host : a\r\n"], b"\r\n")
+@example(b"POST / HTTP/1.1\r\n", [b" Host: a\r\n"], b"\r\n")
+def test_one_pass_checks_and_reads_a_head_as_check_raw_head_then_read_request_head(
+    start: bytes, lines: list[bytes], blank: bytes
+) -> None:
+    """check_and_read_request_head (serve_connection's one pass) refuses what check_raw_head
+    refuses, with its reason, and reads what it takes as read_request_head does."""
+    raw = start + b"".join(lines) + blank
+    end = find_head_end(raw)
+    assert end > 0
+    head = raw[:end]
+    problem = check_raw_head(head)
+    assert check_and_read_request_head(head) == (
+        problem, read_request_head(head) if problem is None else None
+    ), head

@@ -91,6 +91,45 @@ def test_responses_usage() -> None:
     assert usage_from_responses({"input_tokens": None, "output_tokens_details": None}) == Usage()
 
 
+#: JSON values a usage field may hold, junk included
+_junk = st.one_of(
+    st.none(), st.booleans(), st.integers(-3, 10**12), st.floats(allow_nan=False),
+    st.text(max_size=3), st.lists(st.integers(), max_size=2),
+)
+_details = st.one_of(_junk, st.dictionaries(
+    st.sampled_from(["cached_tokens", "reasoning_tokens", "x"]), _junk, max_size=3))
+_usage_obj = st.dictionaries(
+    st.sampled_from([
+        "prompt_tokens", "completion_tokens", "total_tokens", "prompt_tokens_details",
+        "completion_tokens_details", "input_tokens", "output_tokens", "input_tokens_details",
+        "output_tokens_details",
+    ]),
+    st.one_of(_junk, _details),
+    max_size=9,
+)
+
+
+@given(st.one_of(_usage_obj, _junk))
+def test_openai_and_responses_usage_read_each_field_as_count_does(obj: object) -> None:
+    """usage_from_openai and usage_from_responses (written out for speed) read what
+    `_count` and `_sub` read, field by field."""
+    from sidecar.usage import _count, _sub
+
+    assert usage_from_openai(obj) == Usage(  # type: ignore[arg-type]
+        prompt_tokens=_count(obj, "prompt_tokens"),
+        completion_tokens=_count(obj, "completion_tokens"),
+        cached_tokens=_count(_sub(obj, "prompt_tokens_details"), "cached_tokens"),
+        reasoning_tokens=_count(_sub(obj, "completion_tokens_details"), "reasoning_tokens"),
+        total_tokens=_count(obj, "total_tokens"),
+    )
+    assert usage_from_responses(obj) == Usage(  # type: ignore[arg-type]
+        prompt_tokens=_count(obj, "input_tokens"),
+        completion_tokens=_count(obj, "output_tokens"),
+        cached_tokens=_count(_sub(obj, "input_tokens_details"), "cached_tokens"),
+        reasoning_tokens=_count(_sub(obj, "output_tokens_details"), "reasoning_tokens"),
+    )
+
+
 def test_anthropic_usage_prompt_is_sum_of_parts() -> None:
     u = usage_from_anthropic(
         {
