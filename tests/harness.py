@@ -51,6 +51,7 @@ import itertools
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import struct
@@ -1775,3 +1776,83 @@ def metric_samples(text: str) -> MetricSamples:
             assert key not in out, f"duplicate sample {key}"
             out[key] = s.value
     return out
+
+
+# ============================================================================ nginx beside it
+
+#: Debian's nginx, where it is installed (CI installs none: tests that compare with it run
+#: their sidecar side alone there)
+NGINX = next(
+    (p for p in (shutil.which("nginx"), "/usr/sbin/nginx") if p and os.access(p, os.X_OK)), None
+)
+
+_NGINX_CONF = """\
+worker_processes 1;
+daemon off;
+master_process on;
+pid {dir}/nginx.pid;
+error_log {dir}/nginx-error.log warn;
+{user}
+events {{ worker_connections 256; }}
+http {{
+    access_log off;
+    client_body_temp_path {dir}/body;
+    proxy_temp_path {dir}/proxy;
+    fastcgi_temp_path {dir}/fastcgi;
+    uwsgi_temp_path {dir}/uwsgi;
+    scgi_temp_path {dir}/scgi;
+    {http}
+    upstream worker {{ server 127.0.0.1:{wport}; keepalive 8; }}
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            proxy_pass http://worker;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            {location}
+        }}
+    }}
+}}
+"""
+
+
+@contextlib.contextmanager
+def nginx_in_front(
+    worker_port: int, directory: Path, http: str = "", location: str = ""
+) -> Iterator[tuple[str, int] | None]:
+    """nginx as a reverse proxy in front of the worker at `worker_port` (bench/run.py's
+    shape: HTTP/1.1 to an upstream keep-alive pool; unprivileged, its files in `directory`),
+    with `http` and `location` directives added; its address, or None where nginx is not
+    installed."""
+    if NGINX is None:
+        yield None
+        return
+    port = free_port()
+    conf = directory / "nginx.conf"
+    conf.write_text(_NGINX_CONF.format(
+        dir=directory, wport=worker_port, port=port, http=http, location=location,
+        user="user root root;" if os.geteuid() == 0 else "",
+    ))
+    proc = subprocess.Popen(
+        [NGINX, "-p", str(directory), "-e", str(directory / "nginx-error.log"), "-c", str(conf)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((LOOPBACK, port), 0.2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError("nginx did not start: " + (
+                        directory / "nginx-error.log").read_text(errors="replace")) from None
+                time.sleep(0.02)
+        yield (LOOPBACK, port)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -26,14 +26,8 @@ worker.
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
-import signal
-import subprocess
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -45,9 +39,9 @@ from tests.harness import (
     RawResponse,
     WorkerRequest,
     chat_completion,
-    free_port,
     http_response,
     json_reply,
+    nginx_in_front,
     serving,
 )
 
@@ -318,73 +312,12 @@ def answer(request: WorkerRequest) -> Any:
     return http_response(200, b'{"ok":true}')
 
 
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-master_process off;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-{user}
-events {{ worker_connections 64; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    client_max_body_size 1m;
-    upstream worker {{ server 127.0.0.1:{wport}; keepalive 8; }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://worker;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-        }}
-    }}
-}}
-"""
-
-
-def nginx_binary() -> str | None:
-    for cand in (shutil.which("nginx"), "/usr/sbin/nginx"):
-        if cand and os.access(cand, os.X_OK):
-            return cand
-    return None
-
-
 @pytest.fixture(scope="module")
 def nginx(module_worker: FakeWorker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int] | None]:
-    """nginx in front of the module's worker (bench/run.py's shape, unprivileged), or None
-    where it is not installed."""
-    binary = nginx_binary()
-    if binary is None:
-        yield None
-        return
-    directory: Path = tmp_path_factory.mktemp("nginx")
-    port = free_port()
-    user = "user root root;" if os.geteuid() == 0 else ""
-    conf = directory / "nginx.conf"
-    conf.write_text(NGINX_CONF.format(dir=directory, wport=module_worker.port, port=port, user=user))
-    proc = subprocess.Popen([binary, "-p", str(directory), "-e", str(directory / "nginx-error.log"),
-                             "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            with contextlib.suppress(OSError), RawClient(("127.0.0.1", port), timeout=1):
-                break
-            if proc.poll() is not None or time.monotonic() > deadline:
-                pytest.fail("nginx did not start: " + (directory / "nginx-error.log").read_text())
-            time.sleep(0.02)
-        yield ("127.0.0.1", port)
-    finally:
-        proc.send_signal(signal.SIGQUIT if proc.poll() is None else 0)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+    """nginx in front of the module's worker, or None where it is not installed."""
+    with nginx_in_front(module_worker.port, tmp_path_factory.mktemp("nginx"),
+                        http="client_max_body_size 1m;") as address:
+        yield address
 
 
 @pytest.fixture(scope="module")

@@ -28,15 +28,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
-import shutil
 import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -58,48 +53,13 @@ from tests.harness import (
     chat_completion,
     chat_stream_events,
     daemon_config,
+    nginx_in_front,
     request_bytes,
     serving,
     sse_payloads,
 )
 
 # ============================================================================ the proxies
-
-NGINX = next(
-    (p for p in (shutil.which("nginx"), "/usr/sbin/nginx") if p and Path(p).is_file()), None
-)
-
-NGINX_CONF = """\
-worker_processes 1;
-daemon off;
-master_process on;
-pid {dir}/nginx.pid;
-error_log {dir}/nginx-error.log warn;
-{user}
-events {{ worker_connections 256; }}
-http {{
-    access_log off;
-    client_body_temp_path {dir}/body;
-    proxy_temp_path {dir}/proxy;
-    fastcgi_temp_path {dir}/fastcgi;
-    uwsgi_temp_path {dir}/uwsgi;
-    scgi_temp_path {dir}/scgi;
-    upstream worker {{
-        server 127.0.0.1:{wport};
-        keepalive 8;
-    }}
-    server {{
-        listen 127.0.0.1:{port};
-        location / {{
-            proxy_pass http://worker;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_buffering off;
-            proxy_read_timeout 1s;
-        }}
-    }}
-}}
-"""
 
 IDLE = "500ms"  # sidecar's idle_timeout here (nginx's proxy_read_timeout is 1s)
 
@@ -114,37 +74,9 @@ def sidecar(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]
 @pytest.fixture(scope="module")
 def nginx(module_worker: FakeWorker, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, int] | None]:
     """nginx in front of the same worker, or None when it is not installed."""
-    if NGINX is None:
-        yield None
-        return
-    directory = tmp_path_factory.mktemp("nginx")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    (directory / "nginx.conf").write_text(NGINX_CONF.format(
-        dir=directory, wport=module_worker.port, port=port,
-        user="user root root;" if os.geteuid() == 0 else "",
-    ))
-    proc = subprocess.Popen(
-        [NGINX, "-p", str(directory), "-e", str(directory / "nginx-error.log"),
-         "-c", str(directory / "nginx.conf")],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), 0.2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    pytest.fail("nginx did not start: "
-                                + (directory / "nginx-error.log").read_text(errors="replace"))
-                time.sleep(0.02)
-        yield ("127.0.0.1", port)
-    finally:
-        proc.terminate()
-        proc.wait(5)
+    with nginx_in_front(module_worker.port, tmp_path_factory.mktemp("nginx"),
+                        location="proxy_buffering off; proxy_read_timeout 1s;") as address:
+        yield address
 
 
 @pytest.fixture
