@@ -138,17 +138,42 @@ def usage_from_openai(obj: dict[str, Any]) -> Usage:
     completion_tokens_details.reasoning_tokens; anything missing, null or of
     the wrong type is treated as not reported.
     """
+    return _read_usage(obj, "prompt_tokens", "completion_tokens", "prompt_tokens_details",
+                       "completion_tokens_details", "total_tokens")
+
+
+def usage_from_responses(obj: dict[str, Any]) -> Usage:
+    """Usage from an OpenAI Responses `response.usage` object.
+
+    input_tokens (which already includes the cached ones), output_tokens,
+    input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens.
+    """
+    return _read_usage(obj, "input_tokens", "output_tokens", "input_tokens_details",
+                       "output_tokens_details", None)
+
+
+def _read_usage(
+    obj: Any,
+    prompt_key: str,
+    completion_key: str,
+    prompt_details: str,
+    completion_details: str,
+    total_key: str | None,
+) -> Usage:
+    """The counts of an OpenAI-shaped usage object under these names (cached and reasoning
+    tokens inside the two details objects); anything missing, null, negative or not an
+    integer is not reported."""
     # `_count` and `_sub` written out: once per answer, and seven calls cost as much again
     if not isinstance(obj, dict):
         return Usage()
     get = obj.get
-    prompt = get("prompt_tokens")
-    completion = get("completion_tokens")
-    total = get("total_tokens")
-    cached = get("prompt_tokens_details")
+    prompt = get(prompt_key)
+    completion = get(completion_key)
+    total = get(total_key) if total_key is not None else None
+    cached = get(prompt_details)
     if cached is not None:
         cached = cached.get("cached_tokens") if isinstance(cached, dict) else None
-    reasoning = get("completion_tokens_details")
+    reasoning = get(completion_details)
     if reasoning is not None:
         reasoning = reasoning.get("reasoning_tokens") if isinstance(reasoning, dict) else None
     return Usage(  # by position: keyword arguments cost a third more
@@ -160,32 +185,6 @@ def usage_from_openai(obj: dict[str, Any]) -> Usage:
         False,  # estimated
         None,  # input_tokens_uncached
         total if type(total) is int and total >= 0 else None,  # total_tokens
-    )
-
-
-def usage_from_responses(obj: dict[str, Any]) -> Usage:
-    """Usage from an OpenAI Responses `response.usage` object.
-
-    input_tokens (which already includes the cached ones), output_tokens,
-    input_tokens_details.cached_tokens, output_tokens_details.reasoning_tokens.
-    """
-    # written out as `usage_from_openai` is
-    if not isinstance(obj, dict):
-        return Usage()
-    get = obj.get
-    prompt = get("input_tokens")
-    completion = get("output_tokens")
-    cached = get("input_tokens_details")
-    if cached is not None:
-        cached = cached.get("cached_tokens") if isinstance(cached, dict) else None
-    reasoning = get("output_tokens_details")
-    if reasoning is not None:
-        reasoning = reasoning.get("reasoning_tokens") if isinstance(reasoning, dict) else None
-    return Usage(
-        prompt if type(prompt) is int and prompt >= 0 else None,  # prompt_tokens
-        completion if type(completion) is int and completion >= 0 else None,  # completion_tokens
-        cached if type(cached) is int and cached >= 0 else None,  # cached_tokens
-        reasoning if type(reasoning) is int and reasoning >= 0 else None,  # reasoning_tokens
     )
 
 
