@@ -557,6 +557,25 @@ def _cut_after_each_cr(body: bytes) -> list[bytes]:
     return [body[a:b] for a, b in itertools.pairwise(cuts) if b > a]
 
 
+def _sdk_httpx_sse_and_raw(proxy: Daemon) -> tuple[list[httpx_sse.ServerSentEvent], bytes]:
+    """One chat stream (the worker's next three answers) read by the openai SDK (which parses
+    every event it dispatches: the content and the cost arrive), by httpx-sse (no event with
+    empty data, `[DONE]` last: its events returned) and raw (the body's bytes returned)."""
+    stream = sdk(proxy).chat.completions.create(
+        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    assert content_of(chunks) == "Hello!"
+    assert chunks[-1].usage is not None and chunks[-1].usage.cost == pytest.approx(COST)
+    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True), timeout=10)
+    dispatched = list(httpx_sse.EventSource(response).iter_sse())
+    assert [e for e in dispatched if not e.data] == [], dispatched
+    assert dispatched[-1].data == "[DONE]", dispatched
+    with RawClient(proxy.address) as raw:
+        raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
+        return dispatched, raw.read_response().body
+
+
 @pytest.mark.parametrize(
     "case", ["stray-blank-lines", "split-crlf", "split-crlf-only-usage-re-encoded", "worker-keep-alives"]
 )
@@ -588,19 +607,7 @@ def test_no_blank_line_of_the_worker_becomes_an_empty_event_after_an_id(
                                        ("transfer-encoding", "chunked")])),
               *(Send(frame_chunk(p)) for p in pieces), Send(LAST_CHUNK)]
     w.reply(script, script, script)
-    stream = sdk(proxy).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
-    )
-    chunks = list(stream)  # the SDK parses every event it dispatches
-    assert content_of(chunks) == "Hello!"
-    assert chunks[-1].usage is not None and chunks[-1].usage.cost == pytest.approx(COST)
-    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True), timeout=10)
-    dispatched = list(httpx_sse.EventSource(response).iter_sse())
-    assert [e.data for e in dispatched if not e.data] == [], dispatched
-    assert dispatched[-1].data == "[DONE]"
-    with RawClient(proxy.address) as raw:
-        raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
-        sent = raw.read_response().body
+    _, sent = _sdk_httpx_sse_and_raw(proxy)
     if case == "worker-keep-alives":
         assert sent.count(b": ping\n") == len(events) and b": ping\n\n" not in sent, sent
     elif case != "stray-blank-lines":  # the events passed on as they came: CRLF, whole
@@ -619,20 +626,9 @@ def test_a_worker_block_without_data_reaches_no_client_as_an_event(
     data_less = [b"event: progress\n\n", b"retry: 1500\n\n", b"id: 41\r\n\r\n"]
     body = b"".join(e + extra for e, extra in zip(events, itertools.cycle(data_less)))
     w.reply(*[sse_reply([body])] * 3)
-    stream = sdk(proxy).chat.completions.create(
-        model=MODEL, messages=MESSAGES, stream=True, stream_options={"include_usage": True}
-    )
-    chunks = list(stream)  # the SDK parses every event it dispatches
-    assert content_of(chunks) == "Hello!"
-    assert chunks[-1].usage is not None and chunks[-1].usage.cost == pytest.approx(COST)
-    response = httpx.post(f"{proxy.url}/v1/chat/completions", json=chat_body(stream=True), timeout=10)
-    dispatched = list(httpx_sse.EventSource(response).iter_sse())
-    assert [e for e in dispatched if not e.data] == [], dispatched
+    dispatched, sent = _sdk_httpx_sse_and_raw(proxy)
     assert {e.event for e in dispatched} == {"message"}, dispatched
-    assert dispatched[-1].data == "[DONE]" and dispatched[-1].id == "41", dispatched
-    with RawClient(proxy.address) as raw:
-        raw.send(request_bytes("POST", "/v1/chat/completions", chat_body(stream=True)))
-        sent = raw.read_response().body
+    assert dispatched[-1].id == "41", dispatched
     assert b"event:" not in sent and b"retry: 1500\n" in sent and b"id: 41\r\n" in sent, sent
 
 
