@@ -91,17 +91,18 @@ SMALL_BODY_PIECE = 4096
 
 
 def keep_body_piece(pieces: list[bytes | bytearray], piece: bytes) -> None:
-    """Add one piece of a body, as read, to the `pieces` kept of it: a small piece
-    is appended to the bytearray the pieces end with (or begins one), a large one is kept
-    as it is (not copied). A body that came a few bytes per read (a client's 1-byte chunks,
-    a worker dripping its document) is held at about its size, not as an object of ~35
-    bytes per read."""
-    if len(piece) < SMALL_BODY_PIECE:
-        if pieces:
-            last = pieces[-1]
-            if type(last) is bytearray:
-                last += piece
-                return
-        pieces.append(bytearray(piece))
-    else:
-        pieces.append(piece)
+    """Add one piece of a body, as read, to the `pieces` kept of it: a small piece after
+    a small one is appended to the bytearray the pieces end with (made of the two), any
+    other is kept as it is (not copied: a body that came in one read stays that read).
+    A body that came a few bytes per read (a client's 1-byte chunks, a worker dripping its
+    document) is held at about its size, not as an object of ~35 bytes per read."""
+    if pieces and len(piece) < SMALL_BODY_PIECE:
+        last = pieces[-1]
+        if type(last) is bytearray:
+            last += piece
+            return
+        if len(last) < SMALL_BODY_PIECE:  # two small pieces: from now on one buffer
+            pieces[-1] = joined = bytearray(last)
+            joined += piece
+            return
+    pieces.append(piece)  # the first piece (a body in one read: not copied) or a large one
