@@ -798,7 +798,11 @@ class Exchange(StreamListener):
                 raise UpstreamFailure(
                     failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head"
                 ) from None
-            if isinstance(event, _HEADS) and head_size(event.reason, event.headers) > conn.max_head:
+            if (
+                conn.head_bytes > conn.max_head
+                and isinstance(event, _HEADS)
+                and head_size(event.reason, event.headers) > conn.max_head
+            ):
                 # h11 bounds only a head still incomplete: the same head that came whole in
                 # one read is refused too, not served or refused by how the bytes arrived
                 raise UpstreamFailure(

@@ -69,6 +69,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._h11_starved = True
         # the head being read is known to begin as a status line must (see `next_event`)
         self._head_begun = False
+        #: bytes h11 was given in this cycle's head phase: no head is larger than them (a
+        #: head's size is measured only past `max_head` of them, see `Exchange._response_head`)
+        self.head_bytes = 0
         self._pending: list[bytes] = []  # bytes before a consumer (a list: a deque is 770 B)
         self._pending_size = 0
         self._held_back = False  # reading paused: _pending reached PENDING_HIGH_WATER
@@ -174,6 +177,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = False
         self._h11_starved = True
         self._head_begun = False
+        self.head_bytes = 0
 
     def send(self, *events: h11.Event) -> None:
         """Serialize h11 events and write them at once; UpstreamFailure if the socket is gone."""
@@ -206,7 +210,9 @@ class UpstreamConnection(asyncio.Protocol):
         TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:
             if self._pending:
-                self.h11.receive_data(self._take_pending())
+                data = self._take_pending()
+                self.head_bytes += len(data)
+                self.h11.receive_data(data)
                 self._h11_starved = False
                 if self._held_back:
                     self._held_back = False
