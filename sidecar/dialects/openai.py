@@ -125,13 +125,14 @@ def _choice_index(choice: dict[str, Any]) -> int:
     return index
 
 
-def _content_bearing(part: Any) -> bool:
-    """A chat `delta` or a completions `text` that carries generated content."""
+def _content_bearing(part: Any, but: str = "") -> bool:
+    """A chat `delta` or a completions `text` that carries generated content; `but`: a text
+    key of the delta (`_TEXT_KEYS`) whose content is not counted."""
     if type(part) is dict:
         return bool(
-            part.get("content")
-            or part.get("reasoning_content")
-            or part.get("reasoning")
+            (but != "content" and part.get("content"))
+            or (but != "reasoning_content" and part.get("reasoning_content"))
+            or (but != "reasoning" and part.get("reasoning"))
             or part.get("tool_calls")
         )
     return bool(part) and type(part) is str
@@ -364,11 +365,8 @@ class OpenAIStream(StreamTranslator):
             if found is None:
                 return
             holder, key = delta, found
-            if delta.get("tool_calls"):  # (what `_content_bearing` reads, but for the text)
+            if _content_bearing(delta, but=key):  # content beside the text
                 return
-            for text_key in _TEXT_KEYS:
-                if text_key != key and delta.get(text_key):
-                    return
         text = holder.get(key)
         if type(text) is not str or not text:
             # an empty text is the role announcement, not a token: its bytes never repeat
