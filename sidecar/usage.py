@@ -126,10 +126,6 @@ def _count(obj: Any, key: str) -> int | None:
     return value
 
 
-def _sub(obj: Any, key: str) -> Any:
-    return obj.get(key) if isinstance(obj, dict) else None
-
-
 def usage_from_openai(obj: dict[str, Any]) -> Usage:
     """Usage from an OpenAI chat/completions `usage` object.
 
@@ -163,7 +159,8 @@ def _read_usage(
     """The counts of an OpenAI-shaped usage object under these names (cached and reasoning
     tokens inside the two details objects); anything missing, null, negative or not an
     integer is not reported."""
-    # `_count` and `_sub` written out: once per answer, and seven calls cost as much again
+    # `_count` written out (and each details object looked into here): once per answer,
+    # and seven calls cost as much again
     if not isinstance(obj, dict):
         return Usage()
     get = obj.get
@@ -346,8 +343,7 @@ def cost_json_number(cost: Decimal) -> orjson.Fragment:
     """The value injected as `usage.cost` in a client's JSON (written by orjson): the exact
     fixed-point number, as in `x-sidecar-cost` and the ledger (`0.0000103`, never a binary
     float's `1.03e-05`, nor one rounded to 17 digits)."""
-    last = _last_cost_text
-    return orjson.Fragment(last[2] if cost is last[0] else _cost_texts(cost)[2])
+    return orjson.Fragment(cost_literal(cost))
 
 
 def cost_literal(cost: Decimal) -> bytes:
