@@ -273,11 +273,6 @@ _new_id_prefix()
 os.register_at_fork(after_in_child=_new_id_prefix)  # worker processes must not share ids
 
 
-def request_id_from(headers: Iterable[Header]) -> str:
-    """The client's `x-request-id` when it is a sane token, else a fresh one."""
-    return request_id_for(header_value(headers, b"x-request-id"))
-
-
 def request_id_for(given: bytes | None) -> str:
     """`given` (an `x-request-id` value, or None) when it is a sane token, else a fresh id."""
     if given is not None and _REQUEST_ID_OK.fullmatch(given):
@@ -308,7 +303,7 @@ def raw_method_and_path(head: bytes | bytearray) -> tuple[str, str]:
 
 
 def raw_request_id(head: bytes | bytearray) -> str:
-    """`request_id_from` for a raw head h11 has not parsed (a refused or unfinished one)."""
+    """`request_id_for` the `x-request-id` of a raw head h11 has not parsed (a refused or unfinished one)."""
     found = _RAW_REQUEST_ID.search(head)
     return request_id_for(None if found is None else bytes(found.group(1)))
 
