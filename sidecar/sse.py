@@ -466,15 +466,12 @@ def undispatched_lines(block: bytes) -> bytes:
     with empty data, which the SDKs fail to parse. Its `id`, `retry` and comment lines are
     kept, with their own line ends, to be read with the next block: the last event ID and
     the retry time come out as WHATWG has them once that block is read."""
-    kept = [
-        line
-        for line in block.splitlines(keepends=True)  # exactly CRLF, CR and LF
-        if line not in _BLANK_LINES and line.partition(b":")[0].rstrip(b"\r\n") != b"event"
-    ]
+    kept = []
+    for line in block.splitlines(keepends=True):  # exactly CRLF, CR and LF
+        field = line.rstrip(b"\r\n")
+        if field and field.partition(b":")[0] != b"event":
+            kept.append(line)
     return b"".join(kept)
-
-
-_BLANK_LINES = frozenset((b"\n", b"\r", b"\r\n"))
 
 
 def encode_comment(text: str = "keep-alive") -> bytes:
