@@ -359,11 +359,8 @@ def read_request_head(head: bytes) -> tuple[list[Header], bytes] | None:
     not a token, a value with NUL, CR, VT, FF, an obsolete line folding, ...): then h11 is
     to be given the whole head, and refuses it as it always did, with the same message.
     """
-    at = head.find(b"\n")  # the request line's end: h11 reads it itself
-    pairs = _H11_HEADER_LINE.findall(head, at + 1)
-    if _REFUSED_LINE in pairs:
-        return None
-    return _read_lines(head, at, pairs, b"".join(_H11_READ_LINE.findall(head, at)))
+    at, pairs, framing = _header_lines(head)
+    return None if _REFUSED_LINE in pairs else _read_lines(head, at, pairs, framing)
 
 
 def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Header], bytes] | None]:
@@ -376,9 +373,7 @@ def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Hea
     framing lines, which are among the lines h11 reads, are left to look at. Any other head
     is checked by `check_raw_head` itself, so every refusal and its reason stay its own.
     """
-    at = head.find(b"\n")
-    pairs = _H11_HEADER_LINE.findall(head, at + 1)
-    framing = b"".join(_H11_READ_LINE.findall(head, at))
+    at, pairs, framing = _header_lines(head)
     if (
         _REFUSED_LINE in pairs
         or not _PLAIN_START.match(head)
@@ -391,6 +386,14 @@ def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Hea
         if _REFUSED_LINE in pairs:
             return None, None
     return None, _read_lines(head, at, pairs, framing)
+
+
+def _header_lines(head: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
+    """(the request line's LF: h11 reads that line itself; each header line's name and value
+    as h11 reads them, `_REFUSED_LINE` for one it refuses; the lines h11 reads, joined)."""
+    at = head.find(b"\n")
+    return (at, _H11_HEADER_LINE.findall(head, at + 1),
+            b"".join(_H11_READ_LINE.findall(head, at)))
 
 
 def _read_lines(
