@@ -54,7 +54,7 @@ from sidecar.ledger import LedgerRecord, utc_timestamp
 from sidecar.logs import access_enabled, log_access, round_ms
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
-from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener
+from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener, TooLarge
 from sidecar.sse import SSEParser
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
@@ -82,10 +82,6 @@ FLUSH_POLL = 0.02
 _HEADS = (h11.Response, h11.InformationalResponse)
 #: bytes written as they are rather than joined to their head or chunk framing (a copy)
 LARGE_WRITE = 1024 * 1024
-
-
-class TooLarge(Exception):
-    """The request body is larger than max_request_body."""
 
 
 class BadFraming(Exception):
@@ -634,17 +630,18 @@ class Exchange(StreamListener):
         """A request body read through h11 (chunked), whole; TooLarge past `limit`."""
         parts: list[bytes | bytearray] = []
         size = 0
-        while (part := await self._next_body_part(deadline)) is not None:
+        while (part := await self._next_body_part(deadline, limit - size)) is not None:
             size += len(part)
             if size + self.client.chunk_left(self.conn) > limit:  # counting what a chunk declared
                 raise TooLarge()
             keep_body_piece(parts, part)
         return b"".join(parts)
 
-    async def _next_body_part(self, deadline: float) -> bytes | None:
-        """The next piece of a request body read through h11; None at its end."""
+    async def _next_body_part(self, deadline: float, room: int) -> bytes | None:
+        """The next piece of a request body read through h11; None at its end; TooLarge
+        when a chunk declares more than `room` (what `max_request_body` leaves)."""
         try:
-            event = await self.client.next_request_event(self.conn, deadline)
+            event = await self.client.next_request_event(self.conn, deadline, room)
         except h11.RemoteProtocolError as exc:
             raise BadFraming(str(exc) or "malformed request body") from None
         if type(event) is h11.Data:
@@ -751,7 +748,7 @@ class Exchange(StreamListener):
         try:
             conn.send(*(h11.Data(data=bytes(p)) for p in body_parts))  # (a retry: rare)
             while not whole:
-                part = await self._next_body_part(deadline)
+                part = await self._next_body_part(deadline, limit - size)
                 if part is None:
                     self.body_read = True  # before the write that may find the worker gone
                     break

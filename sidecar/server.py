@@ -53,6 +53,10 @@ class ClientTimeout(Exception):
     """The client did not send its head or body in time."""
 
 
+class TooLarge(Exception):
+    """The request body is larger than max_request_body."""
+
+
 class StreamListener:
     """What an exchange that is streaming wants to hear about its client."""
 
@@ -292,13 +296,15 @@ class ClientConnection(asyncio.Protocol):
                 h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")))
 
     async def next_request_event(
-        self, conn: h11.Connection, deadline: float
+        self, conn: h11.Connection, deadline: float, room: int | None = None
     ) -> h11.Event | type[h11.PAUSED]:
         """The next h11 event of the request body; sends 100 Continue when the client waits.
 
         One read can hold tens of thousands of tiny chunks: the body data h11 has ready comes
         as one `Data` (see `_join_data`), and every `_YIELD_EVERY` events in a row, the other
-        connections get a turn."""
+        connections get a turn. `room`: how much more of the body `max_request_body` allows;
+        a chunk whose size line declares more is TooLarge before any wait for its data (see
+        `chunk_left`), not at `body_timeout`."""
         held = self._held
         if held is not None:
             self._held = None
@@ -319,6 +325,8 @@ class ClientConnection(asyncio.Protocol):
             self._events_in_a_row = 0
             if self.closed:
                 raise ClientGone()
+            if room is not None and self.chunk_left(conn) > room:
+                raise TooLarge()
             self._continue(conn)
             if self.buffer:  # bytes that arrived while nobody was reading
                 self.feed_h11(conn)

@@ -1,0 +1,323 @@
+"""Every wait is bounded: whatever a peer sends (nothing, a drip of bytes, malformed bytes,
+bytes that never complete a line), each state in which sidecar waits on it ends within the
+timeout SPEC (or the README, where SPEC is silent) names for it, with the status, error
+code, ledger outcome and connection handling it names.
+
+The real daemon runs with short timeouts (300 ms) and raw-socket peers play the client and
+the worker. A wait must end within CAP (a generous multiple of its timeout): this is not a
+timing benchmark, it says "bounded at all". Waits that must end *at once* (bytes that can
+never become a valid head, a chunk size past `max_request_body`) are checked on a daemon
+whose timeouts are long (30 s), so ending at the timeout would fail them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+
+import pytest
+
+from tests.harness import (
+    Daemon,
+    Drip,
+    FakeWorker,
+    RawClient,
+    Send,
+    Stall,
+    Step,
+    chat_body,
+    chat_route,
+    daemon_config,
+    request_bytes,
+    serving,
+)
+
+SHORT = "300ms"
+#: A wait of 300 ms ends well within this (10x): "bounded", not a benchmark.
+CAP = 3.0
+#: Timeouts of the "at once" daemon: ending at one of them fails the test.
+LONG = "30s"
+PASS = [{"name": "rest", "match": {"path_prefix": "/v1/files"}, "dialect": "passthrough"}]
+ROUTES = [chat_route(), *PASS]
+
+
+@pytest.fixture(scope="module")
+def short(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    """Every timeout 300 ms."""
+    return make_module_daemon(daemon_config(
+        module_worker.url,
+        upstream={"connect_timeout": SHORT, "response_timeout": SHORT, "idle_timeout": SHORT},
+        limits={"header_timeout": SHORT, "body_timeout": SHORT, "keepalive_timeout": SHORT,
+                "send_timeout": SHORT},
+        routes=ROUTES))
+
+
+@pytest.fixture(scope="module")
+def patient(module_worker: FakeWorker, make_module_daemon: Callable[..., Daemon]) -> Daemon:
+    """Every timeout 30 s: a wait that ends at its timeout fails a CAP-bounded check."""
+    return make_module_daemon(daemon_config(
+        module_worker.url,
+        upstream={"response_timeout": LONG, "idle_timeout": LONG},
+        limits={"header_timeout": LONG, "body_timeout": LONG, "keepalive_timeout": LONG,
+                "send_timeout": LONG},
+        routes=ROUTES))
+
+
+@pytest.fixture
+def w(module_worker: FakeWorker) -> Iterator[FakeWorker]:
+    yield from serving(module_worker)
+
+
+class Dripper:
+    """Sends `piece` every `every` seconds on `client` from a thread until stopped or the
+    daemon closes (a slow-loris peer)."""
+
+    def __init__(self, client: RawClient, piece: bytes, every: float = 0.05) -> None:
+        self.client, self.piece, self.every = client, piece, every
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stop.wait(self.every):
+            try:
+                self.client.sock.send(self.piece)
+            except OSError:
+                return
+
+    def __enter__(self) -> Dripper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(2)
+
+
+HEAD = b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+
+
+def answered_and_closed(client: RawClient, status: int) -> None:
+    response = client.read_response(CAP)
+    assert response.status == status, response.raw[:300]
+    assert client.closed_by_peer(CAP), "the connection stayed open"
+
+
+# ================================================================ the client's head
+
+
+@pytest.mark.parametrize("drip", [None, b"x", b"\r\nx-a: b"], ids=["silent", "drip-value", "drip-lines"])
+def test_a_head_that_never_ends_is_cut_at_header_timeout(short: Daemon, drip: bytes | None) -> None:
+    with RawClient(short.address) as client:
+        if drip is None:
+            answered_and_closed(client, 408)
+            return
+        client.send(HEAD + b"x-slow: ")
+        with Dripper(client, drip):
+            answered_and_closed(client, 408)
+
+
+def test_a_request_line_dripped_without_a_line_end_is_cut(short: Daemon) -> None:
+    with RawClient(short.address) as client:
+        client.send(b"GET /v1/files/")
+        with Dripper(client, b"a"):
+            answered_and_closed(client, 408)
+
+
+# ================================================================ the client's body
+
+
+@pytest.mark.parametrize("drip", [None, b"{"], ids=["silent", "drip"])
+def test_a_sized_body_that_never_ends_is_cut_at_body_timeout(short: Daemon, drip: bytes | None) -> None:
+    with RawClient(short.address) as client:
+        client.send(HEAD + b"content-length: 100000\r\n\r\n")
+        with contextlib.ExitStack() as stack:
+            if drip:
+                stack.enter_context(Dripper(client, drip))
+            answered_and_closed(client, 408)
+
+
+CHUNKED = HEAD + b"transfer-encoding: chunked\r\n\r\n"
+
+
+@pytest.mark.parametrize("sent, drip", [
+    (b"", None), (b"", b"0"), (b"5", b"0"), (b"5;ext=", b"a"), (b"ffff\r\nab", b"c"),
+    (b"5\r\nabcde\r\n", None), (b"0\r\n", b"x"), (b"0\r\nx-trailer: ", b"a"),
+], ids=["silent", "size-zeros", "size-then-zeros", "extension", "data", "between",
+        "trailer-name", "trailer-value"])
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/files/up"])
+def test_a_chunked_body_that_never_ends_is_cut_at_body_timeout(
+    short: Daemon, w: FakeWorker, sent: bytes, drip: bytes | None, target: str
+) -> None:
+    w.default = [Stall()]
+    head = CHUNKED.replace(b"/v1/chat/completions", target.encode())
+    with RawClient(short.address) as client:
+        client.send(head + sent)
+        with contextlib.ExitStack() as stack:
+            if drip:
+                stack.enter_context(Dripper(client, drip))
+            response = client.read_response(CAP)
+            assert response.status in (408, 413), response.raw[:300]
+            assert client.closed_by_peer(CAP)
+
+
+@pytest.mark.parametrize("size", [b"100001", b"ffffffffffffffffffff", b"100001;a=b"])
+@pytest.mark.parametrize("expect", [False, True])
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/files/up"])
+def test_a_chunk_size_line_past_max_request_body_is_413_at_once(
+    patient: Daemon, w: FakeWorker, size: bytes, expect: bool, target: str
+) -> None:
+    """README: a chunked body is cut "with a 413 as soon as a chunk's size line declares more
+    than [max_request_body] (as nginx does), not at body_timeout" (1 MiB here; 30 s)."""
+    w.default = [Stall()]
+    head = CHUNKED.replace(b"/v1/chat/completions", target.encode())
+    if expect:
+        head = head[:-2] + b"expect: 100-continue\r\n\r\n"
+    rid = f"big-chunk-{size[:8].decode()}-{expect}-{target[4:8]}"
+    head = head[:-2] + f"x-request-id: {rid}\r\n\r\n".encode()
+    with RawClient(patient.address) as client:
+        client.send(head)
+        if expect:
+            assert client.read_until(b"\r\n\r\n", CAP).startswith(b"HTTP/1.1 100 ")
+        client.send(size + b"\r\n")
+        answered_and_closed(client, 413)
+    record = patient.ledger_for(rid)
+    assert record["status"] == 413
+
+
+def test_expect_100_continue_with_no_body_after_it_is_cut_at_body_timeout(short: Daemon) -> None:
+    with RawClient(short.address) as client:
+        client.send(HEAD + b"content-length: 10\r\nexpect: 100-continue\r\n\r\n")
+        assert client.read_until(b"\r\n\r\n", CAP).startswith(b"HTTP/1.1 100 ")
+        answered_and_closed(client, 408)
+
+
+# ================================================================ keep-alive idle
+
+
+def test_a_kept_alive_connection_is_closed_at_keepalive_timeout(short: Daemon, w: FakeWorker) -> None:
+    w.default = [Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")]
+    with RawClient(short.address) as client:
+        client.send(request_bytes("GET", "/v1/files/1"))
+        assert client.read_response(CAP).status == 200
+        assert client.closed_by_peer(CAP)
+        assert client.buffer == b""
+
+
+def test_a_kept_alive_connection_dripping_a_head_is_cut(short: Daemon, w: FakeWorker) -> None:
+    w.default = [Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")]
+    with RawClient(short.address) as client:
+        client.send(request_bytes("GET", "/v1/files/1"))
+        assert client.read_response(CAP).status == 200
+        client.send(b"GET /v1/files/2 HTTP/1.1\r\nx: ")
+        with Dripper(client, b"a"):
+            answered_and_closed(client, 408)
+
+
+# ================================================================ the worker's head
+
+
+def worker_answer(daemon: Daemon, w: FakeWorker, steps: list[Step], *, stream: bool = False,
+                  target: str = "/v1/chat/completions", rid: str = "") -> RawClient:
+    w.reply(steps)
+    client = RawClient(daemon.address)
+    headers = [("x-request-id", rid)] if rid else []
+    if target.startswith("/v1/files"):
+        client.send(request_bytes("GET", target, headers=headers))
+    else:
+        client.send(request_bytes("POST", target, chat_body(stream=stream), headers=headers))
+    return client
+
+
+HEAD_DRIPS = {
+    "silent": [Stall()],
+    "drip-status": [Drip(b"HTTP/1.1 200 OK" + b"x" * 400, 1, 0.02), Stall()],
+    "drip-header": [Send(b"HTTP/1.1 200 OK\r\nx-a: "), Drip(b"a" * 400, 1, 0.02), Stall()],
+    "drip-blank-lines": [Send(b"HTTP/1.1 200 OK\r\n"), Drip(b"x-a: b\r\n" * 200, 7, 0.02), Stall()],
+    "cr-at-the-end": [Send(b"HTTP/1.1 200 OK\r"), Stall()],
+    "interim-forever": [Drip(b"HTTP/1.1 100 Continue\r\n\r\n" * 60, 25, 0.03), Stall()],
+}
+
+
+@pytest.mark.parametrize("name", HEAD_DRIPS)
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/files/1"])
+def test_a_worker_head_that_never_completes_is_504_at_response_timeout(
+    short: Daemon, w: FakeWorker, name: str, target: str
+) -> None:
+    rid = f"head-drip-{name}-{target[4:8]}"
+    with worker_answer(short, w, HEAD_DRIPS[name], target=target, rid=rid) as client:
+        response = client.read_response(CAP)
+    assert response.status == 504, response.raw[:300]
+    assert response.json()["error"]["code"] == "upstream_timeout"
+    assert short.ledger_for(rid)["outcome"] == "upstream_timeout"
+
+
+# ================================================================ the worker's body
+
+
+def sized(body_len: int, content_type: bytes = b"application/json") -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type
+            + b"\r\ncontent-length: %d\r\n\r\n" % body_len)
+
+
+CHUNKED_HEAD_JSON = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+CHUNKED_HEAD_SSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+CLOSE_HEAD_SSE = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\r\n"
+CLOSE_HEAD_JSON = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n"
+
+BODY_STALLS = {
+    "json-sized": sized(1000) + b'{"id":',
+    "json-chunked": CHUNKED_HEAD_JSON + b'6\r\n{"id":\r\n',
+    "json-chunked-in-size": CHUNKED_HEAD_JSON + b"6",
+    "json-chunked-in-trailer": CHUNKED_HEAD_JSON + b"0\r\nx-a: b",
+    "json-close": CLOSE_HEAD_JSON + b'{"id":',
+    "sse-sized": sized(1000, b"text/event-stream") + b'data: {"id"',
+    "sse-chunked": CHUNKED_HEAD_SSE + b"5\r\ndata:\r\n",
+    "sse-chunked-in-size": CHUNKED_HEAD_SSE + b"1",
+    "sse-close": CLOSE_HEAD_SSE + b"data: {",
+}
+
+
+@pytest.mark.parametrize("name", BODY_STALLS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_worker_body_that_stalls_ends_at_idle_timeout(
+    short: Daemon, w: FakeWorker, name: str, stream: bool
+) -> None:
+    rid = f"body-stall-{name}-{stream}"
+    with worker_answer(short, w, [Send(BODY_STALLS[name]), Stall()], stream=stream,
+                       rid=rid) as client:
+        response = client.read_response(CAP)
+    if response.status == 200:
+        assert b"upstream_timeout" in response.body, response.raw[:500]
+        assert b"[DONE]" not in response.body
+    else:
+        assert response.status == 504, response.raw[:300]
+    assert short.ledger_for(rid)["outcome"] == "upstream_timeout"
+    assert w.wait_peer_closed(1, CAP)
+
+
+BIG = 3 * 1024 * 1024
+BODY_FLOODS = {
+    "chunk-size-digits": CHUNKED_HEAD_SSE + b"0" * BIG,
+    "chunk-extension": CHUNKED_HEAD_SSE + b"5;" + b"a" * BIG,
+    "trailer": CHUNKED_HEAD_SSE + b"0\r\nx-a: " + b"a" * BIG,
+    "sse-line": CLOSE_HEAD_SSE + b"data: " + b"a" * BIG,
+    "sse-comment": CLOSE_HEAD_SSE + b": " + b"a" * BIG,
+}
+
+
+@pytest.mark.parametrize("name", BODY_FLOODS)
+def test_a_worker_body_line_that_never_ends_is_a_protocol_error(
+    patient: Daemon, w: FakeWorker, name: str
+) -> None:
+    """A line with no end (a drip never silent for idle_timeout would keep it going for
+    ever) is bounded by its size: `upstream_protocol_error`, not a wait."""
+    rid = f"flood-{name}"
+    with worker_answer(patient, w, [Send(BODY_FLOODS[name]), Stall()], stream=True,
+                       rid=rid) as client:
+        response = client.read_response(CAP * 2)
+    if response.status == 200:
+        assert b"upstream_protocol_error" in response.body, response.raw[:500]
+    else:
+        assert response.status == 502, response.raw[:300]
+    assert patient.ledger_for(rid)["outcome"] == "upstream_error"
