@@ -169,6 +169,74 @@ def header_list(headers: Sequence[Header]) -> list[Header]:
 _CONTROL_BYTE = re.compile(rb"[\x00-\x08\x0a-\x1f\x7f]")
 
 
+_TOKEN_CHARS = rb"!#$%&'*+.^_`|~0-9A-Za-z-"  # (the - last: no range)
+#: What no header line of a response head may hold, whatever follows (RFC 9112 5, RFC 9110
+#: 5.5-5.6: lines ended by CRLF or a bare LF): a control character but HTAB, a CR that a
+#: byte other than LF follows, and a header name (a token) that ends other than at its colon
+#: (`name : value`, `name\r\n`, `:value`); a line that begins with SP or HTAB is a folded
+#: value, which h11 reads
+_NOT_IN_HEADER_LINES = re.compile(
+    rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r[^\n]|\n(?:[" + _TOKEN_CHARS + rb"]+[^:"
+    + _TOKEN_CHARS + rb"]|:)"
+)
+#: What no status line may hold: what h11 refuses in a reason phrase (NUL, whitespace but SP
+#: and HTAB; the other control bytes it reads, and the client gets the standard phrase
+#: anyway) and a CR that a byte other than LF follows (CR-only line ends)
+_NOT_IN_STATUS_LINE = re.compile(rb"[\x00\x0b\x0c]|\r[^\n]")
+_TOKENS = re.compile(rb"[" + _TOKEN_CHARS + rb"]+")
+#: `head_read`'s states, what of a read's end the next read is judged with: a few bytes
+#: standing for where in its line the head is, never the head's own bytes
+HEAD_START = b"s"  # in the status line (`s`, then a CR the line may end with)
+_AFTER_CR = b"\r"
+_AT_LINE_START = b"\n"
+_IN_NAME = b"\nx"  # a header line begun with a name (tokens so far): as if it were `x`
+
+
+def head_read(state: bytes, data: bytes) -> bytes | None:
+    """Judge `data`, the next read of a response head not yet complete, in `state`
+    (HEAD_START for a head's first read, then what the read before returned): None when it
+    holds what no head may hold (see `_NOT_IN_STATUS_LINE`, `_NOT_IN_HEADER_LINES`), so
+    that the head can never be completed into one h11 reads and sidecar serves; else the
+    state to judge the next read in. Only `data` is looked at, never the head before it."""
+    if state[:1] == b"s":  # still in the status line
+        newline = data.find(b"\n")
+        line = data if newline < 0 else data[:newline]
+        if _NOT_IN_STATUS_LINE.search(state[1:] + line if len(state) > 1 else line):
+            return None
+        if newline < 0:
+            return HEAD_START + _AFTER_CR if line.endswith(b"\r") else HEAD_START
+        state, data = b"", data[newline:]  # the header lines, from the status line's LF
+    if _NOT_IN_HEADER_LINES.search(state + data if state else data):
+        return None
+    if data.endswith(b"\r"):
+        return _AFTER_CR
+    newline = data.rfind(b"\n")
+    if newline >= 0:
+        tail = data[newline + 1 :]
+        if not tail:
+            return _AT_LINE_START
+    elif state in (_AT_LINE_START, _IN_NAME):
+        tail = data
+    else:
+        return b""
+    return _IN_NAME if _TOKENS.fullmatch(tail) else b""
+
+
+_DIGIT = b"0123456789"
+#: What each of a status line's first bytes may be, as h11 reads one: `HTTP/d.d ddd` and then
+#: SP (a reason phrase follows) or the line's end
+_STATUS_LINE_START = (b"H", b"T", b"T", b"P", b"/", _DIGIT, b".", _DIGIT, b" ",
+                      _DIGIT, _DIGIT, _DIGIT, b" \r\n")
+#: how many of a head's first bytes `begins_status_line` can judge
+STATUS_LINE_START_SIZE = len(_STATUS_LINE_START)
+
+
+def begins_status_line(start: bytes) -> bool:
+    """Whether `start` (a head's first bytes, up to STATUS_LINE_START_SIZE of them) can
+    begin a status line h11 reads."""
+    return all(byte in allowed for byte, allowed in zip(start, _STATUS_LINE_START, strict=False))
+
+
 def has_control_byte(headers: Iterable[Header]) -> bool:
     """Whether a header value holds a control byte: such a head is malformed, not written on."""
     return _CONTROL_BYTE.search(b"".join([value for _, value in headers])) is not None

@@ -23,7 +23,14 @@ from sidecar.config import UpstreamConfig
 from sidecar.deadlines import Wakeup
 from sidecar.failures import UpstreamFailure
 from sidecar.fastlane import TextTemplate, chunk_text
-from sidecar.headers import Header, splice_lines
+from sidecar.headers import (
+    HEAD_START,
+    STATUS_LINE_START_SIZE,
+    Header,
+    begins_status_line,
+    head_read,
+    splice_lines,
+)
 
 if TYPE_CHECKING:
     from sidecar.dialects.base import StreamTranslator
@@ -32,8 +39,6 @@ if TYPE_CHECKING:
 #: Bytes of a response kept while nobody reads it (a passthrough request body still being
 #: passed on, a worker that answers early): past this, reading pauses until the head is read
 PENDING_HIGH_WATER = 256 * 1024
-#: how every status line begins (RFC 9112 2.3: HTTP-name is case-sensitive)
-_STATUS_LINE_START = b"HTTP/"
 #: the event loop's timers fire to the millisecond: a deadline closer than this is reached
 TIMER_RESOLUTION = 0.001
 
@@ -69,6 +74,8 @@ class UpstreamConnection(asyncio.Protocol):
         self._h11_starved = True
         # the head being read is known to begin as a status line must (see `next_event`)
         self._head_begun = False
+        # what the next read of the head is judged with (see `_check_head_bytes`)
+        self._head_state = HEAD_START
         #: bytes h11 was given in this cycle's head phase: no head is larger than them (a
         #: head's size is measured only past `max_head` of them, see `Exchange._response_head`)
         self.head_bytes = 0
@@ -177,6 +184,7 @@ class UpstreamConnection(asyncio.Protocol):
         self.request_sent = False
         self._h11_starved = True
         self._head_begun = False
+        self._head_state = HEAD_START
         self.head_bytes = 0
 
     def send(self, *events: h11.Event) -> None:
@@ -209,6 +217,7 @@ class UpstreamConnection(asyncio.Protocol):
         """The next h11 event of the response, waiting for bytes as needed (head phase);
         TimeoutError when no event is complete by `deadline` (loop time)."""
         while True:
+            data = b""
             if self._pending:
                 data = self._take_pending()
                 self.head_bytes += len(data)
@@ -222,10 +231,13 @@ class UpstreamConnection(asyncio.Protocol):
                 if event is not h11.NEED_DATA:
                     if type(event) is h11.InformationalResponse:
                         self._head_begun = False  # the next head starts after it
+                        self._head_state = HEAD_START
                     return event
                 self._h11_starved = True
                 if not self._head_begun:
                     self._check_head_start()
+                if data:  # (a head that came whole in one read is never looked at here)
+                    self._check_head_bytes(data)
             if self.eof or self.closed:
                 self.h11.receive_data(b"")
                 event = self.h11.next_event()
@@ -240,14 +252,30 @@ class UpstreamConnection(asyncio.Protocol):
         """UpstreamFailure (protocol error) when the bytes of the head h11 waits to complete
         cannot begin a status line: an HTML page, a JSON body or another protocol's greeting
         broke HTTP framing as it arrived, however long the worker then stays silent or
-        whenever it closes. Checked until the head's first five bytes are `HTTP/`; h11's
-        buffer is copied only until then (a few bytes, or the one read that brought them)."""
-        start = self.h11.trailing_data[0][:5]
-        if not _STATUS_LINE_START.startswith(start):
-            raise UpstreamFailure(
-                failures.UPSTREAM_PROTOCOL_ERROR, "the worker's answer does not begin with HTTP/"
-            )
-        self._head_begun = len(start) == 5
+        whenever it closes. Checked until the head's first bytes are known to begin a status
+        line (`HTTP/1.1 200 `); h11's buffer is copied only until then (a few bytes, or the
+        one read that brought them)."""
+        start = self.h11.trailing_data[0][:STATUS_LINE_START_SIZE]
+        if not begins_status_line(start):
+            if start[:5] != b"HTTP/"[: len(start)]:
+                raise UpstreamFailure(
+                    failures.UPSTREAM_PROTOCOL_ERROR, "the worker's answer does not begin with HTTP/"
+                )
+            raise UpstreamFailure(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head")
+        self._head_begun = len(start) == STATUS_LINE_START_SIZE
+
+    def _check_head_bytes(self, data: bytes) -> None:
+        """UpstreamFailure (protocol error) when `data`, the read h11 has just been given and
+        found no event in (all of it is head, not yet complete), holds what no head may hold
+        (a control byte, a CR not followed by LF as in `HTTP/1.1 200 OK\\rname: ...`, a
+        header name that ends other than at its colon): that head can never be completed,
+        so it is refused as it arrives, not at `response_timeout`. Only the new read is
+        looked at (in a state standing for how the read before it ended), never the whole
+        head again; a head that came whole in one read is never looked at here."""
+        state = head_read(self._head_state, data)
+        if state is None:
+            raise UpstreamFailure(failures.UPSTREAM_PROTOCOL_ERROR, "malformed response head")
+        self._head_state = state
 
     def attach(self, consumer: BodyConsumer) -> None:
         """Hand the body over to `consumer`: buffered bytes first, then every new read."""

@@ -252,6 +252,37 @@ def test_a_worker_head_that_never_completes_is_504_at_response_timeout(
     assert short.ledger_for(rid)["outcome"] == "upstream_timeout"
 
 
+BAD_HEADS = {
+    "cr-only": b"HTTP/1.1 200 OK\rcontent-type: application/json\r\r",
+    "nul-in-status": b"HTTP/1.1 200 O\x00K",
+    "nul-in-name": b"HTTP/1.1 200 OK\r\ncontent\x00-type: x",
+    "ctl-in-value": b"HTTP/1.1 200 OK\r\nx-a: b\x01",
+    "esc-in-status": b"HTTP/1.1 2\x1b",
+    "bad-version": b"HTTP/1.1x",
+    "nul-in-version": b"HTTP/\x00",
+    "space-before-colon": b"HTTP/1.1 200 OK\r\nx-a : b\r\n",
+    "lf-in-status": b"HTTP/1.1 200 \x0bOK\r\n",
+    "bare-cr-in-value": b"HTTP/1.1 200 OK\r\nx-a: b\rc",
+}
+
+
+@pytest.mark.parametrize("name", BAD_HEADS)
+@pytest.mark.parametrize("target", ["/v1/chat/completions", "/v1/files/1"])
+def test_worker_head_bytes_no_head_may_hold_are_502_at_once(
+    patient: Daemon, w: FakeWorker, name: str, target: str
+) -> None:
+    """SPEC: bytes that break HTTP framing are `upstream_protocol_error`, a 502 before the
+    client's head; the README: not at `response_timeout` (30 s here)."""
+    rid = f"bad-head-{name}-{target[4:8]}"
+    with worker_answer(patient, w, [Send(BAD_HEADS[name]), Stall()], target=target,
+                       rid=rid) as client:
+        response = client.read_response(CAP)
+    assert response.status == 502, response.raw[:300]
+    assert response.json()["error"]["code"] == "upstream_protocol_error"
+    assert patient.ledger_for(rid)["outcome"] == "upstream_error"
+    assert w.wait_peer_closed(1, CAP)
+
+
 # ================================================================ the worker's body
 
 

@@ -21,7 +21,10 @@ from sidecar.headers import (
     CONTENT_CODINGS,
     H11_REQUEST_HEADERS,
     H11_RESPONSE_HEADERS,
+    HEAD_START,
     HOP_BY_HOP,
+    STATUS_LINE_START_SIZE,
+    begins_status_line,
     check_head_lines,
     check_raw_head,
     connection_tokens,
@@ -30,6 +33,7 @@ from sidecar.headers import (
     end_to_end_lines,
     find_head_end,
     has_control_byte,
+    head_read,
     header_list,
     header_value,
     raw_method_and_path,
@@ -602,3 +606,98 @@ def test_the_one_match_gate_agrees_with_the_line_checks(
 ) -> None:
     head = eol.join([method + b" " + target + b" " + version, *lines]) + eol + eol
     assert check_raw_head(head) == check_head_lines(head)
+
+
+# ------------------------------------------------------------------ a worker's head in pieces
+
+
+def _whole_head_accepted(head: bytes) -> bool:
+    """What the worker side makes of `head` when it comes whole: h11 reads it and no value
+    holds a control byte (`has_control_byte`)."""
+    conn = h11.Connection(h11.CLIENT)
+    conn.send(h11.Request(method="GET", target="/", headers=[("host", "w")]))
+    conn.send(h11.EndOfMessage())
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError:
+        return False
+    return isinstance(event, h11.Response) and not has_control_byte(event.headers)
+
+
+def _refused_in_pieces(head: bytes, cuts: list[int]) -> int | None:
+    """Where `UpstreamConnection` refuses `head` read in the pieces `cuts` make of it (each
+    read before the one that holds the blank line, judged as it arrives): the end of the
+    read that was refused, or None."""
+    state: bytes | None = HEAD_START
+    ends = [i + n for i, n in ((head.find(b"\n\n"), 2), (head.find(b"\n\r\n"), 3)) if i >= 0]
+    complete_at = min(ends, default=len(head) + 1)
+    start = 0
+    for cut in [*sorted(set(cuts)), len(head)]:
+        if cut <= start:
+            continue
+        if cut >= complete_at:  # this read completes the head: h11 judges it whole
+            return None
+        data = head[start:cut]
+        if not begins_status_line(head[:min(cut, STATUS_LINE_START_SIZE)]):
+            return cut
+        state = head_read(state, data)
+        if state is None:
+            return cut
+        start = cut
+    return None
+
+
+_HEAD_PIECES = st.lists(
+    st.one_of(
+        st.sampled_from([b"content-type: application/json", b"x-a:\tb c", b"x-b: \x80\xff",
+                         b" folded", b"x-c:", b"X-D: e:f", b"x-e : f", b"x-f", b":g",
+                         b"x-g: a\rb", b"x-h: \x00", b"x-\x7f: a", b"x-i: \x7f", b"x-j: \x0b"]),
+        st.binary(max_size=8),
+    ),
+    max_size=4,
+)
+
+
+@settings(max_examples=600, deadline=None)
+@given(
+    st.sampled_from([b"HTTP/1.1 200 OK", b"HTTP/1.1 200", b"HTTP/1.0 404 Not\tFound",
+                     b"HTTP/1.1 200 O\x01K", b"HTTP/1.1 2000", b"HTTP/1.1x 200", b"HTTP/1.1 200 \x7f"]),
+    _HEAD_PIECES,
+    st.sampled_from([b"\r\n", b"\n"]),
+    st.lists(st.integers(min_value=1, max_value=120), max_size=6),
+)
+def test_a_worker_head_is_refused_in_pieces_only_when_refused_whole(
+    status: bytes, lines: list[bytes], eol: bytes, cuts: list[int]
+) -> None:
+    """`head_read`, judging each read of a head not yet complete, never
+    refuses a head that, come whole, would be served; and it refuses as it arrives every
+    head that breaks framing with a control byte, a bare CR or a name that is no token."""
+    head = eol.join([status, *lines]) + eol + eol
+    if b"\n\n" in head[:-2] or b"\n\r\n" in head[:-3]:
+        return  # a blank line before the end: another head and a body
+    refused = _refused_in_pieces(head, cuts)
+    if refused is not None:
+        assert not _whole_head_accepted(head), (head, cuts)
+
+
+@pytest.mark.parametrize("head", [
+    b"HTTP/1.1 200 OK\rcontent-type: x\r\r",
+    b"HTTP/1.1 200 OK\r\nx-a: b\rc: d\r\n",
+    b"HTTP/1.1 200 O\x00K\r\n",
+    b"HTTP/1.1 200 OK\r\nx\x00: b\r\n",
+    b"HTTP/1.1 200 OK\r\nx-a: \x1b\r\n",
+    b"HTTP/1.1 200 OK\r\nx-a : b\r\n",
+    b"HTTP/1.1 200 OK\r\nx-a\r\nb: c\r\n",
+    b"HTTP/1.1 200 OK\r\n:b\r\n",
+    b"HTTP/1.1 2x",
+    b"HTTP/2 200 OK\r\n",
+])
+def test_a_worker_head_that_can_never_be_valid_is_refused_whichever_reads_bring_it(
+    head: bytes
+) -> None:
+    """...at the latest with the read that brings the byte that breaks it (one read, two,
+    or a byte per read), never waiting for the head's end."""
+    for cut in range(1, len(head) + 1):
+        assert _refused_in_pieces(head + b"\r\n", [cut, len(head)]) is not None, cut
+    assert _refused_in_pieces(head + b"\r\n", list(range(1, len(head) + 1))) is not None
