@@ -13,12 +13,14 @@ whose timeouts are long (30 s), so ending at the timeout would fail them.
 from __future__ import annotations
 
 import contextlib
+import signal
 import threading
 from collections.abc import Callable, Iterator
 
 import pytest
 
 from tests.harness import (
+    Blast,
     Daemon,
     Drip,
     FakeWorker,
@@ -352,3 +354,118 @@ def test_a_worker_body_line_that_never_ends_is_a_protocol_error(
     else:
         assert response.status == 502, response.raw[:300]
     assert patient.ledger_for(rid)["outcome"] == "upstream_error"
+
+
+# ================================================================ the client's reads, heartbeats
+
+
+def test_a_heartbeat_does_not_keep_a_silent_worker_alive(
+    make_module_daemon: Callable[..., Daemon], module_worker: FakeWorker, w: FakeWorker
+) -> None:
+    """Heartbeats go to the client while the worker is silent; `idle_timeout` still ends it."""
+    daemon = make_module_daemon(daemon_config(
+        module_worker.url, upstream={"idle_timeout": SHORT},
+        routes=[chat_route(heartbeat="50ms")]))
+    rid = "heartbeat-silent"
+    with worker_answer(daemon, w, [Send(CHUNKED_HEAD_SSE + b"5\r\n: x\n\n\r\n"), Stall()],
+                       stream=True, rid=rid) as client:
+        response = client.read_response(CAP)
+    assert b"upstream_timeout" in response.body, response.raw[:500]
+    assert daemon.ledger_for(rid)["outcome"] == "upstream_timeout"
+
+
+def test_a_client_that_stops_reading_a_stream_is_dropped_at_send_timeout(
+    short: Daemon, w: FakeWorker
+) -> None:
+    rid = "unread-stream"
+    event = b"data: " + b"x" * 4000 + b"\n\n"
+    w.reply([Send(CLOSE_HEAD_SSE), Blast(64 * 1024 * 1024, 4002, event[:4002]), Stall()])
+    with RawClient(short.address, rcvbuf=4096) as client:
+        client.send(request_bytes("GET", "/v1/files/sse", headers=[("x-request-id", rid)]))
+        record = short.ledger_for(rid, timeout=CAP * 2)
+    assert record["outcome"] == "client_disconnect"
+    assert w.wait_peer_closed(1, CAP)
+
+
+# ================================================================ SIGTERM
+
+
+def _drain_scenarios() -> dict[str, Callable[[Daemon, FakeWorker], list[RawClient]]]:
+    def silent_worker(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        client = worker_answer(daemon, worker, [Stall()], stream=True)
+        worker.wait_requests(1)
+        return [client]
+
+    def stalled_body(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        client = worker_answer(daemon, worker, [Send(CHUNKED_HEAD_SSE + b"5\r\ndata:\r\n"), Stall()],
+                               stream=True)
+        client.read_until(b"\r\n\r\n", CAP)
+        return [client]
+
+    def dripping_head(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        client = RawClient(daemon.address)
+        client.send(HEAD + b"x-slow: ")
+        Dripper(client, b"a")
+        return [client]
+
+    def dripping_body(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        client = RawClient(daemon.address)
+        client.send(HEAD + b"content-length: 100000\r\n\r\n")
+        Dripper(client, b"a")
+        return [client]
+
+    def not_reading(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        event = b"data: " + b"x" * 4000 + b"\n\n"
+        worker.reply([Send(CLOSE_HEAD_SSE), Blast(64 * 1024 * 1024, 4002, event[:4002]), Stall()])
+        client = RawClient(daemon.address, rcvbuf=4096)
+        client.send(request_bytes("GET", "/v1/files/sse"))
+        worker.wait_quiet(0.2)
+        return [client]
+
+    def kept_alive(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        worker.reply([Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")])
+        client = RawClient(daemon.address)
+        client.send(request_bytes("GET", "/v1/files/1"))
+        assert client.read_response(CAP).status == 200
+        return [client]
+
+    def refused_still_sending(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        client = RawClient(daemon.address)
+        client.send(HEAD + b"content-length: 99999999\r\n\r\n")
+        assert client.read_response(CAP).status == 413
+        Dripper(client, b"a")
+        return [client]
+
+    def admin_silent(daemon: Daemon, worker: FakeWorker) -> list[RawClient]:
+        return [RawClient(("127.0.0.1", daemon.admin_port))]
+
+    return {f.__name__: f for f in (silent_worker, stalled_body, dripping_head, dripping_body,
+                                     not_reading, kept_alive, refused_still_sending,
+                                     admin_silent)}
+
+
+DRAIN = _drain_scenarios()
+
+
+@pytest.mark.parametrize("name", DRAIN)
+@pytest.mark.parametrize("short_drain", [True, False], ids=["drain-300ms", "drain-30s"])
+def test_sigterm_ends_whatever_the_peers_do(
+    make_daemon: Callable[..., Daemon], worker: FakeWorker, name: str, short_drain: bool
+) -> None:
+    """SIGTERM lets what is in flight finish up to `drain_timeout`; with a long one, each
+    peer is still let go at its own timeout (300 ms here), so the process exits in time."""
+    each = LONG if short_drain else SHORT
+    daemon = make_daemon(daemon_config(
+        worker.url, drain_timeout=SHORT if short_drain else LONG,
+        upstream={"response_timeout": each, "idle_timeout": each},
+        limits={"header_timeout": each, "body_timeout": each, "keepalive_timeout": each,
+                "send_timeout": each},
+        routes=ROUTES))
+    clients = DRAIN[name](daemon, worker)
+    try:
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.proc is not None
+        assert daemon.proc.wait(CAP * 2) == 0
+    finally:
+        for client in clients:
+            client.close()
