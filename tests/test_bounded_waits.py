@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import pytest
 
@@ -187,9 +189,15 @@ def test_a_chunk_size_line_past_max_request_body_is_413_at_once(
     assert record["status"] == 413
 
 
-def test_expect_100_continue_with_no_body_after_it_is_cut_at_body_timeout(short: Daemon) -> None:
+@pytest.mark.parametrize("framing", [b"content-length: 10", b"transfer-encoding: chunked"])
+@pytest.mark.parametrize("target", [b"/v1/chat/completions", b"/v1/files/up"])
+def test_expect_100_continue_with_no_body_after_it_is_cut_at_body_timeout(
+    short: Daemon, w: FakeWorker, framing: bytes, target: bytes
+) -> None:
+    w.default = [Stall()]
+    head = HEAD.replace(b"/v1/chat/completions", target)
     with RawClient(short.address) as client:
-        client.send(HEAD + b"content-length: 10\r\nexpect: 100-continue\r\n\r\n")
+        client.send(head + framing + b"\r\nexpect: 100-continue\r\n\r\n")
         assert client.read_until(b"\r\n\r\n", CAP).startswith(b"HTTP/1.1 100 ")
         answered_and_closed(client, 408)
 
@@ -283,6 +291,29 @@ def test_worker_head_bytes_no_head_may_hold_are_502_at_once(
     assert response.json()["error"]["code"] == "upstream_protocol_error"
     assert patient.ledger_for(rid)["outcome"] == "upstream_error"
     assert w.wait_peer_closed(1, CAP)
+
+
+GOOD_HEADS = {
+    "crlf": b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n",
+    "lf-only": b"HTTP/1.1 200 OK\ncontent-type: application/json\n",
+    "no-reason": b"HTTP/1.1 200\r\ncontent-type: application/json\r\n",
+    "folded": b"HTTP/1.1 200 OK\r\nx-a: b\r\n  c\r\ncontent-type: application/json\r\n",
+    "tab-and-obs-text": b"HTTP/1.1 200 O\tK\r\nx-a:\tb\x80\xff c\r\ncontent-type: application/json\r\n",
+    "control-in-reason": b"HTTP/1.1 200 O\x01K\x7f\r\ncontent-type: application/json\r\n",
+    "interim-first": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-type: application/json\r\n",
+}
+
+
+@pytest.mark.parametrize("name", GOOD_HEADS)
+@pytest.mark.parametrize("piece", [1, 3])
+def test_a_valid_worker_head_dripped_is_served(
+    patient: Daemon, w: FakeWorker, name: str, piece: int
+) -> None:
+    """What refuses a head as its bytes arrive refuses none that, come whole, is served."""
+    head = GOOD_HEADS[name] + b"content-length: 2" + (b"\n\n" if name == "lf-only" else b"\r\n\r\n")
+    with worker_answer(patient, w, [Drip(head + b"{}", piece)], target="/v1/files/1") as client:
+        response = client.read_response(CAP * 3)
+    assert (response.status, response.body) == (200, b"{}"), response.raw[:300]
 
 
 # ================================================================ the worker's body
@@ -469,3 +500,65 @@ def test_sigterm_ends_whatever_the_peers_do(
     finally:
         for client in clients:
             client.close()
+
+
+@pytest.mark.parametrize("kept_alive", [False, True])
+def test_blank_lines_dripped_before_a_request_line_do_not_hold_a_connection(
+    short: Daemon, w: FakeWorker, kept_alive: bool
+) -> None:
+    """RFC 9112 2.2 lets a client send empty lines before a request line; an endless drip
+    of them is still a connection idle (closed at `keepalive_timeout` or `header_timeout`)."""
+    w.default = [Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")]
+    with RawClient(short.address) as client:
+        if kept_alive:
+            client.send(request_bytes("GET", "/v1/files/1"))
+            assert client.read_response(CAP).status == 200
+        with Dripper(client, b"\r\n"):
+            assert client.closed_by_peer(CAP)
+
+
+# ================================================================ connecting to the worker
+
+
+def test_a_unix_socket_worker_that_never_accepts_is_bounded_by_connect_timeout(
+    make_daemon: Callable[..., Daemon], tmp_path: Path
+) -> None:
+    """A unix socket whose accept queue is full: the connect waits (or fails at once), and
+    ends within `connect_timeout` with a 504 (a timeout) or a 502 (refused)."""
+    path = str(tmp_path / "w.sock")
+    with contextlib.ExitStack() as stack:
+        listener = stack.enter_context(socket.socket(socket.AF_UNIX))
+        listener.bind(path)
+        listener.listen(0)
+        for _ in range(4):
+            filler = stack.enter_context(socket.socket(socket.AF_UNIX))
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError, OSError):
+                filler.connect(path)
+        daemon = make_daemon(daemon_config(
+            f"unix:{path}", upstream={"connect_timeout": SHORT, "response_timeout": LONG},
+            routes=ROUTES))
+        with RawClient(daemon.address) as client:
+            client.send(request_bytes("POST", "/v1/chat/completions", chat_body(),
+                                      headers=[("x-request-id", "unix-full")]))
+            response = client.read_response(CAP)
+        assert response.status in (502, 504), response.raw[:300]
+        code = response.json()["error"]["code"]
+        assert code == ("upstream_timeout" if response.status == 504 else "upstream_unavailable")
+
+
+def test_a_pooled_connection_whose_worker_went_silent_ends_at_response_timeout(
+    short: Daemon, w: FakeWorker
+) -> None:
+    """A kept-alive worker connection reused while its worker hangs (no FIN, no answer) is
+    not retried (nothing says it is dead) and ends at `response_timeout`: a 504."""
+    w.reply([Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")], [Stall()])
+    with RawClient(short.address) as client:
+        client.send(request_bytes("GET", "/v1/files/1"))
+        assert client.read_response(CAP).status == 200
+        client.send(request_bytes("GET", "/v1/files/2", headers=[("x-request-id", "pooled-hang")]))
+        response = client.read_response(CAP)
+    assert response.status == 504, response.raw[:300]
+    requests = w.wait_requests(2)
+    assert requests[0].connection == requests[1].connection  # the pooled one was reused
+    assert short.ledger_for("pooled-hang")["outcome"] == "upstream_timeout"
