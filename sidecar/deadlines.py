@@ -4,7 +4,7 @@ I/O shell helper. A connection that waits for bytes waits on one future; a
 timer that completes that future with True ends the wait without cancelling
 the task (no Timeout object, no cancel/uncancel bookkeeping), which matters on
 a path every request takes several times. A wake-up by bytes completes it with
-None. The timeout is a result, not an exception set on the future: a future
+False. The timeout is a result, not an exception set on the future: a future
 holding an exception holds its traceback, whose frames hold the future, and
 that cycle (with the request it reaches) would wait for the cyclic collector.
 
@@ -12,14 +12,17 @@ The timer outlives the wait it was set for: a keep-alive connection's next wait
 has a later deadline, and the timer set for an earlier one, when it goes off,
 is set again for the deadline of the wait then pending (if any). A timer is made
 and cancelled about once per timeout period, not once per request.
+
+`wait` hands out that future itself, not a coroutine awaiting it: the task that
+awaits it suspends and resumes through one frame fewer (twice per request).
 """
 
 from __future__ import annotations
 
 import asyncio
 
-#: What a connection waits on: None when woken by its peer, True when its deadline passed.
-Waiter = asyncio.Future[bool | None]
+#: What a connection waits on: False when woken by its peer, True when its deadline passed.
+Waiter = asyncio.Future[bool]
 
 
 class Wakeup:
@@ -41,18 +44,17 @@ class Wakeup:
     def wake(self) -> None:
         waiter = self._waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+            waiter.set_result(False)
 
-    async def wait(self, deadline: float | None) -> bool:
-        """Wait for the next `wake`; True when `deadline` (loop time) passed first."""
+    def wait(self, deadline: float | None) -> Waiter:
+        """The next `wake`, to await: True when `deadline` (loop time) passed first, else
+        False. Once done (or cancelled with the task awaiting it) it is left here, and a
+        wake or the timer finding it done does nothing, as when nobody waits."""
         waiter = self._waiter = self._loop.create_future()
         self._deadline = deadline
         if deadline is not None and (self._timer is None or self._timer_at > deadline):
             self._set_timer(deadline)
-        try:
-            return await waiter is True
-        finally:
-            self._waiter = None
+        return waiter
 
     def _set_timer(self, deadline: float) -> None:
         if self._timer is not None:

@@ -74,7 +74,7 @@ _REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
 #: worker response headers that sidecar's own replace: x-request-id always, x-sidecar-cost on
 #: routes whose dialect reads (and prices) the body
 _WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
-#: and on a 2xx answer those routes read, Content-Encoding too (see `_handle_response`)
+#: and on a 2xx answer those routes read, Content-Encoding too (see `_start_response_pump`)
 _READ_ANSWER_DROPPED = (*_WORKER_DROPPED, b"content-encoding")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
 FLUSH_POLL = 0.02
@@ -593,7 +593,10 @@ class Exchange(StreamListener):
         body_complete = False
         if dialect.reads_body:
             if length is not None and b"transfer-encoding" not in first_values:
-                body = await self.client.read_body(int(length), self.conn, body_deadline)
+                # (most often it came with the head: taken as it is, without a wait)
+                body = self.client.body_at_hand(int(length))
+                if body is None:
+                    body = await self.client.read_body(int(length), self.conn, body_deadline)
                 self.body_read = True
             else:
                 body = await self._read_body(limits.max_request_body, body_deadline)
@@ -624,7 +627,10 @@ class Exchange(StreamListener):
         self.first_values = {}
         if self.plan is not None:
             self.plan.body = b""
-        await self._handle_response(pool, response)
+        pump = self._start_response_pump(response)
+        if pump.done is not None:  # (None: the whole answer came with the worker's head)
+            await pump.done
+        self._response_over(pool, pump)
 
     async def _read_body(self, limit: int, deadline: float) -> bytes:
         """A request body read through h11 (chunked), whole; TooLarge past `limit`."""
@@ -687,9 +693,13 @@ class Exchange(StreamListener):
         timeout = pool.config.response_timeout
         streamed = not body_complete  # framed by h11 (chunked or a length), sent as it comes
         for attempt in (0, 1):
-            # the one retry goes to a new connection (SPEC), never to another pooled one,
-            # which the worker may have dropped the same way
-            conn, reused = await pool.acquire() if attempt == 0 else (await pool.connect(), False)
+            # a pooled connection first (only those are retried); the one retry goes to a
+            # new connection (SPEC), never to another pooled one, which the worker may have
+            # dropped the same way
+            conn = pool.take_idle() if attempt == 0 else None
+            reused = conn is not None
+            if conn is None:
+                conn = await pool.connect()
             self.upstream = conn
             try:
                 if not streamed:  # the common case: one write for the whole request
@@ -700,7 +710,8 @@ class Exchange(StreamListener):
                     body_complete = await self._stream_body(
                         conn, body_parts, body_complete or self.body_read, body_deadline
                     )
-                await self._request_flushed(conn, timeout)
+                if conn.unflushed:  # (a small request left in the write itself)
+                    await self._request_flushed(conn, timeout)
                 deadline = None if timeout is None else self.loop.time() + timeout
                 return await self._response_head(conn, deadline)
             except TimeoutError:
@@ -770,7 +781,8 @@ class Exchange(StreamListener):
         the request sent (SPEC), not from a write a worker is still reading (a large body,
         a busy worker). A worker that takes none of it for response_timeout is that
         timeout (TimeoutError). An answer that comes before the whole request went out
-        (an early 413) ends the wait. Small requests leave in the write itself: no wait."""
+        (an early 413) ends the wait. Awaited only for a request not all written at once
+        (`UpstreamConnection.unflushed`): small requests leave in the write itself."""
         transport = conn.transport
         if transport is None:
             return
@@ -816,7 +828,9 @@ class Exchange(StreamListener):
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "closed before the response head")
 
     # -- the response ---------------------------------------------------------------
-    async def _handle_response(self, pool: UpstreamPool, response: h11.Response) -> None:
+    def _start_response_pump(self, response: h11.Response) -> ResponsePump:
+        """Pick the body handler for the worker's response and start the pump that feeds it
+        (not a coroutine: the caller awaits `pump.done` only when the body outlasts the start)."""
         assert self.upstream is not None and self.route is not None
         status = response.status_code
         raw_headers: list[Header] = header_list(response.headers)
@@ -851,9 +865,12 @@ class Exchange(StreamListener):
         pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump
         pump.start()
-        if pump.done is not None:
-            await pump.done
-        if pump.clean and decoder is None and self.upstream.h11.trailing_data[0]:
+        return pump
+
+    def _response_over(self, pool: UpstreamPool, pump: ResponsePump) -> None:
+        """The worker's connection once the pump is done: back to the pool, or closed."""
+        assert self.upstream is not None
+        if pump.clean and pump.decoder is None and self.upstream.h11.trailing_data[0]:
             # h11 framed this answer (204, 304, a HEAD's, after a 1xx) and bytes came after
             # its end, a body the answer cannot have: the worker and sidecar no longer agree
             # where its answers end, so the connection is not one to reuse (a new cycle would

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
-from sidecar.deadlines import Wakeup
+from sidecar.deadlines import Waiter, Wakeup
 from sidecar.dialects import get_dialect
 from sidecar.headers import find_head_end, simple_response
 
@@ -217,14 +217,14 @@ class ClientConnection(asyncio.Protocol):
             waiter.set_result(None)
 
     # -- reading ------------------------------------------------------------------------
-    async def _more(self, deadline: float | None) -> None:
-        """Wait until new bytes (or EOF) arrive; ClientTimeout past `deadline`."""
+    def _more(self, deadline: float | None) -> Waiter:
+        """What to await for new bytes (or EOF): True when `deadline` passed first (the
+        caller raises ClientTimeout). A future, not a coroutine: see sidecar.deadlines."""
         if self._reading_paused:
             self._reading_paused = False
             assert self.transport is not None
             self.transport.resume_reading()
-        if await self._wakeup.wait(deadline):
-            raise ClientTimeout()
+        return self._wakeup.wait(deadline)
 
     async def read_head(self, idle_deadline: float, head_deadline: float) -> bytes | None:
         """The next raw request head (up to and including its blank line), or None at a clean EOF.
@@ -263,10 +263,8 @@ class ClientConnection(asyncio.Protocol):
                 if buffer:
                     raise ClientGone()
                 return None
-            try:
-                await self._more(deadline)
-            except ClientTimeout:
-                raise ClientTimeout(started) from None
+            if await self._more(deadline):
+                raise ClientTimeout(started)
 
     def feed_h11(self, conn: h11.Connection) -> None:
         """Move everything buffered into `conn`."""
@@ -276,17 +274,25 @@ class ClientConnection(asyncio.Protocol):
         if self.eof:
             conn.receive_data(b"")
 
+    def body_at_hand(self, length: int) -> bytes | None:
+        """A `Content-Length` body of `length` bytes taken from the buffer when it is all
+        there (else None: `read_body` waits for it), without a coroutine."""
+        buffer = self.buffer
+        if len(buffer) < length:
+            return None
+        body = bytes(buffer[:length])
+        del buffer[:length]
+        return body
+
     async def read_body(self, length: int, conn: h11.Connection, deadline: float) -> bytes:
         """A `Content-Length` request body, read here rather than through h11 (which was fed
         only the head); sends 100 Continue when the client waits. ClientGone if it leaves."""
-        buffer = self.buffer
-        while len(buffer) < length:
+        while (body := self.body_at_hand(length)) is None:
             if self.closed or self.eof:
                 raise ClientGone()
             self._continue(conn)
-            await self._more(deadline)
-        body = bytes(buffer[:length])
-        del buffer[:length]
+            if await self._more(deadline):
+                raise ClientTimeout()
         return body
 
     def _continue(self, conn: h11.Connection) -> None:
@@ -334,7 +340,8 @@ class ClientConnection(asyncio.Protocol):
             if self.eof:
                 conn.receive_data(b"")
                 continue
-            await self._more(deadline)
+            if await self._more(deadline):
+                raise ClientTimeout()
             self.feed_h11(conn)
 
     @staticmethod

@@ -206,6 +206,13 @@ class UpstreamConnection(asyncio.Protocol):
         transport.write(data + body if body else data)
         self.request_sent = body is not None
 
+    @property
+    def unflushed(self) -> bool:
+        """Bytes written to the worker are still in the transport's buffer (the kernel's send
+        buffer was full): see `Exchange._request_flushed`."""
+        transport = self.transport
+        return transport is not None and transport.get_write_buffer_size() > 0
+
     def _open_transport(self) -> asyncio.Transport:
         if self.closed or self.transport is None or self.transport.is_closing():
             raise UpstreamFailure(failures.UPSTREAM_DISCONNECTED, "worker connection closed")
@@ -344,16 +351,17 @@ class UpstreamPool:
         #: the Host header of every request to this worker, encoded once
         self.host: Header = (b"host", config.host_header.encode())
 
-    async def acquire(self) -> tuple[UpstreamConnection, bool]:
-        """A connection and whether it was reused from the pool (only those may be retried)."""
+    def take_idle(self) -> UpstreamConnection | None:
+        """A pooled connection ready for its next request, or None (then `connect`). Not a
+        coroutine: the pool has one or not, there is nothing to wait for."""
         while self._idle:
             conn = self._idle.pop()
             conn.idle_since = None  # (its timer, if armed, finds it in use: see _expire)
             if conn.reusable:
                 conn.new_cycle()
-                return conn, True
+                return conn
             conn.close()
-        return await self.connect(), False
+        return None
 
     async def connect(self) -> UpstreamConnection:
         """A new connection, within connect_timeout; failures are UpstreamFailure."""

@@ -85,7 +85,10 @@ def test_a_wait_without_deadline_outlasts_a_timer_left_set() -> None:
 
 def test_a_cancelled_wait_leaves_no_waiter() -> None:
     async def test(loop: asyncio.AbstractEventLoop, wakeup: Wakeup) -> None:
-        task = loop.create_task(wakeup.wait(loop.time() + 0.05))
+        async def waiting() -> bool:
+            return await wakeup.wait(loop.time() + 0.05)
+
+        task = loop.create_task(waiting())
         await asyncio.sleep(0.01)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
