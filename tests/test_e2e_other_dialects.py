@@ -1148,3 +1148,36 @@ def test_metrics_count_these_dialects_tokens_cost_outcomes_and_error_codes(
     assert grew(requests, route="anthropic-messages-auto", outcome="upstream_error", status="200") == 1
     assert grew(requests, route="openai-responses-auto", outcome="ok", status="200") == 1
     assert grew("sidecar_upstream_errors_total", code="upstream_disconnected") == 1
+
+
+# =============================================================================================
+# Both: an event that nothing names is not passed on
+# =============================================================================================
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_an_event_nothing_names_is_not_passed_on(daemon: Daemon, worker: FakeWorker, tail: str) -> None:
+    """A worker event with no `event:` line and no `type` in its data (`data: {}`) would go
+    out unnamed (SPEC: every event sidecar writes has an `event:` line equal to its data's
+    `type`) and, from a worker that numbers nothing, unnumbered (SPEC: sidecar numbers
+    every event it writes from 0); the openai SDK would yield it as an event whose type is
+    None. It is not passed on; its `id:` line reaches the client with the next event."""
+    odd = b"id: 7\ndata: {}\n\n"
+    events = anthropic_events(MESSAGE) if tail == "messages" else responses_events(RESPONSE, numbered=False)
+    stream = [*events[:3], odd, *events[3:]]
+    worker.reply(sse_reply(stream), sse_reply(stream))
+    body: dict[str, Any] = {**ask(), "stream": True} if tail == "messages" else \
+        {"model": GPT, "input": "Hello", "stream": True}
+    response = post(daemon, body, f"/v1/{tail}")
+    assert response.status == 200
+    assert b"data: {}" not in response.body and b"id: 7\nevent: " in response.body
+    written = named_by_type(response.body)
+    assert len(written) == len(events)
+    if tail == "messages":
+        with anthropic_client(daemon).messages.stream(**ask()) as stream_helper:
+            final = stream_helper.get_final_message()
+        assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    else:
+        assert [e["sequence_number"] for e in written] == list(range(len(events)))
+        got = list(openai_client(daemon).responses.create(model=GPT, input="Hello", stream=True))
+        assert all(e.type for e in got) and [e.sequence_number for e in got] == list(range(len(events)))
