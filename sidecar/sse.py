@@ -459,7 +459,8 @@ def encode_event(
 def undispatched_lines(block: bytes) -> bytes:
     """A block with no `data` field (`event: x`, `id: 7`, `retry: 10`, each alone or with
     comments) as lines a client does not take for an event: without its `event` lines and
-    its blank line.
+    its blank line (and without its `data` lines, for a block with data that a dialect
+    does not pass on as an event).
 
     WHATWG dispatches nothing for such a block (its `id` and `retry` take effect, its
     event type is dropped), but the openai and Anthropic SDKs and httpx-sse dispatch it,
@@ -469,7 +470,7 @@ def undispatched_lines(block: bytes) -> bytes:
     kept = []
     for line in block.splitlines(keepends=True):  # exactly CRLF, CR and LF
         field = line.rstrip(b"\r\n")
-        if field and field.partition(b":")[0] != b"event":
+        if field and field.partition(b":")[0] not in (b"event", b"data"):
             kept.append(line)
     return b"".join(kept)
 

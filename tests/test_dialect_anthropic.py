@@ -183,6 +183,23 @@ def test_a_named_event_whose_data_lacks_its_type_gets_it_written_in(pricing: Pri
     assert t.complete
 
 
+@pytest.mark.parametrize("data", [b'{"foo": 1}', b"{}", b'{"type": 5, "x": 1}'])
+def test_an_event_with_neither_name_nor_type_is_no_event_and_is_not_passed_on(data: bytes) -> None:
+    """Data with no `type` under no `event:` line names no event of the dialect: passed on,
+    it would be an event not named by its type (SPEC: every event sidecar writes has an
+    `event:` line equal to the data's `type`). It is dropped, as a block with no data is:
+    its `id:`, `retry:` and comment lines still reach the client, without an event."""
+    chunks = worker_stream()
+    odd = b": note\nid: 7\nretry: 500\ndata: " + data + b"\n\n"
+    out, t = relay([*chunks[:3], odd, *chunks[3:]])
+    assert out[3] == b": note\nid: 7\nretry: 500\n"
+    names_match_types(b"".join(frame for frame in out if frame))
+    assert out[:3] == chunks[:3] and out[4:-2] == chunks[3:-2] and out[-1] == chunks[-1]
+    assert t.complete
+    (bare,) = parse(b"data: " + data + b"\n\n")
+    assert DIALECT.stream(plan(), PRICING, aggregate=False).feed(bare) in (None, b"")
+
+
 def test_comments_pass_and_after_message_stop_nothing_is_read() -> None:
     t = DIALECT.stream(plan(), PRICING, aggregate=False)
     (c,) = parse(b": keep-alive\n\n")

@@ -178,6 +178,25 @@ def test_a_named_event_whose_data_lacks_its_type_gets_it_written_in() -> None:
 
 
 @pytest.mark.parametrize("numbered", [True, False])
+@pytest.mark.parametrize("data", [b'{"foo": 1}', b"{}"])
+def test_an_event_with_neither_name_nor_type_is_not_passed_on(numbered: bool, data: bytes) -> None:
+    """Data with no `type` under no `event:` line is no Responses event: passed on, it would
+    go out unnamed (SPEC: every event sidecar writes is named by its `type`) and, from a
+    worker that numbers nothing, unnumbered (SPEC: sidecar then numbers every event it
+    writes from 0; the openai SDK would yield it as an event whose type is None). It is
+    dropped, its `id:` line kept for the next event, as a block with no data is."""
+    events = worker_events(numbered=numbered)
+    chunks = encode(events, named=numbered)
+    out, t = relay([*chunks[:4], b"id: 9\ndata: " + data + b"\n\n", *chunks[4:]])
+    assert out[4] == b"id: 9\n"
+    frames = [frame for i, frame in enumerate(out) if frame and i != 4]
+    written = [loads(frame) for frame in frames]
+    assert [name for name, _ in written] == [obj["type"] for _, obj in written] == [e["type"] for e in events]
+    assert [obj["sequence_number"] for _, obj in written] == list(range(len(events)))
+    assert t.complete
+
+
+@pytest.mark.parametrize("numbered", [True, False])
 def test_error_frame_mid_stream(numbered: bool) -> None:
     events = worker_events(numbered=numbered)
     first = 6 if numbered else 0

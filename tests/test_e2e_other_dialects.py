@@ -21,16 +21,22 @@ import orjson
 import pytest
 
 from tests.harness import (
+    LAST_CHUNK,
     Close,
     Daemon,
     FakeWorker,
     RawClient,
     Reset,
     Send,
+    Sleep,
+    Stall,
     Step,
     WorkerRequest,
+    chunk,
     free_port,
     json_reply,
+    metric_samples,
+    metrics_text,
     post,
     response_head,
     sse_payloads,
@@ -40,7 +46,15 @@ from tests.harness import (
 CLAUDE = "claude-like"
 GPT = "gpt-like"
 PRICES = {CLAUDE: {"prompt": 3.0, "completion": 15.0, "cached_prompt": 0.3, "cache_write": 3.75},
-          GPT: {"prompt": 1.0, "completion": 2.0, "cached_prompt": 0.5, "reasoning": 4.0}}
+          GPT: {"prompt": 1.0, "completion": 2.0, "cached_prompt": 0.5, "reasoning": 4.0},
+          # rows that leave prices out: SPEC's defaults (cached_prompt and cache_write -> prompt,
+          # reasoning -> completion), and one with a `reasoning` price Anthropic never uses
+          "claude-plain": {"prompt": 2.0, "completion": 10.0},
+          "claude-cached": {"prompt": 2.0, "completion": 10.0, "cached_prompt": 0.5, "reasoning": 99.0},
+          "gpt-plain": {"prompt": 1.0, "completion": 2.0},
+          # used by the metrics test alone, so that its counters are its own
+          "claude-metrics": {"prompt": 3.0, "completion": 15.0, "cached_prompt": 0.3, "cache_write": 3.75},
+          "gpt-metrics": {"prompt": 1.0, "completion": 2.0, "cached_prompt": 0.5, "reasoning": 4.0}}
 
 
 def _route(name: str, path: str, dialect: str, mode: str) -> dict[str, Any]:
@@ -55,6 +69,10 @@ ROUTES = [
 ] + [
     {**_route(f"{dialect}-dead", f"/dead/v1/{tail}", dialect, "auto"),
      "upstream": {"url": f"http://127.0.0.1:{free_port()}"}}
+    for dialect, tail in (("anthropic-messages", "messages"), ("openai-responses", "responses"))
+] + [
+    {**_route(f"{dialect}-beat", f"/beat/v1/{tail}", dialect, "auto"), "heartbeat": "100ms",
+     "upstream": {"idle_timeout": "5s"}}
     for dialect, tail in (("anthropic-messages", "messages"), ("openai-responses", "responses"))
 ]
 _ids = itertools.count(1)
@@ -815,3 +833,351 @@ def test_anthropic_unparsable_tool_input_aggregated_is_a_502(daemon: Daemon, wor
     response = post(daemon, ask(), "/always/v1/messages")
     assert response.status == 502
     assert response.json()["error"]["code"] == "upstream_protocol_error"
+
+
+# =============================================================================================
+# Both: the worker's actual answer decides, on every upstream_stream mode
+# =============================================================================================
+
+
+def named_by_type(body: bytes) -> list[dict[str, Any]]:
+    """Every event of a stream the sidecar wrote: each has one `event:` line, equal to its
+    data's `type` (SPEC); their data, in order."""
+    out = []
+    for block in body.split(b"\n\n"):
+        lines = block.split(b"\n")
+        data = [line for line in lines if line.startswith(b"data:")]
+        if not data:
+            continue
+        obj = json.loads(b"\n".join(line[5:] for line in data))
+        names = [line for line in lines if line.startswith(b"event:")]
+        assert names == [b"event: " + obj["type"].encode()], block
+        out.append(obj)
+    return out
+
+
+def anthropic_answer(message: dict[str, Any], sse: bool) -> list[Step]:
+    return sse_reply(anthropic_events(message)) if sse else json_reply(message)
+
+
+def responses_answer(doc: dict[str, Any], sse: bool) -> list[Step]:
+    return sse_reply(responses_events(doc, numbered=False)) if sse else json_reply(doc)
+
+
+@pytest.mark.parametrize("worker_sse", [True, False], ids=["worker-sse", "worker-json"])
+@pytest.mark.parametrize("client_stream", [True, False], ids=["client-stream", "client-json"])
+@pytest.mark.parametrize("prefix", ["", "/never", "/always"])
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_the_workers_actual_answer_decides_on_every_mode(
+    daemon: Daemon, worker: FakeWorker, tail: str, prefix: str, client_stream: bool, worker_sse: bool
+) -> None:
+    """SPEC: whatever was asked, the worker's actual answer (its Content-Type) decides: a
+    streaming client gets named events (and, on openai-responses, numbered from 0 when the
+    worker numbers nothing) ending in the stream's terminator with the cost in it; a
+    non-streaming client one document with the cost and `x-sidecar-cost`; the ledger says
+    what the worker answered."""
+    if tail == "messages":
+        worker.default = anthropic_answer(MESSAGE, worker_sse)
+        body: dict[str, Any] = {**ask(), "stream": client_stream}
+        cost, header = MESSAGE_COST, "0.001365"
+    else:
+        worker.default = responses_answer(RESPONSE, worker_sse)
+        body = {"model": GPT, "input": "Hello", "stream": client_stream}
+        cost, header = RESPONSE_COST, "0.000282"
+    rid = request_id()
+    response = post(daemon, body, f"{prefix}/v1/{tail}", headers=[("x-request-id", rid)])
+    assert response.status == 200, response.body
+    if client_stream:
+        assert response.header("content-type") == "text/event-stream"
+        assert response.header("x-sidecar-cost") is None
+        events = named_by_type(response.body)
+        if tail == "messages":
+            assert events[-1]["type"] == "message_stop"
+            (delta,) = [e for e in events if e["type"] == "message_delta"]
+            assert delta["usage"]["cost"] == pytest.approx(cost)
+        else:
+            assert events[-1]["type"] == "response.completed"
+            assert events[-1]["response"]["usage"]["cost"] == pytest.approx(cost)
+            assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    else:
+        assert response.header("x-sidecar-cost") == header
+        expected = expected_message() if tail == "messages" else expected_response()
+        assert response.json() == expected
+    check = check_anthropic_ledger if tail == "messages" else check_responses_ledger
+    check(daemon, rid, client_stream=client_stream, upstream_sse=worker_sse)
+
+
+# =============================================================================================
+# Both: the price rows' defaults
+# =============================================================================================
+
+#: (model, price row) -> the exact cost of MESSAGE's usage (120 input, 1000 cache read,
+#: 20 cache creation, 42 output) or RESPONSE's (36 input of which 16 cached, 87 output of
+#: which 40 reasoning), as SPEC's formulas give it
+DEFAULT_PRICE_CASES = [
+    # (120 + 1000 + 20) x 2 + 42 x 10: cached_prompt and cache_write default to prompt
+    ("messages", "claude-plain", "0.0027"),
+    # 120 x 2 + 1000 x 0.5 + 20 x 2 + 42 x 10: cache_write defaults to prompt, not to
+    # cached_prompt; `reasoning` is not used (thinking is part of output)
+    ("messages", "claude-cached", "0.0012"),
+    # (36 - 16) x 1 + 16 x 1 + (87 - 40) x 2 + 40 x 2: cached at prompt, reasoning at completion
+    ("responses", "gpt-plain", "0.00021"),
+]
+
+
+@pytest.mark.parametrize("worker_sse", [True, False], ids=["worker-sse", "worker-json"])
+@pytest.mark.parametrize("client_stream", [True, False], ids=["client-stream", "client-json"])
+@pytest.mark.parametrize(("tail", "model", "cost"), DEFAULT_PRICE_CASES)
+def test_a_price_row_without_cache_or_reasoning_prices_uses_the_specs_defaults(
+    daemon: Daemon, worker: FakeWorker, tail: str, model: str, cost: str, client_stream: bool,
+    worker_sse: bool,
+) -> None:
+    if tail == "messages":
+        worker.default = anthropic_answer({**MESSAGE, "model": model}, worker_sse)
+        body: dict[str, Any] = {**ask(), "model": model, "stream": client_stream}
+    else:
+        worker.default = responses_answer({**RESPONSE, "model": model}, worker_sse)
+        body = {"model": model, "input": "Hello", "stream": client_stream}
+    rid = request_id()
+    response = post(daemon, body, f"/v1/{tail}", headers=[("x-request-id", rid)])
+    assert response.status == 200, response.body
+    if client_stream:
+        final = named_by_type(response.body)[-2 if tail == "messages" else -1]
+        usage = final["usage"] if tail == "messages" else final["response"]["usage"]
+    else:
+        assert response.header("x-sidecar-cost") == cost
+        usage = response.json()["usage"]
+    assert usage["cost"] == pytest.approx(float(cost))
+    record = daemon.ledger_for(rid)
+    assert record["model"] == model and record["cost"] == pytest.approx(float(cost))
+
+
+# =============================================================================================
+# Both: no route is a 404 in the dialect's shape
+# =============================================================================================
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_no_route_is_a_404_in_the_shape_of_the_paths_dialect(
+    daemon: Daemon, worker: FakeWorker, tail: str
+) -> None:
+    """SPEC: no route -> 404, and on anthropic-messages errors before the head carry
+    `not_found_error` for a 404 (the routes take POST only: a GET matches none, and the
+    README gives it the shape of the first route whose path matches)."""
+    with RawClient(daemon.address) as client:
+        client.send(b"GET /v1/" + tail.encode() + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+        response = client.read_response()
+    assert response.status == 404
+    obj = response.json()
+    if tail == "messages":
+        assert obj["type"] == "error" and obj["error"]["type"] == "not_found_error", obj
+    else:
+        assert set(obj) == {"error"}, obj
+    assert obj["error"]["code"] and obj["error"]["message"]
+    assert worker.requests == []
+
+
+# =============================================================================================
+# Both: every failure code reaches the SDKs as SPEC's error frame
+# =============================================================================================
+
+FAILURE_ENDINGS: dict[str, tuple[list[Step], str, str]] = {
+    # failure: (what the worker does after some events, the code, the ledger outcome)
+    "fin": ([Close()], "upstream_disconnected", "upstream_error"),
+    "reset": ([Reset()], "upstream_disconnected", "upstream_error"),
+    "broken-chunk": ([Send(b"zz\r\nnot a chunk\r\n"), Stall()], "upstream_protocol_error",
+                     "upstream_error"),
+    "idle": ([Stall()], "upstream_timeout", "upstream_timeout"),  # idle_timeout: 1s
+    "no-terminator": ([Send(b"0\r\n\r\n")], "upstream_incomplete", "upstream_error"),
+}
+
+
+@pytest.mark.parametrize("failure", list(FAILURE_ENDINGS))
+def test_every_failure_reaches_the_anthropic_sdk_as_an_error_event(
+    daemon: Daemon, worker: FakeWorker, failure: str
+) -> None:
+    """The stream helper raises with the sidecar's code; the bytes end with SPEC's `event:
+    error` frame and nothing after it; an aggregating client gets 502 (504 for the timeout)."""
+    ending, code, outcome = FAILURE_ENDINGS[failure]
+    reply = [*sse_reply(anthropic_events(MESSAGE)[:6], end=False), *ending]
+    worker.reply(reply, reply, reply)
+    rid = request_id()
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert code in str(info.value)
+    assert daemon.ledger_for(rid)["outcome"] == outcome
+    response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    assert response.status == 200 and response.complete
+    events = named_by_type(response.body)
+    assert events[-1] == {"type": "error", "error": {
+        "type": "api_error", "message": events[-1]["error"]["message"], "code": code}}
+    assert response.body.endswith(b"\n\n") and response.body.count(b"event: error") == 1
+    assert not any(e["type"] == "message_stop" for e in events)
+    aggregated = post(daemon, ask(), "/always/v1/messages")
+    assert aggregated.status == (504 if failure == "idle" else 502)
+    assert aggregated.json()["error"] == {"type": "api_error", "code": code,
+                                          "message": aggregated.json()["error"]["message"]}
+
+
+@pytest.mark.parametrize("numbered_from", [None, 0, 7], ids=["unnumbered", "from-0", "from-7"])
+@pytest.mark.parametrize("failure", list(FAILURE_ENDINGS))
+def test_every_failure_reaches_the_openai_sdk_as_response_failed(
+    daemon: Daemon, worker: FakeWorker, failure: str, numbered_from: int | None
+) -> None:
+    """The SDK yields the sidecar's `response.failed` (same id, model and created_at as the
+    stream's response.created) with the failure's code, numbered after the worker's last
+    event (a worker numbering from 7 keeps its numbers) or, with an unnumbered worker, every
+    event from 0; an aggregating client gets 502 (504 for the timeout)."""
+    ending, code, outcome = FAILURE_ENDINGS[failure]
+    events = responses_events(RESPONSE, numbered=numbered_from is not None)[:7]
+    if numbered_from:  # a worker whose numbers do not start at 0
+        objs = [json.loads(sse_payloads(e)[0]) for e in events]
+        events = [ev(o["type"], {**o, "sequence_number": numbered_from + i})
+                  for i, o in enumerate(objs)]
+    reply = [*sse_reply(events, end=False), *ending]
+    worker.reply(reply, reply)
+    rid = request_id()
+    got = list(openai_client(daemon).responses.create(
+        model=GPT, input="Hello", stream=True, extra_headers={"x-request-id": rid}))
+    first = numbered_from or 0
+    assert [e.sequence_number for e in got] == list(range(first, first + len(events) + 1))
+    failed = got[-1]
+    assert isinstance(failed, openai.types.responses.ResponseFailedEvent)
+    assert failed.response.status == "failed"
+    assert failed.response.to_dict()["error"]["code"] == code
+    assert (failed.response.id, failed.response.model, failed.response.created_at) == (
+        RESPONSE["id"], GPT, RESPONSE["created_at"])
+    assert daemon.ledger_for(rid)["outcome"] == outcome
+    aggregated = post(daemon, {"model": GPT, "input": "Hello"}, "/always/v1/responses")
+    assert aggregated.status == (504 if failure == "idle" else 502)
+    assert aggregated.json()["error"]["code"] == code
+
+
+# =============================================================================================
+# Both: heartbeats reach the SDKs as comments, events and numbering untouched
+# =============================================================================================
+
+
+@pytest.mark.parametrize("with_ids", [False, True], ids=["plain", "worker-ids"])
+def test_heartbeats_are_comments_the_sdks_skip(daemon: Daemon, worker: FakeWorker, with_ids: bool) -> None:
+    """heartbeat: 100ms on /beat: the worker pauses between events (and, JSON -> SSE, before
+    its document): the SDKs read every event as the worker meant it and ignore the
+    heartbeats, also once a worker `id:` line set a last event ID."""
+    def paused(events: list[bytes]) -> list[Step]:
+        if with_ids:
+            events = [b"id: %d\n" % i + e for i, e in enumerate(events)]
+        steps = sse_reply(events[:2], end=False)
+        for e in events[2:5]:
+            steps += [Sleep(0.3), Send(chunk(e))]
+        return [*steps, *(Send(chunk(e)) for e in events[5:]), Send(LAST_CHUNK)]
+
+    worker.reply(paused(anthropic_events(MESSAGE)))
+    raw = post(daemon, {**ask(), "stream": True}, "/beat/v1/messages")
+    assert b": keep-alive" in raw.body
+    worker.reply(paused(anthropic_events(MESSAGE)))
+    with anthropic_client(daemon, "/beat").messages.stream(**ask()) as stream:
+        kinds = [event.type for event in stream]
+        final = stream.get_final_message()
+    assert kinds[-1] == "message_stop" and [b.to_dict() for b in final.content] == MESSAGE["content"]
+
+    worker.reply(paused(responses_events(RESPONSE, numbered=False)))
+    events = list(openai_client(daemon, "/beat").responses.create(model=GPT, input="Hello", stream=True))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert events[-1].type == "response.completed"
+    assert events[-1].response.to_dict() == expected_response()
+
+    document = json.dumps(RESPONSE).encode()
+    worker.reply([Send(response_head(200, [("content-type", "application/json"),
+                                           ("content-length", str(len(document)))])),
+                  Sleep(0.4), Send(document)])
+    with openai_client(daemon, "/beat").responses.stream(model=GPT, input="Hello") as stream:
+        numbers = [e.sequence_number for e in stream]
+        final_response = stream.get_final_response()
+    assert numbers == list(range(len(numbers)))
+    assert final_response.output_text == "Hi! What can I do for you?"
+
+
+# =============================================================================================
+# Both: metrics
+# =============================================================================================
+
+
+def test_metrics_count_these_dialects_tokens_cost_outcomes_and_error_codes(
+    daemon: Daemon, worker: FakeWorker
+) -> None:
+    """SPEC's /metrics: tokens by model and kind (Anthropic's prompt is input + cache read +
+    cache creation, its cache read `cached` and its creation `cache_write`; Responses' cached
+    and reasoning from the details), cost by model, requests by route and outcome, upstream
+    errors by code. Models of their own, so that the counters are this test's alone."""
+    def samples() -> dict[Any, float]:
+        return metric_samples(metrics_text(daemon))
+
+    before = samples()
+    worker.default = anthropic_worker({**MESSAGE, "model": "claude-metrics"})
+    post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    post(daemon, ask(), "/v1/messages")
+    worker.default = responses_worker({**RESPONSE, "model": "gpt-metrics"})
+    post(daemon, {"model": GPT, "input": "Hello", "stream": True}, "/v1/responses")
+    worker.default = anthropic_worker({**MESSAGE, "model": "claude-metrics"}, cut_after=6)
+    post(daemon, {**ask(), "stream": True}, "/v1/messages")
+    after = samples()
+
+    def grew(name: str, **labels: str) -> float:
+        key = (name, frozenset(labels.items()))
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    tokens = "sidecar_tokens_total"
+    # two whole anthropic requests and one cut after message_start (its usage counts: the
+    # ledger records what was seen)
+    assert grew(tokens, model="claude-metrics", kind="prompt") == 3 * (120 + 1000 + 20)
+    assert grew(tokens, model="claude-metrics", kind="cached") == 3 * 1000
+    assert grew(tokens, model="claude-metrics", kind="cache_write") == 3 * 20
+    assert grew(tokens, model="claude-metrics", kind="reasoning") == 0
+    assert grew(tokens, model="gpt-metrics", kind="prompt") == 36
+    assert grew(tokens, model="gpt-metrics", kind="cached") == 16
+    assert grew(tokens, model="gpt-metrics", kind="completion") == 87
+    assert grew(tokens, model="gpt-metrics", kind="reasoning") == 40
+    assert grew("sidecar_cost_total", model="gpt-metrics", currency="USD") == pytest.approx(RESPONSE_COST)
+    assert grew("sidecar_cost_total", model="claude-metrics", currency="USD") >= 2 * MESSAGE_COST
+    requests = "sidecar_requests_total"
+    assert grew(requests, route="anthropic-messages-auto", outcome="ok", status="200") == 2
+    assert grew(requests, route="anthropic-messages-auto", outcome="upstream_error", status="200") == 1
+    assert grew(requests, route="openai-responses-auto", outcome="ok", status="200") == 1
+    assert grew("sidecar_upstream_errors_total", code="upstream_disconnected") == 1
+
+
+# =============================================================================================
+# Both: an event that nothing names is not passed on
+# =============================================================================================
+
+
+@pytest.mark.parametrize("tail", ["messages", "responses"])
+def test_an_event_nothing_names_is_not_passed_on(daemon: Daemon, worker: FakeWorker, tail: str) -> None:
+    """A worker event with no `event:` line and no `type` in its data (`data: {}`) would go
+    out unnamed (SPEC: every event sidecar writes has an `event:` line equal to its data's
+    `type`) and, from a worker that numbers nothing, unnumbered (SPEC: sidecar numbers
+    every event it writes from 0); the openai SDK would yield it as an event whose type is
+    None. It is not passed on; its `id:` line reaches the client with the next event."""
+    odd = b"id: 7\ndata: {}\n\n"
+    events = anthropic_events(MESSAGE) if tail == "messages" else responses_events(RESPONSE, numbered=False)
+    stream = [*events[:3], odd, *events[3:]]
+    worker.reply(sse_reply(stream), sse_reply(stream))
+    body: dict[str, Any] = {**ask(), "stream": True} if tail == "messages" else \
+        {"model": GPT, "input": "Hello", "stream": True}
+    response = post(daemon, body, f"/v1/{tail}")
+    assert response.status == 200
+    assert b"data: {}" not in response.body and b"id: 7\nevent: " in response.body
+    written = named_by_type(response.body)
+    assert len(written) == len(events)
+    if tail == "messages":
+        with anthropic_client(daemon).messages.stream(**ask()) as stream_helper:
+            final = stream_helper.get_final_message()
+        assert [b.to_dict() for b in final.content] == MESSAGE["content"]
+    else:
+        assert [e["sequence_number"] for e in written] == list(range(len(events)))
+        got = list(openai_client(daemon).responses.create(model=GPT, input="Hello", stream=True))
+        assert all(e.type for e in got) and [e.sequence_number for e in got] == list(range(len(events)))

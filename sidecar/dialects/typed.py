@@ -14,7 +14,7 @@ from typing import Any
 from sidecar.config import Pricing
 from sidecar.dialects.base import RequestPlan, StreamTranslator
 from sidecar.dialects.jsonio import dumps_event_data, read_event
-from sidecar.sse import Event, encode_event
+from sidecar.sse import Event, encode_event, undispatched_lines
 
 
 def named_event(obj: dict[str, Any], kind: str, id: str | None = None) -> bytes:
@@ -45,7 +45,9 @@ def event_type(obj: dict[str, Any], event: Event) -> tuple[str | None, bool]:
 class TypedEventStream(StreamTranslator):
     """A worker stream of typed events, relayed event by event or aggregated.
 
-    Comments pass unchanged (relaying); events after the stream's terminal event are
+    Comments pass unchanged (relaying); an event that nothing names (no `type` in its data,
+    no `event:` line) is dropped, but for its `id:`, `retry:` and comment lines; events
+    after the stream's terminal event are
     dropped, and after the worker's error all but its further failure events
     (`failure_events`: they say the same failure, and may carry its usage); each
     event's type is read (or written
@@ -73,7 +75,10 @@ class TypedEventStream(StreamTranslator):
         if self.worker_error and kind not in self.failure_events:
             return None  # after the worker's error, never a success (nor more of the stream)
         if kind is None:
-            return None if self.aggregate else event.raw  # nothing to name it by
+            # nothing names it (no `type`, no `event:` line): no event of the dialect, and
+            # passed on it would be an event not named by its type; dropped as a block with
+            # no data is, its `id:`, `retry:` and comment lines kept for the next event
+            return None if self.aggregate else (undispatched_lines(event.raw) or None)
         changed = self.read(kind, obj)
         if kind == "error":  # the worker's own error: forwarded as it is, named if it was not
             self.worker_error = True
