@@ -363,17 +363,21 @@ class OpenAIStream(StreamTranslator):
             delta = choice.get("delta")
             if type(delta) is not dict:
                 return
-            found = None
-            for text_key in _TEXT_KEYS:
-                if type(delta.get(text_key)) is str:
-                    if found is not None:
-                        return
-                    found = text_key
-            if found is None:
-                return
-            holder, key = delta, found
-            if _content_bearing(delta, but=key):  # content beside the text
-                return
+            if len(delta) == 1 and "content" in delta:
+                # `{"content": ...}`, the delta most workers send: nothing beside the text
+                holder, key = delta, "content"
+            else:
+                found = None
+                for text_key in _TEXT_KEYS:
+                    if type(delta.get(text_key)) is str:
+                        if found is not None:
+                            return
+                        found = text_key
+                if found is None:
+                    return
+                holder, key = delta, found
+                if _content_bearing(delta, but=key):  # content beside the text
+                    return
         text = holder.get(key)
         if type(text) is not str or not text:
             # an empty text is the role announcement, not a token: its bytes never repeat
