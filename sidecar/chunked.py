@@ -110,14 +110,42 @@ class ChunkedDecoder:
         self.at_boundary = True
 
     def feed(self, data: bytes) -> list[bytes]:
-        if self.at_boundary and len(data) < LONGEST_CHUNK:
-            # fast path: `data` is exactly one whole chunk with a plain lower-case size line,
-            # as a worker writes one per event. A chunk of this length can start with one
-            # size line only, so a match proves the framing (anything else: general path).
-            line = SIZE_LINE_OF_CHUNK[len(data)]
-            if line and data.startswith(line) and data.endswith(b"\r\n"):
-                return [data[len(line) : -2]]
         out: list[bytes] = []
+        if self.at_boundary:
+            n = len(data)
+            if n < LONGEST_CHUNK:
+                # fast path: `data` is exactly one whole chunk with a plain lower-case size
+                # line, as a worker writes one per event. A chunk of this length can start
+                # with one size line only, so a match proves the framing (anything else:
+                # general path).
+                line = SIZE_LINE_OF_CHUNK[n]
+                if line and data.startswith(line) and data.endswith(b"\r\n"):
+                    return [data[len(line) : -2]]
+            # Whole chunks with plain size lines one after the other, and maybe the last
+            # chunk (a stream's last events and its end often come in one read): taken as
+            # the general path takes them, a `find` and a look-up each; from the first other
+            # byte on (a cut chunk, another size line, broken framing) the general path goes on.
+            at = 0
+            while True:
+                line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits
+                size = _SIZE_OF_LINE.get(data[at:line_end])  # canonical lines only
+                if size is None:
+                    break
+                end = line_end + size
+                if data[end : end + 2] != b"\r\n":
+                    break  # cut short, or no CRLF after the data (the general path says so)
+                out.append(data[line_end:end])
+                at = end + 2
+            if at == n:
+                return out
+            if data[at:] == _END:  # the last chunk, no trailer section, nothing after it
+                self._trailer = 2  # (its blank line, as the general path counts it)
+                self.done = True
+                self.at_boundary = False
+                self._state = 3
+                return out
+            if at:
+                data = data[at:]
         try:
             return self._feed(data, out)
         except ChunkedError as exc:

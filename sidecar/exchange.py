@@ -28,7 +28,7 @@ from sidecar.dialects.base import Dialect, DocumentTranslator, RequestPlan, Stre
 from sidecar.dialects.jsonio import BadRequest
 from sidecar.failures import Failure, UpstreamFailure
 from sidecar.framing import body_decoder, head_size, keep_body_piece
-from sidecar.handlers import BodyHandler, RawHandler, SniffHandler, body_kind
+from sidecar.handlers import BodyHandler, RawHandler, body_kind, read_answer_handler
 from sidecar.headers import (
     H11_RESPONSE_HEADERS,
     Header,
@@ -732,7 +732,7 @@ class Exchange(StreamListener):
     def _prepare(self) -> None:
         """What the answer will likely need, made while the worker works on the request
         rather than after its head came: a stream's translator and parser, when the client
-        streams and the worker is asked to (`SniffHandler` takes them if it chooses SSE)."""
+        streams and the worker is asked to (`chosen_handler` takes them if it is SSE)."""
         plan = self.plan
         if plan is not None and plan.client_stream and plan.asked_stream and self.premade is None:
             config = self.generation.config
@@ -860,7 +860,7 @@ class Exchange(StreamListener):
             # sidecar cannot read, and the client must be able to read the error frame)
             # (a plan: the dialect reads the body)
             worker_headers = end_to_end(raw_headers, *_READ_ANSWER_DROPPED, tokens=tokens)
-            handler = SniffHandler(self, worker_headers, kind)
+            handler = read_answer_handler(self, worker_headers, kind)
         decoder = body_decoder(self.raw_method, status, raw_headers)
         pump = ResponsePump(self, self.upstream, handler, self.route, decoder)
         self.pump = pump

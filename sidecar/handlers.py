@@ -1,8 +1,9 @@
 """What to do with a worker's response body: the handlers the response pump feeds.
 
 I/O shell, but no sockets of its own: a handler writes through its exchange.
-`SniffHandler` decides SSE or JSON from the worker's actual response and steps
-aside; `RelayHandler` (SSE -> SSE, event by event), `AggregateHandler`
+`read_answer_handler` makes the one a successful answer's content type calls for, or
+a `SniffHandler` that decides SSE or JSON from its first byte and steps aside;
+`RelayHandler` (SSE -> SSE, event by event), `AggregateHandler`
 (SSE -> one JSON document), `DocumentHandler` (JSON -> JSON or SSE) and
 `RawHandler` (bytes untouched) do the work, each asking the route's dialect
 and never testing its name.
@@ -238,6 +239,38 @@ class RawHandler(BodyHandler):
         self.ex.client.abort()
 
 
+def read_answer_handler(exchange: Exchange, headers: list[Header], kind: str | None) -> BodyHandler:
+    """The handler of a successful answer the dialect reads: the one its content type's
+    `kind` ("sse" or "json") calls for, made now, or with no kind a `SniffHandler`, which
+    lets the body's first byte decide (a SniffHandler made with a kind would only hand its
+    chosen handler to the pump, an object per answer for nothing)."""
+    if kind is None:
+        return SniffHandler(exchange, headers, None)
+    return chosen_handler(exchange, headers, kind)
+
+
+def chosen_handler(ex: Exchange, headers: list[Header], kind: str) -> BodyHandler:
+    """The handler for a successful answer of this `kind`, "sse" or "json"."""
+    plan = ex.plan
+    assert plan is not None
+    ex.upstream_sse = kind == "sse"
+    if kind != "sse":
+        return DocumentHandler(ex, headers)
+    if plan.client_stream and ex.premade is not None:  # made while the worker worked
+        translator, parser = ex.premade
+        ex.premade = None
+    else:
+        config = ex.generation.config
+        translator = ex.dialect.stream(plan, config.pricing, aggregate=not plan.client_stream)
+        # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
+        # framing (upstream_protocol_error), it is not ignored and passed through
+        parser = SSEParser(config.limits.max_event_size, strict=True)
+    ex.outcome_source = translator
+    if plan.client_stream:
+        return RelayHandler(ex, headers, translator, parser)
+    return AggregateHandler(ex, translator, parser)
+
+
 class SniffHandler(BodyHandler):
     """Decides SSE or JSON (content type, else first non-blank byte), then delegates."""
 
@@ -256,27 +289,7 @@ class SniffHandler(BodyHandler):
             pump.handler = self.inner
 
     def _choose(self, kind: str) -> None:
-        ex = self.ex
-        plan = ex.plan
-        assert plan is not None
-        pricing = ex.generation.config.pricing
-        ex.upstream_sse = kind == "sse"
-        if kind == "sse":
-            if plan.client_stream and ex.premade is not None:  # made while the worker worked
-                translator, parser = ex.premade
-                ex.premade = None
-            else:
-                translator = ex.dialect.stream(plan, pricing, aggregate=not plan.client_stream)
-                # strict: garbage in the stream (an HTML error page, binary junk) breaks SSE
-                # framing (upstream_protocol_error), it is not ignored and passed through
-                parser = SSEParser(ex.generation.config.limits.max_event_size, strict=True)
-            ex.outcome_source = translator
-            if plan.client_stream:
-                self.inner = RelayHandler(ex, self.headers, translator, parser)
-            else:
-                self.inner = AggregateHandler(ex, translator, parser)
-        else:
-            self.inner = DocumentHandler(ex, self.headers)
+        self.inner = chosen_handler(self.ex, self.headers, kind)
         if self.pump is not None:  # from now on the pump feeds the chosen handler directly
             self.pump.handler = self.inner
 

@@ -304,7 +304,10 @@ class SSEParser:
                 return []
             self._at_start = False
             self._buf = b""
-            return self._run(chunk, 0, 0, 0)
+            # nothing else is held: the stream's first bytes take the fast paths of any
+            # chunk (its first event, alone in its read, is made without `_run`)
+            self.busy = False
+            return self.feed(chunk)
         if self._skip_lf:
             self._skip_lf = False
             lead = 1 if chunk[0] == 10 else 0

@@ -84,13 +84,25 @@ class Usage:
                 setattr(self, name, None)
             self.estimated = False
         was_seen = self.seen
-        for name in _COUNT_FIELDS:
-            theirs = getattr(other, name)
-            if theirs is None:
-                continue
-            mine = getattr(self, name)
-            if mine is None or theirs > mine:
-                setattr(self, name, theirs)
+        if not was_seen and self.total_tokens is None:
+            # no count yet (a stream's first report): the other's are the largest, each one
+            # taken as the loop below takes it (written out: getattr/setattr per field cost
+            # about twenty times more)
+            self.prompt_tokens = other.prompt_tokens
+            self.completion_tokens = other.completion_tokens
+            self.cached_tokens = other.cached_tokens
+            self.reasoning_tokens = other.reasoning_tokens
+            self.cache_write_tokens = other.cache_write_tokens
+            self.input_tokens_uncached = other.input_tokens_uncached
+            self.total_tokens = other.total_tokens
+        else:
+            for name in _COUNT_FIELDS:
+                theirs = getattr(other, name)
+                if theirs is None:
+                    continue
+                mine = getattr(self, name)
+                if mine is None or theirs > mine:
+                    setattr(self, name, theirs)
         if self.input_tokens_uncached is not None:
             derived = (
                 self.input_tokens_uncached

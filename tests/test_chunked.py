@@ -243,3 +243,67 @@ def test_near_miss_whole_chunks_match_the_general_path(
 def test_first_chunk_end_takes_plain_size_lines_only(data: bytes, end: int) -> None:
     assert first_chunk_end(data) == end
     assert first_chunk_end(b"junk" + data, 4) == (end + 4 if end else 0)
+
+
+def _state(decoder: ChunkedDecoder) -> tuple[object, ...]:
+    return tuple(getattr(decoder, name) for name in ChunkedDecoder.__slots__)
+
+
+def _outcome(feed, data: bytes) -> object:
+    try:
+        return feed(data)
+    except ChunkedError as exc:
+        return (str(exc), exc.pieces)
+
+
+def _general_feed(decoder: ChunkedDecoder):
+    """`feed` without its fast paths: the general loop alone (pieces kept on an error)."""
+
+    def feed(data: bytes) -> list[bytes]:
+        out: list[bytes] = []
+        try:
+            return decoder._feed(data, out)
+        except ChunkedError as exc:
+            exc.pieces = out
+            raise
+
+    return feed
+
+
+_TAILS = st.sampled_from(
+    [
+        b"",
+        LAST_CHUNK,
+        LAST_CHUNK + b"EXTRA",
+        b"0\r\nx-t: 1\r\n\r\n",
+        b"0\r\n\r",  # the last chunk, its blank line still coming
+        b"0\r",
+        b"5\r\nab",  # a chunk cut short
+        b"5\r\nabcde",  # its CRLF still coming
+        b"5\r\nabcde\r",
+        b"5\r\nabcdeXY",  # no CRLF after the data
+        b"5\n\nabcde\r\n",  # a bare LF
+        b"A\r\n0123456789\r\n",  # upper case
+        b"05\r\nabcde\r\n",  # a leading zero
+        b"5;x=1\r\nabcde\r\n",  # an extension
+        b"1000\r\n" + b"x" * 4096 + b"\r\n",  # 4096 bytes: no plain line of the table
+        b"zz\r\n",
+        b"\r\n",
+    ]
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(min_size=1, max_size=300), max_size=5), _TAILS, st.booleans())
+def test_plain_chunks_in_one_read_match_the_general_path(
+    pieces: list[bytes], tail: bytes, after_one: bool
+) -> None:
+    """A read of whole plain chunks, maybe the last chunk or anything else after them
+    (the fast path's loop), decodes to what the general path makes of it, errors, pieces
+    kept before an error and the decoder's state included."""
+    data = b"".join(frame(p) for p in pieces) + tail
+    fast, general = ChunkedDecoder(), ChunkedDecoder()
+    if after_one:  # not the body's first read
+        assert fast.feed(frame(b"x")) == general._feed(frame(b"x"), []) == [b"x"]
+    assert _outcome(fast.feed, data) == _outcome(_general_feed(general), data)
+    assert _state(fast) == _state(general)

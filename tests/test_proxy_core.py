@@ -104,8 +104,11 @@ def test_keepalive_reuse_on_both_sides(worker: FakeWorker, make_daemon: Callable
             response = client.read_response()
             assert response.status == 200 and response.complete
             assert response.header("connection") != "close"
-        client.send(request_bytes("GET", "/v1/models"))
+        # queued before the request is sent: a GET that reached the worker first went to the
+        # default handler, which failed on its empty body and dropped the connection (the
+        # daemon then retried on a second one)
         worker.reply(models_handler)
+        client.send(request_bytes("GET", "/v1/models"))
         assert client.read_response().status == 200
     requests = worker.wait_requests(5)
     assert worker.accepted == 1, "the daemon opened more than one worker connection"

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from sidecar.config import Price
 from sidecar.usage import (
+    _COUNT_FIELDS,
     Usage,
     anthropic_cost,
     cost_header_value,
@@ -162,6 +163,45 @@ def test_merge_max_per_field() -> None:
     u.merge_max(Usage(completion_tokens=5))  # a smaller later value never wins
     u.merge_max(Usage())
     assert u == Usage(prompt_tokens=10, completion_tokens=7, cached_tokens=3)
+
+
+def _merge_max_by_loop(mine: Usage, other: Usage) -> None:
+    """`Usage.merge_max` as it was written before its first-report shortcut: every field
+    through the per-field loop (the reference)."""
+    if mine.estimated and not other.estimated and other.seen:
+        for name in _COUNT_FIELDS:
+            setattr(mine, name, None)
+        mine.estimated = False
+    was_seen = mine.seen
+    for name in _COUNT_FIELDS:
+        theirs = getattr(other, name)
+        if theirs is not None and (getattr(mine, name) is None or theirs > getattr(mine, name)):
+            setattr(mine, name, theirs)
+    if mine.input_tokens_uncached is not None:
+        derived = (
+            mine.input_tokens_uncached + (mine.cached_tokens or 0) + (mine.cache_write_tokens or 0)
+        )
+        if mine.prompt_tokens is None or derived > mine.prompt_tokens:
+            mine.prompt_tokens = derived
+    if other.seen:
+        mine.estimated = other.estimated and (mine.estimated or not was_seen)
+
+
+_COUNT = st.none() | st.integers(0, 50)
+_USAGES = st.builds(
+    Usage, _COUNT, _COUNT, _COUNT, _COUNT, _COUNT, st.booleans(), _COUNT, _COUNT
+)
+
+
+@given(st.lists(_USAGES, min_size=1, max_size=4))
+def test_merge_max_is_the_per_field_loop(reports: list[Usage]) -> None:
+    """Merged report by report, from an empty usage or from the first one, as the loop did."""
+    for start in (Usage(), Usage(**{f: getattr(reports[0], f) for f in Usage.__slots__})):
+        fast, slow = Usage(**{f: getattr(start, f) for f in Usage.__slots__}), start
+        for report in reports:
+            fast.merge_max(report)
+            _merge_max_by_loop(slow, report)
+            assert fast == slow
 
 
 def test_merge_max_anthropic_start_then_delta() -> None:

@@ -44,7 +44,9 @@ _LONG_RUN = b"0" * 19
 
 def _has_long_digit_run(data: bytes) -> bool:
     """Whether `data` holds 19 digits in a row: an integer orjson might read as a float."""
-    return _LONG_RUN in data.translate(_DIGITS_AS_ZERO)
+    # (find, not `in`: a bytes `in` first tries its operand as an integer, and makes and
+    # drops a TypeError, ~800 instructions, per test)
+    return data.translate(_DIGITS_AS_ZERO).find(_LONG_RUN) >= 0
 
 
 def encode_request(

@@ -204,13 +204,18 @@ class OpenAIStream(StreamTranslator):
         if self._fill and known == (self.id, self.created, self.model):
             return  # nothing new (a worker that never sends one of them: every slow event)
         self._identity_open = self.id is None or self.created is None or self.model is None
-        fill = {
+        # (made once per stream, in this order; the id and object are strings)
+        fill: dict[str, Any] = {
             "id": self.id or self.shape.id_prefix + self.plan.request_id,
             "object": self.shape.chunk_object,
-            "created": self.created or self.plan.created,
-            "model": self.model or self.plan.request_model,
         }
-        self._fill = {k: v for k, v in fill.items() if v is not None}
+        created = self.created or self.plan.created
+        if created is not None:
+            fill["created"] = created
+        model = self.model or self.plan.request_model
+        if model is not None:
+            fill["model"] = model
+        self._fill = fill
 
     # -- reading events ---------------------------------------------------------
     def feed(self, event: Event) -> bytes | None:
@@ -233,7 +238,8 @@ class OpenAIStream(StreamTranslator):
                         self.content_events += 1
                     return raw
         data = event.data
-        if self.ended:  # nothing after [DONE] or the worker's error; comments pass
+        # nothing after [DONE] or the worker's error (`ended`, read inline); comments pass
+        if self._done or self.worker_error:
             return None if self.aggregate or data is not None else (event.raw or None)
         if event.error is not None:
             return self._worker_error_field(event.error)
@@ -255,10 +261,11 @@ class OpenAIStream(StreamTranslator):
         if self._identity_open:
             self._learn_identity(obj)
         fill = self._fill
-        for key in fill:  # left out of any chunk (TGI's empty id, a key only the first has)
-            if not obj.get(key):
-                obj[key] = fill[key]
-                rewrite = True
+        if not all(map(obj.get, fill)):  # (one C loop for the chunk that has them all)
+            for key in fill:  # left out of any chunk (TGI's empty id, a key only the first has)
+                if not obj.get(key):
+                    obj[key] = fill[key]
+                    rewrite = True
         choices = obj.get("choices")
         if type(choices) is not list:
             choices = []
@@ -356,17 +363,21 @@ class OpenAIStream(StreamTranslator):
             delta = choice.get("delta")
             if type(delta) is not dict:
                 return
-            found = None
-            for text_key in _TEXT_KEYS:
-                if type(delta.get(text_key)) is str:
-                    if found is not None:
-                        return
-                    found = text_key
-            if found is None:
-                return
-            holder, key = delta, found
-            if _content_bearing(delta, but=key):  # content beside the text
-                return
+            if len(delta) == 1 and "content" in delta:
+                # `{"content": ...}`, the delta most workers send: nothing beside the text
+                holder, key = delta, "content"
+            else:
+                found = None
+                for text_key in _TEXT_KEYS:
+                    if type(delta.get(text_key)) is str:
+                        if found is not None:
+                            return
+                        found = text_key
+                if found is None:
+                    return
+                holder, key = delta, found
+                if _content_bearing(delta, but=key):  # content beside the text
+                    return
         text = holder.get(key)
         if type(text) is not str or not text:
             # an empty text is the role announcement, not a token: its bytes never repeat
