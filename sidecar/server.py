@@ -307,7 +307,8 @@ class ClientConnection(asyncio.Protocol):
                     raise held[1]
                 return held[1]
         while True:
-            event = conn.next_event()
+            # Any: h11 annotates Data.data as bytes but hands out bytearray (mypyc checks)
+            event: Any = conn.next_event()
             if event is not h11.NEED_DATA:
                 self._events_in_a_row += 1
                 if type(event) is h11.Data and len(event.data) < _BODY_PIECE:
@@ -339,7 +340,7 @@ class ClientConnection(asyncio.Protocol):
         in 0.14-0.16, as pinned)."""
         return getattr(getattr(conn, "_reader", None), "_bytes_in_chunk", 0)
 
-    def _join_data(self, conn: h11.Connection, first: h11.Data) -> h11.Data:
+    def _join_data(self, conn: h11.Connection, first: Any) -> h11.Data:
         """`first` and the body data h11 has ready after it, as one `Data` of up to
         `_BODY_PIECE` bytes (and `_YIELD_EVERY` events in a row): a chunked body of 1-byte
         chunks would otherwise cost an object (~100 bytes) per byte, held whole on a route
@@ -349,7 +350,7 @@ class ClientConnection(asyncio.Protocol):
         size = len(first.data)
         while size < _BODY_PIECE and self._events_in_a_row < _YIELD_EVERY:
             try:
-                event = conn.next_event()
+                event: Any = conn.next_event()  # Any: see next_request_event
             except h11.RemoteProtocolError as exc:
                 self._held = (conn, exc.with_traceback(None))  # after the data before it
                 break
@@ -357,14 +358,14 @@ class ClientConnection(asyncio.Protocol):
                 break
             self._events_in_a_row += 1
             if type(event) is not h11.Data:
-                self._held = (conn, event)  # type: ignore[assignment]
+                self._held = (conn, event)
                 break
             pieces.append(event.data)
             size += len(event.data)
         return first if len(pieces) == 1 else h11.Data(data=b"".join(pieces))
 
     # -- writing ------------------------------------------------------------------------
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | bytearray) -> None:
         if not self.closed and self.transport is not None:
             self.transport.write(data)
 

@@ -8,7 +8,15 @@ is a StreamProtocolError here, as it is where such JSON is written (`jsonio`).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from mypy_extensions import mypyc_attr
+else:  # mypy_extensions is no runtime dependency: the decorator only tells mypyc something
+
+    def mypyc_attr(**_flags: object):
+        return lambda cls: cls
+
 
 from sidecar.dialects.jsonio import StreamProtocolError
 
@@ -18,11 +26,13 @@ _TOO_DEEP = "the worker's JSON is nested too deeply to merge"
 REPLACED_KEYS = frozenset({"role", "id", "type", "index", "object"})
 
 
+@mypyc_attr(native_class=False)  # mypyc: a list subclass cannot be a native class
 class TextParts(list[str]):
     """The pieces of a string still being streamed: each delta appended in O(1), joined
     once by `finished` (concatenating as they come is quadratic in the output's length)."""
 
 
+@mypyc_attr(native_class=False)  # mypyc: a list subclass cannot be a native class
 class NameParts(list[str]):
     """A name streamed in pieces (a tool call's `function.name`), which is continued unless
     a piece says the whole name again: each piece appended in O(its length), the name so far
@@ -42,12 +52,14 @@ class NameParts(list[str]):
             self.length += len(piece)
 
 
+@mypyc_attr(native_class=False)  # mypyc: a list subclass cannot be a native class
 class GrownList(list[Any]):
     """A list streamed in pieces (logprobs, one entry per token), owned by the accumulator:
     each delta's entries are appended in place (a new list per delta, `old + new`, is
     quadratic in the list's length). `finished` makes it a plain list again."""
 
 
+@mypyc_attr(native_class=False)  # mypyc: a list subclass cannot be a native class
 class IndexedList(list[Any]):
     """The entries merged by index so far (tool calls), owned by the accumulator, with the
     map from each index to its entry kept as entries come (rebuilding it for each delta is
