@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
@@ -644,12 +644,12 @@ class Exchange(StreamListener):
     async def _next_body_part(self, deadline: float) -> bytes | bytearray | None:
         """The next piece of a request body read through h11; None at its end."""
         try:
-            # Any: h11 annotates Data.data as bytes but hands out bytearray (mypyc checks)
-            event: Any = await self.client.next_request_event(self.conn, deadline)
+            event = await self.client.next_request_event(self.conn, deadline)
         except h11.RemoteProtocolError as exc:
             raise BadFraming(str(exc) or "malformed request body") from None
         if type(event) is h11.Data:
-            return event.data
+            # cast: h11 annotates Data.data as bytes but hands out bytearray (mypyc checks)
+            return cast(Any, event).data
         if type(event) is h11.EndOfMessage:
             return None
         raise ClientGone()

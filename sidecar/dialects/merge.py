@@ -8,15 +8,11 @@ is a StreamProtocolError here, as it is where such JSON is written (`jsonio`).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    from mypy_extensions import mypyc_attr
-else:  # mypy_extensions is no runtime dependency: the decorator only tells mypyc something
-
-    def mypyc_attr(**_flags: object):
-        return lambda cls: cls
-
+# mypyc_attr tells mypyc to leave a class a plain Python class; a runtime import (mypyc
+# compiles an `if TYPE_CHECKING: ... else: <fallback>` fallback into a RuntimeError)
+from mypy_extensions import mypyc_attr
 
 from sidecar.dialects.jsonio import StreamProtocolError
 
