@@ -21,16 +21,16 @@ class ChunkedError(Exception):
     caller can still deliver what arrived intact.
     """
 
-    def __init__(self, message: str, pieces: list[bytes] | None = None) -> None:
+    def __init__(self, message: str, pieces: list[bytes | bytearray] | None = None) -> None:
         super().__init__(message)
-        self.pieces: list[bytes] = pieces or []
+        self.pieces: list[bytes | bytearray] = pieces or []
 
 
 #: The size line of every chunk shorter than 4096 bytes, made once.
 SIZE_LINES = [b"%x\r\n" % n for n in range(4096)]
 
 
-def frame(data: bytes) -> bytes:
+def frame(data: bytes | bytearray) -> bytes:
     """One chunk carrying `data` (which must not be empty)."""
     n = len(data)
     return (SIZE_LINES[n] if n < 4096 else b"%x\r\n" % n) + data + b"\r\n"
@@ -66,18 +66,18 @@ def first_chunk_end(data: bytes, at: int = 0) -> int:
     return end if end <= len(data) else 0
 
 
-def _size_text(line: bytes) -> bytes:
+def _size_text(line: bytes | bytearray) -> bytes | bytearray:
     """A size line's size: what comes before any `;` (its extensions), blanks stripped."""
     semi = line.find(b";")
     return (line if semi < 0 else line[:semi]).strip(b" \t")
 
 
-def _no_hex_size(size: bytes) -> bool:
+def _no_hex_size(size: bytes | bytearray) -> bool:
     """Whether `size` (or the start of one) can be no chunk size: past 16 digits or not hex."""
     return len(size) > 16 or bool(size.translate(None, _HEX_DIGITS))
 
 
-def _size_line_broken(part: bytes) -> bool:
+def _size_line_broken(part: bytes | bytearray) -> bool:
     """Whether the start of a size line (its CRLF not here yet) is already no size line,
     whatever follows: a bare LF, or a size (before any `;`) that is not hex digits. A worker
     that sent such bytes broke the framing now; waiting for the line's end would report its
@@ -99,18 +99,18 @@ class ChunkedDecoder:
     # states: 0 = expecting a size line, 1 = inside chunk data (`_remaining` bytes left),
     # 2 = expecting the CRLF after chunk data, 3 = inside the trailer section
     def __init__(self, max_line: int = 4096) -> None:
-        self._buf = b""
+        self._buf: bytes | bytearray = b""
         self._remaining = 0
         self._state = 0
         self._trailer = 0  # bytes of whole trailer lines taken so far
         self.done = False
         self.max_line = max_line
-        self.trailing = b""
+        self.trailing: bytes | bytearray = b""
         # between two chunks with nothing buffered: the next bytes start a chunk
         self.at_boundary = True
 
-    def feed(self, data: bytes) -> list[bytes]:
-        out: list[bytes] = []
+    def feed(self, data: bytes) -> list[bytes | bytearray]:
+        out: list[bytes | bytearray] = []
         if self.at_boundary:
             n = len(data)
             if n < LONGEST_CHUNK:
@@ -152,7 +152,7 @@ class ChunkedDecoder:
             exc.pieces = out
             raise
 
-    def _feed(self, data: bytes, out: list[bytes]) -> list[bytes]:
+    def _feed(self, data: bytes | bytearray, out: list[bytes | bytearray]) -> list[bytes | bytearray]:
         self.at_boundary = False  # until this call ends between two chunks
         if self.done:
             self.trailing += data

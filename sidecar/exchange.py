@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import h11
 
@@ -406,7 +406,7 @@ class Exchange(StreamListener):
         )
         return held
 
-    def write_data(self, data: bytes) -> None:
+    def write_data(self, data: bytes | bytearray) -> None:
         if self.chunked_out:  # h11 chose chunked for this head; frame it here, it ends it
             if len(data) >= LARGE_WRITE:  # a synthesized stream: not copied into its chunk
                 self.client.write(b"%x\r\n" % len(data))
@@ -415,7 +415,7 @@ class Exchange(StreamListener):
                 return
             self.client.write(frame(data))
         else:
-            self.client.write(self.conn.send(h11.Data(data=data)))
+            self.client.write(self.conn.send(h11.Data(data=data)))  # type: ignore[arg-type]  # h11 takes bytearray
 
     def body_writer(self) -> Callable[[bytes], None]:
         """`write_data` for the hot path: once the head is out, one call per event batch.
@@ -531,10 +531,10 @@ class Exchange(StreamListener):
             if not self.head_sent:
                 self.respond_error(408, "request_timeout", "the request body took too long", "bad_request")
             self.outcome = "bad_request"
-        except UpstreamFailure as exc:
-            if exc.errno in (errno.EMFILE, errno.ENFILE):
+        except UpstreamFailure as upstream:  # a name of its own: mypyc types `exc` once
+            if upstream.errno in (errno.EMFILE, errno.ENFILE):
                 self.runtime.out_of_fds()
-            self._fail_before_head(exc.failure, exc.detail)
+            self._fail_before_head(upstream.failure, upstream.detail)
         except Exception:
             log.exception("exchange %s failed", self.request_id)
             self.close_after = True
@@ -643,7 +643,7 @@ class Exchange(StreamListener):
             keep_body_piece(parts, part)
         return b"".join(parts)
 
-    async def _next_body_part(self, deadline: float, room: int) -> bytes | None:
+    async def _next_body_part(self, deadline: float, room: int) -> bytes | bytearray | None:
         """The next piece of a request body read through h11; None at its end; TooLarge
         when a chunk declares more than `room` (what `max_request_body` leaves)."""
         try:
@@ -651,7 +651,8 @@ class Exchange(StreamListener):
         except h11.RemoteProtocolError as exc:
             raise BadFraming(str(exc) or "malformed request body") from None
         if type(event) is h11.Data:
-            return event.data
+            # cast: h11 annotates Data.data as bytes but hands out bytearray (mypyc checks)
+            return cast(Any, event).data
         if type(event) is h11.EndOfMessage:
             return None
         raise ClientGone()
@@ -767,7 +768,7 @@ class Exchange(StreamListener):
                 if size + self.client.chunk_left(self.conn) > limit:  # what a chunk declared
                     raise TooLarge()
                 keep_body_piece(body_parts, part)  # kept before the write: a retry sends it again
-                conn.send(h11.Data(data=part))
+                conn.send(h11.Data(data=part))  # type: ignore[arg-type]  # h11 takes bytearray
             conn.send(END_OF_MESSAGE)
             return True
         except UpstreamFailure:

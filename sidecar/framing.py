@@ -33,9 +33,9 @@ class ContentLengthDecoder:
     def __init__(self, length: int) -> None:
         self._remaining = length
         self.done = length == 0
-        self.trailing = b""
+        self.trailing: bytes | bytearray = b""
 
-    def feed(self, data: bytes) -> list[bytes]:
+    def feed(self, data: bytes | bytearray) -> list[bytes | bytearray]:
         if self.done:
             self.trailing += data
             return []
@@ -90,7 +90,7 @@ def body_decoder(method: bytes, status: int, headers: Iterable[Header]) -> BodyD
 SMALL_BODY_PIECE = 4096
 
 
-def keep_body_piece(pieces: list[bytes | bytearray], piece: bytes) -> None:
+def keep_body_piece(pieces: list[bytes | bytearray], piece: bytes | bytearray) -> None:
     """Add one piece of a body, as read, to the `pieces` kept of it: a small piece after
     a small one is appended to the bytearray the pieces end with (made of the two), any
     other is kept as it is (not copied: a body that came in one read stays that read).

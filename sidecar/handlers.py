@@ -54,7 +54,7 @@ HEARTBEAT_LINE = HEARTBEAT[:-1]
 _LINE_ENDS = (10, 13)
 
 
-def _sets_id(data: bytes) -> bool:
+def _sets_id(data: bytes | bytearray) -> bool:
     """Whether `data` may hold an `id:` line (a false positive only costs a blank line)."""
     return b"\nid:" in data or b"\rid:" in data
 
@@ -111,7 +111,7 @@ class BodyHandler:
         """Write the response head now if it is still held (see `RelayHandler`): the pump
         calls it once it has fed what arrived with the worker's head."""
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         raise NotImplementedError
 
     def end(self, at_close: bool = False) -> bool:
@@ -202,7 +202,7 @@ class RawHandler(BodyHandler):
         self.whole_at_head = self.left == 0
         exchange.start_response(status, headers, b"" if self.whole_at_head else None)
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         if self.lead is not None:
             self.lead, chunk = without_bom(self.lead, chunk)
             if not chunk:
@@ -293,7 +293,7 @@ class SniffHandler(BodyHandler):
         if self.pump is not None:  # from now on the pump feeds the chosen handler directly
             self.pump.handler = self.inner
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         if self.inner is None:
             chunk = self.held + chunk
             stripped = chunk.lstrip(b" \t\r\n\xef\xbb\xbf")
@@ -460,7 +460,7 @@ class RelayHandler(EventHandler):
         self._release()
         self.framed_write(head + data)
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         try:
             events = self.parser.feed(chunk)
         except SSEProtocolError as exc:
@@ -563,7 +563,7 @@ class AggregateHandler(EventHandler):
         self.lane = self.lane_fits
         self.size = 0  # body bytes read the general way (the lane's text is `absorbed`)
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         self.size += len(chunk)
         # what is held is the text, not each event's envelope: the stream's bytes get four
         # times the document's bound (a 560k-token stream of 76 MiB folds into 1 MiB)
@@ -609,7 +609,7 @@ class DocumentHandler(BodyHandler):
         if self.client_stream:
             exchange.start_event_stream(headers)
 
-    def data(self, chunk: bytes) -> None:
+    def data(self, chunk: bytes | bytearray) -> None:
         self.size += len(chunk)
         if self.size > MAX_DOCUMENT:
             raise StreamProtocolError("the worker's JSON document is too large")

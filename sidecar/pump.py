@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import h11
 
@@ -192,8 +192,8 @@ class ResponsePump:
                 self._deliver(b"".join(exc.pieces))
             self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
             return False
-        except StreamProtocolError as exc:
-            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(exc))
+        except StreamProtocolError as broken:  # a name of its own: mypyc types `exc` once
+            self.fail(failures.UPSTREAM_PROTOCOL_ERROR, str(broken))
             return False
         if decoder.done and not self.finished:
             if decoder.trailing:
@@ -201,7 +201,7 @@ class ResponsePump:
             self._end()
         return not self.finished
 
-    def _deliver(self, payload: bytes) -> bool:
+    def _deliver(self, payload: bytes | bytearray) -> bool:
         """Hand body bytes to the handler; False (and the exchange failed) if they break it."""
         try:
             self.handler.data(payload)
@@ -229,7 +229,9 @@ class ResponsePump:
         h = self.up.h11
         while not self.finished:
             try:
-                event = h.next_event()
+                # Any: h11 annotates Data.data as bytes but hands out bytearray, and mypyc
+                # checks an attribute read against its annotation
+                event: Any = h.next_event()
             except h11.RemoteProtocolError as exc:
                 if self.eof:
                     self.fail(failures.UPSTREAM_DISCONNECTED, "the body ended early")
@@ -239,7 +241,7 @@ class ResponsePump:
                 return
             kind = type(event)
             if kind is h11.Data:
-                if not self._deliver(event.data):  # type: ignore[union-attr]
+                if not self._deliver(event.data):
                     return
             elif kind is h11.EndOfMessage:
                 self._end()

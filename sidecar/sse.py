@@ -59,7 +59,7 @@ _LINE_END = re.compile(rb"\r\n|\r|\n")
 _STR_LINE_END = re.compile(r"\r\n|\r|\n")
 
 
-def without_bom(held: bytes, chunk: bytes) -> tuple[bytes | None, bytes]:
+def without_bom(held: bytes, chunk: bytes | bytearray) -> tuple[bytes | None, bytes | bytearray]:
     """A stream's first bytes, those held so far and the next `chunk`, with a leading
     byte-order mark dropped: (None, the bytes that follow it) once that is decided, or
     (the bytes to hold, b"") while they may still be the start of one."""
@@ -263,7 +263,7 @@ class SSEParser:
         returns ``[]``; check ``has_partial`` first to learn whether one was dropped."""
         return []
 
-    def feed(self, chunk: bytes) -> list[Event]:
+    def feed(self, chunk: bytes | bytearray | memoryview) -> list[Event]:
         """Return every block completed by ``chunk``, in order; keep the unfinished rest.
 
         Raises ``SSEProtocolError`` when a block (complete or not) exceeds
@@ -290,7 +290,7 @@ class SSEParser:
                 return events
         return self._run(chunk, 0, 0, 0)
 
-    def _feed_slow(self, chunk: bytes) -> list[Event]:
+    def _feed_slow(self, chunk: bytes | bytearray | memoryview) -> list[Event]:
         if self._error is not None:
             raise SSEProtocolError(self._error)
         if type(chunk) is not bytes:

@@ -49,6 +49,9 @@ _JSON_INPUT_BLOCKS = frozenset({"tool_use", "server_tool_use", "mcp_tool_use"})
 _CONTENT_DELTAS = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "partial_json"}
 #: Message fields a `message_delta` carries (set when generation ends), not `message_start`.
 _DELTA_FIELDS = ("stop_reason", "stop_sequence", "stop_details", "container")
+#: What message_start's message leaves out of the document (a module constant: mypyc cannot
+#: compile the starred tuple inline in a comprehension).
+_NOT_IN_MESSAGE_START = ("content", "usage", *_DELTA_FIELDS)
 #: Block types implied by a delta when a worker sends a delta without its block start.
 _DELTA_BLOCK_TYPE = {"text_delta": "text", "thinking_delta": "thinking", "input_json_delta": "tool_use"}
 
@@ -285,7 +288,7 @@ class AnthropicDocument(DocumentTranslator):
         doc = self.doc
         if self.worker_error:
             return named_event(worker_error_object(doc), "error")
-        message = {k: v for k, v in doc.items() if k not in ("content", "usage", *_DELTA_FIELDS)}
+        message = {k: v for k, v in doc.items() if k not in _NOT_IN_MESSAGE_START}
         message.setdefault("id", "msg_" + self.plan.request_id)
         message.setdefault("type", "message")
         message.setdefault("role", "assistant")
