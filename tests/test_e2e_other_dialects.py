@@ -175,6 +175,17 @@ def anthropic_client(daemon: Daemon, prefix: str = "") -> anthropic.Anthropic:
 def ask() -> dict[str, Any]:
     return {"model": CLAUDE, "max_tokens": 256, "messages": [{"role": "user", "content": "Hello"}]}
 
+def anthropic_stream_error(daemon: Daemon, rid: str) -> tuple[str, list[str]]:
+    """An anthropic SDK stream that must raise (`APIStatusError`): its error's text and the
+    types of the events it yielded before."""
+    seen: list[str] = []
+    with (
+        pytest.raises(anthropic.APIStatusError) as info,
+        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
+    ):
+        seen.extend(event.type for event in stream)
+    return str(info.value), seen
+
 
 def expected_message() -> dict[str, Any]:
     out = copy.deepcopy(MESSAGE)
@@ -308,14 +319,8 @@ def test_anthropic_sse_to_json(daemon: Daemon, worker: FakeWorker) -> None:
 def test_anthropic_worker_killed_mid_stream(daemon: Daemon, worker: FakeWorker) -> None:
     worker.default = anthropic_worker(cut_after=6)
     rid = request_id()
-    seen = []
-    client = anthropic_client(daemon)
-    with (
-        pytest.raises(anthropic.APIStatusError) as info,
-        client.messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
-    ):
-        seen.extend(event.type for event in stream)
-    assert "upstream_disconnected" in str(info.value)
+    error, seen = anthropic_stream_error(daemon, rid)
+    assert "upstream_disconnected" in error
     assert "message_stop" not in seen
     check_anthropic_ledger(daemon, rid, client_stream=True, upstream_sse=True, outcome="upstream_error")
     # the bytes: the events that arrived, then the error frame, then nothing
@@ -353,14 +358,7 @@ def test_anthropic_worker_error_event_is_forwarded(daemon: Daemon, worker: FakeW
     error = ev("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}})
     worker.default = sse_reply([*anthropic_events(MESSAGE)[:3], error])
     rid = request_id()
-    client = anthropic_client(daemon)
-    with (
-        pytest.raises(anthropic.APIStatusError) as info,
-        client.messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
-    ):
-        for _ in stream:
-            pass
-    assert "overloaded_error" in str(info.value)
+    assert "overloaded_error" in anthropic_stream_error(daemon, rid)[0]
     assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
 
 
@@ -370,13 +368,7 @@ def test_anthropic_untyped_error_document_is_never_a_success(daemon: Daemon, wor
     a message_start ... message_stop; a non-streaming one a 502; the ledger `upstream_error`."""
     worker.default = json_reply({"error": {"code": 500, "message": "boom", "type": "server_error"}})
     rid = request_id()
-    with (
-        pytest.raises(anthropic.APIStatusError) as info,
-        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
-    ):
-        for _ in stream:
-            pass
-    assert "boom" in str(info.value)
+    assert "boom" in anthropic_stream_error(daemon, rid)[0]
     assert daemon.ledger_for(rid)["outcome"] == "upstream_error"
     response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
     assert b"message_stop" not in response.body and response.body.startswith(b"event: error\n")
@@ -1002,13 +994,7 @@ def test_every_failure_reaches_the_anthropic_sdk_as_an_error_event(
     reply = [*sse_reply(anthropic_events(MESSAGE)[:6], end=False), *ending]
     worker.reply(reply, reply, reply)
     rid = request_id()
-    with (
-        pytest.raises(anthropic.APIStatusError) as info,
-        anthropic_client(daemon).messages.stream(**ask(), extra_headers={"x-request-id": rid}) as stream,
-    ):
-        for _ in stream:
-            pass
-    assert code in str(info.value)
+    assert code in anthropic_stream_error(daemon, rid)[0]
     assert daemon.ledger_for(rid)["outcome"] == outcome
     response = post(daemon, {**ask(), "stream": True}, "/v1/messages")
     assert response.status == 200 and response.complete
