@@ -128,6 +128,8 @@ class ChunkedDecoder:
             at = 0
             while True:
                 line_end = data.find(b"\r\n", at, at + 5) + 2  # at most 3 hex digits
+                if line_end < 2:
+                    break  # no line end (and mypyc's bytes slice must not run backwards)
                 size = _SIZE_OF_LINE.get(data[at:line_end])  # canonical lines only
                 if size is None:
                     break

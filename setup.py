@@ -1,0 +1,116 @@
+"""Build hook: compile sidecar's hot-path modules to C extensions with mypyc.
+
+Everything else about the package is in pyproject.toml. This file only decides whether the
+modules every forwarded event goes through are compiled, and falls back to the pure-Python
+package whenever they cannot be:
+
+- ``SIDECAR_MYPYC=1``: compile, and fail the build if compiling fails;
+- ``SIDECAR_MYPYC=0``: pure Python;
+- unset: compile for a regular install (``pip install .``, a wheel), stay pure for an
+  editable one (``pip install -e .``, so an edit to a .py file takes effect at once), and
+  fall back to pure Python if compiling fails (no C compiler, say).
+
+The compiled and the pure package behave the same; the test suite runs on both
+(``tests/run.sh``). ``python -c 'import sidecar; print(sidecar.COMPILED)'`` tells which one
+is installed.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from setuptools import setup
+
+#: The modules a request or a stream passes through. Not compiled: start-up and admin code
+#: (cli, config, demo, logs, systemd, admin, no_tls), packages' __init__ (a compiled package
+#: __init__ cannot import its pure submodules) and dialects/merge.py (mypyc code raises no
+#: RecursionError, and merge recurses into whatever nesting a worker sends).
+HOT_MODULES = [
+    "sidecar/chunked.py",
+    "sidecar/daemon.py",
+    "sidecar/deadlines.py",
+    "sidecar/exchange.py",
+    "sidecar/failures.py",
+    "sidecar/fastlane.py",
+    "sidecar/framing.py",
+    "sidecar/handlers.py",
+    "sidecar/headers.py",
+    "sidecar/ledger.py",
+    "sidecar/metrics.py",
+    "sidecar/pump.py",
+    "sidecar/routes.py",
+    "sidecar/runtime.py",
+    "sidecar/server.py",
+    "sidecar/sse.py",
+    "sidecar/upstream.py",
+    "sidecar/usage.py",
+    "sidecar/dialects/anthropic.py",
+    "sidecar/dialects/base.py",
+    "sidecar/dialects/jsonio.py",
+    "sidecar/dialects/openai.py",
+    "sidecar/dialects/openai_responses.py",
+    "sidecar/dialects/passthrough.py",
+    "sidecar/dialects/typed.py",
+]
+
+
+def _editable_build() -> bool:
+    return any(arg in ("editable_wheel", "develop") for arg in sys.argv[1:])
+
+
+def _compiled_extensions(required: bool) -> list[Any]:
+    """mypyc's extension modules for HOT_MODULES, or [] (pure Python) when not `required` and
+    mypyc is missing or rejects the code."""
+    try:
+        from mypyc.build import mypycify
+
+        return list(mypycify(HOT_MODULES, opt_level="3", debug_level="0"))
+    except (Exception, SystemExit) as failure:
+        if required:
+            raise
+        print(f"sidecar: building pure Python ({failure!r})", file=sys.stderr)
+        return []
+
+
+def _build_ext_falling_back(required: bool) -> type:
+    """A build_ext that, when not `required`, removes what it built and goes on in pure Python
+    if the C compiler fails."""
+    from setuptools.command.build_ext import build_ext
+
+    class BuildExt(build_ext):  # type: ignore[misc,valid-type]
+        def run(self) -> None:
+            try:
+                super().run()
+            except Exception as failure:
+                if required:
+                    raise
+                print(f"sidecar: C build failed, pure Python instead ({failure!r})", file=sys.stderr)
+                for extension in self.extensions:
+                    built = self.get_ext_fullpath(extension.name)
+                    if os.path.exists(built):
+                        os.remove(built)
+                self.extensions = []
+                self.distribution.ext_modules = []
+
+    return BuildExt
+
+
+def main() -> None:
+    choice = os.environ.get("SIDECAR_MYPYC", "").strip()
+    if choice not in ("", "0", "1"):
+        sys.exit(f"SIDECAR_MYPYC must be 0, 1 or unset, not {choice!r}")
+    compile_modules = choice == "1" or (choice == "" and not _editable_build())
+    if not compile_modules:
+        setup()
+        return
+    required = choice == "1"
+    extensions = _compiled_extensions(required)
+    if not extensions:
+        setup()
+        return
+    setup(ext_modules=extensions, cmdclass={"build_ext": _build_ext_falling_back(required)})
+
+
+main()
