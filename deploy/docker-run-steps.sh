@@ -5,7 +5,7 @@
 # and CI runs the same steps on the host, in temp dirs, so a broken install
 # line fails CI even though no docker engine runs there:
 #
-#   sh deploy/docker-run-steps.sh build     # builder stage: venv + sidecar + smoke test
+#   sh deploy/docker-run-steps.sh build     # builder stage: C compiler, venv + compiled sidecar + smoke test
 #   sh deploy/docker-run-steps.sh runtime   # final stage: user, directories
 #   sh deploy/docker-run-steps.sh ci        # both, on the host, in a temp dir (root only)
 #
@@ -21,8 +21,16 @@ SIDECAR_UID=10001
 step_build() {
     src=${SRC:-/src}
     venv=${VENV:-/opt/venv}
+    # The image's sidecar is compiled (setup.py, SIDECAR_MYPYC=1: a failed compile fails the
+    # build); the slim base image has no C compiler, so the builder stage installs one.
+    if ! command -v cc >/dev/null 2>&1; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends gcc libc6-dev >/dev/null
+        rm -rf /var/lib/apt/lists/*
+    fi
     "${PYTHON:-python3}" -m venv "$venv"
-    "$venv/bin/pip" install --no-cache-dir --disable-pip-version-check "$src"
+    SIDECAR_MYPYC=1 "$venv/bin/pip" install --no-cache-dir --disable-pip-version-check "$src"
+    "$venv/bin/python" -c 'import sidecar, sys; sys.exit(0 if sidecar.COMPILED else "sidecar was not compiled")'
     # Smoke test: the console script starts and the bundled configs validate.
     "$venv/bin/sidecar" --version
     for cfg in "$src"/config/*.yaml; do
@@ -64,7 +72,7 @@ step_ci() {
     echo "== build step (SRC=$here VENV=$tmp/venv)"
     # Install from a copy, as the image does, so the build never writes into the checkout.
     mkdir -p "$tmp/src"
-    cp -R "$here/pyproject.toml" "$here/README.md" "$here/sidecar" "$here/config" "$tmp/src/"
+    cp -R "$here/pyproject.toml" "$here/setup.py" "$here/README.md" "$here/sidecar" "$here/config" "$tmp/src/"
     SRC="$tmp/src" VENV="$tmp/venv" step_build
     echo "== runtime step (ROOT=$tmp/root)"
     mkdir -p "$tmp/root/etc"

@@ -138,7 +138,7 @@ def _count(obj: Any, key: str) -> int | None:
     return value
 
 
-def usage_from_openai(obj: dict[str, Any]) -> Usage:
+def usage_from_openai(obj: Any) -> Usage:
     """Usage from an OpenAI chat/completions `usage` object.
 
     Reads prompt_tokens, completion_tokens, total_tokens,
@@ -150,7 +150,7 @@ def usage_from_openai(obj: dict[str, Any]) -> Usage:
                        "completion_tokens_details", "total_tokens")
 
 
-def usage_from_responses(obj: dict[str, Any]) -> Usage:
+def usage_from_responses(obj: Any) -> Usage:
     """Usage from an OpenAI Responses `response.usage` object.
 
     input_tokens (which already includes the cached ones), output_tokens,

@@ -15,13 +15,48 @@ A daemon's stderr is printed at teardown, so a failing test shows its log.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.harness import Daemon, FakeWorker, daemon_config, serving
+import sidecar
+from tests.harness import REPO, Daemon, FakeWorker, daemon_config, serving
+
+if sidecar.COMPILED and any(REPO.glob("*__mypyc*.so")):
+    # An in-place build (tests/run.sh) leaves mypyc's shared library at the top of the checkout,
+    # outside the package an editable install maps: a sidecar the tests start from another
+    # directory finds it through PYTHONPATH.
+    os.environ["PYTHONPATH"] = str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")
+
+
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """The suite runs on the build tests/run.sh made (SIDECAR_TEST_BUILD), and never on
+    compiled modules older than their source: an in-place .so shadows its .py, so an edit
+    made after `setup.py build_ext --inplace` would otherwise go untested."""
+    wanted = os.environ.get("SIDECAR_TEST_BUILD")
+    if wanted is not None and (wanted == "compiled") != sidecar.COMPILED:
+        pytest.exit(f"SIDECAR_TEST_BUILD={wanted} but sidecar.COMPILED is {sidecar.COMPILED}", 2)
+    # (the modules' code is in the one shared library; their own .so files are stubs that a
+    # rebuild leaves alone when they do not change)
+    built = [*(REPO / "sidecar").rglob("*.so"), *REPO.glob("*__mypyc*.so")]
+    newest_build = max((path.stat().st_mtime for path in built), default=None)
+    stale = [
+        str(source.relative_to(REPO))
+        for stub in (REPO / "sidecar").rglob("*.so")
+        if (source := stub.with_name(stub.name.split(".", 1)[0] + ".py")).exists()
+        and newest_build is not None
+        and source.stat().st_mtime > newest_build
+    ]
+    if stale:
+        pytest.exit(
+            "compiled modules older than their source: " + ", ".join(sorted(stale))
+            + " (rebuild: SIDECAR_MYPYC=1 .venv/bin/python setup.py build_ext --inplace;"
+            " or delete sidecar/**/*.so to test the pure package)",
+            2,
+        )
 
 
 class DaemonFactory:

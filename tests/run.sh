@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The one test command (README, .ci/run): installs everything the tests need on a fresh
 # machine, builds the real llama.cpp worker (cached under ~/.cache/sidecar-tests), then runs
-# ruff, mypy and the whole pytest suite. Extra arguments go to pytest.
+# ruff, mypy and the whole pytest suite once per build of sidecar: the pure-Python package
+# (what an editable install runs) and the mypyc-compiled one (what `pip install .` and the
+# Docker image run; setup.py). SIDECAR_TEST_BUILDS picks the builds ("pure compiled" by
+# default). Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -34,5 +37,23 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 
-echo "== pytest"
-exec .venv/bin/python -m pytest -q -p no:cacheprovider "$@"
+# The compiled modules are built in place (sidecar/*.so next to the .py files, which they
+# shadow) for the compiled run and removed afterwards, so the checkout is left pure.
+remove_compiled() { find sidecar -name '*.so' -delete; rm -f ./*__mypyc*.so; }
+trap remove_compiled EXIT
+failed=()
+for build in ${SIDECAR_TEST_BUILDS:-pure compiled}; do
+  case $build in
+    pure) remove_compiled ;;
+    compiled)
+      echo "== compiling the hot path with mypyc (setup.py build_ext --inplace)"
+      SIDECAR_MYPYC=1 .venv/bin/python setup.py -q build_ext --inplace >/dev/null ;;
+    *) echo "SIDECAR_TEST_BUILDS: unknown build '$build' (pure, compiled)" >&2; exit 2 ;;
+  esac
+  echo "== pytest ($build)"
+  SIDECAR_TEST_BUILD=$build .venv/bin/python -m pytest -q -p no:cacheprovider "$@" || failed+=("$build")
+done
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "== pytest failed on: ${failed[*]}" >&2
+  exit 1
+fi

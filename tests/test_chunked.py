@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from sidecar.chunked import LAST_CHUNK, ChunkedDecoder, ChunkedError, first_chunk_end, frame
+from tests.builds import attribute_names
 
 
 def decode(data: bytes, splits: list[int] | None = None) -> tuple[bytes, ChunkedDecoder]:
@@ -246,7 +247,7 @@ def test_first_chunk_end_takes_plain_size_lines_only(data: bytes, end: int) -> N
 
 
 def _state(decoder: ChunkedDecoder) -> tuple[object, ...]:
-    return tuple(getattr(decoder, name) for name in ChunkedDecoder.__slots__)
+    return tuple(getattr(decoder, name) for name in attribute_names(ChunkedDecoder))
 
 
 def _outcome(feed, data: bytes) -> object:

@@ -29,6 +29,7 @@ from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
 from sidecar.pump import ResponsePump
 from sidecar.sse import SSEParser
 from sidecar.upstream import UpstreamConnection
+from tests.builds import pure_only
 from tests.test_openai_template import translators, worker_streams
 
 PREFIX = b'data: {"choices":[{"delta":{"content":'
@@ -279,6 +280,7 @@ def pumped(
     return body, failed, fast.content_events
 
 
+@pure_only
 @settings(max_examples=300, deadline=None)
 @given(st.data(), st.booleans())
 def test_the_lane_changes_nothing(data: st.DataObject, aggregate: bool) -> None:
@@ -304,6 +306,7 @@ def test_the_lane_changes_nothing(data: st.DataObject, aggregate: bool) -> None:
     assert with_lane == without
 
 
+@pure_only
 def test_the_lane_is_taken() -> None:
     """Guard for the property above: whole template chunks do go by the lane."""
     texts = ["a", "b", "", "c", "d"]
@@ -335,6 +338,7 @@ def test_the_lane_is_taken() -> None:
     assert fast.content_events == 4
 
 
+@pure_only
 def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
     """A worker ahead of its reader: one read carries several token chunks, then [DONE]."""
     event = (
@@ -352,6 +356,7 @@ def test_the_lane_takes_the_template_chunks_of_a_read_of_several() -> None:
     assert fast.content_events == 3
 
 
+@pure_only
 def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
     """An unpaced worker: the role event, the tokens, the finish and [DONE] in one read. The
     first token is decoded the general way (it sets the template); the pump then tries the
@@ -388,6 +393,7 @@ def test_a_read_with_a_responses_first_events_and_its_tokens() -> None:
     assert with_lane[2] == 4
 
 
+@pure_only
 def test_not_while_the_parser_holds_part_of_an_event() -> None:
     """A chunk that is a whole template event, after a chunk that left half an event in the
     parser, belongs to that event: the lane must not take it."""
@@ -402,6 +408,7 @@ def test_not_while_the_parser_holds_part_of_an_event() -> None:
         assert with_lane == pumped(body, cuts, lane=False, aggregate=aggregate)
 
 
+@pure_only
 @pytest.mark.parametrize("aggregate", [False, True])
 @pytest.mark.parametrize("per_chunk", [False, True])
 def test_only_the_first_token_reaches_the_translator(per_chunk: bool, aggregate: bool) -> None:
@@ -445,6 +452,7 @@ def test_only_the_first_token_reaches_the_translator(per_chunk: bool, aggregate:
             assert writes[3:7] == [frame(e) for e in token_events[1:]]
 
 
+@pure_only
 @pytest.mark.parametrize("aggregate", [False, True])
 def test_not_inside_a_chunk_that_holds_what_looks_like_one(aggregate: bool) -> None:
     """A worker chunk whose payload, after a whole event, carries the bytes of a template

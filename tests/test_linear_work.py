@@ -24,6 +24,7 @@ from sidecar.dialects.merge import finished, merge_into, partial_json_text
 from sidecar.dialects.openai_responses import OutputSoFar
 from sidecar.framing import SMALL_BODY_PIECE, keep_body_piece
 from sidecar.sse import Event
+from tests.builds import pure_only
 
 SIDECAR = str(Path(__file__).resolve().parent.parent / "sidecar")
 #: linear work at 4n is at most 4 times the work at n (plus the constant part, which only
@@ -212,6 +213,7 @@ def test_a_name_streamed_in_pieces_is_not_rebuilt_per_piece() -> None:
     assert finished(acc)["tool_calls"][0]["function"]["name"] == "get_weathers"
 
 
+@pure_only
 def test_a_document_dripped_a_byte_per_read_is_held_at_about_its_size() -> None:
     # a worker's JSON document that comes a few bytes per read: each read was kept as its own
     # bytes object, ~20 bytes for each byte of 2-byte reads (64 MiB allowed: over 1 GB held)

@@ -26,6 +26,7 @@ from sidecar.usage import (
     usage_from_responses,
     usage_or_estimate,
 )
+from tests.builds import attribute_names
 
 D = Decimal
 QWEN = Price(prompt=D("0.10"), completion=D("0.30"), cached_prompt=D("0.05"), reasoning=D("0.30"))
@@ -196,8 +197,8 @@ _USAGES = st.builds(
 @given(st.lists(_USAGES, min_size=1, max_size=4))
 def test_merge_max_is_the_per_field_loop(reports: list[Usage]) -> None:
     """Merged report by report, from an empty usage or from the first one, as the loop did."""
-    for start in (Usage(), Usage(**{f: getattr(reports[0], f) for f in Usage.__slots__})):
-        fast, slow = Usage(**{f: getattr(start, f) for f in Usage.__slots__}), start
+    for start in (Usage(), Usage(**{f: getattr(reports[0], f) for f in attribute_names(Usage)})):
+        fast, slow = Usage(**{f: getattr(start, f) for f in attribute_names(Usage)}), start
         for report in reports:
             fast.merge_max(report)
             _merge_max_by_loop(slow, report)
