@@ -70,6 +70,7 @@ class Settings:
     proxy_cpus: set[int] = field(default_factory=lambda: {1})
     driver_cpus: set[int] = field(default_factory=lambda: {0})
     python: str = sys.executable
+    build: str = "?"  # which sidecar `python -m sidecar` runs: compiled (mypyc) or pure
     ledger: bool = False
     nginx_access_log: bool = True  # sidecar logs a line per request too
     scale: bool = True
@@ -324,17 +325,27 @@ def sidecar_config(s: Settings, tmp: Path, wport: int, port: int, workers: int) 
     return cfg
 
 
+def sidecar_build(python: str, cwd: Path) -> str:
+    """'compiled' or 'pure': the sidecar `python -m sidecar` imports when run from `cwd`."""
+    out = subprocess.run(
+        [python, "-c", "import sidecar; print('compiled' if sidecar.COMPILED else 'pure')"],
+        capture_output=True, text=True, cwd=cwd, check=True,
+    )
+    return out.stdout.strip()
+
+
 def start_sidecar(
     s: Settings, tmp: Path, wport: int, workers: int = 1, cpus: set[int] | None = None
 ) -> tuple[Proc | None, int, str]:
     """sidecar in front of the fake worker; (None, 0, why) when it cannot serve yet."""
     port = free_port()
     cfg = sidecar_config(s, tmp, wport, port, workers)
+    # cwd: not the checkout, whose sidecar/ would shadow the one installed (bench/run.sh)
     check = subprocess.run(
         [s.python, "-m", "sidecar", "check", "-c", str(cfg)],
         capture_output=True,
         text=True,
-        cwd=ROOT,
+        cwd=tmp,
         check=False,
     )
     if check.returncode != 0:
@@ -345,6 +356,7 @@ def start_sidecar(
         [s.python, "-m", "sidecar", "run", "-c", str(cfg)],
         tmp / f"sidecar-w{workers}.log",
         cpus if cpus is not None else s.proxy_cpus,
+        cwd=tmp,
     )
     if not wait_port(port, proc.popen, 15):
         tail = proc.log_tail()
@@ -1111,6 +1123,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.monotonic()
     tmp = Path(tempfile.mkdtemp(prefix="sidecar-bench-"))
     os.chmod(tmp, 0o755)
+    s.build = sidecar_build(s.python, tmp)
     try:
         runner = uvloop.run if uvloop is not None else asyncio.run
         res, notes = runner(run_all(s, tmp))
@@ -1123,7 +1136,7 @@ def main(argv: list[str] | None = None) -> int:
         f"generator on CPU {cpulist(s.driver_cpus)}; tick {s.tick_ms} ms, {s.streams} streams x "
         f"{s.tokens} tokens, window {s.window_s:g} s, {time.monotonic() - t0:.0f} s total; "
         f"nginx access_log {'on' if s.nginx_access_log else 'off'}, "
-        f"sidecar usage_log {'on' if s.ledger else 'off'}"
+        f"sidecar usage_log {'on' if s.ledger else 'off'}, sidecar build {s.build}"
         + (f", niceness {args.nice}" if args.nice else "")
     )
     print(render(rows))
