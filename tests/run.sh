@@ -12,6 +12,9 @@ need_apt=()
 command -v systemd-analyze >/dev/null || need_apt+=(systemd)
 command -v cmake >/dev/null || need_apt+=(cmake)
 command -v g++ >/dev/null || need_apt+=(g++)
+# the compiled build (setup.py, mypyc) needs the interpreter's C headers
+py_include=$("$(sh deploy/python.sh)" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+[ -e "$py_include/Python.h" ] || case $py_include in /usr/include/*) need_apt+=("$(basename "$py_include")-dev") ;; esac
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== installing ${need_apt[*]} from Debian"
   if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
