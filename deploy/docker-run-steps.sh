@@ -30,7 +30,7 @@ step_build() {
     fi
     "${PYTHON:-python3}" -m venv "$venv"
     SIDECAR_MYPYC=1 "$venv/bin/pip" install --no-cache-dir --disable-pip-version-check "$src"
-    "$venv/bin/python" -c 'import sidecar, sys; sys.exit(0 if sidecar.COMPILED else "sidecar was not compiled")'
+    (cd / && "$venv/bin/python" -c 'import sidecar, sys; sys.exit(0 if sidecar.COMPILED else "sidecar was not compiled")')
     # Smoke test: the console script starts and the bundled configs validate.
     "$venv/bin/sidecar" --version
     for cfg in "$src"/config/*.yaml; do
