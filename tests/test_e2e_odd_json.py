@@ -400,6 +400,24 @@ def test_deeply_nested_worker_documents(
     assert record["outcome"] == "upstream_error"
 
 
+@pytest.mark.parametrize(("depth", "exact", "detail"), [
+    (300, False, "the worker's JSON is nested too deeply to write"),
+    # a run of 19 digits: read by the standard library (exact integers), which reads 600 deep;
+    # Python's RecursionError came at ~500 levels, mypyc's never (another message)
+    (300, True, "the worker's document is nested too deeply to write"),
+    (600, True, "the worker's document is nested too deeply to write"),
+])
+def test_a_document_nested_deeper_than_orjson_writes_says_so_alike(
+    daemon: Daemon, w: FakeWorker, depth: int, exact: bool, detail: str
+) -> None:
+    seed = b',"seed":1234567890123456789012' if exact else b""
+    body = b'{"model":"odd-model"' + seed + b',"x":' + nested(depth) + b"}"
+    response, record = ask(daemon, w, "openai-chat", [Send(http_response(200, body))], stream=False)
+    assert response.status == 502
+    error = response.json()["error"]
+    assert (error["code"], error["message"].rpartition(": ")[2]) == ("upstream_protocol_error", detail)
+
+
 # =============================================================================================
 # What broke a build (each found by this module or by tests/test_fuzz_translators.py)
 # =============================================================================================
