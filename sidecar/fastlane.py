@@ -58,6 +58,23 @@ class TextTemplate:
 _HEADS = 16
 
 
+def ends_overlap(prefix: bytes, suffix: bytes) -> bool:
+    """Whether a block could start with `prefix` and a quote and end with a quote and `suffix`
+    sharing more than that one quote (`...{"x":{"y":"b"},"content":` and `},"content":"Z"}]}`
+    share `"},"content":"`): such a block has no string between them, and its cut runs
+    backwards (Python slices give b"", mypyc's raise SystemError). A template is made only of
+    ends that cannot overlap (checked once, when it is learnt: never per token)."""
+    head = prefix + b'"'
+    tail = b'"' + suffix
+    pair = tail[:2]  # an overlap of two bytes or more begins with them
+    at = head.find(pair)
+    while at >= 0:
+        if tail.startswith(head[at:]):
+            return True
+        at = head.find(pair, at + 1)
+    return False
+
+
 def template_text(literal: bytes) -> str | None:
     """The string when `literal` is exactly one JSON string, else None (not a string, not
     valid JSON, or anything around it: a line break there would cut the event's line)."""

@@ -78,9 +78,12 @@ def _ms(value: float | None) -> float | None:
 
 
 def _clean(value: Any) -> Any:
-    """Strings that orjson refuses (lone surrogates) are made valid UTF-8."""
+    """Strings that orjson refuses (lone surrogates) are made valid UTF-8, and integers past
+    64 bits (Anthropic's prompt tokens, a sum of three counts) written as their digits."""
     if isinstance(value, str):
         return value.encode("utf-8", "replace").decode("utf-8")
+    if type(value) is int and not -(2**63) <= value < 2**64:
+        return orjson.Fragment(str(value))
     return value
 
 

@@ -57,6 +57,8 @@ _BLOCK_END = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
 _BIG = 8192  # a partial block this large is accumulated in a bytearray
 _LINE_END = re.compile(rb"\r\n|\r|\n")
 _STR_LINE_END = re.compile(r"\r\n|\r|\n")
+#: `Event.retry` of a `retry:` field too long for int() (over sys.get_int_max_str_digits())
+_LONGEST_RETRY = 2**63 - 1
 
 
 def without_bom(held: bytes, chunk: bytes | bytearray) -> tuple[bytes | None, bytes | bytearray]:
@@ -184,7 +186,10 @@ def _parse_block(block: bytes) -> Event:
                 id_ = value.decode("utf-8", "replace")
         elif name == b"retry":
             if value.isdigit():  # ASCII digits only, false for b""
-                retry = int(value)
+                try:
+                    retry = int(value)
+                except ValueError:  # more digits than int() converts: as long a time as any
+                    retry = _LONGEST_RETRY
         elif name == b"error" and colon:  # no SSE field: kept, llama.cpp reports failures so
             error = value.decode("utf-8", "replace")
         elif not colon or _TOKEN.fullmatch(name) is None:

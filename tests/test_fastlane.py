@@ -24,7 +24,13 @@ from hypothesis import strategies as st
 
 from sidecar.chunked import LONGEST_CHUNK, ChunkedDecoder, frame
 from sidecar.config import Limits
-from sidecar.fastlane import TextTemplate, chunk_text, template_chunks, template_text
+from sidecar.fastlane import (
+    TextTemplate,
+    chunk_text,
+    ends_overlap,
+    template_chunks,
+    template_text,
+)
 from sidecar.handlers import AggregateHandler, BodyHandler, RelayHandler
 from sidecar.pump import ResponsePump
 from sidecar.sse import SSEParser
@@ -475,3 +481,18 @@ def test_not_inside_a_chunk_that_holds_what_looks_like_one(aggregate: bool) -> N
     assert with_lane == pumped(body, cuts, lane=False, aggregate=aggregate)
     if not aggregate:
         assert b"\r\n" + event % b'"b"' in with_lane[0]  # the look-alike's size line stays
+
+
+@pytest.mark.parametrize(
+    ("prefix", "suffix", "overlap"),
+    [
+        (b'data: {"choices":[{"delta":{"content":', b"}}]}\n\n", False),
+        (b'data: {"a":"b","content":', b',"c":"d"}\n\n', False),
+        # a block can begin with the one and end with the other, with no string between them
+        (b'data: {"x":{"y":"b"},"content":', b'},"content":"Z"}]}\n\n', True),
+        (b'data: {"x":"","content":', b'","content":"Z"}\n\n', True),
+    ],
+)
+def test_a_template_whose_ends_can_overlap_is_refused(prefix: bytes, suffix: bytes, overlap: bool) -> None:
+    """(Its cut of such a block ran backwards: Python's slice gave b"", mypyc's SystemError.)"""
+    assert ends_overlap(prefix, suffix) is overlap

@@ -96,6 +96,16 @@ def test_record_line_hostile_strings_stay_one_line() -> None:
     assert obj["request_model"] == "é漢"
 
 
+def test_record_line_counts_past_64_bits() -> None:
+    """Anthropic's prompt_tokens sums three worker counts: past 64 bits, which orjson refuses,
+    the line is written all the same, the counts exact (it was lost, and an error logged)."""
+    big = 2 * (2**64 - 1)
+    line = record_line(make_record(prompt_tokens=big, cached_tokens=2**64 - 1))
+    obj = json.loads(line)
+    assert (obj["prompt_tokens"], obj["cached_tokens"]) == (big, 2**64 - 1)
+    assert obj["completion_tokens"] == 30 and line.count(b"\n") == 1
+
+
 def test_utc_timestamp() -> None:
     assert utc_timestamp(0) == "1970-01-01T00:00:00.000Z"
     assert utc_timestamp(1795792303.1239) == "2026-11-27T15:11:43.123Z"

@@ -672,3 +672,12 @@ def test_pending_garbage_tells_a_broken_block_from_a_cut_one(held: bytes, garbag
         parser = SSEParser(strict=True)
         assert parser.feed(b"data: 0\n\n") and not parser.feed(held[:cut]) and not parser.feed(held[cut:])
         assert parser.pending_garbage() is garbage, cut
+
+
+def test_a_retry_of_more_digits_than_int_converts() -> None:
+    """`retry:` past int()'s digit limit (4,300 digits) is a reconnection time like any other,
+    not a ValueError out of the parser (a traceback, and the stream stuck)."""
+    block = b"retry: " + b"9" * 5000 + b"\n"
+    (event, alone) = SSEParser().feed(block + b"data: x\n\n" + block + b"\n")
+    assert event.data == "x" and event.retry is not None and event.retry > 10**18
+    assert alone.data is None and alone.retry == event.retry and not alone.comment_only

@@ -195,9 +195,16 @@ def json_fragment(text: str) -> orjson.Fragment | None:
     return orjson.Fragment(text)
 
 
-def _mended(value: Any, whole: bool) -> Any:
+#: How deep orjson writes containers (its recursion limit): `_mended` goes no deeper, so it
+#: refuses the same JSON on both builds (mypyc code raises no RecursionError of its own, and
+#: Python's, two frames per level, would come at a depth that depends on the stack).
+DEEPEST_WRITTEN = 254
+
+
+def _mended(value: Any, whole: bool, depth: int = 0) -> Any:
     """`value` with every str that holds a surrogate made one orjson writes (see
-    `_dumps_worker_data`)."""
+    `_dumps_worker_data`); RecursionError for containers nested deeper than orjson writes
+    (`depth`: the containers around `value`)."""
     if isinstance(value, str):
         try:
             value.encode("utf-8")
@@ -206,11 +213,14 @@ def _mended(value: Any, whole: bool) -> Any:
                 return joined_surrogates(value)
             return orjson.Fragment(json.dumps(value))  # ASCII, `\ud83d` escapes
         return value
-    if isinstance(value, dict):
+    if isinstance(value, (dict, list)):
+        depth += 1
+        if depth > DEEPEST_WRITTEN:
+            raise RecursionError("nested deeper than orjson writes")
+        if isinstance(value, list):
+            return [_mended(v, whole, depth) for v in value]
         # (a key cannot be a fragment: a surrogate in a key is mended as in a document)
-        return {_mended(k, True): _mended(v, whole) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_mended(v, whole) for v in value]
+        return {_mended(k, True): _mended(v, whole, depth) for k, v in value.items()}
     return value
 
 

@@ -44,7 +44,7 @@ from sidecar.dialects.jsonio import (
 )
 from sidecar.dialects.merge import REPLACED_KEYS, TextParts, finished, merge_into, merge_value
 from sidecar.failures import Failure
-from sidecar.fastlane import TextTemplate, template_text
+from sidecar.fastlane import TextTemplate, ends_overlap, template_text
 from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
 
@@ -198,7 +198,8 @@ class OpenAIStream(StreamTranslator):
             self.id = ident if isinstance(ident, str) and ident else None
         if self.created is None:
             created = obj.get("created")
-            self.created = created if isinstance(created, int) and created else None
+            # (an integer: `true` is none, though Python's bool is an int and mypyc makes it 1)
+            self.created = created if type(created) is int and created else None
         if self.model is None:
             self.model = model_name(obj.get("model"))
         if self._fill and known == (self.id, self.created, self.model):
@@ -405,7 +406,7 @@ class OpenAIStream(StreamTranslator):
         end = at + len(needle)
         start = end - len(literal)
         prefix, suffix = raw[:start], raw[end:]
-        if not prefix.startswith(b"data: ") or not suffix:
+        if not prefix.startswith(b"data: ") or not suffix or ends_overlap(prefix, suffix):
             return
         probe_line = prefix[6:] + b'"\\u0001"' + suffix
         try:

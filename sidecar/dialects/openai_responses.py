@@ -21,6 +21,8 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
+import orjson
+
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
     Dialect,
@@ -80,6 +82,13 @@ def worker_error_document(err: Any) -> bytes:
             }
         }
     )
+
+
+def _sequence(number: int) -> Any:
+    """A sequence_number the sidecar writes, as orjson writes it: past 64 bits (after a worker
+    that numbered its events up to 2**64 - 1) as its digits, which orjson cannot hold as an
+    int (it would refuse the event, and the error frame with it)."""
+    return number if number < 2**64 else orjson.Fragment(str(number))
 
 
 _MAX_PART_GAP = 64  # a content part announced this far past the last one is ignored
@@ -171,7 +180,7 @@ class ResponsesStream(TypedEventStream):
             self.last_sequence = seq
         else:
             self.last_sequence += 1
-            obj["sequence_number"] = self.last_sequence
+            obj["sequence_number"] = _sequence(self.last_sequence)
             changed = True
         if kind.endswith(".delta"):
             if obj.get("delta"):
@@ -242,7 +251,7 @@ class ResponsesStream(TypedEventStream):
 
     def document(self) -> bytes:
         if self.worker_error:  # its `error` event, or the error of its `response.failed`
-            err = self._error_obj
+            err: Any = self._error_obj  # (then the failed response's `error`: any JSON value)
             if err is not None and isinstance(err.get("error"), dict):
                 err = err["error"]  # an unnamed `{"error": {...}}` (llama.cpp's)
             if err is None and self._final is not None:
@@ -273,14 +282,15 @@ class ResponsesStream(TypedEventStream):
             self.last_sequence += 1
             created = named_event(
                 {"type": "response.created", "response": self._created,
-                 "sequence_number": self.last_sequence},
+                 "sequence_number": _sequence(self.last_sequence)},
                 "response.created",
             )
         response["status"] = "failed"
         response["error"] = {"code": failure.code, "message": message}
         response["output"] = self._output.output()
         self.last_sequence += 1
-        obj = {"type": "response.failed", "response": response, "sequence_number": self.last_sequence}
+        obj = {"type": "response.failed", "response": response,
+               "sequence_number": _sequence(self.last_sequence)}
         return created + named_event(obj, "response.failed")
 
 
