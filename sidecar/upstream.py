@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Protocol, cast
+from typing import TYPE_CHECKING, Final, Protocol, cast
 
 import h11
 
@@ -38,9 +38,9 @@ if TYPE_CHECKING:
 
 #: Bytes of a response kept while nobody reads it (a passthrough request body still being
 #: passed on, a worker that answers early): past this, reading pauses until the head is read
-PENDING_HIGH_WATER = 256 * 1024
+PENDING_HIGH_WATER: Final = 256 * 1024
 #: the event loop's timers fire to the millisecond: a deadline closer than this is reached
-TIMER_RESOLUTION = 0.001
+TIMER_RESOLUTION: Final = 0.001
 
 
 class BodyConsumer(Protocol):
