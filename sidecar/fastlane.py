@@ -74,17 +74,14 @@ def template_text(literal: bytes) -> str | None:
         return None
 
 
-def chunk_text(data: bytes, template: TextTemplate, at: int = 0, end: int = -1) -> str | None:
-    """The string in its place when `data[at:end]` (`end` -1: to the end of `data`) is one
-    whole chunk (lower-case hex size, CRLF, payload, CRLF) whose payload is `template` with
-    a JSON string there; None for anything else. This runs for every token: slices compared
-    with `!=` cost about half what `startswith`/`endswith` do (those parse their arguments
-    as a tuple on every call); the literal's quotes are compared with the template's bytes
-    around it, and it is parsed here (what `template_text` does, without a call and its
-    checks). A chunk inside a read of several is looked at where it is, not copied out."""
-    if end < 0:
-        end = len(data)
-    n = end - at
+def chunk_text(data: bytes, template: TextTemplate) -> str | None:
+    """The string in its place when `data` is one whole chunk (lower-case hex size, CRLF,
+    payload, CRLF) whose payload is `template` with a JSON string there; None for anything
+    else. This runs for every token: slices compared with `!=` cost about half what
+    `startswith`/`endswith` do (those parse their arguments as a tuple on every call); the
+    literal's quotes are compared with the template's bytes around it, and it is parsed
+    here (what `template_text` does, without a call and its checks)."""
+    n = len(data)
     head = template.heads.get(n)
     if head is None:
         line = SIZE_LINE_OF_CHUNK[n] if n < LONGEST_CHUNK else b""
@@ -93,11 +90,9 @@ def chunk_text(data: bytes, template: TextTemplate, at: int = 0, end: int = -1) 
         head = line + template.prefix + b'"'
         if len(template.heads) < _HEADS:
             template.heads[n] = head
-    start = at + len(head)
-    cut = end + template.framed_cut
-    # (cut < start: the closing quote would come before the opening one's next byte, where
-    # no string fits; the slices below then never reach back past `at`)
-    if cut < start or data[at:start] != head or data[cut:end] != template.framed_suffix:
+    start = len(head)
+    cut = template.framed_cut
+    if data[:start] != head or data[cut:] != template.framed_suffix:
         return None
     try:
         # the literal, quotes and all (whatever its length: shorter than two bytes, its
@@ -117,7 +112,7 @@ def template_chunks(data: bytes, template: TextTemplate) -> tuple[list[str], int
         end = first_chunk_end(data, at)
         if not end:
             break
-        text = chunk_text(data, template, at, end)
+        text = chunk_text(data[at:end], template)
         if text is None:
             break
         texts.append(text)
