@@ -17,7 +17,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from decimal import Decimal
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h11
 
@@ -68,20 +68,20 @@ log = logging.getLogger("sidecar.exchange")
 
 
 #: h11 events are immutable: one end-of-message serves every request
-END_OF_MESSAGE = h11.EndOfMessage()
+END_OF_MESSAGE: Final = h11.EndOfMessage()
 #: h11 states of a client whose request was read to its end
-_REQUEST_READ = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
+_REQUEST_READ: Final = (h11.DONE, h11.MIGHT_SWITCH_PROTOCOL)
 #: worker response headers that sidecar's own replace: x-request-id always, x-sidecar-cost on
 #: routes whose dialect reads (and prices) the body
-_WORKER_DROPPED = (b"x-request-id", b"x-sidecar-cost")
+_WORKER_DROPPED: Final = (b"x-request-id", b"x-sidecar-cost")
 #: and on a 2xx answer those routes read, Content-Encoding too (see `_start_response_pump`)
-_READ_ANSWER_DROPPED = (*_WORKER_DROPPED, b"content-encoding")
+_READ_ANSWER_DROPPED: Final = (*_WORKER_DROPPED, b"content-encoding")
 #: how often a request the worker is still reading is looked at (see `_request_flushed`)
-FLUSH_POLL = 0.02
+FLUSH_POLL: Final = 0.02
 #: the events that are a worker's response head (interim ones included)
-_HEADS = (h11.Response, h11.InformationalResponse)
+_HEADS: Final = (h11.Response, h11.InformationalResponse)
 #: bytes written as they are rather than joined to their head or chunk framing (a copy)
-LARGE_WRITE = 1024 * 1024
+LARGE_WRITE: Final = 1024 * 1024
 
 
 class BadFraming(Exception):

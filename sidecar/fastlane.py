@@ -15,10 +15,15 @@ the first chunk that is not the template's.
 
 from __future__ import annotations
 
+from typing import Final
+
+import orjson
 from orjson import JSONDecodeError
-from orjson import loads as _loads
 
 from sidecar.chunked import LONGEST_CHUNK, SIZE_LINE_OF_CHUNK, first_chunk_end
+
+#: (Final: a compiled build keeps it in a C static, not in the module's dict, per token)
+_loads: Final = orjson.loads
 
 
 class TextTemplate:
@@ -55,7 +60,7 @@ class TextTemplate:
 
 #: chunk lengths whose head a template keeps (the first ones seen: a token is a few bytes,
 #: so a stream's content chunks come in few lengths; at most ~4 KiB per stream)
-_HEADS = 16
+_HEADS: Final = 16
 
 
 def ends_overlap(prefix: bytes, suffix: bytes) -> bool:

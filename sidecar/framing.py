@@ -13,6 +13,7 @@ read in pieces (a request's, a worker's document) is held until it is whole.
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Final
 
 from sidecar.chunked import ChunkedDecoder
 from sidecar.headers import Header
@@ -87,7 +88,7 @@ def body_decoder(method: bytes, status: int, headers: Iterable[Header]) -> BodyD
 
 #: body pieces shorter than this are copied into one growing bytearray (see
 #: `keep_body_piece`); longer ones are kept as they came
-SMALL_BODY_PIECE = 4096
+SMALL_BODY_PIECE: Final = 4096
 
 
 def keep_body_piece(pieces: list[bytes | bytearray], piece: bytes | bytearray) -> None:

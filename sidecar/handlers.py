@@ -12,7 +12,7 @@ and never testing its name.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from sidecar.chunked import LONGEST_PAYLOAD, frame
 from sidecar.dialects.base import (
@@ -41,17 +41,17 @@ if TYPE_CHECKING:
     from sidecar.exchange import Exchange
     from sidecar.pump import ResponsePump
 
-_SSE_FIRST_BYTES = frozenset(b"deir:")
+_SSE_FIRST_BYTES: Final = frozenset(b"deir:")
 
 #: The heartbeat a silent worker's event stream gets: a comment block, `: keep-alive` and a
 #: blank line (clients ignore it) ...
-HEARTBEAT = encode_comment("keep-alive")
+HEARTBEAT: Final = encode_comment("keep-alive")
 #: ... except once an event set a last event ID (`id:`): from then on the openai SDK (and
 #: httpx-sse) dispatch every blank line as an event, and one with empty data is JSON the SDK
 #: fails to parse. There the heartbeat is the comment line alone, still between two events.
-HEARTBEAT_LINE = HEARTBEAT[:-1]
+HEARTBEAT_LINE: Final = HEARTBEAT[:-1]
 #: the bytes that end a line (an output starting with one starts with a blank line)
-_LINE_ENDS = (10, 13)
+_LINE_ENDS: Final = (10, 13)
 
 
 def _sets_id(data: bytes | bytearray) -> bool:
@@ -148,7 +148,7 @@ class BodyHandler:
 
 #: How an SSE stream ends when its last line is blank (two line ends in a row: LF, CR or
 #: CRLF each): between events, where a comment line can go.
-_BETWEEN_EVENTS = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
+_BETWEEN_EVENTS: Final = (b"\n\n", b"\r\r", b"\n\r", b"\n\r\n", b"\r\r\n")
 
 
 class RawHandler(BodyHandler):

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import math
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import h11
 
@@ -32,10 +32,10 @@ if TYPE_CHECKING:
 log = logging.getLogger("sidecar.exchange")
 
 #: chunks of one read decoded one at a time while the fast lane waits for its template
-_SPLITS_PER_READ = 4
+_SPLITS_PER_READ: Final = 4
 #: After the stream's last event, how long the end of its body is waited for (at most
 #: idle_timeout): a worker that sends nothing more does not hold the client until then.
-END_GRACE = 1.0
+END_GRACE: Final = 1.0
 
 
 class ResponsePump:

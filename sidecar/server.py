@@ -17,7 +17,7 @@ import socket
 import sys
 import termios
 from collections.abc import Callable, Coroutine
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import h11
 
@@ -29,20 +29,20 @@ if TYPE_CHECKING:
     from sidecar.runtime import Runtime
 
 log = logging.getLogger("sidecar.server")
-_YIELD_EVERY = 256  # request body events handed out before other connections get a turn
+_YIELD_EVERY: Final = 256  # request body events handed out before other connections get a turn
 #: Request body pieces h11 has ready are joined up to this size (or _YIELD_EVERY chunks):
 #: a body of tiny chunks is held and forwarded as its bytes, not as an object per chunk
-_BODY_PIECE = 64 * 1024
+_BODY_PIECE: Final = 64 * 1024
 
 #: Read no more from a client while this much of its input waits unprocessed.
-_INPUT_HIGH_WATER = 256 * 1024
-_CR_LF = (ord("\r"), ord("\n"))
-_CLIENT_WRITE_HIGH_WATER = 64 * 1024
+_INPUT_HIGH_WATER: Final = 256 * 1024
+_CR_LF: Final = (ord("\r"), ord("\n"))
+_CLIENT_WRITE_HIGH_WATER: Final = 64 * 1024
 #: How long a connection closed with its client still sending (a refused head, a request
 #: body not read) reads and drops that input after its answer, waiting for the client's own
 #: close: closing a socket with input unread makes the kernel answer with a reset, which can
 #: reach the client before it has read the answer (nginx's lingering close, lingering_time)
-DISCARD_TIME = 5.0
+DISCARD_TIME: Final = 5.0
 
 
 class ClientGone(Exception):

@@ -41,6 +41,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Final
 
 __all__ = [
     "BOM", "Event", "SSEParser", "SSEProtocolError", "encode_comment", "encode_event",
@@ -48,17 +49,17 @@ __all__ = [
 ]
 
 #: the UTF-8 byte-order mark: dropped from the start of a worker's body, never written
-BOM = b"\xef\xbb\xbf"
+BOM: Final = b"\xef\xbb\xbf"
 #: an HTTP token (RFC 9110 5.6.2): what a well-formed field name of an extension looks like
-_TOKEN = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_TOKEN: Final = re.compile(rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # A line end followed by a line end: the end of a block whose first line is not blank.
 # Possessive "\r\n?+" so that a CRLF is never split into two line ends by backtracking.
-_BLOCK_END = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
-_BIG = 8192  # a partial block this large is accumulated in a bytearray
-_LINE_END = re.compile(rb"\r\n|\r|\n")
-_STR_LINE_END = re.compile(r"\r\n|\r|\n")
+_BLOCK_END: Final = re.compile(rb"(?:\r\n?+|\n)(?:\r\n?+|\n)")
+_BIG: Final = 8192  # a partial block this large is accumulated in a bytearray
+_LINE_END: Final = re.compile(rb"\r\n|\r|\n")
+_STR_LINE_END: Final = re.compile(r"\r\n|\r|\n")
 #: `Event.retry` of a `retry:` field too long for int() (over sys.get_int_max_str_digits())
-_LONGEST_RETRY = 2**63 - 1
+_LONGEST_RETRY: Final = 2**63 - 1
 
 
 def without_bom(held: bytes, chunk: bytes | bytearray) -> tuple[bytes | None, bytes | bytearray]:

@@ -13,7 +13,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -88,14 +88,14 @@ def openai_error_body(status: int, code: str, message: str) -> bytes:
 
 #: Largest JSON document the sidecar holds whole: a worker's document it translates, or the
 #: one it aggregates from a worker's stream (bytes read, or what the text absorbed holds).
-MAX_DOCUMENT = 64 * 1024 * 1024
+MAX_DOCUMENT: Final = 64 * 1024 * 1024
 #: Largest worker stream aggregated into one document, in bytes read (the lane's absorbed text
 #: is held to `MAX_DOCUMENT`): most of a stream's bytes are each event's envelope, not held.
-MAX_STREAM_BYTES = 4 * MAX_DOCUMENT
+MAX_STREAM_BYTES: Final = 4 * MAX_DOCUMENT
 #: What one piece of absorbed text holds beyond its characters (a str object and its slot in
 #: the list of pieces): the fast lane's `absorbed` counts both, so a stream of tiny deltas
 #: is bounded by what it really holds.
-PIECE_COST = 64
+PIECE_COST: Final = 64
 
 @dataclass(slots=True)
 class RequestPlan:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any
+from typing import Any, Final
 
 import orjson
 
@@ -38,8 +38,8 @@ def read_request(body: bytes) -> dict[str, Any]:
 # 1.1805916207174113e+21): a body to re-encode that holds a run of 19 digits anywhere is
 # read again, and written, by the standard library, which keeps every integer exact. The
 # run is looked for only then, with every digit made a "0" (a regex is ten times slower).
-_DIGITS_AS_ZERO = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
-_LONG_RUN = b"0" * 19
+_DIGITS_AS_ZERO: Final = bytes(48 if 48 <= c <= 57 else 32 for c in range(256))
+_LONG_RUN: Final = b"0" * 19
 
 
 def _has_long_digit_run(data: bytes) -> bool:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from decimal import Decimal
-from typing import Any
+from typing import Any, Final
 
 import orjson
 from orjson import JSONDecodeError
@@ -48,18 +48,18 @@ from sidecar.fastlane import TextTemplate, ends_overlap, template_text
 from sidecar.sse import Event, encode_event
 from sidecar.usage import Usage, cost_json_number, openai_cost, usage_from_openai
 
-DONE = b"data: [DONE]\n\n"
-_CHUNK_KEYS = ("id", "object", "created", "model", "choices", "usage")
-_CHUNK_KEY_SET = frozenset(_CHUNK_KEYS)
+DONE: Final = b"data: [DONE]\n\n"
+_CHUNK_KEYS: Final = ("id", "object", "created", "model", "choices", "usage")
+_CHUNK_KEY_SET: Final = frozenset(_CHUNK_KEYS)
 #: a document's choice keys its JSON -> SSE replay places; any other goes on the finish chunk
-_REPLAYED_CHOICE_KEYS = frozenset(("index", "message", "text", "logprobs", "finish_reason"))
+_REPLAYED_CHOICE_KEYS: Final = frozenset(("index", "message", "text", "logprobs", "finish_reason"))
 #: chunk keys that mean nothing in a document: OpenAI's random padding of each chunk
-_CHUNK_ONLY_KEYS = ("obfuscation",)
+_CHUNK_ONLY_KEYS: Final = ("obfuscation",)
 #: a choice's keys whose strings are pieces of what is generated (a chat worker may stream
 #: `message` for `delta`, or send `text` beside it), concatenated when aggregating
-_GENERATED = frozenset({"delta", "message", "text"})
+_GENERATED: Final = frozenset({"delta", "message", "text"})
 #: delta keys whose strings are generated text (a template's text is one of them)
-_TEXT_KEYS = ("content", "reasoning_content", "reasoning")
+_TEXT_KEYS: Final = ("content", "reasoning_content", "reasoning")
 
 
 def worker_error_document(obj: dict[str, Any]) -> dict[str, Any]:
@@ -86,10 +86,10 @@ class Shape:
     chat: bool  # choices carry `delta`/`message` (chat) rather than `text`
 
 
-CHAT = Shape("chat.completion.chunk", "chat.completion", "chatcmpl-", chat=True)
+CHAT: Final = Shape("chat.completion.chunk", "chat.completion", "chatcmpl-", chat=True)
 # SPEC: an id the worker did not give is `chatcmpl-` + the request id, on both dialects
 # (llama.cpp's completion ids start with it too)
-COMPLETIONS = Shape("text_completion", "text_completion", "chatcmpl-", chat=False)
+COMPLETIONS: Final = Shape("text_completion", "text_completion", "chatcmpl-", chat=False)
 
 
 def _dumps_event(obj: dict[str, Any]) -> bytes:
