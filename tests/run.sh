@@ -25,7 +25,9 @@ if [ ! -x .venv/bin/python ]; then
   "$(sh deploy/python.sh)" -m venv .venv  # the interpreter: see deploy/python.sh
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-.venv/bin/python -m pip install -q -e '.[test]'
+# setuptools>=77: the compiled build runs setup.py in this venv (build_ext --inplace), and an
+# older setuptools rejects pyproject.toml's license string
+.venv/bin/python -m pip install -q -e '.[test]' 'setuptools>=77'
 
 echo "== Dockerfile RUN steps, run as a plain script"
 sh deploy/docker-run-steps.sh ci
