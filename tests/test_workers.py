@@ -69,6 +69,15 @@ def children(pid: int) -> set[int]:
     return found
 
 
+def dead(pid: int) -> bool:
+    """True once `pid` has exited: reaped (no /proc entry) or a zombie awaiting its parent."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:  # reaped, possibly between any two looks at /proc
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] == "Z"
+
+
 def wait_children(pid: int, count: int, timeout: float = 5.0) -> set[int]:
     deadline = time.monotonic() + timeout
     while True:
@@ -332,8 +341,7 @@ def test_a_killed_worker_process_is_replaced_and_requests_keep_succeeding(
         os.kill(victim, signal.SIGKILL)
         # dead (its listener closed with it): the survivor serves at once
         deadline = time.monotonic() + 5
-        while Path(f"/proc/{victim}").exists() and "Z" not in \
-                Path(f"/proc/{victim}/stat").read_text().rsplit(")", 1)[1].split()[0]:
+        while not dead(victim):
             assert time.monotonic() < deadline, "SIGKILL did not kill"
             time.sleep(0.01)
         assert [post(daemon, chat_body()).status for _ in range(4)] == [200] * 4
@@ -452,7 +460,7 @@ def test_sigterm_stops_every_worker_after_their_streams(
     assert daemon.proc.wait(10) == 0
     assert not children(daemon.pid)
     for kid in kids:
-        assert not Path(f"/proc/{kid}").exists() or "Z" in Path(f"/proc/{kid}/stat").read_text().split()[2]
+        assert dead(kid), kid
     records = daemon.wait_ledger(streams)
     assert sorted(r["request_id"] for r in records) == sorted(f"term-{i}" for i in range(streams))
     assert all(r["outcome"] == "ok" for r in records)
