@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from sidecar.dialects.jsonio import json_int
 from sidecar.logs import round_ms, utc_timestamp
 from sidecar.usage import cost_literal
 
@@ -82,8 +83,8 @@ def _clean(value: Any) -> Any:
     64 bits (Anthropic's prompt tokens, a sum of three counts) written as their digits."""
     if isinstance(value, str):
         return value.encode("utf-8", "replace").decode("utf-8")
-    if type(value) is int and not -(2**63) <= value < 2**64:
-        return orjson.Fragment(str(value))
+    if type(value) is int:
+        return json_int(value)
     return value
 
 

@@ -23,6 +23,7 @@ from decimal import Context, Decimal, InvalidOperation
 from typing import Any
 
 from sidecar import __version__
+from sidecar.dialects.jsonio import ORJSON_INT_END
 from sidecar.usage import Usage, cost_header_value
 
 __all__ = [
@@ -85,7 +86,15 @@ def _check(ok: bool, problem: str) -> None:
         raise ValueError(f"bad metrics snapshot: {problem}")
 
 
+def _carried(count: int) -> int | str:
+    """A count as a snapshot carries it: its digits past orjson's 64-bit range (a token
+    counter can sum past it), so the snapshot still encodes and decodes exactly."""
+    return count if count < ORJSON_INT_END else str(count)
+
+
 def _count(value: Any) -> int:
+    if type(value) is str and value.isascii() and value.isdigit():
+        return int(value)
     _check(type(value) is int and value >= 0, f"{value!r} is not a count")
     return int(value)
 
@@ -283,11 +292,11 @@ class Metrics:
             "format": SNAPSHOT_FORMAT,
             "version": self.version,
             "currency": self.currency,
-            "requests": [[*k, n] for k, n in self.requests.items()],
-            "tokens": [[*k, n] for k, n in self.tokens.items()],
+            "requests": [[*k, _carried(n)] for k, n in self.requests.items()],
+            "tokens": [[*k, _carried(n)] for k, n in self.tokens.items()],
             "cost": [[*k, str(total)] for k, total in self.cost.items()],
-            "estimated": [[k, n] for k, n in self.estimated.items()],
-            "upstream_errors": [[k, n] for k, n in self.upstream_errors.items()],
+            "estimated": [[k, _carried(n)] for k, n in self.estimated.items()],
+            "upstream_errors": [[k, _carried(n)] for k, n in self.upstream_errors.items()],
             "ttfb": [[k, h.snapshot()] for k, h in self.ttfb.items()],
             "duration": [[k, h.snapshot()] for k, h in self.duration.items()],
             "active_streams": self.active_streams,

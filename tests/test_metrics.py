@@ -215,6 +215,20 @@ def test_snapshot_survives_json_and_renders_the_same() -> None:
     assert Metrics.from_snapshot(_wire(Metrics())).render() == Metrics().render()
 
 
+def test_counts_past_64_bits_survive_the_wire_exactly() -> None:
+    # a token counter summed past orjson's integer range (workers: N sends snapshots as JSON)
+    m = Metrics()
+    huge = Usage(prompt_tokens=2**64 - 1, completion_tokens=3)
+    m.request_finished("chat", "ok", 200, "m", huge, None, 0.1, 0.2)
+    m.request_finished("chat", "ok", 200, "m", huge, None, 0.1, 0.2)
+    assert m.tokens[("m", "prompt")] == 2**65 - 2
+    back = Metrics.from_snapshot(_wire(m))
+    assert back.tokens == m.tokens and back.render() == m.render()
+    assert b"36893488147419103230" in back.render()  # 2**65 - 2, every digit
+    merged = Metrics.from_snapshots([_wire(m), _wire(m)])
+    assert merged.tokens[("m", "prompt")] == 2**66 - 4
+
+
 def test_merged_registries_equal_one_registry_that_saw_everything() -> None:
     # the same requests, counted by one process or spread over three
     rng = random.Random(5)
@@ -317,6 +331,9 @@ def test_bad_snapshots_are_refused() -> None:
     bad: list[object] = [None, [], {}, {**good, "format": 99}]
     bad.append({**good, "requests": [["chat", "ok", "200", -1]]})
     bad.append({**good, "requests": [["chat", "ok", 200, 1]]})
+    bad.append({**good, "requests": [["chat", "ok", "200", "-1"]]})
+    bad.append({**good, "requests": [["chat", "ok", "200", "\uff11\uff12"]]})  # fullwidth digits: not ASCII
+    bad.append({**good, "tokens": [["m", "prompt", "1e3"]]})
     bad.append({**good, "cost": [["m", "USD", "NaN"]]})
     bad.append({**good, "cost": [["m", "USD", "twelve"]]})
     bad.append({**good, "tokens": [["m", "prompt"]]})

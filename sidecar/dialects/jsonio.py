@@ -129,11 +129,22 @@ def _not_json(literal: str) -> Any:
     raise ValueError(f"{literal} is not JSON")
 
 
+#: The integers orjson reads and writes as ints: ORJSON_INT_MIN <= n < ORJSON_INT_END.
+ORJSON_INT_MIN: Final = -(2**63)
+ORJSON_INT_END: Final = 2**64
+
+
+def json_int(value: int) -> Any:
+    """`value` as orjson can write it: the int itself within orjson's 64-bit range, else an
+    `orjson.Fragment` of its digits (orjson refuses the whole document for such an int)."""
+    return value if ORJSON_INT_MIN <= value < ORJSON_INT_END else orjson.Fragment(str(value))
+
+
 def _exact_int(text: str) -> Any:
     """An integer as orjson writes it: an int in the 64-bit range, else its text as it came."""
     if len(text) <= 21:  # (-9223372036854775808 .. 18446744073709551615)
         value = int(text)
-        if -(2**63) <= value < 2**64:
+        if ORJSON_INT_MIN <= value < ORJSON_INT_END:
             return value
     return orjson.Fragment(text)
 

@@ -21,8 +21,6 @@ from __future__ import annotations
 from decimal import Decimal
 from typing import Any
 
-import orjson
-
 from sidecar.config import Pricing
 from sidecar.dialects.base import (
     Dialect,
@@ -33,7 +31,7 @@ from sidecar.dialects.base import (
     price_usage,
     stream_flag_plan,
 )
-from sidecar.dialects.jsonio import dumps_document, model_name, read_document
+from sidecar.dialects.jsonio import dumps_document, json_int, model_name, read_document
 from sidecar.dialects.merge import copy_json
 from sidecar.dialects.typed import TypedEventStream, named_event
 from sidecar.failures import Failure
@@ -82,13 +80,6 @@ def worker_error_document(err: Any) -> bytes:
             }
         }
     )
-
-
-def _sequence(number: int) -> Any:
-    """A sequence_number the sidecar writes, as orjson writes it: past 64 bits (after a worker
-    that numbered its events up to 2**64 - 1) as its digits, which orjson cannot hold as an
-    int (it would refuse the event, and the error frame with it)."""
-    return number if number < 2**64 else orjson.Fragment(str(number))
 
 
 _MAX_PART_GAP = 64  # a content part announced this far past the last one is ignored
@@ -180,7 +171,7 @@ class ResponsesStream(TypedEventStream):
             self.last_sequence = seq
         else:
             self.last_sequence += 1
-            obj["sequence_number"] = _sequence(self.last_sequence)
+            obj["sequence_number"] = json_int(self.last_sequence)
             changed = True
         if kind.endswith(".delta"):
             if obj.get("delta"):
@@ -282,7 +273,7 @@ class ResponsesStream(TypedEventStream):
             self.last_sequence += 1
             created = named_event(
                 {"type": "response.created", "response": self._created,
-                 "sequence_number": _sequence(self.last_sequence)},
+                 "sequence_number": json_int(self.last_sequence)},
                 "response.created",
             )
         response["status"] = "failed"
@@ -290,7 +281,7 @@ class ResponsesStream(TypedEventStream):
         response["output"] = self._output.output()
         self.last_sequence += 1
         obj = {"type": "response.failed", "response": response,
-               "sequence_number": _sequence(self.last_sequence)}
+               "sequence_number": json_int(self.last_sequence)}
         return created + named_event(obj, "response.failed")
 
 
