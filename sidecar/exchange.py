@@ -149,6 +149,11 @@ async def serve_connection(client: ClientConnection) -> None:
             if not isinstance(event, h11.Request):
                 _refuse(client, 400, "invalid_request", "malformed request head", head)
                 break
+            if not event.http_version.startswith(b"1."):  # `HTTP/2.0` (RFC 9110 15.6.6)
+                _refuse(client, 505, "http_version_not_supported",
+                        f"HTTP/{event.http_version.decode()} is not supported: sidecar speaks HTTP/1.1",
+                        head)
+                break
             exchange = Exchange(
                 client, conn, event, runtime.current, None if read is None else read[0]
             )

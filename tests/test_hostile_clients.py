@@ -174,6 +174,17 @@ def test_absolute_and_authority_form_targets_are_refused(
     nothing_forwarded(daemon, worker)
 
 
+@pytest.mark.parametrize("version", [b"2.0", b"0.9", b"3.1"])
+def test_a_request_in_another_major_http_version_is_refused_with_505(
+    daemon: Daemon, worker: FakeWorker, version: bytes
+) -> None:
+    # nginx answers 505 too; h11 would read `HTTP/2.0` and serve it as HTTP/1.1
+    data = request_bytes("GET", "/v1/public/v").replace(b" HTTP/1.1\r\n", b" HTTP/" + version + b"\r\n", 1)
+    response = refused(daemon, data, status=505)
+    assert f"HTTP/{version.decode()}" in error_of(response)["message"]
+    nothing_forwarded(daemon, worker)
+
+
 def test_a_head_past_max_header_bytes_is_refused_with_431(daemon: Daemon, worker: FakeWorker) -> None:
     big = head("/v1/chat/completions", *(f"X-Pad-{i}: {'p' * 200}" for i in range(100)))
     assert len(big) > 16 * 1024  # the harness's max_header_bytes
