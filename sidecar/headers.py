@@ -245,10 +245,8 @@ _TARGET = rb"(?:/[\x21\x22\x24-\x7e]*|\*)"
 #: A whole request line as they take it (its LF cut off)
 _REQUEST_LINE = re.compile(rb"[" + _TOKEN_CHARS + rb"]+ " + _TARGET + rb" HTTP/[0-9]\.[0-9]\r?")
 #: The start of one (any of its first bytes, none at all included): each part, once the
-#: one before it is whole, optional, and the version's bytes one by one
-_VERSION_START = b""
-for _part in reversed([rb"H", rb"T", rb"T", rb"P", rb"/", rb"[0-9]", rb"\.", rb"[0-9]", rb"\r"]):
-    _VERSION_START = rb"(?:" + _part + _VERSION_START + rb")?"
+#: one before it is whole, optional; the version's bytes (`HTTP/d.d` and a CR) one by one
+_VERSION_START = rb"(?:H(?:T(?:T(?:P(?:/(?:[0-9](?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?"
 _REQUEST_LINE_START = re.compile(
     rb"(?:[" + _TOKEN_CHARS + rb"]+(?: (?:" + _TARGET + rb"(?: " + _VERSION_START + rb")?)?)?)?"
 )
