@@ -54,7 +54,14 @@ from sidecar.ledger import LedgerRecord, utc_timestamp
 from sidecar.logs import access_enabled, log_access, round_ms
 from sidecar.pump import ResponsePump
 from sidecar.routes import match_route
-from sidecar.server import ClientConnection, ClientGone, ClientTimeout, StreamListener, TooLarge
+from sidecar.server import (
+    ClientConnection,
+    ClientGone,
+    ClientTimeout,
+    MalformedHead,
+    StreamListener,
+    TooLarge,
+)
 from sidecar.sse import SSEParser
 from sidecar.upstream import UpstreamConnection, UpstreamPool
 from sidecar.usage import Usage, cost_header_value
@@ -120,6 +127,9 @@ async def serve_connection(client: ClientConnection) -> None:
                 elif first:  # silent since the connection's start: a 408 still fits
                     _refuse(client, 408, "request_timeout", "no request head in time", None)
                 break  # (an idle keep-alive connection is closed quietly)
+            except MalformedHead:  # bytes no head may hold: refused as they arrive
+                _refuse(client, 400, "invalid_request", "malformed request head", client.buffer)
+                break
             except ClientGone:
                 break
             if head is None:

@@ -173,11 +173,11 @@ _TOKEN_CHARS = rb"!#$%&'*+.^_`|~0-9A-Za-z-"  # (the - last: no range)
 #: What no header line of a response head may hold, whatever follows (RFC 9112 5, RFC 9110
 #: 5.5-5.6: lines ended by CRLF or a bare LF): a control character but HTAB, a CR that a
 #: byte other than LF follows, and a header name (a token) that ends other than at its colon
-#: (`name : value`, `name\r\n`, `:value`); a line that begins with SP or HTAB is a folded
-#: value, which h11 reads
+#: (`name : value`, `name\r\n`, `:value`) or that does not begin with a token byte (`@a: b`);
+#: a line that begins with SP or HTAB is a folded value, which h11 reads
 _NOT_IN_HEADER_LINES = re.compile(
-    rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r[^\n]|\n(?:[" + _TOKEN_CHARS + rb"]+[^:"
-    + _TOKEN_CHARS + rb"]|:)"
+    rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]|\r[^\n]|\n(?:[^ \t\r\n" + _TOKEN_CHARS + rb"]|["
+    + _TOKEN_CHARS + rb"]+[^:" + _TOKEN_CHARS + rb"])"
 )
 #: What no status line may hold: what h11 refuses in a reason phrase (NUL, whitespace but SP
 #: and HTAB; the other control bytes it reads, and the client gets the standard phrase
@@ -206,7 +206,16 @@ def head_read(state: bytes, data: bytes) -> bytes | None:
         if newline < 0:
             return HEAD_START + _AFTER_CR if line.endswith(b"\r") else HEAD_START
         state, data = b"", data[newline:]  # the header lines, from the status line's LF
-    if _NOT_IN_HEADER_LINES.search(state + data if state else data):
+    return _header_lines_read(state, data, _NOT_IN_HEADER_LINES)
+
+
+def _header_lines_read(state: bytes, data: bytes, refused: re.Pattern[bytes]) -> bytes | None:
+    """`head_read` and `request_head_read` past the start line: None when `data`, read in
+    `state` (b"" in a value, or `_AFTER_CR`, `_AT_LINE_START`, `_IN_NAME`), holds what
+    `refused` finds; else the state the read leaves."""
+    if not data:
+        return state
+    if refused.search(state + data if state else data):
         return None
     if data.endswith(b"\r"):
         return _AFTER_CR
@@ -220,6 +229,68 @@ def head_read(state: bytes, data: bytes) -> bytes | None:
     else:
         return b""
     return _IN_NAME if _TOKENS.fullmatch(tail) else b""
+
+
+#: What no header line of a request head may hold, whatever follows: what h11 refuses in a
+#: line (NUL, VT, FF, a CR that a byte other than LF follows: CR-only line ends) and what
+#: `check_raw_head` refuses (a line that begins other than with a token byte: obsolete
+#: folding, `:value`, `@a: b`; a name that ends other than at its colon, `name : value`). The
+#: other control bytes in a value are read, by h11 as by nginx, when the head comes whole.
+_NOT_IN_REQUEST_HEADER_LINES = re.compile(
+    rb"[\x00\x0b\x0c]|\r[^\n]|\n(?:[^\r\n" + _TOKEN_CHARS + rb"]|[" + _TOKEN_CHARS + rb"]+[^:"
+    + _TOKEN_CHARS + rb"])"
+)
+#: A request target h11 (VCHAR) and `check_raw_head` (origin-form or `*`, no `#`) take
+_TARGET = rb"(?:/[\x21\x22\x24-\x7e]*|\*)"
+#: A whole request line as they take it (its LF cut off)
+_REQUEST_LINE = re.compile(rb"[" + _TOKEN_CHARS + rb"]+ " + _TARGET + rb" HTTP/[0-9]\.[0-9]\r?")
+#: The start of one (any of its first bytes, none at all included): each part, once the
+#: one before it is whole, optional; the version's bytes (`HTTP/d.d` and a CR) one by one
+_VERSION_START = rb"(?:H(?:T(?:T(?:P(?:/(?:[0-9](?:\.(?:[0-9]\r?)?)?)?)?)?)?)?)?"
+_REQUEST_LINE_START = re.compile(
+    rb"(?:[" + _TOKEN_CHARS + rb"]+(?: (?:" + _TARGET + rb"(?: " + _VERSION_START + rb")?)?)?)?"
+)
+#: `request_head_read`'s state for a head's first read: in the request line (`r`, then a few
+#: bytes standing for what of it came: `G` the method begun, `G ` its space, `G /` or `G *`
+#: the target begun, `G / ` and what came of the version)
+REQUEST_START = b"r"
+
+
+def request_head_read(state: bytes, data: bytes) -> bytes | None:
+    """Judge `data`, the next read of a client's request head not yet complete, in `state`
+    (REQUEST_START for a head's first read, then what the read before returned): None when
+    it holds what no request head may hold (a request line that cannot become one h11 and
+    `check_raw_head` take, `_NOT_IN_REQUEST_HEADER_LINES`), so that the head can never be
+    completed into one sidecar serves; else the state to judge the next read in. Only
+    `data` is looked at, never the head before it. A CR at the end of `data` is judged with
+    the byte after it, in the next read; empty lines before the request line are skipped
+    (RFC 9112 2.2)."""
+    while state[:1] == b"r":  # still in the request line
+        newline = data.find(b"\n")
+        line = state[1:] + (data if newline < 0 else data[:newline])
+        if newline < 0:
+            if line == b"\r":  # an empty line's CR, before the request line
+                return REQUEST_START + line
+            return _request_line_state(line) if _REQUEST_LINE_START.fullmatch(line) else None
+        if line in (b"", b"\r"):  # an empty line before the request line
+            state, data = REQUEST_START, data[newline + 1 :]
+        elif _REQUEST_LINE.fullmatch(line):
+            state, data = b"", data[newline:]  # the header lines, from the request line's LF
+        else:
+            return None
+    return _header_lines_read(state, data, _NOT_IN_REQUEST_HEADER_LINES)
+
+
+def _request_line_state(line: bytes) -> bytes:
+    """`request_head_read`'s state for `line`, the start of a request line (no LF) that
+    `_REQUEST_LINE_START` takes: a few bytes that stand for it (see REQUEST_START)."""
+    first = line.find(b" ")
+    if first < 0:
+        return b"rG" if line else REQUEST_START
+    second = line.find(b" ", first + 1)
+    if second < 0:  # the target's first byte, if any, stands for it (`/` or `*`)
+        return b"rG " + line[first + 1 : first + 2]
+    return b"rG / " + line[second + 1 :]
 
 
 _DIGIT = b"0123456789"

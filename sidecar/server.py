@@ -23,7 +23,7 @@ import h11
 
 from sidecar.deadlines import Waiter, Wakeup
 from sidecar.dialects import get_dialect
-from sidecar.headers import find_head_end, simple_response
+from sidecar.headers import REQUEST_START, find_head_end, request_head_read, simple_response
 
 if TYPE_CHECKING:
     from sidecar.runtime import Runtime
@@ -51,6 +51,11 @@ class ClientGone(Exception):
 
 class ClientTimeout(Exception):
     """The client did not send its head or body in time."""
+
+
+class MalformedHead(Exception):
+    """The request head, not yet complete, holds bytes no request head may hold
+    (`request_head_read`): it can never become one that is served."""
 
 
 class TooLarge(Exception):
@@ -234,20 +239,25 @@ class ClientConnection(asyncio.Protocol):
         start or the previous response's end), or header_timeout after that first byte when
         it came later than that, on a connection kept idle under keepalive_timeout
         (ClientTimeout(True): answer 408). Returns b"" when the head grows past
-        max_header_bytes, and raises ClientGone on EOF inside a head.
+        max_header_bytes, and raises ClientGone on EOF inside a head. While the head is not
+        complete, each read is judged as it arrives (`request_head_read`, the new bytes
+        only): MalformedHead as soon as they hold what no head may hold (answer 400), not
+        at the timeout; a head that comes whole in one read is never looked at here.
         """
         loop = self.loop
         limits = self.runtime.config.limits
         buffer = self.buffer
         started = False
         deadline = idle_deadline
-        scanned = 0
+        scanned = 0  # the bytes of the buffer looked at: searched for the blank line, judged
+        state = REQUEST_START  # what the next read of the head is judged with
         while True:
             # RFC 9112 2.2: ignore empty lines before a request line (looked for only when
             # the buffer starts with CR or LF: slices and compares cost a request each)
             if buffer and buffer[0] in _CR_LF:
                 while buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
                     del buffer[: 1 if buffer[:1] == b"\n" else 2]
+                scanned, state = 0, REQUEST_START  # the head starts afresh past them
             if buffer:  # (nothing to look for a head in, an idle connection's usual wait)
                 if not started:
                     started = True
@@ -258,6 +268,10 @@ class ClientConnection(asyncio.Protocol):
                     return b"" if end > limits.max_header_bytes else bytes(buffer[:end])
                 if len(buffer) > limits.max_header_bytes:
                     return b""
+                judged = request_head_read(state, bytes(buffer[scanned:]))
+                if judged is None:
+                    raise MalformedHead()
+                state = judged
                 scanned = len(buffer)
             if self.eof or self.closed:
                 if buffer:

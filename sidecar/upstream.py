@@ -76,6 +76,9 @@ class UpstreamConnection(asyncio.Protocol):
         self._head_begun = False
         # what the next read of the head is judged with (see `_check_head_bytes`)
         self._head_state = HEAD_START
+        # an interim (1xx) response was read: what h11 holds past it is the next head's
+        # start, not yet judged (see `next_event`)
+        self._after_interim = False
         #: bytes h11 was given in this cycle's head phase: no head is larger than them (a
         #: head's size is measured only past `max_head` of them, see `Exchange._response_head`)
         self.head_bytes = 0
@@ -188,6 +191,7 @@ class UpstreamConnection(asyncio.Protocol):
         self._h11_starved = True
         self._head_begun = False
         self._head_state = HEAD_START
+        self._after_interim = False
         self.head_bytes = 0
 
     def send(self, *events: h11.Event) -> None:
@@ -242,10 +246,16 @@ class UpstreamConnection(asyncio.Protocol):
                     if type(event) is h11.InformationalResponse:
                         self._head_begun = False  # the next head starts after it
                         self._head_state = HEAD_START
+                        self._after_interim = True
                     return event
                 self._h11_starved = True
                 if not self._head_begun:
                     self._check_head_start()
+                if self._after_interim:
+                    # the bytes that came with the interim response (and any read since):
+                    # all that h11 holds is the next head's, judged once
+                    self._after_interim = False
+                    data = self.h11.trailing_data[0]
                 if data:  # (a head that came whole in one read is never looked at here)
                     self._check_head_bytes(data)
             if self.eof or self.closed:

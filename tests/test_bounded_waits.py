@@ -16,6 +16,7 @@ import contextlib
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -126,6 +127,86 @@ def test_a_request_line_dripped_without_a_line_end_is_cut(short: Daemon) -> None
         client.send(b"GET /v1/files/")
         with Dripper(client, b"a"):
             answered_and_closed(client, 408)
+
+
+#: Client heads that can never become one that is served, as they start (never a blank
+#: line); `{rid}` is an x-request-id line where the bytes before the break allow one.
+BAD_CLIENT_HEADS = {
+    "cr-only": b"GET /v1/files/1 HTTP/1.1\rHost: x\rx-a: b\r\r",
+    "tls-hello": b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03",
+    "nul-in-request-line": b"GET /v1/files/\x00 HTTP/1.1\r\n",
+    "ctl-in-method": b"P\x01ST /v1/chat/completions HTTP/1.1\r\n",
+    "bad-version": b"GET /v1/files/1 HTTP/1.1x\r\n",
+    "nul-in-value": HEAD + b"{rid}x-a: b\x00",
+    "vt-in-value": HEAD + b"{rid}x-a: b\x0b",
+    "ctl-in-name": HEAD + b"{rid}x-\x01a: b\r\n",
+    "bare-cr-in-value": HEAD + b"{rid}x-a: b\rc: d\r\n",
+    "space-before-colon": HEAD + b"{rid}x-a : b\r\n",
+    "folded": HEAD + b"{rid} folded\r\n",
+}
+
+
+def no_request_reached_the_worker(daemon: Daemon, w: FakeWorker) -> None:
+    """A request sent now is the first (and only) one the worker has seen in this test."""
+    w.default = [Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")]
+    with RawClient(daemon.address) as client:
+        client.send(request_bytes("GET", "/v1/files/marker"))
+        assert client.read_response(CAP).status == 200
+    assert [r.target for r in w.wait_requests(1)] == ["/v1/files/marker"]
+
+
+@pytest.mark.parametrize("name", BAD_CLIENT_HEADS)
+def test_client_head_bytes_no_head_may_hold_are_400_at_once(
+    patient: Daemon, w: FakeWorker, name: str
+) -> None:
+    """SPEC: bad heads are refused with 400 and the connection closed, never forwarded; the
+    README: as soon as the bytes arrive, not at `header_timeout` (30 s here, the client
+    keeps its connection open and sends nothing more)."""
+    rid = f"bad-client-head-{name}"
+    data = BAD_CLIENT_HEADS[name].replace(b"{rid}", f"x-request-id: {rid}\r\n".encode())
+    with RawClient(patient.address) as client:
+        client.send(data)
+        response = client.read_response(CAP)
+        assert client.closed_by_peer(CAP), "the connection stayed open"
+    assert response.status == 400, response.raw[:300]
+    assert response.json()["error"]["code"] == "invalid_request"
+    request_id = response.header("x-request-id")
+    assert request_id is not None
+    if b"{rid}" in BAD_CLIENT_HEADS[name]:
+        assert request_id == rid
+    record = patient.ledger_for(request_id)
+    assert (record["outcome"], record["status"], record["route"]) == ("bad_request", 400, None)
+    no_request_reached_the_worker(patient, w)
+
+
+GOOD_CLIENT_HEADS = {
+    "crlf": b"GET /v1/files/1 HTTP/1.1\r\nhost: x\r\n\r\n",
+    "lf-only": b"GET /v1/files/1 HTTP/1.1\nhost: x\n\n",
+    "blank-lines-first": b"\r\n\n\r\nGET /v1/files/1 HTTP/1.1\r\nhost: x\r\n\r\n",
+    "odd-value-bytes": b"GET /v1/files/1?a=%00 HTTP/1.1\r\nhost: x\r\nx-a:\t\x01\x7f\x80\xff b \r\n\r\n",
+    "pipelined": b"GET /v1/files/1 HTTP/1.1\r\nhost: x\r\n\r\nGET /v1/files/2 HTTP/1.1\r\nhost: x\r\n\r\n",
+    "body": request_bytes("POST", "/v1/files/up", b"{}"),
+}
+
+
+@pytest.mark.parametrize("name", GOOD_CLIENT_HEADS)
+@pytest.mark.parametrize("piece", [1, 3])
+def test_a_valid_client_head_dripped_is_served(
+    patient: Daemon, w: FakeWorker, name: str, piece: int
+) -> None:
+    """What refuses a client head as its bytes arrive refuses none that, come whole, is
+    served, whichever reads bring it; pipelined requests and keep-alive are unchanged."""
+    w.default = [Send(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")]
+    data = GOOD_CLIENT_HEADS[name]
+    with RawClient(patient.address) as client:
+        for at in range(0, len(data), piece):
+            client.send(data[at : at + piece])
+            time.sleep(0.001)  # (apart: most pieces arrive as reads of their own)
+        for _ in range(data.count(b" HTTP/1.1")):
+            response = client.read_response(CAP)
+            assert (response.status, response.body) == (200, b"{}"), response.raw[:300]
+        client.send(request_bytes("GET", "/v1/files/again"))  # the connection is kept
+        assert client.read_response(CAP).status == 200
 
 
 # ================================================================ the client's body
@@ -273,6 +354,10 @@ BAD_HEADS = {
     "space-before-colon": b"HTTP/1.1 200 OK\r\nx-a : b\r\n",
     "lf-in-status": b"HTTP/1.1 200 \x0bOK\r\n",
     "bare-cr-in-value": b"HTTP/1.1 200 OK\r\nx-a: b\rc",
+    "no-name": b"HTTP/1.1 200 OK\r\n@a: b\r\n",
+    # the next head's bytes that come in the read of an interim answer
+    "interim-then-cr-only": b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\rcontent-type: x\r\r",
+    "interim-then-nul": b"HTTP/1.1 103 Early Hints\r\nlink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nx-a: \x00",
 }
 
 

@@ -652,7 +652,8 @@ _HEAD_PIECES = st.lists(
     st.one_of(
         st.sampled_from([b"content-type: application/json", b"x-a:\tb c", b"x-b: \x80\xff",
                          b" folded", b"x-c:", b"X-D: e:f", b"x-e : f", b"x-f", b":g",
-                         b"x-g: a\rb", b"x-h: \x00", b"x-\x7f: a", b"x-i: \x7f", b"x-j: \x0b"]),
+                         b"x-g: a\rb", b"x-h: \x00", b"x-\x7f: a", b"x-i: \x7f", b"x-j: \x0b",
+                         b"@k: l", b"\x80: m"]),
         st.binary(max_size=8),
     ),
     max_size=4,
@@ -690,6 +691,8 @@ def test_a_worker_head_is_refused_in_pieces_only_when_refused_whole(
     b"HTTP/1.1 200 OK\r\nx-a : b\r\n",
     b"HTTP/1.1 200 OK\r\nx-a\r\nb: c\r\n",
     b"HTTP/1.1 200 OK\r\n:b\r\n",
+    b"HTTP/1.1 200 OK\r\n@a: b\r\n",
+    b"HTTP/1.1 200 OK\r\nx-a: b\r\n\x80: c\r\n",
     b"HTTP/1.1 2x",
     b"HTTP/2 200 OK\r\n",
 ])

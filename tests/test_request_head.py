@@ -12,12 +12,14 @@ list is the one h11 gives for the whole head.
 from __future__ import annotations
 
 import h11
+import pytest
 from h11._connection import _body_framing
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from sidecar.headers import (
     H11_READS_IN_REQUESTS,
+    REQUEST_START,
     check_and_read_request_head,
     check_raw_head,
     end_to_end,
@@ -25,6 +27,7 @@ from sidecar.headers import (
     find_head_end,
     header_list,
     read_request_head,
+    request_head_read,
 )
 
 
@@ -284,3 +287,140 @@ def test_one_pass_checks_and_reads_a_head_as_check_raw_head_then_read_request_he
     assert check_and_read_request_head(head) == (
         problem, read_request_head(head) if problem is None else None
     ), head
+
+
+# ------------------------------------------------------------------ a client's head in pieces
+
+
+def served_whole(head: bytes) -> bool:
+    """Whether serve_connection serves `head` (through its blank line) when it comes whole:
+    check_and_read_request_head takes it and h11 reads a request from what it is given."""
+    problem, read = check_and_read_request_head(head)
+    return problem is None and h11_reads(head if read is None else read[1])[0] == "request"
+
+
+def read_in_pieces(stream: bytes, cuts: list[int]) -> tuple[str, bytes | int | None]:
+    """What ClientConnection.read_head makes of `stream` arriving in the reads `cuts` make
+    of it: ("head", the head) when one completes, ("refused", the end of the read that
+    request_head_read refused), or ("waiting", None). Each read the head is not complete
+    after is judged as it arrives (the new bytes only), empty lines before the request line
+    are dropped and the head starts afresh after them, as read_head does."""
+    buffer = bytearray()
+    state: bytes | None = REQUEST_START
+    scanned = start = 0
+    for cut in [*sorted(set(cuts)), len(stream)]:
+        if cut <= start:
+            continue
+        buffer += stream[start:cut]
+        start = cut
+        if buffer and buffer[0] in b"\r\n":
+            while buffer[:1] == b"\n" or buffer[:2] == b"\r\n":
+                del buffer[: 1 if buffer[:1] == b"\n" else 2]
+            scanned, state = 0, REQUEST_START
+        if not buffer:
+            continue
+        end = find_head_end(buffer)
+        if end >= 0:
+            return "head", bytes(buffer[:end])
+        assert state is not None
+        state = request_head_read(state, bytes(buffer[scanned:]))
+        if state is None:
+            return "refused", cut
+        assert len(state) <= 16  # a few bytes standing for where the head is, never the head
+        scanned = len(buffer)
+    return "waiting", None
+
+
+def before_the_head_ends(stream: bytes) -> bytes:
+    """`stream` up to the byte that completes its first head (all of it if none does)."""
+    outcome, head = read_in_pieces(stream, [])
+    if outcome != "head":
+        return stream
+    assert isinstance(head, bytes)
+    return stream[: stream.index(head) + len(head) - 1]
+
+
+#: request lines and header lines, valid ones and ones broken anywhere, and arbitrary bytes
+any_request_line = st.one_of(checked_request_line, bad_request_line, st.binary(max_size=12),
+                             st.sampled_from([b"\x16\x03\x01\x02\x00", b"GET / HTTP/1.1\r",
+                                              b"GET /\x00 HTTP/1.1\r\n", b"GET\x01 / HTTP/1.1\n"]))
+any_header_line = st.one_of(checked_header_line, bad_line, st.binary(max_size=8),
+                            st.sampled_from([b"X: a\r", b"X: a\rb\r\n", b"\x00", b"X:\x00\r\n",
+                                             b"@x: a\r\n", b"X-A: a\x01\x7f\x1f\r\n"]))
+
+
+@settings(max_examples=1500, deadline=None)
+@given(st.sampled_from([b"", b"\r\n", b"\n", b"\r\n\r\n"]), any_request_line,
+       st.lists(any_header_line, max_size=6), eol, st.integers(min_value=0, max_value=200))
+@example(b"", b"GET / HTTP/1.1\r", [b"Host: x\r", b"\r"], b"", 3)
+@example(b"\r\n", b"GET / HTTP/1.1\n", [b"X: a\r"], b"\n", 20)
+@example(b"", b"GET * HTTP/1.0\r\n", [b"X-A: \x01\r\n"], b"\r\n", 5)
+@example(b"\r\n", b"\r", [], b"", 1)
+def test_a_client_head_is_refused_in_pieces_only_when_never_served(
+    leading: bytes, start: bytes, lines: list[bytes], blank: bytes, cut: int
+) -> None:
+    """request_head_read, judging each read of a head not yet complete, refuses a head
+    whichever reads bring it (one, two cut anywhere, a byte per read), or none of them: it
+    looks at the new bytes only, and what it judges is the same as for the head whole. And
+    it never refuses a head that, come whole, is served."""
+    stream = leading + start + b"".join(lines) + blank
+    pre = before_the_head_ends(stream)
+    bytewise = read_in_pieces(pre, list(range(1, len(pre) + 1)))
+    refused = bytewise[0] == "refused"
+    assert (read_in_pieces(pre, [])[0] == "refused") is refused, stream
+    assert (read_in_pieces(pre, [cut])[0] == "refused") is refused, (stream, cut)
+    outcome, head = read_in_pieces(stream, [])
+    if refused and outcome == "head":
+        assert isinstance(head, bytes)
+        assert not served_whole(head), (stream, bytewise)
+
+
+@pytest.mark.parametrize("head", [
+    b"GET / HTTP/1.1\rHost: x\r\r",  # CR-only line ends
+    b"GET / HTTP/1.1\r\nHost: x\r\nX-A: b\rc",
+    b"GET /\x00 HTTP/1.1\r\n",
+    b"GET /\x80 HTTP/1.1\r\n",
+    b"GET / HTTP/1.1\r\nX-A: a\r\r",
+    b"G\x00T / HTTP/1.1\r\n",
+    b"GET / HTTP/1.1\x00",
+    b"GET / HTTP/1.1\r\nX-A: a\x00",
+    b"GET / HTTP/1.1\r\nX-A: a\x0b",
+    b"GET / HTTP/1.1\r\nX\x01: a",
+    b"\x16\x03\x01\x02\x00\x01",  # a TLS ClientHello
+    b"SSH-2.0-OpenSSH_9.6\r\n",
+    b"GET  / HTTP/1.1",
+    b"GET http://x/ HTTP/1.1",
+    b"GET /a#b HTTP/1.1",
+    b"GET / HTTP/1.1 \r\n",
+    b"GET / http/1.1\r\n",
+    b"GET / HTTP/1.10\r\n",
+    b"GET * x",
+    b"GET / HTTP/1.1\r\n folded: a",
+    b"GET / HTTP/1.1\r\nX-A : b",
+    b"GET / HTTP/1.1\r\n: b",
+    b"GET / HTTP/1.1\r\nX-A\r\n",
+    b"GET / HTTP/1.1\r\n@a: b",
+    b"\r\rGET / HTTP/1.1",
+])
+def test_a_client_head_that_can_never_be_valid_is_refused_whichever_reads_bring_it(
+    head: bytes
+) -> None:
+    """...at the latest with the read that brings the byte that breaks it (one read, two,
+    or a byte per read), never waiting for a blank line (or a timeout)."""
+    for cut in range(1, len(head) + 1):
+        assert read_in_pieces(head, [cut])[0] == "refused", cut
+    assert read_in_pieces(head, list(range(1, len(head) + 1)))[0] == "refused"
+
+
+@pytest.mark.parametrize("head", [
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\n\r\n",
+    b"GET / HTTP/1.0\nX-A:b\n\n",  # bare LF line ends
+    b"\r\n\nGET * HTTP/1.1\r\nhost: x\r\n\r\n",  # empty lines before the request line
+    b"GET /a?b=%2F&c HTTP/1.1\r\nX-A: \t\x01\x7f\x80\xff c \t\r\nhost:\r\n\r\n",
+    b"OPTIONS * HTTP/1.1\r\nHost: x\r\n\r\n",
+])
+def test_a_client_head_served_whole_is_never_refused_in_pieces(head: bytes) -> None:
+    assert served_whole(head.lstrip(b"\r\n"))
+    for cut in range(len(head) + 1):
+        assert read_in_pieces(head, [cut])[0] == "head", cut
+    assert read_in_pieces(head, list(range(1, len(head) + 1)))[0] == "head"
