@@ -11,7 +11,7 @@
 #
 # Variables (defaults are the image's paths):
 #   SRC   source tree to install            (/src)
-#   VENV  virtualenv to create              (/opt/venv)
+#   VENV  virtualenv to create              (/opt/venv; `ci`: one in its temp dir, removed after)
 #   ROOT  filesystem prefix for `runtime`   (empty: /)
 #   PYTHON interpreter for the venv         (python3)
 set -eu
@@ -69,11 +69,12 @@ step_ci() {
     here=$(cd "$(dirname "$0")/.." && pwd)
     tmp=$(mktemp -d)
     trap 'rm -rf "$tmp"' EXIT
-    echo "== build step (SRC=$here VENV=$tmp/venv)"
+    venv=${VENV:-$tmp/venv}
+    echo "== build step (SRC=$here VENV=$venv)"
     # Install from a copy, as the image does, so the build never writes into the checkout.
     mkdir -p "$tmp/src"
     cp -R "$here/pyproject.toml" "$here/setup.py" "$here/README.md" "$here/sidecar" "$here/config" "$tmp/src/"
-    SRC="$tmp/src" VENV="$tmp/venv" step_build
+    SRC="$tmp/src" VENV="$venv" step_build
     echo "== runtime step (ROOT=$tmp/root)"
     mkdir -p "$tmp/root/etc"
     for f in passwd group shadow gshadow login.defs; do

@@ -30,7 +30,11 @@ fi
 .venv/bin/python -m pip install -q -e '.[test]' 'setuptools>=77'
 
 echo "== Dockerfile RUN steps, run as a plain script"
-sh deploy/docker-run-steps.sh ci
+# With this venv's interpreter, and the venv its build step installs sidecar into, compiled
+# (pip install, SIDECAR_MYPYC=1), kept: the compiled test run below uses those modules.
+installed=$(mktemp -d)
+trap 'rm -rf "$installed"' EXIT
+PYTHON="$PWD/.venv/bin/python" VENV="$installed/venv" sh deploy/docker-run-steps.sh ci
 
 echo "== building the real worker (llama.cpp llama-server; cached)"
 bash tests/realworker/build.sh
@@ -42,17 +46,32 @@ echo "== ruff"
 echo "== mypy"
 .venv/bin/mypy
 
-# The compiled modules are built in place (sidecar/*.so next to the .py files, which they
-# shadow) for the compiled run and removed afterwards, so the checkout is left pure.
+# The compiled run puts compiled modules in place (sidecar/*.so next to the .py files, which
+# they shadow) and removes them afterwards, so the checkout is left pure. They are the ones the
+# Docker build step compiled, copied from its venv when the package it installed there is
+# still the checkout's sidecar/ (bundled/ is config/; compared after the copy, and
+# tests/conftest.py refuses a .py edited later than the copies), else compiled here.
 remove_compiled() { find sidecar -name '*.so' -delete; rm -f ./*__mypyc*.so; }
-trap remove_compiled EXIT
+trap 'remove_compiled; rm -rf "$installed"' EXIT
+copy_installed_build() {
+  local site
+  site=$("$installed/venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["platlib"])') || return 1
+  (cd "$site" && find sidecar -name '*.so' -exec cp --parents {} "$OLDPWD" \; && cp ./*__mypyc*.so "$OLDPWD") &&
+    diff -r -q -x __pycache__ -x '*.so' -x bundled sidecar "$site/sidecar" >/dev/null && return 0
+  remove_compiled
+  return 1
+}
 failed=()
 for build in ${SIDECAR_TEST_BUILDS:-pure compiled}; do
   case $build in
     pure) remove_compiled ;;
     compiled)
-      echo "== compiling the hot path with mypyc (setup.py build_ext --inplace)"
-      SIDECAR_MYPYC=1 .venv/bin/python setup.py -q build_ext --inplace >/dev/null ;;
+      if copy_installed_build; then
+        echo "== compiled: the modules the Docker build step compiled (pip install .)"
+      else
+        echo "== compiling the hot path with mypyc (setup.py build_ext --inplace)"
+        SIDECAR_MYPYC=1 .venv/bin/python setup.py -q build_ext --inplace >/dev/null
+      fi ;;
     *) echo "SIDECAR_TEST_BUILDS: unknown build '$build' (pure, compiled)" >&2; exit 2 ;;
   esac
   echo "== pytest ($build)"
