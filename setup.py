@@ -25,7 +25,7 @@ from typing import Any
 from setuptools import setup
 
 #: The modules a request or a stream passes through. Not compiled: start-up and admin code
-#: (cli, config, demo, logs, systemd, admin, no_tls), packages' __init__ (a compiled package
+#: (cli, config, demo, systemd, admin, no_tls), packages' __init__ (a compiled package
 #: __init__ cannot import its pure submodules) and dialects/merge.py (mypyc code raises no
 #: RecursionError, and merge recurses into whatever nesting a worker sends).
 HOT_MODULES = [
@@ -39,6 +39,7 @@ HOT_MODULES = [
     "sidecar/handlers.py",
     "sidecar/headers.py",
     "sidecar/ledger.py",
+    "sidecar/logs.py",  # the access-log line of every request (log_access, utc_timestamp)
     "sidecar/metrics.py",
     "sidecar/pump.py",
     "sidecar/routes.py",

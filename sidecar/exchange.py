@@ -35,6 +35,7 @@ from sidecar.headers import (
     check_and_read_request_head,
     connection_tokens,
     content_codings,
+    data_event,
     end_to_end,
     end_to_end_lines,
     h11_headers,
@@ -43,8 +44,9 @@ from sidecar.headers import (
     header_value,
     raw_method_and_path,
     raw_request_id,
-    reason,
+    request_event,
     request_id_for,
+    response_event,
     simple_response,
     splice_lines,
     split_for_h11,
@@ -387,9 +389,7 @@ class Exchange(StreamListener):
         # h11 sees only the headers that decide framing and keep-alive (it rewrites and
         # re-validates every header it is given, up to three times for a chunked head)
         framing, lines = split_for_h11(headers, H11_RESPONSE_HEADERS)
-        head = conn.send(
-            h11.Response(status_code=status, headers=framing, reason=reason(status), _parsed=True)
-        )
+        head = conn.send(response_event(status, framing))
         assert head is not None
         data = splice_lines(head, lines)
         held: bytes | None = None
@@ -397,7 +397,7 @@ class Exchange(StreamListener):
         if self.ttfb is None:
             self.ttfb = time.perf_counter() - self.started
         if body is not None:
-            framed = conn.send(h11.Data(data=body)) if body and self.method != "HEAD" else b""
+            framed = conn.send(data_event(body)) if body and self.method != "HEAD" else b""
             end = conn.send(END_OF_MESSAGE)
             self._finish()  # accounted before the client can see the end
             if len(framed) >= LARGE_WRITE:
@@ -417,7 +417,8 @@ class Exchange(StreamListener):
             self.conn.their_http_version == b"1.1"
             and self.method != "HEAD"
             and status not in (204, 304)
-            and header_value(framing, b"content-length") is None  # (framing has them all)
+            # (the list, not h11's `Headers` made of it: that one iterates in Python)
+            and header_value(headers, b"content-length") is None
         )
         return held
 
@@ -430,7 +431,7 @@ class Exchange(StreamListener):
                 return
             self.client.write(frame(data))
         else:
-            self.client.write(self.conn.send(h11.Data(data=data)))  # type: ignore[arg-type]  # h11 takes bytearray
+            self.client.write(self.conn.send(data_event(data)))
 
     def body_writer(self) -> Callable[[bytes], None]:
         """`write_data` for the hot path: once the head is out, one call per event batch.
@@ -691,11 +692,8 @@ class Exchange(StreamListener):
             else:
                 framing = [pool.host]
         lines += b"x-request-id: " + self.request_id.encode() + b"\r\n"
-        # _parsed: method, target and client headers came out of h11's parser
-        head = h11.Request(
-            method=self.raw_method, target=self.target, headers=h11_headers(framing), _parsed=True
-        )
-        return head, lines
+        # method and target came out of h11's parser, the framing is the sidecar's own
+        return request_event(self.raw_method, self.target, h11_headers(framing)), lines
 
     async def _send(
         self,

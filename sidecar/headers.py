@@ -13,10 +13,9 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 from http import HTTPStatus
+from typing import Final
 
-from h11._abnf import OWS as H11_OWS
-from h11._abnf import field_name as h11_field_name
-from h11._abnf import field_value as h11_field_value
+import h11
 from h11._headers import Headers as H11Headers
 
 Header = tuple[bytes, bytes]
@@ -55,13 +54,13 @@ def find_head_end(buffer: bytes | bytearray, start: int = 0) -> int:
 _TOKEN = rb"[!#$%&'*+\-.^_`|~0-9A-Za-z]+"
 #: A request line every check below would pass: an origin-form (or `*`) target
 _PLAIN_REQUEST_LINE = _TOKEN + rb" (?:/[^ \r\n#]*|\*) HTTP/[0-9]\.[0-9]\r?\n"
-_PLAIN_START = re.compile(_PLAIN_REQUEST_LINE)
+_PLAIN_START: Final = re.compile(_PLAIN_REQUEST_LINE)
 #: A head every check below would pass on its own lines: a plain request line and plain
 #: `name:value` header lines. One C-level match instead of a loop per line.
 _PLAIN_HEAD = re.compile(_PLAIN_REQUEST_LINE + rb"(?:" + _TOKEN + rb":[^\r\n]*\r?\n)*\r?\n")
 #: A Host value (RFC 9112 3.2, RFC 3986 3.2.2): an IP literal or a registered name, and an
 #: optional port; empty is allowed (a target without authority)
-_HOST_VALUE = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
+_HOST_VALUE: Final = re.compile(rb"(?:\[[0-9A-Za-z:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)(?::[0-9]*)?")
 
 
 def check_raw_head(head: bytes) -> str | None:
@@ -463,21 +462,13 @@ H11_REQUEST_HEADERS = H11_RESPONSE_HEADERS | {b"host"}
 H11_READS_IN_REQUESTS = (b"host", b"content-length", b"transfer-encoding", b"connection",
                          b"expect", b"upgrade")
 
-#: One header line as h11 reads it (`h11._readers.header_field_re`, made of h11's own ABNF
-#: strings, its groups made non-capturing; `\r?` for the CR h11 cuts off a line's end): name and value (optional
-#: whitespace around it left out), or, for any line h11 would refuse (or fold into the one
-#: before it), ("", ""). Matched over a head's header block line after line: each line is
-#: taken whole by one of the two branches. The head's blank line matches neither.
-_H11_HEADER_LINE = re.compile(
-    rb"(?:(" + h11_field_name.encode() + rb"):" + H11_OWS.encode()
-    + rb"(" + re.sub(rb"\((?!\?)", b"(?:", h11_field_value.encode()) + rb")" + H11_OWS.encode() + rb"\r?\n"
-    + rb"|(?!\r?\n)[^\n]*\n)"
-)
-_REFUSED_LINE = (b"", b"")
-#: The header lines h11 reads (H11_READS_IN_REQUESTS), each with the LF before it
-_H11_READ_LINE = re.compile(
-    rb"\n(?i:" + b"|".join(H11_READS_IN_REQUESTS) + rb"):[^\n]*"
-)
+#: Header lines h11 takes, each through its LF (`h11._readers`: a line is split off at its
+#: LF, one CR before that dropped, and must be a token, `:`, OWS, a value, OWS; the value's
+#: bytes are any but NUL and whitespace, with SP and HTAB between them: so what follows the
+#: colon is any bytes but NUL, CR, LF, VT and FF). A line that begins with SP or HTAB folds
+#: into the one before it, which sidecar leaves to the general way too.
+_H11_LINES: Final = re.compile(rb"(?:" + _TOKEN + rb":[^\x00\n\r\x0b\x0c]*\r?\n)*")
+_H11_READ_NAMES: Final = frozenset(H11_READS_IN_REQUESTS)
 #: Framing lines whose values h11 rewrites: a Transfer-Encoding (lowered), a Content-Length
 #: list (`5, 5`: one value) or a second Content-Length (dropped, when it is the same)
 _H11_REWRITES = re.compile(
@@ -493,13 +484,14 @@ def read_request_head(head: bytes) -> tuple[list[Header], bytes] | None:
 
     h11 given the whole head reads every header line (a regex match, lowering, a tuple, a
     Python-level loop over them all for Host: some 15k instructions a line); here every line
-    is matched in one C-level pass, and h11 still parses the request line and the lines it
-    acts on, and refuses what it refused. None when a line is one h11 would refuse (a name
-    not a token, a value with NUL, CR, VT, FF, an obsolete line folding, ...): then h11 is
-    to be given the whole head, and refuses it as it always did, with the same message.
+    is matched in one C-level pass (`_H11_LINES`), then split, and h11 still parses the
+    request line and the lines it acts on, and refuses what it refused. None when a line is one h11 would
+    refuse (a name not a token, a value with NUL, CR, VT, FF, an obsolete line folding, ...):
+    then h11 is to be given the whole head, and refuses it as it always did, with the same
+    message.
     """
-    at, pairs, framing = _header_lines(head)
-    return None if _REFUSED_LINE in pairs else _read_lines(head, at, pairs, framing)
+    lines = _header_lines(head)
+    return None if lines is None else _read_lines(head, lines)
 
 
 def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Header], bytes] | None]:
@@ -507,44 +499,79 @@ def check_and_read_request_head(head: bytes) -> tuple[str | None, tuple[list[Hea
     over the head's lines where the two would each make one.
 
     The common head passes `check_raw_head` on what `read_request_head` finds anyway: when
-    every header line is one h11 takes (`name:value`, no CR or LF inside) and the request
-    line is a plain one, the head is one `_PLAIN_HEAD` matches, and only its Host and
-    framing lines, which are among the lines h11 reads, are left to look at. Any other head
-    is checked by `check_raw_head` itself, so every refusal and its reason stay its own.
+    every header line is one h11 takes (`name:value`, no CR or LF inside), the request line
+    is a plain one and the Host and framing lines, which are among the lines h11 reads, are
+    plain too (`_HeadLines.plain`), nothing is left to look at. Any other head is checked
+    by `check_raw_head` itself, so every refusal and its reason stay its own.
     """
-    at, pairs, framing = _header_lines(head)
+    lines = _header_lines(head)
     if (
-        _REFUSED_LINE in pairs
+        lines is None
+        or not lines.plain
         or not _PLAIN_START.match(head)
         or head.startswith(b"CONNECT ")
-        or not _plain_framing(framing.lower() + b"\n")
     ):
         problem = check_raw_head(head)
         if problem is not None:
             return problem, None
-        if _REFUSED_LINE in pairs:
+        if lines is None:
             return None, None
-    return None, _read_lines(head, at, pairs, framing)
+    return None, _read_lines(head, lines)
 
 
-def _header_lines(head: bytes) -> tuple[int, list[tuple[bytes, bytes]], bytes]:
-    """(the request line's LF: h11 reads that line itself; each header line's name and value
-    as h11 reads them, `_REFUSED_LINE` for one it refuses; the lines h11 reads, joined)."""
+class _HeadLines:
+    """A request head's header lines as `_header_lines` read them."""
+
+    __slots__ = ("at", "framing", "headers", "plain")
+
+    def __init__(self, at: int, headers: list[Header], framing: bytes, plain: bool) -> None:
+        self.at = at  # the request line's LF: h11 reads that line itself
+        self.headers = headers  # (lower-case name, value), as h11 gives them
+        self.framing = framing  # the lines h11 reads, each with the LF before it, joined
+        #: at most one Host line, with a plain value (`_HOST_VALUE`); no Transfer-Encoding;
+        #: at most one Content-Length line, holding no list: as `_plain_framing` takes them
+        self.plain = plain
+
+
+def _header_lines(head: bytes) -> _HeadLines | None:
+    """The header lines of a head as h11 reads them, or None when h11 refuses one of them
+    (see `_H11_LINES`): one C-level match for them all, then a split, a lowering and a strip
+    per line."""
     at = head.find(b"\n")
-    return (at, _H11_HEADER_LINE.findall(head, at + 1),
-            b"".join(_H11_READ_LINE.findall(head, at)))
+    last = head.rfind(b"\n", 0, -1)  # the last header line's LF (or the request line's)
+    headers: list[Header] = []
+    framing: list[bytes] = []
+    plain = True
+    if last > at:
+        if _H11_LINES.fullmatch(head, at + 1, last + 1) is None:
+            return None
+        hosts = lengths = 0
+        for line in head[at + 1 : last].split(b"\n"):
+            name, _, value = line.partition(b":")
+            # (OWS and the CR h11 drops: the value itself holds no CR)
+            value = value.strip(b" \t\r")
+            low = name.lower()
+            headers.append((low, value))
+            if low in _H11_READ_NAMES:
+                framing.append(b"\n" + line)
+                if low == b"host":
+                    hosts += 1
+                    plain = plain and hosts == 1 and _HOST_VALUE.fullmatch(value) is not None
+                elif low == b"content-length":
+                    lengths += 1
+                    plain = plain and lengths == 1 and b"," not in value
+                elif low == b"transfer-encoding":
+                    plain = False
+    return _HeadLines(at, headers, b"".join(framing), plain)
 
 
-def _read_lines(
-    head: bytes, at: int, pairs: list[tuple[bytes, bytes]], framing: bytes
-) -> tuple[list[Header], bytes]:
-    """`read_request_head` for a head whose every header line h11 takes: `at`, its request
-    line's LF; `pairs`, its lines' names and values; `framing`, the lines h11 reads."""
-    headers = [(name.lower(), value) for name, value in pairs]
-    if framing and _H11_REWRITES.search(framing):
+def _read_lines(head: bytes, lines: _HeadLines) -> tuple[list[Header], bytes]:
+    """`read_request_head` for a head whose every header line h11 takes."""
+    headers, framing = lines.headers, lines.framing
+    if not lines.plain and _H11_REWRITES.search(framing):
         headers = _as_h11_gives(headers)
     # the last header line's LF and the blank line
-    return headers, head[:at] + framing + head[head.rfind(b"\n", 0, -1) :]
+    return headers, head[: lines.at] + framing + head[head.rfind(b"\n", 0, -1) :]
 
 
 def _as_h11_gives(headers: list[Header]) -> list[Header]:
@@ -591,6 +618,49 @@ def h11_headers(headers: Iterable[Header]) -> H11Headers:
     """Framing headers with lower-case names (the sidecar's own, or values h11 parsed) as
     h11's `Headers`, taken as they are (see `split_for_h11`)."""
     return H11Headers([(name, name, value) for name, value in headers])
+
+
+_new_event = object.__new__
+_set_field = object.__setattr__
+
+
+def request_event(method: bytes, target: bytes, headers: H11Headers) -> h11.Request:
+    """`h11.Request(method=method, target=target, headers=headers, _parsed=True)` without
+    its `__init__`, which checks again what is checked already: `method` and `target` came
+    out of h11's parser (the client's request line), `headers` are the sidecar's own framing
+    with one Host (`h11_headers`). Those checks (a Python-level loop over the headers for
+    Host, two regex matches, keyword-argument calls) cost ~20k instructions a request; h11
+    then writes the event as any other. (h11's events are frozen dataclasses with slots, the
+    same in 0.14-0.16, as pinned.)"""
+    event: h11.Request = _new_event(h11.Request)
+    _set_field(event, "method", method)
+    _set_field(event, "target", target)
+    _set_field(event, "headers", headers)
+    _set_field(event, "http_version", b"1.1")
+    return event
+
+
+def response_event(status: int, headers: H11Headers) -> h11.Response:
+    """`h11.Response(status_code=status, headers=headers, reason=reason(status),
+    _parsed=True)` without its `__init__` (see `request_event`): `status` is a worker's, which
+    h11 parsed as a final response's (200-999), or the sidecar's own and `headers` come from
+    `split_for_h11`."""
+    event: h11.Response = _new_event(h11.Response)
+    _set_field(event, "status_code", status)
+    _set_field(event, "headers", headers)
+    _set_field(event, "reason", reason(status))
+    _set_field(event, "http_version", b"1.1")
+    return event
+
+
+def data_event(data: bytes | bytearray) -> h11.Data:
+    """`h11.Data(data=data)` without its `__init__`'s keyword-argument call (see
+    `request_event`)."""
+    event: h11.Data = _new_event(h11.Data)
+    _set_field(event, "data", data)
+    _set_field(event, "chunk_start", False)
+    _set_field(event, "chunk_end", False)
+    return event
 
 
 def splice_lines(head: bytes, lines: bytes) -> bytes:
