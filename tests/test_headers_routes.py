@@ -6,6 +6,7 @@ check the same rules through the real daemon.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 import re
@@ -29,16 +30,21 @@ from sidecar.headers import (
     check_raw_head,
     connection_tokens,
     content_codings,
+    data_event,
     end_to_end,
     end_to_end_lines,
     find_head_end,
+    h11_headers,
     has_control_byte,
     head_read,
     header_list,
     header_value,
     raw_method_and_path,
     raw_request_id,
+    reason,
+    request_event,
     request_id_for,
+    response_event,
     simple_response,
     splice_lines,
     split_for_h11,
@@ -704,3 +710,51 @@ def test_a_worker_head_that_can_never_be_valid_is_refused_whichever_reads_bring_
     for cut in range(1, len(head) + 1):
         assert _refused_in_pieces(head + b"\r\n", [cut, len(head)]) is not None, cut
     assert _refused_in_pieces(head + b"\r\n", list(range(1, len(head) + 1))) is not None
+
+
+# -- h11 events made without h11's __init__ (request_event, response_event, data_event) ----
+
+
+def _fields(event: h11.Event) -> dict[str, object]:
+    return {f.name: getattr(event, f.name) for f in dataclasses.fields(event)}
+
+
+@pytest.mark.parametrize("status", [200, 204, 404, 502, 599, 999])
+def test_events_made_by_hand_are_the_events_h11_makes(status: int) -> None:
+    # every field set, as h11's own __init__ sets it: an h11 whose events gain a field or
+    # change one fails here, not on the wire
+    host = [(b"host", b"127.0.0.1:8000"), (b"content-length", b"5")]
+    made = request_event(b"POST", b"/v1/chat/completions?x=1", h11_headers(host))
+    built = h11.Request(method=b"POST", target=b"/v1/chat/completions?x=1", headers=host)
+    assert type(made) is h11.Request and _fields(made) == _fields(built) and made == built
+    framing = [(b"transfer-encoding", b"chunked")]
+    made_response = response_event(status, h11_headers(framing))
+    built_response = h11.Response(status_code=status, headers=framing, reason=reason(status))
+    assert _fields(made_response) == _fields(built_response) and made_response == built_response
+    for data in (b"", b"abc", bytearray(b"xyz")):
+        assert _fields(data_event(data)) == _fields(h11.Data(data=data))
+
+
+def test_events_made_by_hand_drive_h11_as_its_own_do() -> None:
+    # the bytes h11 writes for them and the state it reaches are those of its own events
+    for make in (False, True):
+        client = h11.Connection(h11.CLIENT)
+        head = [(b"host", b"w"), (b"content-length", b"3")]
+        request = (request_event(b"POST", b"/p", h11_headers(head)) if make
+                   else h11.Request(method=b"POST", target=b"/p", headers=head))
+        wire = client.send(request)
+        body = client.send(data_event(b"abc") if make else h11.Data(data=b"abc"))
+        assert (wire, body, client.our_state) == (
+            b"POST /p HTTP/1.1\r\nhost: w\r\ncontent-length: 3\r\n\r\n", b"abc", h11.SEND_BODY)
+        server = h11.Connection(h11.SERVER)
+        server.receive_data(wire + body)
+        assert type(server.next_event()) is h11.Request
+        server.next_event()
+        server.next_event()
+        framing = [(b"content-length", b"2")]
+        response = (response_event(200, h11_headers(framing)) if make
+                    else h11.Response(status_code=200, headers=framing, reason=b"OK"))
+        assert server.send(response) == b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n"
+        assert server.send(data_event(b"ok") if make else h11.Data(data=b"ok")) == b"ok"
+        server.send(h11.EndOfMessage())
+        assert server.our_state is h11.DONE
