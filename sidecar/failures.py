@@ -55,7 +55,7 @@ class UpstreamFailure(Exception):
 
 def error_type_for(status: int) -> str:
     """OpenAI-style `error.type` for a status the sidecar answers itself."""
-    if status in (400, 404, 405, 408, 411, 413, 414, 431):
+    if status in (400, 404, 405, 408, 411, 413, 414, 431, 505):  # the request is at fault
         return "invalid_request_error"
     if status == 503:
         return "overloaded_error"

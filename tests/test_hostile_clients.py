@@ -181,7 +181,9 @@ def test_a_request_in_another_major_http_version_is_refused_with_505(
     # nginx answers 505 too; h11 would read `HTTP/2.0` and serve it as HTTP/1.1
     data = request_bytes("GET", "/v1/public/v").replace(b" HTTP/1.1\r\n", b" HTTP/" + version + b"\r\n", 1)
     response = refused(daemon, data, status=505)
-    assert f"HTTP/{version.decode()}" in error_of(response)["message"]
+    error = error_of(response)
+    assert f"HTTP/{version.decode()}" in error["message"]
+    assert (error["type"], error["code"]) == ("invalid_request_error", "http_version_not_supported")
     nothing_forwarded(daemon, worker)
 
 
